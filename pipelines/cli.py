@@ -1,0 +1,177 @@
+"""The `ltsweep` command.
+
+Subcommands: demo, data synth, data stats, data convert-openimages, train, sweep, eval, compare.
+Each handler is a thin wrapper: parse arguments, call one library function, print its result. Heavy imports
+(torch, Ray, MLflow) happen inside the handlers so `ltsweep --help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_DEMO_DATA = Path("data/demo")
+
+
+from lt_models.errors import LtsweepInputError
+
+
+class UserError(LtsweepInputError):
+    """A problem with the command line itself."""
+
+
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from lt_models.synthetic import generate_benchmark
+
+    summary = generate_benchmark(args.out, preset=args.preset, seed=args.seed)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from lt_models.datasets import dataset_stats, format_stats
+
+    stats = dataset_stats(args.annotations, lam=args.lam, hierarchy_file=args.hierarchy,
+                          plot_dir=None if args.no_plots else Path(args.annotations).parent)
+    print(format_stats(stats))
+    return 0
+
+
+def _cmd_convert_openimages(args: argparse.Namespace) -> int:
+    from lt_models.openimages import convert_openimages
+
+    summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out,
+                                 skip_invalid=args.skip_invalid)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lt_models import evaluation
+
+    dets = evaluation.load_detections(args.dets)
+    if args.openimages:
+        if not args.hierarchy:
+            raise UserError("ltsweep eval --openimages needs --hierarchy H.json (the class hierarchy used to "
+                            "expand ground truth to parent classes)")
+        res = evaluation.evaluate_openimages(args.gt, dets, args.hierarchy,
+                                             expand_detections=args.expand_detections)
+    else:
+        res = evaluation.evaluate_lvis(args.gt, dets)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(evaluation.format_results(res))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipelines.config import load_train_config
+    from pipelines.train import run_train
+
+    cfg = load_train_config(args.config, overrides=args.set)
+    result = run_train(cfg, out_dir=args.out)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from pipelines.sweep import run_sweep_from_file
+
+    run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
+                        storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.report import compare_sweeps
+
+    compare_sweeps(args.sweeps, tracking_uri=args.tracking_uri, out_png=args.out)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pipelines.demo import run_demo
+
+    return run_demo(data_dir=args.data, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ltsweep", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate the demo benchmark (if absent) and run the embedded demo")
+    d.add_argument("--data", type=Path, default=DEFAULT_DEMO_DATA, help="where the demo benchmark lives")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=_cmd_demo)
+
+    data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
+        dest="data_command", required=True)
+    s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
+    s.add_argument("--preset", choices=["demo", "bench"], default="demo")
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_data_synth)
+
+    s = data.add_parser("stats", help="long-tail and multi-label statistics of an LVIS-format file")
+    s.add_argument("annotations", type=Path)
+    s.add_argument("--lam", type=float, default=None,
+                   help="also report expected views per image of head/tail classes under soft-balance λ")
+    s.add_argument("--hierarchy", type=Path, default=None)
+    s.add_argument("--no-plots", action="store_true", help="do not write PNG plots beside the file")
+    s.set_defaults(func=_cmd_data_stats)
+
+    s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
+    s.add_argument("--boxes", type=Path, required=True)
+    s.add_argument("--labels", type=Path, required=True, help="image-level labels CSV (Confidence 0/1)")
+    s.add_argument("--classes", type=Path, required=True, help="class descriptions CSV (LabelName,DisplayName)")
+    s.add_argument("--hierarchy", type=Path, required=True)
+    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
+    s.set_defaults(func=_cmd_convert_openimages)
+
+    t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")
+    t.add_argument("config", type=Path)
+    t.add_argument("--out", type=Path, default=None, help="output dir (default: from the config)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stage2.lam=0.7 (repeatable)")
+    t.set_defaults(func=_cmd_train)
+
+    w = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML")
+    w.add_argument("config", type=Path)
+    w.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
+    w.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
+    w.add_argument("--storage-path", type=Path, default=None)
+    w.add_argument("--tracking-uri", default=None)
+    w.set_defaults(func=_cmd_sweep)
+
+    e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")
+    e.add_argument("--gt", type=Path, required=True)
+    e.add_argument("--dets", type=Path, required=True, help="COCO results JSON")
+    e.add_argument("--openimages", action="store_true")
+    e.add_argument("--hierarchy", type=Path, default=None)
+    e.add_argument("--expand-detections", action="store_true", help="Open Images: also expand dets to parents")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    e.set_defaults(func=_cmd_eval)
+
+    c = sub.add_parser("compare", help="best trial of each sweep side by side (table + PNG)")
+    c.add_argument("sweeps", nargs="+")
+    c.add_argument("--tracking-uri", default=None)
+    c.add_argument("--out", type=Path, default=Path("compare.png"))
+    c.set_defaults(func=_cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (LtsweepInputError, FileNotFoundError) as exc:
+        # Input problems (bad JSON, unknown ids, bad config) carry a message naming file, field and fix.
+        print(f"ltsweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""The `ltsweep` command exposes exactly the subcommands DESIGN.md pins, and reports input errors as one line."""
+import pytest
+
+from lt_models.errors import AnnotationError
+from pipelines import cli
+
+
+def _subcommands(parser):
+    for action in parser._actions:
+        if action.__class__.__name__ == "_SubParsersAction":
+            return action.choices
+    return {}
+
+
+def test_pinned_subcommands_exist():
+    top = _subcommands(cli.build_parser())
+    assert set(top) == {"demo", "data", "train", "sweep", "eval", "compare"}
+    assert set(_subcommands(top["data"])) == {"synth", "stats", "convert-openimages"}
+
+
+def test_input_error_is_one_line_exit_2(monkeypatch, capsys):
+    def boom(args):
+        raise AnnotationError("train.json: annotation id 7: field 'category_id' = 99 is unknown; fix the id")
+
+    parser = cli.build_parser()
+    _subcommands(_subcommands(parser)["data"])["synth"].set_defaults(func=boom)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    rc = cli.main(["data", "synth", "--out", "x"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.strip() == "ltsweep: error: train.json: annotation id 7: field 'category_id' = 99 is unknown; fix the id"
+
+
+def test_unknown_subcommand_exits_nonzero():
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["nope"])
+    assert exc.value.code != 0
