@@ -33,7 +33,8 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     from lt_models.datasets import dataset_stats, format_stats
 
     stats = dataset_stats(args.annotations, lam=args.lam, hierarchy_file=args.hierarchy,
-                          plot_dir=None if args.no_plots else Path(args.annotations).parent)
+                          plot_dir=None if args.no_plots else Path(args.annotations).parent,
+                          image_dir=args.images, skip_invalid=args.skip_invalid)
     print(format_stats(stats))
     return 0
 
@@ -120,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also report expected views per image of head/tail classes under soft-balance λ")
     s.add_argument("--hierarchy", type=Path, default=None)
     s.add_argument("--no-plots", action="store_true", help="do not write PNG plots beside the file")
+    s.add_argument("--images", type=Path, default=None,
+                   help="image folder checked for missing files (default: <annotations dir>/images if it exists)")
+    s.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report a count")
     s.set_defaults(func=_cmd_data_stats)
 
     s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
