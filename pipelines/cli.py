@@ -51,7 +51,7 @@ def _cmd_convert_openimages(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lt_models import evaluation
 
-    dets = evaluation.load_detections(args.dets)
+    dets = evaluation.load_detections(args.dets, gt=args.gt)
     if args.openimages:
         if not args.hierarchy:
             raise UserError("ltsweep eval --openimages needs --hierarchy H.json (the class hierarchy used to "

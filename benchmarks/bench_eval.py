@@ -1,0 +1,182 @@
+"""Benchmark: lt_models.evaluation.evaluate_lvis against lvis-api's LVISEval on an LVIS v0.5 val-sized case.
+
+The case is generated here (seeded): 5000 images, 1230 categories (454 rare / 461 common / 315 frequent, as in
+LVIS v0.5), about 10 objects per image over a few categories each, federated fields (neg_category_ids,
+not_exhaustive_category_ids), and 300 detections per image. Some detections sit near objects with the right or
+a confused class, the rest are background boxes. Scores are rounded to 3 decimals so ties occur.
+
+Both evaluators get the same input (the list of result dicts) in the same process. lvis-api runs through
+lt_models.lvis_compat, and its timing covers LVIS index creation, LVISResults and LVISEval.run(). Our timing is the
+median of 3 calls of evaluate_lvis. peak_rss_mb is the process's peak resident memory just after our evaluator
+ran and before lvis-api starts. It includes the generated case (1.5 M result dicts, most of it). The
+"ltsweep evaluate_lvis" line gives the evaluator's own increment. lvis-api's peak is printed too.
+
+Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis]
+Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...}
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lt_models.evaluation import evaluate_lvis  # noqa: E402
+
+N_RARE, N_COMMON, N_FREQ = 454, 461, 315
+
+
+def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: float = 10.0,
+                       dets_per_image: int = 300) -> tuple[dict, list[dict]]:
+    rng = np.random.default_rng(seed)
+    n_cat = N_RARE + N_COMMON + N_FREQ
+    freq = np.array(["r"] * N_RARE + ["c"] * N_COMMON + ["f"] * N_FREQ)
+    rng.shuffle(freq)
+    cat_ids = np.arange(1, n_cat + 1)
+    # sampling weight of a category in an image: frequent >> common >> rare
+    w = np.where(freq == "f", 40.0, np.where(freq == "c", 3.0, 0.3)) * rng.uniform(0.5, 1.5, n_cat)
+    w /= w.sum()
+    cats = [{"id": int(c), "name": f"class_{c}", "synset": f"class_{c}.n.01", "frequency": str(f),
+             "image_count": int({"r": 5, "c": 50, "f": 500}[f])} for c, f in zip(cat_ids, freq)]
+    images, anns, dets = [], [], []
+    sizes = np.array([12, 20, 28, 40, 60, 90, 130, 200, 300])
+    aid = 1
+    for i in range(n_images):
+        img_id = int(i * 3 + 1)
+        W, H = 640, 480
+        n_img_cats = min(1 + rng.poisson(2.5), 8)
+        img_cats = rng.choice(cat_ids, size=n_img_cats, replace=False, p=w)
+        n_obj = max(1, int(rng.poisson(objects_per_image)))
+        obj_cat = img_cats[rng.integers(0, n_img_cats, n_obj)]
+        s = rng.choice(sizes, n_obj).astype(float)
+        bw = np.round(s * rng.uniform(0.6, 1.5, n_obj), 2)
+        bh = np.round(s * rng.uniform(0.6, 1.5, n_obj), 2)
+        bx = np.round(rng.uniform(0, 1, n_obj) * np.maximum(W - bw, 1), 2)
+        by = np.round(rng.uniform(0, 1, n_obj) * np.maximum(H - bh, 1), 2)
+        area = np.round(bw * bh * rng.uniform(0.55, 0.95, n_obj), 2)  # mask area < box area, as in LVIS
+        for k in range(n_obj):
+            anns.append({"id": aid, "image_id": img_id, "category_id": int(obj_cat[k]),
+                         "bbox": [float(bx[k]), float(by[k]), float(bw[k]), float(bh[k])], "area": float(area[k])})
+            aid += 1
+        present = set(obj_cat.tolist())
+        neg = [int(c) for c in rng.choice(cat_ids, size=12, replace=False, p=w) if c not in present][:8]
+        nel = [int(c) for c in present if rng.random() < 0.1]
+        images.append({"id": img_id, "width": W, "height": H, "neg_category_ids": sorted(neg),
+                       "not_exhaustive_category_ids": sorted(nel)})
+        # detections: 40% around objects (80% right class), 60% background boxes (25% of those on
+        # classes verified in the image)
+        n_near = int(0.4 * dets_per_image)
+        n_bg = dets_per_image - n_near
+        src = rng.integers(0, n_obj, n_near)
+        jit = rng.normal(0, 0.12, (n_near, 4))
+        nx = bx[src] + jit[:, 0] * bw[src]
+        ny = by[src] + jit[:, 1] * bh[src]
+        nw = np.maximum(bw[src] * (1 + jit[:, 2]), 1.0)
+        nh = np.maximum(bh[src] * (1 + jit[:, 3]), 1.0)
+        nc = np.where(rng.random(n_near) < 0.8, obj_cat[src], rng.choice(cat_ids, n_near, p=w))
+        verified = np.array(sorted(present) + neg)
+        bs = rng.choice(sizes, n_bg).astype(float)
+        gw = bs * rng.uniform(0.5, 1.5, n_bg)
+        gh = bs * rng.uniform(0.5, 1.5, n_bg)
+        gx = rng.uniform(0, 1, n_bg) * np.maximum(W - gw, 1)
+        gy = rng.uniform(0, 1, n_bg) * np.maximum(H - gh, 1)
+        gc = np.where(rng.random(n_bg) < 0.25, verified[rng.integers(0, len(verified), n_bg)],
+                      rng.choice(cat_ids, n_bg, p=w))
+        score = np.round(np.concatenate([rng.beta(4, 2, n_near), rng.beta(1.5, 5, n_bg)]), 3)
+        xs = np.concatenate([nx, gx]).tolist()
+        ys = np.concatenate([ny, gy]).tolist()
+        ws = np.concatenate([nw, gw]).tolist()
+        hs = np.concatenate([nh, gh]).tolist()
+        cs = np.concatenate([nc, gc]).tolist()
+        sc = score.tolist()
+        for k in range(dets_per_image):
+            dets.append({"image_id": img_id, "category_id": int(cs[k]), "bbox": [xs[k], ys[k], ws[k], hs[k]],
+                         "score": sc[k]})
+    gt = {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
+    return gt, dets
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _current_rss_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
+
+
+def run_lvis_api(gt: dict, dets: list[dict]) -> tuple[dict, float]:
+    from lvis import LVISEval, LVISResults
+
+    from lt_models.lvis_compat import lvis_from_dict
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():  # lvis 0.5.3 calls the deprecated Logger.warn
+        warnings.simplefilter("ignore", DeprecationWarning)
+        lvis_gt = lvis_from_dict(gt)
+        lvis_dt = LVISResults(lvis_gt, dets, max_dets=300)
+        ev = LVISEval(lvis_gt, lvis_dt, iou_type="bbox")
+        ev.run()
+    dt = time.perf_counter() - t0
+    return {k: float(v) for k, v in ev.get_results().items()}, dt
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-lvis", action="store_true", help="time only our evaluator (no speedup figure)")
+    args = ap.parse_args(argv)
+    logging.getLogger("lvis").setLevel(logging.ERROR)
+
+    t0 = time.perf_counter()
+    gt, dets = make_lvis_val_case(args.images, args.seed)
+    print(f"case: {len(gt['images'])} images, {len(gt['categories'])} categories, {len(gt['annotations'])} gt, "
+          f"{len(dets)} detections (generated in {time.perf_counter() - t0:.1f} s)", flush=True)
+
+    rss_case = _current_rss_mb()
+    times, ours = [], None
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ours = evaluate_lvis(gt, dets)
+        times.append(time.perf_counter() - t0)
+    t_ours = statistics.median(times)
+    peak_ours = _peak_rss_mb()
+    print(f"ltsweep evaluate_lvis: {t_ours:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}), "
+          f"process peak RSS so far {peak_ours:.0f} MB (the generated case alone: {rss_case:.0f} MB, so the "
+          f"evaluator adds at most {peak_ours - rss_case:.0f} MB)", flush=True)
+    print("ours: " + json.dumps({k: round(v, 5) for k, v in ours.items() if k != "per_class"}), flush=True)
+    if args.skip_lvis:
+        print(json.dumps({"benchmark": "eval", "speedup_vs_lvis_api": None, "max_abs_diff": None,
+                          "peak_rss_mb": round(peak_ours, 1)}))
+        return 0
+
+    ref, t_ref = run_lvis_api(gt, dets)
+    print(f"lvis-api LVISEval: {t_ref:.2f} s, process peak RSS {_peak_rss_mb():.0f} MB", flush=True)
+    print("lvis: " + json.dumps({k: round(v, 5) for k, v in ref.items()}), flush=True)
+    keys = ["AP", "APr", "APc", "APf"]
+    max_diff = max(abs(ours[k] - ref[k]) for k in keys)
+    all_diff = max(abs(ours[k] - ref[k]) for k in ref)
+    print(f"max |diff| over AP/APr/APc/APf: {max_diff:.3g}; over all {len(ref)} summary metrics: {all_diff:.3g}")
+    print(json.dumps({"benchmark": "eval", "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
+                      "max_abs_diff": max_diff, "peak_rss_mb": round(peak_ours, 1)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

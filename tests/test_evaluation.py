@@ -1,0 +1,241 @@
+"""evaluate_lvis must equal lvis-api's LVISEval (the oracle, run through lt_models.lvis_compat) on generated cases.
+
+The generated cases use non-contiguous category ids and federated fields (neg_category_ids,
+not_exhaustive_category_ids). They hold several detections per object, exact-copy detections (IoU 1), zero-area
+detections, objects of every area range, `area` fields that differ from the box area, `ignore` flags, rounded
+scores (ties), images without detections, and empty frequency buckets. Beyond the summary numbers, the full
+precision [T, R, K, A] and recall arrays are compared with lvis-api's.
+"""
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from lt_models.errors import AnnotationError
+from lt_models.evaluation import (_lvis_precision_recall, evaluate_lvis, format_results, load_detections,
+                                  per_class_table, plot_ap_by_frequency, write_per_class_csv)
+from lt_models.lvis_compat import lvis_api_evaluate
+
+logging.getLogger("lvis").setLevel(logging.ERROR)
+TOL = 1e-4
+
+
+def make_case(seed=0, n_img=60, n_cat=25, max_obj=12, dets_per_img=(0, 60), freq=None, score_decimals=2,
+              area_field="box", with_ignore=True, first_ann_id=1):
+    """A random LVIS-style gt dict and COCO-results detections (see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    cat_ids = [5 + 3 * k for k in range(n_cat)]
+    freq = freq or [["r", "c", "f"][k % 3] for k in range(n_cat)]
+    cats = [{"id": c, "name": f"cat{c}", "frequency": f, "image_count": 3 + 40 * (n_cat - k)}
+            for k, (c, f) in enumerate(zip(cat_ids, freq))]
+    p = 1.0 / (np.arange(n_cat) + 1.0)
+    p /= p.sum()
+    images, anns, dets = [], [], []
+    aid = first_ann_id
+    for i in range(n_img):
+        img_id = 1000 + 7 * i
+        W, H = 640, 480
+        img_gts, present = [], set()
+        for _ in range(int(rng.integers(0, max_obj + 1))):
+            c = int(rng.choice(cat_ids, p=p))
+            s = float(rng.choice([12, 24, 40, 70, 120, 200]))  # small, medium and large objects
+            w, h = (float(np.round(s * rng.uniform(0.6, 1.4), 1)) for _ in range(2))
+            x, y = float(np.round(rng.uniform(0, W - w), 1)), float(np.round(rng.uniform(0, H - h), 1))
+            if rng.random() < 0.1 and img_gts:  # an overlapping neighbour
+                x, y, w, h = img_gts[-1]["bbox"]
+                x += 2.0
+            area = w * h if area_field == "box" else float(np.round(w * h * rng.uniform(0.5, 1.0), 2))
+            a = {"id": aid, "image_id": img_id, "category_id": c, "bbox": [x, y, w, h], "area": area}
+            if with_ignore and rng.random() < 0.05:
+                a["ignore"] = 1
+            aid += 1
+            anns.append(a)
+            img_gts.append(a)
+            present.add(c)
+        absent = [c for c in cat_ids if c not in present]
+        neg = sorted(rng.choice(absent, size=min(len(absent), int(rng.integers(0, 6))), replace=False).tolist())
+        nel = sorted(c for c in present if rng.random() < 0.2)
+        images.append({"id": img_id, "width": W, "height": H, "neg_category_ids": neg,
+                       "not_exhaustive_category_ids": nel})
+        if rng.random() < 0.1:
+            continue  # an image without detections
+        for _ in range(int(rng.integers(dets_per_img[0], dets_per_img[1] + 1))):
+            if rng.random() < 0.55 and img_gts:  # near an object, usually with its class
+                gtb = img_gts[int(rng.integers(len(img_gts)))]
+                x, y, w, h = gtb["bbox"]
+                j = rng.normal(0, 0.08, 4) * [w, h, w, h]
+                box = [x + j[0], y + j[1], max(w + j[2], 0.5), max(h + j[3], 0.5)]
+                c = gtb["category_id"] if rng.random() < 0.8 else int(rng.choice(cat_ids))
+                if rng.random() < 0.05:
+                    box = list(gtb["bbox"])  # IoU exactly 1
+            else:  # background, often on a verified-negative class
+                c = int(rng.choice(neg)) if (neg and rng.random() < 0.5) else int(rng.choice(cat_ids))
+                s = float(rng.choice([10, 30, 60, 150]))
+                box = [rng.uniform(0, W - s), rng.uniform(0, H - s),
+                       s * rng.uniform(0.5, 1.5), s * rng.uniform(0.5, 1.5)]
+            if rng.random() < 0.01:
+                box[2] = 0.0  # zero area: lvis-api drops it
+            dets.append({"image_id": img_id, "category_id": c, "bbox": [float(v) for v in box],
+                         "score": float(np.round(rng.random(), score_decimals))})
+    dets = [dets[k] for k in rng.permutation(len(dets))]
+    return {"images": images, "annotations": anns, "categories": cats}, dets
+
+
+SUMMARY = ["AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf"]
+
+
+def _assert_same_as_lvis(gt, dets, max_dets=300, frequency=None):
+    ref, ev = lvis_api_evaluate(gt, dets, frequency=frequency, max_dets=max_dets, return_eval=True)
+    ours = evaluate_lvis(gt, dets, frequency=frequency, max_dets=max_dets)
+    for k in SUMMARY:
+        assert abs(ours[k] - ref[k]) <= TOL, (k, ours[k], ref[k])
+    for k in ["AR@300", "ARs@300", "ARm@300", "ARl@300"]:  # lvis-api names AR after Params.max_dets (300)
+        assert abs(ours[k.replace("300", str(max_dets))] - ref[k]) <= TOL, k
+    assert ours["per_class"].keys() == ref["per_class"].keys()
+    for c, v in ref["per_class"].items():
+        assert abs(ours["per_class"][c] - v) <= TOL, (c, ours["per_class"][c], v)
+    precision, recall, _ = _lvis_precision_recall(gt, dets, frequency=frequency, max_dets=max_dets)
+    np.testing.assert_array_equal(precision, ev.eval["precision"])
+    np.testing.assert_array_equal(recall, ev.eval["recall"])
+    return ours, ref
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(seed=0),
+    dict(seed=1, area_field="mask"),  # area field smaller than the box: area ranges use the field
+    dict(seed=2, score_decimals=1),  # many score ties
+    dict(seed=3, n_cat=3, max_obj=40, dets_per_img=(20, 120)),  # crowded pairs: many gts per (image, class)
+    dict(seed=4, n_img=5, max_obj=3, dets_per_img=(0, 3)),  # tiny, sparse
+], ids=["basic", "mask-area", "ties", "crowded", "sparse"])
+def test_equals_lvis_api(kwargs):
+    gt, dets = make_case(**kwargs)
+    ours, _ = _assert_same_as_lvis(gt, dets)
+    assert 0 < ours["AP"] < 1
+
+
+def test_top_detections_per_image_cap():
+    # 30-80 detections per image, capped at 20 per image (over all classes), as LVISResults(max_dets=20) does
+    gt, dets = make_case(seed=5, dets_per_img=(30, 80), score_decimals=1)
+    ours, _ = _assert_same_as_lvis(gt, dets, max_dets=20)
+    assert ours["AP"] != evaluate_lvis(gt, dets)["AP"]  # the cap changes the result
+
+
+def test_empty_frequency_buckets_are_minus_one():
+    gt, dets = make_case(seed=6, n_cat=8, freq=["f"] * 8)
+    ours, ref = _assert_same_as_lvis(gt, dets)
+    assert ours["APr"] == ours["APc"] == ref["APr"] == -1
+    assert ours["APf"] == pytest.approx(ours["AP"])
+
+
+def test_frequency_override_for_datasets_without_the_field():
+    gt, dets = make_case(seed=7)
+    freq = [c.pop("frequency") for c in sorted(gt["categories"], key=lambda c: c["id"])]
+    by_id = {c["id"]: f for c, f in zip(sorted(gt["categories"], key=lambda c: c["id"]), freq)}
+    for c in gt["categories"]:
+        c.pop("image_count")
+    with pytest.raises(AnnotationError, match="frequency"):
+        evaluate_lvis(gt, dets)
+    ours, _ = _assert_same_as_lvis(gt, dets, frequency=freq)  # list aligned with sorted ids
+    assert evaluate_lvis(gt, dets, frequency=by_id) == ours  # or a dict
+    flipped = {c: {"r": "f", "f": "r", "c": "c"}[f] for c, f in by_id.items()}
+    other = evaluate_lvis(gt, dets, frequency=flipped)
+    assert (other["APr"], other["APf"]) == (ours["APf"], ours["APr"])
+    with pytest.raises(AnnotationError, match="'x'"):
+        evaluate_lvis(gt, dets, frequency=["x"] * len(freq))
+
+
+def test_buckets_from_image_count_when_frequency_is_absent():
+    gt, dets = make_case(seed=8)
+    for c in gt["categories"]:
+        c.pop("frequency")
+    counts = {c["id"]: c["image_count"] for c in gt["categories"]}
+    expected = {c: "r" if n <= 10 else "c" if n <= 100 else "f" for c, n in counts.items()}
+    assert evaluate_lvis(gt, dets) == evaluate_lvis(gt, dets, frequency=expected)
+
+
+def test_gt_annotation_with_id_zero_reproduces_lvis_api():
+    # lvis-api stores the matched gt id in dt_m and tests it for truth: a match to gt id 0 counts as a FP there
+    gt, dets = make_case(seed=9, first_ann_id=0)
+    first = gt["annotations"][0]
+    assert first["id"] == 0
+    exact = {"image_id": first["image_id"], "category_id": first["category_id"], "bbox": first["bbox"], "score": 1.0}
+    with_match = _assert_same_as_lvis(gt, dets + [exact])[0]
+    first["id"] = len(gt["annotations"]) + 1
+    assert evaluate_lvis(gt, dets + [exact])["AP"] > with_match["AP"]  # the quirk is visible
+
+
+def test_no_detections_and_path_input(tmp_path):
+    gt, dets = make_case(seed=10)
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(gt))
+    res = evaluate_lvis(str(path), [])
+    with_gt = [c for c, v in res["per_class"].items() if v >= 0]
+    assert with_gt and all(res["per_class"][c] == 0.0 for c in with_gt)
+    assert res["AP"] == 0.0
+    assert evaluate_lvis(path, dets) == evaluate_lvis(gt, dets)
+    # evaluate_lvis does not modify its inputs (lvis-api does)
+    before = json.dumps(dets)
+    evaluate_lvis(gt, dets)
+    assert json.dumps(dets) == before
+
+
+def test_bad_detections_are_named(tmp_path):
+    gt, dets = make_case(seed=11, n_img=5)
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    bad = dict(dets[0], category_id=999)
+    with pytest.raises(AnnotationError, match=r"detection #1 has category_id 999"):
+        evaluate_lvis(gt, [dets[0], bad])
+    with pytest.raises(AnnotationError, match="image_id 5"):
+        evaluate_lvis(gt, [dict(dets[0], image_id=5)])
+    p = tmp_path / "dets.json"
+    p.write_text("[{\"image_id\": 1,")
+    with pytest.raises(AnnotationError, match="not valid JSON"):
+        load_detections(p)
+    p.write_text(json.dumps([{"image_id": 1000, "category_id": 5, "bbox": [0, 0, 1, 1]}]))
+    with pytest.raises(AnnotationError, match=r"dets.json: detection #0 has no 'score'"):
+        load_detections(p)
+    p.write_text(json.dumps([dict(dets[0], bbox=[0, 0, 1])]))
+    with pytest.raises(AnnotationError, match="bbox"):
+        load_detections(p)
+    p.write_text(json.dumps([bad]))
+    assert load_detections(p) == [bad]  # without gt only the structure is checked
+    with pytest.raises(AnnotationError, match="category_id 999.*not a category of"):
+        load_detections(p, gt=gt_path)
+    p.write_text(json.dumps(dets))
+    assert load_detections(p, gt=gt_path) == dets
+
+
+def test_format_results_table():
+    gt, dets = make_case(seed=12, n_cat=6, freq=["f"] * 6)
+    res = evaluate_lvis(gt, dets)
+    text = format_results(res)
+    lines = text.splitlines()
+    assert lines[0].split() == ["metric", "value"]
+    row = {ln.split()[0]: ln.split()[1] for ln in lines[2:] if len(ln.split()) == 2}
+    assert row["AP"] == f"{100 * res['AP']:.2f}" and row["APr"] == "n/a"
+    assert "per-class AP defined for" in text
+
+
+def test_per_class_csv_and_plot(tmp_path):
+    gt, dets = make_case(seed=13)
+    base = evaluate_lvis(gt, dets)
+    better = evaluate_lvis(gt, [d for d in dets if d["score"] > 0.3])
+    rows = per_class_table(base, gt)
+    assert [r["rank"] for r in rows] == list(range(len(gt["categories"])))
+    counts = [r["image_count"] for r in rows]
+    assert counts == sorted(counts, reverse=True)  # most training images first
+    assert all(r["AP"] == base["per_class"][r["category_id"]] for r in rows)
+    path = write_per_class_csv(base, gt, tmp_path / "per_class_ap.csv")
+    lines = path.read_text().splitlines()
+    assert lines[0] == "rank,category_id,name,frequency,image_count,instances,AP"
+    assert len(lines) == 1 + len(rows)
+    first = lines[1].split(",")
+    assert int(first[1]) == rows[0]["category_id"] and float(first[6]) == pytest.approx(rows[0]["AP"], abs=1e-6)
+    # per_class keys become strings after JSON; the table maps them back
+    assert per_class_table(json.loads(json.dumps(base)), gt) == rows
+    png = plot_ap_by_frequency({"baseline": base, "ACSL": better}, gt, tmp_path / "ap_by_frequency.png")
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
