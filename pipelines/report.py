@@ -1,0 +1,464 @@
+"""Pictures of sweeps, from what MLflow holds: the HTML sweep report and ``ltsweep compare``.
+
+- :func:`log_sweep_report` (called by the tracking callback when the experiment ends) writes ``sweep_report.html``
+  on the sweep's parent run: a table of trials and, embedded as base64 PNGs, AP/APr vs λ, AP/APr vs ξ, APr/APc/APf
+  per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial
+  against the stage-1 baseline (the pretrain run's per-class AP, when that run logged one).
+- :func:`compare_sweeps` puts the best trial of each sweep side by side: a printed table with per-bucket AP and a PNG
+  of grouped bars (AP, APr, APc, APf).
+
+Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed). AP values of -1 mean
+"no category in this frequency bucket" (LVIS convention) and are shown as missing.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from lt_models.errors import ConfigError
+from pipelines.tracking import (AP_BY_FREQUENCY_PNG, ITERATIONS_TAG, PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_TAG,
+                                REPORT_HTML, ROLE_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, _per_class_dict, _sqlite_path,
+                                default_tracking_uri, make_client, search_tagged)
+
+BUCKET_METRICS = ("AP", "APr", "APc", "APf")
+TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+#: where `ltsweep sweep` keeps results unless the config says otherwise (pipelines.config.RunSettings.storage_path)
+DEFAULT_STORAGE_PATH = Path("results")
+_LAM_NAMES = ("lam", "lambda")
+_XI_NAMES = ("xi",)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# small helpers
+def _num(v: Any) -> float | None:
+    """A finite, non-negative metric value, else None (-1 marks an empty frequency bucket)."""
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    f = _num(v)
+    return "n/a" if f is None else f"{f:.{digits}f}"
+
+
+def _figure(w: float = 6.4, h: float = 3.6):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _key_named(keys: Iterable[str], names: Sequence[str]) -> str | None:
+    for k in keys:
+        if k.rsplit(".", 1)[-1].lower() in names:
+            return k
+    return None
+
+
+def _short(name: str, n: int = 18) -> str:
+    return name if len(name) <= n else "…" + name[-(n - 1):]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading a sweep back from MLflow
+def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
+    """One dict per trial run of the sweep: ids, status, iterations, params and the latest metric values."""
+    rows = []
+    for r in search_tagged(client, experiment_id, {ROLE_TAG: "trial", PARENT_TAG: parent_run_id}):
+        tags, metrics = r.data.tags, r.data.metrics
+        iters = tags.get(ITERATIONS_TAG)
+        if iters is None:  # still running, or ended without our tag: the last step logged
+            hist = client.get_metric_history(r.info.run_id, "epoch") or client.get_metric_history(r.info.run_id, "AP")
+            iters = max((m.step for m in hist), default=0)
+        row = {"trial_id": tags.get(TRIAL_ID_TAG, ""), "run_id": r.info.run_id, "name": r.info.run_name or "",
+               "status": r.info.status, "tune_status": tags.get(TRIAL_STATUS_TAG, ""), "iterations": int(iters),
+               "params": dict(r.data.params)}
+        for k in (*TABLE_METRICS, "loss", "epoch"):
+            row[k] = metrics.get(k)
+        rows.append(row)
+    rows.sort(key=lambda row: row["trial_id"])
+    return rows
+
+
+def best_row(rows: Sequence[Mapping[str, Any]], metric: str = "AP", mode: str = "max",
+             max_t: int | None = None) -> Mapping[str, Any] | None:
+    """The trial with the best final ``metric`` (``mode`` max or min) among those that ran the full schedule
+    (``max_t`` evaluations: ASHA's survivors), else among all that did not fail; None if none reported it.
+    The same rule as the sweep's own summary (pipelines.sweep.pick_best)."""
+    ok = [r for r in rows if r.get("status") != "FAILED" and r.get(metric) is not None
+          and math.isfinite(float(r[metric]))]
+    full = [r for r in ok if max_t and r["iterations"] >= max_t] or ok
+    if not full:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    return max(full, key=lambda r: (sign * float(r[metric]), r["trial_id"]))
+
+
+def _download_per_class(client, run_id: str) -> dict[int, float]:
+    try:
+        with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
+            p = client.download_artifacts(run_id, PER_CLASS_JSON, tmp)
+            return _per_class_dict(json.loads(Path(p).read_text()))
+    except Exception:  # noqa: BLE001 - the artifact is optional (trial without per-class AP)
+        return {}
+
+
+def stage1_per_class(client, experiment_id: str, sha256: str | None) -> tuple[dict[int, float], str | None]:
+    """Per-class AP of the stage-1 (pretrain) run with this sha256: this experiment first, then any experiment
+    (a reused stage-1 checkpoint is logged where it was trained). Returns ({}, None) if none is found."""
+    candidates = []
+    tags = {ROLE_TAG: "pretrain", **({PRETRAIN_SHA_TAG: sha256} if sha256 else {})}
+    candidates.extend(search_tagged(client, experiment_id, tags))
+    if not candidates and sha256:
+        for exp in client.search_experiments():
+            if exp.experiment_id != experiment_id:
+                candidates.extend(search_tagged(client, exp.experiment_id, tags))
+    for run in reversed(candidates):  # the newest first
+        pc = _download_per_class(client, run.info.run_id)
+        if pc:
+            return pc, run.info.run_id
+    return {}, None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# plots
+def plot_ap_by_rank(runs: Mapping[str, Mapping[int, float]], path: str | os.PathLike | None = None, *,
+                    order: Sequence[int] | None = None, xlabel: str = "category (id order)",
+                    title: str = "per-class AP") -> bytes:
+    """Per-class AP of several runs over the same category order (lines). Writes ``path`` if given; returns PNG."""
+    fig = _figure(7.0, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    ids = list(order) if order is not None else sorted({c for pc in runs.values() for c in pc})
+    xs = list(range(1, len(ids) + 1))
+    for label, pc in runs.items():
+        ys = [pc.get(c, float("nan")) for c in ids]
+        ys = [y if (y is not None and y == y and y >= 0) else float("nan") for y in ys]
+        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("AP")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title)
+    if runs:
+        ax.legend(fontsize=8)
+    data = _png_bytes(fig)
+    if path is not None:
+        _atomic_write(Path(path), data)
+    return data
+
+
+def _plot_vs_param(rows, key: str, title: str, xlabel: str) -> bytes:
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    for metric, marker in (("AP", "o"), ("APr", "^")):
+        pts = sorted((float(r["params"][key]), _num(r.get(metric))) for r in rows
+                     if _is_float(r["params"].get(key)) and _num(r.get(metric)) is not None)
+        if not pts:
+            continue
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=metric, alpha=0.8)
+        means: dict[float, list[float]] = {}
+        for x, y in pts:
+            means.setdefault(x, []).append(y)
+        mx = sorted(means)
+        ax.plot(mx, [sum(means[x]) / len(means[x]) for x in mx], linewidth=1, alpha=0.6)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final AP")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return _png_bytes(fig)
+
+
+def _is_float(v: Any) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def _plot_buckets(rows) -> bytes:
+    import numpy as np
+
+    fig = _figure(max(6.4, 0.55 * len(rows) + 2), 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(rows))
+    width = 0.27
+    for i, metric in enumerate(("APr", "APc", "APf")):
+        ys = [_num(r.get(metric)) for r in rows]
+        ax.bar(x + (i - 1) * width, [0.0 if y is None else y for y in ys], width, label=metric)
+    ax.set_xticks(x)
+    ax.set_xticklabels([_short(r["trial_id"]) for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel("final AP")
+    ax.set_title("AP per frequency bucket, per trial (rare / common / frequent)")
+    ax.legend(fontsize=8)
+    return _png_bytes(fig)
+
+
+def _plot_iterations(rows, max_t: int) -> bytes:
+    fig = _figure(6.4, max(2.4, 0.28 * len(rows) + 1.2))
+    ax = fig.add_subplot(1, 1, 1)
+    colors = []
+    for r in rows:
+        if r["status"] == "FAILED":
+            colors.append("tab:red")
+        elif r["iterations"] < max_t:
+            colors.append("tab:orange")
+        else:
+            colors.append("tab:blue")
+    ax.barh(range(len(rows)), [r["iterations"] for r in rows], color=colors)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([_short(r["trial_id"]) for r in rows], fontsize=7)
+    ax.invert_yaxis()
+    ax.axvline(max_t, color="gray", linestyle="--", linewidth=1)
+    ax.set_xlabel("evaluations reported (Tune training_iteration)")
+    ax.set_title("how long each trial ran (orange: stopped early, red: failed)")
+    return _png_bytes(fig)
+
+
+def _plot_rank(best_label: str, best_pc, base_pc, val_annotations) -> bytes:
+    """AP by frequency rank, best trial vs stage 1: lt_models.evaluation.plot_ap_by_frequency when the annotations
+    are known (frequency buckets shaded), else a plain line plot in category-id order."""
+    runs = {best_label: {"per_class": best_pc}}
+    if base_pc:
+        runs["stage 1 (non-balance baseline)"] = {"per_class": base_pc}
+    if val_annotations:
+        from lt_models.evaluation import plot_ap_by_frequency
+
+        with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
+            p = Path(tmp) / AP_BY_FREQUENCY_PNG
+            plot_ap_by_frequency(runs, val_annotations, p, title="per-class AP by frequency rank: "
+                                 "best trial vs stage 1")
+            return p.read_bytes()
+    return plot_ap_by_rank({k: v["per_class"] for k, v in runs.items()},
+                           xlabel="category id (no annotations given to rank by frequency)",
+                           title="per-class AP: best trial vs stage 1")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTML report
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse;
+font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
+td.l,th.l{text-align:left}tr.best{background:#e8f5e9}img{max-width:100%;border:1px solid #eee;margin:4px 0}
+.note{color:#666;font-size:13px}"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, searched_keys: Sequence[str],
+                       metric: str = "AP", mode: str = "max", best_per_class: Mapping[int, float] | None = None,
+                       stage1_per_class: Mapping[int, float] | None = None, val_annotations: str | None = None,
+                       max_t: int | None = None) -> str:
+    """The sweep report as one self-contained HTML page (figures embedded as base64 PNGs)."""
+    e = html.escape
+    max_t = max_t or max((r["iterations"] for r in rows), default=0)  # full length: ASHA's max_t
+    best = best_row(rows, metric, mode, max_t)
+    keys = list(searched_keys) or sorted({k for r in rows for k in r["params"] if k != "pretrain_sha256"})
+    n_failed = sum(r["status"] == "FAILED" for r in rows)
+    n_early = sum(r["status"] != "FAILED" and r["iterations"] < max_t for r in rows)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ltsweep sweep {e(sweep_name)}</title>"
+             f"<style>{_CSS}</style></head><body>",
+             f"<h1>Sweep <code>{e(sweep_name)}</code></h1>",
+             f"<p>{len(rows)} trials; {n_early} stopped early (before {max_t} evaluations); {n_failed} failed. "
+             f"Best trial by {e(metric)} ({e(mode)}): "
+             + (f"<b>{e(best['trial_id'])}</b> with {e(metric)} = {_fmt(best.get(metric))}, "
+                + ", ".join(f"{e(k)} = {e(str(best['params'].get(k, '—')))}" for k in keys)
+                if best else "none (no trial reported it)") + ".</p>"]
+    # table
+    head = "".join(f"<th>{e(k)}</th>" for k in keys)
+    parts.append(f"<table><tr><th class='l'>trial</th><th class='l'>status</th><th>evals</th>{head}"
+                 + "".join(f"<th>{m}</th>" for m in TABLE_METRICS) + "</tr>")
+    for r in rows:
+        cls = " class='best'" if best is not None and r["run_id"] == best["run_id"] else ""
+        parts.append(f"<tr{cls}><td class='l'>{e(r['trial_id'])}</td><td class='l'>{e(r['status'])}</td>"
+                     f"<td>{r['iterations']}</td>"
+                     + "".join(f"<td>{e(str(r['params'].get(k, '—')))}</td>" for k in keys)
+                     + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in TABLE_METRICS) + "</tr>")
+    parts.append("</table><p class='note'>Final values (the last evaluation each trial reported); n/a = empty "
+                 "frequency bucket or not reported.</p>")
+    # figures
+    lam, xi = _key_named(keys, _LAM_NAMES), _key_named(keys, _XI_NAMES)
+    loss_key = _key_named(keys, ("loss",))
+    parts.append("<h2>AP and APr vs λ (soft-balance sampling)</h2>")
+    parts.append(_img(_plot_vs_param(rows, lam, "final AP / APr vs λ", "λ"), "AP vs lambda") if lam else
+                 "<p class='note'>λ was not searched in this sweep.</p>")
+    parts.append("<h2>AP and APr vs ξ (ACSL threshold)</h2>")
+    if xi:
+        xi_rows = [r for r in rows if loss_key is None or "acsl" in str(r["params"].get(loss_key, "acsl"))]
+        note = " (ACSL trials only)" if loss_key else ""
+        parts.append(_img(_plot_vs_param(xi_rows, xi, f"final AP / APr vs ξ{note}", "ξ"), "AP vs xi")
+                     if xi_rows else "<p class='note'>no ACSL trial in this sweep.</p>")
+        if loss_key and xi_rows:
+            parts.append("<p class='note'>ACSL trials only: ξ has no effect on the other losses.</p>")
+    else:
+        parts.append("<p class='note'>ξ was not searched in this sweep.</p>")
+    if rows:
+        parts.append("<h2>APr / APc / APf per trial</h2>" + _img(_plot_buckets(rows), "buckets per trial"))
+        parts.append("<h2>How long each trial ran before ASHA stopped it</h2>"
+                     + _img(_plot_iterations(rows, max_t), "iterations per trial"))
+    parts.append("<h2>AP by frequency rank: best trial vs stage-1 baseline</h2>")
+    if best is not None and best_per_class:
+        parts.append(_img(_plot_rank(f"best trial {best['trial_id']}", dict(best_per_class),
+                                     dict(stage1_per_class or {}), val_annotations), "AP by frequency rank"))
+        if not stage1_per_class:
+            parts.append("<p class='note'>No stage-1 per-class AP was logged (one-stage sweep, or the pretrain run "
+                         "has no per_class_ap.json): only the best trial is shown.</p>")
+    else:
+        parts.append("<p class='note'>The best trial reported no per-class AP.</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_name: str,
+                     searched_keys: Sequence[str], val_annotations: str | None = None, metric: str = "AP",
+                     mode: str = "max", last_results: Mapping[str, Mapping[str, Any]] | None = None,
+                     max_t: int | None = None) -> str:
+    """Build the sweep report from MLflow (plus Tune's last results, for per-class AP) and log it as
+    ``sweep_report.html`` on the parent run. ``max_t``: evaluations of a full-length trial (default: the longest
+    trial's). Returns the HTML."""
+    rows = trial_rows(client, experiment_id, parent_run_id)
+    best = best_row(rows, metric, mode, max_t or max((r["iterations"] for r in rows), default=0))
+    best_pc: dict[int, float] = {}
+    base_pc: dict[int, float] = {}
+    if best is not None:
+        best_pc = _per_class_dict((last_results or {}).get(best["trial_id"], {}).get("per_class")) or \
+            _download_per_class(client, best["run_id"])
+        base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get("pretrain_sha256"))
+    page = build_sweep_report(sweep_name, rows, searched_keys=searched_keys, metric=metric, mode=mode,
+                              best_per_class=best_pc, stage1_per_class=base_pc, val_annotations=val_annotations,
+                              max_t=max_t)
+    with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
+        p = Path(tmp) / REPORT_HTML
+        p.write_text(page, encoding="utf-8")
+        client.log_artifact(parent_run_id, str(p))
+    return page
+
+
+# --------------------------------------------------------------------------------------------------------------
+# compare
+def _latest_sweep_run(client, experiment_id: str):
+    runs = search_tagged(client, experiment_id, {ROLE_TAG: "sweep"})
+    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
+def format_compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Plain-text table: one line per sweep (its best trial)."""
+    keys = sorted({k for r in rows for k in r["params"]})
+    header = ["sweep", "best trial", *TABLE_METRICS, "evals", "trials", *keys]
+    lines = [[str(r["sweep"]), str(r["trial_id"]), *(_fmt(r.get(m)) for m in TABLE_METRICS), str(r["iterations"]),
+              str(r["n_trials"]), *(str(r["params"].get(k, "—")) for k in keys)] for r in rows]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
+                                  for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [fmt(header), "  ".join("-" * w for w in widths)]
+    out += [fmt(l) for l in lines]
+    return "\n".join(out)
+
+
+def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
+    """Grouped bars: AP, APr, APc, APf of each sweep's best trial. Written atomically."""
+    import numpy as np
+
+    fig = _figure(max(6.4, 1.2 * len(rows) + 4), 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(BUCKET_METRICS))
+    width = 0.8 / max(1, len(rows))
+    for i, r in enumerate(rows):
+        ys = [_num(r.get(m)) for m in BUCKET_METRICS]
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), [0.0 if y is None else y for y in ys], width,
+                      label=f"{r['sweep']} ({r['trial_id']})")
+        for b, y in zip(bars, ys):
+            ax.annotate("n/a" if y is None else f"{y:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels(BUCKET_METRICS)
+    ax.set_ylabel("AP of the best trial")
+    ax.set_title("best trial of each sweep: AP by frequency bucket")
+    ax.legend(fontsize=8)
+    out = Path(out_png)
+    _atomic_write(out, _png_bytes(fig))
+    return out
+
+
+def compare_sweeps(sweeps: Sequence[str], tracking_uri: str | None = None,
+                   out_png: str | os.PathLike = Path("compare.png")) -> list[dict[str, Any]]:
+    """Best trial of each sweep (by the sweep's own metric/mode, default AP/max) side by side.
+
+    Prints a table (AP, AP50, APr, APc, APf, evaluations run, searched hyperparameters) and writes a PNG of
+    grouped bars to ``out_png``. ``tracking_uri`` defaults to the default sweep store,
+    ``sqlite:///<cwd>/results/mlflow.db``. Returns one dict per sweep.
+    """
+    if not sweeps:
+        raise ConfigError("ltsweep compare: name at least one sweep (the `name:` of its YAML)")
+    uri = tracking_uri or default_tracking_uri(DEFAULT_STORAGE_PATH)
+    db = _sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError(f"ltsweep compare: MLflow store {db} does not exist; run a sweep first or pass "
+                          f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)")
+    client = make_client(uri)
+    out: list[dict[str, Any]] = []
+    for name in sweeps:
+        exp = client.get_experiment_by_name(name)
+        if exp is None or exp.lifecycle_stage == "deleted":
+            known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+            raise ConfigError(f"ltsweep compare: no sweep named {name!r} in {uri} (sweeps there: "
+                              f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
+        parent = _latest_sweep_run(client, exp.experiment_id)
+        if parent is None:
+            raise ConfigError(f"ltsweep compare: experiment {name!r} in {uri} has no ltsweep sweep run "
+                              "(tag ltsweep.role=sweep); was it logged by `ltsweep sweep`?")
+        metric = parent.data.tags.get("ltsweep.metric", "AP")
+        mode = parent.data.tags.get("ltsweep.mode", "max")
+        try:
+            searched = json.loads(parent.data.tags.get("ltsweep.searched_keys", "[]"))
+        except ValueError:
+            searched = []
+        rows = trial_rows(client, exp.experiment_id, parent.info.run_id)
+        max_t = parent.data.tags.get("ltsweep.max_t")
+        max_t = int(max_t) if max_t else max((r["iterations"] for r in rows), default=0)
+        best = best_row(rows, metric, mode, max_t)
+        if best is None:
+            raise ConfigError(f"ltsweep compare: sweep {name!r} has no trial that reported {metric} yet")
+        params = {k: best["params"][k] for k in (searched or best["params"]) if k in best["params"]
+                  and k != "pretrain_sha256"}
+        out.append({"sweep": name, "trial_id": best["trial_id"], "run_id": best["run_id"],
+                    "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode,
+                    **{m: best.get(m) for m in TABLE_METRICS}, "iterations": best["iterations"],
+                    "n_trials": len(rows), "params": params})
+    print(format_compare_table(out))
+    png = plot_compare(out, out_png)
+    print(f"wrote {png}")
+    return out

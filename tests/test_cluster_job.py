@@ -1,0 +1,206 @@
+"""`ray job submit` of a tiny sweep to a real local cluster (`ray start --head` with token auth), as in the README.
+
+The test starts the head node from this venv's `ray` (so the cluster's, and the job's, Python is the venv's),
+submits `python -m pipelines.sweep <tiny config>` with `--working-dir .` (the repository root), waits for the job,
+and checks that it SUCCEEDED and that its MLflow runs exist. The cluster is always stopped afterwards.
+
+It runs in CI. Locally it can be skipped with LTSWEEP_SKIP_CLUSTER=1 (ignored when CI=true).
+
+Teardown stops exactly this cluster: every process whose command line names its private --temp-dir, plus their
+descendants (the job's driver). Plain `ray stop` would kill every Ray process on the machine, including other
+users' sessions, so it is only added as a last safety net in CI, where the machine is ours.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+SKIP = os.environ.get("LTSWEEP_SKIP_CLUSTER") == "1" and os.environ.get("CI") != "true"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cluster_env() -> dict:
+    """The environment a user has after `source .venv/bin/activate`, without any Ray address of another cluster."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
+    return env
+
+
+def _run(cmd: list[str], env: dict, timeout: float, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, **kw)
+
+
+def _stop_cluster(temp_dir: str) -> None:
+    """SIGTERM (then SIGKILL) the processes of this cluster only: those naming temp_dir, and their descendants."""
+    import ray  # noqa: F401  (puts Ray's bundled psutil, the one `ray stop` uses, on sys.path)
+    import psutil
+
+    me = os.getpid()
+    procs = {}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if p.pid != me and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
+                procs[p.pid] = p
+                for child in p.children(recursive=True):
+                    procs[child.pid] = child
+        except psutil.Error:
+            continue
+    for p in procs.values():
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if SKIP:
+        pytest.skip("LTSWEEP_SKIP_CLUSTER=1: the `ray job submit` cluster test is skipped locally (never in CI)")
+    env = _cluster_env()
+    ray = str(VENV_BIN / "ray")
+    # 1. a token (kept in ~/.ray/auth_token; an existing one is reused)
+    out = _run([ray, "get-auth-token", "--generate"], env, 120)
+    assert out.returncode == 0, out.stderr
+    token = out.stdout.strip()
+    assert token
+    # 2. the head node, with token auth, the dashboard on 127.0.0.1 and 2 CPUs. Its own short temp dir (unix
+    #    socket paths must stay < 108 bytes) identifies its processes for the teardown.
+    temp_dir = tempfile.mkdtemp(prefix="ltsray-", dir="/tmp")
+    dash = _free_port()
+    start = [ray, "start", "--head", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", temp_dir,
+             "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
+             "--disable-usage-stats"]
+    env_token = {**env, "RAY_AUTH_MODE": "token"}
+    try:
+        out = _run(start, env_token, 300)
+        assert out.returncode == 0, f"ray start failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        address = f"http://127.0.0.1:{dash}"
+        # 3. wait (bounded) until the dashboard's job API answers an authenticated request
+        deadline = time.monotonic() + 180
+        while True:
+            req = urllib.request.Request(address + "/api/version", headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"Ray dashboard at {address} not ready after 180 s")
+            time.sleep(0.5)
+        yield {"address": address, "env": env_token, "token": token, "ray": ray, "temp_dir": temp_dir}
+    finally:
+        _stop_cluster(temp_dir)
+        if os.environ.get("CI") == "true":
+            _run([ray, "stop", "--force"], env, 120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory):
+    """A 2-trial hybrid sweep (1 stage-1 epoch, 2 stage-2 epochs) on a ~50-image synthetic benchmark at 64 px."""
+    from lt_models.synthetic import Preset, generate_benchmark
+
+    root = tmp_path_factory.mktemp("cluster_job")
+    preset = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25,
+                    val_min=2, objects_per_image=(0.5, 0.5), min_size=14, max_size=30, n_confusable=1, n_two_leaf=1,
+                    swap_rates=((0.3, 0.1, 0.2),), parent_only_rates=(0.1,), workers=1)
+    generate_benchmark(root / "data", preset=preset, seed=0)
+    name = f"cluster-job-{uuid.uuid4().hex[:6]}"
+    cfg = {
+        "name": name,
+        "data": {"train": str(root / "data/train.json"), "val": str(root / "data/val.json"),
+                 "hierarchy": str(root / "data/hierarchy.json")},
+        "model": {"backbone": "tiny", "image_size": 64},
+        "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
+        "stage2": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 16, "loss": "acsl",
+                   "xi": 0.5},
+        "eval": {"every": 1},
+        "resources": {"cpus_per_trial": 1},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
+        "search": {"num_samples": 1, "max_concurrent_trials": 2},
+        "space": {"lam": {"grid": [0.0, 1.0]}},
+        "run": {"storage_path": str(root / "results"), "max_failures": 0, "checkpoints_to_keep": 1},
+    }
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"config": path, "name": name, "results": root / "results"}
+
+
+def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
+    from mlflow import MlflowClient
+
+    env = {**cluster["env"], "RAY_API_SERVER_ADDRESS": cluster["address"]}
+    # the cluster refuses requests without the token
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        urllib.request.urlopen(cluster["address"] + "/api/jobs/", timeout=10)
+    assert exc.value.code == 401
+
+    job_id = f"ltsweep-test-{uuid.uuid4().hex[:8]}"
+    submit = [cluster["ray"], "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
+              "python", "-m", "pipelines.sweep", str(tiny_sweep["config"])]
+    out = _run(submit, env, 900, cwd=REPO)  # blocks (tailing the job's logs) until the job ends
+    logs = out.stdout[-6000:] + out.stderr[-3000:]
+    req = urllib.request.Request(f"{cluster['address']}/api/jobs/{job_id}",
+                                 headers={"Authorization": f"Bearer {cluster['token']}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        info = json.loads(r.read())
+    assert info["status"] == "SUCCEEDED", f"job {job_id}: {info.get('status')} {info.get('message')}\n{logs}"
+    assert out.returncode == 0, logs
+    assert "Uploading package" in logs  # --working-dir . went up as a package (.venv, data, results ignored)
+
+    # the job's MLflow runs: one parent, one nested run per trial with metrics at each evaluation, one stage-1 run
+    db = tiny_sweep["results"] / "mlflow.db"
+    assert db.is_file(), logs
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(tiny_sweep["name"])
+    assert exp is not None
+    runs = client.search_runs([exp.experiment_id])
+    by_role: dict[str, list] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("ltsweep.role"), []).append(r)
+    assert len(by_role["sweep"]) == 1 and by_role["sweep"][0].info.status == "FINISHED"
+    assert len(by_role["pretrain"]) == 1
+    trials = by_role["trial"]
+    assert len(trials) == 2
+    parent_id = by_role["sweep"][0].info.run_id
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent_id
+        assert r.data.params["pretrain_sha256"] == by_role["pretrain"][0].data.tags["ltsweep.pretrain_sha256"]
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "AP")]
+        assert steps == list(range(1, int(r.data.tags["ltsweep.iterations"]) + 1)) and steps
+        assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"per_class_ap.csv", "ap_by_frequency.png"}
+    assert "sweep_report.html" in {a.path for a in client.list_artifacts(parent_id)}

@@ -1,0 +1,166 @@
+"""Sweep report and `compare` (pipelines/report.py), plus the callback's run statuses, without Ray.
+
+The callback is driven here by hand with stand-in trials (the real Tune path is tested in test_tracking.py), so
+these tests take seconds; every MLflow read and write is real (a sqlite store shared by the module).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from lt_models.errors import ConfigError
+from pipelines.report import build_sweep_report, compare_sweeps, format_compare_table, plot_ap_by_rank
+from pipelines.tracking import MLflowSweepCallback, default_tracking_uri, log_pretrain_run, search_tagged
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def row(tid, AP, APr, APc, APf, iterations, status="FINISHED", **params):
+    return {"trial_id": tid, "run_id": f"run-{tid}", "name": tid, "status": status, "tune_status": "",
+            "iterations": iterations, "params": {k: str(v) for k, v in params.items()}, "AP": AP, "AP50": None if AP is None else AP + 0.1,
+            "APr": APr, "APc": APc, "APf": APf, "loss": 1.0, "epoch": iterations}
+
+
+ROWS = [row("t0", 0.20, 0.05, 0.20, 0.30, 4, lam=0.0, loss="concurrent_softmax", xi=0.3),
+        row("t1", 0.25, 0.15, 0.24, 0.31, 4, lam=1.0, loss="acsl", xi=0.7),
+        row("t2", 0.18, -1.0, 0.17, 0.28, 1, lam=1.5, loss="acsl", xi=0.5),
+        row("t3", None, None, None, None, 0, status="FAILED", lam=0.5, loss="concurrent_softmax", xi=0.3)]
+
+
+def images(page: str) -> int:
+    return page.count('src="data:image/png;base64,')
+
+
+def test_report_has_every_figure_and_marks_the_best_trial():
+    page = build_sweep_report("s", ROWS, searched_keys=["lam", "loss", "xi"], best_per_class={1: 0.1, 2: 0.3},
+                              stage1_per_class={1: 0.0, 2: 0.2}, max_t=4)
+    assert images(page) == 5
+    assert re.search(r"<tr class='best'><td class='l'>t1</td>", page)  # highest AP
+    assert "4 trials; 1 stopped early (before 4 evaluations); 1 failed" in page
+    assert "ACSL trials only" in page  # concurrent-softmax trials have no ξ to plot
+    assert "n/a" in page  # APr = -1 (empty bucket) and the failed trial's missing values
+    assert "No stage-1 per-class AP" not in page
+
+
+def test_report_says_what_was_not_searched():
+    page = build_sweep_report("s", ROWS[:2], searched_keys=["loss"], best_per_class={}, max_t=4)
+    assert "λ was not searched in this sweep" in page and "ξ was not searched in this sweep" in page
+    assert "The best trial reported no per-class AP" in page
+    assert images(page) == 2  # buckets per trial + iterations per trial
+
+
+def test_plot_ap_by_rank_writes_png_atomically(tmp_path):
+    out = tmp_path / "plots" / "rank.png"
+    data = plot_ap_by_rank({"a": {1: 0.5, 2: -1.0}, "b": {1: 0.2, 2: 0.1}}, out, order=[2, 1])
+    assert out.read_bytes() == data and data[:8] == PNG_MAGIC
+    assert [p.name for p in out.parent.iterdir()] == ["rank.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+class FakeTrial:
+    """What the callback reads from a Tune Trial (status, config, last_result, error_file)."""
+
+    def __init__(self, trial_id, config):
+        self.trial_id, self.config, self.status, self.last_result, self.error_file = \
+            trial_id, config, "RUNNING", {}, None
+
+    def __str__(self):
+        return f"fake_{self.trial_id}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("results")
+    return {"root": root, "uri": default_tracking_uri(root)}
+
+
+def fake_sweep(uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metric="AP", mode="max"):
+    """Drive the callback like Tune does: trial i reports len(aps[i]) results with AP = aps[i][step-1]."""
+    cb = MLflowSweepCallback(uri, name, {"name": name, "scheduler": {"metric": metric, "mode": mode, "max_t": 3}},
+                             ["lam"])
+    cb.setup()
+    trials = [FakeTrial(f"{name}_{i:05d}", {"lam": 0.5 * i}) for i in range(len(aps))]
+    for t, series in zip(trials, aps):
+        cb.on_trial_start(0, trials, t)
+        for step, ap in enumerate(series, 1):
+            res = {"training_iteration": step, "AP": ap, "AP50": ap, "APr": ap / 2, "APc": ap, "APf": ap * 1.5,
+                   "loss": ap, "epoch": step, "pretrain_sha256": sha,
+                   "per_class": {"1": ap / 2, "2": ap, "3": ap * 1.5}}
+            t.last_result = res
+            cb.on_trial_result(0, trials, t, res)
+        if t.trial_id.endswith(tuple(f"_{i:05d}" for i in fail)):
+            t.status = "ERROR"
+            cb.on_trial_error(0, trials, t)
+        elif not t.trial_id.endswith(tuple(f"_{i:05d}" for i in leave_running)):
+            cb.on_trial_complete(0, trials, t)
+            t.status = "TERMINATED"
+    cb.on_experiment_end(trials)
+    return cb
+
+
+def test_run_statuses_report_and_stage1_baseline_from_another_experiment(store):
+    uri = store["uri"]
+    # the stage-1 checkpoint was trained (and logged) by another sweep, then reused by this one
+    log_pretrain_run(uri, "other-sweep", "9" * 64, {"epochs": 1}, {"AP": 0.1, "per_class": {1: 0.0, 2: 0.1, 3: 0.2}},
+                     None)
+    cb = fake_sweep(uri, "statuses", [[0.1, 0.2, 0.3], [0.1, 0.15], [0.2], [0.05, 0.1]], fail=(2,),
+                    leave_running=(3,))
+    client = MlflowClient(uri)
+    status = {r.data.tags["ltsweep.trial_id"]: r.info.status
+              for r in search_tagged(client, cb.experiment_id, {"ltsweep.role": "trial"})}
+    assert status == {"statuses_00000": "FINISHED", "statuses_00001": "FINISHED", "statuses_00002": "FAILED",
+                      "statuses_00003": "KILLED"}
+    failed = client.get_run(cb.trial_run_id("statuses_00002"))
+    assert "raised an error" in failed.data.tags["ltsweep.error"]
+    parent = client.get_run(cb.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["ltsweep.errored_trials"] == "1"
+    assert parent.data.tags["ltsweep.max_t"] == "3"
+    page = Path(client.download_artifacts(cb.parent_run_id, "sweep_report.html", str(store["root"]))).read_text()
+    assert "<b>statuses_00000</b> with AP = 0.300" in page
+    assert "No stage-1 per-class AP" not in page  # found in experiment "other-sweep" by sha256
+    assert "2 stopped early (before 3 evaluations); 1 failed" in page
+
+
+def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
+    uri = store["uri"]
+    fake_sweep(uri, "cmp-a", [[0.1, 0.4], [0.3, 0.35]])
+    fake_sweep(uri, "cmp-b", [[0.7], [0.5, 0.45, 0.6]])
+    fake_sweep(uri, "cmp-loss", [[0.1, 0.4, 0.5], [0.3, 0.35, 0.2], [0.05]], metric="loss", mode="min")
+    rows = compare_sweeps(["cmp-a", "cmp-b", "cmp-loss"], tracking_uri=uri, out_png=tmp_path / "c.png")
+    out = capsys.readouterr().out
+    # best = best final metric among trials that ran all max_t=3 evaluations (ASHA's survivors), as in the sweep
+    # summary: cmp-a has none, so all count; cmp-b's survivor beats the higher AP of a trial stopped after one
+    # evaluation; cmp-loss is mode min (loss = AP here) and ignores the stopped trial's lower loss
+    assert [(r["sweep"], r["trial_id"], r["AP"], r["iterations"]) for r in rows] == [
+        ("cmp-a", "cmp-a_00000", 0.4, 2), ("cmp-b", "cmp-b_00001", 0.6, 3), ("cmp-loss", "cmp-loss_00001", 0.2, 3)]
+    assert rows[1]["params"] == {"lam": "0.5"} and rows[1]["APf"] == pytest.approx(0.9)
+    assert out.splitlines()[0].split()[:4] == ["sweep", "best", "trial", "AP"]
+    assert "cmp-b_00001" in out and "0.600" in out and "0.900" in out
+    assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_compare_errors_name_the_problem(store, tmp_path):
+    missing = tmp_path / "nowhere" / "mlflow.db"
+    with pytest.raises(ConfigError, match=r"nowhere/mlflow.db does not exist.*--tracking-uri"):
+        compare_sweeps(["x"], tracking_uri=f"sqlite:///{missing}", out_png=tmp_path / "c.png")
+    assert not missing.parent.exists()  # no empty store was created on the way
+    fake_sweep(store["uri"], "known-sweep", [[0.1]])
+    with pytest.raises(ConfigError, match=r"no sweep named 'unknwon'.*known-sweep"):
+        compare_sweeps(["unknwon"], tracking_uri=store["uri"], out_png=tmp_path / "c.png")
+    with pytest.raises(ConfigError, match="name at least one sweep"):
+        compare_sweeps([], tracking_uri=store["uri"])
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_compare_table_is_aligned():
+    rows = [{"sweep": "a", "trial_id": "a_1", "AP": 0.5, "AP50": 0.7, "APr": -1, "APc": 0.4, "APf": 0.6,
+             "iterations": 3, "n_trials": 8, "params": {"lam": "1.0"}},
+            {"sweep": "longer-name", "trial_id": "b_2", "AP": 0.25, "AP50": 0.5, "APr": 0.1, "APc": 0.2,
+             "APf": 0.3, "iterations": 1, "n_trials": 2, "params": {"lam": "0.5", "xi": "0.3"}}]
+    lines = format_compare_table(rows).splitlines()
+    assert len({len(l.rstrip()) for l in lines[:2]}) == 1
+    assert "n/a" in lines[2] and lines[2].rstrip().endswith("—")  # APr -1 = empty bucket; xi not searched in a
