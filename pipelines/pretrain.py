@@ -1,0 +1,270 @@
+"""Stage 1 of the hybrid schedule: one shared non-balance checkpoint that every stage-2 trial restores.
+
+The checkpoint is content-addressed: its key is the sha256 of the canonical stage-1 config (sorted JSON of the
+model, the stage-1 schedule and the seed) plus the dataset fingerprint (sha256 of the training annotation bytes
+and the training image list) and a fingerprint of the training code (the lt_models modules that decide the
+weights, and the torch/torchvision versions), so an edited detector never restores an incompatible checkpoint. It lives in `<storage_path>/pretrain/<sha256>/`:
+
+    checkpoint/   the engine's checkpoint dir (what `engine.train(init_checkpoint=...)` takes)
+    meta.json     sha256, the canonical config, the dataset fingerprint, final stage-1 metrics
+
+It is trained once, as a Ray task with the resources a trial gets (so on a cluster it lands on a GPU node), into
+a temp dir that is renamed into place when complete (atomic). A lock file (`<sha256>.lock`, via `filelock`)
+stops two drivers training the same key at once: the second waits and then reuses the first one's result.
+Sweeps with the same key reuse it; `force=True` (`--force-pretrain`) retrains and replaces it.
+On a multi-node cluster `storage_path` must be shared storage (NFS) so trials on other nodes can read it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from filelock import FileLock
+
+from pipelines.config import ExperimentConfig, canonical_json, to_train_spec
+
+log = logging.getLogger(__name__)
+
+# what the pretrain MLflow run gets (evaluate_lvis also returns e.g. "AR@300", not a valid MLflow metric name)
+PRETRAIN_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss", "epoch", "iteration",
+                    "per_class")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class Stage1Checkpoint:
+    sha256: str
+    path: Path                  # <storage>/pretrain/<sha256>
+    trained: bool               # True if this call trained it, False if it was reused
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / "checkpoint"
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def dataset_fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 of the training annotation file's bytes plus the sorted training image list (names and sizes).
+
+    Cached per (path, size, mtime) within a process: LVIS's train JSON is ~1 GB."""
+    train = Path(cfg.data.train)
+    st = train.stat()
+    key = (str(train), str(cfg.data.image_dir), st.st_size, st.st_mtime_ns)
+    if key not in _FINGERPRINTS:
+        _FINGERPRINTS[key] = _fingerprint(cfg)
+    return _FINGERPRINTS[key]
+
+
+def _fingerprint(cfg: ExperimentConfig) -> str:
+    h = hashlib.sha256()
+    train = Path(cfg.data.train)
+    with open(train, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    image_dir = Path(cfg.data.image_dir) if cfg.data.image_dir else train.parent / "images"
+    if image_dir.is_dir():
+        for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
+            if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                h.update(f"\n{entry.name}\t{entry.stat().st_size}".encode())
+    return h.hexdigest()
+
+
+def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Everything that determines the stage-1 weights (paths excluded: the data enters via its fingerprint)."""
+    if cfg.stage1 is None:
+        raise ValueError("this config has no stage1 section (one-stage trials); there is nothing to pretrain")
+    model = cfg.model.model_dump(mode="json")
+    if cfg.model.weights is not None:  # the initial weights matter by content, not by path
+        model["weights"] = hashlib.sha256(Path(cfg.model.weights).read_bytes()).hexdigest()
+    identity = {
+        "recipe": "stage1: non-balance sampler + softmax CE, all layers",
+        "model": model,
+        "stage1": cfg.stage1.model_dump(mode="json", exclude={"workers"}),
+        "seed": cfg.seed,
+        "dataset_fingerprint": dataset_fingerprint(cfg),
+        "expand_parents": cfg.data.expand_parents,
+        "code": code_fingerprint(),
+    }
+    if cfg.data.expand_parents and cfg.data.hierarchy is not None:  # parents change the training labels
+        identity["hierarchy"] = hashlib.sha256(Path(cfg.data.hierarchy).read_bytes()).hexdigest()
+    return identity
+
+
+# lt_models modules whose code decides the stage-1 weights (a change there must not reuse an old checkpoint)
+TRAINING_MODULES = ("datasets", "samplers", "losses", "detector", "engine")
+
+
+def code_fingerprint() -> str:
+    """sha256 of the training code (TRAINING_MODULES' source) and the torch/torchvision versions."""
+    import importlib.util
+
+    import torch
+    import torchvision
+
+    h = hashlib.sha256(f"torch {torch.__version__} torchvision {torchvision.__version__}".encode())
+    for name in TRAINING_MODULES:
+        spec = importlib.util.find_spec(f"lt_models.{name}")
+        if spec is not None and spec.origin:
+            h.update(f"\n{name}\n".encode())
+            h.update(Path(spec.origin).read_bytes())
+    return h.hexdigest()
+
+
+def stage1_key(cfg: ExperimentConfig) -> str:
+    return hashlib.sha256(canonical_json(stage1_identity(cfg)).encode()).hexdigest()
+
+
+def pretrain_root(storage_path: Path) -> Path:
+    return Path(storage_path) / "pretrain"
+
+
+def find_stage1(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
+    """The finished stage-1 checkpoint for this config, or None."""
+    sha = stage1_key(cfg)
+    final = pretrain_root(cfg.run.storage_path) / sha
+    meta = final / "meta.json"
+    if not meta.is_file():
+        return None
+    info = json.loads(meta.read_text())
+    return Stage1Checkpoint(sha, final, trained=False, metrics=info.get("metrics", {}),
+                            seconds=float(info.get("seconds", 0.0)))
+
+
+def _device_for(gpus: float) -> str:
+    import torch
+
+    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def train_stage1_into(cfg: ExperimentConfig, out_dir: Path, num_threads: int, gpus: float) -> dict[str, Any]:
+    """Train stage 1 into out_dir (a fresh temp dir) and return its final metrics (incl. per_class).
+
+    Runs inside a Ray task (or locally). Leaves out_dir/checkpoint = the engine's last checkpoint dir."""
+    import torch
+
+    from lt_models import engine
+
+    torch.set_num_threads(max(1, num_threads))
+    spec = to_train_spec(cfg, "stage1", num_threads=max(1, num_threads), device=_device_for(gpus),
+                         eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
+    metrics = engine.train(spec, out_dir / "work")
+    ckpt = Path(metrics.pop("checkpoint_dir"))
+    os.replace(ckpt, out_dir / "checkpoint")
+    shutil.rmtree(out_dir / "work", ignore_errors=True)
+    return _jsonable(metrics)
+
+
+def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if k == "per_class" and isinstance(v, dict):
+            out[k] = {str(c): float(ap) for c, ap in v.items()}
+        elif isinstance(v, (int, float, str, bool)):
+            out[k] = v
+    return out
+
+
+def _train_stage1_task(cfg_json: str, out_dir: str, num_threads: int, gpus: float) -> dict[str, Any]:
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    return train_stage1_into(cfg, Path(out_dir), num_threads, gpus)
+
+
+def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Optional[bool] = None,
+                  tracking_uri: Optional[str] = None, sweep_name: Optional[str] = None,
+                  lock_timeout: float = -1) -> Optional[Stage1Checkpoint]:
+    """Return the shared stage-1 checkpoint for cfg, training it first if it is absent (or if force).
+
+    use_ray: run the training as a Ray task with the trial's resources (default: when Ray is initialised).
+    tracking_uri: record it as the `ltsweep.role=pretrain` MLflow run of the sweep's experiment (idempotent: one
+        run per sha256 and experiment, also when the checkpoint is reused from an earlier sweep).
+    Returns None when cfg has no stage1 (one-stage trials)."""
+    if cfg.stage1 is None:
+        return None
+    ckpt = None if force else find_stage1(cfg)
+    if ckpt is not None:
+        log.info("stage 1: reusing %s", ckpt.path)
+    else:
+        ckpt = _train_locked(cfg, force, use_ray, lock_timeout)
+    if tracking_uri is not None:
+        from pipelines import tracking
+
+        metrics = {k: v for k, v in ckpt.metrics.items() if k in PRETRAIN_METRICS}
+        tracking.log_pretrain_run(tracking_uri, sweep_name or cfg.name, ckpt.sha256, _pretrain_params(cfg),
+                                  metrics, str(ckpt.checkpoint_dir), val_annotations=str(cfg.data.val))
+    return ckpt
+
+
+def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], lock_timeout: float
+                  ) -> Stage1Checkpoint:
+    root = pretrain_root(cfg.run.storage_path)
+    root.mkdir(parents=True, exist_ok=True)
+    sha = stage1_key(cfg)
+    final = root / sha
+    with FileLock(str(root / f"{sha}.lock"), timeout=lock_timeout):
+        if not force:  # another driver may have finished it while we waited for the lock
+            found = find_stage1(cfg)
+            if found is not None:
+                log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
+                return found
+        tmp = root / f".tmp-{sha[:16]}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        t0 = time.time()
+        try:
+            log.info("stage 1: training %s (non-balance + softmax, %d epochs)", sha[:12], cfg.stage1.epochs)
+            metrics = _run_stage1(cfg, tmp, use_ray)
+            seconds = time.time() - t0
+            meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
+                    "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2)}
+            _write_json_atomic(tmp / "meta.json", meta)
+            if final.exists():  # --force-pretrain: move the old one aside, swap the new one in, drop the old
+                trash = root / f".old-{sha[:16]}-{uuid.uuid4().hex[:8]}"
+                os.replace(final, trash)
+                os.replace(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    log.info("stage 1: trained %s in %.1fs", final, seconds)
+    return Stage1Checkpoint(sha, final, trained=True, metrics=metrics, seconds=seconds)
+
+
+def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> dict[str, Any]:
+    cpus = cfg.resources.cpus_per_trial
+    gpus = cfg.resources.gpus_per_trial
+    threads = max(1, int(cpus))
+    if use_ray is None:
+        import ray
+
+        use_ray = ray.is_initialized()
+    if not use_ray:
+        return train_stage1_into(cfg, tmp, threads, gpus)
+    import ray
+
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_train_stage1_task)
+    return ray.get(task.remote(cfg.model_dump_json(), str(tmp), threads, gpus))
+
+
+def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    return {"model": cfg.model.model_dump(mode="json"), "stage1": cfg.stage1.model_dump(mode="json"),
+            "sampler": "nonbalance", "loss": "softmax", "seed": cfg.seed, "train_annotations": str(cfg.data.train),
+            "dataset_fingerprint": dataset_fingerprint(cfg)}
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,206 @@
+"""Sweep configs: packaged YAMLs load, YAML maps onto Ray Tune primitives, and bad input gives one clear error."""
+import json
+
+import pytest
+import yaml
+
+import search_spaces
+from lt_models.errors import ConfigError
+from pipelines.config import ExperimentConfig, apply_overrides, load_experiment_config, load_train_config
+
+
+def _write(tmp_path, cfg: dict, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture
+def base(tmp_path):
+    for f in ("train.json", "val.json"):
+        (tmp_path / f).write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    return {"name": "t", "data": {"train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json")},
+            "stage2": {"epochs": 4}, "space": {"lam": {"grid": [0.0, 0.5]}}}
+
+
+def _error(tmp_path, cfg, overrides=None) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_experiment_config(_write(tmp_path, cfg), overrides)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize("name", ["demo", "soft_balance", "acsl_xi", "joint", "lvis_r50", "openimages_r50"])
+def test_packaged_search_spaces_load(name):
+    from ray import tune
+
+    cfg = load_experiment_config(search_spaces.path(name), check_data=False)
+    space = cfg.param_space()
+    assert space and set(space) == set(cfg.space)
+    for key, prim in space.items():
+        assert isinstance(prim, (dict, tune.search.sample.Domain)), (key, prim)
+    assert cfg.run.storage_path.is_absolute() and cfg.data.train.is_absolute()
+
+
+def test_paper_grids_and_demo_size():
+    sb = load_experiment_config(search_spaces.path("soft_balance"), check_data=False)
+    assert sb.space["lam"].grid == [0, 0.3, 0.5, 0.7, 1.0, 1.5]
+    ax = load_experiment_config(search_spaces.path("acsl_xi"), check_data=False)
+    assert ax.space["xi"].grid == [0.01, 0.1, 0.3, 0.5, 0.7, 0.9]
+    demo = load_experiment_config(search_spaces.path("demo"), check_data=False)
+    grid_points = 1
+    for p in demo.space.values():
+        grid_points *= len(p.grid) if p.grid is not None else 1
+    assert grid_points * demo.search.num_samples >= 8
+    assert {"lam", "xi", "loss"} <= set(demo.space) and demo.scheduler.type == "asha"
+    assert demo.resources.gpus_per_trial == 0
+
+
+def test_primitive_table(tmp_path, base):
+    from ray import tune
+    from ray.tune.search.sample import Categorical, Float, Integer, Quantized
+
+    base["space"] = {"lam": {"uniform": [0.1, 1.5]}, "lr": {"loguniform": [0.001, 0.1]},
+                     "xi": {"quniform": [0.1, 0.9, 0.1]}, "loss": {"choice": ["acsl", "concurrent_softmax"]},
+                     "batch_size": {"randint": [2, 9]}}
+    space = load_experiment_config(_write(tmp_path, base)).param_space()
+    assert isinstance(space["lam"], Float) and (space["lam"].lower, space["lam"].upper) == (0.1, 1.5)
+    assert isinstance(space["lr"], Float) and isinstance(space["lr"].get_sampler(), Float._LogUniform)
+    assert isinstance(space["xi"].get_sampler(), Quantized) and space["xi"].get_sampler().q == 0.1
+    assert isinstance(space["loss"], Categorical) and space["loss"].categories == ["acsl", "concurrent_softmax"]
+    assert isinstance(space["batch_size"], Integer)
+    base["space"] = {"lam": {"grid": [0.0, 1.0]}}
+    assert load_experiment_config(_write(tmp_path, base)).param_space() == {"lam": tune.grid_search([0.0, 1.0])}
+
+
+def test_unknown_keys_name_the_path_and_suggest(tmp_path, base):
+    base["stage2"]["lamda"] = 0.5
+    msg = _error(tmp_path, base)
+    assert "unknown key 'stage2.lamda'" in msg and "did you mean 'stage2.lam'" in msg and "exp.yaml" in msg
+    del base["stage2"]["lamda"]
+    base["schedular"] = {}
+    assert "unknown key 'schedular'" in _error(tmp_path, base)
+    base.pop("schedular")
+    base["space"] = {"lam": {"normal": [0, 1]}}
+    assert "unknown key 'space.lam.normal'" in _error(tmp_path, base)
+    base["space"] = {"epochs": {"grid": [1, 2]}}
+    msg = _error(tmp_path, base)
+    assert "space.epochs" in msg and "searchable" in msg
+
+
+def test_lambda_range_fixed_and_searched(tmp_path, base):
+    base["stage2"]["lam"] = 2.5
+    msg = _error(tmp_path, base)
+    assert "stage2.lam" in msg and "[0, 2]" in msg
+    base["stage2"]["lam"] = 0.7
+    base["space"] = {"lam": {"grid": [0.5, 2.5]}}
+    msg = _error(tmp_path, base)
+    assert "space.lam.grid[1] = 2.5" in msg and "[0, 2]" in msg
+    base["space"] = {"lam": {"uniform": [-0.1, 1.0]}}
+    assert "space.lam.uniform[0] = -0.1" in _error(tmp_path, base)
+
+
+def test_xi_range_fixed_and_searched(tmp_path, base):
+    base["stage2"]["xi"] = 1.0
+    msg = _error(tmp_path, base)
+    assert "stage2.xi" in msg and "(0, 1)" in msg
+    base["stage2"]["xi"] = 0.7
+    base["space"] = {"xi": {"uniform": [0.0, 0.9]}}
+    msg = _error(tmp_path, base)
+    assert "space.xi.uniform[0] = 0.0" in msg and "(0, 1)" in msg
+    base["space"] = {"xi": {"choice": [0.5, 1.2]}}
+    assert "space.xi.choice[1] = 1.2" in _error(tmp_path, base)
+
+
+def test_missing_dataset_names_key_and_fix(tmp_path, base):
+    base["data"]["val"] = str(tmp_path / "nope" / "val.json")
+    msg = _error(tmp_path, base)
+    assert "data.val" in msg and "not found" in msg and "nope/val.json" in msg and "ltsweep data synth" in msg
+    # GPU presets point at placeholders: loading them says the dataset is missing
+    with pytest.raises(ConfigError, match=r"data\.train: dataset file not found"):
+        load_experiment_config(search_spaces.path("lvis_r50"))
+
+
+def test_other_config_errors(tmp_path, base):
+    bad = dict(base, space={"loss": {"choice": ["acsl", "focal"]}})
+    assert "unknown loss 'focal'" in _error(tmp_path, bad)
+    bad = dict(base, space={"lam": {"uniform": [1.0, 0.5]}})
+    assert "lower bound 1.0 must be < upper bound 0.5" in _error(tmp_path, bad)
+    bad = dict(base, scheduler={"grace_period": 9})
+    assert "grace_period" in _error(tmp_path, bad)
+    bad = dict(base, scheduler={"metric": "mAP"})
+    assert "scheduler.metric" in _error(tmp_path, bad)
+    bad = dict(base, stage1=None, stage2={"epochs": 4, "decoupled": True})
+    assert "decoupled" in _error(tmp_path, bad)
+    p = tmp_path / "broken.yaml"
+    p.write_text("name: x\ndata: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_experiment_config(p)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_experiment_config(tmp_path / "absent.yaml")
+
+
+def test_overrides(tmp_path, base):
+    p = _write(tmp_path, base)
+    cfg = load_train_config(p, ["stage2.lam=0.3", "stage2.loss=acsl", "stage1=null", "train.stage=stage2",
+                                "stage2.lr_steps=[2, 3]"])
+    assert cfg.stage2.lam == 0.3 and cfg.stage2.loss == "acsl" and cfg.stage1 is None
+    assert cfg.stage2.lr_steps == [2, 3] and cfg.train.stage == "stage2"
+    with pytest.raises(ConfigError, match=r"unknown key 'stage2\.lamb'"):
+        load_train_config(p, ["stage2.lamb=0.3"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_train_config(p, ["stage2.lam"])
+    with pytest.raises(ConfigError, match=r"stage2\.lam"):
+        load_train_config(p, ["stage2.lam=3"])
+    raw = apply_overrides({"a": {"b": 1}}, ["a.c=x", "d.e=2"])
+    assert raw == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
+
+
+def test_trial_values_are_applied_and_revalidated(tmp_path, base):
+    cfg = load_experiment_config(_write(tmp_path, base))
+    s2 = cfg.stage2_for_trial({"lam": 1.5, "loss": "acsl", "xi": 0.3, "decoupled": True})
+    assert (s2.lam, s2.loss, s2.xi, s2.decoupled) == (1.5, "acsl", 0.3, "cls")
+    with pytest.raises(ValueError):
+        cfg.stage2_for_trial({"xi": 1.5})
+    assert isinstance(cfg, ExperimentConfig) and cfg.evals_per_trial == 4
+
+
+def test_optuna_search_is_optional(tmp_path, base):
+    import importlib.util
+
+    from pipelines import sweep
+
+    base["search"] = {"algorithm": "optuna", "seed": 0}
+    base["space"] = {"lam": {"grid": [0.0, 1.0]}}
+    assert "cannot take 'grid'" in _error(tmp_path, base)
+    base["space"] = {"lam": {"uniform": [0.0, 1.5]}}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    if importlib.util.find_spec("optuna") is None:
+        with pytest.raises(ConfigError, match="pip install optuna"):
+            sweep._search_alg(cfg)
+    else:
+        from ray.tune.search.optuna import OptunaSearch
+
+        assert isinstance(sweep._search_alg(cfg), OptunaSearch)
+    base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3}
+    gen = sweep._search_alg(load_experiment_config(_write(tmp_path, base)))
+    assert gen.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a variant generator
+
+
+def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
+    from pipelines.config import to_train_spec
+
+    base["stage1"] = {"epochs": 2, "lr": 0.03, "lr_steps": [1]}
+    base["stage2"] = {"epochs": 4, "loss": "acsl", "xi": 0.3, "lam": 1.5, "decoupled": True, "samples_per_epoch": 32}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    s1 = to_train_spec(cfg, "stage1")
+    s1.validate()  # the engine's own checks: stage 1 is non-balance + softmax on all layers
+    assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == ("stage1", "nonbalance", "softmax", 2,
+                                                                               0.03, (1,))
+    s2 = to_train_spec(cfg, "stage2", cfg.stage2_for_trial({"lam": 0.3}), num_threads=2, device="cpu")
+    s2.validate()
+    assert (s2.stage, s2.sampler, s2.lam, s2.loss, s2.loss_kwargs, s2.decoupled) == (
+        "stage2", "softbalance", 0.3, "acsl", {"xi": 0.3}, "cls")
+    assert s2.sampler_kwargs == {"num_samples": 32} and s2.num_threads == 2 and s2.device == "cpu"
+    assert s2.train_ann == str(cfg.data.train) and s2.eval_every == cfg.eval.every

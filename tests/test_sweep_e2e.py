@@ -1,0 +1,262 @@
+"""End-to-end Ray Tune sweeps on CPU with the real engine, on a tiny synthetic benchmark (64 px, ~50 images).
+
+One local Ray session serves the whole module. The main sweep (6 stage-2 trials under ASHA) is interrupted
+after its first trial finishes (SIGINT, as Ctrl+C would) and resumed with `resume=True`; its assertions are
+split over several tests. A second one-trial sweep injects a fault from the test (a wrapper around the
+production trainable) to check the retry from the last checkpoint.
+"""
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import ray
+import ray.cloudpickle
+import yaml
+from ray import tune
+
+from lt_models.synthetic import Preset, generate_benchmark
+from pipelines import pretrain, sweep, trainable
+from pipelines.config import load_experiment_config
+
+pytestmark = pytest.mark.slow
+
+# Ray workers cannot import this test module by name: ship its functions/classes by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+TINY = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25, val_min=2,
+              objects_per_image=(0.5, 0.5), min_size=14, max_size=30, n_confusable=1, n_two_leaf=1,
+              swap_rates=((0.3, 0.1, 0.2),), parent_only_rates=(0.1,), workers=1)
+STAGE2_EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_e2e")
+    generate_benchmark(root / "data", preset=TINY, seed=0)
+    return root
+
+
+def make_cfg(workdir: Path, name: str, **sections):
+    raw = {
+        "name": name,
+        "seed": 0,
+        "data": {"train": str(workdir / "data/train.json"), "val": str(workdir / "data/val.json"),
+                 "hierarchy": str(workdir / "data/hierarchy.json")},
+        "model": {"backbone": "tiny", "image_size": 64},
+        "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
+        "stage2": {"epochs": STAGE2_EPOCHS, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24},
+        "eval": {"every": 1},
+        "resources": {"cpus_per_trial": 1},
+        "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": STAGE2_EPOCHS},
+        "search": {"num_samples": 1, "max_concurrent_trials": 2, "seed": 0},
+        "space": {"lam": {"grid": [0.0, 0.5, 1.0]}, "loss": {"grid": ["concurrent_softmax", "acsl"]},
+                  "xi": {"choice": [0.3, 0.7]}},
+        "run": {"storage_path": str(workdir / "results"), "max_failures": 1, "checkpoints_to_keep": 1},
+    }
+    raw.update(sections)
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_experiment_config(path)
+
+
+def trial_results(trial_path: str) -> list[dict]:
+    """Every result Tune recorded for a trial (result.json holds one JSON object per report)."""
+    lines = Path(trial_path, "result.json").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+class InterruptAfterFirstTrial(tune.Callback):
+    """Sends SIGINT to the driver (like Ctrl+C) when the first trial finishes, once."""
+
+    def __init__(self, flag: Path):
+        self.flag = flag
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if not self.flag.exists():
+            self.flag.write_text(trial.trial_id)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture(scope="module")
+def interrupted_and_resumed(ray_session, workdir):
+    cfg = make_cfg(workdir, "main")
+    flag = workdir / "interrupted.txt"
+    first = sweep.run_sweep(cfg, callbacks=[InterruptAfterFirstTrial(flag)], verbose=0)
+    finished_id = flag.read_text()
+    finished = next(t for t in first.trials if t.trial_id == finished_id)
+    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1.path / "meta.json").read_text()}
+    resumed = sweep.run_sweep(cfg, resume=True, verbose=0)
+    return cfg, first, resumed, finished_id, snapshot
+
+
+def test_sweep_was_really_interrupted(interrupted_and_resumed):
+    cfg, first, resumed, finished_id, _ = interrupted_and_resumed
+    # the variant generator creates trials as slots free up (max_concurrent_trials), so the interrupted run
+    # knows only some of the 6; the resumed one continues those and creates the rest
+    assert 1 <= len(first.trials) < 6 and len(resumed.trials) == 6
+    assert {t.trial_id for t in first.trials} < {t.trial_id for t in resumed.trials}
+    assert sum(t.evaluations for t in resumed.trials) > sum(t.evaluations for t in first.trials)
+    assert resumed.resumed and resumed.errored == 0
+
+
+def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
+    cfg, first, resumed, finished_id, snapshot = interrupted_and_resumed
+    done = next(t for t in resumed.trials if t.trial_id == finished_id)
+    assert trial_results(done.path) == snapshot["results"]       # not one more report after the resume
+    for t in resumed.trials:  # resumed trials continued from their checkpoints: no epoch was reported twice
+        epochs = [r["epoch"] for r in trial_results(t.path)]
+        assert epochs == list(range(1, len(epochs) + 1)), (t.trial_id, epochs)
+    assert not resumed.stage1.trained and resumed.stage1.sha256 == first.stage1.sha256
+    assert (resumed.stage1.path / "meta.json").read_text() == snapshot["meta"]
+
+
+def test_restart_and_resume_guards(interrupted_and_resumed, workdir):
+    from lt_models.errors import ConfigError
+
+    cfg = interrupted_and_resumed[0]
+    with pytest.raises(ConfigError, match="already exists.*pass --resume"):
+        sweep.run_sweep(cfg)
+    with pytest.raises(ConfigError, match="cannot be combined with --resume"):
+        sweep.run_sweep(cfg, resume=True, force_pretrain=True)
+    changed = cfg.model_copy(update={"stage2": cfg.stage2.model_copy(update={"lr": 0.5})})
+    with pytest.raises(ConfigError, match="changed since it started"):
+        sweep.run_sweep(changed, resume=True)
+    with pytest.raises(ConfigError, match="no restorable sweep"):
+        sweep.run_sweep(cfg.model_copy(update={"name": "never-started"}), resume=True)
+
+
+def test_asha_stops_trials_early(interrupted_and_resumed):
+    cfg, _, resumed, _, _ = interrupted_and_resumed
+    assert resumed.stopped_early >= 1
+    assert any(t.evaluations == cfg.evals_per_trial for t in resumed.trials)
+    assert resumed.best is not None and resumed.best.evaluations == cfg.evals_per_trial
+    assert resumed.trial_epochs < len(resumed.trials) * STAGE2_EPOCHS
+
+
+def test_metrics_reported_at_every_evaluation(interrupted_and_resumed):
+    _, _, resumed, _, _ = interrupted_and_resumed
+    for t in resumed.trials:
+        results = trial_results(t.path)
+        assert len(results) == t.evaluations >= 1
+        assert [r["training_iteration"] for r in results] == list(range(1, len(results) + 1))
+        for r in results:
+            for key in ("AP", "AP50", "APr", "APc", "APf", "loss"):
+                assert isinstance(r[key], float), (key, r)
+            assert 0.0 <= r["AP"] <= 1.0 and r["iteration"] > 0 and r["per_class"]
+        assert list(Path(t.path).glob("events.out.tfevents.*")), "no TensorBoard log"
+
+
+def test_one_stage1_training_shared_by_every_trial(interrupted_and_resumed):
+    cfg, first, resumed, _, _ = interrupted_and_resumed
+    sha = first.stage1.sha256
+    assert first.stage1.trained and len(sha) == 64
+    assert [p.name for p in pretrain.pretrain_root(cfg.run.storage_path).iterdir() if p.is_dir()] == [sha]
+    for t in resumed.trials:
+        assert {r["pretrain_sha256"] for r in trial_results(t.path)} == {sha}
+        spec = json.loads(next(Path(t.path).glob("checkpoint_*/spec.json")).read_text())
+        assert spec["stage"] == "stage2" and spec["loss"] == t.config["loss"] and spec["lam"] == t.config["lam"]
+    # another sweep with the same stage-1 settings and data reuses the checkpoint instead of training again
+    other = make_cfg(Path(cfg.run.storage_path).parent, "other", space={"lam": {"grid": [0.7]}})
+    again = pretrain.ensure_stage1(other)
+    assert not again.trained and again.sha256 == sha
+
+
+def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed):
+    from mlflow import MlflowClient
+
+    cfg, _, resumed, _, _ = interrupted_and_resumed
+    client = MlflowClient(resumed.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    role = lambda r: client.search_runs([exp.experiment_id], f"tags.`ltsweep.role` = '{r}'")  # noqa: E731
+    assert len(role("pretrain")) == 1 and len(role("sweep")) == 1
+    trial_runs = role("trial")
+    assert sorted(r.data.tags["ltsweep.trial_id"] for r in trial_runs) == sorted(t.trial_id for t in resumed.trials)
+    assert all(r.data.params["pretrain_sha256"] == resumed.stage1.sha256 for r in trial_runs)
+
+
+def faulty_trial(config, experiment, stage1=None, shared=None):
+    """The production trainable with faults injected here, in the test (not through a config flag):
+    lam 0.5: the first attempt raises right after the epoch-2 report (whose checkpoint Tune has persisted);
+    lam 1.0: the engine reports a non-finite loss (each call of it is counted in a file)."""
+    from lt_models import engine
+
+    store = Path(experiment.run.storage_path)
+    trial_id = tune.get_context().get_trial_id()
+    real_tune, real_train = trainable.tune, engine.train
+
+    class FlakyTune:
+        def __getattr__(self, name):
+            return getattr(real_tune, name)
+
+        def report(self, metrics, checkpoint=None):
+            real_tune.report(metrics, checkpoint=checkpoint)
+            marker = store / f"fault-{trial_id}.txt"
+            if metrics["epoch"] == 2 and not marker.exists():
+                marker.write_text("injected")
+                raise RuntimeError("injected fault after the epoch-2 report")
+
+    def diverging_train(spec, out_dir, **kw):
+        with open(store / f"engine-calls-{trial_id}.txt", "a") as f:
+            f.write("call\n")
+        raise engine.NonFiniteLossError(7, 0, {"loss_classifier": float("nan")}, 0.01)
+
+    trainable.tune = FlakyTune()
+    if config["lam"] == 1.0:
+        engine.train = diverging_train
+    try:
+        trainable.train_trial(config, experiment, stage1, shared)
+    finally:
+        trainable.tune, engine.train = real_tune, real_train
+
+
+@pytest.fixture(scope="module")
+def faulty_sweep(ray_session, workdir):
+    cfg = make_cfg(workdir, "faulty", space={"lam": {"grid": [0.5, 1.0]}}, scheduler={"type": "fifo"})
+    return cfg, sweep.run_sweep(cfg, trainable_fn=faulty_trial, verbose=0)
+
+
+def test_failed_trial_is_retried_from_its_last_checkpoint(faulty_sweep):
+    cfg, summary = faulty_sweep
+    assert not summary.stage1.trained  # the same stage 1 as the main sweep
+    t = next(t for t in summary.trials if t.config["lam"] == 0.5)
+    assert (Path(cfg.run.storage_path) / f"fault-{t.trial_id}.txt").exists(), "the fault was not injected"
+    assert t.error is None and t.epochs == STAGE2_EPOCHS
+    results = trial_results(t.path)
+    # restarted from the epoch-2 checkpoint: epoch 3 follows epoch 2 (a restart from stage 1 would report 1, 2 again)
+    assert [r["epoch"] for r in results] == [1, 2, 3]
+    assert [r["training_iteration"] for r in results] == [1, 2, 3]
+
+
+def test_non_finite_loss_ends_only_that_trial(faulty_sweep):
+    cfg, summary = faulty_sweep
+    bad = next(t for t in summary.trials if t.config["lam"] == 1.0)
+    assert bad.error is not None and "diverged" in bad.error and "non-finite training loss" in bad.error
+    # Tune retried it (max_failures: 1), but the retry stopped at the divergence marker without training again
+    calls = (Path(cfg.run.storage_path) / f"engine-calls-{bad.trial_id}.txt").read_text().splitlines()
+    assert len(calls) == 1
+    assert summary.errored == 1 and summary.best is not None and summary.best.config["lam"] == 0.5
+
+
+def test_ltsweep_train_runs_one_training_from_the_shared_stage1(interrupted_and_resumed, workdir, capsys):
+    from pipelines import cli
+
+    cfg = interrupted_and_resumed[0]
+    out = workdir / "train_out"
+    rc = cli.main(["train", str(workdir / "main.yaml"), "--set", "stage2.epochs=1", "--set", "stage2.loss=acsl",
+                   "--out", str(out)])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stage"] == "stage2" and summary["metrics"]["epoch"] == 1
+    assert summary["stage1"]["trained"] is False
+    assert summary["stage1"]["sha256"] == pretrain.stage1_key(cfg)
+    assert (out / "per_class_ap.csv").is_file() and json.loads((out / "result.json").read_text()) == summary
