@@ -80,9 +80,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from pipelines.sweep import run_sweep_from_file
 
-    run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
-                        storage_path=args.storage_path, tracking_uri=args.tracking_uri)
-    return 0
+    summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
+                                  storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+    if summary.exit_code():
+        print(f"ltsweep: error: all {len(summary.trials)} trials of sweep '{summary.name}' failed; see the trial "
+              "errors above and in the Ray dashboard", file=sys.stderr)
+    return summary.exit_code()
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

@@ -85,6 +85,10 @@ class SweepSummary:
     def errored(self) -> int:
         return sum(t.error is not None for t in self.trials)
 
+    def exit_code(self) -> int:
+        """0 unless no trial produced a result: a job whose every trial errored must not report SUCCEEDED."""
+        return 1 if not self.trials or self.errored == len(self.trials) else 0
+
     def table(self) -> str:
         """Fixed-width table of every trial (searched values, AP, APr, APc, APf, epochs, status)."""
         keys = sorted({k for t in self.trials for k in t.config})
@@ -457,12 +461,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
-                            storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+        summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
+                                      storage_path=args.storage_path, tracking_uri=args.tracking_uri)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"pipelines.sweep: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    if summary.exit_code():
+        print(f"pipelines.sweep: error: all {len(summary.trials)} trials of sweep '{summary.name}' failed; "
+              "see the trial errors above and in the Ray dashboard", file=sys.stderr)
+    return summary.exit_code()
 
 
 if __name__ == "__main__":
