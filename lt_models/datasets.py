@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from lt_models.atomic import atomic_path
 from lt_models.errors import AnnotationError
 
 MERGE_IOU = 0.95
@@ -557,14 +557,8 @@ def _class_views(counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], num_i
 
 
 def _atomic_savefig(fig, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def dataset_stats(ann_file: str | os.PathLike, lam: float | None = None,

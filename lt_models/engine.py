@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lt_models.atomic import atomic_path
 from lt_models.detector import BACKBONES, DECOUPLED_MODES, build_detector, set_decoupled
 from lt_models.errors import AnnotationError, ConfigError
 
@@ -384,17 +385,11 @@ def save_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, sca
         "rng": capture_rng_state(),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             torch.save(ckpt, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

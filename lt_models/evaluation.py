@@ -36,14 +36,13 @@ import itertools
 import json
 import math
 import numbers
-import os
-import tempfile
 from operator import itemgetter, methodcaller
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import AnnotationError
 
 __all__ = [
@@ -900,21 +899,6 @@ def per_class_table(res: Mapping[str, Any], gt: str | Path | Mapping[str, Any],
     return rows
 
 
-def _atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def write_per_class_csv(res: Mapping[str, Any], gt: str | Path | Mapping[str, Any], path: str | Path,
                         image_counts: Mapping[Any, int] | Sequence[int] | None = None,
                         frequency: Frequency = None) -> Path:
@@ -926,7 +910,7 @@ def write_per_class_csv(res: Mapping[str, Any], gt: str | Path | Mapping[str, An
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, "AP": f"{r['AP']:.6f}" if r["AP"] >= 0 else "-1"})
-    return _atomic_write_bytes(path, buf.getvalue().encode())
+    return write_bytes_atomic(path, buf.getvalue().encode())
 
 
 _BUCKET_COLOURS = {"f": "#d9ead3", "c": "#fff2cc", "r": "#f4cccc"}
@@ -983,4 +967,4 @@ def plot_ap_by_frequency(runs: Mapping[str, Mapping[str, Any]], gt: str | Path |
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return _atomic_write_bytes(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())

@@ -34,14 +34,13 @@ detector's predictions.
 from __future__ import annotations
 
 import csv
-import json
 import os
-import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from lt_models.atomic import write_json_atomic
 from lt_models.errors import AnnotationError
 
 _BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
@@ -101,17 +100,6 @@ def _size_from_file(image_dir: Path, image_id: str) -> tuple[int, int] | None:
     return None
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
@@ -311,7 +299,7 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
                     "boxes": boxes_csv.name, "labels": labels_csv.name, "classes": classes_csv.name,
                     "hierarchy": hierarchy_json.name},
            "images": images, "annotations": anns, "categories": categories}
-    _write_json_atomic(out, out_json)
+    write_json_atomic(out_json, out)
     nz = counts[counts > 0]
     freq = [c["frequency"] for c in categories]
     return {"out": str(out_json), "images": len(images), "annotations": len(anns), "categories": len(categories),

@@ -39,11 +39,9 @@ so the output does not depend on how many worker processes render it.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from lt_models.atomic import atomic_path, write_json_atomic
 
 SPLIT_CODE = {"train": 1, "val": 2}
 
@@ -491,15 +491,8 @@ def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarr
 
 
 def _save_png_atomic(arr: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _render_chunk(args: tuple) -> int:
@@ -511,16 +504,6 @@ def _render_chunk(args: tuple) -> int:
     return len(items)
 
 
-def _write_json_atomic(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, separators=(",", ":"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _default_workers() -> int:
@@ -574,9 +557,9 @@ def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo"
         chunks = [(p, seed, str(image_dir), items[i::n_chunks]) for i in range(n_chunks)]
         with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as ex:
             list(ex.map(_render_chunk, chunks))
-    _write_json_atomic(spec["hierarchy"], out / "hierarchy.json")
-    _write_json_atomic(spec["val"], out / "val.json")
-    _write_json_atomic(spec["train"], out / "train.json")
+    write_json_atomic(out / "hierarchy.json", spec["hierarchy"])
+    write_json_atomic(out / "val.json", spec["val"])
+    write_json_atomic(out / "train.json", spec["train"])
     summary = {"out_dir": str(out), "seed": seed, **summarize(spec["train"], spec["val"], spec["layout"]),
                "seconds": round(time.perf_counter() - t0, 2)}
     return summary

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 from filelock import FileLock
 
+from lt_models.atomic import write_json_atomic
 from pipelines.config import ExperimentConfig, canonical_json, to_train_spec
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,7 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
             seconds = time.time() - t0
             meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2)}
-            _write_json_atomic(tmp / "meta.json", meta)
+            write_json_atomic(tmp / "meta.json", meta, indent=2, sort_keys=True, default=str)
             if final.exists():  # --force-pretrain: move the old one aside, swap the new one in, drop the old
                 trash = root / f".old-{sha[:16]}-{uuid.uuid4().hex[:8]}"
                 os.replace(final, trash)
@@ -264,7 +265,3 @@ def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
             "dataset_fingerprint": dataset_fingerprint(cfg)}
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)

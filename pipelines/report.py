@@ -19,10 +19,10 @@ import json
 import math
 import os
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import ConfigError
 from pipelines.tracking import (AP_BY_FREQUENCY_PNG, ITERATIONS_TAG, PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_TAG,
                                 REPORT_HTML, ROLE_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, _per_class_dict, _sqlite_path,
@@ -70,16 +70,6 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _key_named(keys: Iterable[str], names: Sequence[str]) -> str | None:
@@ -176,7 +166,7 @@ def plot_ap_by_rank(runs: Mapping[str, Mapping[int, float]], path: str | os.Path
         ax.legend(fontsize=8)
     data = _png_bytes(fig)
     if path is not None:
-        _atomic_write(Path(path), data)
+        write_bytes_atomic(Path(path), data)
     return data
 
 
@@ -409,7 +399,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     ax.set_title("best trial of each sweep: AP by frequency bucket")
     ax.legend(fontsize=8)
     out = Path(out_png)
-    _atomic_write(out, _png_bytes(fig))
+    write_bytes_atomic(out, _png_bytes(fig))
     return out
 
 

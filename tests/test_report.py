@@ -5,7 +5,6 @@ these tests take seconds; every MLflow read and write is real (a sqlite store sh
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 

@@ -11,7 +11,6 @@ from lt_models.errors import AnnotationError, ConfigError
 from lt_models.samplers import (
     SAMPLERS,
     ClassAwareSampler,
-    NonBalanceSampler,
     RepeatFactorSampler,
     SoftBalanceSampler,
     build_sampler,
