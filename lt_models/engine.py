@@ -31,7 +31,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 import time
 from bisect import bisect_right
 from pathlib import Path
@@ -41,7 +40,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lt_models.atomic import atomic_path
+from lt_models.atomic import atomic_dir, atomic_path
 from lt_models.detector import BACKBONES, DECOUPLED_MODES, build_detector, set_decoupled
 from lt_models.errors import AnnotationError, ConfigError
 
@@ -452,26 +451,13 @@ def write_checkpoint_dir(out_dir: str | Path, name: str, model, optimizer=None, 
                          extra: dict | None = None) -> Path:
     """Write ``out_dir/name/`` = {checkpoint.pt, metrics.json, spec.json} atomically: everything goes into a temp
     directory beside it that is renamed into place, so a reader never sees a half-written checkpoint."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final = out_dir / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir))
-    try:
+    final = Path(out_dir) / name
+    with atomic_dir(final) as tmp:  # a re-run of the same epoch replaces the old directory
         save_checkpoint(tmp / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, epoch=epoch,
                         iteration=iteration, extra=extra)
         for fname, obj in (("metrics.json", metrics), ("spec.json", spec)):
             if obj is not None:
                 (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-        if final.exists():  # a re-run of the same epoch: swap the old one out, then drop it
-            old = out_dir / f".{name}.old-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -22,14 +22,13 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from filelock import FileLock
 
-from lt_models.atomic import write_json_atomic
+from lt_models.atomic import atomic_dir, write_json_atomic
 from pipelines.config import ExperimentConfig, canonical_json, to_train_spec
 
 log = logging.getLogger(__name__)
@@ -219,26 +218,14 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
             if found is not None:
                 log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
                 return found
-        tmp = root / f".tmp-{sha[:16]}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
         t0 = time.time()
-        try:
+        with atomic_dir(final) as tmp:  # --force-pretrain: the old checkpoint is swapped out only on success
             log.info("stage 1: training %s (non-balance + softmax, %d epochs)", sha[:12], cfg.stage1.epochs)
             metrics = _run_stage1(cfg, tmp, use_ray)
             seconds = time.time() - t0
             meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
                     "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2)}
             write_json_atomic(tmp / "meta.json", meta, indent=2, sort_keys=True, default=str)
-            if final.exists():  # --force-pretrain: move the old one aside, swap the new one in, drop the old
-                trash = root / f".old-{sha[:16]}-{uuid.uuid4().hex[:8]}"
-                os.replace(final, trash)
-                os.replace(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
     log.info("stage 1: trained %s in %.1fs", final, seconds)
     return Stage1Checkpoint(sha, final, trained=True, metrics=metrics, seconds=seconds)
 
