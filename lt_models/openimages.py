@@ -158,22 +158,29 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
         sizes[iid], size_line[iid] = wh, where
         return True
 
+    def image_and_class(row: dict, where: str) -> tuple[str | None, str | None]:
+        """Validate the ImageID and LabelName fields shared by both CSVs; (None, None) if the row is bad."""
+        iid = (row["ImageID"] or "").strip()
+        if not iid:
+            bad("missing ImageID", f"{where}: empty field 'ImageID'")
+            return None, None
+        if not note_image(iid, row, where):
+            return None, None
+        mid = (row["LabelName"] or "").strip()
+        if mid not in mid_to_cat:
+            bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
+                                     f"{classes_csv}")
+            return None, None
+        return iid, mid
+
     # --- boxes ---
     raw_boxes: list[tuple[str, int, float, float, float, float, int, str]] = []
     reader, fh = _open_csv(boxes_csv, _BOX_REQUIRED)
     with fh:
         for line, row in enumerate(reader, start=2):
-            iid = (row["ImageID"] or "").strip()
             where = f"{boxes_csv}: line {line}"
-            if not iid:
-                bad("missing ImageID", f"{where}: empty field 'ImageID'")
-                continue
-            if not note_image(iid, row, where):
-                continue
-            mid = (row["LabelName"] or "").strip()
-            if mid not in mid_to_cat:
-                bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
-                                         f"{classes_csv}")
+            iid, mid = image_and_class(row, where)
+            if iid is None:
                 continue
             try:
                 x0, x1, y0, y1 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
@@ -203,17 +210,9 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     reader, fh = _open_csv(labels_csv, _LABEL_REQUIRED)
     with fh:
         for line, row in enumerate(reader, start=2):
-            iid = (row["ImageID"] or "").strip()
             where = f"{labels_csv}: line {line}"
-            if not iid:
-                bad("missing ImageID", f"{where}: empty field 'ImageID'")
-                continue
-            if not note_image(iid, row, where):
-                continue
-            mid = (row["LabelName"] or "").strip()
-            if mid not in mid_to_cat:
-                bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
-                                         f"{classes_csv}")
+            iid, mid = image_and_class(row, where)
+            if iid is None:
                 continue
             try:
                 conf = float(row["Confidence"])

@@ -16,13 +16,7 @@ from lt_models.engine import build_optimizer, train_one_epoch
 from lt_models.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are tiny: one thread is fastest and immune to other processes competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # categories: 1 leaf_a, 2 leaf_b, 3 leaf_c, 4 parent (of leaf_a)
 CATS = [{"id": i, "name": n, "frequency": "f"} for i, n in enumerate(["leaf_a", "leaf_b", "leaf_c", "parent"], 1)]

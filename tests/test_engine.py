@@ -19,13 +19,7 @@ from lt_models.engine import (NonFiniteLossError, TrainSpec, build_lr_scheduler,
 from lt_models.errors import ConfigError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These steps are tiny: one thread is fastest and immune to other processes competing for the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 CPU = torch.device("cpu")
 COLOURS = {1: (220, 30, 30), 2: (30, 200, 30), 3: (40, 40, 230)}
