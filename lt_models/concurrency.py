@@ -14,7 +14,8 @@ training annotations. Here, precisely:
   i.e. the share of class-i objects that are also labelled j, or "instead" labelled j by a second annotator box on
   the same object (Open Images' confusion pairs, LVIS duplicates). r is not symmetric. Classes without objects have a
   zero row. Estimated rates below ``min_rate`` are dropped to keep r sparse.
-* **Hierarchy.** For every pair (descendant, ancestor) of the hierarchy (leaf-parent, and every further ancestor),
+* **Hierarchy.** Parsed and closed by ``lt_models.annotations`` (category names or Open Images MIDs as
+  LabelName). For every pair (descendant, ancestor) of the hierarchy (leaf-parent, and every further ancestor),
   in both directions, r is set to ``hierarchy_rate``, replacing the estimate. The paper says "r_ij is set 0 when i
   is leaf node with j as its parent, and vice versa": read literally that is ``hierarchy_rate=0`` — parent and leaf
   suppress each other like any two classes (a box that carries both labels is still exempt through the (1 - y_j)
@@ -33,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lt_models.datasets import (MERGE_IOU, group_duplicate_boxes, hierarchy_ancestors, load_hierarchy,
-                                load_lvis_json, name_to_cat_id)
+from lt_models.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
+from lt_models.datasets import MERGE_IOU, group_duplicate_boxes, load_lvis_json
 from lt_models.errors import AnnotationError, ConfigError
 
 

@@ -331,7 +331,7 @@ def set_decoupled(model: LTFasterRCNN, mode: str | bool) -> LTFasterRCNN:
     return model
 
 
-def build_detector(num_classes: int, backbone: str = "tiny", loss: str = "softmax", loss_kwargs: dict | None = None,
+def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module | None = None,
                    image_size: int | None = None, weights: str | Path | None = None, decoupled: str | bool = False,
                    *, norm: str | None = None, box_reg_labels: str = "primary", score_thresh: float = 1e-4,
                    detections_per_img: int = 300, **overrides) -> LTFasterRCNN:
@@ -340,8 +340,8 @@ def build_detector(num_classes: int, backbone: str = "tiny", loss: str = "softma
     Args:
         num_classes: C, the number of foreground classes.
         backbone: ``tiny`` | ``resnet18_fpn`` | ``resnet50_fpn``.
-        loss: a ``lt_models.losses.build_loss`` name; ``loss_kwargs`` go to it (``concurrent_rate`` K×K tensor for
-            concurrent_softmax; ``xi`` and ``frequency`` for acsl).
+        cls_loss: the classification loss module (``LossSpec.build(...)``: its ``forward`` trains the classifier on
+            multi-hot rows, its ``scores`` score detections); default softmax CE.
         image_size: shorter input edge; default 128 for tiny, 800 for the ResNet presets. The longer edge is
             capped at ``image_size * 1333 / 800``.
         weights: optional local backbone state dict (loaded with ``torch.load(weights_only=True)``); never
@@ -388,7 +388,8 @@ def build_detector(num_classes: int, backbone: str = "tiny", loss: str = "softma
     kwargs.update(overrides)
     model = LTFasterRCNN(body, num_classes=None, **kwargs)
 
-    cls_loss = build_loss(loss, **(loss_kwargs or {}))
+    if cls_loss is None:
+        cls_loss = build_loss("softmax")
     old = model.roi_heads
     model.roi_heads = MultiLabelRoIHeads(
         old.box_roi_pool, old.box_head, old.box_predictor,

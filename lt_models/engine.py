@@ -1,73 +1,50 @@
 """Training engine: plain functions in the manner of torchvision's ``references/detection``.
 
-``train(spec, out_dir)`` is the whole training of one run (stage 1, stage 2 or one stage): it builds the dataset,
-sampler, detector and loss, runs ``train_one_epoch`` per epoch, evaluates with ``evaluate_lvis`` every
-``eval_every`` epochs, writes an atomic checkpoint directory and then calls ``on_eval(metrics, checkpoint_dir)``
-(the Tune trainable reports from there).
-
-Hybrid training schedule (concurrent-softmax paper §4.2 / §5.5; ACSL paper §4.2):
-  stage 1  non-balance sampler (every image once per epoch, in a seeded random order) + softmax CE, all layers;
-  stage 2  restore the stage-1 weights (model only: a fresh optimizer, LR schedule and warm-up), then train with
-           the soft-balance sampler (λ) and the chosen loss (concurrent softmax, ACSL, ...), optionally decoupled
-           (only the classifier trains, as in the official ACSL code).
-``stage1_spec(spec)`` derives the canonical stage-1 spec from a trial spec, so every trial of a sweep shares one
-stage-1 checkpoint.
+``train(spec, out_dir)`` is the whole training of one run (``lt_models.run_spec.TrainSpec``: stage 1, stage 2 or
+one stage): it builds the dataset, the sampler (``spec.sampler``), the loss (``spec.loss``) and the detector, runs
+``train_one_epoch`` per epoch, evaluates with ``evaluate_lvis`` every ``eval_every`` epochs, writes an atomic
+checkpoint directory (``lt_models.checkpoint``) and then calls ``on_eval(metrics, checkpoint_dir)`` (the Tune
+trainable reports from there).
 
 Optimisation: SGD (momentum 0.9, weight decay 1e-4) over the trainable parameters, a per-iteration LR schedule
 (linear warm-up from ``warmup_factor`` over ``warmup`` iterations, then x``lr_gamma`` at each epoch in
 ``lr_steps``), gradient-norm clipping, AMP (float16 autocast + GradScaler) on CUDA. A non-finite loss raises
 ``NonFiniteLossError`` before ``backward`` (nothing from that step reaches the weights or a checkpoint).
-
-Checkpoints hold model, optimizer, scheduler, GradScaler, epoch, iteration, and the torch / CUDA / numpy / python
-RNG states; samplers draw each epoch from (seed, epoch). Resuming from the checkpoint written after epoch e
-continues exactly as the uninterrupted run would have (bit-identical on CPU).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import sys
 import time
 from bisect import bisect_right
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lt_models.atomic import atomic_dir, atomic_path
-from lt_models.detector import BACKBONES, DECOUPLED_MODES, build_detector, set_decoupled
+from lt_models.checkpoint import load_checkpoint, load_model_weights, write_checkpoint_dir
+from lt_models.detector import build_detector, set_decoupled
 from lt_models.errors import AnnotationError, ConfigError
+from lt_models.run_spec import TrainSpec
+from lt_models.samplers import build_sampler
+from lt_models.transforms import RandomHorizontalFlip
 
 __all__ = [
     "NonFiniteLossError",
-    "TrainSpec",
-    "STAGES",
-    "stage1_spec",
     "pick_device",
     "build_optimizer",
     "build_lr_scheduler",
     "train_one_epoch",
     "predict",
-    "capture_rng_state",
-    "restore_rng_state",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_model_weights",
-    "write_checkpoint_dir",
-    "RandomHorizontalFlip",
+    "shared_loss_inputs",
     "evaluate",
     "train",
 ]
-
-STAGES = ("stage1", "stage2", "one_stage")
-CHECKPOINT_FILE = "checkpoint.pt"
-_FORMAT = "ltsweep-checkpoint-v1"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -79,119 +56,6 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"non-finite training loss at iteration {iteration} (epoch {epoch}, lr {lr:.4g}): {parts}. "
                          "No optimizer step or checkpoint was made from it; lower lr, lengthen warmup or set "
                          "grad_clip")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The run specification
-# ----------------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class TrainSpec:
-    """Everything one training run needs, as plain python (JSON/YAML-able; ``dataclasses.asdict`` round-trips).
-
-    Units: ``epochs``, ``lr_steps`` and ``eval_every`` are epochs; ``warmup`` is iterations. ``lr`` is the
-    base learning rate for the whole batch (the papers use 0.00125 x batch size, 0.02 at batch 16).
-    ``decoupled``: false | "cls" | "box_head" (stage 2 only). ``device``: "auto" | "cpu" | "cuda[:i]".
-    ``num_threads``: CPU threads for torch (None keeps torch's default). ``progress``: None = only on a tty.
-    ``hflip``: random horizontal flips of training images (the papers' only augmentation).
-    """
-
-    train_ann: str
-    val_ann: str
-    train_image_dir: str | None = None
-    val_image_dir: str | None = None
-    hierarchy_file: str | None = None
-    expand_parents: bool = False
-    hierarchy_rate: float = 1.0
-    stage: str = "one_stage"
-    backbone: str = "tiny"
-    image_size: int | None = None
-    weights: str | None = None
-    loss: str = "softmax"
-    loss_kwargs: dict = dataclasses.field(default_factory=dict)
-    box_reg_labels: str = "primary"
-    sampler: str = "nonbalance"
-    lam: float | None = None
-    sampler_kwargs: dict = dataclasses.field(default_factory=dict)
-    epochs: int = 12
-    batch_size: int = 8
-    lr: float = 0.02
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup: int = 100
-    warmup_factor: float = 0.001
-    lr_steps: tuple[int, ...] = (8, 11)
-    lr_gamma: float = 0.1
-    grad_clip: float | None = 10.0
-    decoupled: str | bool = False
-    eval_every: int = 1
-    seed: int = 0
-    num_threads: int | None = None
-    device: str = "auto"
-    workers: int = 0
-    amp: bool = True
-    hflip: bool = True
-    progress: bool | None = None
-    keep_checkpoints: int = 1
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["lr_steps"] = list(d["lr_steps"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"TrainSpec: unknown field(s) {unknown}; known fields are {sorted(names)}")
-        d = dict(d)
-        if "lr_steps" in d and d["lr_steps"] is not None:
-            d["lr_steps"] = tuple(d["lr_steps"])
-        return cls(**d)
-
-    def validate(self) -> None:
-        """Raise ``ConfigError`` naming the field and the fix for an inconsistent spec."""
-        if self.stage not in STAGES:
-            raise ConfigError(f"stage = {self.stage!r}: choose one of {', '.join(STAGES)}")
-        if self.backbone not in BACKBONES:
-            raise ConfigError(f"backbone = {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
-        if self.decoupled is True:
-            self.decoupled = "cls"
-        if self.decoupled not in DECOUPLED_MODES:
-            raise ConfigError(f"decoupled = {self.decoupled!r}: choose false, 'cls' or 'box_head'")
-        if self.stage == "stage1" and (self.sampler, self.loss, self.decoupled) != ("nonbalance", "softmax", False):
-            raise ConfigError(f"stage1 of the hybrid schedule is non-balance sampling + softmax CE on all layers; got "
-                              f"sampler = {self.sampler!r}, loss = {self.loss!r}, decoupled = {self.decoupled!r}. "
-                              "Use stage1_spec(spec) for stage 1, or stage = 'one_stage'")
-        if self.decoupled and self.stage != "stage2":
-            raise ConfigError(f"decoupled = {self.decoupled!r} needs stage = 'stage2' (it freezes a trained "
-                              f"representation), got stage = {self.stage!r}")
-        for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"{name} = {v!r}: must be a positive integer")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr = {self.lr!r}: must be a positive number")
-        if self.warmup < 0 or not 0 < self.warmup_factor <= 1:
-            raise ConfigError(f"warmup = {self.warmup!r} / warmup_factor = {self.warmup_factor!r}: need "
-                              "warmup >= 0 iterations and 0 < warmup_factor <= 1")
-        if any(not isinstance(s, int) or s < 1 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
-            raise ConfigError(f"lr_steps = {list(self.lr_steps)!r}: need increasing epoch numbers >= 1")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip = {self.grad_clip!r}: a positive max gradient norm, or null to disable")
-        if self.workers < 0:
-            raise ConfigError(f"workers = {self.workers!r}: must be >= 0")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ConfigError(f"num_threads = {self.num_threads!r}: must be >= 1 (or null for torch's default)")
-
-
-def stage1_spec(spec: TrainSpec, **overrides) -> TrainSpec:
-    """The canonical stage-1 spec of the hybrid schedule for a trial spec: non-balance sampling, softmax CE, all
-    layers trained; options that only matter in stage 2 (λ, loss kwargs, decoupling) are reset so that every
-    trial of a sweep maps to the same stage-1 spec. ``overrides`` (e.g. epochs, lr_steps) are applied last."""
-    s = dataclasses.replace(spec, stage="stage1", sampler="nonbalance", lam=None, sampler_kwargs={},
-                            loss="softmax", loss_kwargs={}, decoupled=False)
-    return dataclasses.replace(s, **overrides) if overrides else s
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -333,168 +197,27 @@ def predict(model, data_loader, device, label_to_cat_id, *, progress: bool | Non
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------------------------
-def capture_rng_state() -> dict:
-    """torch / CUDA / numpy / python RNG states, as tensors and plain python (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _model_state(model) -> dict:
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("roi_heads.cls_loss.")}
-
-
-def save_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *, epoch: int,
-                    iteration: int, extra: dict | None = None) -> Path:
-    """Write a training checkpoint atomically (temp file in the same directory, then ``os.replace``).
-
-    ``epoch`` = epochs completed, ``iteration`` = optimizer steps done. The loss module's buffers (e.g. the
-    concurrent-rate matrix, rebuilt from the data) are not stored. ``extra`` must be plain python/tensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "format": _FORMAT,
-        "model": _model_state(model),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "epoch": int(epoch),
-        "iteration": int(iteration),
-        "rng": capture_rng_state(),
-        "extra": extra or {},
-    }
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
-            f.flush()
-            os.fsync(f.fileno())
-    return path
-
-
-def _read_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist: give a checkpoint directory (holding "
-                          f"{CHECKPOINT_FILE}) or file written by ltsweep")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise ConfigError(f"checkpoint {str(path)!r} is not an ltsweep checkpoint (format {_FORMAT}); "
-                          "pass one written by lt_models.engine.save_checkpoint")
-    return ckpt
-
-
-def load_model_weights(path: str | Path, model) -> dict:
-    """Load only the model weights of a checkpoint (hybrid stage 2 starting from stage 1). Returns the
-    checkpoint's ``extra``. Shapes must match (same backbone and classes); the loss buffers are not loaded."""
-    ckpt = _read_checkpoint(path)
-    own = _model_state(model)
-    state = ckpt["model"]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or bad:
-        raise ConfigError(f"checkpoint {str(path)!r} does not fit this detector (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, shape mismatch {bad[:3]}); stage 1 and stage 2 must use the "
-                          "same backbone, image size and class list")
-    model.load_state_dict(state, strict=False)
-    return ckpt["extra"]
-
-
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *,
-                    restore_rng: bool = True) -> dict:
-    """Restore a checkpoint written by ``save_checkpoint`` (``torch.load(weights_only=True)``) into the given
-    objects and (by default) the global RNGs. Returns ``{"epoch", "iteration", "extra"}``."""
-    ckpt = _read_checkpoint(path)
-    load_model_weights(path, model)
-    if optimizer is not None and ckpt["optimizer"] is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if scheduler is not None and ckpt["scheduler"] is not None:
-        scheduler.load_state_dict(ckpt["scheduler"])
-    if scaler is not None and ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if restore_rng:
-        restore_rng_state(ckpt["rng"])
-    return {"epoch": ckpt["epoch"], "iteration": ckpt["iteration"], "extra": ckpt["extra"]}
-
-
-def _json_default(obj):
-    if torch.is_tensor(obj):  # e.g. a concurrent-rate matrix passed in loss_kwargs: record its shape only
-        return f"<tensor {list(obj.shape)}>"
-    return str(obj)
-
-
-def write_checkpoint_dir(out_dir: str | Path, name: str, model, optimizer=None, scheduler=None, scaler=None, *,
-                         epoch: int, iteration: int, metrics: dict | None = None, spec: dict | None = None,
-                         extra: dict | None = None) -> Path:
-    """Write ``out_dir/name/`` = {checkpoint.pt, metrics.json, spec.json} atomically: everything goes into a temp
-    directory beside it that is renamed into place, so a reader never sees a half-written checkpoint."""
-    final = Path(out_dir) / name
-    with atomic_dir(final) as tmp:  # a re-run of the same epoch replaces the old directory
-        save_checkpoint(tmp / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, epoch=epoch,
-                        iteration=iteration, extra=extra)
-        for fname, obj in (("metrics.json", metrics), ("spec.json", spec)):
-            if obj is not None:
-                (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-    return final
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # One training run
 # ----------------------------------------------------------------------------------------------------------------
-def _loss_kwargs(spec: TrainSpec, train_ds) -> dict:
-    kwargs = dict(spec.loss_kwargs)
-    if spec.loss == "concurrent_softmax" and "concurrent_rate" not in kwargs:
-        from lt_models.concurrency import concurrent_rate_matrix
-        hierarchy = None
-        if spec.hierarchy_file is not None:
-            hierarchy = getattr(train_ds, "hierarchy", None) or spec.hierarchy_file
-        kwargs["concurrent_rate"] = concurrent_rate_matrix(spec.train_ann, hierarchy=hierarchy,
-                                                           hierarchy_rate=spec.hierarchy_rate)
-    if spec.loss == "acsl" and "frequency" not in kwargs:
-        kwargs["frequency"] = list(train_ds.frequency)
-    if spec.loss == "eql" and "class_freq" not in kwargs:
-        kwargs["class_freq"] = (train_ds.image_counts() / max(len(train_ds), 1)).tolist()
-    return kwargs
+def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rate: float,
+                       losses: Iterable[str]) -> dict:
+    """The costly loss inputs that every run on the same training data shares, computed once: the
+    concurrent-rate matrix r_ij (``lt_models.concurrency``) when one of ``losses`` is concurrent softmax.
+    A sweep computes them on the driver and hands them to each trial's ``train(..., shared=...)``."""
+    if "concurrent_softmax" not in set(losses):
+        return {}
+    from lt_models.concurrency import concurrent_rate_matrix
+
+    return {"concurrent_rate": concurrent_rate_matrix(train_ann, hierarchy=hierarchy_file,
+                                                      hierarchy_rate=hierarchy_rate)}
 
 
-class RandomHorizontalFlip:
-    """Flip an (image, target) pair left-right with probability ``p`` (draws from torch's global RNG, so a
-    restored RNG state replays the same flips)."""
-
-    def __init__(self, p: float = 0.5):
-        self.p = p
-
-    def __call__(self, image: torch.Tensor, target: dict):
-        if torch.rand(1).item() < self.p:
-            image = image.flip(-1)
-            w = image.shape[-1]
-            boxes = target["boxes"].clone()
-            boxes[:, [0, 2]] = w - target["boxes"][:, [2, 0]]
-            target = dict(target, boxes=boxes)
-        return image, target
+def _build_loss(spec: TrainSpec, train_ds, shared: dict | None):
+    """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies."""
+    if shared is None or (spec.loss.name == "concurrent_softmax" and "concurrent_rate" not in shared):
+        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, [spec.loss.name])
+    return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
+                           class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist())
 
 
 def _loader(dataset, batch_size, sampler, workers, device):
@@ -512,14 +235,15 @@ def evaluate(model, val_loader, val_ds, val_ann, device, progress=None) -> dict:
 
 
 def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path | None = None,
-          resume_checkpoint: str | Path | None = None,
-          on_eval: Callable[[dict, Path], None] | None = None) -> dict:
+          resume_checkpoint: str | Path | None = None, on_eval: Callable[[dict, Path], None] | None = None,
+          shared: dict | None = None) -> dict:
     """Train one run per ``spec``; write checkpoints under ``out_dir``; return the last evaluation's metrics.
 
     init_checkpoint: model weights to start from (hybrid stage 2 starts from the stage-1 checkpoint; only the
         model is restored — optimizer, schedule and warm-up start fresh).
     resume_checkpoint: a checkpoint written by a previous call with the same spec: restores everything
         (model, optimizer, scheduler, RNGs, epoch/iteration) and continues exactly.
+    shared: ``shared_loss_inputs(...)`` computed once by the caller (a sweep's driver); computed here if absent.
     on_eval(metrics, checkpoint_dir): called after each evaluation once ``checkpoint_dir`` is complete on disk.
         metrics: AP, AP50, APr, APc, APf (floats, -1 where a bucket has no class), loss (mean optimised training
         loss of the last epoch), epoch (epochs completed), iteration (optimizer steps so far), per_class
@@ -538,14 +262,13 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
     if spec.num_threads is not None:
         torch.set_num_threads(spec.num_threads)
     try:
-        return _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval)
+        return _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval) -> dict:
+def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared) -> dict:
     from lt_models.datasets import LVISDetection
-    from lt_models.samplers import build_sampler
 
     random.seed(spec.seed)
     np.random.seed(spec.seed)
@@ -562,7 +285,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval) -
                               "categories")
     num_classes = train_ds.num_classes
 
-    model = build_detector(num_classes, spec.backbone, spec.loss, _loss_kwargs(spec, train_ds),
+    model = build_detector(num_classes, spec.backbone, _build_loss(spec, train_ds, shared),
                            image_size=spec.image_size, weights=spec.weights, box_reg_labels=spec.box_reg_labels)
     if init_checkpoint is not None and resume_checkpoint is None:
         load_model_weights(init_checkpoint, model)
@@ -570,10 +293,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval) -
     model.to(device)
 
     indptr, labels = train_ds.label_csr()
-    skw = dict(spec.sampler_kwargs)
-    if spec.lam is not None:
-        skw.setdefault("lam", spec.lam)
-    sampler = build_sampler(spec.sampler, indptr, labels, num_classes, seed=spec.seed, **skw)
+    sampler = build_sampler(spec.sampler, indptr, labels, num_classes, seed=spec.seed)
     train_loader = _loader(train_ds, spec.batch_size, sampler, spec.workers, device)
     val_loader = _loader(val_ds, spec.batch_size, torch.utils.data.SequentialSampler(val_ds), spec.workers, device)
     iters_per_epoch = len(train_loader)

@@ -12,7 +12,8 @@ Inputs (the challenge 2019 file layout):
 Output, with the same conventions as `lt_models.datasets`:
 - categories: id 1..C in classes-file order, `name` = DisplayName (made unique with the MID if two classes
   share one), `mid` = LabelName. `image_count`, `instance_count` and `frequency` come from the box counts, with
-  the LVIS thresholds.
+  the LVIS thresholds (`lt_models.annotations.fill_frequency`). Because `mid` is kept, the same MID-keyed
+  hierarchy file serves the dataset and both evaluators (`lt_models.annotations.load_hierarchy`).
 - images: integer `id` in order of first appearance, `oi_image_id`, `file_name` = ``<ImageID>.jpg``, `width`,
   `height`. Then `neg_category_ids`: the classes whose image-level label has Confidence 0, plus all their
   descendants in the hierarchy (verified "no fruit" means no apple). `not_exhaustive_category_ids`: classes
@@ -36,10 +37,12 @@ from __future__ import annotations
 import csv
 import os
 from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from lt_models.annotations import fill_frequency, hierarchy_descendants, load_hierarchy, name_to_cat_id
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import AnnotationError
 
@@ -100,6 +103,184 @@ def _size_from_file(image_dir: Path, image_id: str) -> tuple[int, int] | None:
     return None
 
 
+@dataclass
+class _Conversion:
+    """What one conversion has read so far, and its policy for invalid rows (raise, or skip and count)."""
+    classes_csv: Path
+    mid_to_cat: dict[str, int]
+    skip_invalid: bool
+    reasons: Counter = field(default_factory=Counter)
+    image_index: dict[str, int] = field(default_factory=dict)      # ImageID -> image id, in order of appearance
+    sizes: dict[str, tuple[float, float]] = field(default_factory=dict)
+    size_line: dict[str, str] = field(default_factory=dict)          # where each size was first given
+
+    def bad(self, reason: str, msg: str) -> None:
+        if not self.skip_invalid:
+            raise AnnotationError(f"{msg}; fix it or pass --skip-invalid to skip such rows")
+        self.reasons[reason] += 1
+
+
+def _categories(classes: list[tuple[str, str]]) -> list[dict]:
+    """Categories 1..C in classes-file order; a DisplayName shared by two classes gets the MID appended."""
+    name_count = Counter(n for _, n in classes)
+    return [{"id": k + 1, "name": name if name_count[name] == 1 else f"{name} ({mid})", "mid": mid}
+            for k, (mid, name) in enumerate(classes)]
+
+
+def _note_image(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
+    """Register the image and the size its row gives (if any); False if that size is invalid or contradicts."""
+    conv.image_index.setdefault(iid, len(conv.image_index) + 1)
+    w, h = row.get("ImageWidth"), row.get("ImageHeight")
+    if w in (None, "") and h in (None, ""):
+        return True
+    try:
+        wh = (float(w), float(h))
+        if not (wh[0] > 0 and wh[1] > 0):
+            raise ValueError
+    except (TypeError, ValueError):
+        conv.bad("bad image size", f"{where} (ImageID {iid}): fields 'ImageWidth'/'ImageHeight' = {w!r}/{h!r} must "
+                                   f"be positive numbers")
+        return False
+    if iid in conv.sizes and conv.sizes[iid] != wh:
+        conv.bad("bad image size", f"{where} (ImageID {iid}): 'ImageWidth'/'ImageHeight' {wh} disagree with "
+                                   f"{conv.sizes[iid]} given at {conv.size_line[iid]}")
+        return False
+    conv.sizes[iid], conv.size_line[iid] = wh, where
+    return True
+
+
+def _valid_rows(conv: _Conversion, path: Path, required: tuple[str, ...]):
+    """(where, ImageID, category id, row) for each row of a CSV whose ImageID and LabelName fields are valid."""
+    reader, fh = _open_csv(path, required)
+    with fh:
+        for line, row in enumerate(reader, start=2):
+            where = f"{path}: line {line}"
+            iid = (row["ImageID"] or "").strip()
+            if not iid:
+                conv.bad("missing ImageID", f"{where}: empty field 'ImageID'")
+                continue
+            if not _note_image(conv, iid, row, where):
+                continue
+            mid = (row["LabelName"] or "").strip()
+            if mid not in conv.mid_to_cat:
+                conv.bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
+                                              f"{conv.classes_csv}")
+                continue
+            yield where, iid, conv.mid_to_cat[mid], row
+
+
+def _read_boxes(conv: _Conversion, boxes_csv: Path) -> list[tuple[str, int, float, float, float, float, int]]:
+    """(ImageID, category id, XMin, XMax, YMin, YMax, is group-of) of every valid box row."""
+    boxes = []
+    for where, iid, cid, row in _valid_rows(conv, boxes_csv, _BOX_REQUIRED):
+        try:
+            x0, x1, y0, y1 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
+        except (TypeError, ValueError):
+            conv.bad("bad box", f"{where} (ImageID {iid}): fields XMin/XMax/YMin/YMax = "
+                                f"{[row[k] for k in ('XMin', 'XMax', 'YMin', 'YMax')]} must be numbers")
+            continue
+        outside = next((k for k, v in (("XMin", x0), ("XMax", x1), ("YMin", y0), ("YMax", y1))
+                        if not 0.0 <= v <= 1.0), None)
+        if outside is not None:
+            conv.bad("bad box", f"{where} (ImageID {iid}): field '{outside}' = {row[outside]} is outside [0, 1] "
+                                f"(coordinates are normalised)")
+            continue
+        if x1 <= x0 or y1 <= y0:
+            conv.bad("bad box", f"{where} (ImageID {iid}): field 'XMax'/'YMax' must exceed 'XMin'/'YMin' "
+                                f"(got x {x0}..{x1}, y {y0}..{y1}): the box has width or height <= 0")
+            continue
+        g = (row.get("IsGroupOf") or "0").strip()
+        if g not in ("0", "1", "-1"):
+            conv.bad("bad IsGroupOf", f"{where} (ImageID {iid}): field 'IsGroupOf' = {g!r} must be 0 or 1")
+            continue
+        boxes.append((iid, cid, x0, x1, y0, y1, int(g == "1")))
+    return boxes
+
+
+def _read_labels(conv: _Conversion, labels_csv: Path) -> tuple[dict[str, set[int]], dict[str, dict[int, str]]]:
+    """(verified present classes per ImageID, verified absent classes per ImageID -> the row that says so)."""
+    pos_labels: dict[str, set[int]] = defaultdict(set)
+    neg_labels: dict[str, dict[int, str]] = defaultdict(dict)
+    for where, iid, cid, row in _valid_rows(conv, labels_csv, _LABEL_REQUIRED):
+        try:
+            conf = float(row["Confidence"])
+        except (TypeError, ValueError):
+            conf = -1.0
+        if conf not in (0.0, 1.0):
+            conv.bad("bad Confidence", f"{where} (ImageID {iid}): field 'Confidence' = {row['Confidence']!r} must "
+                                       f"be 1 (verified present) or 0 (verified absent)")
+            continue
+        if conf == 1.0:
+            pos_labels[iid].add(cid)
+        else:
+            neg_labels[iid][cid] = where
+    return pos_labels, neg_labels
+
+
+def _fill_sizes_from_files(conv: _Conversion, image_dir: Path, boxes_csv: Path, labels_csv: Path) -> set[str]:
+    """Read the missing image sizes from the image files' headers; returns the ImageIDs without any size."""
+    dropped: set[str] = set()
+    for iid in conv.image_index:
+        if iid not in conv.sizes:
+            wh = _size_from_file(image_dir, iid)
+            if wh is None:
+                conv.bad("no image size", f"ImageID {iid}: no image size: add 'ImageWidth'/'ImageHeight' columns to "
+                                          f"{boxes_csv} (or {labels_csv}) or put the image at {image_dir}/{iid}.jpg")
+                dropped.add(iid)
+                continue
+            conv.sizes[iid] = (float(wh[0]), float(wh[1]))
+    return dropped
+
+
+def _annotations(conv: _Conversion, boxes: list[tuple], dropped: set[str]) -> list[dict]:
+    """Pixel xywh annotations of the boxes of kept images."""
+    anns = []
+    for iid, cid, x0, x1, y0, y1, group in boxes:
+        if iid in dropped:
+            conv.reasons["box of skipped image"] += 1
+            continue
+        W, H = conv.sizes[iid]
+        x, y, w, h = x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H
+        anns.append({"id": len(anns) + 1, "image_id": conv.image_index[iid], "category_id": cid,
+                     "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
+                     "iscrowd": 0, "isgroupof": group})
+    return anns
+
+
+def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: dict[str, set[int]],
+            neg_labels: dict[str, dict[int, str]], descendants: dict[int, set[int]], categories: list[dict]) -> list:
+    """Image records with the federated lists: negatives (expanded down the hierarchy), not exhaustive, positives."""
+    boxed: dict[int, set[int]] = defaultdict(set)
+    grouped: dict[int, set[int]] = defaultdict(set)     # classes with a group-of box in the image
+    single: dict[int, set[int]] = defaultdict(set)      # classes with an individual box in the image
+    for a in anns:
+        boxed[a["image_id"]].add(a["category_id"])
+        (grouped if a["isgroupof"] else single)[a["image_id"]].add(a["category_id"])
+    images = []
+    for iid, num in conv.image_index.items():
+        if iid in dropped:
+            continue
+        pos = pos_labels.get(iid, set())
+        present = boxed[num] | pos
+        neg: set[int] = set()
+        for cid, where in sorted(neg_labels.get(iid, {}).items()):
+            expanded = {cid} | descendants.get(cid, set())
+            clash = sorted(expanded & present)
+            if clash:
+                conv.bad("negative label of a present class",
+                         f"{where} (ImageID {iid}): field 'Confidence' = 0 (verified absent) for "
+                         f"{categories[cid - 1]['name']!r}, but the image has a box or a Confidence 1 label of "
+                         f"{categories[clash[0] - 1]['name']!r}")
+                expanded -= present
+            neg |= expanded
+        not_exhaustive = (pos - boxed[num]) | (grouped[num] - single[num])
+        W, H = conv.sizes[iid]
+        images.append({"id": num, "oi_image_id": iid, "file_name": f"{iid}.jpg",
+                       "width": int(W) if float(W).is_integer() else W,
+                       "height": int(H) if float(H).is_integer() else H,
+                       "neg_category_ids": sorted(neg), "not_exhaustive_category_ids": sorted(not_exhaustive),
+                       "pos_category_ids": sorted(pos)})
+    return images
 
 
 def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
@@ -111,194 +292,28 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     no image size, a class both boxed and verified absent) raises `AnnotationError` naming the file, line,
     ImageID and field. With `skip_invalid` the row (or image) is skipped and counted in the summary instead.
     """
-    from lt_models.datasets import (frequency_buckets, hierarchy_ancestors, load_hierarchy, name_to_cat_id)
-
     boxes_csv, labels_csv, classes_csv = Path(boxes_csv), Path(labels_csv), Path(classes_csv)
     hierarchy_json, out_json = Path(hierarchy_json), Path(out_json)
-    reasons: Counter = Counter()
-    hint = "fix it or pass --skip-invalid to skip such rows"
-
-    def bad(reason: str, msg: str) -> None:
-        if not skip_invalid:
-            raise AnnotationError(f"{msg}; {hint}")
-        reasons[reason] += 1
-
-    classes = _read_classes(classes_csv)
-    name_count = Counter(n for _, n in classes)
-    categories = [{"id": k + 1, "name": name if name_count[name] == 1 else f"{name} ({mid})", "mid": mid}
-                  for k, (mid, name) in enumerate(classes)]
-    mid_to_cat = {c["mid"]: c["id"] for c in categories}
+    categories = _categories(_read_classes(classes_csv))
     hierarchy = load_hierarchy(hierarchy_json, name_to_cat_id(categories))
-    descendants: dict[int, set[int]] = defaultdict(set)
-    for c, ancs in hierarchy_ancestors(hierarchy).items():
-        for a in ancs:
-            descendants[a].add(c)
+    conv = _Conversion(classes_csv, {c["mid"]: c["id"] for c in categories}, skip_invalid)
 
-    image_index: dict[str, int] = {}
-    sizes: dict[str, tuple[float, float]] = {}
-    size_line: dict[str, str] = {}
-
-    def note_image(iid: str, row: dict, where: str) -> bool:
-        image_index.setdefault(iid, len(image_index) + 1)
-        w, h = row.get("ImageWidth"), row.get("ImageHeight")
-        if w in (None, "") and h in (None, ""):
-            return True
-        try:
-            wh = (float(w), float(h))
-            if not (wh[0] > 0 and wh[1] > 0):
-                raise ValueError
-        except (TypeError, ValueError):
-            bad("bad image size", f"{where} (ImageID {iid}): fields 'ImageWidth'/'ImageHeight' = {w!r}/{h!r} must "
-                                  f"be positive numbers")
-            return False
-        if iid in sizes and sizes[iid] != wh:
-            bad("bad image size", f"{where} (ImageID {iid}): 'ImageWidth'/'ImageHeight' {wh} disagree with "
-                                  f"{sizes[iid]} given at {size_line[iid]}")
-            return False
-        sizes[iid], size_line[iid] = wh, where
-        return True
-
-    def image_and_class(row: dict, where: str) -> tuple[str | None, str | None]:
-        """Validate the ImageID and LabelName fields shared by both CSVs; (None, None) if the row is bad."""
-        iid = (row["ImageID"] or "").strip()
-        if not iid:
-            bad("missing ImageID", f"{where}: empty field 'ImageID'")
-            return None, None
-        if not note_image(iid, row, where):
-            return None, None
-        mid = (row["LabelName"] or "").strip()
-        if mid not in mid_to_cat:
-            bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
-                                     f"{classes_csv}")
-            return None, None
-        return iid, mid
-
-    # --- boxes ---
-    raw_boxes: list[tuple[str, int, float, float, float, float, int, str]] = []
-    reader, fh = _open_csv(boxes_csv, _BOX_REQUIRED)
-    with fh:
-        for line, row in enumerate(reader, start=2):
-            where = f"{boxes_csv}: line {line}"
-            iid, mid = image_and_class(row, where)
-            if iid is None:
-                continue
-            try:
-                x0, x1, y0, y1 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
-            except (TypeError, ValueError):
-                bad("bad box", f"{where} (ImageID {iid}): fields XMin/XMax/YMin/YMax = "
-                               f"{[row[k] for k in ('XMin', 'XMax', 'YMin', 'YMax')]} must be numbers")
-                continue
-            field = next((k for k, v in (("XMin", x0), ("XMax", x1), ("YMin", y0), ("YMax", y1))
-                          if not 0.0 <= v <= 1.0), None)
-            if field is not None:
-                bad("bad box", f"{where} (ImageID {iid}): field '{field}' = {row[field]} is outside [0, 1] "
-                               f"(coordinates are normalised)")
-                continue
-            if x1 <= x0 or y1 <= y0:
-                bad("bad box", f"{where} (ImageID {iid}): field 'XMax'/'YMax' must exceed 'XMin'/'YMin' "
-                               f"(got x {x0}..{x1}, y {y0}..{y1}): the box has width or height <= 0")
-                continue
-            g = (row.get("IsGroupOf") or "0").strip()
-            if g not in ("0", "1", "-1"):
-                bad("bad IsGroupOf", f"{where} (ImageID {iid}): field 'IsGroupOf' = {g!r} must be 0 or 1")
-                continue
-            raw_boxes.append((iid, mid_to_cat[mid], x0, x1, y0, y1, int(g == "1"), where))
-
-    # --- image-level labels ---
-    pos_labels: dict[str, set[int]] = defaultdict(set)
-    neg_labels: dict[str, dict[int, str]] = defaultdict(dict)
-    reader, fh = _open_csv(labels_csv, _LABEL_REQUIRED)
-    with fh:
-        for line, row in enumerate(reader, start=2):
-            where = f"{labels_csv}: line {line}"
-            iid, mid = image_and_class(row, where)
-            if iid is None:
-                continue
-            try:
-                conf = float(row["Confidence"])
-            except (TypeError, ValueError):
-                conf = -1.0
-            if conf not in (0.0, 1.0):
-                bad("bad Confidence", f"{where} (ImageID {iid}): field 'Confidence' = {row['Confidence']!r} must "
-                                      f"be 1 (verified present) or 0 (verified absent)")
-                continue
-            if conf == 1.0:
-                pos_labels[iid].add(mid_to_cat[mid])
-            else:
-                neg_labels[iid][mid_to_cat[mid]] = where
-
-    # --- image sizes ---
-    image_dir = out_json.parent / "images"
-    dropped: set[str] = set()
-    for iid in image_index:
-        if iid not in sizes:
-            wh = _size_from_file(image_dir, iid)
-            if wh is None:
-                bad("no image size", f"ImageID {iid}: no image size: add 'ImageWidth'/'ImageHeight' columns to "
-                                     f"{boxes_csv} (or {labels_csv}) or put the image at {image_dir}/{iid}.jpg")
-                dropped.add(iid)
-                continue
-            sizes[iid] = (float(wh[0]), float(wh[1]))
-
-    # --- assemble ---
-    anns = []
-    boxed: dict[str, set[int]] = defaultdict(set)
-    grouped: dict[str, set[int]] = defaultdict(set)     # classes with a group-of box in the image
-    single: dict[str, set[int]] = defaultdict(set)      # classes with an individual box in the image
-    for iid, cid, x0, x1, y0, y1, group, _where in raw_boxes:
-        if iid in dropped:
-            reasons["box of skipped image"] += 1
-            continue
-        W, H = sizes[iid]
-        x, y, w, h = x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H
-        anns.append({"id": len(anns) + 1, "image_id": image_index[iid], "category_id": cid,
-                     "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
-                     "iscrowd": 0, "isgroupof": group})
-        boxed[iid].add(cid)
-        (grouped if group else single)[iid].add(cid)
-
-    images = []
-    for iid, num in image_index.items():
-        if iid in dropped:
-            continue
-        pos = pos_labels.get(iid, set())
-        present = boxed[iid] | pos
-        neg: set[int] = set()
-        for cid, where in sorted(neg_labels.get(iid, {}).items()):
-            expanded = {cid} | descendants.get(cid, set())
-            clash = sorted(expanded & present)
-            if clash:
-                bad("negative label of a present class",
-                    f"{where} (ImageID {iid}): field 'Confidence' = 0 (verified absent) for "
-                    f"{categories[cid - 1]['name']!r}, but the image has a box or a Confidence 1 label of "
-                    f"{categories[clash[0] - 1]['name']!r}")
-                expanded -= present
-            neg |= expanded
-        not_exhaustive = (pos - boxed[iid]) | (grouped[iid] - single[iid])
-        W, H = sizes[iid]
-        images.append({"id": num, "oi_image_id": iid, "file_name": f"{iid}.jpg",
-                       "width": int(W) if float(W).is_integer() else W,
-                       "height": int(H) if float(H).is_integer() else H,
-                       "neg_category_ids": sorted(neg), "not_exhaustive_category_ids": sorted(not_exhaustive),
-                       "pos_category_ids": sorted(pos)})
+    boxes = _read_boxes(conv, boxes_csv)
+    pos_labels, neg_labels = _read_labels(conv, labels_csv)
+    dropped = _fill_sizes_from_files(conv, out_json.parent / "images", boxes_csv, labels_csv)
+    anns = _annotations(conv, boxes, dropped)
+    images = _images(conv, anns, dropped, pos_labels, neg_labels, hierarchy_descendants(hierarchy), categories)
     if not images:
         raise AnnotationError(f"{boxes_csv}: no valid image left after conversion "
-                              f"({sum(reasons.values())} invalid records skipped); check the inputs")
-
-    img_sets: dict[int, set] = defaultdict(set)
-    inst: Counter = Counter()
-    for a in anns:
-        img_sets[a["category_id"]].add(a["image_id"])
-        inst[a["category_id"]] += 1
-    counts = np.array([len(img_sets[c["id"]]) for c in categories])
-    for c, n, b in zip(categories, counts, frequency_buckets(counts)):
-        c.update(image_count=int(n), instance_count=int(inst[c["id"]]), frequency=b)
+                              f"({sum(conv.reasons.values())} invalid records skipped); check the inputs")
 
     out = {"info": {"description": "converted from Open Images CSVs by ltsweep",
                     "boxes": boxes_csv.name, "labels": labels_csv.name, "classes": classes_csv.name,
                     "hierarchy": hierarchy_json.name},
            "images": images, "annotations": anns, "categories": categories}
+    fill_frequency(out)   # image_count, instance_count and the LVIS bucket of every category
     write_json_atomic(out_json, out)
+    counts = np.array([c["image_count"] for c in categories])
     nz = counts[counts > 0]
     freq = [c["frequency"] for c in categories]
     return {"out": str(out_json), "images": len(images), "annotations": len(anns), "categories": len(categories),
@@ -307,4 +322,4 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
             "hierarchy_parents": len(hierarchy),
             "buckets": {b: freq.count(b) for b in "rcf"},
             "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
-            "invalid_skipped": int(sum(reasons.values())), "invalid_reasons": dict(sorted(reasons.items()))}
+            "invalid_skipped": int(sum(conv.reasons.values())), "invalid_reasons": dict(sorted(conv.reasons.items()))}

@@ -24,25 +24,17 @@ draws. Padding instead of dropping keeps the non-balance guarantee that every im
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import torch.utils.data
 
-from lt_models.errors import AnnotationError, ConfigError
+from lt_models.errors import AnnotationError, ConfigError, check_spec_options
 
-__all__ = [
-    "soft_balance_probabilities",
-    "class_to_images",
-    "repeat_factors",
-    "shard",
-    "NonBalanceSampler",
-    "SoftBalanceSampler",
-    "ClassAwareSampler",
-    "RepeatFactorSampler",
-    "SAMPLERS",
-    "build_sampler",
-]
+__all__ = ["soft_balance_probabilities", "class_to_images", "repeat_factors", "shard", "NonBalanceSampler",
+           "SoftBalanceSampler", "ClassAwareSampler", "RepeatFactorSampler", "SAMPLERS", "SAMPLER_OPTIONS",
+           "SamplerSpec", "check_sampler_option", "build_sampler"]
 
 _CSR_FIX = "build them with LVISDetection.label_csr() (indptr [n_images+1], labels = 0-based class indices)"
 
@@ -74,7 +66,7 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
     Returns:
         float64 [C], summing to 1.
     Raises:
-        ConfigError: λ negative or not finite.  AnnotationError: counts negative/not 1-D, or no class has images.
+        ConfigError: λ negative or not a finite number.  AnnotationError: counts negative/not 1-D, or no class has images.
     """
     lam = _check_lam(lam)
     counts = np.asarray(image_counts, dtype=np.float64)
@@ -101,14 +93,14 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
 # Label-table helpers
 # ----------------------------------------------------------------------------------------------------------------
 def _check_lam(lam) -> float:
+    """The one range check of soft-balance λ (eq 8): a finite number >= 0."""
+    fix = "the soft-balance λ must be a finite number >= 0 (0 = P_n, 1 = class-aware, > 1 favours the tail further)"
     try:
         lam_f = float(lam)
     except (TypeError, ValueError):
-        raise ConfigError(f"lam = {lam!r}: the soft-balance λ must be a number >= 0 (0 non-balance, "
-                          f"1 class-aware, e.g. 0.7)") from None
-    if not math.isfinite(lam_f) or lam_f < 0:
-        raise ConfigError(f"lam = {lam!r}: the soft-balance λ must be a finite number >= 0 (0 non-balance, "
-                          f"1 class-aware, e.g. 0.7)")
+        raise ConfigError(f"lam = {lam!r}: {fix}") from None
+    if not (math.isfinite(lam_f) and lam_f >= 0):
+        raise ConfigError(f"lam = {lam!r}: {fix}")
     return lam_f
 
 
@@ -310,10 +302,7 @@ class SoftBalanceSampler(_EpochSampler):
         self.probabilities = soft_balance_probabilities(self.class_counts, self.lam)
         if num_samples is None:
             num_samples = self.num_images
-        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-            raise ConfigError(f"num_samples = {num_samples!r}: the epoch length must be an int >= 1 "
-                              f"(default: the number of images)")
-        self.num_samples = int(num_samples)
+        self.num_samples = _check_num_samples(num_samples)
 
     def draw(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One epoch's draws over all ranks: ``(classes int64 [num_samples], images int32 [num_samples])``, where
@@ -386,34 +375,64 @@ SAMPLERS = {
     "repeatfactor": RepeatFactorSampler,
 }
 
-# Options each sampler reads besides seed/rank/world_size. build_sampler ignores the options of the other
-# samplers (so one TrainSpec with lam=0.7 can build its nonbalance stage-1 sampler) but rejects unknown names.
-_OPTIONS = {
+# The options each sampler reads (SamplerSpec fields besides `name`).
+SAMPLER_OPTIONS = {
     "nonbalance": (),
     "softbalance": ("lam", "num_samples"),
     "classaware": ("num_samples",),
     "repeatfactor": ("threshold",),
 }
-_COMMON = ("seed", "rank", "world_size")
 
 
-def build_sampler(name: str, indptr, labels, num_classes: int, **kwargs) -> torch.utils.data.Sampler:
-    """Build a sampler by name (nonbalance, softbalance, classaware, repeatfactor) from ``label_csr()`` arrays.
+def _check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ConfigError(f"num_samples = {num_samples!r}: the epoch length must be an int >= 1 "
+                          f"(default: the number of images)")
+    return int(num_samples)
 
-    kwargs: seed, rank, world_size for all; lam (required) and num_samples for softbalance; num_samples for
-    classaware (λ is 1 by definition); threshold for repeatfactor. An option that belongs only to other
-    samplers (e.g. lam for nonbalance) is ignored; an option no sampler knows raises ConfigError.
+
+_CHECKS = {"lam": _check_lam, "num_samples": _check_num_samples, "threshold": _check_threshold}
+
+
+def check_sampler_option(option: str, value):
+    """The range check of a sampler option (``lam``, ``num_samples``, ``threshold``), by its owner."""
+    return _CHECKS[option](value)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """How a run draws its training images: the sampler's name and the options that sampler reads.
+
+    ``lam``: soft-balance λ of eq 8 (softbalance only, required there). ``num_samples``: images drawn per epoch
+    (softbalance, classaware; default the number of images). ``threshold``: repeat-factor t (repeatfactor only;
+    default 0.001, as LVIS). An option the named sampler does not read is an error, never silently ignored.
+    Building a spec checks it, so a ``SamplerSpec`` that exists is valid.
     """
-    if name not in SAMPLERS:
-        raise ConfigError(f"sampler = {name!r}: unknown sampler; choose one of {sorted(SAMPLERS)}")
-    known = set(_COMMON).union(*_OPTIONS.values())
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise ConfigError(f"sampler {name!r}: unknown option(s) {unknown}; known options are {sorted(known)}")
-    if name == "softbalance" and kwargs.get("lam") is None:
-        raise ConfigError("sampler 'softbalance' needs lam (λ >= 0, e.g. 0.7)")
-    kw = {k: v for k, v in kwargs.items() if k in _COMMON or k in _OPTIONS[name]}
-    if name == "nonbalance":
+
+    name: str = "nonbalance"
+    lam: float | None = None
+    num_samples: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self):
+        check_spec_options(self, "sampler", SAMPLER_OPTIONS, _CHECKS)
+        if self.name == "softbalance" and self.lam is None:
+            raise ConfigError("sampler 'softbalance' needs lam (λ >= 0, e.g. 0.7)")
+
+    def options(self) -> dict:
+        """The options that are set, as keyword arguments of the sampler class."""
+        return {k: getattr(self, k) for k in SAMPLER_OPTIONS[self.name] if getattr(self, k) is not None}
+
+
+def build_sampler(spec: SamplerSpec, indptr, labels, num_classes: int, *, seed: int = 0, rank: int = 0,
+                  world_size: int = 1) -> torch.utils.data.Sampler:
+    """The sampler ``spec`` describes, over the ``label_csr()`` arrays, drawing from (seed, epoch), sharded to
+    ``rank`` of ``world_size``."""
+    if not isinstance(spec, SamplerSpec):
+        raise ConfigError(f"build_sampler takes a SamplerSpec, got {type(spec).__name__}; e.g. "
+                          "SamplerSpec('softbalance', lam=0.7)")
+    common = dict(seed=seed, rank=rank, world_size=world_size)
+    if spec.name == "nonbalance":
         _check_csr(indptr, labels, num_classes)
-        return NonBalanceSampler(len(indptr) - 1, **kw)
-    return SAMPLERS[name](indptr, labels, num_classes, **kw)
+        return NonBalanceSampler(len(indptr) - 1, **common)
+    return SAMPLERS[spec.name](indptr, labels, num_classes, **spec.options(), **common)

@@ -36,6 +36,10 @@ detections of those categories are ignored, not counted as false positives.
 
 Output is deterministic per (preset, seed), byte for byte. Each image is rendered from its own seeded RNG,
 so the output does not depend on how many worker processes render it.
+
+Modules: the class layout (shapes, colours, presets, leaf frequencies) is ``lt_models.synthetic_layout``, the
+pixels ``lt_models.synthetic_render``; this one draws each split's objects and labels, writes the LVIS JSON and
+runs `generate_benchmark`.
 """
 from __future__ import annotations
 
@@ -44,208 +48,16 @@ import os
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-from lt_models.atomic import atomic_path, write_json_atomic
-
-SPLIT_CODE = {"train": 1, "val": 2}
-
-# ---------------------------------------------------------------------------------------------------------
-# Shapes: normalised outlines whose extent is exactly [0,1] x [0,1], so the box a shape is drawn in is its
-# tight bounding box.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _normalise(points: list[tuple[float, float]]) -> tuple[tuple[float, float], ...]:
-    p = np.asarray(points, dtype=np.float64)
-    p = (p - p.min(0)) / (p.max(0) - p.min(0))
-    return tuple((float(x), float(y)) for x, y in p)
-
-
-def _star(n: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
-    pts = []
-    for k in range(2 * n):
-        r = 1.0 if k % 2 == 0 else inner
-        a = -math.pi / 2 + k * math.pi / n
-        pts.append((r * math.cos(a), r * math.sin(a)))
-    return _normalise(pts)
-
-
-_ARM = 0.34  # half-width (normalised) of the cross arms: 0.5 +- 0.17
-SHAPES: dict[str, object] = {
-    "circle": "ellipse",
-    "square": _normalise([(0, 0), (1, 0), (1, 1), (0, 1)]),
-    "triangle": _normalise([(0.5, 0), (1, 1), (0, 1)]),
-    "star": _star(),
-    "ring": "ring",
-    "cross": _normalise([(0.33, 0), (0.67, 0), (0.67, 0.33), (1, 0.33), (1, 0.67), (0.67, 0.67), (0.67, 1),
-                         (0.33, 1), (0.33, 0.67), (0, 0.67), (0, 0.33), (0.33, 0.33)]),
-    "diamond": _normalise([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]),
-    "hexagon": _normalise([(0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1), (0, 0.5)]),
-    "arrow": _normalise([(0, 0.3), (0.55, 0.3), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.7), (0, 0.7)]),
-    "trapezoid": _normalise([(0.25, 0), (0.75, 0), (1, 1), (0, 1)]),
-    "chevron": _normalise([(0, 0), (0.45, 0), (1, 0.5), (0.45, 1), (0, 1), (0.55, 0.5)]),
-    "pentagon": _normalise([(math.cos(-math.pi / 2 + k * 2 * math.pi / 5),
-                             math.sin(-math.pi / 2 + k * 2 * math.pi / 5)) for k in range(5)]),
-}
-FAMILY_ORDER = list(SHAPES)
-
-# Saturated colours that stand out from the light background, each with a near-identical twin for the
-# confusable (implicit multi-label) leaf pairs.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 45, 45), "blue": (45, 80, 210), "green": (40, 160, 60), "yellow": (225, 200, 30),
-    "purple": (140, 60, 180), "orange": (235, 130, 30), "cyan": (30, 180, 200), "pink": (230, 90, 170),
-    "brown": (130, 80, 40), "black": (35, 35, 35),
-}
-TWINS: dict[str, tuple[str, tuple[int, int, int]]] = {
-    "red": ("crimson", (196, 40, 62)), "blue": ("cobalt", (40, 68, 196)), "green": ("jade", (38, 150, 78)),
-    "yellow": ("gold", (218, 186, 36)), "purple": ("violet", (152, 66, 190)), "orange": ("amber", (228, 146, 34)),
-    "cyan": ("teal", (30, 166, 186)), "pink": ("rose", (218, 80, 156)), "brown": ("umber", (118, 74, 44)),
-    "black": ("charcoal", (50, 50, 54)),
-}
-COLOUR_ORDER = list(COLOURS)
-TEXTURES = ("solid", "striped", "dotted")
-
-
-@dataclass(frozen=True)
-class Preset:
-    """Everything that defines a benchmark besides the seed."""
-
-    name: str
-    image_size: int
-    families: int                 # shape families = parent categories
-    appearances: int              # leaves per family
-    t_max: int                    # training objects of the most frequent leaf
-    t_min: int                    # training objects of the rarest leaf
-    q: float                      # Zipf-Mandelbrot offset: larger q flattens the head
-    val_ratio: float              # val objects per leaf = max(val_min, round(val_ratio * t))
-    val_min: int
-    objects_per_image: tuple[float, ...] = (0.35, 0.30, 0.20, 0.15)  # P(1..4 objects)
-    min_size: int = 20
-    max_size: int = 56
-    n_confusable: int = 3         # twin leaf pairs (implicit multi-label)
-    n_two_leaf: int = 2           # two-tone leaf pairs (explicit "car toy")
-    # per confusable pair: P(twin labelled as base), P(base labelled as twin), P(labelled with both)
-    swap_rates: tuple[tuple[float, float, float], ...] = ((0.35, 0.10, 0.20), (0.25, 0.08, 0.15),
-                                                          (0.45, 0.12, 0.25))
-    two_leaf_rate: float = 0.3    # P(object of the pair's first leaf is drawn two-tone with the second)
-    leaf_parent_rate: float = 0.2  # P(an object also carries its parent label)
-    parent_only_rates: tuple[float, ...] = (0.05, 0.12, 0.2, 0.3)  # P(parent label only), cycled per family
-    noise_std: float = 6.0
-    workers: int = 1              # default render processes, 0 = one per CPU (at most 8); output does not depend on it
-
-    @property
-    def num_leaves(self) -> int:
-        return self.families * self.appearances
-
-
-PRESETS: dict[str, Preset] = {
-    # 6 families x 4 appearances = 24 leaves + 6 parents; ~490 train / ~110 val images of 128 px.
-    "demo": Preset("demo", image_size=128, families=6, appearances=4, t_max=260, t_min=2, q=40,
-                   val_ratio=0.2, val_min=4, objects_per_image=(0.25, 0.30, 0.25, 0.20)),
-    # 10 families x 8 appearances = 80 leaves + 10 parents; ~6k train / ~700 val images of 128 px.
-    "bench": Preset("bench", image_size=128, families=10, appearances=8, t_max=2000, t_min=3, q=15,
-                    val_ratio=0.1, val_min=3, n_confusable=8, n_two_leaf=5, workers=0),
-}
-
-
-def _preset(preset: str | Preset) -> Preset:
-    if isinstance(preset, Preset):
-        return preset
-    if preset not in PRESETS:
-        raise ValueError(f"unknown synthetic preset {preset!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[preset]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Class layout (independent of the seed: `red_star` is the same class with the same frequency for every seed)
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Leaf:
-    index: int                    # 0..L-1 in (family, slot) order; category id = index + 1
-    family: int
-    rank: int                     # 0 = most frequent
-    colour: str
-    rgb: tuple[int, int, int]
-    texture: str
-    name: str
-    twin_of: int | None = None    # leaf index of the confusable partner (set on both leaves of a pair)
-    two_leaf_with: int | None = None  # partner of a two-tone pair (set on the first leaf only)
-
-
-@dataclass
-class Layout:
-    preset: Preset
-    leaves: list[Leaf]
-    family_names: list[str]
-    confusable: list[tuple[int, int, tuple[float, float, float]]] = field(default_factory=list)  # (base, twin, rates)
-    two_leaf: list[tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_categories(self) -> int:
-        return len(self.leaves) + len(self.family_names)
-
-    def leaf_cat_id(self, leaf: int) -> int:
-        return leaf + 1
-
-    def parent_cat_id(self, family: int) -> int:
-        return len(self.leaves) + family + 1
-
-
-def zipf_targets(num: int, t_max: int, t_min: int, q: float) -> np.ndarray:
-    """Objects per frequency rank: Zipf-Mandelbrot ``t_max * ((1+q)/(r+q))**s``, r = 1..num, t(num) = t_min."""
-    r = np.arange(1, num + 1, dtype=np.float64)
-    s = math.log(t_max / t_min) / math.log((num + q) / (1 + q)) if num > 1 else 1.0
-    return np.maximum(1, np.round(t_max * ((1 + q) / (r + q)) ** s)).astype(np.int64)
-
-
-def build_layout(preset: str | Preset) -> Layout:
-    p = _preset(preset)
-    if p.families > len(FAMILY_ORDER) or p.appearances > len(COLOUR_ORDER):
-        raise ValueError(f"preset {p.name}: at most {len(FAMILY_ORDER)} families and {len(COLOUR_ORDER)} appearances")
-    F, A = p.families, p.appearances
-    leaves: list[Leaf] = []
-    level_of: dict[tuple[int, int], int] = {}
-    for f in range(F):
-        for a in range(A):
-            j = (a - f) % A                    # frequency level inside the family (0 = head)
-            level_of[(f, j)] = f * A + a
-            colour = COLOUR_ORDER[(a + 3 * f) % len(COLOUR_ORDER)]
-            texture = TEXTURES[(a + f) % len(TEXTURES)]
-            leaves.append(Leaf(index=f * A + a, family=f, rank=F * j + f, colour=colour, rgb=COLOURS[colour],
-                               texture=texture, name=""))
-    layout = Layout(p, leaves, FAMILY_ORDER[:F])
-    # Confusable twins: family f_k, levels (j, j+1); the rarer leaf takes the twin colour of the commoner one.
-    for k in range(p.n_confusable):
-        f = (2 * k) % F
-        j = round(k * (A - 2) / max(1, p.n_confusable - 1))
-        base, twin = leaves[level_of[(f, j)]], leaves[level_of[(f, j + 1)]]
-        if base.twin_of is not None or twin.twin_of is not None:
-            continue                       # custom presets with more pairs than free leaf slots
-        twin.colour, twin.rgb = TWINS[base.colour]
-        twin.texture = base.texture
-        base.twin_of, twin.twin_of = twin.index, base.index
-        layout.confusable.append((base.index, twin.index, p.swap_rates[k % len(p.swap_rates)]))
-    # Two-tone pairs: other families, levels (j, j+1).
-    for k in range(p.n_two_leaf):
-        f = (2 * k + 1) % F
-        j = round(k * (A - 2) / max(1, p.n_two_leaf - 1))
-        first, second = leaves[level_of[(f, j)]], leaves[level_of[(f, j + 1)]]
-        if first.twin_of is not None or second.twin_of is not None or first.two_leaf_with is not None:
-            continue
-        first.two_leaf_with = second.index
-        layout.two_leaf.append((first.index, second.index))
-    for leaf in leaves:
-        tex = "" if leaf.texture == "solid" else leaf.texture + "_"
-        leaf.name = f"{tex}{leaf.colour}_{layout.family_names[leaf.family]}"
-    return layout
+from lt_models.annotations import frequency_buckets
+from lt_models.atomic import write_json_atomic
+from lt_models.synthetic_layout import (COLOURS, PRESETS, SHAPES, TWINS, Layout, Leaf, Preset, build_layout,
+                                        get_preset, zipf_targets)
+from lt_models.synthetic_render import render_chunk, render_image, shape_mask
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,9 +206,7 @@ def _fill_category_counts(train: dict, *others: dict) -> None:
         imgs[a["category_id"]].add(a["image_id"])
         inst[a["category_id"]] += 1
     ids = [c["id"] for c in train["categories"]]
-    # LVIS thresholds, the rule of `lt_models.datasets.frequency_buckets` (not imported: it would pull in torch,
-    # seconds of start-up; tests check both agree)
-    buckets = ["r" if len(imgs[i]) <= 10 else "c" if len(imgs[i]) <= 100 else "f" for i in ids]
+    buckets = frequency_buckets([len(imgs[i]) for i in ids])
     for d in (train, *others):
         for c, b in zip(d["categories"], buckets):
             c["image_count"] = len(imgs[c["id"]])
@@ -427,83 +237,8 @@ def benchmark_spec(preset: str | Preset = "demo", seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Rendering
+# Writing the benchmark
 # ---------------------------------------------------------------------------------------------------------
-
-
-def shape_mask(family: str, w: int, h: int) -> np.ndarray:
-    """Boolean [h, w] mask of a shape drawn to touch all four sides of a w x h box."""
-    m = Image.new("L", (w, h), 0)
-    d = ImageDraw.Draw(m)
-    kind = SHAPES[family]
-    if kind == "ellipse":
-        d.ellipse([0, 0, w - 1, h - 1], fill=255)
-    elif kind == "ring":
-        d.ellipse([0, 0, w - 1, h - 1], fill=255)
-        d.ellipse([w * 0.27, h * 0.27, (w - 1) * 0.73, (h - 1) * 0.73], fill=0)
-    else:
-        d.polygon([(u * (w - 1), v * (h - 1)) for u, v in kind], fill=255)
-    return np.asarray(m) > 0
-
-
-def _texture(rgb: np.ndarray, texture: str, w: int, h: int, phase: int) -> np.ndarray:
-    fill = np.broadcast_to(rgb, (h, w, 3)).astype(np.float32).copy()
-    if texture == "striped":
-        rows = ((np.arange(h) + phase) // 3) % 2 == 1
-        fill[rows] *= 0.55
-    elif texture == "dotted":
-        yy, xx = np.mgrid[0:h, 0:w]
-        dots = (((yy + phase) % 6) < 2) & (((xx + phase) % 6) < 2)
-        fill[dots] = fill[dots] * 0.3 + 255 * 0.7
-    return fill
-
-
-def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarray:
-    """uint8 [S, S, 3] picture of one image spec: light noisy background, clutter lines, the objects."""
-    p = layout.preset
-    S = p.image_size
-    rng = np.random.default_rng([seed, SPLIT_CODE[split], image["index"], 1])
-    base = rng.uniform(175, 235) + rng.uniform(-12, 12, size=3)
-    cell = 16                                     # soft colour blotches of 16 x 16 px
-    low = rng.normal(0, 6, (S // cell + 1, S // cell + 1, 3)).repeat(cell, 0).repeat(cell, 1)[:S, :S]
-    canvas = Image.fromarray(np.clip(base + low, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(0, 4))):     # distractor lines (not objects)
-        g = int(rng.uniform(110, 170))
-        draw.line([tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=(g, g, g),
-                  width=int(rng.integers(1, 3)))
-    arr = np.asarray(canvas).astype(np.float32)
-    for obj in image["objects"]:
-        x, y, w, h = obj["box"]
-        mask = shape_mask(layout.family_names[obj["family"]], w, h)
-        jitter = rng.uniform(-10, 10, size=3)
-        phase = int(rng.integers(0, 6))
-        fills = [_texture(np.clip(np.array(layout.leaves[t].rgb) + jitter, 0, 255), layout.leaves[t].texture,
-                          w, h, phase) for t in obj["tones"]]
-        fill = fills[0]
-        if len(fills) == 2:                      # two-tone: right half in the second leaf's appearance
-            fill[:, w // 2:] = fills[1][:, w // 2:]
-        region = arr[y:y + h, x:x + w]
-        region[mask] = fill[mask]
-    arr += rng.standard_normal((S, S, 1), dtype=np.float32) * np.float32(p.noise_std)  # luminance noise
-    np.clip(arr, 0, 255, out=arr)
-    return arr.astype(np.uint8)
-
-
-def _save_png_atomic(arr: np.ndarray, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=1)
-
-
-def _render_chunk(args: tuple) -> int:
-    preset, seed, image_dir, items = args
-    layout = build_layout(preset)
-    for split, image in items:
-        path = Path(image_dir) / f"{split}_{image['index']:06d}.png"
-        _save_png_atomic(render_image(layout, split, image, seed), path)
-    return len(items)
-
-
 
 
 def _default_workers() -> int:
@@ -515,6 +250,7 @@ def _default_workers() -> int:
 
 
 def summarize(train: dict, val: dict, layout: Layout) -> dict:
+    """Sizes, LVIS bucket counts, imbalance and the multi-label pairs of a generated benchmark (JSON-ready)."""
     counts = np.array([c["image_count"] for c in train["categories"]])
     freq = [c["frequency"] for c in train["categories"]]
     leaf_counts = counts[: len(layout.leaves)]
@@ -543,7 +279,7 @@ def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo"
     it. JSON files are written last and atomically, so an existing train.json means a complete benchmark.
     """
     t0 = time.perf_counter()
-    p = _preset(preset)
+    p = get_preset(preset)
     spec = benchmark_spec(p, seed)
     out = Path(out_dir)
     image_dir = out / "images"
@@ -551,12 +287,12 @@ def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo"
     items = spec["render"]
     n_workers = workers if workers is not None else (p.workers or _default_workers())
     if n_workers <= 1:
-        _render_chunk((p, seed, str(image_dir), items))
+        render_chunk((p, seed, str(image_dir), items))
     else:
         n_chunks = n_workers * 4
         chunks = [(p, seed, str(image_dir), items[i::n_chunks]) for i in range(n_chunks)]
         with ProcessPoolExecutor(n_workers, mp_context=get_context("spawn")) as ex:
-            list(ex.map(_render_chunk, chunks))
+            list(ex.map(render_chunk, chunks))
     write_json_atomic(out / "hierarchy.json", spec["hierarchy"])
     write_json_atomic(out / "val.json", spec["val"])
     write_json_atomic(out / "train.json", spec["train"])
@@ -565,5 +301,5 @@ def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo"
     return summary
 
 
-__all__ = ["PRESETS", "Preset", "benchmark_spec", "build_layout", "generate_benchmark", "render_image",
-           "shape_mask", "zipf_targets"]
+__all__ = ["COLOURS", "PRESETS", "SHAPES", "TWINS", "Layout", "Leaf", "Preset", "benchmark_spec", "build_layout",
+           "generate_benchmark", "render_image", "shape_mask", "summarize", "zipf_targets"]

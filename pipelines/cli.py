@@ -30,7 +30,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from lt_models.datasets import dataset_stats, format_stats
+    from lt_models.data_stats import dataset_stats, format_stats
 
     stats = dataset_stats(args.annotations, lam=args.lam, hierarchy_file=args.hierarchy,
                           plot_dir=None if args.no_plots else Path(args.annotations).parent,
@@ -78,7 +78,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    import logging
+
     from pipelines.sweep import run_sweep_from_file
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
                                   storage_path=args.storage_path, tracking_uri=args.tracking_uri)
@@ -89,9 +93,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from pipelines.mlflow_store import open_store
     from pipelines.report import compare_sweeps
 
-    compare_sweeps(args.sweeps, tracking_uri=args.tracking_uri, out_png=args.out)
+    compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out)
     return 0
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import search_spaces
 from pipelines.config import load_experiment_config
-from pipelines.sweep import TABLE_METRICS, run_sweep
+from pipelines.schema import BUCKET_METRICS
+from pipelines.sweep import run_sweep
 
 
 def _print_stats(train_json: Path) -> None:
     try:
-        from lt_models.datasets import dataset_stats, format_stats
+        from lt_models.data_stats import dataset_stats, format_stats
     except ImportError:  # pragma: no cover - the data layer ships both
         return
     print(format_stats(dataset_stats(train_json, lam=0.7)))
@@ -51,14 +52,14 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
     summary = run_sweep(cfg, include_dashboard=False)
 
     print(f"\n== demo summary ({time.time() - t0:.0f} s)")
-    hdr = f"{'trial':<28}{'lam':>6}  {'loss':<20}{'xi':>5}" + "".join(f"{m:>8}" for m in TABLE_METRICS) + \
+    hdr = f"{'trial':<28}{'lam':>6}  {'loss':<20}{'xi':>5}" + "".join(f"{m:>8}" for m in BUCKET_METRICS) + \
         f"{'epochs':>8}  status"
     print(hdr)
     for t in sorted(summary.trials, key=lambda t: t.trial_id):
         c = t.config
         status = "ERROR" if t.error else ("stopped early" if t.stopped_early else "ran to the end")
         print(f"{t.trial_id:<28}{c.get('lam', '-'):>6}  {str(c.get('loss', '-')):<20}{c.get('xi', '-'):>5}"
-              + "".join(f"{t.metrics.get(m, float('nan')):>8.3f}" for m in TABLE_METRICS)
+              + "".join(f"{t.metrics.get(m, float('nan')):>8.3f}" for m in BUCKET_METRICS)
               + f"{t.epochs:>8}  {status}")
     if summary.best is not None:
         print(f"best configuration: {summary.best.config} (AP {summary.best.metrics.get('AP', float('nan')):.4f})")

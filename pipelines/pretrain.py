@@ -2,8 +2,8 @@
 
 The checkpoint is content-addressed: its key is the sha256 of the canonical stage-1 config (sorted JSON of the
 model, the stage-1 schedule and the seed) plus the dataset fingerprint (sha256 of the training annotation bytes
-and the training image list) and a fingerprint of the training code (the lt_models modules that decide the
-weights, and the torch/torchvision versions), so an edited detector never restores an incompatible checkpoint. It lives in `<storage_path>/pretrain/<sha256>/`:
+and the training image list) and a fingerprint of the training code (every lt_models module, and the
+torch/torchvision versions), so an edited detector never restores an incompatible checkpoint. It lives in `<storage_path>/pretrain/<sha256>/`:
 
     checkpoint/   the engine's checkpoint dir (what `engine.train(init_checkpoint=...)` takes)
     meta.json     sha256, the canonical config, the dataset fingerprint, final stage-1 metrics
@@ -29,13 +29,11 @@ from typing import Any, Optional
 from filelock import FileLock
 
 from lt_models.atomic import atomic_dir, write_json_atomic
-from pipelines.config import ExperimentConfig, canonical_json, to_train_spec
+from pipelines.config import ExperimentConfig, canonical_json, compute, train_spec
+from pipelines.schema import PRETRAIN_METRICS
 
 log = logging.getLogger(__name__)
 
-# what the pretrain MLflow run gets (evaluate_lvis also returns e.g. "AR@300", not a valid MLflow metric name)
-PRETRAIN_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss", "epoch", "iteration",
-                    "per_class")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
@@ -102,23 +100,19 @@ def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     return identity
 
 
-# lt_models modules whose code decides the stage-1 weights (a change there must not reuse an old checkpoint)
-TRAINING_MODULES = ("datasets", "samplers", "losses", "detector", "engine")
-
-
 def code_fingerprint() -> str:
-    """sha256 of the training code (TRAINING_MODULES' source) and the torch/torchvision versions."""
-    import importlib.util
-
+    """sha256 of the training code (every lt_models module's source) and the torch/torchvision versions: an edited
+    dataset, sampler, loss, detector or engine must not reuse a checkpoint trained by the old code."""
     import torch
     import torchvision
 
+    import lt_models
+
     h = hashlib.sha256(f"torch {torch.__version__} torchvision {torchvision.__version__}".encode())
-    for name in TRAINING_MODULES:
-        spec = importlib.util.find_spec(f"lt_models.{name}")
-        if spec is not None and spec.origin:
-            h.update(f"\n{name}\n".encode())
-            h.update(Path(spec.origin).read_bytes())
+    root = Path(lt_models.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(f"\n{path.relative_to(root).as_posix()}\n".encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -142,23 +136,16 @@ def find_stage1(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
                             seconds=float(info.get("seconds", 0.0)))
 
 
-def _device_for(gpus: float) -> str:
-    import torch
-
-    return "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
-
-
-def train_stage1_into(cfg: ExperimentConfig, out_dir: Path, num_threads: int, gpus: float) -> dict[str, Any]:
+def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     """Train stage 1 into out_dir (a fresh temp dir) and return its final metrics (incl. per_class).
 
-    Runs inside a Ray task (or locally). Leaves out_dir/checkpoint = the engine's last checkpoint dir."""
-    import torch
-
+    Runs inside a Ray task with a trial's resources (or locally). Leaves out_dir/checkpoint = the engine's last
+    checkpoint dir."""
     from lt_models import engine
 
-    torch.set_num_threads(max(1, num_threads))
-    spec = to_train_spec(cfg, "stage1", num_threads=max(1, num_threads), device=_device_for(gpus),
-                         eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
+    device, threads = compute(cfg)
+    spec = train_spec(cfg, "stage1", device=device, num_threads=threads,
+                      eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
     metrics = engine.train(spec, out_dir / "work")
     ckpt = Path(metrics.pop("checkpoint_dir"))
     os.replace(ckpt, out_dir / "checkpoint")
@@ -176,9 +163,8 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _train_stage1_task(cfg_json: str, out_dir: str, num_threads: int, gpus: float) -> dict[str, Any]:
-    cfg = ExperimentConfig.model_validate_json(cfg_json)
-    return train_stage1_into(cfg, Path(out_dir), num_threads, gpus)
+def _train_stage1_task(cfg_json: str, out_dir: str) -> dict[str, Any]:
+    return train_stage1_into(ExperimentConfig.model_validate_json(cfg_json), Path(out_dir))
 
 
 def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Optional[bool] = None,
@@ -231,19 +217,19 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
 
 
 def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> dict[str, Any]:
-    cpus = cfg.resources.cpus_per_trial
-    gpus = cfg.resources.gpus_per_trial
-    threads = max(1, int(cpus))
     if use_ray is None:
         import ray
 
         use_ray = ray.is_initialized()
     if not use_ray:
-        return train_stage1_into(cfg, tmp, threads, gpus)
+        return train_stage1_into(cfg, tmp)
     import ray
 
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_train_stage1_task)
-    return ray.get(task.remote(cfg.model_dump_json(), str(tmp), threads, gpus))
+    from pipelines.trainable import trial_resources
+
+    res = trial_resources(cfg)
+    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=0)(_train_stage1_task)
+    return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
 
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -1,6 +1,7 @@
-"""Pictures of sweeps, from what MLflow holds: the HTML sweep report and ``ltsweep compare``.
+"""Reading sweeps back from MLflow, and pictures of them: the HTML sweep report and ``ltsweep compare``.
 
-- :func:`log_sweep_report` (called by the tracking callback when the experiment ends) writes ``sweep_report.html``
+- :func:`search_tagged` finds runs by their tags (:mod:`pipelines.schema`), for the report and for the MLflow writer.
+- :func:`log_sweep_report` (called by the MLflow writer when the sweep ends) writes ``sweep_report.html``
   on the sweep's parent run: a table of trials and, embedded as base64 PNGs, AP/APr vs λ, AP/APr vs ξ, APr/APc/APf
   per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial
   against the stage-1 baseline (the pretrain run's per-class AP, when that run logged one).
@@ -16,7 +17,6 @@ import base64
 import html
 import io
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,14 +24,12 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import ConfigError
-from pipelines.tracking import (AP_BY_FREQUENCY_PNG, ITERATIONS_TAG, PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_TAG,
-                                REPORT_HTML, ROLE_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, _per_class_dict, _sqlite_path,
-                                default_tracking_uri, make_client, search_tagged)
+from pipelines.schema import (AP_BY_FREQUENCY_PNG, BUCKET_METRICS, ITERATIONS_TAG, MAX_T_TAG, METRIC_TAG,
+                              MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM,
+                              PRETRAIN_SHA_TAG, REPORT_HTML, REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_SWEEP,
+                              ROLE_TAG, ROLE_TRIAL, SEARCHED_KEYS_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, best_trial,
+                              finite_number, per_class_dict)
 
-BUCKET_METRICS = ("AP", "APr", "APc", "APf")
-TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
-#: where `ltsweep sweep` keeps results unless the config says otherwise (pipelines.config.RunSettings.storage_path)
-DEFAULT_STORAGE_PATH = Path("results")
 _LAM_NAMES = ("lam", "lambda")
 _XI_NAMES = ("xi",)
 
@@ -40,13 +38,8 @@ _XI_NAMES = ("xi",)
 # small helpers
 def _num(v: Any) -> float | None:
     """A finite, non-negative metric value, else None (-1 marks an empty frequency bucket)."""
-    if v is None or isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) and f >= 0 else None
+    f = finite_number(v)
+    return f if f is not None and f >= 0 else None
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -70,8 +63,6 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-
-
 def _key_named(keys: Iterable[str], names: Sequence[str]) -> str | None:
     for k in keys:
         if k.rsplit(".", 1)[-1].lower() in names:
@@ -85,10 +76,26 @@ def _short(name: str, n: int = 18) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # reading a sweep back from MLflow
+def search_tagged(client, experiment_id: str, tags: Mapping[str, str]) -> list:
+    """Active runs whose tags equal ``tags`` (keys given verbatim, e.g. ``{"ltsweep.role": "trial"}``), oldest
+    first."""
+    from mlflow.entities import ViewType
+    from mlflow.utils import get_results_from_paginated_fn
+
+    def q(value: str) -> str:  # a string literal of an MLflow filter string
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    flt = " and ".join(f"tags.`{k}` = {q(v)}" for k, v in tags.items())
+    return get_results_from_paginated_fn(
+        lambda n, token: client.search_runs([experiment_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY,
+                                            max_results=n, order_by=["attributes.start_time ASC"], page_token=token),
+        1000)
+
+
 def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
     """One dict per trial run of the sweep: ids, status, iterations, params and the latest metric values."""
     rows = []
-    for r in search_tagged(client, experiment_id, {ROLE_TAG: "trial", PARENT_TAG: parent_run_id}):
+    for r in search_tagged(client, experiment_id, {ROLE_TAG: ROLE_TRIAL, PARENT_TAG: parent_run_id}):
         tags, metrics = r.data.tags, r.data.metrics
         iters = tags.get(ITERATIONS_TAG)
         if iters is None:  # still running, or ended without our tag: the last step logged
@@ -97,7 +104,7 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str,
         row = {"trial_id": tags.get(TRIAL_ID_TAG, ""), "run_id": r.info.run_id, "name": r.info.run_name or "",
                "status": r.info.status, "tune_status": tags.get(TRIAL_STATUS_TAG, ""), "iterations": int(iters),
                "params": dict(r.data.params)}
-        for k in (*TABLE_METRICS, "loss", "epoch"):
+        for k in MLFLOW_TRIAL_METRICS:
             row[k] = metrics.get(k)
         rows.append(row)
     rows.sort(key=lambda row: row["trial_id"])
@@ -106,23 +113,18 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str,
 
 def best_row(rows: Sequence[Mapping[str, Any]], metric: str = "AP", mode: str = "max",
              max_t: int | None = None) -> Mapping[str, Any] | None:
-    """The trial with the best final ``metric`` (``mode`` max or min) among those that ran the full schedule
-    (``max_t`` evaluations: ASHA's survivors), else among all that did not fail; None if none reported it.
-    The same rule as the sweep's own summary (pipelines.sweep.pick_best)."""
-    ok = [r for r in rows if r.get("status") != "FAILED" and r.get(metric) is not None
-          and math.isfinite(float(r[metric]))]
-    full = [r for r in ok if max_t and r["iterations"] >= max_t] or ok
-    if not full:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(full, key=lambda r: (sign * float(r[metric]), r["trial_id"]))
+    """The best of :func:`trial_rows` by final ``metric`` (``mode`` max or min), by the sweep's one best-trial rule
+    (:func:`pipelines.schema.best_trial`; ``max_t``: evaluations of a full-length trial)."""
+    return best_trial(rows, value=lambda r: r.get(metric), evaluations=lambda r: r["iterations"],
+                      failed=lambda r: r.get("status") == "FAILED", trial_id=lambda r: r["trial_id"], mode=mode,
+                      full_length=max_t)
 
 
 def _download_per_class(client, run_id: str) -> dict[int, float]:
     try:
         with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
             p = client.download_artifacts(run_id, PER_CLASS_JSON, tmp)
-            return _per_class_dict(json.loads(Path(p).read_text()))
+            return per_class_dict(json.loads(Path(p).read_text()))
     except Exception:  # noqa: BLE001 - the artifact is optional (trial without per-class AP)
         return {}
 
@@ -131,7 +133,7 @@ def stage1_per_class(client, experiment_id: str, sha256: str | None) -> tuple[di
     """Per-class AP of the stage-1 (pretrain) run with this sha256: this experiment first, then any experiment
     (a reused stage-1 checkpoint is logged where it was trained). Returns ({}, None) if none is found."""
     candidates = []
-    tags = {ROLE_TAG: "pretrain", **({PRETRAIN_SHA_TAG: sha256} if sha256 else {})}
+    tags = {ROLE_TAG: ROLE_PRETRAIN, **({PRETRAIN_SHA_TAG: sha256} if sha256 else {})}
     candidates.extend(search_tagged(client, experiment_id, tags))
     if not candidates and sha256:
         for exp in client.search_experiments():
@@ -175,7 +177,7 @@ def _plot_vs_param(rows, key: str, title: str, xlabel: str) -> bytes:
     ax = fig.add_subplot(1, 1, 1)
     for metric, marker in (("AP", "o"), ("APr", "^")):
         pts = sorted((float(r["params"][key]), _num(r.get(metric))) for r in rows
-                     if _is_float(r["params"].get(key)) and _num(r.get(metric)) is not None)
+                     if finite_number(r["params"].get(key)) is not None and _num(r.get(metric)) is not None)
         if not pts:
             continue
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=metric, alpha=0.8)
@@ -189,13 +191,6 @@ def _plot_vs_param(rows, key: str, title: str, xlabel: str) -> bytes:
     ax.set_title(title)
     ax.legend(fontsize=8)
     return _png_bytes(fig)
-
-
-def _is_float(v: Any) -> bool:
-    try:
-        return math.isfinite(float(v))
-    except (TypeError, ValueError):
-        return False
 
 
 def _plot_buckets(rows) -> bytes:
@@ -276,7 +271,7 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
     e = html.escape
     max_t = max_t or max((r["iterations"] for r in rows), default=0)  # full length: ASHA's max_t
     best = best_row(rows, metric, mode, max_t)
-    keys = list(searched_keys) or sorted({k for r in rows for k in r["params"] if k != "pretrain_sha256"})
+    keys = list(searched_keys) or sorted({k for r in rows for k in r["params"] if k != PRETRAIN_SHA_PARAM})
     n_failed = sum(r["status"] == "FAILED" for r in rows)
     n_early = sum(r["status"] != "FAILED" and r["iterations"] < max_t for r in rows)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>ltsweep sweep {e(sweep_name)}</title>"
@@ -290,13 +285,13 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
     # table
     head = "".join(f"<th>{e(k)}</th>" for k in keys)
     parts.append(f"<table><tr><th class='l'>trial</th><th class='l'>status</th><th>evals</th>{head}"
-                 + "".join(f"<th>{m}</th>" for m in TABLE_METRICS) + "</tr>")
+                 + "".join(f"<th>{m}</th>" for m in REPORT_TABLE_METRICS) + "</tr>")
     for r in rows:
         cls = " class='best'" if best is not None and r["run_id"] == best["run_id"] else ""
         parts.append(f"<tr{cls}><td class='l'>{e(r['trial_id'])}</td><td class='l'>{e(r['status'])}</td>"
                      f"<td>{r['iterations']}</td>"
                      + "".join(f"<td>{e(str(r['params'].get(k, '—')))}</td>" for k in keys)
-                     + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in TABLE_METRICS) + "</tr>")
+                     + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in REPORT_TABLE_METRICS) + "</tr>")
     parts.append("</table><p class='note'>Final values (the last evaluation each trial reported); n/a = empty "
                  "frequency bucket or not reported.</p>")
     # figures
@@ -344,9 +339,9 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
     best_pc: dict[int, float] = {}
     base_pc: dict[int, float] = {}
     if best is not None:
-        best_pc = _per_class_dict((last_results or {}).get(best["trial_id"], {}).get("per_class")) or \
+        best_pc = per_class_dict((last_results or {}).get(best["trial_id"], {}).get("per_class")) or \
             _download_per_class(client, best["run_id"])
-        base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get("pretrain_sha256"))
+        base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get(PRETRAIN_SHA_PARAM))
     page = build_sweep_report(sweep_name, rows, searched_keys=searched_keys, metric=metric, mode=mode,
                               best_per_class=best_pc, stage1_per_class=base_pc, val_annotations=val_annotations,
                               max_t=max_t)
@@ -360,16 +355,16 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
 # --------------------------------------------------------------------------------------------------------------
 # compare
 def _latest_sweep_run(client, experiment_id: str):
-    runs = search_tagged(client, experiment_id, {ROLE_TAG: "sweep"})
+    runs = search_tagged(client, experiment_id, {ROLE_TAG: ROLE_SWEEP})
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
 def format_compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Plain-text table: one line per sweep (its best trial)."""
     keys = sorted({k for r in rows for k in r["params"]})
-    header = ["sweep", "best trial", *TABLE_METRICS, "evals", "trials", *keys]
-    lines = [[str(r["sweep"]), str(r["trial_id"]), *(_fmt(r.get(m)) for m in TABLE_METRICS), str(r["iterations"]),
-              str(r["n_trials"]), *(str(r["params"].get(k, "—")) for k in keys)] for r in rows]
+    header = ["sweep", "best trial", *REPORT_TABLE_METRICS, "evals", "trials", *keys]
+    lines = [[str(r["sweep"]), str(r["trial_id"]), *(_fmt(r.get(m)) for m in REPORT_TABLE_METRICS),
+              str(r["iterations"]), str(r["n_trials"]), *(str(r["params"].get(k, "—")) for k in keys)] for r in rows]
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
@@ -403,22 +398,17 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     return out
 
 
-def compare_sweeps(sweeps: Sequence[str], tracking_uri: str | None = None,
-                   out_png: str | os.PathLike = Path("compare.png")) -> list[dict[str, Any]]:
+def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = Path("compare.png")
+                   ) -> list[dict[str, Any]]:
     """Best trial of each sweep (by the sweep's own metric/mode, default AP/max) side by side.
 
-    Prints a table (AP, AP50, APr, APc, APf, evaluations run, searched hyperparameters) and writes a PNG of
-    grouped bars to ``out_png``. ``tracking_uri`` defaults to the default sweep store,
-    ``sqlite:///<cwd>/results/mlflow.db``. Returns one dict per sweep.
+    ``client``: an MlflowClient of the store holding the sweeps (`ltsweep compare` opens it with
+    :func:`pipelines.mlflow_writer.open_store`). Prints a table (AP, AP50, APr, APc, APf, evaluations run, searched
+    hyperparameters) and writes a PNG of grouped bars to ``out_png``. Returns one dict per sweep.
     """
     if not sweeps:
         raise ConfigError("ltsweep compare: name at least one sweep (the `name:` of its YAML)")
-    uri = tracking_uri or default_tracking_uri(DEFAULT_STORAGE_PATH)
-    db = _sqlite_path(uri)
-    if db is not None and not db.is_file():
-        raise ConfigError(f"ltsweep compare: MLflow store {db} does not exist; run a sweep first or pass "
-                          f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)")
-    client = make_client(uri)
+    uri = client.tracking_uri
     out: list[dict[str, Any]] = []
     for name in sweeps:
         exp = client.get_experiment_by_name(name)
@@ -430,23 +420,23 @@ def compare_sweeps(sweeps: Sequence[str], tracking_uri: str | None = None,
         if parent is None:
             raise ConfigError(f"ltsweep compare: experiment {name!r} in {uri} has no ltsweep sweep run "
                               "(tag ltsweep.role=sweep); was it logged by `ltsweep sweep`?")
-        metric = parent.data.tags.get("ltsweep.metric", "AP")
-        mode = parent.data.tags.get("ltsweep.mode", "max")
+        metric = parent.data.tags.get(METRIC_TAG, "AP")
+        mode = parent.data.tags.get(MODE_TAG, "max")
         try:
-            searched = json.loads(parent.data.tags.get("ltsweep.searched_keys", "[]"))
+            searched = json.loads(parent.data.tags.get(SEARCHED_KEYS_TAG, "[]"))
         except ValueError:
             searched = []
         rows = trial_rows(client, exp.experiment_id, parent.info.run_id)
-        max_t = parent.data.tags.get("ltsweep.max_t")
+        max_t = parent.data.tags.get(MAX_T_TAG)
         max_t = int(max_t) if max_t else max((r["iterations"] for r in rows), default=0)
         best = best_row(rows, metric, mode, max_t)
         if best is None:
             raise ConfigError(f"ltsweep compare: sweep {name!r} has no trial that reported {metric} yet")
         params = {k: best["params"][k] for k in (searched or best["params"]) if k in best["params"]
-                  and k != "pretrain_sha256"}
+                  and k != PRETRAIN_SHA_PARAM}
         out.append({"sweep": name, "trial_id": best["trial_id"], "run_id": best["run_id"],
                     "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode,
-                    **{m: best.get(m) for m in TABLE_METRICS}, "iterations": best["iterations"],
+                    **{m: best.get(m) for m in REPORT_TABLE_METRICS}, "iterations": best["iterations"],
                     "n_trials": len(rows), "params": params})
     print(format_compare_table(out))
     png = plot_compare(out, out_png)

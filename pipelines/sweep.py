@@ -20,12 +20,9 @@ are, unfinished ones continue from their last checkpoints, errored ones are not 
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import importlib.util
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -33,144 +30,17 @@ from typing import Any, Callable, Optional, Sequence
 
 from filelock import FileLock
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
 
+from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
+from pipelines.callbacks import _tune_callbacks
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
 from pipelines.pretrain import Stage1Checkpoint, dataset_fingerprint, ensure_stage1, pretrain_root, stage1_key
+from pipelines.summary import SweepSummary, print_summary, summarize
 
 log = logging.getLogger(__name__)
 
 RESERVED_NAMES = {"pretrain", "train", "mlartifacts", "mlruns"}
-TABLE_METRICS = ("AP", "APr", "APc", "APf")
-
-
-# ---- results -----------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class TrialSummary:
-    trial_id: str
-    config: dict[str, Any]
-    metrics: dict[str, float]          # last reported AP, AP50, APr, APc, APf, loss
-    epochs: int                        # stage-2 epochs the trial trained
-    evaluations: int                   # results reported (Tune's training_iteration)
-    stopped_early: bool                # ended without error before max evaluations (ASHA)
-    error: Optional[str] = None
-    path: Optional[str] = None
-
-
-@dataclasses.dataclass
-class SweepSummary:
-    name: str
-    experiment_path: str
-    storage_path: str
-    tracking_uri: str
-    metric: str
-    mode: str
-    max_evaluations: int
-    trials: list[TrialSummary]
-    best: Optional[TrialSummary]
-    stage1: Optional[Stage1Checkpoint]
-    resumed: bool = False
-
-    @property
-    def trial_epochs(self) -> int:
-        return sum(t.epochs for t in self.trials)
-
-    @property
-    def stopped_early(self) -> int:
-        return sum(t.stopped_early for t in self.trials)
-
-    @property
-    def errored(self) -> int:
-        return sum(t.error is not None for t in self.trials)
-
-    def exit_code(self) -> int:
-        """0 unless no trial produced a result: a job whose every trial errored must not report SUCCEEDED."""
-        return 1 if not self.trials or self.errored == len(self.trials) else 0
-
-    def table(self) -> str:
-        """Fixed-width table of every trial (searched values, AP, APr, APc, APf, epochs, status)."""
-        keys = sorted({k for t in self.trials for k in t.config})
-        head = ["trial"] + keys + list(TABLE_METRICS) + ["epochs", "status"]
-        rows = []
-        for t in sorted(self.trials, key=lambda t: t.trial_id):
-            status = "ERROR" if t.error else ("stopped early" if t.stopped_early else "completed")
-            if self.best is not None and t.trial_id == self.best.trial_id:
-                status += " *best*"
-            rows.append([t.trial_id] + [_fmt(t.config.get(k)) for k in keys]
-                        + [_fmt(t.metrics.get(m)) for m in TABLE_METRICS] + [str(t.epochs), status])
-        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
-        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stage1"] = None if self.stage1 is None else {"sha256": self.stage1.sha256, "path": str(self.stage1.path),
-                                                        "trained": self.stage1.trained}
-        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored)
-        return d
-
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
-    return str(v)
-
-
-# ---- Tune callbacks ----------------------------------------------------------------------------------------------
-
-def _without_per_class(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "per_class"}
-
-
-class TBXLogger(TBXLoggerCallback):
-    """Tune's TensorBoard logger minus `per_class` (LVIS: 1203 scalars per evaluation); MLflow keeps it."""
-
-    def log_trial_result(self, iteration, trial, result):
-        super().log_trial_result(iteration, trial, _without_per_class(result))
-
-
-class CSVLogger(CSVLoggerCallback):
-    """Tune's progress.csv minus `per_class` (result.json keeps it)."""
-
-    def log_trial_result(self, iteration, trial, result):
-        super().log_trial_result(iteration, trial, _without_per_class(result))
-
-
-class ProgressPrinter(tune.Callback):
-    """One line per evaluation / trial end on the driver's stdout (instead of Tune's verbose result boxes)."""
-
-    def __init__(self, max_evals: int, searched_keys: Sequence[str]):
-        self.max_evals = max_evals
-        self.keys = list(searched_keys)
-
-    def _tag(self, trial) -> str:
-        cfg = " ".join(f"{k}={_fmt(trial.config.get(k))}" for k in self.keys)
-        return f"[{trial.trial_id} {cfg}]"
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        vals = "  ".join(f"{m} {_fmt(result.get(m))}" for m in (*TABLE_METRICS, "loss"))
-        print(f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
-              f"(epoch {result.get('epoch')}): {vals}", flush=True)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        n = int((trial.last_result or {}).get("training_iteration") or 0)
-        how = "finished" if n >= self.max_evals else f"stopped early by the scheduler after {n} evaluation(s)"
-        print(f"{self._tag(trial)} {how}", flush=True)
-
-    def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._tag(trial)} failed; retrying from its last checkpoint (see {trial.error_file})", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)
-
-
-def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool) -> list:
-    """TensorBoard + CSV loggers without the per-class dict, and (optionally) one progress line per report."""
-    return [TBXLogger(), CSVLogger()] + ([ProgressPrinter(max_evals, searched_keys)] if progress else [])
 
 
 # ---- setup helpers -----------------------------------------------------------------------------------------------
@@ -233,7 +103,11 @@ def _search_alg(cfg: ExperimentConfig):
                               "`pip install optuna` or set search.algorithm: basic")
         from ray.tune.search.optuna import OptunaSearch
 
-        return OptunaSearch(metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, seed=cfg.search.seed)
+        from pipelines.space import optuna_space
+
+        # define-by-run: the conditional space (ξ only for ACSL, ...) as Optuna suggestions; no Tune param_space
+        return OptunaSearch(space=optuna_space(cfg.space), metric=cfg.scheduler.metric, mode=cfg.scheduler.mode,
+                            seed=cfg.search.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself
@@ -241,18 +115,13 @@ def _search_alg(cfg: ExperimentConfig):
 
 
 def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Read-only objects every trial needs, computed once here and shipped through Ray's object store
-    (tune.with_parameters): the concurrent-rate matrix when some trial may use concurrent softmax."""
-    losses = {cfg.stage2.loss}
-    if "loss" in cfg.space:
-        losses |= set(cfg.space["loss"].values_to_check())
-    if "concurrent_softmax" not in losses:
-        return {}
-    from lt_models.concurrency import concurrent_rate_matrix
+    """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
+    concurrent softmax), computed once here and shipped through Ray's object store (tune.with_parameters)."""
+    from lt_models.engine import shared_loss_inputs
 
-    hierarchy = str(cfg.data.hierarchy) if cfg.data.hierarchy is not None else None
-    return {"concurrent_rate": concurrent_rate_matrix(str(cfg.data.train), hierarchy=hierarchy,
-                                                      hierarchy_rate=cfg.data.hierarchy_rate)}
+    d = cfg.data
+    return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
+                              cfg.choices("loss"))
 
 
 def sweep_params(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> dict[str, Any]:
@@ -292,7 +161,7 @@ def build_tuner(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint], *, re
                                     val_annotations=str(cfg.data.val))
     return tune.Tuner(
         trainable,
-        param_space=cfg.param_space(),
+        param_space=cfg.param_space() if cfg.search.algorithm == "basic" else None,
         tune_config=tune.TuneConfig(
             metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg),
             search_alg=_search_alg(cfg), num_samples=cfg.search.num_samples,
@@ -305,36 +174,6 @@ def build_tuner(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint], *, re
             callbacks=[mlflow_cb, *_tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress), *callbacks],
             verbose=verbose),
     )
-
-
-def summarize(cfg: ExperimentConfig, results, stage1: Optional[Stage1Checkpoint], resumed: bool) -> SweepSummary:
-    max_evals = cfg.evals_per_trial
-    trials = []
-    for r in results:
-        m = r.metrics or {}
-        evaluations = int(m.get("training_iteration") or 0)
-        err = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
-        trials.append(TrialSummary(
-            trial_id=str(m.get("trial_id") or Path(r.path).name), config=dict(r.config or {}),
-            metrics={k: float(m[k]) for k in ("AP", "AP50", "APr", "APc", "APf", "loss") if k in m},
-            epochs=int(m.get("epoch") or 0), evaluations=evaluations,
-            stopped_early=err is None and evaluations < max_evals, error=err, path=r.path))
-    best = pick_best(trials, cfg.scheduler.metric, cfg.scheduler.mode, max_evals)
-    return SweepSummary(name=cfg.name, experiment_path=str(experiment_path(cfg)),
-                        storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri_for(cfg),
-                        metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
-                        trials=trials, best=best, stage1=stage1, resumed=resumed)
-
-
-def pick_best(trials: Sequence[TrialSummary], metric: str, mode: str, max_evals: int) -> Optional[TrialSummary]:
-    """Best last-reported metric among trials that ran the full schedule (ASHA's survivors); among all trials
-    without error if none did."""
-    ok = [t for t in trials if t.error is None and math.isfinite(t.metrics.get(metric, float("nan")))]
-    full = [t for t in ok if t.evaluations >= max_evals] or ok
-    if not full:
-        return None
-    sign = 1 if mode == "max" else -1
-    return max(full, key=lambda t: (sign * t.metrics[metric], t.trial_id))
 
 
 # ---- entry points ------------------------------------------------------------------------------------------------
@@ -374,7 +213,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
     tuner = build_tuner(cfg, stage1, resume=resume, trainable_fn=trainable_fn, callbacks=callbacks, verbose=verbose,
                         progress=progress)
     results = tuner.fit()
-    return summarize(cfg, results, stage1, resumed=resume)
+    return summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
+                     tracking_uri=tracking_uri_for(cfg))
 
 
 SWEEP_RECORD = "ltsweep_sweep.json"
@@ -383,10 +223,9 @@ SWEEP_RECORD = "ltsweep_sweep.json"
 def _write_sweep_record(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> None:
     path = experiment_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / f".{SWEEP_RECORD}.tmp"
-    tmp.write_text(json.dumps({"config_fingerprint": cfg.fingerprint(),
-                               "stage1_sha256": stage1.sha256 if stage1 is not None else None}, indent=2))
-    os.replace(tmp, path / SWEEP_RECORD)
+    write_json_atomic(path / SWEEP_RECORD, {"config_fingerprint": cfg.fingerprint(),
+                                            "stage1_sha256": stage1.sha256 if stage1 is not None else None},
+                      indent=2)
 
 
 def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
@@ -424,22 +263,6 @@ def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLik
     return cfg.model_copy(update={"run": cfg.run.model_copy(update=update)}) if update else cfg
 
 
-def print_summary(summary: SweepSummary, file=None) -> None:
-    file = file or sys.stdout
-    print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
-          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored", file=file)
-    if summary.stage1 is not None:
-        how = "trained for this sweep" if summary.stage1.trained else "reused"
-        print(f"stage 1: {summary.stage1.sha256[:12]} ({how}) at {summary.stage1.path}", file=file)
-    print(summary.table(), file=file)
-    if summary.best is not None:
-        b = summary.best
-        print(f"best ({summary.metric}, {summary.mode}): {b.trial_id} {b.config} -> "
-              + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in TABLE_METRICS if k in b.metrics), file=file)
-    print(f"\nTensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
-    print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)
-
-
 def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrain: bool = False,
                         storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None
                         ) -> SweepSummary:
@@ -451,26 +274,7 @@ def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrai
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipelines.sweep", description="run a Ray Tune sweep from a YAML")
-    p.add_argument("config", type=Path)
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
-    p.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
-    p.add_argument("--storage-path", type=Path, default=None)
-    p.add_argument("--tracking-uri", default=None)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
-                                      storage_path=args.storage_path, tracking_uri=args.tracking_uri)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"pipelines.sweep: error: {exc}", file=sys.stderr)
-        return 2
-    if summary.exit_code():
-        print(f"pipelines.sweep: error: all {len(summary.trials)} trials of sweep '{summary.name}' failed; "
-              "see the trial errors above and in the Ray dashboard", file=sys.stderr)
-    return summary.exit_code()
+if __name__ == "__main__":  # `python -m pipelines.sweep CONFIG ...` is `ltsweep sweep CONFIG ...` (one CLI)
+    from pipelines.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["sweep", *sys.argv[1:]]))

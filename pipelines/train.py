@@ -13,16 +13,15 @@ result.json (the returned summary).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
+from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
-from pipelines.config import ExperimentConfig, to_train_spec
+from pipelines.config import ExperimentConfig, compute, train_spec
 from pipelines.pretrain import ensure_stage1
-
-SUMMARY_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration")
+from pipelines.schema import TRAIN_SUMMARY_METRICS
 
 
 def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> dict[str, Any]:
@@ -31,12 +30,12 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
 
     out = Path(out_dir) if out_dir is not None else Path(cfg.run.storage_path) / "train" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    threads = os.cpu_count() if cfg.resources.gpus_per_trial == 0 else max(1, int(cfg.resources.cpus_per_trial))
+    device, threads = compute(cfg, whole_machine=True)
     stage = cfg.train.stage
     summary: dict[str, Any] = {"name": cfg.name, "stage": stage, "out_dir": str(out)}
 
     if stage == "stage1":
-        spec = to_train_spec(cfg, "stage1", num_threads=threads, device="auto", progress=None)
+        spec = train_spec(cfg, "stage1", device=device, num_threads=threads, progress=None)
         metrics = engine.train(spec, out / "stage1")
     else:
         init = cfg.train.init_checkpoint if stage == "stage2" else None
@@ -49,18 +48,16 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
             raise ConfigError(f"{cfg.name}: train.stage is stage2 but there is no stage-1 checkpoint (stage1 is null); "
                               "set train.init_checkpoint or train.stage: hybrid")
         which = "stage2" if init is not None else "one_stage"
-        spec = to_train_spec(cfg, which, num_threads=threads, device="auto", progress=None)
+        spec = train_spec(cfg, which, device=device, num_threads=threads, progress=None)
         metrics = engine.train(spec, out / which, init_checkpoint=init)
         summary["stage"] = which if stage == "hybrid" else stage
 
     summary["checkpoint"] = metrics.get("checkpoint_dir")
-    summary["metrics"] = {k: metrics[k] for k in SUMMARY_KEYS if k in metrics}
+    summary["metrics"] = {k: metrics[k] for k in TRAIN_SUMMARY_METRICS if k in metrics}
     if isinstance(metrics.get("per_class"), dict):
         from lt_models.evaluation import write_per_class_csv
 
         write_per_class_csv(metrics, str(cfg.data.val), out / "per_class_ap.csv")
         summary["per_class_csv"] = str(out / "per_class_ap.csv")
-    tmp = out / ".result.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, out / "result.json")
+    write_json_atomic(out / "result.json", summary, indent=2, default=str)
     return summary

@@ -1,16 +1,17 @@
 """The Tune function trainable: one stage-2 (or one-stage) trial of a sweep.
 
 A trial
-  1. applies its sampled hyperparameters (λ, loss, ξ, decoupled, ...) to the experiment's stage-2 schedule;
+  1. builds its typed run spec from the experiment and its sampled values (`pipelines.config.train_spec`);
   2. starts from its own last checkpoint when Tune retries or resumes it (`tune.get_checkpoint()`), else from
      the shared stage-1 checkpoint (hybrid schedule), else from scratch (one-stage, `stage1: null`);
   3. runs `lt_models.engine.train`, whose `on_eval` hook reports AP, AP50, APr, APc, APf, loss, epoch,
      iteration, pretrain_sha256 and per_class to Tune at every evaluation, with the engine's checkpoint dir as
      the Tune checkpoint (Tune copies it to storage before `report` returns).
 
-Torch uses as many threads as the trial has CPUs, and CUDA when Ray gave the trial a GPU. A non-finite loss
-ends the trial with `TrialDivergedError` (the rest of the sweep goes on); a marker in the trial's working dir
-makes Tune's retries of that trial fail at once instead of re-running the same divergence.
+Torch uses as many threads as the trial has CPUs, and CUDA when Ray gave the trial a GPU (`config.compute`). A
+non-finite loss
+ends the trial with `TrialDivergedError` (the rest of the sweep goes on); a marker in the trial's
+working dir makes Tune's retries of that trial fail at once instead of re-running the same divergence.
 """
 from __future__ import annotations
 
@@ -21,10 +22,9 @@ from typing import Any, Optional
 
 from ray import tune
 
-from pipelines.config import ExperimentConfig, to_train_spec
+from pipelines.config import ExperimentConfig, compute, train_spec
+from pipelines.schema import RESULT_METRICS
 
-# scalar metrics copied from the engine's evaluation into every Tune result
-RESULT_KEYS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss")
 DIVERGED_MARKER = "DIVERGED.txt"
 
 
@@ -39,7 +39,7 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
 
 def build_result(metrics: dict[str, Any], pretrain_sha256: str) -> dict[str, Any]:
     """The dict reported to Tune from the engine's evaluation metrics."""
-    result: dict[str, Any] = {k: float(metrics[k]) for k in RESULT_KEYS if k in metrics}
+    result: dict[str, Any] = {k: float(metrics[k]) for k in RESULT_METRICS if k in metrics}
     result["epoch"] = int(metrics["epoch"])
     result["iteration"] = int(metrics["iteration"])
     result["pretrain_sha256"] = pretrain_sha256
@@ -50,31 +50,22 @@ def build_result(metrics: dict[str, Any], pretrain_sha256: str) -> dict[str, Any
 
 def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Optional[dict[str, str]] = None,
                 shared: Optional[dict[str, Any]] = None) -> None:
-    """Tune function trainable. `config`: the trial's sampled stage-2 values; the rest comes through
-    `tune.with_parameters`: `experiment` (the validated config), `stage1` ({"sha256", "checkpoint_dir"} of the
-    shared stage-1 checkpoint, or None for one-stage trials) and `shared` (read-only objects computed once by
-    the driver, e.g. the concurrent-rate matrix, put in Ray's object store)."""
-    import torch
-
+    """Tune function trainable. `config`: the trial's sampled stage-2 values (a Tune trial config); the rest comes
+    through `tune.with_parameters`: `experiment` (the validated config), `stage1` ({"sha256", "checkpoint_dir"} of
+    the shared stage-1 checkpoint, or None for one-stage trials) and `shared` (the engine's
+    `shared_loss_inputs`, computed once by the driver and put in Ray's object store)."""
     from lt_models import engine
 
     # one "Checkpoint successfully created" INFO line per report is noise next to the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    cfg = experiment
-    schedule = cfg.stage2_for_trial(config)
-    threads = max(1, int(cfg.resources.cpus_per_trial))
-    torch.set_num_threads(threads)
-    device = "cuda" if cfg.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu"
-
     workdir = Path.cwd()  # Tune runs each trial in its own working directory
     marker = workdir / DIVERGED_MARKER
     if marker.is_file():
         raise TrialDivergedError(marker.read_text())
 
-    stage = "stage2" if stage1 is not None else "one_stage"
-    spec = to_train_spec(cfg, stage, schedule, num_threads=threads, device=device)
-    if shared and schedule.loss == "concurrent_softmax" and shared.get("concurrent_rate") is not None:
-        spec.loss_kwargs = {**spec.loss_kwargs, "concurrent_rate": shared["concurrent_rate"]}
+    device, threads = compute(experiment)
+    spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
+                      num_threads=threads)
     sha = stage1["sha256"] if stage1 is not None else ""
 
     def on_eval(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
@@ -86,10 +77,10 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
         own = tune.get_checkpoint()
         if own is not None:  # a retry (FailureConfig) or a resumed sweep: continue exactly where it left off
             with own.as_directory() as ckpt_dir:
-                engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval)
+                engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval, shared=shared)
         else:
             init = stage1["checkpoint_dir"] if stage1 is not None else None
-            engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval)
+            engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval, shared=shared)
     except engine.NonFiniteLossError as exc:
         msg = (f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "
                "without it; to keep such settings, lower stage2.lr or raise stage2.warmup.")

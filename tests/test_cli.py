@@ -1,4 +1,4 @@
-"""The `ltsweep` command exposes exactly the subcommands DESIGN.md pins, and reports input errors as one line."""
+"""The `ltsweep` command exposes exactly its documented subcommands, and reports input errors as one line."""
 import pytest
 
 from lt_models.errors import AnnotationError

@@ -37,7 +37,9 @@ def test_packaged_search_spaces_load(name):
 
     cfg = load_experiment_config(search_spaces.path(name), check_data=False)
     space = cfg.param_space()
-    assert space and set(space) == set(cfg.space)
+    from pipelines.space import owner_of
+
+    assert space and set(space) == {k for k in cfg.space if owner_of(k) not in cfg.space}
     for key, prim in space.items():
         assert isinstance(prim, (dict, tune.search.sample.Domain)), (key, prim)
     assert cfg.run.storage_path.is_absolute() and cfg.data.train.is_absolute()
@@ -67,9 +69,12 @@ def test_primitive_table(tmp_path, base):
     space = load_experiment_config(_write(tmp_path, base)).param_space()
     assert isinstance(space["lam"], Float) and (space["lam"].lower, space["lam"].upper) == (0.1, 1.5)
     assert isinstance(space["lr"], Float) and isinstance(space["lr"].get_sampler(), Float._LogUniform)
-    assert isinstance(space["xi"].get_sampler(), Quantized) and space["xi"].get_sampler().q == 0.1
-    assert isinstance(space["loss"], Categorical) and space["loss"].categories == ["acsl", "concurrent_softmax"]
     assert isinstance(space["batch_size"], Integer)
+    # xi is ACSL's alone: it is sampled inside the acsl branch of the searched loss, never at the top level
+    assert "xi" not in space and isinstance(space["loss"], Categorical)
+    acsl, softmax = space["loss"].categories
+    assert softmax == "concurrent_softmax" and set(acsl) == {"loss", "xi"} and acsl["loss"] == "acsl"
+    assert isinstance(acsl["xi"].get_sampler(), Quantized) and acsl["xi"].get_sampler().q == 0.1
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
     assert load_experiment_config(_write(tmp_path, base)).param_space() == {"lam": tune.grid_search([0.0, 1.0])}
 
@@ -90,13 +95,13 @@ def test_unknown_keys_name_the_path_and_suggest(tmp_path, base):
 
 
 def test_lambda_range_fixed_and_searched(tmp_path, base):
-    base["stage2"]["lam"] = 2.5
+    base["stage2"]["lam"] = -0.5
     msg = _error(tmp_path, base)
-    assert "stage2.lam" in msg and "[0, 2]" in msg
+    assert "stage2.lam" in msg and "finite number >= 0" in msg
     base["stage2"]["lam"] = 0.7
-    base["space"] = {"lam": {"grid": [0.5, 2.5]}}
+    base["space"] = {"lam": {"grid": [0.5, float("inf")]}}
     msg = _error(tmp_path, base)
-    assert "space.lam.grid[1] = 2.5" in msg and "[0, 2]" in msg
+    assert "space.lam.grid[1] = inf" in msg and "finite number >= 0" in msg
     base["space"] = {"lam": {"uniform": [-0.1, 1.0]}}
     assert "space.lam.uniform[0] = -0.1" in _error(tmp_path, base)
 
@@ -105,7 +110,7 @@ def test_xi_range_fixed_and_searched(tmp_path, base):
     base["stage2"]["xi"] = 1.0
     msg = _error(tmp_path, base)
     assert "stage2.xi" in msg and "(0, 1)" in msg
-    base["stage2"]["xi"] = 0.7
+    base["stage2"].update(xi=0.7, loss="acsl")
     base["space"] = {"xi": {"uniform": [0.0, 0.9]}}
     msg = _error(tmp_path, base)
     assert "space.xi.uniform[0] = 0.0" in msg and "(0, 1)" in msg
@@ -152,7 +157,7 @@ def test_overrides(tmp_path, base):
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_train_config(p, ["stage2.lam"])
     with pytest.raises(ConfigError, match=r"stage2\.lam"):
-        load_train_config(p, ["stage2.lam=3"])
+        load_train_config(p, ["stage2.lam=-3"])
     raw = apply_overrides({"a": {"b": 1}}, ["a.c=x", "d.e=2"])
     assert raw == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
 
@@ -189,18 +194,99 @@ def test_optuna_search_is_optional(tmp_path, base):
 
 
 def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
-    from pipelines.config import to_train_spec
+    from lt_models.losses import LossSpec
+    from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER
+    from lt_models.samplers import SamplerSpec
+    from pipelines.config import train_spec
 
     base["stage1"] = {"epochs": 2, "lr": 0.03, "lr_steps": [1]}
     base["stage2"] = {"epochs": 4, "loss": "acsl", "xi": 0.3, "lam": 1.5, "decoupled": True, "samples_per_epoch": 32}
     cfg = load_experiment_config(_write(tmp_path, base))
-    s1 = to_train_spec(cfg, "stage1")
+    s1 = train_spec(cfg, "stage1")
     s1.validate()  # the engine's own checks: stage 1 is non-balance + softmax on all layers
-    assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == ("stage1", "nonbalance", "softmax", 2,
-                                                                               0.03, (1,))
-    s2 = to_train_spec(cfg, "stage2", cfg.stage2_for_trial({"lam": 0.3}), num_threads=2, device="cpu")
+    assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == ("stage1", STAGE1_SAMPLER, STAGE1_LOSS,
+                                                                               2, 0.03, (1,))
+    s2 = train_spec(cfg, "stage2", {"lam": 0.3}, num_threads=2, device="cpu")
     s2.validate()
-    assert (s2.stage, s2.sampler, s2.lam, s2.loss, s2.loss_kwargs, s2.decoupled) == (
-        "stage2", "softbalance", 0.3, "acsl", {"xi": 0.3}, "cls")
-    assert s2.sampler_kwargs == {"num_samples": 32} and s2.num_threads == 2 and s2.device == "cpu"
+    assert (s2.stage, s2.sampler, s2.loss, s2.decoupled) == (
+        "stage2", SamplerSpec("softbalance", lam=0.3, num_samples=32), LossSpec("acsl", xi=0.3), "cls")
+    assert s2.num_threads == 2 and s2.device == "cpu"
     assert s2.train_ann == str(cfg.data.train) and s2.eval_every == cfg.eval.every
+    # a Tune trial config from a conditional space (the chosen loss branch) gives the same typed spec
+    s3 = train_spec(cfg, "stage2", {"lam": 0.3, "loss": {"loss": "acsl", "xi": 0.3}}, num_threads=2, device="cpu")
+    assert s3 == s2
+
+
+def test_a_field_the_sampler_or_loss_does_not_read_is_an_error(tmp_path, base):
+    base["stage2"].update(sampler="nonbalance", lam=0.0)
+    base["space"] = {}
+    msg = _error(tmp_path, base)
+    assert "stage2.lam is ignored" in msg and "'nonbalance'" in msg and "softbalance" in msg
+    base["stage2"] = {"epochs": 4, "loss": "concurrent_softmax", "xi": 0.7}
+    assert "stage2.xi is ignored: loss 'concurrent_softmax' does not read it (only acsl does)" in _error(tmp_path, base)
+    base["stage2"] = {"epochs": 4, "sampler": "nonbalance"}
+    base["space"] = {"lam": {"grid": [0.0, 0.7]}}
+    assert "space.lam is ignored" in _error(tmp_path, base)
+    # read by one of the searched samplers / losses: fine, and sampled only for those
+    base["space"] = {"sampler": {"grid": ["nonbalance", "softbalance"]}, "lam": {"grid": [0.0, 0.7]}}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    trials = _variants(cfg)
+    assert sorted(map(str, trials)) == sorted(map(str, [{"sampler": "nonbalance"}, {"sampler": "softbalance", "lam": 0.0},
+                                                        {"sampler": "softbalance", "lam": 0.7}]))
+
+
+def _variants(cfg) -> list[dict]:
+    """The flat stage-2 values of every trial Tune's variant generator makes from cfg's space."""
+    import numpy as np
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipelines.space import trial_values
+
+    out = []
+    for _ in range(cfg.search.num_samples):
+        for _, spec in generate_variants(cfg.param_space(), random_state=np.random.default_rng(0)):
+            out.append(trial_values(spec))
+    return out
+
+
+@pytest.mark.parametrize("xi", [{"choice": [0.3, 0.5, 0.7]}, {"grid": [0.3, 0.5]}, {"uniform": [0.05, 0.95]}])
+def test_conditional_space_never_gives_a_non_acsl_trial_a_xi(tmp_path, base, xi):
+    base["space"] = {"lam": {"grid": [0.0, 0.5, 1.0]}, "loss": {"grid": ["concurrent_softmax", "acsl", "softmax"]},
+                     "xi": xi}
+    trials = _variants(load_experiment_config(_write(tmp_path, base)))
+    n_xi = len(xi["grid"]) if "grid" in xi else 1
+    assert len(trials) == 3 * (2 + n_xi)  # no duplicate trials that differ only in an unread ξ
+    for t in trials:
+        assert ("xi" in t) == (t["loss"] == "acsl"), t
+        if "xi" in t:
+            assert 0.0 < t["xi"] < 1.0
+    assert len({tuple(sorted(t.items())) for t in trials}) == len(trials)
+    # random search (joint.yaml): every sample is conditional too
+    joint = load_experiment_config(search_spaces.path("joint"), check_data=False)
+    for t in _variants(joint):
+        assert ("xi" in t) == (t["loss"] == "acsl"), t
+
+
+def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
+    from pipelines.space import optuna_space
+
+    class FakeTrial:  # records what Optuna would be asked to suggest
+        def __init__(self, loss):
+            self.loss, self.asked = loss, []
+
+        def suggest_categorical(self, name, choices):
+            self.asked.append(name)
+            return self.loss if name == "loss" else choices[0]
+
+        def suggest_float(self, name, low, high, log=False, step=None):
+            self.asked.append(name)
+            return low
+
+    base["search"] = {"algorithm": "optuna"}
+    base["space"] = {"xi": {"uniform": [0.1, 0.9]}, "loss": {"choice": ["acsl", "softmax"]},
+                     "lam": {"uniform": [0.0, 1.5]}}
+    define = optuna_space(load_experiment_config(_write(tmp_path, base)).space)
+    for loss, asked in (("acsl", ["loss", "lam", "xi"]), ("softmax", ["loss", "lam"])):
+        trial = FakeTrial(loss)
+        define(trial)
+        assert sorted(trial.asked) == sorted(asked)

@@ -14,6 +14,7 @@ from lt_models.datasets import LVISDetection, collate_detection
 from lt_models.detector import MultiLabelRoIHeads, TinyBody, build_detector, set_decoupled
 from lt_models.engine import build_optimizer, train_one_epoch
 from lt_models.errors import ConfigError
+from lt_models.losses import build_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -153,7 +154,7 @@ def test_inference_scores_come_from_the_loss():
     assert [s for s, _ in got] == pytest.approx([0.8, 0.7, 0.3, 0.05])
     # the real losses: sigmoid for ACSL / BCE, softmax for CE
     logits = torch.randn(5, 4)
-    torch.testing.assert_close(build_detector(3, loss="acsl", loss_kwargs={"xi": 0.7}).roi_heads.cls_loss.scores(
+    torch.testing.assert_close(build_detector(3, cls_loss=build_loss("acsl", xi=0.7)).roi_heads.cls_loss.scores(
         logits), torch.sigmoid(logits))
 
 
@@ -228,4 +229,4 @@ def test_resnet_presets_build_offline_at_paper_scale():
     with pytest.raises(ConfigError, match="decoupled"):
         build_detector(5, decoupled="everything")
     with pytest.raises(ConfigError, match="unknown loss"):
-        build_detector(5, loss="focal")
+        build_loss("focal")

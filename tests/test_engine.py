@@ -14,8 +14,11 @@ from PIL import Image
 from lt_models import engine
 from lt_models.datasets import LVISDetection, collate_detection
 from lt_models.detector import build_detector
-from lt_models.engine import (NonFiniteLossError, TrainSpec, build_lr_scheduler, build_optimizer, load_checkpoint,
-                              predict, save_checkpoint, stage1_spec, train, train_one_epoch)
+from lt_models.checkpoint import load_checkpoint, save_checkpoint
+from lt_models.engine import NonFiniteLossError, build_lr_scheduler, build_optimizer, predict, train, train_one_epoch
+from lt_models.losses import LossSpec, build_loss
+from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
+from lt_models.samplers import SamplerSpec
 from lt_models.errors import ConfigError
 
 
@@ -153,7 +156,7 @@ def test_save_load_reproduces_the_next_step_exactly(bench, tmp_path):
 
     def fresh(seed):
         torch.manual_seed(seed)
-        m = build_detector(4, loss="acsl", loss_kwargs={"xi": 0.5, "frequency": ["f", "c", "r", "c"]}, image_size=64)
+        m = build_detector(4, cls_loss=build_loss("acsl", xi=0.5, frequency=["f", "c", "r", "c"]), image_size=64)
         o = build_optimizer(m, lr=0.02)
         s = build_lr_scheduler(o, warmup=2, warmup_factor=0.1, milestones=[2])
         return m, o, s
@@ -249,12 +252,10 @@ def test_train_resume_matches_the_uninterrupted_run(bench, tmp_path):
 
 
 def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp_path):
-    trial = small_spec(bench, stage="stage2", sampler="softbalance", lam=0.7, loss="acsl",
-                       loss_kwargs={"xi": 0.7}, decoupled="cls", epochs=1, hierarchy_file=bench["hierarchy"])
-    s1 = stage1_spec(trial, epochs=1)
-    assert (s1.stage, s1.sampler, s1.loss, s1.decoupled, s1.lam, s1.loss_kwargs) == (
-        "stage1", "nonbalance", "softmax", False, None, {})
-    assert stage1_spec(dataclasses.replace(trial, lam=1.5, loss="bce", loss_kwargs={}), epochs=1) == s1
+    trial = small_spec(bench, stage="stage2", sampler=SamplerSpec("softbalance", lam=0.7), loss=LossSpec("acsl", xi=0.7),
+                       decoupled="cls", epochs=1, hierarchy_file=bench["hierarchy"])
+    s1 = small_spec(bench, stage="stage1", epochs=1, hierarchy_file=bench["hierarchy"])
+    assert (s1.sampler, s1.loss, s1.decoupled) == (STAGE1_SAMPLER, STAGE1_LOSS, False)
     m1 = train(s1, tmp_path / "s1")
     m2 = train(trial, tmp_path / "s2", init_checkpoint=m1["checkpoint_dir"])
     w1 = torch.load(os.path.join(m1["checkpoint_dir"], "checkpoint.pt"), weights_only=True)["model"]
@@ -266,8 +267,8 @@ def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp
 
 
 def test_concurrent_softmax_trains_with_the_rate_matrix_from_the_annotations(bench, tmp_path):
-    spec = small_spec(bench, loss="concurrent_softmax", sampler="softbalance", lam=0.5, epochs=1,
-                      hierarchy_file=bench["hierarchy"])
+    spec = small_spec(bench, loss=LossSpec("concurrent_softmax"), sampler=SamplerSpec("softbalance", lam=0.5),
+                      epochs=1, hierarchy_file=bench["hierarchy"])
     metrics = train(spec, tmp_path)
     assert math.isfinite(metrics["loss"]) and metrics["iteration"] == 2
 
@@ -275,7 +276,9 @@ def test_concurrent_softmax_trains_with_the_rate_matrix_from_the_annotations(ben
 def test_spec_validation_names_the_field():
     spec = TrainSpec(train_ann="t.json", val_ann="v.json")
     with pytest.raises(ConfigError, match="stage1"):
-        dataclasses.replace(spec, stage="stage1", loss="acsl").validate()
+        dataclasses.replace(spec, stage="stage1", loss=LossSpec("acsl", xi=0.7)).validate()
+    with pytest.raises(ConfigError, match="SamplerSpec"):
+        dataclasses.replace(spec, sampler="softbalance").validate()
     with pytest.raises(ConfigError, match="decoupled"):
         dataclasses.replace(spec, decoupled="cls").validate()
     with pytest.raises(ConfigError, match="lr_steps"):
@@ -285,3 +288,6 @@ def test_spec_validation_names_the_field():
     with pytest.raises(ConfigError, match="unknown field"):
         TrainSpec.from_dict({"train_ann": "a", "val_ann": "b", "learning_rate": 1})
     assert TrainSpec.from_dict(spec.to_dict()) == spec
+    typed = dataclasses.replace(spec, sampler=SamplerSpec("softbalance", lam=0.7, num_samples=8),
+                                loss=LossSpec("acsl", xi=0.3))
+    assert TrainSpec.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from lt_models.errors import AnnotationError
-from lt_models.evaluation import (_lvis_precision_recall, evaluate_lvis, format_results, load_detections,
-                                  per_class_table, plot_ap_by_frequency, write_per_class_csv)
+from lt_models.evaluation import (evaluate_lvis, format_results, load_detections, per_class_table,
+                                  plot_ap_by_frequency, write_per_class_csv)
+from lt_models.evaluation.lvis import _lvis_precision_recall
 from lt_models.lvis_compat import lvis_api_evaluate
 
 logging.getLogger("lvis").setLevel(logging.ERROR)
@@ -191,7 +192,7 @@ def test_bad_detections_are_named(tmp_path):
         evaluate_lvis(gt, [dict(dets[0], image_id=5)])
     p = tmp_path / "dets.json"
     p.write_text("[{\"image_id\": 1,")
-    with pytest.raises(AnnotationError, match="not valid JSON"):
+    with pytest.raises(AnnotationError, match="dets.json: malformed JSON"):
         load_detections(p)
     p.write_text(json.dumps([{"image_id": 1000, "category_id": 5, "bbox": [0, 0, 1, 1]}]))
     with pytest.raises(AnnotationError, match=r"dets.json: detection #0 has no 'score'"):

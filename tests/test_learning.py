@@ -17,7 +17,9 @@ import torch
 
 from lt_models.datasets import LVISDetection, collate_detection
 from lt_models.detector import build_detector
-from lt_models.engine import TrainSpec, load_model_weights, predict, train
+from lt_models.checkpoint import load_model_weights
+from lt_models.engine import predict, train
+from lt_models.run_spec import TrainSpec
 from lt_models.evaluation import evaluate_lvis
 from lt_models.synthetic import generate_benchmark
 

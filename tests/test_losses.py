@@ -235,20 +235,22 @@ def test_acsl_matches_eq5_to_eq7_on_background_single_and_multi_label_rows():
     assert torch.equal(~losses.acsl_ignored(z, y, xi), ref_w.bool())
 
 
-def test_acsl_xi0_single_label_row_equals_bce_and_bce_baseline():
+def test_acsl_with_nothing_ignored_equals_bce_and_bce_baseline():
+    # eq 5 with every weight 1 (no class suppressed) is plain sigmoid BCE summed over K, divided by N
     gen = torch.Generator().manual_seed(4)
     z = torch.randn(1, K, dtype=torch.float64, generator=gen)
     y = torch.zeros(1, K, dtype=torch.float64)
     y[0, 3] = 1.0
     a, b = z.clone().requires_grad_(), z.clone().requires_grad_()
-    loss = ACSLLoss(0.0)(a, y)
+    loss = losses.acsl_loss(a, y, torch.zeros_like(y, dtype=torch.bool))
     ref = F.binary_cross_entropy_with_logits(b, y, reduction="sum")
     loss.backward()
     ref.backward()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
     torch.testing.assert_close(a.grad, b.grad)
     zz, yy = rows_and_targets()
-    assert ACSLLoss(0.0)(zz, yy).item() == pytest.approx(build_loss("bce")(zz, yy).item(), rel=1e-12)
+    nothing = torch.zeros_like(yy, dtype=torch.bool)
+    assert losses.acsl_loss(zz, yy, nothing).item() == pytest.approx(build_loss("bce")(zz, yy).item(), rel=1e-12)
 
 
 def test_acsl_background_sampling_shares_and_reproducibility():

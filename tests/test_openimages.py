@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lt_models.datasets import LVISDetection, load_hierarchy, load_lvis_json, name_to_cat_id
+from lt_models.annotations import load_hierarchy, name_to_cat_id
+from lt_models.datasets import LVISDetection, load_lvis_json
 from lt_models.errors import AnnotationError
 from lt_models.openimages import convert_openimages
 

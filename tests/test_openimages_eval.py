@@ -3,12 +3,15 @@
 Hierarchy used throughout: root -> Animal -> {Cat, Dog}; root -> Vehicle. Category ids: Animal 1, Cat 2, Dog 3,
 Vehicle 4. AP is the VOC area under the monotone PR curve; mAP averages the classes that have ground truth.
 """
+import csv
 import json
 
 import pytest
 
 from lt_models.errors import AnnotationError
 from lt_models.evaluation import evaluate_openimages
+from lt_models.openimages import convert_openimages
+from pipelines.cli import main
 
 ANIMAL, CAT, DOG, VEHICLE = 1, 2, 3, 4
 HIERARCHY = {"LabelName": "root", "Subcategory": [
@@ -129,7 +132,50 @@ def test_hierarchy_file_and_errors(tmp_path):
     with pytest.raises(AnnotationError, match="LabelName"):
         evaluate_openimages(gt, [], path)
     path.write_text(json.dumps({"LabelName": "/m/0bl9f", "Subcategory": [{"LabelName": "/m/01yrx"}]}))
-    with pytest.raises(AnnotationError, match="no LabelName matches a category name"):
+    with pytest.raises(AnnotationError, match="no hierarchy LabelName matches a category name or MID"):
         evaluate_openimages(gt, [], path)
     with pytest.raises(AnnotationError, match="category_id 99"):
         evaluate_openimages(gt, [_det(1, 99, [0, 0, 1, 1], 0.5)], HIERARCHY)
+
+
+def test_convert_and_evaluate_with_the_same_mid_keyed_hierarchy(tmp_path, capsys):
+    """The official hierarchy file is keyed by MIDs: the file that converts the CSVs must also evaluate them.
+
+    Classes Fruit (/m/fruit) > {Apple, Banana}; after conversion Fruit 1, Apple 2, Banana 3. Images are 100x100.
+    Image 1: an Apple box [10, 10, 40, 40] and a Banana box [60, 60, 30, 30]. Image 2: a Banana box [0, 0, 50, 50]
+    and Apple verified absent. Expanded gt: Fruit has all 3 boxes.
+    """
+    hierarchy = tmp_path / "bbox_labels_600_hierarchy.json"
+    hierarchy.write_text(json.dumps({"LabelName": "/m/0bl9f", "Subcategory": [
+        {"LabelName": "/m/fruit", "Subcategory": [{"LabelName": "/m/apple"}, {"LabelName": "/m/banana"}]}]}))
+    (tmp_path / "classes.csv").write_text("/m/fruit,Fruit\n/m/apple,Apple\n/m/banana,Banana\n")
+    with open(tmp_path / "boxes.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "ImageWidth", "ImageHeight"])
+        w.writerow(["i1", "/m/apple", 0.1, 0.5, 0.1, 0.5, 0, 100, 100])
+        w.writerow(["i1", "/m/banana", 0.6, 0.9, 0.6, 0.9, 0, 100, 100])
+        w.writerow(["i2", "/m/banana", 0.0, 0.5, 0.0, 0.5, 0, 100, 100])
+    (tmp_path / "labels.csv").write_text("ImageID,LabelName,Confidence\ni1,/m/apple,1\ni2,/m/apple,0\n")
+    gt = tmp_path / "oi.json"
+    convert_openimages(tmp_path / "boxes.csv", tmp_path / "labels.csv", tmp_path / "classes.csv", hierarchy, gt)
+    ids = {c["mid"]: c["id"] for c in json.loads(gt.read_text())["categories"]}
+    fruit, apple, banana = ids["/m/fruit"], ids["/m/apple"], ids["/m/banana"]
+    dets = [_det(1, apple, [60, 60, 30, 30], 0.95),   # Apple FP (on the banana)
+            _det(1, apple, [10, 10, 40, 40], 0.9),    # Apple TP
+            _det(2, apple, [0, 0, 50, 50], 0.8),      # Apple verified absent in image 2: FP -> AP(Apple) = 1/2
+            _det(1, banana, [60, 60, 30, 30], 0.7),   # Banana TP
+            _det(2, banana, [0, 0, 50, 50], 0.6),     # Banana TP -> AP(Banana) = 1
+            _det(2, fruit, [0, 0, 50, 50], 0.5)]      # Fruit TP on the expanded banana box: 1 of 3 -> AP 1/3
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    rc = main(["eval", "--openimages", "--gt", str(gt), "--dets", str(tmp_path / "dets.json"),
+               "--hierarchy", str(hierarchy), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["per_class"] == {str(fruit): pytest.approx(1 / 3), str(apple): 0.5, str(banana): 1.0}
+    assert res["AP"] == res["AP50"] == pytest.approx((1 / 3 + 0.5 + 1.0) / 3)
+    assert res["num_classes_evaluated"] == 3
+    # the same numbers as a hierarchy keyed by the converted category names
+    by_name = {"LabelName": "root", "Subcategory": [
+        {"LabelName": "Fruit", "Subcategory": [{"LabelName": "Apple"}, {"LabelName": "Banana"}]}]}
+    assert evaluate_openimages(gt, dets, by_name)["per_class"] == {int(k): v for k, v in res["per_class"].items()}

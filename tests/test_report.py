@@ -1,4 +1,5 @@
-"""Sweep report and `compare` (pipelines/report.py), plus the callback's run statuses, without Ray.
+"""Sweep report and `compare` (pipelines/report.py), plus the callback's run statuses (pipelines/tracking.py ->
+pipelines/mlflow_writer.py), without Ray.
 
 The callback is driven here by hand with stand-in trials (the real Tune path is tested in test_tracking.py), so
 these tests take seconds; every MLflow read and write is real (a sqlite store shared by the module).
@@ -12,8 +13,10 @@ import pytest
 from mlflow import MlflowClient
 
 from lt_models.errors import ConfigError
-from pipelines.report import build_sweep_report, compare_sweeps, format_compare_table, plot_ap_by_rank
-from pipelines.tracking import MLflowSweepCallback, default_tracking_uri, log_pretrain_run, search_tagged
+from pipelines.mlflow_store import default_tracking_uri, open_store
+from pipelines.mlflow_writer import log_pretrain_run
+from pipelines.report import build_sweep_report, compare_sweeps, format_compare_table, plot_ap_by_rank, search_tagged
+from pipelines.tracking import MLflowSweepCallback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -129,7 +132,7 @@ def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
     fake_sweep(uri, "cmp-a", [[0.1, 0.4], [0.3, 0.35]])
     fake_sweep(uri, "cmp-b", [[0.7], [0.5, 0.45, 0.6]])
     fake_sweep(uri, "cmp-loss", [[0.1, 0.4, 0.5], [0.3, 0.35, 0.2], [0.05]], metric="loss", mode="min")
-    rows = compare_sweeps(["cmp-a", "cmp-b", "cmp-loss"], tracking_uri=uri, out_png=tmp_path / "c.png")
+    rows = compare_sweeps(open_store(uri), ["cmp-a", "cmp-b", "cmp-loss"], out_png=tmp_path / "c.png")
     out = capsys.readouterr().out
     # best = best final metric among trials that ran all max_t=3 evaluations (ASHA's survivors), as in the sweep
     # summary: cmp-a has none, so all count; cmp-b's survivor beats the higher AP of a trial stopped after one
@@ -144,14 +147,15 @@ def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
 
 def test_compare_errors_name_the_problem(store, tmp_path):
     missing = tmp_path / "nowhere" / "mlflow.db"
-    with pytest.raises(ConfigError, match=r"nowhere/mlflow.db does not exist.*--tracking-uri"):
-        compare_sweeps(["x"], tracking_uri=f"sqlite:///{missing}", out_png=tmp_path / "c.png")
+    with pytest.raises(ConfigError, match=r"ltsweep compare: MLflow store .*nowhere/mlflow.db does not exist.*"
+                                          r"--tracking-uri"):
+        open_store(f"sqlite:///{missing}")
     assert not missing.parent.exists()  # no empty store was created on the way
     fake_sweep(store["uri"], "known-sweep", [[0.1]])
     with pytest.raises(ConfigError, match=r"no sweep named 'unknwon'.*known-sweep"):
-        compare_sweeps(["unknwon"], tracking_uri=store["uri"], out_png=tmp_path / "c.png")
+        compare_sweeps(open_store(store["uri"]), ["unknwon"], out_png=tmp_path / "c.png")
     with pytest.raises(ConfigError, match="name at least one sweep"):
-        compare_sweeps([], tracking_uri=store["uri"])
+        compare_sweeps(open_store(store["uri"]), [])
     assert not (tmp_path / "c.png").exists()
 
 

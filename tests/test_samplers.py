@@ -13,6 +13,7 @@ from lt_models.samplers import (
     ClassAwareSampler,
     RepeatFactorSampler,
     SoftBalanceSampler,
+    SamplerSpec,
     build_sampler,
     class_to_images,
     repeat_factors,
@@ -156,9 +157,9 @@ def test_unlabelled_image_never_drawn():
 def test_seeds_and_epochs(name):
     (indptr, labels), C = long_tail_table(num_images=500)
     kw = {"lam": 0.7} if name == "softbalance" else {}
-    a = build_sampler(name, indptr, labels, C, seed=3, **kw)
-    b = build_sampler(name, indptr, labels, C, seed=3, **kw)
-    c = build_sampler(name, indptr, labels, C, seed=4, **kw)
+    a = build_sampler(SamplerSpec(name, **kw), indptr, labels, C, seed=3)
+    b = build_sampler(SamplerSpec(name, **kw), indptr, labels, C, seed=3)
+    c = build_sampler(SamplerSpec(name, **kw), indptr, labels, C, seed=4)
     assert list(a) == list(b)
     assert list(a) != list(c)
     e0 = list(a)
@@ -174,7 +175,7 @@ def test_epoch_length_and_nonbalance_is_permutation():
     (indptr, labels), C = long_tail_table(num_images=700)
     assert len(SoftBalanceSampler(indptr, labels, C, lam=0.7)) == 700
     assert len(SoftBalanceSampler(indptr, labels, C, lam=0.7, num_samples=123)) == 123
-    nb = build_sampler("nonbalance", indptr, labels, C, lam=0.7)  # lam belongs to softbalance: ignored
+    nb = build_sampler(SamplerSpec("nonbalance"), indptr, labels, C)
     e = list(nb)
     assert sorted(e) == list(range(700)) and e != list(range(700))
 
@@ -184,7 +185,7 @@ def test_classaware_is_softbalance_lambda_one():
     ca = ClassAwareSampler(indptr, labels, C, seed=9)
     sb = SoftBalanceSampler(indptr, labels, C, lam=1.0, seed=9)
     assert list(ca) == list(sb)
-    assert isinstance(build_sampler("classaware", indptr, labels, C), ClassAwareSampler)
+    assert isinstance(build_sampler(SamplerSpec("classaware"), indptr, labels, C), ClassAwareSampler)
 
 
 # ---------------------------------------------------------------------------------------------------- shards
@@ -193,12 +194,12 @@ def test_classaware_is_softbalance_lambda_one():
 def test_shards_disjoint_equal_and_cover_epoch(name, world_size):
     (indptr, labels), C = long_tail_table(num_images=1001)
     kw = {"lam": 0.7} if name == "softbalance" else {}
-    full = build_sampler(name, indptr, labels, C, seed=5, **kw)
+    full = build_sampler(SamplerSpec(name, **kw), indptr, labels, C, seed=5)
     full.set_epoch(2)
     epoch = np.array(list(full))
     shards = []
     for rank in range(world_size):
-        s = build_sampler(name, indptr, labels, C, seed=5, rank=rank, world_size=world_size, **kw)
+        s = build_sampler(SamplerSpec(name, **kw), indptr, labels, C, seed=5, rank=rank, world_size=world_size)
         s.set_epoch(2)
         shards.append(np.array(list(s)))
         assert len(shards[-1]) == len(s)
@@ -262,26 +263,38 @@ def test_repeat_factor_sampler_stochastic_rounding():
 def test_repeat_factor_bad_threshold():
     (indptr, labels), C, _ = hand_example()
     with pytest.raises(ConfigError, match="threshold"):
-        build_sampler("repeatfactor", indptr, labels, C, threshold=-1)
+        build_sampler(SamplerSpec("repeatfactor", threshold=-1), indptr, labels, C)
 
 
 # ----------------------------------------------------------------------------------------------- plumbing
-def test_build_sampler_errors():
+def test_sampler_spec_errors():
     (indptr, labels), C, _ = hand_example()
     with pytest.raises(ConfigError, match="unknown sampler"):
-        build_sampler("balanced", indptr, labels, C)
-    with pytest.raises(ConfigError, match="unknown option"):
-        build_sampler("softbalance", indptr, labels, C, lam=0.5, lamda=0.5)
+        SamplerSpec("balanced")
+    with pytest.raises(TypeError, match="lamda"):
+        SamplerSpec("softbalance", lam=0.5, lamda=0.5)
     with pytest.raises(ConfigError, match="needs lam"):
-        build_sampler("softbalance", indptr, labels, C)
-    with pytest.raises(ConfigError, match="lam"):
-        build_sampler("softbalance", indptr, labels, C, lam=-1)
-    with pytest.raises(ConfigError, match="world_size"):
-        build_sampler("nonbalance", indptr, labels, C, world_size=0)
+        SamplerSpec("softbalance")
+    for bad in (-1, float("inf"), float("nan"), "abc"):
+        with pytest.raises(ConfigError, match=r"lam = .*finite number >= 0"):
+            SamplerSpec("softbalance", lam=bad)
     with pytest.raises(ConfigError, match="num_samples"):
-        build_sampler("softbalance", indptr, labels, C, lam=0.5, num_samples=0)
+        SamplerSpec("softbalance", lam=0.5, num_samples=0)
+    with pytest.raises(ConfigError, match="world_size"):
+        build_sampler(SamplerSpec("nonbalance"), indptr, labels, C, world_size=0)
     with pytest.raises(ConfigError, match="epoch"):
-        build_sampler("nonbalance", indptr, labels, C).set_epoch(-1)
+        build_sampler(SamplerSpec("nonbalance"), indptr, labels, C).set_epoch(-1)
+    with pytest.raises(ConfigError, match="SamplerSpec"):
+        build_sampler("softbalance", indptr, labels, C)  # noqa: the name alone is not a spec
+
+
+def test_an_option_the_sampler_does_not_read_is_an_error():
+    with pytest.raises(ConfigError, match="lam is ignored by sampler 'nonbalance'.*use sampler softbalance"):
+        SamplerSpec("nonbalance", lam=0.7)
+    with pytest.raises(ConfigError, match="threshold is ignored by sampler 'softbalance'.*repeatfactor"):
+        SamplerSpec("softbalance", lam=0.7, threshold=0.001)
+    assert SamplerSpec("softbalance", lam=1, num_samples=5).options() == {"lam": 1.0, "num_samples": 5}
+    assert SamplerSpec("repeatfactor").options() == {}
 
 
 def test_works_with_dataloader():

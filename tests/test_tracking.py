@@ -1,4 +1,4 @@
-"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking.py, pipelines/report.py).
+"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking.py -> mlflow_writer.py -> report.py).
 
 The trials here are a small test-local function trainable that reports synthetic metrics (a closed form of the
 config and the iteration, plus `per_class`), so the callback is exercised through Tune in seconds; the real-engine
@@ -25,8 +25,10 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from pipelines import cli  # noqa: E402
-from pipelines.tracking import (METRIC_KEYS, MLflowSweepCallback, default_tracking_uri,  # noqa: E402
-                                log_pretrain_run, search_tagged)
+from pipelines.report import search_tagged  # noqa: E402
+from pipelines.schema import MLFLOW_TRIAL_METRICS  # noqa: E402
+# default_tracking_uri and log_pretrain_run through tracking's re-exports, which pretrain.py and sweep.py use
+from pipelines.tracking import MLflowSweepCallback, default_tracking_uri, log_pretrain_run  # noqa: E402
 
 CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = common, 1 = rare
 
@@ -176,7 +178,7 @@ def runs_of(client, name: str, role: str) -> list:
 
 def assert_history(client, run_id: str, config: dict, steps: list[int]) -> None:
     """Every metric key has exactly one value per step, equal to the trainable's closed form."""
-    for key in METRIC_KEYS:
+    for key in MLFLOW_TRIAL_METRICS:
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         assert [m.step for m in hist] == steps, (key, [m.step for m in hist])
         for m in hist:
@@ -425,3 +427,20 @@ def test_parent_run_is_per_sweep_instance_and_survives_pickling(store):
     assert len(runs_of(client, "same-name", "trial")) == 1
     hist = client.get_metric_history(cb.trial_run_id("t1"), "AP")
     assert sorted((m.step, m.value) for m in hist) == [(1, 0.1), (2, 0.2)]
+
+
+def test_callback_pickled_before_the_writer_existed_continues_its_runs(store):
+    """A tuner.pkl written by an older ltsweep holds the callback's own fields (no writer): restoring it rebuilds the
+    writer with the same sweep uid, so the sweep continues its parent run."""
+    import pickle
+
+    uri = store["uri"]
+    cb = MLflowSweepCallback(uri, "old-pickle", {"a": 1}, ["lam"])
+    cb.setup()
+    old = MLflowSweepCallback.__new__(MLflowSweepCallback)
+    old.__setstate__({"tracking_uri": uri, "sweep_name": "old-pickle", "sweep_params": {"a": 1},
+                      "searched_keys": ["lam"], "val_annotations": None, "sweep_uid": cb.writer.sweep_uid})
+    restored = pickle.loads(pickle.dumps(old))
+    restored.setup()
+    assert restored.parent_run_id == cb.parent_run_id
+    assert len(runs_of(MlflowClient(uri), "old-pickle", "sweep")) == 1

@@ -1,0 +1,62 @@
+"""The sweep's Tune callbacks besides MLflow: TensorBoard and CSV loggers, and one progress line per evaluation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+
+from pipelines.schema import BUCKET_METRICS
+from pipelines.space import trial_values
+from pipelines.summary import format_value
+
+
+def _without_per_class(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "per_class"}
+
+
+class TBXLogger(TBXLoggerCallback):
+    """Tune's TensorBoard logger minus `per_class` (LVIS: 1203 scalars per evaluation); MLflow keeps it."""
+
+    def log_trial_result(self, iteration, trial, result):
+        super().log_trial_result(iteration, trial, _without_per_class(result))
+
+
+class CSVLogger(CSVLoggerCallback):
+    """Tune's progress.csv minus `per_class` (result.json keeps it)."""
+
+    def log_trial_result(self, iteration, trial, result):
+        super().log_trial_result(iteration, trial, _without_per_class(result))
+
+
+class ProgressPrinter(tune.Callback):
+    """One line per evaluation / trial end on the driver's stdout (instead of Tune's verbose result boxes)."""
+
+    def __init__(self, max_evals: int, searched_keys: Sequence[str]):
+        self.max_evals = max_evals
+        self.keys = list(searched_keys)
+
+    def _tag(self, trial) -> str:
+        cfg = " ".join(f"{k}={format_value(trial_values(trial.config).get(k))}" for k in self.keys)
+        return f"[{trial.trial_id} {cfg}]"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        vals = "  ".join(f"{m} {format_value(result.get(m))}" for m in (*BUCKET_METRICS, "loss"))
+        print(f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
+              f"(epoch {result.get('epoch')}): {vals}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        n = int((trial.last_result or {}).get("training_iteration") or 0)
+        how = "finished" if n >= self.max_evals else f"stopped early by the scheduler after {n} evaluation(s)"
+        print(f"{self._tag(trial)} {how}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        print(f"{self._tag(trial)} failed; retrying from its last checkpoint (see {trial.error_file})", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)
+
+
+def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool) -> list:
+    """TensorBoard + CSV loggers without the per-class dict, and (optionally) one progress line per report."""
+    return [TBXLogger(), CSVLogger()] + ([ProgressPrinter(max_evals, searched_keys)] if progress else [])

@@ -1,0 +1,301 @@
+"""The experiment config: one YAML file describes a whole sweep (or one `ltsweep train` run).
+
+pydantic models with unknown keys forbidden; `pipelines.config` reads the YAML into them and reports every
+problem as one line naming the file, the key path and the fix. Layout (every section but `name`/`data` has
+defaults; see search_spaces/*.yaml):
+
+    name: demo                      # sweep name: Tune run dir and MLflow experiment
+    seed: 0
+    data: {train, val, image_dir, val_image_dir, hierarchy, expand_parents, hierarchy_rate, synthetic, ...}
+    model: {backbone, image_size, weights}
+    stage1: {epochs, batch_size, lr, warmup, lr_steps, grad_clip, workers}   # null: one-stage trials
+    stage2: {... same fields ..., sampler, lam, samples_per_epoch, rfs_threshold,
+             loss, xi, eql_lambda, decoupled}                                  # what every trial trains
+    eval: {every}                   # evaluate (and report to Tune) every N epochs
+    resources: {cpus_per_trial, gpus_per_trial}
+    scheduler: {type: asha|fifo, metric, mode, grace_period, reduction_factor, max_t}   # counted in evaluations
+    search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed}
+    space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
+    run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
+    train: {stage: hybrid|stage1|stage2, init_checkpoint}   # only used by `ltsweep train`
+
+Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda) are read only by some
+samplers / losses; the space samples them only for those (pipelines.space), and setting one that no trial reads is
+an error.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lt_models.detector import BACKBONES
+from lt_models.errors import ConfigError
+from lt_models.losses import LOSS_PARAMS, LOSSES, LossSpec, check_loss_param
+from lt_models.samplers import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
+from pipelines.schema import SCHEDULER_METRICS
+from pipelines.space import (LOSS_FIELDS, SAMPLER_FIELDS, SpaceParam, is_read, owner_of, readers, trial_values,
+                             tune_param_space)
+
+
+def _one_of(value: str, known, what: str) -> str:
+    if value not in known:
+        raise ValueError(f"unknown {what} {value!r}; use one of {', '.join(known)}")
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    train: Path = Field(description="training annotations (LVIS-format JSON)")
+    val: Path = Field(description="validation annotations (LVIS-format JSON)")
+    image_dir: Optional[Path] = Field(None, description="train images; default <train dir>/images")
+    val_image_dir: Optional[Path] = Field(None, description="val images; default <val dir>/images")
+    hierarchy: Optional[Path] = Field(None, description="class hierarchy JSON (Open Images style)")
+    expand_parents: bool = Field(False, description="also label every object with its hierarchy parents")
+    hierarchy_rate: float = Field(1.0, ge=0.0, le=1.0, description="r_ij for leaf/parent pairs: 1.0 = a parent never suppresses its leaf (eq 5 reading), 0.0 = the paper's literal r_ij = 0")
+    synthetic: Optional[Literal["demo", "bench"]] = Field(
+        None, description="if the annotation files are absent, generate this synthetic preset there first")
+    synthetic_seed: int = 0
+
+
+class ModelConfig(_Strict):
+    backbone: str = Field("tiny", description="tiny (CPU), resnet18_fpn, resnet50_fpn (the papers')")
+    image_size: Optional[int] = Field(None, ge=32, description="shorter image side in pixels; null = the "
+                                      "backbone's default (tiny: 128, resnet50_fpn: 800)")
+    weights: Optional[Path] = Field(None, description="local backbone weights file (never downloaded)")
+
+    _backbone_name = field_validator("backbone")(lambda v: _one_of(v, BACKBONES, "backbone"))
+
+
+class ScheduleConfig(_Strict):
+    """Fields shared by both stages (units as in lt_models.engine.TrainSpec)."""
+
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(0.02, gt=0.0, description="base LR for the whole batch (papers: 0.00125 x batch size)")
+    warmup: int = Field(100, ge=0, description="linear warm-up iterations")
+    lr_steps: list[int] = Field(default_factory=list, description="epochs after which lr is divided by 10")
+    grad_clip: Optional[float] = Field(10.0, gt=0.0, description="max gradient norm; null disables clipping")
+    workers: int = Field(0, ge=0, description="data loader worker processes")
+
+    @model_validator(mode="after")
+    def _steps_within_schedule(self):
+        bad = [s for s in self.lr_steps if not 0 < s < self.epochs]
+        if bad or self.lr_steps != sorted(set(self.lr_steps)):
+            raise ValueError(f"lr_steps {self.lr_steps} must be increasing epochs strictly between 0 and "
+                             f"epochs={self.epochs}")
+        return self
+
+
+class Stage1Config(ScheduleConfig):
+    """The shared stage of the hybrid schedule (concurrent-softmax paper §4): non-balance sampling + softmax CE on
+    all layers, trained once per (config, dataset) and restored by every trial."""
+
+    epochs: int = Field(4, ge=1)
+
+
+class Stage2Config(ScheduleConfig):
+    """What every trial trains: a sampler + a loss, from stage 1 (or from scratch when stage1 is null). These are
+    the fields a search space may vary. The sampler and loss fields are checked by the modules that own their
+    equations (lt_models.samplers / lt_models.losses); a field that the chosen sampler or loss does not read is an
+    error at the experiment level."""
+
+    epochs: int = Field(6, ge=1)
+    lr: float = Field(0.01, gt=0.0)
+    sampler: str = "softbalance"
+    lam: float = Field(0.7, description="soft-balance λ >= 0 (sampler softbalance)")
+    samples_per_epoch: Optional[int] = Field(
+        None, description="images drawn per epoch by softbalance/classaware (default: the training set size)")
+    rfs_threshold: Optional[float] = Field(None, description="repeat-factor threshold t (sampler repeatfactor; "
+                                           "default 0.001)")
+    loss: str = "concurrent_softmax"
+    xi: float = Field(0.7, description="ACSL threshold ξ in (0, 1) (loss acsl)")
+    eql_lambda: Optional[float] = Field(None, description="EQL tail threshold λ in [0, 1] (loss eql; default "
+                                        "1.76e-3)")
+    decoupled: Union[bool, Literal["cls", "box_head"]] = Field(
+        False, description="true/cls = train only the classifier (ACSL's decoupled stage 2); box_head = whole box head")
+
+    _sampler_name = field_validator("sampler")(lambda v: _one_of(v, SAMPLERS, "sampler"))
+    _loss_name = field_validator("loss")(lambda v: _one_of(v, LOSSES, "loss"))
+
+    @field_validator("lam", "samples_per_epoch", "rfs_threshold")
+    @classmethod
+    def _sampler_option(cls, v, info):
+        return v if v is None else check_sampler_option(SAMPLER_FIELDS[info.field_name], v)
+
+    @field_validator("xi", "eql_lambda")
+    @classmethod
+    def _loss_param(cls, v, info):
+        return v if v is None else check_loss_param(LOSS_FIELDS[info.field_name], v)
+
+    @field_validator("decoupled")
+    @classmethod
+    def _decoupled_mode(cls, v):
+        return "cls" if v is True else v
+
+    def sampler_spec(self) -> SamplerSpec:
+        """The typed sampler of these values: only the options the chosen sampler reads."""
+        return SamplerSpec(self.sampler, **_read_by(self, SAMPLER_FIELDS, SAMPLER_OPTIONS[self.sampler]))
+
+    def loss_spec(self) -> LossSpec:
+        """The typed loss of these values: only the hyperparameters the chosen loss reads."""
+        return LossSpec(self.loss, **_read_by(self, LOSS_FIELDS, LOSS_PARAMS[self.loss]))
+
+
+def _read_by(values: Stage2Config, fields: dict[str, str], reads: tuple[str, ...]) -> dict[str, Any]:
+    return {spec: getattr(values, yaml) for yaml, spec in fields.items()
+            if spec in reads and getattr(values, yaml) is not None}
+
+
+class EvalConfig(_Strict):
+    every: int = Field(1, ge=1, description="evaluate and report to Tune every N epochs")
+
+
+class ResourcesConfig(_Strict):
+    cpus_per_trial: float = Field(1.0, gt=0.0)
+    gpus_per_trial: float = Field(0.0, ge=0.0)
+
+
+class SchedulerConfig(_Strict):
+    type: Literal["asha", "fifo"] = "asha"
+    metric: str = "AP"
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
+    reduction_factor: float = Field(2.0, gt=1.0)
+    max_t: Optional[int] = Field(None, ge=1, description="evaluations per trial; default stage2.epochs / eval.every")
+
+    _metric_name = field_validator("metric")(lambda v: _one_of(v, SCHEDULER_METRICS, "metric (what trials report)"))
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["basic", "optuna"] = Field(
+        "basic", description="basic = Tune's grid/random variant generator; optuna = TPE (needs `pip install optuna`)")
+    num_samples: int = Field(1, ge=1, description="samples per grid point (basic) / trials (optuna)")
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    seed: Optional[int] = None
+
+
+class RunSettings(_Strict):
+    storage_path: Path = Field(Path("results"), description="Tune results, checkpoints, stage-1 cache, mlflow.db")
+    tracking_uri: Optional[str] = Field(None, description="MLflow URI; default sqlite:///<storage_path>/mlflow.db")
+    max_failures: int = Field(2, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray instance (default: all)")
+
+
+class TrainSettings(_Strict):
+    stage: Literal["hybrid", "stage1", "stage2"] = Field(
+        "hybrid", description="`ltsweep train`: hybrid = stage 1 (cached) then stage 2; or one stage only")
+    init_checkpoint: Optional[Path] = Field(None, description="stage2: start here instead of the stage-1 cache")
+
+
+# stage-2 fields a search space may vary (epochs would break ASHA's max_t; workers is not a hyperparameter)
+SEARCHABLE = tuple(f for f in Stage2Config.model_fields if f not in ("epochs", "workers", "samples_per_epoch"))
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    seed: int = 0
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    stage1: Optional[Stage1Config] = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    space: dict[str, SpaceParam] = Field(default_factory=dict)
+    run: RunSettings = Field(default_factory=RunSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+
+    @model_validator(mode="after")
+    def _space_is_valid(self):
+        # Each searched key must be a stage-2 field, and each value a trial can get must pass that field's checks
+        # (the owners' range checks for λ, ξ, ...; known loss / sampler names).
+        for key, param in self.space.items():
+            if key not in SEARCHABLE:
+                hint = difflib.get_close_matches(key, SEARCHABLE, n=1)
+                raise ValueError(
+                    f"space.{key}: not a searchable stage-2 field"
+                    + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; searchable: {', '.join(SEARCHABLE)}")
+            base = self.stage2.model_dump()
+            for i, value in enumerate(param.values_to_check()):
+                try:
+                    Stage2Config.model_validate({**base, key: value})
+                except ValidationError as exc:
+                    msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
+                    raise ValueError(f"space.{key}.{param.kind}[{i}] = {value!r}: {msg}") from None
+        return self
+
+    @model_validator(mode="after")
+    def _scheduler_fits(self):
+        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.evals_per_trial:
+            raise ValueError(f"scheduler.grace_period = {self.scheduler.grace_period} exceeds the evaluations per "
+                             f"trial ({self.evals_per_trial} = scheduler.max_t or stage2.epochs / eval.every); "
+                             "lower grace_period")
+        return self
+
+    # ---- derived values -------------------------------------------------------------------------------------
+    @property
+    def evals_per_trial(self) -> int:
+        """How many times a full-length trial reports (ASHA's max_t, in evaluations)."""
+        return self.scheduler.max_t or math.ceil(self.stage2.epochs / self.eval.every)
+
+    def searched_keys(self) -> list[str]:
+        return list(self.space)
+
+    def choices(self, selector: str) -> list[str]:
+        """The samplers (selector 'sampler') or losses ('loss') that trials of this experiment can use."""
+        param = self.space.get(selector)
+        return list(param.values_to_check()) if param is not None else [getattr(self.stage2, selector)]
+
+    def param_space(self) -> dict[str, Any]:
+        """The Tune param_space of the variant generator: {stage-2 field: primitive}, conditional on the searched
+        sampler / loss (pipelines.space)."""
+        return tune_param_space(self.space)
+
+    def stage2_for_trial(self, trial_config: dict[str, Any]) -> Stage2Config:
+        """Stage-2 values with a trial's sampled values (a Tune trial config, see space.trial_values) applied and
+        validated again."""
+        values = trial_values(trial_config)
+        unknown = set(values) - set(SEARCHABLE)
+        if unknown:
+            raise ConfigError(f"trial config has keys that are not stage-2 fields: {sorted(unknown)}")
+        return Stage2Config.model_validate({**self.stage2.model_dump(), **values})
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical config (sorted JSON) without run.*, train.* and description: what must not
+        change between a sweep's start and its --resume."""
+        d = self.model_dump(mode="json", exclude={"run", "train", "description"})
+        return hashlib.sha256(canonical_json(d).encode()).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def strip_value_error(msg: str) -> str:
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
+def unread_field(cfg: ExperimentConfig, stage2_keys) -> Optional[str]:
+    """The message for a sampler / loss field that the YAML sets (`stage2_keys`: the keys written under stage2)
+    or searches but that no sampler / loss of the experiment's trials reads; None when every such field is read."""
+    for key in [k for k in stage2_keys if owner_of(k)] + [k for k in cfg.space if owner_of(k)]:
+        where = f"space.{key}" if key in cfg.space else f"stage2.{key}"
+        owner = owner_of(key)
+        used = cfg.choices(owner)
+        if not any(is_read(key, name) for name in used):
+            return (f"{where} is ignored: {owner} {', '.join(repr(n) for n in used)} does not read it (only "
+                    f"{' / '.join(readers(key))} does); remove {where} or set stage2.{owner}: {readers(key)[0]}")
+    return None

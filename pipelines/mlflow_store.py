@@ -1,0 +1,180 @@
+"""Where ltsweep's MLflow store is, and the primitives its writers log through.
+
+- :func:`default_tracking_uri`, :func:`make_client`, :func:`open_store` and :func:`get_or_create_experiment` find or
+  create the store and a sweep's experiment (a local sqlite store keeps its artifacts beside the database);
+- :func:`log_params` and :func:`log_tags` write values as MLflow takes them (strings, within its length limits, in
+  batches); :func:`flatten`, :func:`find_key` and :func:`code_version` prepare them.
+
+Everything goes through :class:`mlflow.MlflowClient` (no global active run). MLflow is imported inside the
+functions, so importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Mapping
+
+from lt_models.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+#: where `ltsweep sweep` keeps results unless the config says otherwise (pipelines.config.RunSettings.storage_path)
+DEFAULT_STORAGE_PATH = Path("results")
+MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_LEN = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
+MAX_KEY_LEN = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
+_BATCH = 100  # params/tags per log_batch (MAX_PARAMS_TAGS_PER_BATCH)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the store
+def default_tracking_uri(storage_path: str | os.PathLike) -> str:
+    """The default MLflow store of a sweep: ``sqlite:///<absolute storage_path>/mlflow.db``."""
+    return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
+
+
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):])
+    return None
+
+
+def make_client(tracking_uri: str):
+    """An MlflowClient for ``tracking_uri``; for a sqlite store the directory is created first."""
+    from mlflow import MlflowClient
+
+    db = sqlite_path(tracking_uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def open_store(tracking_uri: str | None = None, command: str = "ltsweep compare"):
+    """An MlflowClient of a store that sweeps were logged to, for reading them back (``command`` names the caller in
+    errors). ``tracking_uri`` defaults to the default sweep store, ``sqlite:///<cwd>/results/mlflow.db``; a
+    sqlite store that does not exist is a ConfigError, and no empty store is created."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or default_tracking_uri(DEFAULT_STORAGE_PATH)
+    db = sqlite_path(uri)
+    if db is not None and not db.is_file():
+        raise ConfigError(f"{command}: MLflow store {db} does not exist; run a sweep first or pass "
+                          f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)")
+    return MlflowClient(tracking_uri=uri)
+
+
+def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:
+    """Artifacts of a local sqlite store live beside the database (MLflow's default would be ``./mlruns`` in the
+    current directory). A server (``http://``) decides for itself (``mlflow-artifacts:/`` when it proxies)."""
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in experiment_name)
+    return (db.parent / "mlartifacts" / safe).resolve().as_uri()
+
+
+def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
+    """Experiment id of the experiment called ``name`` (restored if it was deleted, created if absent)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+        except MlflowException:  # created meanwhile by another driver
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+# --------------------------------------------------------------------------------------------------------------
+# values
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys (``{"a": {"b": 1}} -> {"a.b": 1}``)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def find_key(flat: Mapping[str, Any], name: str) -> Any:
+    """Value of ``name`` or of any dotted key ending in ``.name`` (None if there is none)."""
+    if name in flat:
+        return flat[name]
+    for k, v in flat.items():
+        if k.endswith("." + name):
+            return v
+    return None
+
+
+def to_str(v: Any, limit: int) -> str:
+    """``v`` as MLflow stores a param or tag: a string (JSON for dicts and lists), cut to ``limit`` characters."""
+    if isinstance(v, (dict, list, tuple)):
+        try:
+            s = json.dumps(v, sort_keys=True, default=str)
+        except (TypeError, ValueError):
+            s = str(v)
+    elif isinstance(v, os.PathLike):
+        s = os.fspath(v)
+    else:
+        s = str(v)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def code_version() -> str:
+    """``git describe --always --dirty --tags`` of the checkout this module runs from, else the package version."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return f"ltsweep {version('ltsweep')}"
+    except Exception:  # noqa: BLE001 - not installed as a distribution
+        return "unknown"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# logging
+def log_params(client, run_id: str, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
+    """Log params in batches; keys already on the run are left alone (MLflow params are immutable)."""
+    from mlflow.entities import Param
+
+    existing = existing or {}
+    items = []
+    for k, v in params.items():
+        s = to_str(v, MAX_PARAM_LEN)
+        key = str(k)[:MAX_KEY_LEN]
+        if key in existing:
+            if existing[key] != s:
+                logger.warning("MLflow run %s already has param %s=%r; keeping it (new value %r)", run_id, key,
+                               existing[key], s)
+            continue
+        items.append(Param(key, s))
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, params=items[i:i + _BATCH])
+
+
+def log_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
+    """Set tags in batches; a None value sets nothing."""
+    from mlflow.entities import RunTag
+
+    items = [RunTag(str(k)[:MAX_KEY_LEN], to_str(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
+    for i in range(0, len(items), _BATCH):
+        client.log_batch(run_id, tags=items[i:i + _BATCH])

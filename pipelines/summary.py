@@ -1,0 +1,132 @@
+"""What a sweep's driver prints at the end: a summary of the Tune results (trials, best trial, where to look).
+
+:func:`summarize` turns Tune's ``ResultGrid`` into a :class:`SweepSummary`; the best trial is chosen by the one
+best-trial rule of :func:`pipelines.schema.best_trial`. :func:`print_summary` prints it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from pipelines.schema import BUCKET_METRICS, SCHEDULER_METRICS, best_trial
+from pipelines.space import trial_values
+
+if TYPE_CHECKING:
+    from pipelines.config import ExperimentConfig
+    from pipelines.pretrain import Stage1Checkpoint
+
+
+@dataclasses.dataclass
+class TrialSummary:
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, float]          # last reported AP, AP50, APr, APc, APf, loss
+    epochs: int                        # stage-2 epochs the trial trained
+    evaluations: int                   # results reported (Tune's training_iteration)
+    stopped_early: bool                # ended without error before max evaluations (ASHA)
+    error: Optional[str] = None
+    path: Optional[str] = None
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    name: str
+    experiment_path: str
+    storage_path: str
+    tracking_uri: str
+    metric: str
+    mode: str
+    max_evaluations: int
+    trials: list[TrialSummary]
+    best: Optional[TrialSummary]
+    stage1: Optional[Stage1Checkpoint]
+    resumed: bool = False
+
+    @property
+    def trial_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+    @property
+    def stopped_early(self) -> int:
+        return sum(t.stopped_early for t in self.trials)
+
+    @property
+    def errored(self) -> int:
+        return sum(t.error is not None for t in self.trials)
+
+    def exit_code(self) -> int:
+        """0 unless no trial produced a result: a job whose every trial errored must not report SUCCEEDED."""
+        return 1 if not self.trials or self.errored == len(self.trials) else 0
+
+    def table(self) -> str:
+        """Fixed-width table of every trial (searched values, AP, APr, APc, APf, epochs, status)."""
+        keys = sorted({k for t in self.trials for k in t.config})
+        head = ["trial"] + keys + list(BUCKET_METRICS) + ["epochs", "status"]
+        rows = []
+        for t in sorted(self.trials, key=lambda t: t.trial_id):
+            status = "ERROR" if t.error else ("stopped early" if t.stopped_early else "completed")
+            if self.best is not None and t.trial_id == self.best.trial_id:
+                status += " *best*"
+            rows.append([t.trial_id] + [format_value(t.config.get(k)) for k in keys]
+                        + [format_value(t.metrics.get(m)) for m in BUCKET_METRICS] + [str(t.epochs), status])
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["stage1"] = None if self.stage1 is None else {"sha256": self.stage1.sha256, "path": str(self.stage1.path),
+                                                        "trained": self.stage1.trained}
+        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored)
+        return d
+
+
+def format_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def summarize(cfg: ExperimentConfig, results, stage1: Optional[Stage1Checkpoint], resumed: bool, *,
+              experiment_path: str | Path, tracking_uri: str) -> SweepSummary:
+    """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
+    ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them."""
+    max_evals = cfg.evals_per_trial
+    trials = []
+    for r in results:
+        m = r.metrics or {}
+        evaluations = int(m.get("training_iteration") or 0)
+        err = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
+        trials.append(TrialSummary(
+            trial_id=str(m.get("trial_id") or Path(r.path).name), config=trial_values(r.config or {}),
+            metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
+            epochs=int(m.get("epoch") or 0), evaluations=evaluations,
+            stopped_early=err is None and evaluations < max_evals, error=err, path=r.path))
+    metric = cfg.scheduler.metric
+    best = best_trial(trials, value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
+                      failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=cfg.scheduler.mode,
+                      full_length=max_evals)
+    return SweepSummary(name=cfg.name, experiment_path=str(experiment_path),
+                        storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri,
+                        metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
+                        trials=trials, best=best, stage1=stage1, resumed=resumed)
+
+
+def print_summary(summary: SweepSummary, file=None) -> None:
+    file = file or sys.stdout
+    print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
+          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored", file=file)
+    if summary.stage1 is not None:
+        how = "trained for this sweep" if summary.stage1.trained else "reused"
+        print(f"stage 1: {summary.stage1.sha256[:12]} ({how}) at {summary.stage1.path}", file=file)
+    print(summary.table(), file=file)
+    if summary.best is not None:
+        b = summary.best
+        print(f"best ({summary.metric}, {summary.mode}): {b.trial_id} {b.config} -> "
+              + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
+    print(f"\nTensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
+    print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)

@@ -1,0 +1,91 @@
+"""The one best-trial rule (pipelines.schema.best_trial), on both kinds of trial records: the sweep's trial summaries
+(pipelines.summary) and the trial rows read back from MLflow (pipelines.report)."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from pipelines.report import best_row
+from pipelines.schema import best_trial, per_class_dict
+from pipelines.summary import TrialSummary, summarize
+
+FAILED = "failed"
+
+
+def as_summaries(trials):
+    """(trial_id, AP or None, evaluations, FAILED or None) -> TrialSummary records, as summarize makes them."""
+    return [TrialSummary(trial_id=tid, config={}, metrics={} if ap is None else {"AP": ap, "loss": 1 - ap},
+                         epochs=n, evaluations=n, stopped_early=False, error="RuntimeError: x" if err else None)
+            for tid, ap, n, err in trials]
+
+
+def as_rows(trials):
+    """The same trials as report.trial_rows gives them (MLflow run status, `iterations`, metric or None)."""
+    return [{"trial_id": tid, "run_id": f"run-{tid}", "status": "FAILED" if err else "FINISHED", "iterations": n,
+             "params": {}, "AP": ap, "loss": None if ap is None else 1 - ap} for tid, ap, n, err in trials]
+
+
+def best_summary(trials, metric="AP", mode="max", full_length=3):
+    best = best_trial(as_summaries(trials), value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
+                      failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=mode,
+                      full_length=full_length)
+    return None if best is None else best.trial_id
+
+
+def best_of_rows(trials, metric="AP", mode="max", full_length=3):
+    best = best_row(as_rows(trials), metric, mode, full_length)
+    return None if best is None else best["trial_id"]
+
+
+CASES = [
+    # a full-length trial (ASHA's survivor) beats a higher AP of a trial stopped early
+    ([("t0", 0.9, 1, None), ("t1", 0.5, 3, None), ("t2", 0.4, 3, None)], {}, "t1"),
+    # a failed trial never wins, whatever it reported
+    ([("t0", 0.99, 3, FAILED), ("t1", 0.5, 3, None)], {}, "t1"),
+    # no trial ran the full schedule: every trial without error counts
+    ([("t0", 0.3, 1, None), ("t1", 0.6, 2, None), ("t2", 0.9, 2, FAILED)], {}, "t1"),
+    # without a full length, every trial without error counts
+    ([("t0", 0.9, 1, None), ("t1", 0.5, 3, None)], {"full_length": None}, "t0"),
+    ([("t0", 0.9, 1, None), ("t1", 0.5, 3, None)], {"full_length": 0}, "t0"),
+    # mode min (loss = 1 - AP here)
+    ([("t0", 0.9, 3, None), ("t1", 0.5, 3, None), ("t2", 0.95, 1, None)], {"metric": "loss", "mode": "min"}, "t0"),
+    # missing and non-finite values do not count
+    ([("t0", None, 3, None), ("t1", math.nan, 3, None), ("t2", 0.1, 1, None)], {}, "t2"),
+    # ties: the larger trial id wins (deterministic, whatever the order of the records)
+    ([("t2", 0.5, 3, None), ("t10", 0.5, 3, None), ("t1", 0.5, 3, None)], {}, "t2"),
+    # nothing qualifies
+    ([("t0", None, 3, None), ("t1", 0.9, 3, FAILED)], {}, None),
+    ([], {}, None),
+]
+
+
+@pytest.mark.parametrize("trials,kw,expected", CASES)
+def test_best_trial_is_the_same_on_summaries_and_mlflow_rows(trials, kw, expected):
+    assert best_summary(trials, **kw) == expected
+    assert best_of_rows(trials, **kw) == expected
+    assert best_summary(list(reversed(trials)), **kw) == expected
+
+
+def test_summarize_uses_the_rule():
+    """summarize picks the best trial of a Tune ResultGrid by the rule (stand-ins for Tune's results and the config)."""
+    def result(tid, ap, n, error=None):
+        return SimpleNamespace(metrics={"trial_id": tid, "training_iteration": n, "epoch": n, "AP": ap, "APr": ap / 2,
+                                        "AP75": 0.1}, config={"lam": 0.5}, error=error, path=f"/x/{tid}")
+
+    cfg = SimpleNamespace(name="s", evals_per_trial=3, scheduler=SimpleNamespace(metric="AP", mode="max"),
+                          run=SimpleNamespace(storage_path="/st"))
+    results = [result("a", 0.9, 1), result("b", 0.5, 3), result("c", 0.99, 3, error=RuntimeError("boom\nlast line"))]
+    summary = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="sqlite:////st/mlflow.db")
+    assert summary.best.trial_id == "b"
+    assert summary.stopped_early == 1 and summary.errored == 1
+    assert summary.trials[2].error == "RuntimeError: last line"
+    assert summary.trials[0].metrics == {"AP": 0.9, "APr": 0.45}  # only the metrics a scheduler may rank by
+    assert (summary.experiment_path, summary.tracking_uri) == ("/st/s", "sqlite:////st/mlflow.db")
+
+
+def test_per_class_dict_normalises_results_and_json():
+    assert per_class_dict({"1": 0.5, 2: -1, "x": 0.3, "3": None, "4": float("inf")}) == \
+        pytest.approx({1: 0.5, 2: -1.0, 3: math.nan, 4: math.nan}, nan_ok=True)
+    assert per_class_dict(None) == {} and per_class_dict([1, 2]) == {}
