@@ -129,7 +129,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, sca
 
 
 def _json_default(obj):
-    if torch.is_tensor(obj):  # e.g. a concurrent-rate matrix passed in loss_kwargs: record its shape only
+    if torch.is_tensor(obj):  # a tensor in metrics or spec: record its shape only
         return f"<tensor {list(obj.shape)}>"
     return str(obj)
 

@@ -38,7 +38,7 @@ def cfg_factory(tmp_path):
 def fake_train(monkeypatch):
     calls = []
 
-    def train_stage1_into(cfg, out_dir, num_threads, gpus):
+    def train_stage1_into(cfg, out_dir):
         calls.append(out_dir)
         if getattr(train_stage1_into, "fail", False):
             (out_dir / "checkpoint").mkdir()
