@@ -214,7 +214,7 @@ def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rat
 
 def _build_loss(spec: TrainSpec, train_ds, shared: dict | None):
     """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies."""
-    if shared is None or (spec.loss.name == "concurrent_softmax" and "concurrent_rate" not in shared):
+    if shared is None:
         shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, [spec.loss.name])
     return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
                            class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist())
