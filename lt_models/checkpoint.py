@@ -53,17 +53,30 @@ def _model_state(model) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith("roi_heads.cls_loss.")}
 
 
+def _loss_module(model):
+    return getattr(getattr(model, "roi_heads", None), "cls_loss", None)
+
+
+def _loss_state(model) -> dict:
+    """What the classification loss accumulates in training (Seesaw's class counts, EQLv2's gradient statistics):
+    its persistent buffers. Inputs rebuilt from the data (r_ij, buckets) are non-persistent and not stored."""
+    loss = _loss_module(model)
+    return dict(loss.state_dict()) if loss is not None else {}
+
+
 def save_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *, epoch: int,
                     iteration: int, extra: dict | None = None) -> Path:
     """Write a training checkpoint atomically (temp file in the same directory, then ``os.replace``).
 
-    ``epoch`` = epochs completed, ``iteration`` = optimizer steps done. The loss module's buffers (e.g. the
-    concurrent-rate matrix, rebuilt from the data) are not stored. ``extra`` must be plain python/tensors."""
+    ``epoch`` = epochs completed, ``iteration`` = optimizer steps done. Of the loss module only the state it
+    accumulates in training is stored (``loss_state``; inputs rebuilt from the data such as the concurrent-rate
+    matrix are not). ``extra`` must be plain python/tensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "format": _FORMAT,
         "model": _model_state(model),
+        "loss_state": _loss_state(model),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
@@ -114,9 +127,18 @@ def load_model_weights(path: str | Path, model) -> dict:
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *,
                     restore_rng: bool = True) -> dict:
     """Restore a checkpoint written by ``save_checkpoint`` (``torch.load(weights_only=True)``) into the given
-    objects and (by default) the global RNGs. Returns ``{"epoch", "iteration", "extra"}``."""
+    objects, the loss's accumulated state and (by default) the global RNGs. Returns ``{"epoch", "iteration",
+    "extra"}``."""
     ckpt = _read_checkpoint(path)
     load_model_weights(path, model)
+    loss = _loss_module(model)
+    if loss is not None and ckpt.get("loss_state"):
+        try:
+            loss.load_state_dict(ckpt["loss_state"])
+        except RuntimeError as exc:
+            raise ConfigError(f"checkpoint {str(path)!r}: its loss state does not fit this run's loss "
+                              f"({type(loss).__name__}): {str(exc).splitlines()[0]}; resume with the spec that "
+                              "wrote it") from None
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:

@@ -7,8 +7,8 @@ The concurrent-rate matrix r [K, K] is kept as CSR arrays (:func:`rate_to_csr`);
 labels or on r is done on gathered entries only, and one N×K buffer allocated in forward becomes the gradient in
 backward. Eq 5 runs over row blocks on a pool of single-threaded workers (:func:`_row_pool`).
 
-Also home of the input helpers shared by every loss (:func:`check_inputs`, :func:`compute_dtype`,
-:func:`label_pairs`).
+Also home of the helpers shared by every loss (:func:`check_inputs`, :func:`compute_dtype`, :func:`label_pairs`,
+:func:`map_row_blocks`, which Seesaw uses too).
 """
 from __future__ import annotations
 
@@ -308,7 +308,7 @@ def _row_pool(n_threads: int) -> ThreadPoolExecutor:
     return pool
 
 
-def _map_row_blocks(fn: Callable[[int, int], Tensor | None], n_rows: int, block: int) -> list[tuple[int, Tensor]]:
+def map_row_blocks(fn: Callable[[int, int], Tensor | None], n_rows: int, block: int) -> list[tuple[int, Tensor]]:
     """Call ``fn(start, stop)`` on consecutive row blocks (in parallel on CPU); collect non-None results."""
     starts = list(range(0, n_rows, block))
     n_threads = torch.get_num_threads()
@@ -355,7 +355,7 @@ def concurrent_softmax_scores(logits: Tensor, crow: Tensor, col: Tensor, val: Te
         if z.device.type == "cpu":
             if block_rows is None:
                 block_rows = max(16, (1 << 16) // k)  # ~64 rows for K = 1231: measured best
-            bad = _map_row_blocks(lambda s, e: _eq5_rows(z[s:e], out[s:e], rate), n, block_rows)
+            bad = map_row_blocks(lambda s, e: _eq5_rows(z[s:e], out[s:e], rate), n, block_rows)
             bad = [b + torch.tensor([s, 0]) for s, b in bad]
         else:
             b = _eq5_rows(z, out, rate)

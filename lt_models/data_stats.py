@@ -120,7 +120,7 @@ def dataset_stats(ann_file: str | os.PathLike, lam: float | None = None,
       pairs not related in the hierarchy, the highest `top_k` (Fig 3a);
     - parent-only share: objects whose labels include a parent but none of its descendants (Fig 3b; needs a
       hierarchy: `hierarchy_file`, else ``hierarchy.json`` beside the file when present);
-    - with `lam`: views per image of the head and tail class in one epoch for non-balance (λ=0), λ and
+    - with `lam`: views per image of the head and tail class in one epoch for non-balance (each image once), λ and
       class-aware (λ=1) sampling, and the share of their images never drawn (≈ exp(-views)).
     `image_dir` (default ``<file dir>/images`` when it exists) is checked for missing image files.
     PNG plots go to `plot_dir` (``<stem>_imbalance.png`` ...).

@@ -177,7 +177,9 @@ class MultiLabelRoIHeads(RoIHeads):
     """torchvision ``RoIHeads`` (box branch only) with multi-hot classification targets and a pluggable loss.
 
     Args (beyond ``RoIHeads``'s):
-        cls_loss: a module with ``forward(logits[N,K], targets[N,K]) -> scalar`` and ``scores(logits) -> [N,K]``.
+        cls_loss: a module with ``forward(logits[N,K], targets[N,K]) -> scalar`` and ``scores(logits) -> [N,K]``;
+            one with ``one_label = True`` gets each RoI's primary label (int64 [N], 0 = background) instead of the
+            multi-hot rows (``lt_models.losses``).
         box_reg_labels: ``"primary"`` (regress in the channel of ``target["labels"]``, default) or ``"all"``
             (every label of the object's multi-hot row gets the same regression target).
 
@@ -279,8 +281,10 @@ class MultiLabelRoIHeads(RoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
 
         if self.training:
+            # a one-label loss (conventional softmax, seesaw) trains each RoI on its primary label only
+            cls_targets = torch.cat(labels) if getattr(self.cls_loss, "one_label", False) else torch.cat(multi_hot)
             losses = {
-                "loss_classifier": self.cls_loss(class_logits.float(), torch.cat(multi_hot)),
+                "loss_classifier": self.cls_loss(class_logits.float(), cls_targets),
                 "loss_box_reg": self.box_regression_loss(box_regression.float(), labels, regression_targets,
                                                          multi_hot),
             }
@@ -341,7 +345,7 @@ def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module
         num_classes: C, the number of foreground classes.
         backbone: ``tiny`` | ``resnet18_fpn`` | ``resnet50_fpn``.
         cls_loss: the classification loss module (``LossSpec.build(...)``: its ``forward`` trains the classifier on
-            multi-hot rows, its ``scores`` score detections); default softmax CE.
+            multi-hot rows, its ``scores`` score detections); default conventional softmax CE.
         image_size: shorter input edge; default 128 for tiny, 800 for the ResNet presets. The longer edge is
             capped at ``image_size * 1333 / 800``.
         weights: optional local backbone state dict (loaded with ``torch.load(weights_only=True)``); never

@@ -200,11 +200,12 @@ def predict(model, data_loader, device, label_to_cat_id, *, progress: bool | Non
 # One training run
 # ----------------------------------------------------------------------------------------------------------------
 def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rate: float,
-                       losses: Iterable[str]) -> dict:
+                       inputs: Iterable[str]) -> dict:
     """The costly loss inputs that every run on the same training data shares, computed once: the
-    concurrent-rate matrix r_ij (``lt_models.concurrency``) when one of ``losses`` is concurrent softmax.
-    A sweep computes them on the driver and hands them to each trial's ``train(..., shared=...)``."""
-    if "concurrent_softmax" not in set(losses):
+    concurrent-rate matrix r_ij (``lt_models.concurrency``) when ``inputs`` (the union of ``LossSpec.inputs`` of
+    the runs) names ``concurrent_rate`` (concurrent softmax in training, or eq 5 scores). A sweep computes them on
+    the driver and hands them to each trial's ``train(..., shared=...)``."""
+    if "concurrent_rate" not in set(inputs):
         return {}
     from lt_models.concurrency import concurrent_rate_matrix
 
@@ -213,11 +214,13 @@ def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rat
 
 
 def _build_loss(spec: TrainSpec, train_ds, shared: dict | None):
-    """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies."""
-    if shared is None:
-        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, [spec.loss.name])
+    """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies,
+    the number of classes."""
+    if shared is None or ("concurrent_rate" in spec.loss.inputs and "concurrent_rate" not in shared):
+        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, spec.loss.inputs)
     return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
-                           class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist())
+                           class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist(),
+                           num_classes=train_ds.num_classes)
 
 
 def _loader(dataset, batch_size, sampler, workers, device):
@@ -227,11 +230,13 @@ def _loader(dataset, batch_size, sampler, workers, device):
                                        persistent_workers=False)
 
 
-def evaluate(model, val_loader, val_ds, val_ann, device, progress=None) -> dict:
-    """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis``."""
+def evaluate(model, val_loader, val_ds, val_ann, device, progress=None, frequency=None) -> dict:
+    """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis``. ``frequency``
+    ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets; ``train`` passes the training set's, so
+    APr/APc/APf always bucket classes by their training frequency."""
     from lt_models.evaluation import evaluate_lvis
     dets = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
-    return evaluate_lvis(val_ann, dets)
+    return evaluate_lvis(val_ann, dets, frequency=frequency)
 
 
 def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path | None = None,
@@ -284,6 +289,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
                               f"({len(val_ds.cat_ids)} vs {len(train_ds.cat_ids)} ids); both files must list the same "
                               "categories")
     num_classes = train_ds.num_classes
+    train_buckets = dict(zip(train_ds.cat_ids, train_ds.frequency))  # r/c/f of the evaluation: training counts
 
     model = build_detector(num_classes, spec.backbone, _build_loss(spec, train_ds, shared),
                            image_size=spec.image_size, weights=spec.weights, box_reg_labels=spec.box_reg_labels)
@@ -331,7 +337,8 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         done = epoch + 1
         if done % spec.eval_every != 0 and done != spec.epochs:
             continue
-        res = evaluate(model, val_loader, val_ds, spec.val_ann, device, progress=spec.progress)
+        res = evaluate(model, val_loader, val_ds, spec.val_ann, device, progress=spec.progress,
+                       frequency=train_buckets)
         metrics = {k: v for k, v in res.items()}
         metrics.update(loss=last_loss, epoch=done, iteration=iteration,
                        train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])

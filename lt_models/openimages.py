@@ -11,9 +11,15 @@ Inputs (the challenge 2019 file layout):
 
 Output, with the same conventions as `lt_models.datasets`:
 - categories: id 1..C in classes-file order, `name` = DisplayName (made unique with the MID if two classes
-  share one), `mid` = LabelName. `image_count`, `instance_count` and `frequency` come from the box counts, with
-  the LVIS thresholds (`lt_models.annotations.fill_frequency`). Because `mid` is kept, the same MID-keyed
-  hierarchy file serves the dataset and both evaluators (`lt_models.annotations.load_hierarchy`).
+  share one), `mid` = LabelName. `image_count` and `instance_count` are this file's own box counts. `frequency`
+  (the LVIS r/c/f bucket, thresholds from `lt_models.annotations`) always comes from TRAINING image counts:
+  converting the training split, from its own counts; converting a validation/test split, pass ``train_ann`` (the
+  already converted training JSON, ``--train-ann`` on the command line) and each category gets the bucket of
+  the training category with the same `mid`, as LVIS val files carry the training buckets. The two files must
+  have the same categories (same ids, MIDs and names: convert both with the same classes CSV). Because `mid` is
+  kept, the same MID-keyed hierarchy file serves the dataset and both evaluators
+  (`lt_models.annotations.load_hierarchy`).
+- frequency_source: where the buckets came from, ``"self: image_count"`` or ``"train: <train_ann> image_count"``.
 - images: integer `id` in order of first appearance, `oi_image_id`, `file_name` = ``<ImageID>.jpg``, `width`,
   `height`. Then `neg_category_ids`: the classes whose image-level label has Confidence 0, plus all their
   descendants in the hierarchy (verified "no fruit" means no apple). `not_exhaustive_category_ids`: classes
@@ -42,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lt_models.annotations import fill_frequency, hierarchy_descendants, load_hierarchy, name_to_cat_id
+from lt_models.annotations import (category_image_counts, fill_frequency, hierarchy_descendants, load_hierarchy,
+                                   name_to_cat_id, read_json)
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import AnnotationError
 
@@ -283,10 +290,64 @@ def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: 
     return images
 
 
+def _train_image_counts(train_ann: Path, categories: list[dict], classes_csv: Path,
+                        out_json: Path) -> dict[int, int]:
+    """Training images per category id of `categories`, read from the converted training JSON `train_ann`.
+
+    Categories are matched by `mid`; the training file must list exactly the same categories (id, mid, name).
+    Counts are the training categories' `image_count` fields, or counted from its annotations when absent.
+    """
+    fix = f"convert the training split with the same classes CSV ({classes_csv}) and pass that JSON as --train-ann"
+    data = read_json(train_ann, "training annotations")
+    tcats = data.get("categories") if isinstance(data, dict) else None
+    if not isinstance(tcats, list) or not all(isinstance(c, dict) for c in tcats):
+        raise AnnotationError(f"{train_ann}: no 'categories' list of objects; --train-ann must be an LVIS-format "
+                              f"training JSON written by convert-openimages")
+    by_mid: dict[str, dict] = {}
+    for c in tcats:
+        if not isinstance(c.get("mid"), str):
+            raise AnnotationError(f"{train_ann}: category {c.get('id')!r} has no 'mid' field; --train-ann must be a "
+                                  f"training JSON written by convert-openimages, needed by {out_json}")
+        by_mid[c["mid"]] = c
+    for c in categories:
+        if c["mid"] not in by_mid:
+            raise AnnotationError(f"{train_ann}: no category with mid {c['mid']!r} ({c['name']!r} in {classes_csv}), "
+                                  f"so {out_json} cannot take its frequency bucket from training counts; {fix}")
+    differ = f"differs from the category list of {out_json}; category ids must be identical, {fix}"
+    for c in categories:
+        t = by_mid[c["mid"]]
+        if (t.get("id"), t.get("name")) != (c["id"], c["name"]):
+            raise AnnotationError(f"{train_ann}: category mid {c['mid']!r} has id {t.get('id')!r}, name "
+                                  f"{t.get('name')!r}, but id {c['id']}, name {c['name']!r} here: it {differ}")
+    if len(tcats) != len(categories):
+        extra = sorted(set(by_mid) - {c["mid"] for c in categories})
+        what = f"extra mid {extra[0]!r}" if extra else "a duplicate mid"
+        raise AnnotationError(f"{train_ann}: {len(tcats)} categories ({what}) vs {len(categories)} in "
+                              f"{classes_csv}: it {differ}")
+    if all(isinstance(c.get("image_count"), int) and c["image_count"] >= 0 for c in tcats):
+        counts = {c["mid"]: c["image_count"] for c in tcats}
+    else:
+        if not isinstance(data.get("annotations"), list):
+            raise AnnotationError(f"{train_ann}: categories without 'image_count' and no 'annotations' list to count "
+                                  f"from; --train-ann must be a training JSON written by convert-openimages")
+        try:
+            own, _ = category_image_counts(data)
+        except (KeyError, TypeError):
+            raise AnnotationError(f"{train_ann}: an annotation without a valid 'category_id' of its categories; "
+                                  f"--train-ann must be a training JSON written by convert-openimages") from None
+        counts = {c["mid"]: own[c["id"]] for c in tcats}
+    return {c["id"]: counts[c["mid"]] for c in categories}
+
+
 def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
                        hierarchy_json: str | os.PathLike, out_json: str | os.PathLike,
-                       skip_invalid: bool = False) -> dict:
+                       skip_invalid: bool = False, *, train_ann: str | os.PathLike | None = None) -> dict:
     """Convert Open Images challenge files into one LVIS-format JSON (see the module docstring); returns a summary.
+
+    `train_ann`: the already converted training JSON. When given, each category's `frequency` bucket comes from
+    that file's image counts for the same MID (pass it for validation/test splits); `image_count` and
+    `instance_count` stay this file's own. A MID missing from the training file, or a different category list,
+    raises `AnnotationError`. Without it the buckets come from this file's own counts (right for training only).
 
     Bad input (missing column, unknown LabelName, coordinates outside [0,1] or XMin >= XMax, Confidence not 0/1,
     no image size, a class both boxed and verified absent) raises `AnnotationError` naming the file, line,
@@ -297,6 +358,11 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     categories = _categories(_read_classes(classes_csv))
     hierarchy = load_hierarchy(hierarchy_json, name_to_cat_id(categories))
     conv = _Conversion(classes_csv, {c["mid"]: c["id"] for c in categories}, skip_invalid)
+    train_counts = None
+    source = "self: image_count"
+    if train_ann is not None:
+        train_counts = _train_image_counts(Path(train_ann), categories, classes_csv, out_json)
+        source = f"train: {train_ann} image_count"
 
     boxes = _read_boxes(conv, boxes_csv)
     pos_labels, neg_labels = _read_labels(conv, labels_csv)
@@ -310,8 +376,8 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     out = {"info": {"description": "converted from Open Images CSVs by ltsweep",
                     "boxes": boxes_csv.name, "labels": labels_csv.name, "classes": classes_csv.name,
                     "hierarchy": hierarchy_json.name},
-           "images": images, "annotations": anns, "categories": categories}
-    fill_frequency(out)   # image_count, instance_count and the LVIS bucket of every category
+           "frequency_source": source, "images": images, "annotations": anns, "categories": categories}
+    fill_frequency(out, train_counts)   # own image_count/instance_count; LVIS bucket from train (or own) counts
     write_json_atomic(out_json, out)
     counts = np.array([c["image_count"] for c in categories])
     nz = counts[counts > 0]
@@ -320,6 +386,6 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
             "group_of_boxes": sum(a["isgroupof"] for a in anns),
             "negative_labels": sum(len(i["neg_category_ids"]) for i in images),
             "hierarchy_parents": len(hierarchy),
-            "buckets": {b: freq.count(b) for b in "rcf"},
+            "buckets": {b: freq.count(b) for b in "rcf"}, "frequency_source": source,
             "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
             "invalid_skipped": int(sum(conv.reasons.values())), "invalid_reasons": dict(sorted(conv.reasons.items()))}

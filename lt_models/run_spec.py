@@ -6,8 +6,9 @@
 owns its equation, when its spec is built; ``TrainSpec.validate`` checks only how the parts fit together.
 
 Hybrid training schedule (concurrent-softmax paper §4.2 / §5.5; ACSL paper §4.2):
-  stage 1  ``STAGE1_SAMPLER`` (non-balance: every image once per epoch, in a seeded random order) with
-           ``STAGE1_LOSS`` (softmax CE) on all layers, trained once and shared by every trial of a sweep;
+  stage 1  ``STAGE1_SAMPLER`` (non-balance: every image once per epoch, in a seeded random order) with one of
+           ``STAGE1_LOSSES`` on all layers (default ``STAGE1_LOSS``: conventional softmax CE, one label per RoI;
+           or concurrent softmax), trained once and shared by every trial of a sweep;
   stage 2  the stage-1 weights (model only: a fresh optimizer, LR schedule and warm-up), then the trial's sampler
            and loss, optionally decoupled (only the classifier trains, as in the official ACSL code).
 """
@@ -24,6 +25,7 @@ from lt_models.samplers import SamplerSpec
 STAGES = ("stage1", "stage2", "one_stage")
 STAGE1_SAMPLER = SamplerSpec("nonbalance")
 STAGE1_LOSS = LossSpec("softmax")
+STAGE1_LOSSES = ("softmax", "concurrent_softmax")  # the losses a stage 1 may train with (its scores: the loss's own)
 
 
 @dataclasses.dataclass
@@ -105,10 +107,12 @@ class TrainSpec:
             self.decoupled = "cls"
         if self.decoupled not in DECOUPLED_MODES:
             raise ConfigError(f"decoupled = {self.decoupled!r}: choose false, 'cls' or 'box_head'")
-        if self.stage == "stage1" and (self.sampler, self.loss, self.decoupled) != (STAGE1_SAMPLER, STAGE1_LOSS, False):
-            raise ConfigError(f"stage1 of the hybrid schedule is non-balance sampling + softmax CE on all layers; got "
-                              f"sampler = {self.sampler}, loss = {self.loss}, decoupled = {self.decoupled!r}; "
-                              "use STAGE1_SAMPLER and STAGE1_LOSS for stage 1, or stage = 'one_stage'")
+        if self.stage == "stage1" and (self.sampler != STAGE1_SAMPLER or self.decoupled
+                                       or self.loss.name not in STAGE1_LOSSES or self.loss != LossSpec(self.loss.name)):
+            raise ConfigError(f"stage1 of the hybrid schedule is non-balance sampling + {' or '.join(STAGE1_LOSSES)} "
+                              f"on all layers; got sampler = {self.sampler}, loss = {self.loss}, decoupled = "
+                              f"{self.decoupled!r}; use STAGE1_SAMPLER and a loss of STAGE1_LOSSES for stage 1, or "
+                              "stage = 'one_stage'")
         if self.decoupled and self.stage != "stage2":
             raise ConfigError(f"decoupled = {self.decoupled!r} needs stage = 'stage2' (it freezes a trained "
                               f"representation), got stage = {self.stage!r}")

@@ -52,8 +52,11 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
         P_s(i)  = α^λ P_n(i) = P_a(i)^λ P_n(i)^(1-λ)          (eq 7)
         P*_s(i) = P_s(i) / Σ_j P_s(j)  ∝  P_n(i)^(1-λ)        (eq 8)
 
-    λ = 0 gives P_n (non-balance), λ = 1 gives the uniform 1/C (class-aware), λ > 1 over-samples the tail
-    beyond class-aware (the paper tries 1.5). Computed in log space, so extreme counts or λ do not overflow.
+    λ = 1 gives the uniform 1/C (class-aware), λ > 1 over-samples the tail beyond class-aware (the paper tries
+    1.5). λ = 0 gives P_n, the paper's *approximation* of non-balance: drawing a class by its image share and then
+    one of its images makes an image's chance grow with the number of classes it holds, so it is not the
+    non-balance sampler (every image once per epoch, ``NonBalanceSampler``, the first row of the paper's Table 3).
+    Computed in log space, so extreme counts or λ do not overflow.
 
     Classes with zero images get probability exactly 0 and are never drawn, for every λ (a literal reading of
     eq 7 would give them 0^0 = 1 at λ = 1 and infinity for λ > 1, but such a class has no image to draw); the

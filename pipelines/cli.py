@@ -43,7 +43,7 @@ def _cmd_convert_openimages(args: argparse.Namespace) -> int:
     from lt_models.openimages import convert_openimages
 
     summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out,
-                                 skip_invalid=args.skip_invalid)
+                                 skip_invalid=args.skip_invalid, train_ann=args.train_ann)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--hierarchy", type=Path, required=True)
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
+    s.add_argument("--train-ann", type=Path, default=None, metavar="TRAIN.json",
+                   help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
+                        "its training image counts (matched by MID). Pass it when converting validation/test "
+                        "splits (LVIS buckets come from training); without it the buckets come from this file's "
+                        "own counts, right for the training split only")
     s.set_defaults(func=_cmd_convert_openimages)
 
     t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")

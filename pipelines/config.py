@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lt_models.errors import ConfigError
-from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
+from lt_models.run_spec import STAGE1_SAMPLER, TrainSpec
 from pipelines.experiment import ExperimentConfig, canonical_json, strip_value_error, unread_field
 
 __all__ = ["ExperimentConfig", "canonical_json", "apply_overrides", "check_dataset", "parse_config", "read_yaml",
@@ -217,13 +217,13 @@ def compute(cfg: ExperimentConfig, *, whole_machine: bool = False) -> tuple[str,
 def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_stage"],
                trial_config: Optional[dict[str, Any]] = None, *, device: str = "auto", num_threads: int = 1,
                eval_every: Optional[int] = None, progress: Optional[bool] = False) -> TrainSpec:
-    """The engine's TrainSpec for one stage. Stage 1 is the shared recipe (non-balance + softmax, all layers);
+    """The engine's TrainSpec for one stage. Stage 1 is the shared recipe (non-balance + `stage1.loss`, all layers);
     stage 2 and one-stage runs train `cfg.stage2` with the trial's sampled values applied (a Tune trial config).
     progress: tqdm bars (None = only on a terminal; False in trials, whose output goes to Ray's logs)."""
     if stage == "stage1":
         if cfg.stage1 is None:
             raise ConfigError("stage1 is null in this config; there is no stage-1 schedule to train")
-        s, sampler, loss, decoupled = cfg.stage1, STAGE1_SAMPLER, STAGE1_LOSS, False
+        s, sampler, loss, decoupled = cfg.stage1, STAGE1_SAMPLER, cfg.stage1.loss_spec(), False
     else:
         s = cfg.stage2_for_trial(trial_config or {})
         sampler, loss, decoupled = s.sampler_spec(), s.loss_spec(), s.decoupled

@@ -8,9 +8,10 @@ defaults; see search_spaces/*.yaml):
     seed: 0
     data: {train, val, image_dir, val_image_dir, hierarchy, expand_parents, hierarchy_rate, synthetic, ...}
     model: {backbone, image_size, weights}
-    stage1: {epochs, batch_size, lr, warmup, lr_steps, grad_clip, workers}   # null: one-stage trials
+    stage1: {epochs, batch_size, lr, warmup, lr_steps, grad_clip, workers, loss}   # null: one-stage trials
     stage2: {... same fields ..., sampler, lam, samples_per_epoch, rfs_threshold,
-             loss, xi, eql_lambda, decoupled}                                  # what every trial trains
+             loss, scores, xi, eql_lambda, seesaw_p, seesaw_q, eqlv2_gamma, eqlv2_mu, eqlv2_alpha,
+             fed_num_classes, decoupled}                                      # what every trial trains
     eval: {every}                   # evaluate (and report to Tune) every N epochs
     resources: {cpus_per_trial, gpus_per_trial}
     scheduler: {type: asha|fifo, metric, mode, grace_period, reduction_factor, max_t}   # counted in evaluations
@@ -19,8 +20,8 @@ defaults; see search_spaces/*.yaml):
     run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
     train: {stage: hybrid|stage1|stage2, init_checkpoint}   # only used by `ltsweep train`
 
-Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda) are read only by some
-samplers / losses; the space samples them only for those (pipelines.space), and setting one that no trial reads is
+Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda, seesaw_*, eqlv2_*,
+fed_num_classes) are read only by some samplers / losses; the space samples them only for those (pipelines.space), and setting one that no trial reads is
 an error.
 """
 from __future__ import annotations
@@ -36,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lt_models.detector import BACKBONES
 from lt_models.errors import ConfigError
-from lt_models.losses import LOSS_PARAMS, LOSSES, LossSpec, check_loss_param
+from lt_models.losses import LOSS_PARAMS, LOSSES, SCORES, LossSpec, check_loss_param, loss_inputs
+from lt_models.run_spec import STAGE1_LOSSES
 from lt_models.samplers import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
 from pipelines.schema import SCHEDULER_METRICS
 from pipelines.space import (LOSS_FIELDS, SAMPLER_FIELDS, SpaceParam, is_read, owner_of, readers, trial_values,
@@ -96,10 +98,17 @@ class ScheduleConfig(_Strict):
 
 
 class Stage1Config(ScheduleConfig):
-    """The shared stage of the hybrid schedule (concurrent-softmax paper §4): non-balance sampling + softmax CE on
-    all layers, trained once per (config, dataset) and restored by every trial."""
+    """The shared stage of the hybrid schedule (concurrent-softmax paper §4): non-balance sampling + conventional
+    softmax CE (or concurrent softmax) on all layers, trained once per (config, dataset) and restored by every
+    trial."""
 
     epochs: int = Field(4, ge=1)
+    loss: str = Field("softmax", description="softmax (conventional: one label per RoI) or concurrent_softmax")
+
+    _loss_name = field_validator("loss")(lambda v: _one_of(v, STAGE1_LOSSES, "stage-1 loss"))
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(self.loss)
 
 
 class Stage2Config(ScheduleConfig):
@@ -117,21 +126,31 @@ class Stage2Config(ScheduleConfig):
     rfs_threshold: Optional[float] = Field(None, description="repeat-factor threshold t (sampler repeatfactor; "
                                            "default 0.001)")
     loss: str = "concurrent_softmax"
+    scores: str = Field("loss", description="inference scores: loss (the loss's own), softmax, concurrent (eq 5) "
+                        "or sigmoid")
     xi: float = Field(0.7, description="ACSL threshold ξ in (0, 1) (loss acsl)")
     eql_lambda: Optional[float] = Field(None, description="EQL tail threshold λ in [0, 1] (loss eql; default "
                                         "1.76e-3)")
+    seesaw_p: Optional[float] = Field(None, description="Seesaw mitigation exponent p (loss seesaw; default 0.8)")
+    seesaw_q: Optional[float] = Field(None, description="Seesaw compensation exponent q (loss seesaw; default 2.0)")
+    eqlv2_gamma: Optional[float] = Field(None, description="EQLv2 mapping steepness γ (loss eqlv2; default 12)")
+    eqlv2_mu: Optional[float] = Field(None, description="EQLv2 mapping centre μ (loss eqlv2; default 0.8)")
+    eqlv2_alpha: Optional[float] = Field(None, description="EQLv2 positive-weight factor α (loss eqlv2; default 4)")
+    fed_num_classes: Optional[int] = Field(None, description="federated loss: classes per batch (loss federated; "
+                                           "default 50)")
     decoupled: Union[bool, Literal["cls", "box_head"]] = Field(
         False, description="true/cls = train only the classifier (ACSL's decoupled stage 2); box_head = whole box head")
 
     _sampler_name = field_validator("sampler")(lambda v: _one_of(v, SAMPLERS, "sampler"))
     _loss_name = field_validator("loss")(lambda v: _one_of(v, LOSSES, "loss"))
+    _scores_name = field_validator("scores")(lambda v: _one_of(v, SCORES, "scores"))
 
     @field_validator("lam", "samples_per_epoch", "rfs_threshold")
     @classmethod
     def _sampler_option(cls, v, info):
         return v if v is None else check_sampler_option(SAMPLER_FIELDS[info.field_name], v)
 
-    @field_validator("xi", "eql_lambda")
+    @field_validator(*LOSS_FIELDS)
     @classmethod
     def _loss_param(cls, v, info):
         return v if v is None else check_loss_param(LOSS_FIELDS[info.field_name], v)
@@ -147,7 +166,7 @@ class Stage2Config(ScheduleConfig):
 
     def loss_spec(self) -> LossSpec:
         """The typed loss of these values: only the hyperparameters the chosen loss reads."""
-        return LossSpec(self.loss, **_read_by(self, LOSS_FIELDS, LOSS_PARAMS[self.loss]))
+        return LossSpec(self.loss, scores=self.scores, **_read_by(self, LOSS_FIELDS, LOSS_PARAMS[self.loss]))
 
 
 def _read_by(values: Stage2Config, fields: dict[str, str], reads: tuple[str, ...]) -> dict[str, Any]:
@@ -258,6 +277,15 @@ class ExperimentConfig(_Strict):
         """The samplers (selector 'sampler') or losses ('loss') that trials of this experiment can use."""
         param = self.space.get(selector)
         return list(param.values_to_check()) if param is not None else [getattr(self.stage2, selector)]
+
+    def loss_inputs(self) -> set[str]:
+        """The data-derived inputs that some run of this experiment builds its loss from (``LossSpec.inputs``: the
+        stage-1 loss and every loss x scores a trial can get), e.g. {'concurrent_rate'} to compute r_ij once."""
+        need = set(loss_inputs(self.stage1.loss)) if self.stage1 is not None else set()
+        for name in self.choices("loss"):
+            for scores in self.choices("scores"):
+                need.update(loss_inputs(name, scores))
+        return need
 
     def param_space(self) -> dict[str, Any]:
         """The Tune param_space of the variant generator: {stage-2 field: primitive}, conditional on the searched

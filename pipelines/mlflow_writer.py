@@ -26,9 +26,9 @@ from pipelines.mlflow_store import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, find
                                     get_or_create_experiment, log_params, log_tags, make_client, to_str)
 from pipelines.report import log_sweep_report, plot_ap_by_rank, search_tagged
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
-                              ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, ITERATIONS_TAG, MAX_T_TAG, METRIC_TAG,
-                              MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV, PER_CLASS_JSON,
-                              PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG, ROLE_PRETRAIN,
+                              ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
+                              MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,
+                              PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG, ROLE_PRETRAIN,
                               ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG, SWEEP_TAG,
                               SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG, UNFINISHED_TRIALS_TAG,
                               finite_number, per_class_dict)
@@ -193,6 +193,7 @@ class SweepWriter:
             SEARCH_SPACE_TAG: space if space is not None else self.searched_keys,
             SEARCHED_KEYS_TAG: self.searched_keys,
             FINGERPRINT_TAG: find_key(flat, "dataset_fingerprint"),
+            FREQUENCY_SOURCE_TAG: find_key(flat, "frequency_source"),
             CODE_VERSION_TAG: code_version(),
             METRIC_TAG: self._sweep_setting("metric", "AP"),
             MODE_TAG: self._sweep_setting("mode", "max"),

@@ -79,6 +79,12 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
     return h.hexdigest()
 
 
+def frequency_source(cfg: ExperimentConfig) -> str:
+    """Whose counts the rare / common / frequent buckets of every evaluation come from (the engine always passes
+    the training set's buckets): recorded on the MLflow runs."""
+    return f"training set {cfg.data.train}: categories[].frequency, else its image counts"
+
+
 def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     """Everything that determines the stage-1 weights (paths excluded: the data enters via its fingerprint)."""
     if cfg.stage1 is None:
@@ -87,7 +93,7 @@ def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
     if cfg.model.weights is not None:  # the initial weights matter by content, not by path
         model["weights"] = hashlib.sha256(Path(cfg.model.weights).read_bytes()).hexdigest()
     identity = {
-        "recipe": "stage1: non-balance sampler + softmax CE, all layers",
+        "recipe": "stage1: non-balance sampler + stage1.loss, all layers",
         "model": model,
         "stage1": cfg.stage1.model_dump(mode="json", exclude={"workers"}),
         "seed": cfg.seed,
@@ -95,8 +101,11 @@ def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
         "expand_parents": cfg.data.expand_parents,
         "code": code_fingerprint(),
     }
-    if cfg.data.expand_parents and cfg.data.hierarchy is not None:  # parents change the training labels
+    uses_rate = cfg.stage1.loss == "concurrent_softmax"  # r_ij depends on the hierarchy and its leaf/parent rate
+    if cfg.data.hierarchy is not None and (cfg.data.expand_parents or uses_rate):  # parents change labels or r_ij
         identity["hierarchy"] = hashlib.sha256(Path(cfg.data.hierarchy).read_bytes()).hexdigest()
+    if uses_rate:
+        identity["hierarchy_rate"] = cfg.data.hierarchy_rate
     return identity
 
 
@@ -206,7 +215,8 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
                 return found
         t0 = time.time()
         with atomic_dir(final) as tmp:  # --force-pretrain: the old checkpoint is swapped out only on success
-            log.info("stage 1: training %s (non-balance + softmax, %d epochs)", sha[:12], cfg.stage1.epochs)
+            log.info("stage 1: training %s (non-balance + %s, %d epochs)", sha[:12], cfg.stage1.loss,
+                     cfg.stage1.epochs)
             metrics = _run_stage1(cfg, tmp, use_ray)
             seconds = time.time() - t0
             meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
@@ -234,7 +244,7 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"model": cfg.model.model_dump(mode="json"), "stage1": cfg.stage1.model_dump(mode="json"),
-            "sampler": "nonbalance", "loss": "softmax", "seed": cfg.seed, "train_annotations": str(cfg.data.train),
-            "dataset_fingerprint": dataset_fingerprint(cfg)}
+            "sampler": "nonbalance", "loss": cfg.stage1.loss, "seed": cfg.seed, "train_annotations": str(cfg.data.train),
+            "dataset_fingerprint": dataset_fingerprint(cfg), "frequency_source": frequency_source(cfg)}
 
 

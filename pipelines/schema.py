@@ -56,6 +56,7 @@ CODE_VERSION_TAG = "ltsweep.code_version"
 SEARCH_SPACE_TAG = "ltsweep.search_space"
 SEARCHED_KEYS_TAG = "ltsweep.searched_keys"  # JSON list of the dotted keys each trial run has as params
 FINGERPRINT_TAG = "ltsweep.dataset_fingerprint"
+FREQUENCY_SOURCE_TAG = "ltsweep.frequency_source"  # whose counts bucket APr/APc/APf: always the training file's
 METRIC_TAG = "ltsweep.metric"  # what the best trial is chosen by ...
 MODE_TAG = "ltsweep.mode"  # ... and whether larger (max) or smaller (min) is better
 MAX_T_TAG = "ltsweep.max_t"  # evaluations a full-length trial reports (ASHA's max_t)

@@ -34,7 +34,8 @@ SPACE_PRIMITIVES: dict[str, tuple[str, bool]] = {
 
 # Stage-2 fields owned by the sampler or the loss: YAML field -> the SamplerSpec / LossSpec field it sets.
 SAMPLER_FIELDS = {"lam": "lam", "samples_per_epoch": "num_samples", "rfs_threshold": "threshold"}
-LOSS_FIELDS = {"xi": "xi", "eql_lambda": "eql_lambda"}
+LOSS_FIELDS = {k: k for k in ("xi", "eql_lambda", "seesaw_p", "seesaw_q", "eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha",
+                               "fed_num_classes")}
 SELECTORS = {"sampler": (SAMPLER_FIELDS, SAMPLER_OPTIONS), "loss": (LOSS_FIELDS, LOSS_PARAMS)}
 
 

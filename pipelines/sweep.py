@@ -35,7 +35,8 @@ from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
 from pipelines.callbacks import _tune_callbacks
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
-from pipelines.pretrain import Stage1Checkpoint, dataset_fingerprint, ensure_stage1, pretrain_root, stage1_key
+from pipelines.pretrain import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1, frequency_source, pretrain_root,
+                               stage1_key)
 from pipelines.summary import SweepSummary, print_summary, summarize
 
 log = logging.getLogger(__name__)
@@ -116,12 +117,12 @@ def _search_alg(cfg: ExperimentConfig):
 
 def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
     """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
-    concurrent softmax), computed once here and shipped through Ray's object store (tune.with_parameters)."""
+    concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store (tune.with_parameters)."""
     from lt_models.engine import shared_loss_inputs
 
     d = cfg.data
     return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
-                              cfg.choices("loss"))
+                              cfg.loss_inputs())
 
 
 def sweep_params(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> dict[str, Any]:
@@ -129,6 +130,7 @@ def sweep_params(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> d
     d = cfg.model_dump(mode="json", exclude={"space", "train"})
     d["space"] = {k: {p.kind: list(p.args)} for k, p in cfg.space.items()}
     d["dataset_fingerprint"] = dataset_fingerprint(cfg)
+    d["frequency_source"] = frequency_source(cfg)
     d["pretrain_sha256"] = stage1.sha256 if stage1 is not None else ""
     d["metric"], d["mode"] = cfg.scheduler.metric, cfg.scheduler.mode
     return d

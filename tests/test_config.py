@@ -46,8 +46,21 @@ def test_packaged_search_spaces_load(name):
 
 
 def test_paper_grids_and_demo_size():
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipelines.space import trial_values
+
     sb = load_experiment_config(search_spaces.path("soft_balance"), check_data=False)
-    assert sb.space["lam"].grid == [0, 0.3, 0.5, 0.7, 1.0, 1.5]
+    # Table 3's rows: non-balance (its own sampler, not λ = 0), class-aware, soft-balance λ ∈ {0.3, ..., 1.5}
+    rows = [trial_values(v) for _, v in generate_variants(sb.param_space())]
+    assert sorted((r["sampler"], r.get("lam")) for r in rows) == sorted(
+        [("nonbalance", None), ("classaware", None)] + [("softbalance", lam) for lam in (0.3, 0.5, 0.7, 1.0, 1.5)])
+    t2 = load_experiment_config(search_spaces.path("concurrent_table2"), check_data=False)
+    cells = [trial_values(v) for _, v in generate_variants(t2.param_space())]
+    assert sorted((c["loss"], c["scores"]) for c in cells) == [
+        ("concurrent_softmax", "concurrent"), ("concurrent_softmax", "softmax"), ("softmax", "concurrent"),
+        ("softmax", "softmax")]
+    assert t2.loss_inputs() == {"concurrent_rate"} and t2.stage1.loss == "softmax"
     ax = load_experiment_config(search_spaces.path("acsl_xi"), check_data=False)
     assert ax.space["xi"].grid == [0.01, 0.1, 0.3, 0.5, 0.7, 0.9]
     demo = load_experiment_config(search_spaces.path("demo"), check_data=False)
@@ -203,9 +216,13 @@ def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
     base["stage2"] = {"epochs": 4, "loss": "acsl", "xi": 0.3, "lam": 1.5, "decoupled": True, "samples_per_epoch": 32}
     cfg = load_experiment_config(_write(tmp_path, base))
     s1 = train_spec(cfg, "stage1")
-    s1.validate()  # the engine's own checks: stage 1 is non-balance + softmax on all layers
+    s1.validate()  # the engine's own checks: stage 1 is non-balance + conventional softmax on all layers
     assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == ("stage1", STAGE1_SAMPLER, STAGE1_LOSS,
                                                                                2, 0.03, (1,))
+    base["stage1"]["loss"] = "concurrent_softmax"
+    s1c = train_spec(load_experiment_config(_write(tmp_path, base)), "stage1")
+    s1c.validate()
+    assert s1c.loss == LossSpec("concurrent_softmax")
     s2 = train_spec(cfg, "stage2", {"lam": 0.3}, num_threads=2, device="cpu")
     s2.validate()
     assert (s2.stage, s2.sampler, s2.loss, s2.decoupled) == (
@@ -290,3 +307,49 @@ def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
         trial = FakeTrial(loss)
         define(trial)
         assert sorted(trial.asked) == sorted(asked)
+
+
+def test_stage1_loss_scores_and_new_loss_parameters(tmp_path, base):
+    from lt_models.losses import LossSpec
+    from pipelines.config import train_spec
+
+    base["stage1"] = {"epochs": 1, "loss": "acsl"}
+    with pytest.raises(ConfigError, match="stage1.loss.*unknown stage-1 loss 'acsl'; use one of softmax, "
+                                          "concurrent_softmax"):
+        load_experiment_config(_write(tmp_path, base))
+    base["stage1"] = {"epochs": 1}
+    base["stage2"] = {"epochs": 2, "loss": "seesaw", "seesaw_p": 0.5, "scores": "concurrent"}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    assert train_spec(cfg, "stage2").loss == LossSpec("seesaw", scores="concurrent", seesaw_p=0.5)
+    assert cfg.loss_inputs() == {"num_classes", "concurrent_rate"}
+    base["stage2"] = {"epochs": 2, "loss": "seesaw", "scores": "logit"}
+    with pytest.raises(ConfigError, match="stage2.scores.*unknown scores 'logit'"):
+        load_experiment_config(_write(tmp_path, base))
+    base["stage2"] = {"epochs": 2, "loss": "eqlv2", "eqlv2_gamma": -1}
+    with pytest.raises(ConfigError, match="stage2.eqlv2_gamma"):
+        load_experiment_config(_write(tmp_path, base))
+    base["stage2"] = {"epochs": 2, "loss": "softmax", "seesaw_q": 1.0}
+    with pytest.raises(ConfigError, match="stage2.seesaw_q is ignored: loss 'softmax' does not read it"):
+        load_experiment_config(_write(tmp_path, base))
+
+
+def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
+    from ray.tune.search.variant_generator import generate_variants
+
+    from pipelines.space import trial_values
+
+    base["stage2"] = {"epochs": 2, "sampler": "repeatfactor"}
+    base["space"] = {"loss": {"grid": ["seesaw", "eqlv2", "federated", "eql", "softmax"]},
+                     "seesaw_q": {"grid": [1.0, 2.0]}, "eqlv2_mu": {"grid": [0.6, 0.8]},
+                     "fed_num_classes": {"grid": [10, 50]}, "eql_lambda": {"grid": [1e-3, 1e-2]},
+                     "rfs_threshold": {"grid": [0.001, 0.01]}}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    trials = [trial_values(v) for _, v in generate_variants(cfg.param_space())]
+    assert len(trials) == (2 + 2 + 2 + 2 + 1) * 2
+    for t in trials:
+        read = {"seesaw": "seesaw_q", "eqlv2": "eqlv2_mu", "federated": "fed_num_classes", "eql": "eql_lambda"}
+        own = read.get(t["loss"])
+        assert set(t) == {"loss", "rfs_threshold"} | ({own} if own else set())
+        spec = cfg.stage2_for_trial(t).loss_spec()
+        assert spec.name == t["loss"] and (own is None or getattr(spec, own) == t[own])
+        assert cfg.stage2_for_trial(t).sampler_spec().threshold == t["rfs_threshold"]

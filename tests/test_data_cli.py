@@ -127,3 +127,43 @@ def test_convert_openimages_cli(tmp_path, capsys):
     assert summary["invalid_skipped"] == 1 and summary["annotations"] == 1
     d = json.loads((tmp_path / "oi.json").read_text())
     assert d["images"][0]["neg_category_ids"] == [2]
+
+
+def _oi_split(d, counts):
+    """CSVs of one Open Images split in folder d: class MID -> number of images with one box of it."""
+    d.mkdir()
+    with open(d / "boxes.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "ImageWidth", "ImageHeight"])
+        for mid, n in counts.items():
+            for i in range(n):
+                w.writerow([f"{mid[3:]}{i}", mid, 0.1, 0.5, 0.1, 0.5, 10, 10])
+    (d / "labels.csv").write_text("ImageID,LabelName,Confidence\n")
+    (d / "classes.csv").write_text("/m/a,A\n/m/b,B\n/m/c,C\n")
+    (d / "h.json").write_text(json.dumps({"LabelName": "r", "Subcategory": [{"LabelName": "/m/a"}]}))
+    return ["data", "convert-openimages", "--boxes", str(d / "boxes.csv"), "--labels", str(d / "labels.csv"),
+            "--classes", str(d / "classes.csv"), "--hierarchy", str(d / "h.json"), "--out", str(d / "oi.json")]
+
+
+def test_convert_openimages_cli_train_ann(tmp_path, capsys):
+    """Val converted with --train-ann gets the training buckets (f, c, r), not its own (r, r, c)."""
+    assert main(_oi_split(tmp_path / "train", {"/m/a": 101, "/m/b": 11, "/m/c": 1})) == 0
+    assert json.loads(capsys.readouterr().out)["frequency_source"] == "self: image_count"
+    train_json = tmp_path / "train" / "oi.json"
+    val_args = _oi_split(tmp_path / "val", {"/m/a": 2, "/m/b": 1, "/m/c": 12})
+    assert main(val_args + ["--train-ann", str(train_json)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["frequency_source"] == f"train: {train_json} image_count"
+    assert summary["buckets"] == {"r": 1, "c": 1, "f": 1}
+    val = json.loads((tmp_path / "val" / "oi.json").read_text())
+    assert val["frequency_source"] == summary["frequency_source"]
+    assert [(c["frequency"], c["image_count"]) for c in val["categories"]] == [("f", 2), ("c", 1), ("r", 12)]
+    # a training file without one of the classes: exit 2, one line naming both files, the MID and the fix
+    (tmp_path / "val" / "classes.csv").write_text("/m/a,A\n/m/b,B\n/m/c,C\n/m/d,D\n")
+    assert main(val_args + ["--train-ann", str(train_json)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"ltsweep: error: {train_json}: no category with mid '/m/d'") and "\n" not in err
+    assert str(tmp_path / "val" / "oi.json") in err and "--train-ann" in err
+    with pytest.raises(SystemExit):
+        main(["data", "convert-openimages", "--help"])
+    assert "--train-ann" in capsys.readouterr().out

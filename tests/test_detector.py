@@ -50,6 +50,7 @@ class Recorder(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
+        self.one_label = getattr(inner, "one_label", False)
         self.calls = []
 
     def forward(self, logits, targets):
@@ -92,7 +93,7 @@ def test_multi_hot_targets_reach_the_loss_unchanged(tmp_path):
     assert rows == expected  # the dataset merged the duplicates
 
     torch.manual_seed(0)
-    model = build_detector(ds.num_classes)
+    model = build_detector(ds.num_classes, cls_loss=build_loss("softmax_multihot"))
     rec = Recorder(model.roi_heads.cls_loss)
     model.roi_heads.cls_loss = rec
     model.train()
@@ -107,6 +108,30 @@ def test_multi_hot_targets_reach_the_loss_unchanged(tmp_path):
     assert seen <= expected | {background}
     assert expected <= seen and background in seen
     assert ((y[:, 0] == 1) == (y[:, 1:].sum(1) == 0)).all()
+
+
+def test_softmax_trains_a_two_label_roi_on_its_primary_label_only(tmp_path):
+    """The default loss (conventional softmax) gets each RoI's primary label, the one box regression uses: a
+    two-label object's RoI has exactly the loss and gradient of single-label cross-entropy on that label."""
+    ds = LVISDetection(_write_merge_dataset(tmp_path))
+    image, target = ds[0]
+    assert (target["multi_hot"].sum(1) == 2).sum() == 2  # two objects carry two labels
+    torch.manual_seed(0)
+    model = build_detector(ds.num_classes)
+    assert model.roi_heads.cls_loss.one_label
+    rec = Recorder(model.roi_heads.cls_loss)
+    model.roi_heads.cls_loss = rec
+    model.train()
+    losses = model([image], [target])
+    (z, t), = rec.calls
+    assert t.dtype == torch.int64 and t.shape == (z.shape[0],)
+    assert set(t.unique().tolist()) == {0} | set(target["labels"].tolist())  # background + the objects' primaries
+    assert losses["loss_classifier"].item() == pytest.approx(torch.nn.functional.cross_entropy(z, t).item(), rel=1e-6)
+    x = z.double().requires_grad_()
+    (grad,) = torch.autograd.grad(build_loss("softmax")(x, t), x)
+    expected = torch.softmax(x.detach(), 1)
+    expected[torch.arange(len(t)), t] -= 1.0
+    torch.testing.assert_close(grad, expected / len(t))
 
 
 def test_box_regression_uses_primary_label_like_torchvision():

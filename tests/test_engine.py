@@ -14,7 +14,7 @@ from PIL import Image
 from lt_models import engine
 from lt_models.datasets import LVISDetection, collate_detection
 from lt_models.detector import build_detector
-from lt_models.checkpoint import load_checkpoint, save_checkpoint
+from lt_models.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from lt_models.engine import NonFiniteLossError, build_lr_scheduler, build_optimizer, predict, train, train_one_epoch
 from lt_models.losses import LossSpec, build_loss
 from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
@@ -102,6 +102,7 @@ class NaNAt(torch.nn.Module):
     def __init__(self, inner, at):
         super().__init__()
         self.inner, self.at, self.calls = inner, at, 0
+        self.one_label = getattr(inner, "one_label", False)
 
     def forward(self, logits, targets):
         self.calls += 1
@@ -149,6 +150,29 @@ def test_train_writes_no_checkpoint_from_a_non_finite_epoch(bench, tmp_path, mon
         train(small_spec(bench), tmp_path, on_eval=lambda m, d: reports.append(m["epoch"]))
     assert reports == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch0001"]
+
+
+@pytest.mark.parametrize("name", ["seesaw", "eqlv2"])
+def test_the_loss_state_is_restored_on_resume_but_not_from_stage1(bench, tmp_path, name):
+    """Seesaw's class counts and EQLv2's gradient statistics are training state: a resumed run continues them, a
+    stage-2 run that starts from stage-1 weights starts them afresh."""
+    torch.manual_seed(0)
+    model = build_detector(4, cls_loss=build_loss(name, num_classes=4), image_size=64)
+    opt = build_optimizer(model, lr=0.01)
+    train_one_epoch(model, opt, _batches(bench, 2), CPU, 0, progress=False)
+    state = model.roi_heads.cls_loss.state_dict()
+    assert state and any(bool(v.abs().sum() > 0) for v in state.values())
+    save_checkpoint(tmp_path / "c.pt", model, opt, epoch=1, iteration=2)
+    fresh = build_detector(4, cls_loss=build_loss(name, num_classes=4), image_size=64)
+    load_checkpoint(tmp_path / "c.pt", fresh, restore_rng=False)
+    for k, v in fresh.roi_heads.cls_loss.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    init = build_detector(4, cls_loss=build_loss(name, num_classes=4), image_size=64)
+    load_model_weights(tmp_path / "c.pt", init)
+    assert all(bool(v.abs().sum() == 0) for v in init.roi_heads.cls_loss.state_dict().values())
+    other = build_detector(4, cls_loss=build_loss(name, num_classes=5), image_size=64)
+    with pytest.raises(ConfigError, match="loss state does not fit"):
+        load_checkpoint(tmp_path / "c.pt", other, restore_rng=False)
 
 
 def test_save_load_reproduces_the_next_step_exactly(bench, tmp_path):

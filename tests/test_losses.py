@@ -131,7 +131,7 @@ def test_ill_conditioned_denominators_are_exact_in_float32():
     assert x.grad[2, 1].item() == pytest.approx((1 / 6 - 1) / 3, rel=1e-3)
 
 
-@pytest.mark.parametrize("name", ["concurrent_softmax", "acsl", "softmax", "bce"])
+@pytest.mark.parametrize("name", ["concurrent_softmax", "acsl", "softmax_multihot", "bce"])
 def test_stability_at_plus_minus_1e4(name):
     gen = torch.Generator().manual_seed(1)
     z = (torch.randint(0, 2, (40, K), generator=gen) * 2 - 1).float() * 1e4
@@ -294,12 +294,56 @@ def test_acsl_background_sampling_shares_and_reproducibility():
 # Baselines, build_loss, errors
 # ------------------------------------------------------------------------------------------------------------
 
-def test_softmax_baseline_is_eq1_and_eql_weights():
+def test_softmax_is_conventional_cross_entropy_on_the_primary_label():
+    """A two-label RoI under `softmax`: exactly single-label CE on its primary label t, L = log Σ_j e^{z_j} − z_t,
+    ∂L/∂z_i = (σ_i − [i = t]) / N; the second label is a negative like any other column."""
     z, y = rows_and_targets()
-    expected = -(y * torch.log_softmax(z, 1)).sum(1).mean()
-    assert build_loss("softmax")(z, y).item() == pytest.approx(expected.item(), rel=1e-12)
-    torch.testing.assert_close(build_loss("softmax").scores(z), torch.softmax(z, 1))
+    primary = torch.tensor([0, 0, 1, 5, 3, 6, 2, 4, 6, 2, 4])  # one of each row's labels (rows 6-9 have 2-3 labels)
+    assert bool((y.gather(1, primary[:, None]) == 1).all()) and int((y.sum(1) > 1).sum()) == 4
+    loss_fn = build_loss("softmax")
+    assert loss_fn.one_label
+    x = z.clone().requires_grad_()
+    loss = loss_fn(x, primary)
+    (grad,) = torch.autograd.grad(loss, x)
+    n = z.shape[0]
+    ref_loss = sum(math.log(sum(math.exp(float(v)) for v in z[i])) - float(z[i, primary[i]]) for i in range(n)) / n
+    ref_grad = torch.softmax(z, 1)
+    ref_grad[torch.arange(n), primary] -= 1.0
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    torch.testing.assert_close(grad, ref_grad / n, rtol=1e-12, atol=1e-15)
+    assert loss.item() == pytest.approx(F.cross_entropy(z, primary).item(), rel=1e-15)
+    torch.testing.assert_close(loss_fn.scores(z), torch.softmax(z, 1))
+    with pytest.raises(ValueError, match="one-label loss takes labels int64"):
+        loss_fn(z, y)
+
+
+def test_softmax_multihot_is_eq1_on_every_label_with_the_eq2_gradient():
+    """`softmax_multihot` keeps the former softmax numbers: L = −Σ_i y_i log σ_i per row, and the gradient of a row
+    with m labels is eq 2: mσ_i − 1 for a label, mσ_i otherwise (divided by N for the mean)."""
+    z, y = rows_and_targets()
+    loss_fn = build_loss("softmax_multihot")
+    assert not getattr(loss_fn, "one_label", False)
+    x = z.clone().requires_grad_()
+    loss = loss_fn(x, y)
+    (grad,) = torch.autograd.grad(loss, x)
+    n = z.shape[0]
+    sigma = torch.softmax(z, 1)
+    ref_loss = -sum(math.log(float(sigma[i, j])) for i in range(n) for j in range(K) if y[i, j] == 1) / n
+    m = y.sum(1, keepdim=True)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-12)
+    torch.testing.assert_close(grad, (m * sigma - y) / n, rtol=1e-12, atol=1e-15)
+    # the labels suppress each other: with m = 2, a label with σ > 1/2 is pushed down
+    row = 7  # labels {3, 4}
+    assert m[row].item() == 2
+    z2 = z[row:row + 1].clone()
+    z2[0, 3] = 20.0
+    (g2,) = torch.autograd.grad(loss_fn(z2.requires_grad_(), y[row:row + 1]), z2)
+    assert g2[0, 3] > 0  # gradient descent lowers the logit of a true label
+
+
+def test_eql_weights():
     # EQL: tail classes (f < lambda) 2 and 5 lose their negative terms on foreground rows only
+    z, y = rows_and_targets()
     freq = [0.5, 1e-4, 0.2, 0.3, 1e-3, 0.9]
     eql = build_loss("eql", class_freq=freq, lambda_=1.76e-3)
     w = torch.ones_like(z)
@@ -309,6 +353,38 @@ def test_softmax_baseline_is_eq1_and_eql_weights():
     expected = (F.binary_cross_entropy_with_logits(z, y, reduction="none") * w).sum() / z.shape[0]
     assert eql(z, y).item() == pytest.approx(expected.item(), rel=1e-12)
     torch.testing.assert_close(eql.scores(z), torch.sigmoid(z))
+
+
+def test_scores_are_chosen_independently_of_the_training_loss():
+    """Table 2 of the concurrent-softmax paper: softmax / concurrent softmax in training x in testing."""
+    z, y = rows_and_targets()
+    r = rate_matrix()
+    primary = torch.tensor([0, 0, 1, 5, 3, 6, 2, 4, 6, 2, 4])
+    plain = losses.LossSpec("softmax").build()
+    eq5 = losses.LossSpec("softmax", scores="concurrent").build(concurrent_rate=r)
+    assert eq5.one_label and losses.LossSpec("softmax", scores="concurrent").inputs == ("concurrent_rate",)
+    assert eq5(z, primary).item() == plain(z, primary).item()  # training unchanged
+    torch.testing.assert_close(eq5.scores(z), eq5_reference(z, r), rtol=1e-12, atol=1e-15)
+    conc = losses.LossSpec("concurrent_softmax", scores="softmax").build(concurrent_rate=r)
+    assert conc(z, y).item() == ConcurrentSoftmaxLoss(r)(z, y).item()
+    torch.testing.assert_close(conc.scores(z), torch.softmax(z, 1))
+    sig = losses.LossSpec("concurrent_softmax", scores="sigmoid").build(concurrent_rate=r)
+    torch.testing.assert_close(sig.scores(z), torch.sigmoid(z))
+    assert losses.LossSpec("concurrent_softmax", scores="concurrent").inputs == ("concurrent_rate",)
+    with pytest.raises(ConfigError, match="needs the concurrent-rate matrix"):
+        losses.LossSpec("softmax", scores="concurrent").build()
+    with pytest.raises(ConfigError, match="scores = 'focal'"):
+        losses.LossSpec("softmax", scores="focal")
+
+
+def test_loss_spec_params_belong_to_their_loss():
+    assert losses.LossSpec("seesaw", seesaw_p=0.5).seesaw_p == 0.5
+    with pytest.raises(ConfigError, match="seesaw_q is ignored by loss 'eqlv2'"):
+        losses.LossSpec("eqlv2", seesaw_q=1.0)
+    with pytest.raises(ConfigError, match="must be an integer >= 1"):
+        losses.LossSpec("federated", fed_num_classes=0)
+    for name, params in losses.LOSS_PARAMS.items():
+        assert name in losses.LOSSES and set(params) <= set(losses._PARAM_CHECKS)
 
 
 def test_build_loss_names_and_errors():

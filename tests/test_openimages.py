@@ -199,3 +199,91 @@ def test_bad_files(tmp_path):
         convert_openimages(*files[:3], tmp_path / "h.json", out)
     with pytest.raises(AnnotationError, match=r"missing.csv: CSV file not found"):
         convert_openimages(tmp_path / "missing.csv", *files[1:], out)
+
+
+def _split(tmp_path, name, counts):
+    """One split's CSVs in tmp_path/name: class MID -> number of images with one box of it (one class per image)."""
+    d = tmp_path / name
+    d.mkdir()
+    boxes = [_box(f"{name}_{mid[3:]}_{i}", mid, 0.1, 0.5, 0.1, 0.5, ImageWidth=10, ImageHeight=10)
+             for mid, n in counts.items() for i in range(n)]
+    return _write(d, boxes, []), d / "oi.json"
+
+
+# training counts 101 / 11 / 1 -> f / c / r; validation's own counts 3 / 1 / 20 would give r / r / c
+TRAIN_COUNTS = {"/m/apple": 101, "/m/car": 11, "/m/toy": 1}
+VAL_COUNTS = {"/m/apple": 3, "/m/car": 1, "/m/toy": 20}
+
+
+def test_val_takes_training_buckets(tmp_path):
+    train_files, train_out = _split(tmp_path, "train", TRAIN_COUNTS)
+    s = convert_openimages(*train_files, train_out)
+    train = json.loads(train_out.read_text())
+    assert train["frequency_source"] == s["frequency_source"] == "self: image_count"
+    assert {c["mid"]: c["frequency"] for c in train["categories"]} == {
+        "/m/fruit": "r", "/m/apple": "f", "/m/banana": "r", "/m/car": "c", "/m/toy": "r", "/m/person": "r"}
+
+    val_files, val_out = _split(tmp_path, "val", VAL_COUNTS)
+    own = convert_openimages(*val_files, tmp_path / "val_own.json")        # the old behaviour: own buckets
+    assert {c["mid"]: c["frequency"] for c in json.loads((tmp_path / "val_own.json").read_text())["categories"]
+            if c["mid"] in VAL_COUNTS} == {"/m/apple": "r", "/m/car": "r", "/m/toy": "c"}
+    assert own["buckets"] == {"r": 5, "c": 1, "f": 0}
+
+    s = convert_openimages(*val_files, val_out, train_ann=train_out)
+    val = json.loads(val_out.read_text())
+    assert [(c["id"], c["mid"], c["name"]) for c in val["categories"]] == \
+        [(c["id"], c["mid"], c["name"]) for c in train["categories"]]
+    assert [c["frequency"] for c in val["categories"]] == [c["frequency"] for c in train["categories"]]
+    # image / instance counts stay the validation file's own
+    assert {c["mid"]: (c["image_count"], c["instance_count"]) for c in val["categories"]} == {
+        "/m/fruit": (0, 0), "/m/apple": (3, 3), "/m/banana": (0, 0), "/m/car": (1, 1), "/m/toy": (20, 20),
+        "/m/person": (0, 0)}
+    assert val["frequency_source"] == s["frequency_source"] == f"train: {train_out} image_count"
+    assert s["buckets"] == {"r": 4, "c": 1, "f": 1}
+    assert load_lvis_json(val_out)["invalid_skipped"] == 0
+
+
+def test_train_ann_without_image_count_counts_its_annotations(tmp_path):
+    train_files, train_out = _split(tmp_path, "train", TRAIN_COUNTS)
+    convert_openimages(*train_files, train_out)
+    d = json.loads(train_out.read_text())
+    for c in d["categories"]:
+        del c["image_count"], c["frequency"]
+    train_out.write_text(json.dumps(d))
+    val_files, val_out = _split(tmp_path, "val", VAL_COUNTS)
+    convert_openimages(*val_files, val_out, train_ann=train_out)
+    assert {c["mid"]: c["frequency"] for c in json.loads(val_out.read_text())["categories"]
+            if c["mid"] in VAL_COUNTS} == {"/m/apple": "f", "/m/car": "c", "/m/toy": "r"}
+
+
+TRAIN_BAD = {
+    "missing MID": (lambda d: d["categories"].pop(3),
+                    r"train/oi.json: no category with mid '/m/car' \('Car' in .*val/classes.csv\), so "
+                    r".*val/oi.json cannot take its frequency bucket from training counts; convert the training "
+                    r"split with the same classes CSV .* and pass that JSON as --train-ann"),
+    "different id": (lambda d: d["categories"][1].update(id=9),
+                     r"train/oi.json: category mid '/m/apple' has id 9, name 'Apple', but id 2, name 'Apple' here: "
+                     r"it differs from the category list of .*val/oi.json; category ids must be identical"),
+    "extra category": (lambda d: d["categories"].append({"id": 7, "name": "Zebra", "mid": "/m/zebra",
+                                                         "image_count": 4}),
+                       r"train/oi.json: 7 categories \(extra mid '/m/zebra'\) vs 6 in .*val/classes.csv: it differs"),
+    "no mid": (lambda d: d["categories"][0].pop("mid"),
+               r"train/oi.json: category 1 has no 'mid' field; --train-ann must be a training JSON written by "
+               r"convert-openimages"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAIN_BAD))
+def test_bad_train_ann(tmp_path, case):
+    mutate, pattern = TRAIN_BAD[case]
+    train_files, train_out = _split(tmp_path, "train", TRAIN_COUNTS)
+    convert_openimages(*train_files, train_out)
+    d = json.loads(train_out.read_text())
+    mutate(d)
+    train_out.write_text(json.dumps(d))
+    val_files, val_out = _split(tmp_path, "val", VAL_COUNTS)
+    with pytest.raises(AnnotationError, match=pattern):
+        convert_openimages(*val_files, val_out, train_ann=train_out)
+    assert not val_out.exists()
+    with pytest.raises(AnnotationError, match=r"none.json: training annotations file not found"):
+        convert_openimages(*val_files, val_out, train_ann=tmp_path / "none.json")

@@ -11,6 +11,7 @@ from lt_models.errors import AnnotationError, ConfigError
 from lt_models.samplers import (
     SAMPLERS,
     ClassAwareSampler,
+    NonBalanceSampler,
     RepeatFactorSampler,
     SoftBalanceSampler,
     SamplerSpec,
@@ -108,6 +109,24 @@ def test_bad_csr(indptr, labels, match):
 
 
 # ------------------------------------------------------------------------------------ chi-square goodness of fit
+def test_lambda_zero_is_not_the_nonbalance_sampler():
+    """At λ = 0 an image is drawn with probability Σ_{c ∈ image} P_n(c)/n_c = |classes(image)| / Σ_j n_j, so an image
+    holding 3 classes comes 3x as often as a one-class image; the non-balance sampler shows every image once."""
+    (indptr, labels), C = long_tail_table()
+    n_images = len(indptr) - 1
+    per_image = np.diff(indptr)
+    s = SoftBalanceSampler(indptr, labels, C, lam=0.0, num_samples=300_000, seed=2)
+    observed = np.bincount(s.epoch_indices(0), minlength=n_images)
+    expected = per_image / per_image.sum()
+    assert len(set(per_image[per_image > 0].tolist())) > 1  # the table has images with different class counts
+    keep = per_image > 0
+    assert chisquare(observed[keep], expected[keep] * observed.sum()).pvalue > 1e-3
+    uniform = keep / keep.sum()
+    assert chisquare(observed[keep], uniform[keep] * observed.sum()).pvalue < 1e-6
+    nb = NonBalanceSampler(n_images, seed=2)
+    assert np.array_equal(np.sort(nb.epoch_indices(0)), np.arange(n_images))
+
+
 @pytest.mark.parametrize("lam", [0.0, 0.5, 0.7, 1.0, 1.5])
 def test_class_draws_fit_eq8(lam):
     (indptr, labels), C = long_tail_table()

@@ -172,6 +172,30 @@ def test_one_stage1_training_shared_by_every_trial(interrupted_and_resumed):
     assert not again.trained and again.sha256 == sha
 
 
+def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupted_and_resumed, workdir):
+    """The concurrent-softmax paper's Table 2 (softmax / concurrent softmax in training x in testing) as one
+    search space: 4 trials from the shared stage 1; the cells that share a training loss train identically and differ
+    only in how detections are scored."""
+    cfg = make_cfg(workdir, "table2", space={"loss": {"grid": ["softmax", "concurrent_softmax"]},
+                                             "scores": {"grid": ["softmax", "concurrent"]}},
+                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24,
+                           "sampler": "classaware"},
+                   scheduler={"type": "fifo"})
+    result = sweep.run_sweep(cfg, verbose=0)
+    assert result.stage1.sha256 == interrupted_and_resumed[1].stage1.sha256 and not result.stage1.trained
+    cells = {}
+    for t in result.trials:
+        assert t.error is None and t.evaluations == 1
+        spec = json.loads(next(Path(t.path).glob("checkpoint_*/spec.json")).read_text())
+        assert spec["loss"]["name"] == t.config["loss"] and spec["loss"]["scores"] == t.config["scores"]
+        cells[(t.config["loss"], t.config["scores"])] = t.metrics
+    assert sorted(cells) == [("concurrent_softmax", "concurrent"), ("concurrent_softmax", "softmax"),
+                             ("softmax", "concurrent"), ("softmax", "softmax")]
+    for loss in ("softmax", "concurrent_softmax"):
+        assert cells[(loss, "softmax")]["loss"] == pytest.approx(cells[(loss, "concurrent")]["loss"], rel=1e-6)
+    assert cells[("softmax", "softmax")]["loss"] != pytest.approx(cells[("concurrent_softmax", "softmax")]["loss"])
+
+
 def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed):
     from mlflow import MlflowClient
 
