@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -288,6 +289,27 @@ def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp
     assert changed == {"roi_heads.box_predictor.cls_score.weight", "roi_heads.box_predictor.cls_score.bias"}
     with pytest.raises(ConfigError, match="init_checkpoint"):
         train(trial, tmp_path / "s2b")
+
+
+def test_evaluation_buckets_classes_by_training_frequency(bench, tmp_path, monkeypatch):
+    """A validation file whose own `frequency` fields disagree with training: the engine still evaluates with the
+    training set's r/c/f buckets (as LVIS does)."""
+    from lt_models import evaluation
+
+    val = json.loads(open(bench["val"]).read())
+    for c in val["categories"]:
+        c["frequency"] = "f"
+    val_path = tmp_path / "val_all_frequent.json"
+    val_path.write_text(json.dumps(val))
+    seen = []
+    real = evaluation.evaluate_lvis
+    monkeypatch.setattr(evaluation, "evaluate_lvis", lambda gt, dets, frequency=None: seen.append(frequency) or
+                        real(gt, dets, frequency=frequency))
+    train(small_spec(bench, epochs=1, val_ann=str(val_path), val_image_dir=str(Path(bench["val"]).parent / "images")),
+          tmp_path / "run")
+    train_ds = LVISDetection(bench["train"])
+    assert seen == [dict(zip(train_ds.cat_ids, train_ds.frequency))]
+    assert set(train_ds.frequency) != {"f"}  # the training buckets really differ from the file's
 
 
 def test_concurrent_softmax_trains_with_the_rate_matrix_from_the_annotations(bench, tmp_path):

@@ -204,6 +204,9 @@ def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed
     exp = client.get_experiment_by_name(cfg.name)
     role = lambda r: client.search_runs([exp.experiment_id], f"tags.`ltsweep.role` = '{r}'")  # noqa: E731
     assert len(role("pretrain")) == 1 and len(role("sweep")) == 1
+    # APr/APc/APf bucket classes by the training set's frequency, and the runs say so
+    assert str(cfg.data.train) in role("sweep")[0].data.tags["ltsweep.frequency_source"]
+    assert str(cfg.data.train) in role("pretrain")[0].data.params["frequency_source"]
     trial_runs = role("trial")
     assert sorted(r.data.tags["ltsweep.trial_id"] for r in trial_runs) == sorted(t.trial_id for t in resumed.trials)
     assert all(r.data.params["pretrain_sha256"] == resumed.stage1.sha256 for r in trial_runs)
