@@ -15,6 +15,7 @@ DEFAULT_DEMO_DATA = Path("data/demo")
 
 
 from lt_models.errors import LtsweepInputError
+from lt_models.synthetic_layout import PRESETS
 
 
 class UserError(LtsweepInputError):
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
         dest="data_command", required=True)
     s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
-    s.add_argument("--preset", choices=["demo", "bench"], default="demo")
+    s.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     s.add_argument("--out", type=Path, required=True)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_data_synth)

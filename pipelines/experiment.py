@@ -63,9 +63,18 @@ class DataConfig(_Strict):
     hierarchy: Optional[Path] = Field(None, description="class hierarchy JSON (Open Images style)")
     expand_parents: bool = Field(False, description="also label every object with its hierarchy parents")
     hierarchy_rate: float = Field(1.0, ge=0.0, le=1.0, description="r_ij for leaf/parent pairs: 1.0 = a parent never suppresses its leaf (eq 5 reading), 0.0 = the paper's literal r_ij = 0")
-    synthetic: Optional[Literal["demo", "bench"]] = Field(
-        None, description="if the annotation files are absent, generate this synthetic preset there first")
+    synthetic: Optional[str] = Field(
+        None, description="if the annotation files are absent, generate this synthetic preset there first "
+                          "(lt_models.synthetic_layout.PRESETS: demo, bench, study)")
     synthetic_seed: int = 0
+
+
+    @field_validator("synthetic")
+    @classmethod
+    def _synthetic_preset(cls, v):
+        from lt_models.synthetic_layout import PRESETS
+
+        return v if v is None else _one_of(v, PRESETS, "synthetic preset")
 
 
 class ModelConfig(_Strict):
