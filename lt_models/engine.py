@@ -251,7 +251,8 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
     shared: ``shared_loss_inputs(...)`` computed once by the caller (a sweep's driver); computed here if absent.
     on_eval(metrics, checkpoint_dir): called after each evaluation once ``checkpoint_dir`` is complete on disk.
         metrics: AP, AP50, APr, APc, APf (floats, -1 where a bucket has no class), loss (mean optimised training
-        loss of the last epoch), epoch (epochs completed), iteration (optimizer steps so far), per_class
+        loss of the last epoch), epoch (epochs completed), iteration (optimizer steps so far), images (training
+        images seen so far), per_class
         ({category_id: AP}), plus the rest of ``evaluate_lvis``'s keys.
 
     Checkpoint directories are ``out_dir/checkpoint_epoch{e:04d}`` (checkpoint.pt, metrics.json, spec.json); only
@@ -311,10 +312,11 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
                                    [s * iters_per_epoch for s in spec.lr_steps], spec.lr_gamma)
     scaler = torch.amp.GradScaler("cuda") if (spec.amp and device.type == "cuda") else None
 
-    start_epoch, iteration = 0, 0
+    start_epoch, iteration, images = 0, 0, 0
     if resume_checkpoint is not None:
         state = load_checkpoint(resume_checkpoint, model, optimizer, scheduler, scaler)
         start_epoch, iteration = state["epoch"], state["iteration"]
+        images = int(state["extra"].get("images", 0))
         if start_epoch >= spec.epochs:  # nothing left to train: hand back the checkpoint's own evaluation
             ckpt_dir = Path(resume_checkpoint)
             ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
@@ -333,6 +335,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         stats = train_one_epoch(model, optimizer, train_loader, device, epoch, scheduler=scheduler, scaler=scaler,
                                 grad_clip=spec.grad_clip, iteration=iteration, progress=spec.progress)
         iteration += stats["iterations"]
+        images += stats["images"]
         last_loss = stats["loss"]
         done = epoch + 1
         if done % spec.eval_every != 0 and done != spec.epochs:
@@ -340,11 +343,11 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         res = evaluate(model, val_loader, val_ds, spec.val_ann, device, progress=spec.progress,
                        frequency=train_buckets)
         metrics = {k: v for k, v in res.items()}
-        metrics.update(loss=last_loss, epoch=done, iteration=iteration,
+        metrics.update(loss=last_loss, epoch=done, iteration=iteration, images=images,
                        train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])
         ckpt_dir = write_checkpoint_dir(out_dir, f"checkpoint_epoch{done:04d}", model, optimizer, scheduler, scaler,
                                         epoch=done, iteration=iteration, metrics=metrics, spec=spec_dict,
-                                        extra=extra)
+                                        extra=dict(extra, images=images))
         if on_eval is not None:
             on_eval(metrics, ckpt_dir)
         old = sorted(p for p in out_dir.glob("checkpoint_epoch*") if p.is_dir())[:-spec.keep_checkpoints]

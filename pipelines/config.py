@@ -234,7 +234,8 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
         hierarchy_rate=d.hierarchy_rate, stage=stage, backbone=cfg.model.backbone, image_size=cfg.model.image_size,
         weights=_str(cfg.model.weights), sampler=sampler, loss=loss, decoupled=decoupled, epochs=s.epochs,
         batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
-        eval_every=eval_every or cfg.eval.every, seed=cfg.seed, num_threads=num_threads, device=device,
+        eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,
+        device=device,
         workers=s.workers, progress=progress)
 
 

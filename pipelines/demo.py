@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import search_spaces
+from pipelines import aggregate
 from pipelines.config import load_experiment_config
 from pipelines.schema import BUCKET_METRICS
 from pipelines.sweep import run_sweep
@@ -61,13 +62,19 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
         print(f"{t.trial_id:<28}{c.get('lam', '-'):>6}  {str(c.get('loss', '-')):<20}{c.get('xi', '-'):>5}"
               + "".join(f"{t.metrics.get(m, float('nan')):>8.3f}" for m in BUCKET_METRICS)
               + f"{t.epochs:>8}  {status}")
-    if summary.best is not None:
-        print(f"best configuration: {summary.best.config} (AP {summary.best.metrics.get('AP', float('nan')):.4f})")
+    best = summary.best_config
+    print("\nper configuration over its seeds (mean [95% CI]):")
+    print(aggregate.format_table(summary.configs, best=best))
+    if best is not None:
+        print(f"best configuration: {best.label()} (AP {best.stats['AP'].text()}, APr {best.stats['APr'].text()}, "
+              f"n={best.n})")
+        for sentence in summary.comparisons():
+            print(sentence)
     print(f"ASHA stopped {summary.stopped_early} of {len(summary.trials)} trials early; "
           f"{summary.trial_epochs} trial-epochs instead of {len(summary.trials) * cfg.stage2.epochs} for the "
           "full grid")
-    if summary.stage1 is not None:
-        print(f"stage 1 ({summary.stage1.sha256[:12]}) was trained once and restored by every trial")
+    for seed, ckpt in (summary.stage1 or {}).items():
+        print(f"stage 1 ({ckpt.sha256[:12]}, seed {seed}) was trained once and restored by every trial of that seed")
     print("\nopen the dashboards:")
     print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1   # then http://127.0.0.1:5000")
     print(f"  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1        # then http://127.0.0.1:6006")

@@ -15,10 +15,11 @@ defaults; see search_spaces/*.yaml):
     eval: {every}                   # evaluate (and report to Tune) every N epochs
     resources: {cpus_per_trial, gpus_per_trial}
     scheduler: {type: asha|fifo, metric, mode, grace_period, reduction_factor, max_t}   # counted in evaluations
-    search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed}
+    search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed, seeds}
     space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
     run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
     train: {stage: hybrid|stage1|stage2, init_checkpoint}   # only used by `ltsweep train`
+    report: {baseline}              # the configuration every other is compared with (paired over seeds)
 
 Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda, seesaw_*, eqlv2_*,
 fed_num_classes) are read only by some samplers / losses; the space samples them only for those (pipelines.space), and setting one that no trial reads is
@@ -208,7 +209,23 @@ class SearchConfig(_Strict):
         "basic", description="basic = Tune's grid/random variant generator; optuna = TPE (needs `pip install optuna`)")
     num_samples: int = Field(1, ge=1, description="samples per grid point (basic) / trials (optuna)")
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
-    seed: Optional[int] = None
+    seed: Optional[int] = Field(None, description="the search algorithm's random state (not the training seed)")
+    seeds: Optional[list[int]] = Field(
+        None, min_length=1, description="training seeds: every configuration runs once per seed (its repeats); "
+                                        "default [seed]")
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, v):
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a value; list each training seed once")
+        return v
+
+
+class ReportConfig(_Strict):
+    baseline: Optional[dict[str, Any]] = Field(
+        None, description="the configuration every other is compared with, paired over the same seeds, e.g. "
+                          "{loss: softmax, sampler: nonbalance}")
 
 
 class RunSettings(_Strict):
@@ -244,6 +261,23 @@ class ExperimentConfig(_Strict):
     space: dict[str, SpaceParam] = Field(default_factory=dict)
     run: RunSettings = Field(default_factory=RunSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+
+    @model_validator(mode="after")
+    def _seeds_and_baseline(self):
+        if self.search.algorithm == "optuna" and len(self.seeds) > 1:
+            raise ValueError("search.seeds: repeats need search.algorithm basic (Optuna samples each configuration "
+                             "once); use basic, or run `ltsweep confirm` on the Optuna sweep's best configurations")
+        for key, value in (self.report.baseline or {}).items():
+            if key not in SEARCHABLE:
+                raise ValueError(f"report.baseline.{key}: not a stage-2 field; the baseline names searched values, "
+                                 f"e.g. {{loss: softmax, sampler: nonbalance}}")
+            try:
+                Stage2Config.model_validate({**self.stage2.model_dump(), key: value})
+            except ValidationError as exc:
+                msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
+                raise ValueError(f"report.baseline.{key} = {value!r}: {msg}") from None
+        return self
 
     @model_validator(mode="after")
     def _space_is_valid(self):
@@ -279,8 +313,18 @@ class ExperimentConfig(_Strict):
         """How many times a full-length trial reports (ASHA's max_t, in evaluations)."""
         return self.scheduler.max_t or math.ceil(self.stage2.epochs / self.eval.every)
 
+    @property
+    def seeds(self) -> list[int]:
+        """The training seeds: each configuration runs once per seed (`search.seeds`, default [seed])."""
+        return list(self.search.seeds) if self.search.seeds else [self.seed]
+
+    def with_seed(self, seed: int) -> "ExperimentConfig":
+        """This experiment trained with another seed (its stage 1 is that seed's own checkpoint)."""
+        return self.model_copy(update={"seed": int(seed)})
+
     def searched_keys(self) -> list[str]:
-        return list(self.space)
+        """The keys of a trial's config: the searched stage-2 fields, then `seed`."""
+        return list(self.space) + ["seed"]
 
     def choices(self, selector: str) -> list[str]:
         """The samplers (selector 'sampler') or losses ('loss') that trials of this experiment can use."""
@@ -299,16 +343,26 @@ class ExperimentConfig(_Strict):
     def param_space(self) -> dict[str, Any]:
         """The Tune param_space of the variant generator: {stage-2 field: primitive}, conditional on the searched
         sampler / loss (pipelines.space)."""
-        return tune_param_space(self.space)
+        space = tune_param_space(self.space)
+        from ray import tune
+
+        space["seed"] = tune.grid_search(self.seeds)  # every configuration once per training seed
+        return space
 
     def stage2_for_trial(self, trial_config: dict[str, Any]) -> Stage2Config:
         """Stage-2 values with a trial's sampled values (a Tune trial config, see space.trial_values) applied and
         validated again."""
         values = trial_values(trial_config)
+        values.pop("seed", None)
         unknown = set(values) - set(SEARCHABLE)
         if unknown:
             raise ConfigError(f"trial config has keys that are not stage-2 fields: {sorted(unknown)}")
         return Stage2Config.model_validate({**self.stage2.model_dump(), **values})
+
+    def trial_seed(self, trial_config: Optional[dict[str, Any]]) -> int:
+        """The training seed of a trial (its config's `seed`, else the experiment's)."""
+        seed = (trial_config or {}).get("seed")
+        return self.seed if seed is None else int(seed)
 
     def fingerprint(self) -> str:
         """sha256 of the canonical config (sorted JSON) without run.*, train.* and description: what must not

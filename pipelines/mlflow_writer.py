@@ -28,7 +28,8 @@ from pipelines.report import log_sweep_report, plot_ap_by_rank, search_tagged
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
                               ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
                               MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,
-                              PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG, ROLE_PRETRAIN,
+                              PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG,
+                              ROLE_PRETRAIN, SEED_PARAM,
                               ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG, SWEEP_TAG,
                               SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG, UNFINISHED_TRIALS_TAG,
                               finite_number, per_class_dict)
@@ -278,10 +279,12 @@ class SweepWriter:
                 continue
             metrics.append(Metric(key, value, ts, step))
         params = []
-        sha = result.get(PRETRAIN_SHA_PARAM)
-        if sha and trial.trial_id not in self._sha_logged:
-            if PRETRAIN_SHA_PARAM not in self.client.get_run(run_id).data.params:
-                params.append(Param(PRETRAIN_SHA_PARAM, str(sha)))
+        if trial.trial_id not in self._sha_logged:  # once per trial: its stage-1 sha256 and its training seed
+            logged = self.client.get_run(run_id).data.params
+            for key in (PRETRAIN_SHA_PARAM, SEED_PARAM):
+                v = result.get(key)
+                if v is not None and v != "" and key not in logged:
+                    params.append(Param(key, str(v)))
             self._sha_logged.add(trial.trial_id)
         if metrics or params:
             self.client.log_batch(run_id, metrics=metrics, params=params)

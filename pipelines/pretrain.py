@@ -193,12 +193,36 @@ def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Option
     else:
         ckpt = _train_locked(cfg, force, use_ray, lock_timeout)
     if tracking_uri is not None:
-        from pipelines import tracking
-
-        metrics = {k: v for k, v in ckpt.metrics.items() if k in PRETRAIN_METRICS}
-        tracking.log_pretrain_run(tracking_uri, sweep_name or cfg.name, ckpt.sha256, _pretrain_params(cfg),
-                                  metrics, str(ckpt.checkpoint_dir), val_annotations=str(cfg.data.val))
+        _log_stage1(cfg, ckpt, tracking_uri, sweep_name)
     return ckpt
+
+
+def ensure_stage1_per_seed(cfg: ExperimentConfig, *, force: bool = False, tracking_uri: Optional[str] = None,
+                           sweep_name: Optional[str] = None) -> Optional[dict[int, Stage1Checkpoint]]:
+    """The stage-1 checkpoint of every training seed of the sweep (`cfg.seeds`): each seed's trials restore their
+    own seed's stage 1. The missing ones train at the same time (as Ray tasks when Ray is up); each stays
+    content-addressed (the seed is part of its key), so a later sweep with the same seeds reuses them. MLflow gets
+    one pretrain run per seed, written one after the other (a single writer). None for one-stage trials."""
+    if cfg.stage1 is None:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    seeds = cfg.seeds
+    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+        futures = {s: pool.submit(ensure_stage1, cfg.with_seed(s), force=force) for s in seeds}
+        ckpts = {s: f.result() for s, f in futures.items()}
+    if tracking_uri is not None:
+        for s, ckpt in ckpts.items():
+            _log_stage1(cfg.with_seed(s), ckpt, tracking_uri, sweep_name)
+    return ckpts
+
+
+def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str, sweep_name: Optional[str]) -> None:
+    from pipelines import tracking
+
+    metrics = {k: v for k, v in ckpt.metrics.items() if k in PRETRAIN_METRICS}
+    tracking.log_pretrain_run(tracking_uri, sweep_name or cfg.name, ckpt.sha256, _pretrain_params(cfg),
+                              metrics, str(ckpt.checkpoint_dir), val_annotations=str(cfg.data.val))
 
 
 def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], lock_timeout: float

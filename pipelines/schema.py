@@ -67,6 +67,8 @@ REPORT_ERROR_TAG = "ltsweep.report_error"  # writing the sweep report failed
 
 #: trial-run param naming the stage-1 checkpoint the trial started from
 PRETRAIN_SHA_PARAM = "pretrain_sha256"
+#: trial-run param: the trial's training seed (configurations repeat once per seed, `search.seeds`)
+SEED_PARAM = "seed"
 
 # ---- artifacts ---------------------------------------------------------------------------------------------------
 PER_CLASS_JSON = "per_class_ap.json"  # {category_id: AP} (see per_class_dict); the report reads it back

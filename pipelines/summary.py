@@ -1,15 +1,20 @@
-"""What a sweep's driver prints at the end: a summary of the Tune results (trials, best trial, where to look).
+"""What a sweep's driver prints at the end: a summary of the Tune results (trials, the answer, where to look).
 
-:func:`summarize` turns Tune's ``ResultGrid`` into a :class:`SweepSummary`; the best trial is chosen by the one
-best-trial rule of :func:`pipelines.schema.best_trial`. :func:`print_summary` prints it.
+:func:`summarize` turns Tune's ``ResultGrid`` into a :class:`SweepSummary`. Trials of the same configuration with
+different seeds are aggregated (:mod:`pipelines.aggregate`: n, mean, sd, 95% CI); the answer is the best
+configuration by mean (:func:`pipelines.aggregate.best_config`), compared with the runner-up and with the
+``report.baseline`` configuration (paired over seeds). The best single trial (:func:`pipelines.schema.best_trial`)
+is the one whose checkpoint is the sweep's best model. :func:`print_summary` prints it all.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from pipelines import aggregate
 from pipelines.schema import BUCKET_METRICS, SCHEDULER_METRICS, best_trial
 from pipelines.space import trial_values
 
@@ -41,8 +46,25 @@ class SweepSummary:
     max_evaluations: int
     trials: list[TrialSummary]
     best: Optional[TrialSummary]
-    stage1: Optional[Stage1Checkpoint]
+    stage1: Optional[dict[int, Stage1Checkpoint]]   # the stage-1 checkpoint of each training seed
     resumed: bool = False
+    baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
+
+    @functools.cached_property
+    def configs(self) -> list[aggregate.ConfigResult]:
+        """Trials grouped by configuration (their seeds are the repeats), with n, mean, sd and 95% CI."""
+        return aggregate.aggregate(self.trials, config=lambda t: t.config, metric=lambda t, m: t.metrics.get(m),
+                                   full=lambda t: t.evaluations >= self.max_evaluations,
+                                   failed=lambda t: t.error is not None)
+
+    @property
+    def best_config(self) -> Optional[aggregate.ConfigResult]:
+        return aggregate.best_config(self.configs, self.metric, self.mode)
+
+    def comparisons(self) -> list[str]:
+        """In words: the best configuration against the runner-up and against the baseline, paired over seeds."""
+        return comparisons(aggregate.ranked(self.configs, self.metric, self.mode), self.metric, self.baseline,
+                           value=lambda t, m: t.metrics.get(m))
 
     @property
     def trial_epochs(self) -> int:
@@ -76,11 +98,38 @@ class SweepSummary:
         return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["stage1"] = None if self.stage1 is None else {"sha256": self.stage1.sha256, "path": str(self.stage1.path),
-                                                        "trained": self.stage1.trained}
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        d["best"] = None if self.best is None else dataclasses.asdict(self.best)
+        d["stage1"] = None if self.stage1 is None else {
+            str(seed): {"sha256": c.sha256, "path": str(c.path), "trained": c.trained}
+            for seed, c in self.stage1.items()}
         d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored)
+        best = self.best_config
+        d["configs"] = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
+                         **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in self.configs]
         return d
+
+
+def comparisons(ranked_configs: list[aggregate.ConfigResult], metric: str, baseline: Optional[dict[str, Any]],
+                value) -> list[str]:
+    """Sentences on the best configuration's lead: over the runner-up and over the baseline configuration(s)."""
+    if not ranked_configs:
+        return []
+    best, out = ranked_configs[0], []
+    if len(ranked_configs) > 1:
+        out.append(aggregate.lead_sentence(best, ranked_configs[1],
+                                           aggregate.paired(best, ranked_configs[1], metric, value)))
+    if baseline:
+        bases = [c for c in ranked_configs if aggregate.matches(c.config, baseline) and c is not best]
+        if not bases and aggregate.matches(best.config, baseline):
+            out.append(f"The baseline ({baseline}) is itself the best configuration.")
+        for b in bases:
+            for m in dict.fromkeys([metric, "APr"]):
+                out.append(aggregate.lead_sentence(best, b, aggregate.paired(best, b, m, value), what="the baseline"))
+        if not bases and not aggregate.matches(best.config, baseline):
+            out.append(f"No configuration of this sweep matches the baseline {baseline}.")
+    return out
 
 
 def format_value(v: Any) -> str:
@@ -91,7 +140,7 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def summarize(cfg: ExperimentConfig, results, stage1: Optional[Stage1Checkpoint], resumed: bool, *,
+def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1Checkpoint]], resumed: bool, *,
               experiment_path: str | Path, tracking_uri: str) -> SweepSummary:
     """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
     ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them."""
@@ -113,20 +162,30 @@ def summarize(cfg: ExperimentConfig, results, stage1: Optional[Stage1Checkpoint]
     return SweepSummary(name=cfg.name, experiment_path=str(experiment_path),
                         storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri,
                         metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
-                        trials=trials, best=best, stage1=stage1, resumed=resumed)
+                        trials=trials, best=best, stage1=stage1, resumed=resumed, baseline=cfg.report.baseline)
 
 
 def print_summary(summary: SweepSummary, file=None) -> None:
     file = file or sys.stdout
     print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
           f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored", file=file)
-    if summary.stage1 is not None:
-        how = "trained for this sweep" if summary.stage1.trained else "reused"
-        print(f"stage 1: {summary.stage1.sha256[:12]} ({how}) at {summary.stage1.path}", file=file)
+    for seed, ckpt in (summary.stage1 or {}).items():
+        how = "trained for this sweep" if ckpt.trained else "reused"
+        print(f"stage 1 (seed {seed}): {ckpt.sha256[:12]} ({how}) at {ckpt.path}", file=file)
     print(summary.table(), file=file)
+    configs = summary.configs
+    best = aggregate.best_config(configs, summary.metric, summary.mode)
+    print(f"\nper configuration over its seeds (mean [95% CI]; best = best mean {summary.metric} among "
+          f"configurations that ran the full schedule):", file=file)
+    print(aggregate.format_table(configs, best=best), file=file)
+    if best is not None:
+        print(f"best configuration ({summary.metric}, {summary.mode}): {best.label()} -> "
+              + ", ".join(f"{m} {best.stats[m].text()}" for m in BUCKET_METRICS) + f" over n={best.n}", file=file)
+        for sentence in summary.comparisons():
+            print(sentence, file=file)
     if summary.best is not None:
         b = summary.best
-        print(f"best ({summary.metric}, {summary.mode}): {b.trial_id} {b.config} -> "
+        print(f"best single trial: {b.trial_id} {b.config} -> "
               + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
     print(f"\nTensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
     print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)

@@ -7,13 +7,13 @@
 Steps: validate the YAML (pipelines.config) -> generate the synthetic benchmark if the config asks for it and it
 is absent -> join the Ray cluster (RAY_ADDRESS, as set by `ray job submit`) or start a local Ray -> make sure the
 shared stage-1 checkpoint exists (pipelines.pretrain: trained once, as a Ray task with a trial's resources) ->
-`Tuner` over `pipelines.trainable.train_trial` with ASHA (or FIFO), the search space, `max_concurrent_trials`,
+`Tuner` over `pipelines.trainable.train_trial` (each configuration once per training seed, `search.seeds`) with ASHA (or FIFO), the search space, `max_concurrent_trials`,
 `with_resources`, `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep)`; MLflow (one driver-side
 callback) and TensorBoard (Tune's TBX logger) -> a summary table.
 
 Layout under `run.storage_path` (shared storage on a multi-node cluster):
     <name>/            the Tune experiment (trial dirs with TensorBoard event files, checkpoints, tuner.pkl)
-    pretrain/<sha256>/ the shared stage-1 checkpoint
+    pretrain/<sha256>/ the shared stage-1 checkpoint (one per training seed)
     mlflow.db          the default MLflow store (sqlite); mlartifacts/ beside it
 `--resume` continues an interrupted sweep of the same name (Tuner.restore): finished trials are kept as they
 are, unfinished ones continue from their last checkpoints, errored ones are not retried.
@@ -35,8 +35,8 @@ from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
 from pipelines.callbacks import _tune_callbacks
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
-from pipelines.pretrain import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1, frequency_source, pretrain_root,
-                               stage1_key)
+from pipelines.pretrain import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1_per_seed, frequency_source,
+                               pretrain_root, stage1_key)
 from pipelines.summary import SweepSummary, print_summary, summarize
 
 log = logging.getLogger(__name__)
@@ -125,30 +125,37 @@ def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
                               cfg.loss_inputs())
 
 
-def sweep_params(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> dict[str, Any]:
+Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
+
+
+def _stage1_shas(stage1: Stage1Set) -> Optional[dict[str, str]]:
+    return None if stage1 is None else {str(seed): ckpt.sha256 for seed, ckpt in stage1.items()}
+
+
+def sweep_params(cfg: ExperimentConfig, stage1: Stage1Set) -> dict[str, Any]:
     """The sweep's config as logged on the MLflow parent run."""
     d = cfg.model_dump(mode="json", exclude={"space", "train"})
     d["space"] = {k: {p.kind: list(p.args)} for k, p in cfg.space.items()}
     d["dataset_fingerprint"] = dataset_fingerprint(cfg)
     d["frequency_source"] = frequency_source(cfg)
-    d["pretrain_sha256"] = stage1.sha256 if stage1 is not None else ""
+    d["pretrain_sha256"] = _stage1_shas(stage1) or ""
     d["metric"], d["mode"] = cfg.scheduler.metric, cfg.scheduler.mode
     return d
 
 
-def build_trainable(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint],
-                    trainable_fn: Optional[Callable] = None):
-    """`train_trial` (or a stand-in with its signature) bound to the experiment, stage-1 checkpoint and shared
-    objects with tune.with_parameters, and given a trial's resources with tune.with_resources."""
+def build_trainable(cfg: ExperimentConfig, stage1: Stage1Set, trainable_fn: Optional[Callable] = None):
+    """`train_trial` (or a stand-in with its signature) bound to the experiment, the stage-1 checkpoint of each
+    seed and the shared objects with tune.with_parameters, and given a trial's resources with tune.with_resources."""
     from pipelines.trainable import train_trial, trial_resources
 
-    stage1_ref = None if stage1 is None else {"sha256": stage1.sha256, "checkpoint_dir": str(stage1.checkpoint_dir)}
+    stage1_ref = None if stage1 is None else {
+        str(seed): {"sha256": c.sha256, "checkpoint_dir": str(c.checkpoint_dir)} for seed, c in stage1.items()}
     fn = tune.with_parameters(trainable_fn or train_trial, experiment=cfg, stage1=stage1_ref,
                               shared=_shared_objects(cfg))
     return tune.with_resources(fn, trial_resources(cfg))
 
 
-def build_tuner(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint], *, resume: bool = False,
+def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = False,
                 trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
                 progress: bool = True):
     from pipelines.tracking import MLflowSweepCallback
@@ -210,7 +217,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
     if resume:
         stage1 = _stage1_of_existing_sweep(cfg)
     else:
-        stage1 = ensure_stage1(cfg, force=force_pretrain, tracking_uri=tracking_uri_for(cfg), sweep_name=cfg.name)
+        stage1 = ensure_stage1_per_seed(cfg, force=force_pretrain, tracking_uri=tracking_uri_for(cfg),
+                                        sweep_name=cfg.name)
         _write_sweep_record(cfg, stage1)
     tuner = build_tuner(cfg, stage1, resume=resume, trainable_fn=trainable_fn, callbacks=callbacks, verbose=verbose,
                         progress=progress)
@@ -222,17 +230,16 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
 SWEEP_RECORD = "ltsweep_sweep.json"
 
 
-def _write_sweep_record(cfg: ExperimentConfig, stage1: Optional[Stage1Checkpoint]) -> None:
+def _write_sweep_record(cfg: ExperimentConfig, stage1: Stage1Set) -> None:
     path = experiment_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / SWEEP_RECORD, {"config_fingerprint": cfg.fingerprint(),
-                                            "stage1_sha256": stage1.sha256 if stage1 is not None else None},
-                      indent=2)
+                                            "stage1_sha256": _stage1_shas(stage1)}, indent=2)
 
 
-def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
-    """The stage-1 checkpoint a sweep started with: resumed trials and the ones still pending must share it, even
-    if the training code or data changed meanwhile (then its key would differ)."""
+def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
+    """The stage-1 checkpoints a sweep started with (one per seed): resumed trials and the ones still pending must
+    share them, even if the training code or data changed meanwhile (then their keys would differ)."""
     record_file = experiment_path(cfg) / SWEEP_RECORD
     if not record_file.is_file():
         raise ConfigError(f"--resume: {record_file} is missing, so the stage-1 checkpoint this sweep started from is "
@@ -241,18 +248,24 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Optional[Stage1Checkpoin
     if record["config_fingerprint"] != cfg.fingerprint():
         raise ConfigError(f"--resume: the config of sweep {cfg.name!r} changed since it started (only run.* may "
                           "differ); resume with the original YAML or start a new sweep under another name")
-    sha = record["stage1_sha256"]
-    if sha is None:
+    shas = record["stage1_sha256"]
+    if shas is None:
         return None
-    ckpt_path = pretrain_root(cfg.run.storage_path) / sha
-    if not (ckpt_path / "meta.json").is_file():
-        raise ConfigError(f"--resume: the sweep's stage-1 checkpoint {ckpt_path} is gone; start a new sweep")
-    if sha != stage1_key(cfg):
-        log.warning("the training code or data changed since sweep %r started; its trials keep using its stage-1 "
-                    "checkpoint %s", cfg.name, sha[:12])
-    meta = json.loads((ckpt_path / "meta.json").read_text())
-    return Stage1Checkpoint(sha, ckpt_path, trained=False, metrics=meta.get("metrics", {}),
-                            seconds=float(meta.get("seconds", 0.0)))
+    if isinstance(shas, str):  # a record written before seeds were repeats: the config's own seed
+        shas = {str(cfg.seed): shas}
+    out = {}
+    for seed, sha in shas.items():
+        ckpt_path = pretrain_root(cfg.run.storage_path) / sha
+        if not (ckpt_path / "meta.json").is_file():
+            raise ConfigError(f"--resume: the sweep's stage-1 checkpoint {ckpt_path} (seed {seed}) is gone; start a "
+                              "new sweep")
+        if sha != stage1_key(cfg.with_seed(int(seed))):
+            log.warning("the training code or data changed since sweep %r started; its trials keep using its "
+                        "stage-1 checkpoint %s (seed %s)", cfg.name, sha[:12], seed)
+        meta = json.loads((ckpt_path / "meta.json").read_text())
+        out[int(seed)] = Stage1Checkpoint(sha, ckpt_path, trained=False, metrics=meta.get("metrics", {}),
+                                          seconds=float(meta.get("seconds", 0.0)))
+    return out
 
 
 def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLike] = None,

@@ -3,9 +3,9 @@
 A trial
   1. builds its typed run spec from the experiment and its sampled values (`pipelines.config.train_spec`);
   2. starts from its own last checkpoint when Tune retries or resumes it (`tune.get_checkpoint()`), else from
-     the shared stage-1 checkpoint (hybrid schedule), else from scratch (one-stage, `stage1: null`);
+     its seed's shared stage-1 checkpoint (hybrid schedule), else from scratch (one-stage, `stage1: null`);
   3. runs `lt_models.engine.train`, whose `on_eval` hook reports AP, AP50, APr, APc, APf, loss, epoch,
-     iteration, pretrain_sha256 and per_class to Tune at every evaluation, with the engine's checkpoint dir as
+     iteration, images (seen in training so far), seed, pretrain_sha256 and per_class to Tune at every evaluation, with the engine's checkpoint dir as
      the Tune checkpoint (Tune copies it to storage before `report` returns).
 
 Torch uses as many threads as the trial has CPUs, and CUDA when Ray gave the trial a GPU (`config.compute`). A
@@ -37,12 +37,14 @@ def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     return {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
 
 
-def build_result(metrics: dict[str, Any], pretrain_sha256: str) -> dict[str, Any]:
+def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> dict[str, Any]:
     """The dict reported to Tune from the engine's evaluation metrics."""
     result: dict[str, Any] = {k: float(metrics[k]) for k in RESULT_METRICS if k in metrics}
     result["epoch"] = int(metrics["epoch"])
     result["iteration"] = int(metrics["iteration"])
+    result["images"] = int(metrics.get("images", 0))
     result["pretrain_sha256"] = pretrain_sha256
+    result["seed"] = int(seed)
     if isinstance(metrics.get("per_class"), dict):  # consumed by pipelines.tracking for per-class artifacts
         result["per_class"] = {str(c): float(ap) for c, ap in metrics["per_class"].items()}
     return result
@@ -50,9 +52,10 @@ def build_result(metrics: dict[str, Any], pretrain_sha256: str) -> dict[str, Any
 
 def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Optional[dict[str, str]] = None,
                 shared: Optional[dict[str, Any]] = None) -> None:
-    """Tune function trainable. `config`: the trial's sampled stage-2 values (a Tune trial config); the rest comes
-    through `tune.with_parameters`: `experiment` (the validated config), `stage1` ({"sha256", "checkpoint_dir"} of
-    the shared stage-1 checkpoint, or None for one-stage trials) and `shared` (the engine's
+    """Tune function trainable. `config`: the trial's sampled stage-2 values and its training `seed` (a Tune trial
+    config); the rest comes through `tune.with_parameters`: `experiment` (the validated config), `stage1`
+    ({seed: {"sha256", "checkpoint_dir"}}: the shared stage-1 checkpoint of each seed, or None for one-stage
+    trials) and `shared` (the engine's
     `shared_loss_inputs`, computed once by the driver and put in Ray's object store)."""
     from lt_models import engine
 
@@ -66,10 +69,12 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
     device, threads = compute(experiment)
     spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
                       num_threads=threads)
-    sha = stage1["sha256"] if stage1 is not None else ""
+    seed = experiment.trial_seed(config)
+    mine = stage1[str(seed)] if stage1 is not None else None  # this seed's own stage 1
+    sha = mine["sha256"] if mine is not None else ""
 
     def on_eval(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        tune.report(build_result(metrics, sha), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        tune.report(build_result(metrics, sha, seed), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     out_dir = workdir / "ltsweep_train"
     shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of a failed attempt; Tune holds the real checkpoints
@@ -79,7 +84,7 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
             with own.as_directory() as ckpt_dir:
                 engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval, shared=shared)
         else:
-            init = stage1["checkpoint_dir"] if stage1 is not None else None
+            init = mine["checkpoint_dir"] if mine is not None else None
             engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval, shared=shared)
     except engine.NonFiniteLossError as exc:
         msg = (f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "

@@ -39,7 +39,8 @@ def test_packaged_search_spaces_load(name):
     space = cfg.param_space()
     from pipelines.space import owner_of
 
-    assert space and set(space) == {k for k in cfg.space if owner_of(k) not in cfg.space}
+    assert space and set(space) == {k for k in cfg.space if owner_of(k) not in cfg.space} | {"seed"}
+    assert space["seed"] == tune.grid_search(cfg.seeds)
     for key, prim in space.items():
         assert isinstance(prim, (dict, tune.search.sample.Domain)), (key, prim)
     assert cfg.run.storage_path.is_absolute() and cfg.data.train.is_absolute()
@@ -53,11 +54,12 @@ def test_paper_grids_and_demo_size():
     sb = load_experiment_config(search_spaces.path("soft_balance"), check_data=False)
     # Table 3's rows: non-balance (its own sampler, not λ = 0), class-aware, soft-balance λ ∈ {0.3, ..., 1.5}
     rows = [trial_values(v) for _, v in generate_variants(sb.param_space())]
+    assert {r.pop("seed") for r in rows} == {0}
     assert sorted((r["sampler"], r.get("lam")) for r in rows) == sorted(
         [("nonbalance", None), ("classaware", None)] + [("softbalance", lam) for lam in (0.3, 0.5, 0.7, 1.0, 1.5)])
     t2 = load_experiment_config(search_spaces.path("concurrent_table2"), check_data=False)
     cells = [trial_values(v) for _, v in generate_variants(t2.param_space())]
-    assert sorted((c["loss"], c["scores"]) for c in cells) == [
+    assert len(cells) == 4 and sorted((c["loss"], c["scores"]) for c in cells) == [
         ("concurrent_softmax", "concurrent"), ("concurrent_softmax", "softmax"), ("softmax", "concurrent"),
         ("softmax", "softmax")]
     assert t2.loss_inputs() == {"concurrent_rate"} and t2.stage1.loss == "softmax"
@@ -89,7 +91,8 @@ def test_primitive_table(tmp_path, base):
     assert softmax == "concurrent_softmax" and set(acsl) == {"loss", "xi"} and acsl["loss"] == "acsl"
     assert isinstance(acsl["xi"].get_sampler(), Quantized) and acsl["xi"].get_sampler().q == 0.1
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
-    assert load_experiment_config(_write(tmp_path, base)).param_space() == {"lam": tune.grid_search([0.0, 1.0])}
+    assert load_experiment_config(_write(tmp_path, base)).param_space() == {"lam": tune.grid_search([0.0, 1.0]),
+                                                                            "seed": tune.grid_search([0])}
 
 
 def test_unknown_keys_name_the_path_and_suggest(tmp_path, base):
@@ -262,7 +265,9 @@ def _variants(cfg) -> list[dict]:
     out = []
     for _ in range(cfg.search.num_samples):
         for _, spec in generate_variants(cfg.param_space(), random_state=np.random.default_rng(0)):
-            out.append(trial_values(spec))
+            values = trial_values(spec)
+            assert values.pop("seed") in cfg.seeds  # every trial carries its training seed
+            out.append(values)
     return out
 
 
@@ -349,7 +354,7 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
     for t in trials:
         read = {"seesaw": "seesaw_q", "eqlv2": "eqlv2_mu", "federated": "fed_num_classes", "eql": "eql_lambda"}
         own = read.get(t["loss"])
-        assert set(t) == {"loss", "rfs_threshold"} | ({own} if own else set())
+        assert set(t) == {"loss", "rfs_threshold", "seed"} | ({own} if own else set())
         spec = cfg.stage2_for_trial(t).loss_spec()
         assert spec.name == t["loss"] and (own is None or getattr(spec, own) == t[own])
         assert cfg.stage2_for_trial(t).sampler_spec().threshold == t["rfs_threshold"]

@@ -75,7 +75,7 @@ def test_summarize_uses_the_rule():
                                         "AP75": 0.1}, config={"lam": 0.5}, error=error, path=f"/x/{tid}")
 
     cfg = SimpleNamespace(name="s", evals_per_trial=3, scheduler=SimpleNamespace(metric="AP", mode="max"),
-                          run=SimpleNamespace(storage_path="/st"))
+                          run=SimpleNamespace(storage_path="/st"), report=SimpleNamespace(baseline=None))
     results = [result("a", 0.9, 1), result("b", 0.5, 3), result("c", 0.99, 3, error=RuntimeError("boom\nlast line"))]
     summary = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="sqlite:////st/mlflow.db")
     assert summary.best.trial_id == "b"

@@ -94,7 +94,7 @@ def interrupted_and_resumed(ray_session, workdir):
     first = sweep.run_sweep(cfg, callbacks=[InterruptAfterFirstTrial(flag)], verbose=0)
     finished_id = flag.read_text()
     finished = next(t for t in first.trials if t.trial_id == finished_id)
-    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1.path / "meta.json").read_text()}
+    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1[0].path / "meta.json").read_text()}
     resumed = sweep.run_sweep(cfg, resume=True, verbose=0)
     return cfg, first, resumed, finished_id, snapshot
 
@@ -116,8 +116,8 @@ def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
     for t in resumed.trials:  # resumed trials continued from their checkpoints: no epoch was reported twice
         epochs = [r["epoch"] for r in trial_results(t.path)]
         assert epochs == list(range(1, len(epochs) + 1)), (t.trial_id, epochs)
-    assert not resumed.stage1.trained and resumed.stage1.sha256 == first.stage1.sha256
-    assert (resumed.stage1.path / "meta.json").read_text() == snapshot["meta"]
+    assert not resumed.stage1[0].trained and resumed.stage1[0].sha256 == first.stage1[0].sha256
+    assert (resumed.stage1[0].path / "meta.json").read_text() == snapshot["meta"]
 
 
 def test_restart_and_resume_guards(interrupted_and_resumed, workdir):
@@ -158,8 +158,8 @@ def test_metrics_reported_at_every_evaluation(interrupted_and_resumed):
 
 def test_one_stage1_training_shared_by_every_trial(interrupted_and_resumed):
     cfg, first, resumed, _, _ = interrupted_and_resumed
-    sha = first.stage1.sha256
-    assert first.stage1.trained and len(sha) == 64
+    sha = first.stage1[0].sha256
+    assert first.stage1[0].trained and len(sha) == 64
     assert [p.name for p in pretrain.pretrain_root(cfg.run.storage_path).iterdir() if p.is_dir()] == [sha]
     for t in resumed.trials:
         assert {r["pretrain_sha256"] for r in trial_results(t.path)} == {sha}
@@ -182,7 +182,7 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
                            "sampler": "classaware"},
                    scheduler={"type": "fifo"})
     result = sweep.run_sweep(cfg, verbose=0)
-    assert result.stage1.sha256 == interrupted_and_resumed[1].stage1.sha256 and not result.stage1.trained
+    assert result.stage1[0].sha256 == interrupted_and_resumed[1].stage1[0].sha256 and not result.stage1[0].trained
     cells = {}
     for t in result.trials:
         assert t.error is None and t.evaluations == 1
@@ -209,7 +209,7 @@ def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed
     assert str(cfg.data.train) in role("pretrain")[0].data.params["frequency_source"]
     trial_runs = role("trial")
     assert sorted(r.data.tags["ltsweep.trial_id"] for r in trial_runs) == sorted(t.trial_id for t in resumed.trials)
-    assert all(r.data.params["pretrain_sha256"] == resumed.stage1.sha256 for r in trial_runs)
+    assert all(r.data.params["pretrain_sha256"] == resumed.stage1[0].sha256 for r in trial_runs)
 
 
 def faulty_trial(config, experiment, stage1=None, shared=None):
@@ -255,7 +255,7 @@ def faulty_sweep(ray_session, workdir):
 
 def test_failed_trial_is_retried_from_its_last_checkpoint(faulty_sweep):
     cfg, summary = faulty_sweep
-    assert not summary.stage1.trained  # the same stage 1 as the main sweep
+    assert not summary.stage1[0].trained  # the same stage 1 as the main sweep
     t = next(t for t in summary.trials if t.config["lam"] == 0.5)
     assert (Path(cfg.run.storage_path) / f"fault-{t.trial_id}.txt").exists(), "the fault was not injected"
     assert t.error is None and t.epochs == STAGE2_EPOCHS
