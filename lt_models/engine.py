@@ -295,7 +295,9 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
     model = build_detector(num_classes, spec.backbone, _build_loss(spec, train_ds, shared),
                            image_size=spec.image_size, weights=spec.weights, box_reg_labels=spec.box_reg_labels)
     if init_checkpoint is not None and resume_checkpoint is None:
-        load_model_weights(init_checkpoint, model)
+        init_extra = load_model_weights(init_checkpoint, model)
+        from lt_models.classifier_switch import switch_classifier  # softmax stage 1 -> sigmoid-type stage-2 loss
+        switch_classifier(model, init_extra)
     set_decoupled(model, spec.decoupled)
     model.to(device)
 

@@ -105,6 +105,12 @@ PRESETS: dict[str, Preset] = {
     # 10 families x 8 appearances = 80 leaves + 10 parents; ~6k train / ~700 val images of 128 px.
     "bench": Preset("bench", image_size=128, families=10, appearances=8, t_max=2000, t_min=3, q=15,
                     val_ratio=0.1, val_min=3, n_confusable=8, n_two_leaf=5, workers=0),
+    # 8 families x 5 appearances = 40 leaves + 8 parents (18 r / 18 c / 12 f); ~1k train / ~390 val images of 128 px.
+    # For benchmarks/bench_fidelity.py (do the papers' findings hold, over seeds): small enough for 3 seeds x 11
+    # runs in about an hour on 2 CPU cores, and val_min = 20 val objects per leaf, so that APr rests on ~17
+    # validation instances per rare class (10-32; common ~21, frequent ~38).
+    "study": Preset("study", image_size=128, families=8, appearances=5, t_max=450, t_min=2, q=20,
+                    val_ratio=0.15, val_min=20, objects_per_image=(0.25, 0.30, 0.25, 0.20), workers=0),
 }
 
 

@@ -181,6 +181,27 @@ def lead_sentence(best: ConfigResult, other: ConfigResult, comparison: Paired, w
             "the lead is inside the noise - the two are tied on this evidence.")
 
 
+def comparisons(ranked_configs: Sequence[ConfigResult], metric: str, baseline: Mapping[str, Any] | None,
+                value: Callable[[Any, str], Any]) -> list[str]:
+    """Sentences on the best configuration's lead: over the runner-up and over the baseline configuration(s)."""
+    if not ranked_configs:
+        return []
+    best, out = ranked_configs[0], []
+    if len(ranked_configs) > 1:
+        out.append(lead_sentence(best, ranked_configs[1],
+                                 paired(best, ranked_configs[1], metric, value)))
+    if baseline:
+        bases = [c for c in ranked_configs if matches(c.config, baseline) and c is not best]
+        if not bases and matches(best.config, baseline):
+            out.append(f"The baseline ({baseline}) is itself the best configuration.")
+        for b in bases:
+            for m in dict.fromkeys([metric, "APr"]):
+                out.append(lead_sentence(best, b, paired(best, b, m, value), what="the baseline"))
+        if not bases and not matches(best.config, baseline):
+            out.append(f"No configuration of this sweep matches the baseline {baseline}.")
+    return out
+
+
 def matches(config: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
     """Does a configuration have every value of ``selector`` (e.g. the report's baseline {loss: softmax})?"""
     return all(str(config.get(k)) == str(v) for k, v in selector.items())

@@ -95,7 +95,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.mlflow_store import open_store
-    from pipelines.report import compare_sweeps
+    from pipelines.compare import compare_sweeps
 
     compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out)
     return 0

@@ -349,7 +349,8 @@ class SweepWriter:
                              searched_keys=self.searched_keys, val_annotations=self.val_annotations,
                              metric=str(self._sweep_setting("metric", "AP")),
                              mode=str(self._sweep_setting("mode", "max")), max_t=self._max_t(),
-                             last_results={t.trial_id: self._last_result(t) for t in trials})
+                             last_results={t.trial_id: self._last_result(t) for t in trials},
+                             baseline=(self.sweep_params.get("report") or {}).get("baseline"))
         except Exception as exc:  # noqa: BLE001 - the sweep's results are logged; say loudly the report is not
             logger.exception("MLflow: writing the sweep report failed")
             client.set_tag(self.parent_run_id, REPORT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))

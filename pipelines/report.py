@@ -5,8 +5,10 @@
   on the sweep's parent run: a table of trials and, embedded as base64 PNGs, AP/APr vs λ, AP/APr vs ξ, APr/APc/APf
   per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial
   against the stage-1 baseline (the pretrain run's per-class AP, when that run logged one).
-- :func:`compare_sweeps` puts the best trial of each sweep side by side: a printed table with per-bucket AP and a PNG
-  of grouped bars (AP, APr, APc, APf).
+- :func:`row_configs` groups a sweep's trial rows by configuration (their seeds are repeats, :mod:`pipelines.aggregate`);
+  the report shows n, mean and 95% CI per configuration, the best configuration's lead over the runner-up and over
+  the baseline in words, and one line per value of the other searched factors in its "vs λ" / "vs ξ" plots.
+  ``ltsweep compare`` (:mod:`pipelines.compare`) reads sweeps back the same way.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed). AP values of -1 mean
 "no category in this frequency bucket" (LVIS convention) and are shown as missing.
@@ -23,11 +25,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from lt_models.atomic import write_bytes_atomic
-from lt_models.errors import ConfigError
-from pipelines.schema import (AP_BY_FREQUENCY_PNG, BUCKET_METRICS, ITERATIONS_TAG, MAX_T_TAG, METRIC_TAG,
-                              MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM,
-                              PRETRAIN_SHA_TAG, REPORT_HTML, REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_SWEEP,
-                              ROLE_TAG, ROLE_TRIAL, SEARCHED_KEYS_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, best_trial,
+from pipelines import aggregate
+from pipelines.schema import (AP_BY_FREQUENCY_PNG, CONFIG_AGGREGATES_JSON, ITERATIONS_TAG, MLFLOW_TRIAL_METRICS,
+                              PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_HTML,
+                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG, TRIAL_STATUS_TAG, best_trial,
                               finite_number, per_class_dict)
 
 _LAM_NAMES = ("lam", "lambda")
@@ -120,6 +121,19 @@ def best_row(rows: Sequence[Mapping[str, Any]], metric: str = "AP", mode: str = 
                       full_length=max_t)
 
 
+def row_configs(rows: Sequence[Mapping[str, Any]], searched_keys: Sequence[str], max_t: int | None,
+                metric: str = "AP") -> list[aggregate.ConfigResult]:
+    """:func:`trial_rows` grouped by configuration: the searched params without ``seed`` (a run's ``seed`` param
+    tells its repeat), with n, mean, sd and 95% CI of each table metric and of the sweep's ``metric``."""
+    keys = [k for k in searched_keys if k != PRETRAIN_SHA_PARAM] or sorted(
+        {k for r in rows for k in r["params"] if k != PRETRAIN_SHA_PARAM})
+    keys = list(dict.fromkeys(keys + [SEED_PARAM]))
+    return aggregate.aggregate(rows, config=lambda r: {k: r["params"][k] for k in keys if k in r["params"]},
+                               metric=lambda r, m: r.get(m), full=lambda r: not max_t or r["iterations"] >= max_t,
+                               failed=lambda r: r.get("status") == "FAILED",
+                               metrics=tuple(dict.fromkeys(REPORT_TABLE_METRICS + (metric,))))
+
+
 def _download_per_class(client, run_id: str) -> dict[int, float]:
     try:
         with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
@@ -172,24 +186,30 @@ def plot_ap_by_rank(runs: Mapping[str, Mapping[int, float]], path: str | os.Path
     return data
 
 
-def _plot_vs_param(rows, key: str, title: str, xlabel: str) -> bytes:
-    fig = _figure()
-    ax = fig.add_subplot(1, 1, 1)
-    for metric, marker in (("AP", "o"), ("APr", "^")):
-        pts = sorted((float(r["params"][key]), _num(r.get(metric))) for r in rows
-                     if finite_number(r["params"].get(key)) is not None and _num(r.get(metric)) is not None)
-        if not pts:
-            continue
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=metric, alpha=0.8)
-        means: dict[float, list[float]] = {}
-        for x, y in pts:
-            means.setdefault(x, []).append(y)
-        mx = sorted(means)
-        ax.plot(mx, [sum(means[x]) / len(means[x]) for x in mx], linewidth=1, alpha=0.6)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("final AP")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+def _plot_vs_param(rows, key: str, others: Sequence[str], title: str, xlabel: str) -> bytes:
+    """AP (left) and APr (right) against a searched value: one line per combination of the other searched factors
+    (e.g. one per loss), through the mean over seeds at each value; the runs are the dots."""
+    fig = _figure(9.6, 3.6)
+    for i, metric in enumerate(("AP", "APr")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        groups: dict[tuple, dict[float, list[float]]] = {}
+        for r in rows:
+            x, y = finite_number(r["params"].get(key)), _num(r.get(metric))
+            if x is None or y is None:
+                continue
+            label = tuple((k, r["params"].get(k)) for k in others if k in r["params"])
+            groups.setdefault(label, {}).setdefault(x, []).append(y)
+        for label, pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            xs = sorted(pts)
+            name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in label) or metric
+            line = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", linewidth=1.2, label=name)
+            ax.scatter([x for x in xs for _ in pts[x]], [y for x in xs for y in pts[x]], s=10, alpha=0.5,
+                       color=line[0].get_color())
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"final {metric}")
+        ax.set_title(f"{title}: {metric}")
+        if groups:
+            ax.legend(fontsize=7)
     return _png_bytes(fig)
 
 
@@ -263,10 +283,32 @@ def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
 
 
+def _config_section(rows, keys, metric: str, mode: str, max_t: int, baseline) -> list[str]:
+    """The answer over seeds: one row per configuration (n, mean [95% CI]), and the best one's lead in words."""
+    e = html.escape
+    configs = row_configs(rows, keys, max_t, metric)
+    ranking = aggregate.ranked(configs, metric, mode)
+    best = ranking[0] if ranking else None
+    factors = sorted({k for c in configs for k in c.config})
+    out = [f"<h2>Per configuration over its seeds</h2><p>Mean [95% CI] over the seeds of each configuration; the best "
+           f"configuration is the best mean {e(metric)} among those whose runs all ran the full schedule.</p>",
+           "<table><tr>" + "".join(f"<th class='l'>{e(k)}</th>" for k in factors) + "<th>n</th>"
+           + "".join(f"<th>{m}</th>" for m in REPORT_TABLE_METRICS) + "<th>full</th></tr>"]
+    for c in configs:
+        cls = " class='best'" if c is best else ""
+        out.append(f"<tr{cls}>" + "".join(f"<td class='l'>{e(str(c.config.get(k, '—')))}</td>" for k in factors)
+                   + f"<td>{c.n}</td>" + "".join(f"<td>{e(c.stats[m].text())}</td>" for m in REPORT_TABLE_METRICS)
+                   + f"<td>{'yes' if c.full else 'no'}</td></tr>")
+    out.append("</table>")
+    sentences = aggregate.comparisons(ranking, metric, baseline, value=lambda r, m: r.get(m))
+    out.extend(f"<p class='verdict'>{e(x)}</p>" for x in sentences)
+    return out
+
+
 def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, searched_keys: Sequence[str],
                        metric: str = "AP", mode: str = "max", best_per_class: Mapping[int, float] | None = None,
                        stage1_per_class: Mapping[int, float] | None = None, val_annotations: str | None = None,
-                       max_t: int | None = None) -> str:
+                       max_t: int | None = None, baseline: Mapping[str, Any] | None = None) -> str:
     """The sweep report as one self-contained HTML page (figures embedded as base64 PNGs)."""
     e = html.escape
     max_t = max_t or max((r["iterations"] for r in rows), default=0)  # full length: ASHA's max_t
@@ -294,17 +336,20 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
                      + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in REPORT_TABLE_METRICS) + "</tr>")
     parts.append("</table><p class='note'>Final values (the last evaluation each trial reported); n/a = empty "
                  "frequency bucket or not reported.</p>")
-    # figures
-    lam, xi = _key_named(keys, _LAM_NAMES), _key_named(keys, _XI_NAMES)
-    loss_key = _key_named(keys, ("loss",))
+    parts.extend(_config_section(rows, keys, metric, mode, max_t, baseline))
+    # figures: one line per value of the other searched factors (the seed is a repeat, not a factor)
+    factors = [k for k in keys if k != SEED_PARAM]
+    lam, xi = _key_named(factors, _LAM_NAMES), _key_named(factors, _XI_NAMES)
+    loss_key = _key_named(factors, ("loss",))
     parts.append("<h2>AP and APr vs λ (soft-balance sampling)</h2>")
-    parts.append(_img(_plot_vs_param(rows, lam, "final AP / APr vs λ", "λ"), "AP vs lambda") if lam else
-                 "<p class='note'>λ was not searched in this sweep.</p>")
+    parts.append(_img(_plot_vs_param(rows, lam, [k for k in factors if k != lam], "vs λ", "λ"), "AP vs lambda")
+                 if lam else "<p class='note'>λ was not searched in this sweep.</p>")
     parts.append("<h2>AP and APr vs ξ (ACSL threshold)</h2>")
     if xi:
         xi_rows = [r for r in rows if loss_key is None or "acsl" in str(r["params"].get(loss_key, "acsl"))]
         note = " (ACSL trials only)" if loss_key else ""
-        parts.append(_img(_plot_vs_param(xi_rows, xi, f"final AP / APr vs ξ{note}", "ξ"), "AP vs xi")
+        parts.append(_img(_plot_vs_param(xi_rows, xi, [k for k in factors if k not in (xi, loss_key)],
+                                         f"vs ξ{note}", "ξ"), "AP vs xi")
                      if xi_rows else "<p class='note'>no ACSL trial in this sweep.</p>")
         if loss_key and xi_rows:
             parts.append("<p class='note'>ACSL trials only: ξ has no effect on the other losses.</p>")
@@ -327,14 +372,42 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
     return "\n".join(parts)
 
 
+def _log_aggregates(client, parent_run_id: str, rows, searched_keys, metric: str, mode: str, max_t: int) -> None:
+    import dataclasses
+    import time
+
+    from mlflow.entities import Metric
+
+    configs = row_configs(rows, searched_keys, max_t, metric)
+    best = aggregate.best_config(configs, metric, mode)
+    table = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
+              **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in configs]
+    with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
+        p = Path(tmp) / CONFIG_AGGREGATES_JSON
+        p.write_text(json.dumps(table, indent=1, default=str), encoding="utf-8")
+        client.log_artifact(parent_run_id, str(p))
+    if best is None:
+        return
+    ts = int(time.time() * 1000)
+    metrics = [Metric("best_n", float(best.n), ts, 0)]
+    for m, st in best.stats.items():
+        for suffix, v in (("", st.mean), ("_ci_low", st.ci_low), ("_ci_high", st.ci_high)):
+            if finite_number(v) is not None:
+                metrics.append(Metric(f"best_{m}{suffix}", float(v), ts, 0))
+    client.log_batch(parent_run_id, metrics=metrics)
+
+
 def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_name: str,
                      searched_keys: Sequence[str], val_annotations: str | None = None, metric: str = "AP",
                      mode: str = "max", last_results: Mapping[str, Mapping[str, Any]] | None = None,
-                     max_t: int | None = None) -> str:
+                     max_t: int | None = None, baseline: Mapping[str, Any] | None = None) -> str:
     """Build the sweep report from MLflow (plus Tune's last results, for per-class AP) and log it as
-    ``sweep_report.html`` on the parent run. ``max_t``: evaluations of a full-length trial (default: the longest
-    trial's). Returns the HTML."""
+    ``sweep_report.html`` on the parent run, with ``config_aggregates.json`` (n, mean, sd, 95% CI per configuration)
+    and the best configuration's means and CIs as the parent run's metrics (``best_AP``, ``best_AP_ci_low``, ...,
+    ``best_n``). ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
     rows = trial_rows(client, experiment_id, parent_run_id)
+    _log_aggregates(client, parent_run_id, rows, searched_keys, metric, mode,
+                    max_t or max((r["iterations"] for r in rows), default=0))
     best = best_row(rows, metric, mode, max_t or max((r["iterations"] for r in rows), default=0))
     best_pc: dict[int, float] = {}
     base_pc: dict[int, float] = {}
@@ -344,101 +417,9 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
         base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get(PRETRAIN_SHA_PARAM))
     page = build_sweep_report(sweep_name, rows, searched_keys=searched_keys, metric=metric, mode=mode,
                               best_per_class=best_pc, stage1_per_class=base_pc, val_annotations=val_annotations,
-                              max_t=max_t)
+                              max_t=max_t, baseline=baseline)
     with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
         p = Path(tmp) / REPORT_HTML
         p.write_text(page, encoding="utf-8")
         client.log_artifact(parent_run_id, str(p))
     return page
-
-
-# --------------------------------------------------------------------------------------------------------------
-# compare
-def _latest_sweep_run(client, experiment_id: str):
-    runs = search_tagged(client, experiment_id, {ROLE_TAG: ROLE_SWEEP})
-    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
-
-
-def format_compare_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Plain-text table: one line per sweep (its best trial)."""
-    keys = sorted({k for r in rows for k in r["params"]})
-    header = ["sweep", "best trial", *REPORT_TABLE_METRICS, "evals", "trials", *keys]
-    lines = [[str(r["sweep"]), str(r["trial_id"]), *(_fmt(r.get(m)) for m in REPORT_TABLE_METRICS),
-              str(r["iterations"]), str(r["n_trials"]), *(str(r["params"].get(k, "—")) for k in keys)] for r in rows]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(header), "  ".join("-" * w for w in widths)]
-    out += [fmt(l) for l in lines]
-    return "\n".join(out)
-
-
-def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) -> Path:
-    """Grouped bars: AP, APr, APc, APf of each sweep's best trial. Written atomically."""
-    import numpy as np
-
-    fig = _figure(max(6.4, 1.2 * len(rows) + 4), 3.8)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(BUCKET_METRICS))
-    width = 0.8 / max(1, len(rows))
-    for i, r in enumerate(rows):
-        ys = [_num(r.get(m)) for m in BUCKET_METRICS]
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), [0.0 if y is None else y for y in ys], width,
-                      label=f"{r['sweep']} ({r['trial_id']})")
-        for b, y in zip(bars, ys):
-            ax.annotate("n/a" if y is None else f"{y:.3f}", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x)
-    ax.set_xticklabels(BUCKET_METRICS)
-    ax.set_ylabel("AP of the best trial")
-    ax.set_title("best trial of each sweep: AP by frequency bucket")
-    ax.legend(fontsize=8)
-    out = Path(out_png)
-    write_bytes_atomic(out, _png_bytes(fig))
-    return out
-
-
-def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = Path("compare.png")
-                   ) -> list[dict[str, Any]]:
-    """Best trial of each sweep (by the sweep's own metric/mode, default AP/max) side by side.
-
-    ``client``: an MlflowClient of the store holding the sweeps (`ltsweep compare` opens it with
-    :func:`pipelines.mlflow_writer.open_store`). Prints a table (AP, AP50, APr, APc, APf, evaluations run, searched
-    hyperparameters) and writes a PNG of grouped bars to ``out_png``. Returns one dict per sweep.
-    """
-    if not sweeps:
-        raise ConfigError("ltsweep compare: name at least one sweep (the `name:` of its YAML)")
-    uri = client.tracking_uri
-    out: list[dict[str, Any]] = []
-    for name in sweeps:
-        exp = client.get_experiment_by_name(name)
-        if exp is None or exp.lifecycle_stage == "deleted":
-            known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-            raise ConfigError(f"ltsweep compare: no sweep named {name!r} in {uri} (sweeps there: "
-                              f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
-        parent = _latest_sweep_run(client, exp.experiment_id)
-        if parent is None:
-            raise ConfigError(f"ltsweep compare: experiment {name!r} in {uri} has no ltsweep sweep run "
-                              "(tag ltsweep.role=sweep); was it logged by `ltsweep sweep`?")
-        metric = parent.data.tags.get(METRIC_TAG, "AP")
-        mode = parent.data.tags.get(MODE_TAG, "max")
-        try:
-            searched = json.loads(parent.data.tags.get(SEARCHED_KEYS_TAG, "[]"))
-        except ValueError:
-            searched = []
-        rows = trial_rows(client, exp.experiment_id, parent.info.run_id)
-        max_t = parent.data.tags.get(MAX_T_TAG)
-        max_t = int(max_t) if max_t else max((r["iterations"] for r in rows), default=0)
-        best = best_row(rows, metric, mode, max_t)
-        if best is None:
-            raise ConfigError(f"ltsweep compare: sweep {name!r} has no trial that reported {metric} yet")
-        params = {k: best["params"][k] for k in (searched or best["params"]) if k in best["params"]
-                  and k != PRETRAIN_SHA_PARAM}
-        out.append({"sweep": name, "trial_id": best["trial_id"], "run_id": best["run_id"],
-                    "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode,
-                    **{m: best.get(m) for m in REPORT_TABLE_METRICS}, "iterations": best["iterations"],
-                    "n_trials": len(rows), "params": params})
-    print(format_compare_table(out))
-    png = plot_compare(out, out_png)
-    print(f"wrote {png}")
-    return out

@@ -75,6 +75,7 @@ PER_CLASS_JSON = "per_class_ap.json"  # {category_id: AP} (see per_class_dict); 
 PER_CLASS_CSV = "per_class_ap.csv"
 AP_BY_FREQUENCY_PNG = "ap_by_frequency.png"
 REPORT_HTML = "sweep_report.html"  # on the parent run
+CONFIG_AGGREGATES_JSON = "config_aggregates.json"  # on the parent run: n, mean, sd, 95% CI per configuration
 
 
 

@@ -55,7 +55,8 @@ class SweepSummary:
         """Trials grouped by configuration (their seeds are the repeats), with n, mean, sd and 95% CI."""
         return aggregate.aggregate(self.trials, config=lambda t: t.config, metric=lambda t, m: t.metrics.get(m),
                                    full=lambda t: t.evaluations >= self.max_evaluations,
-                                   failed=lambda t: t.error is not None)
+                                   failed=lambda t: t.error is not None,
+                                   metrics=tuple(dict.fromkeys(BUCKET_METRICS + (self.metric,))))
 
     @property
     def best_config(self) -> Optional[aggregate.ConfigResult]:
@@ -63,8 +64,8 @@ class SweepSummary:
 
     def comparisons(self) -> list[str]:
         """In words: the best configuration against the runner-up and against the baseline, paired over seeds."""
-        return comparisons(aggregate.ranked(self.configs, self.metric, self.mode), self.metric, self.baseline,
-                           value=lambda t, m: t.metrics.get(m))
+        return aggregate.comparisons(aggregate.ranked(self.configs, self.metric, self.mode), self.metric,
+                                     self.baseline, value=lambda t, m: t.metrics.get(m))
 
     @property
     def trial_epochs(self) -> int:
@@ -109,27 +110,6 @@ class SweepSummary:
         d["configs"] = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
                          **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in self.configs]
         return d
-
-
-def comparisons(ranked_configs: list[aggregate.ConfigResult], metric: str, baseline: Optional[dict[str, Any]],
-                value) -> list[str]:
-    """Sentences on the best configuration's lead: over the runner-up and over the baseline configuration(s)."""
-    if not ranked_configs:
-        return []
-    best, out = ranked_configs[0], []
-    if len(ranked_configs) > 1:
-        out.append(aggregate.lead_sentence(best, ranked_configs[1],
-                                           aggregate.paired(best, ranked_configs[1], metric, value)))
-    if baseline:
-        bases = [c for c in ranked_configs if aggregate.matches(c.config, baseline) and c is not best]
-        if not bases and aggregate.matches(best.config, baseline):
-            out.append(f"The baseline ({baseline}) is itself the best configuration.")
-        for b in bases:
-            for m in dict.fromkeys([metric, "APr"]):
-                out.append(aggregate.lead_sentence(best, b, aggregate.paired(best, b, m, value), what="the baseline"))
-        if not bases and not aggregate.matches(best.config, baseline):
-            out.append(f"No configuration of this sweep matches the baseline {baseline}.")
-    return out
 
 
 def format_value(v: Any) -> str:

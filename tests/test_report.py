@@ -6,6 +6,7 @@ these tests take seconds; every MLflow read and write is real (a sqlite store sh
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from mlflow import MlflowClient
 from lt_models.errors import ConfigError
 from pipelines.mlflow_store import default_tracking_uri, open_store
 from pipelines.mlflow_writer import log_pretrain_run
-from pipelines.report import build_sweep_report, compare_sweeps, format_compare_table, plot_ap_by_rank, search_tagged
+from pipelines.compare import compare_sweeps, format_compare_table
+from pipelines.report import build_sweep_report, plot_ap_by_rank, search_tagged
 from pipelines.tracking import MLflowSweepCallback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -80,12 +82,15 @@ def store(tmp_path_factory):
     return {"root": root, "uri": default_tracking_uri(root)}
 
 
-def fake_sweep(uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metric="AP", mode="max"):
-    """Drive the callback like Tune does: trial i reports len(aps[i]) results with AP = aps[i][step-1]."""
-    cb = MLflowSweepCallback(uri, name, {"name": name, "scheduler": {"metric": metric, "mode": mode, "max_t": 3}},
-                             ["lam"])
+def fake_sweep(uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metric="AP", mode="max", configs=None,
+               baseline=None):
+    """Drive the callback like Tune does: trial i reports len(aps[i]) results with AP = aps[i][step-1]; its
+    config is configs[i] (default {"lam": 0.5 * i})."""
+    cb = MLflowSweepCallback(uri, name, {"name": name, "scheduler": {"metric": metric, "mode": mode, "max_t": 3},
+                                         "report": {"baseline": baseline}},
+                             ["lam"] + (["seed"] if configs and "seed" in configs[0] else []))
     cb.setup()
-    trials = [FakeTrial(f"{name}_{i:05d}", {"lam": 0.5 * i}) for i in range(len(aps))]
+    trials = [FakeTrial(f"{name}_{i:05d}", configs[i] if configs else {"lam": 0.5 * i}) for i in range(len(aps))]
     for t, series in zip(trials, aps):
         cb.on_trial_start(0, trials, t)
         for step, ap in enumerate(series, 1):
@@ -140,7 +145,7 @@ def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
     assert [(r["sweep"], r["trial_id"], r["AP"], r["iterations"]) for r in rows] == [
         ("cmp-a", "cmp-a_00000", 0.4, 2), ("cmp-b", "cmp-b_00001", 0.6, 3), ("cmp-loss", "cmp-loss_00001", 0.2, 3)]
     assert rows[1]["params"] == {"lam": "0.5"} and rows[1]["APf"] == pytest.approx(0.9)
-    assert out.splitlines()[0].split()[:4] == ["sweep", "best", "trial", "AP"]
+    assert out.splitlines()[0].split()[:5] == ["sweep", "best", "trial", "n", "AP"]
     assert "cmp-b_00001" in out and "0.600" in out and "0.900" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
 
@@ -167,3 +172,27 @@ def test_compare_table_is_aligned():
     lines = format_compare_table(rows).splitlines()
     assert len({len(l.rstrip()) for l in lines[:2]}) == 1
     assert "n/a" in lines[2] and lines[2].rstrip().endswith("—")  # APr -1 = empty bucket; xi not searched in a
+
+
+def test_seeds_are_aggregated_in_the_report_the_run_and_compare(store, tmp_path, capsys):
+    """Two configurations x 3 seeds: the report, the sweep run's metrics and artifact, and `compare` show n, mean and
+    95% CI per configuration, and the paired comparison with the baseline has a p-value."""
+    uri = store["uri"]
+    aps = {(0.7, 0): 0.30, (0.7, 1): 0.34, (0.7, 2): 0.32, (0.0, 0): 0.28, (0.0, 1): 0.31, (0.0, 2): 0.29}
+    configs = [{"lam": lam, "seed": seed} for lam, seed in aps]
+    cb = fake_sweep(uri, "seeded", [[0.1, 0.2, ap] for ap in aps.values()], configs=configs, baseline={"lam": 0.0})
+    client = MlflowClient(uri)
+    page = Path(client.download_artifacts(cb.parent_run_id, "sweep_report.html", str(tmp_path))).read_text()
+    assert "Per configuration over its seeds" in page and "0.320 [" in page
+    assert "the baseline" in page and "p = " in page and "larger than the seed-to-seed noise" in page
+    metrics = client.get_run(cb.parent_run_id).data.metrics
+    assert metrics["best_n"] == 3 and metrics["best_AP"] == pytest.approx(0.32)
+    assert metrics["best_AP_ci_low"] < 0.32 < metrics["best_AP_ci_high"]
+    table = json.loads(Path(client.download_artifacts(cb.parent_run_id, "config_aggregates.json",
+                                                      str(tmp_path))).read_text())
+    assert sorted((t["config"]["lam"], t["n"], t["best"]) for t in table) == [("0.0", 3, False), ("0.7", 3, True)]
+    trial_params = [r.data.params for r in search_tagged(client, cb.experiment_id, {"ltsweep.role": "trial"})]
+    assert sorted(p["seed"] for p in trial_params) == ["0", "0", "1", "1", "2", "2"]
+    (row,) = compare_sweeps(open_store(uri), ["seeded"], out_png=tmp_path / "c.png")
+    assert row["n"] == 3 and row["params"] == {"lam": "0.7"} and row["AP"] == pytest.approx(0.32)
+    assert "0.320 [" in capsys.readouterr().out
