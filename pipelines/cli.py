@@ -1,6 +1,6 @@
 """The `ltsweep` command.
 
-Subcommands: demo, data synth, data stats, data convert-openimages, train, sweep, eval, compare.
+Subcommands: demo, data synth, data stats, data convert-openimages, train, sweep, confirm, eval, compare.
 Each handler is a thin wrapper: parse arguments, call one library function, print its result. Heavy imports
 (torch, Ray, MLflow) happen inside the handlers so `ltsweep --help` stays instant.
 """
@@ -94,11 +94,22 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pipelines.mlflow_store import open_store
     from pipelines.compare import compare_sweeps
+    from pipelines.mlflow_store import open_store
 
     compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out)
     return 0
+
+
+def _cmd_confirm(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipelines.confirm import confirm
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = confirm(args.sweep, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
+                      tracking_uri=args.tracking_uri)
+    return summary.exit_code()
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -173,7 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(func=_cmd_eval)
 
-    c = sub.add_parser("compare", help="best trial of each sweep side by side (table + PNG)")
+    f = sub.add_parser("confirm", help="rerun the best configurations of a finished sweep with several seeds and "
+                                       "say whether the winner's lead is larger than the noise")
+    f.add_argument("sweep", help="the sweep's name (its YAML `name:`)")
+    f.add_argument("--top", type=int, default=3, help="how many of its best configurations to rerun (default 3)")
+    f.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3, at least 2)")
+    f.add_argument("--storage-path", type=Path, default=Path("results"), help="the sweep's run.storage_path")
+    f.add_argument("--tracking-uri", default=None, help="default: sqlite:///<storage-path>/mlflow.db")
+    f.set_defaults(func=_cmd_confirm)
+
+    c = sub.add_parser("compare", help="best configuration of each sweep side by side (table + PNG)")
     c.add_argument("sweeps", nargs="+")
     c.add_argument("--tracking-uri", default=None)
     c.add_argument("--out", type=Path, default=Path("compare.png"))

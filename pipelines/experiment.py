@@ -42,8 +42,8 @@ from lt_models.losses import LOSS_PARAMS, LOSSES, SCORES, LossSpec, check_loss_p
 from lt_models.run_spec import STAGE1_LOSSES
 from lt_models.samplers import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
 from pipelines.schema import SCHEDULER_METRICS
-from pipelines.space import (LOSS_FIELDS, SAMPLER_FIELDS, SpaceParam, is_read, owner_of, readers, trial_values,
-                             tune_param_space)
+from pipelines.space import (CONFIGURATION_KEY, LOSS_FIELDS, SAMPLER_FIELDS, SpaceParam, is_read, owner_of, readers,
+                             trial_values, tune_param_space)
 
 
 def _one_of(value: str, known, what: str) -> str:
@@ -213,6 +213,9 @@ class SearchConfig(_Strict):
     seeds: Optional[list[int]] = Field(
         None, min_length=1, description="training seeds: every configuration runs once per seed (its repeats); "
                                         "default [seed]")
+    configs: Optional[list[dict[str, Any]]] = Field(
+        None, min_length=1, description="run exactly these configurations (stage-2 values each) instead of a "
+                                        "space; `ltsweep confirm` writes them")
 
     @field_validator("seeds")
     @classmethod
@@ -283,6 +286,18 @@ class ExperimentConfig(_Strict):
     def _space_is_valid(self):
         # Each searched key must be a stage-2 field, and each value a trial can get must pass that field's checks
         # (the owners' range checks for λ, ξ, ...; known loss / sampler names).
+        if self.search.configs is not None:
+            if self.space:
+                raise ValueError("search.configs lists the configurations to run: leave space empty")
+            for i, values in enumerate(self.search.configs):
+                bad = sorted(set(values) - set(SEARCHABLE))
+                if bad:
+                    raise ValueError(f"search.configs[{i}]: {bad} are not searchable stage-2 fields")
+                try:
+                    Stage2Config.model_validate({**self.stage2.model_dump(), **values})
+                except ValidationError as exc:
+                    msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
+                    raise ValueError(f"search.configs[{i}] = {values}: {msg}") from None
         for key, param in self.space.items():
             if key not in SEARCHABLE:
                 hint = difflib.get_close_matches(key, SEARCHABLE, n=1)
@@ -324,10 +339,14 @@ class ExperimentConfig(_Strict):
 
     def searched_keys(self) -> list[str]:
         """The keys of a trial's config: the searched stage-2 fields, then `seed`."""
+        if self.search.configs is not None:
+            return list(dict.fromkeys(k for c in self.search.configs for k in c)) + ["seed"]
         return list(self.space) + ["seed"]
 
     def choices(self, selector: str) -> list[str]:
         """The samplers (selector 'sampler') or losses ('loss') that trials of this experiment can use."""
+        if self.search.configs is not None:
+            return list(dict.fromkeys(c.get(selector, getattr(self.stage2, selector)) for c in self.search.configs))
         param = self.space.get(selector)
         return list(param.values_to_check()) if param is not None else [getattr(self.stage2, selector)]
 
@@ -343,9 +362,12 @@ class ExperimentConfig(_Strict):
     def param_space(self) -> dict[str, Any]:
         """The Tune param_space of the variant generator: {stage-2 field: primitive}, conditional on the searched
         sampler / loss (pipelines.space)."""
-        space = tune_param_space(self.space)
         from ray import tune
 
+        if self.search.configs is not None:  # exactly these configurations (unpacked by space.trial_values)
+            space = {CONFIGURATION_KEY: tune.grid_search([dict(c) for c in self.search.configs])}
+        else:
+            space = tune_param_space(self.space)
         space["seed"] = tune.grid_search(self.seeds)  # every configuration once per training seed
         return space
 

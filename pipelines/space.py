@@ -169,12 +169,16 @@ def _suggest(trial, key: str, p: SpaceParam):
     raise ValueError(f"space.{key}: {p.kind} is not available with search.algorithm optuna")
 
 
+# A trial config key whose value is a whole configuration (search.configs, `ltsweep confirm`)
+CONFIGURATION_KEY = "configuration"
+
+
 def trial_values(config: dict[str, Any]) -> dict[str, Any]:
-    """A trial's sampled values as flat stage-2 fields: the chosen branch of a searched sampler / loss is
-    unpacked (`{"loss": {"loss": "acsl", "xi": 0.3}}` -> `{"loss": "acsl", "xi": 0.3}`)."""
+    """A trial's sampled values as flat stage-2 fields: the chosen branch of a searched sampler / loss, or a whole
+    listed configuration, is unpacked (`{"loss": {"loss": "acsl", "xi": 0.3}}` -> `{"loss": "acsl", "xi": 0.3}`)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if key in SELECTORS and isinstance(value, dict):
+        if (key in SELECTORS or key == CONFIGURATION_KEY) and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value

@@ -234,7 +234,8 @@ def _write_sweep_record(cfg: ExperimentConfig, stage1: Stage1Set) -> None:
     path = experiment_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path / SWEEP_RECORD, {"config_fingerprint": cfg.fingerprint(),
-                                            "stage1_sha256": _stage1_shas(stage1)}, indent=2)
+                                            "stage1_sha256": _stage1_shas(stage1),
+                                            "config": cfg.model_dump(mode="json")}, indent=2)
 
 
 def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:

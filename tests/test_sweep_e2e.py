@@ -196,6 +196,69 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
     assert cells[("softmax", "softmax")]["loss"] != pytest.approx(cells[("concurrent_softmax", "softmax")]["loss"])
 
 
+@pytest.fixture(scope="module")
+def seeded_and_confirmed(interrupted_and_resumed, workdir):
+    """A 2-configuration x 2-seed sweep with a baseline, then `ltsweep confirm` of its best configuration."""
+    from pipelines.confirm import confirm
+
+    cfg = make_cfg(workdir, "seeded", space={"loss": {"grid": ["softmax", "concurrent_softmax"]}},
+                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24,
+                           "sampler": "classaware"},
+                   scheduler={"type": "fifo"}, report={"baseline": {"loss": "softmax"}},
+                   search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]})
+    first = sweep.run_sweep(cfg, verbose=0)
+    confirmed = confirm("seeded", top=1, seeds=3, storage_path=cfg.run.storage_path)
+    return cfg, first, confirmed
+
+
+def test_seeds_repeat_every_configuration_with_one_stage1_per_seed(seeded_and_confirmed, interrupted_and_resumed):
+    cfg, first, _ = seeded_and_confirmed
+    assert sorted((t.config["loss"], t.config["seed"]) for t in first.trials) == [
+        ("concurrent_softmax", 0), ("concurrent_softmax", 1), ("softmax", 0), ("softmax", 1)]
+    assert sorted(first.stage1) == [0, 1]
+    assert first.stage1[0].sha256 == interrupted_and_resumed[1].stage1[0].sha256 and not first.stage1[0].trained
+    assert first.stage1[1].sha256 != first.stage1[0].sha256
+    for t in first.trials:  # each trial restored its own seed's stage 1
+        assert {r["pretrain_sha256"] for r in trial_results(t.path)} == {first.stage1[t.config["seed"]].sha256}
+        assert {r["seed"] for r in trial_results(t.path)} == {t.config["seed"]}
+    configs = first.configs
+    assert [c.n for c in configs] == [2, 2] and all(c.stats["AP"].n == 2 for c in configs)
+    sentences = first.comparisons()
+    assert any("p = " in x for x in sentences) and any("the baseline" in x or "is itself the best" in x
+                                                       for x in sentences)
+
+
+def test_seeded_sweep_aggregates_reach_mlflow_and_the_report(seeded_and_confirmed, tmp_path):
+    from mlflow import MlflowClient
+
+    cfg, first, _ = seeded_and_confirmed
+    client = MlflowClient(first.tracking_uri)
+    exp = client.get_experiment_by_name("seeded")
+    parent = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'sweep'")[0]
+    assert parent.data.metrics["best_n"] == 2 and "best_AP_ci_low" in parent.data.metrics
+    trials = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'trial'")
+    assert sorted(r.data.params["seed"] for r in trials) == ["0", "0", "1", "1"]
+    page = Path(client.download_artifacts(parent.info.run_id, "sweep_report.html", str(tmp_path))).read_text()
+    assert "Per configuration over its seeds" in page and "p = " in page
+
+
+def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(seeded_and_confirmed):
+    from mlflow import MlflowClient
+
+    cfg, first, confirmed = seeded_and_confirmed
+    best = first.best_config.config["loss"]
+    expected = sorted({best, "softmax"})  # the top-1 configuration plus the baseline when it is not the best
+    assert confirmed.name == "seeded-confirm" and confirmed.errored == 0
+    assert sorted({t.config["loss"] for t in confirmed.trials}) == expected
+    assert sorted(confirmed.stage1) == [0, 1, 2] and not confirmed.stage1[1].trained  # seeds 0, 1 reused
+    assert all(c.n == 3 and c.full for c in confirmed.configs)
+    client = MlflowClient(confirmed.tracking_uri)
+    runs = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id],
+                                     "tags.`ltsweep.role` = 'sweep'")[0] for name in ("seeded", "seeded-confirm")}
+    assert runs["seeded-confirm"].data.tags["ltsweep.confirms"] == runs["seeded"].info.run_id
+    assert runs["seeded"].data.tags["ltsweep.confirmed_by"] == runs["seeded-confirm"].info.run_id
+
+
 def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed):
     from mlflow import MlflowClient
 
