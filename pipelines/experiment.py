@@ -14,7 +14,7 @@ defaults; see search_spaces/*.yaml):
              fed_num_classes, decoupled}                                      # what every trial trains
     eval: {every}                   # evaluate (and report to Tune) every N epochs
     resources: {cpus_per_trial, gpus_per_trial}
-    scheduler: {type: asha|fifo, metric, mode, grace_period, reduction_factor, max_t}   # counted in evaluations
+    scheduler: {type: asha|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}  # time_attr units
     search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed, seeds}
     space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
     run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
@@ -193,13 +193,21 @@ class ResourcesConfig(_Strict):
     gpus_per_trial: float = Field(0.0, ge=0.0)
 
 
+# scheduler.time_attr -> the result key ASHA counts a trial's budget in
+TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "images": "images"}
+
+
 class SchedulerConfig(_Strict):
     type: Literal["asha", "fifo"] = "asha"
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1, description="evaluations before ASHA may stop a trial")
+    time_attr: Literal["evaluations", "iterations", "images"] = Field(
+        "evaluations", description="ASHA's budget unit: evaluations, optimizer iterations or training images seen "
+                                   "(equal cost for samplers with different epoch lengths)")
+    grace_period: int = Field(1, ge=1, description="budget (in time_attr units) before ASHA may stop a trial")
     reduction_factor: float = Field(2.0, gt=1.0)
-    max_t: Optional[int] = Field(None, ge=1, description="evaluations per trial; default stage2.epochs / eval.every")
+    max_t: Optional[int] = Field(None, ge=1, description="a full trial's budget in time_attr units; default "
+                                 "stage2.epochs / eval.every evaluations (required for iterations / images)")
 
     _metric_name = field_validator("metric")(lambda v: _one_of(v, SCHEDULER_METRICS, "metric (what trials report)"))
 
@@ -316,7 +324,17 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _scheduler_fits(self):
-        if self.scheduler.type == "asha" and self.scheduler.grace_period > self.evals_per_trial:
+        sch = self.scheduler
+        if sch.type == "asha" and sch.time_attr != "evaluations":
+            if sch.max_t is None:
+                raise ValueError(f"scheduler.max_t is required with time_attr {sch.time_attr}: the {sch.time_attr} "
+                                 "of a full-length trial (e.g. stage2.epochs x samples_per_epoch images); set it so "
+                                 "that the trial with the longest epochs still fits")
+            if sch.grace_period > sch.max_t:
+                raise ValueError(f"scheduler.grace_period = {sch.grace_period} exceeds max_t = {sch.max_t} "
+                                 f"({sch.time_attr}); lower grace_period")
+            return self
+        if sch.type == "asha" and sch.grace_period > self.evals_per_trial:
             raise ValueError(f"scheduler.grace_period = {self.scheduler.grace_period} exceeds the evaluations per "
                              f"trial ({self.evals_per_trial} = scheduler.max_t or stage2.epochs / eval.every); "
                              "lower grace_period")
@@ -325,8 +343,10 @@ class ExperimentConfig(_Strict):
     # ---- derived values -------------------------------------------------------------------------------------
     @property
     def evals_per_trial(self) -> int:
-        """How many times a full-length trial reports (ASHA's max_t, in evaluations)."""
-        return self.scheduler.max_t or math.ceil(self.stage2.epochs / self.eval.every)
+        """How many times a full-length trial reports (ASHA's max_t when it counts evaluations)."""
+        if self.scheduler.time_attr == "evaluations" and self.scheduler.max_t:
+            return self.scheduler.max_t
+        return math.ceil(self.stage2.epochs / self.eval.every)
 
     @property
     def seeds(self) -> list[int]:

@@ -177,9 +177,12 @@ class SweepWriter:
         return default
 
     def _max_t(self) -> int | None:
-        """Evaluations of a full-length trial: ``scheduler.max_t``, else ceil(stage2.epochs / eval.every)."""
+        """Evaluations of a full-length trial: the sweep's ``max_evaluations``, else ``scheduler.max_t``, else
+        ceil(stage2.epochs / eval.every)."""
         flat = flatten(self.sweep_params)
-        v = self._sweep_setting("max_t", None)
+        v = self.sweep_params.get("max_evaluations")
+        if v in (None, ""):
+            v = self._sweep_setting("max_t", None)
         if v in (None, "") and flat.get("stage2.epochs") is not None:
             v = math.ceil(float(flat["stage2.epochs"]) / float(flat.get("eval.every") or 1))
         try:

@@ -35,6 +35,7 @@ from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
 from pipelines.callbacks import _tune_callbacks
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
+from pipelines.experiment import TIME_ATTRS
 from pipelines.pretrain import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1_per_seed, frequency_source,
                                pretrain_root, stage1_key)
 from pipelines.summary import SweepSummary, print_summary, summarize
@@ -93,8 +94,9 @@ def _scheduler(cfg: ExperimentConfig):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr="training_iteration", max_t=cfg.evals_per_trial,
-                         grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
+    s = cfg.scheduler
+    return ASHAScheduler(time_attr=TIME_ATTRS[s.time_attr], max_t=s.max_t or cfg.evals_per_trial,
+                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
 def _search_alg(cfg: ExperimentConfig):
@@ -140,6 +142,7 @@ def sweep_params(cfg: ExperimentConfig, stage1: Stage1Set) -> dict[str, Any]:
     d["frequency_source"] = frequency_source(cfg)
     d["pretrain_sha256"] = _stage1_shas(stage1) or ""
     d["metric"], d["mode"] = cfg.scheduler.metric, cfg.scheduler.mode
+    d["max_evaluations"] = cfg.evals_per_trial  # a full-length trial's evaluations (max_t may count images)
     return d
 
 

@@ -1,5 +1,6 @@
 """Sweep configs: packaged YAMLs load, YAML maps onto Ray Tune primitives, and bad input gives one clear error."""
 import json
+import math
 
 import pytest
 import yaml
@@ -358,3 +359,20 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
         spec = cfg.stage2_for_trial(t).loss_spec()
         assert spec.name == t["loss"] and (own is None or getattr(spec, own) == t[own])
         assert cfg.stage2_for_trial(t).sampler_spec().threshold == t["rfs_threshold"]
+
+
+def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
+    from pipelines import sweep
+
+    base["scheduler"] = {"type": "asha", "time_attr": "images", "grace_period": 160, "reduction_factor": 2}
+    with pytest.raises(ConfigError, match="scheduler.max_t is required with time_attr images"):
+        load_experiment_config(_write(tmp_path, base))
+    base["scheduler"]["max_t"] = 640
+    cfg = load_experiment_config(_write(tmp_path, base))
+    asha = sweep._scheduler(cfg)
+    assert (asha._time_attr, asha._max_t) == ("images", 640)
+    assert asha._brackets[0]._rungs[-1][0] == 160  # the first rung: 160 images
+    assert cfg.evals_per_trial == math.ceil(cfg.stage2.epochs / cfg.eval.every)  # max_t is not in evaluations
+    base["scheduler"] = {"type": "asha", "grace_period": 1, "max_t": 2}
+    asha = sweep._scheduler(load_experiment_config(_write(tmp_path, base)))
+    assert (asha._time_attr, asha._max_t) == ("training_iteration", 2)
