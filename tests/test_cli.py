@@ -14,7 +14,7 @@ def _subcommands(parser):
 
 def test_pinned_subcommands_exist():
     top = _subcommands(cli.build_parser())
-    assert set(top) == {"demo", "data", "train", "sweep", "eval", "compare"}
+    assert set(top) == {"demo", "data", "train", "sweep", "confirm", "eval", "compare"}
     assert set(_subcommands(top["data"])) == {"synth", "stats", "convert-openimages"}
 
 
@@ -35,3 +35,13 @@ def test_unknown_subcommand_exits_nonzero():
     with pytest.raises(SystemExit) as exc:
         cli.main(["nope"])
     assert exc.value.code != 0
+
+
+def test_confirm_options_and_a_missing_sweep_is_one_line_exit_2(tmp_path, capsys):
+    confirm = _subcommands(cli.build_parser())["confirm"]
+    opts = {o for a in confirm._actions for o in a.option_strings}
+    assert {"--top", "--seeds", "--tracking-uri", "--storage-path"} <= opts
+    rc = cli.main(["confirm", "nosuch", "--top", "2", "--seeds", "3", "--storage-path", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "no sweep 'nosuch'" in err and "--storage-path" in err
