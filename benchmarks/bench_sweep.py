@@ -1,16 +1,19 @@
-"""ASHA vs the full grid on the same search space, over the synthetic demo benchmark on CPU.
+"""ASHA vs the full grid on the same search space and the same seeds, over the synthetic demo benchmark on CPU.
 
-Both sweeps search λ (soft-balance; the paper's Table 3 grid) x loss (concurrent softmax, ACSL) = 12 configurations
-with the hybrid schedule. The anchor is the full grid (FIFO: every trial trains every stage-2 epoch); ASHA
-(grace 1, reduction factor 3) stops weak trials after 1 or 3 evaluations. Reported:
+Both sweeps search λ (soft-balance) x loss (concurrent softmax, ACSL) = 8 configurations, each run with 3 training
+seeds (`search.seeds`), with the hybrid schedule. The anchor is the full grid (FIFO: every trial trains every
+stage-2 epoch); ASHA (grace 1, reduction factor 3) stops weak trials after 1 or 3 evaluations. Reported:
   - total trial-epochs each sweep trained, and ASHA's as a fraction of the grid's (goal: <= 0.35);
-  - whether both pick the same best configuration (best last AP; for ASHA among trials it ran to the end);
-  - the stage-1 reuse saving: one stage-1 training shared by both sweeps' trials, against one per trial.
-Both sweeps run in one Ray session in this process. The last stdout line is the JSON the issue specifies:
-  {"benchmark": "sweep", "asha_epochs_fraction_of_grid": ..., "same_best": ..., "pretrain_runs": ...}
+  - the pick of each sweep (best mean AP over seeds among configurations whose runs all ran to the end), whether
+    ASHA's pick is the grid's best, and whether it is tied with it: the grid's 95% CIs of the two configurations
+    overlap (measured on the grid's own full runs of both);
+  - stage 1: one training per seed, shared by both sweeps' trials.
+Both sweeps run in one Ray session in this process. The last stdout line is one JSON object:
+  {"benchmark": "sweep", "asha_epochs_fraction_of_grid": ..., "same_best": ..., "tied_with_best": ...,
+   "pretrain_runs": ..., "seeds": ...}
 
-    python benchmarks/bench_sweep.py [--data data/demo] [--epochs 8] [--grace 1] [--reduction-factor 3] [--keep]
-Takes ~20 min on 2 CPU cores (the grid trains 96 trial-epochs).
+    python benchmarks/bench_sweep.py [--data data/demo] [--epochs 6] [--seeds 0 1 2] [--keep]
+Takes ~30 min on 2 CPU cores (the grid trains 144 trial-epochs of 64 images).
 """
 from __future__ import annotations
 
@@ -30,7 +33,8 @@ from pipelines import sweep
 from pipelines.config import load_experiment_config
 
 
-def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int, samples: int) -> object:
+def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int, samples: int,
+                seeds: list[int]) -> object:
     raw = {
         "name": name,
         "seed": 0,
@@ -45,9 +49,9 @@ def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int,
         "eval": {"every": 1},
         "resources": {"cpus_per_trial": 1},
         "scheduler": scheduler,
-        "search": {"num_samples": 1, "max_concurrent_trials": 2, "seed": 0},
-        # the paper's Table 3 λ grid x the two losses: 12 configurations
-        "space": {"lam": {"grid": [0.0, 0.3, 0.5, 0.7, 1.0, 1.5]}, "loss": {"grid": ["concurrent_softmax", "acsl"]}},
+        "search": {"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": seeds},
+        # λ x the two losses: 8 configurations, each once per seed
+        "space": {"lam": {"grid": [0.0, 0.5, 1.0, 1.5]}, "loss": {"grid": ["concurrent_softmax", "acsl"]}},
         "run": {"storage_path": str(root / "results"), "max_failures": 1, "checkpoints_to_keep": 1},
     }
     path = root / f"{name}.yaml"
@@ -58,7 +62,8 @@ def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int,
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("data/demo"), help="demo benchmark (generated if absent)")
-    ap.add_argument("--epochs", type=int, default=8, help="stage-2 epochs (= evaluations) of a full trial")
+    ap.add_argument("--epochs", type=int, default=6, help="stage-2 epochs (= evaluations) of a full trial")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
     ap.add_argument("--samples-per-epoch", type=int, default=64)
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period (evaluations)")
     ap.add_argument("--reduction-factor", type=float, default=3)
@@ -71,10 +76,10 @@ def main(argv=None) -> int:
     root = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        grid_cfg = make_config(root, data, "grid", {"type": "fifo"}, args.epochs, args.samples_per_epoch)
+        grid_cfg = make_config(root, data, "grid", {"type": "fifo"}, args.epochs, args.samples_per_epoch, args.seeds)
         asha_cfg = make_config(root, data, "asha", {"type": "asha", "grace_period": args.grace,
                                                     "reduction_factor": args.reduction_factor, "max_t": args.epochs},
-                               args.epochs, args.samples_per_epoch)
+                               args.epochs, args.samples_per_epoch, args.seeds)
         t0 = time.time()
         grid = sweep.run_sweep(grid_cfg, progress=False)
         t_grid = time.time() - t0
@@ -86,23 +91,28 @@ def main(argv=None) -> int:
 
     for s in (grid, asha):
         sweep.print_summary(s)
-    key = lambda t: tuple(sorted(t.config.items())) if t is not None else None  # noqa: E731
-    same_best = grid.best is not None and key(grid.best) == key(asha.best)
-    pretrain_runs = sum(1 for s in (grid, asha) if s.stage1 is not None and s.stage1.trained)
+    grid_best, asha_best = grid.best_config, asha.best_config
+    same_best = grid_best is not None and asha_best is not None and grid_best.config == asha_best.config
+    # tied: on the grid's own runs, the 95% CIs of ASHA's pick and of the grid's best overlap
+    asha_in_grid = next((c for c in grid.configs if asha_best is not None and c.config == asha_best.config), None)
+    tied = same_best or (grid_best is not None and asha_in_grid is not None
+                         and asha_in_grid.stats["AP"].ci_high >= grid_best.stats["AP"].ci_low)
+    pretrain_runs = len({c.sha256 for s in (grid, asha) for c in (s.stage1 or {}).values() if c.trained})
     n_trials = len(grid.trials) + len(asha.trials)
     stage1_epochs = grid_cfg.stage1.epochs
+    stage1_seconds = sum(c.seconds for c in (grid.stage1 or {}).values())
+    ci = lambda c: None if c is None else [round(c.stats["AP"].mean, 4), round(c.stats["AP"].ci_low, 4),  # noqa: E731
+                                           round(c.stats["AP"].ci_high, 4)]
     detail = {
         "grid_trial_epochs": grid.trial_epochs, "asha_trial_epochs": asha.trial_epochs,
         "grid_seconds": round(t_grid, 1), "asha_seconds": round(t_asha, 1),
-        "asha_stopped_early": asha.stopped_early, "trials_per_sweep": len(grid.trials),
-        "grid_best": grid.best.config if grid.best else None, "asha_best": asha.best.config if asha.best else None,
-        "grid_best_AP": grid.best.metrics.get("AP") if grid.best else None,
-        "asha_best_AP": asha.best.metrics.get("AP") if asha.best else None,
-        "stage1_seconds": round(grid.stage1.seconds, 1) if grid.stage1 else None,
+        "asha_stopped_early": asha.stopped_early, "trials_per_sweep": len(grid.trials), "seeds": args.seeds,
+        "grid_best": grid_best.config if grid_best else None, "asha_best": asha_best.config if asha_best else None,
+        "grid_best_AP_mean_ci": ci(grid_best), "asha_pick_AP_mean_ci_in_grid": ci(asha_in_grid),
+        "asha_pick_AP_mean_ci_in_asha": ci(asha_best),
+        "stage1_seconds": round(stage1_seconds, 1),
         "stage1_epochs_trained": pretrain_runs * stage1_epochs,
         "stage1_epochs_without_reuse": n_trials * stage1_epochs,
-        "stage1_seconds_saved_estimate": round((n_trials - pretrain_runs) * grid.stage1.seconds, 1)
-        if grid.stage1 else None,
         "errored_trials": grid.errored + asha.errored,
     }
     print("detail: " + json.dumps(detail))
@@ -112,7 +122,8 @@ def main(argv=None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     fraction = asha.trial_epochs / grid.trial_epochs if grid.trial_epochs else float("nan")
     print(json.dumps({"benchmark": "sweep", "asha_epochs_fraction_of_grid": round(fraction, 4),
-                      "same_best": bool(same_best), "pretrain_runs": pretrain_runs}))
+                      "same_best": bool(same_best), "tied_with_best": bool(tied), "pretrain_runs": pretrain_runs,
+                      "seeds": len(args.seeds)}))
     return 0
 
 
