@@ -13,6 +13,13 @@ gradient into the backbone 10-30x that of the stage-1 loss, and a short all-laye
 what the softmax model already says (see its docstring); :func:`switch_classifier` applies it exactly where it is
 needed: a run that starts from a stage-1 checkpoint (``init_checkpoint``, never on resume) with a sigmoid-type loss.
 ``lt_models.engine._train`` calls it right after loading the stage-1 weights.
+
+Alternatives measured on the demo study (seeds 0 and 1, ACSL ξ = 0.7, all layers; softmax 0.219 / 0.250 AP): no
+conversion 0.124 / 0.095; this conversion 0.204 / 0.224; a fresh sigmoid classifier with the prior-probability
+bias of "Focal Loss for Dense Object Detection" (Lin et al., ICCV 2017, §4.1: b = −log((1 − π)/π), π = 0.01, weights
+N(0, 0.01²)), which the official ACSL code uses to initialise its sigmoid classifier, 0.145 / 0.175 (it discards the
+stage-1 classifier); the decoupled classifier-only stage 2 of the ACSL paper (§4.2) without conversion 0.160 (seed
+0). The decoupled mode stays a choice of the run (``decoupled``); the conversion applies to it as well.
 """
 from __future__ import annotations
 
