@@ -57,6 +57,29 @@ class ProgressPrinter(tune.Callback):
         print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)
 
 
-def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool) -> list:
-    """TensorBoard + CSV loggers without the per-class dict, and (optionally) one progress line per report."""
-    return [TBXLogger(), CSVLogger()] + ([ProgressPrinter(max_evals, searched_keys)] if progress else [])
+# experiment name -> trials Tune completed (ran their schedule, or stopped by the scheduler) in this driver process
+_COMPLETED: dict[str, set[str]] = {}
+
+
+class CompletionRecorder(tune.Callback):
+    """Remembers which trials Tune completed in this process (``on_trial_complete``: the schedule ran out or the
+    scheduler stopped the trial). When Ctrl+C ends a sweep, Tune stops the running trials without completing them,
+    so the summary tells "interrupted" from "stopped early" by this record (:func:`completed_trials`). A resumed
+    sweep's Tuner.restore brings the callback back from tuner.pkl; it writes to the same module-level record."""
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        _COMPLETED.setdefault(self.experiment, set()).add(trial.trial_id)
+
+
+def completed_trials(experiment: str) -> set[str]:
+    return set(_COMPLETED.get(experiment, ()))
+
+
+def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
+    """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
+    line per report."""
+    return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
+        [ProgressPrinter(max_evals, searched_keys)] if progress else [])

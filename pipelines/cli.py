@@ -88,8 +88,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
                                   storage_path=args.storage_path, tracking_uri=args.tracking_uri)
     if summary.exit_code():
-        print(f"ltsweep: error: all {len(summary.trials)} trials of sweep '{summary.name}' failed; see the trial "
-              "errors above and in the Ray dashboard", file=sys.stderr)
+        print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
 
 
@@ -109,6 +108,8 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = confirm(args.sweep, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
                       tracking_uri=args.tracking_uri)
+    if summary.exit_code():
+        print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
 
 

@@ -79,7 +79,7 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
     print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1   # then http://127.0.0.1:5000")
     print(f"  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1        # then http://127.0.0.1:6006")
     sys.stdout.flush()
-    return 1 if summary.errored else 0
+    return summary.exit_code()
 
 
 def _n_trials(cfg) -> int:

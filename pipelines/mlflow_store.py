@@ -7,6 +7,11 @@
 
 Everything goes through :class:`mlflow.MlflowClient` (no global active run). MLflow is imported inside the
 functions, so importing this module stays cheap.
+
+Concurrent processes on one sqlite store: several processes may write the same sqlite store (two sweep drivers on
+one ``storage_path``, ``ltsweep compare`` while a sweep starts). Once the schema exists sqlite serialises their writes
+itself, but MLflow creates the schema of a new database without any cross-process guard, so :func:`make_client` and
+:func:`open_store` create (or finish creating) it under a file lock first; see :func:`_client`.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,28 +49,83 @@ def sqlite_path(tracking_uri: str) -> Path | None:
     return None
 
 
-def make_client(tracking_uri: str):
-    """An MlflowClient for ``tracking_uri``; for a sqlite store the directory is created first."""
+#: sqlite URIs whose schema this process has created or checked under the file lock (see :func:`_client`)
+_READY: set[str] = set()
+_READY_GUARD = threading.Lock()
+_LOCK_TIMEOUT_S = 600.0  # creating the schema takes seconds; a lock held this long is a hung process
+
+
+def _client(tracking_uri: str, reader: bool = False):
+    """An MlflowClient for ``tracking_uri``; for a sqlite store, the first one in this process is made while holding
+    the file lock ``<db>.lock``, so the store's schema is complete before any client of this process uses it.
+
+    Why: MLflow's ``SqlAlchemyStore.__init__`` (mlflow 3.x, mlflow/store/tracking/sqlalchemy_store.py) checks
+    ``_all_tables_exist`` and, when tables are missing, runs ``mlflow.store.db.utils._initialize_tables``:
+    ``InitialBase.metadata.create_all`` and then an alembic ``upgrade heads`` (dozens of migrations; on sqlite they
+    rebuild tables through ``_alembic_tmp_*`` copies). Then it checks the schema revision (``_verify_schema``) and
+    inserts the default experiment 0 if it is absent. None of this is guarded across processes (MLflow's
+    ``_safe_initialize_tables`` lock is used only by its jobs and workspace stores), so two processes opening a new
+    store at once both create tables and replay migrations: ``table experiments already exists``, ``duplicate column
+    name: step``, alembic ``CommandError`` (``expected to match one row ... in 'alembic_version'``).
+
+    The lock covers exactly that: ``MlflowClient(tracking_uri)`` builds the tracking store in its constructor
+    (``TrackingServiceClient.__init__`` reads ``self.store``; the store is cached per process and URI) and
+    ``search_experiments(max_results=1)`` makes sure it is built even if a later MLflow builds it lazily. The next
+    process to take the lock finds every table, the head revision and experiment 0, so its store only reads. An
+    existing store of an older schema is not upgraded here: MLflow refuses it (``_verify_schema``) and asks for
+    ``mlflow db upgrade``, which should stay a deliberate step (back up first). The lock is taken once per process
+    and URI (``_READY``); later clients of that URI reuse MLflow's cached store and need no lock. A reader
+    (``reader=True``) that cannot create the lock file (a read-only results directory) opens the store without it.
+    """
+    from filelock import FileLock, Timeout
     from mlflow import MlflowClient
 
     db = sqlite_path(tracking_uri)
+    if db is None or tracking_uri in _READY:
+        return MlflowClient(tracking_uri=tracking_uri)
+    with _READY_GUARD:  # threads of this process take the file lock one at a time
+        if tracking_uri in _READY:
+            return MlflowClient(tracking_uri=tracking_uri)
+        lock = FileLock(f"{db}.lock", timeout=_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:  # a TimeoutError, hence an OSError: never swallowed
+            raise
+        except OSError as e:
+            if not reader:
+                raise
+            logger.debug("cannot create %s.lock (%s); opening the store without it", db, e)
+            return MlflowClient(tracking_uri=tracking_uri)
+        try:
+            client = MlflowClient(tracking_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+        finally:
+            lock.release()
+        _READY.add(tracking_uri)
+        return client
+
+
+def make_client(tracking_uri: str):
+    """An MlflowClient for ``tracking_uri``; for a sqlite store the directory is created first, and the schema is
+    created (when the store is new) under a file lock, so processes opening one new store at once do not collide
+    (:func:`_client`)."""
+    db = sqlite_path(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri)
+    return _client(tracking_uri)
 
 
 def open_store(tracking_uri: str | None = None, command: str = "ltsweep compare"):
     """An MlflowClient of a store that sweeps were logged to, for reading them back (``command`` names the caller in
     errors). ``tracking_uri`` defaults to the default sweep store, ``sqlite:///<cwd>/results/mlflow.db``; a
-    sqlite store that does not exist is a ConfigError, and no empty store is created."""
-    from mlflow import MlflowClient
-
+    sqlite store that does not exist is a ConfigError, and no empty store is created. A store that a sweep is
+    creating right now is opened once its schema is complete (:func:`_client`)."""
     uri = tracking_uri or default_tracking_uri(DEFAULT_STORAGE_PATH)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
         raise ConfigError(f"{command}: MLflow store {db} does not exist; run a sweep first or pass "
                           f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)")
-    return MlflowClient(tracking_uri=uri)
+    return _client(uri, reader=True)
 
 
 def _artifact_location(tracking_uri: str, experiment_name: str) -> str | None:

@@ -313,6 +313,8 @@ class SweepWriter:
         if error:
             tags[ERROR_TAG] = error[-MAX_TAG_LEN:]
         log_tags(self.client, run_id, tags)
+        if TRIAL_STATUS_TAG in self.client.get_run(run_id).data.tags:  # an interrupted trial that --resume finished
+            self.client.delete_tag(run_id, TRIAL_STATUS_TAG)
         per_class = per_class_dict(res.get("per_class"))
         if per_class:
             try:

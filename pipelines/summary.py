@@ -33,6 +33,15 @@ class TrialSummary:
     stopped_early: bool                # ended without error before max evaluations (ASHA)
     error: Optional[str] = None
     path: Optional[str] = None
+    interrupted: bool = False          # the sweep was interrupted before this trial finished (--resume continues it)
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"ERROR: {self.error}"
+        if self.interrupted:
+            return "interrupted"
+        return "stopped early" if self.stopped_early else "completed"
 
 
 @dataclasses.dataclass
@@ -49,6 +58,7 @@ class SweepSummary:
     stage1: Optional[dict[int, Stage1Checkpoint]]   # the stage-1 checkpoint of each training seed
     resumed: bool = False
     baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
+    interrupted: bool = False                       # Ctrl+C (SIGINT) ended the sweep before every trial finished
 
     @functools.cached_property
     def configs(self) -> list[aggregate.ConfigResult]:
@@ -79,9 +89,27 @@ class SweepSummary:
     def errored(self) -> int:
         return sum(t.error is not None for t in self.trials)
 
+    @property
+    def unfinished(self) -> int:
+        return sum(t.interrupted for t in self.trials)
+
     def exit_code(self) -> int:
-        """0 unless no trial produced a result: a job whose every trial errored must not report SUCCEEDED."""
-        return 1 if not self.trials or self.errored == len(self.trials) else 0
+        """The one exit-code rule of `sweep`, `confirm` and `demo`: 0 when every trial finished (ran its schedule or
+        was stopped by the scheduler), 1 when any failed or diverged, or the sweep was interrupted (bad input exits
+        2 before a sweep starts)."""
+        return 1 if (not self.trials or self.errored or self.interrupted) else 0
+
+    def outcome(self) -> str:
+        """One line on how the sweep ended, for the console and the CLI's exit message."""
+        if self.interrupted:
+            return (f"sweep '{self.name}' was interrupted: {self.unfinished} trial(s) unfinished and the rest not "
+                    f"started; continue it with `ltsweep sweep CONFIG --resume`")
+        if not self.trials:
+            return f"sweep '{self.name}' ran no trial"
+        if self.errored:
+            return (f"{self.errored} of {len(self.trials)} trials of sweep '{self.name}' failed (reasons in the "
+                    "table above; details in the Ray dashboard and each trial's error.txt)")
+        return f"every trial of sweep '{self.name}' finished"
 
     def table(self) -> str:
         """Fixed-width table of every trial (searched values, AP, APr, APc, APf, epochs, status)."""
@@ -89,7 +117,7 @@ class SweepSummary:
         head = ["trial"] + keys + list(BUCKET_METRICS) + ["epochs", "status"]
         rows = []
         for t in sorted(self.trials, key=lambda t: t.trial_id):
-            status = "ERROR" if t.error else ("stopped early" if t.stopped_early else "completed")
+            status = t.status
             if self.best is not None and t.trial_id == self.best.trial_id:
                 status += " *best*"
             rows.append([t.trial_id] + [format_value(t.config.get(k)) for k in keys]
@@ -105,7 +133,8 @@ class SweepSummary:
         d["stage1"] = None if self.stage1 is None else {
             str(seed): {"sha256": c.sha256, "path": str(c.path), "trained": c.trained}
             for seed, c in self.stage1.items()}
-        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored)
+        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored,
+                 unfinished=self.unfinished)
         best = self.best_config
         d["configs"] = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
                          **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in self.configs]
@@ -121,20 +150,26 @@ def format_value(v: Any) -> str:
 
 
 def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1Checkpoint]], resumed: bool, *,
-              experiment_path: str | Path, tracking_uri: str) -> SweepSummary:
+              experiment_path: str | Path, tracking_uri: str, interrupted: bool = False,
+              completed: Optional[set[str]] = None) -> SweepSummary:
     """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
-    ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them."""
+    ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them. ``interrupted``: the
+    fit ended on Ctrl+C; then a trial short of its schedule that Tune did not complete (``completed``: the trial ids
+    it did, :func:`pipelines.callbacks.completed_trials`) is "interrupted", never "stopped early"."""
     max_evals = cfg.evals_per_trial
     trials = []
     for r in results:
         m = r.metrics or {}
         evaluations = int(m.get("training_iteration") or 0)
         err = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
+        trial_id = str(m.get("trial_id") or Path(r.path).name)
+        unfinished = interrupted and err is None and evaluations < max_evals and trial_id not in (completed or ())
         trials.append(TrialSummary(
-            trial_id=str(m.get("trial_id") or Path(r.path).name), config=trial_values(r.config or {}),
+            trial_id=trial_id, config=trial_values(r.config or {}),
             metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
             epochs=int(m.get("epoch") or 0), evaluations=evaluations,
-            stopped_early=err is None and evaluations < max_evals, error=err, path=r.path))
+            stopped_early=err is None and evaluations < max_evals and not unfinished, error=err, path=r.path,
+            interrupted=unfinished))
     metric = cfg.scheduler.metric
     best = best_trial(trials, value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
                       failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=cfg.scheduler.mode,
@@ -142,13 +177,15 @@ def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1C
     return SweepSummary(name=cfg.name, experiment_path=str(experiment_path),
                         storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri,
                         metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
-                        trials=trials, best=best, stage1=stage1, resumed=resumed, baseline=cfg.report.baseline)
+                        trials=trials, best=best, stage1=stage1, resumed=resumed, baseline=cfg.report.baseline,
+                        interrupted=interrupted)
 
 
 def print_summary(summary: SweepSummary, file=None) -> None:
     file = file or sys.stdout
     print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
-          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored", file=file)
+          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored"
+          + (f", {summary.unfinished} interrupted" if summary.interrupted else ""), file=file)
     for seed, ckpt in (summary.stage1 or {}).items():
         how = "trained for this sweep" if ckpt.trained else "reused"
         print(f"stage 1 (seed {seed}): {ckpt.sha256[:12]} ({how}) at {ckpt.path}", file=file)
@@ -167,5 +204,6 @@ def print_summary(summary: SweepSummary, file=None) -> None:
         b = summary.best
         print(f"best single trial: {b.trial_id} {b.config} -> "
               + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
-    print(f"\nTensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
+    print(f"\n{summary.outcome()}", file=file)
+    print(f"TensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
     print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)

@@ -24,7 +24,9 @@ import importlib.util
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -33,7 +35,7 @@ from ray import tune
 
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
-from pipelines.callbacks import _tune_callbacks
+from pipelines.callbacks import _tune_callbacks, completed_trials
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
 from pipelines.experiment import TIME_ATTRS
 from pipelines.pretrain import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1_per_seed, frequency_source,
@@ -183,7 +185,8 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
             name=cfg.name, storage_path=str(cfg.run.storage_path),
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
-            callbacks=[mlflow_cb, *_tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress), *callbacks],
+            callbacks=[mlflow_cb, *_tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
+                       *callbacks],
             verbose=verbose),
     )
 
@@ -225,9 +228,27 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
         _write_sweep_record(cfg, stage1)
     tuner = build_tuner(cfg, stage1, resume=resume, trainable_fn=trainable_fn, callbacks=callbacks, verbose=verbose,
                         progress=progress)
+    handler_before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
+    interrupted = _tune_was_interrupted(handler_before)
     return summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
-                     tracking_uri=tracking_uri_for(cfg))
+                     tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
+                     completed=completed_trials(cfg.name) if interrupted else None)
+
+
+def _tune_was_interrupted(handler_before) -> bool:
+    """Did Tune's fit end because it caught Ctrl+C (SIGINT) or SIGUSR1? Tune installs its own SIGINT handler for
+    the run and puts the previous one back only when that handler fires; its handler sets a threading.Event. So:
+    the previous handler back in place, or Tune's handler with its event set, means the run was interrupted."""
+    if threading.current_thread() is not threading.main_thread() or os.environ.get("TUNE_DISABLE_SIGINT_HANDLER"):
+        return False  # Tune installed no handler here, so there is nothing to read
+    handler = signal.getsignal(signal.SIGINT)
+    if handler is handler_before:
+        return True
+    for cell in getattr(handler, "__closure__", None) or ():
+        if isinstance(cell.cell_contents, threading.Event):
+            return cell.cell_contents.is_set()
+    return False
 
 
 SWEEP_RECORD = "ltsweep_sweep.json"

@@ -101,6 +101,10 @@ def interrupted_and_resumed(ray_session, workdir):
 
 def test_sweep_was_really_interrupted(interrupted_and_resumed):
     cfg, first, resumed, finished_id, _ = interrupted_and_resumed
+    # Ctrl+C is reported as an interruption (exit 1, "--resume"), never as trials stopped early by the scheduler
+    assert first.interrupted and first.exit_code() == 1 and "--resume" in first.outcome()
+    assert first.unfinished >= 1 and all(not t.stopped_early for t in first.trials if t.interrupted)
+    assert not resumed.interrupted and resumed.exit_code() == 0 and resumed.unfinished == 0
     # the variant generator creates trials as slots free up (max_concurrent_trials), so the interrupted run
     # knows only some of the 6; the resumed one continues those and creates the rest
     assert 1 <= len(first.trials) < 6 and len(resumed.trials) == 6
@@ -267,6 +271,9 @@ def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed
     exp = client.get_experiment_by_name(cfg.name)
     role = lambda r: client.search_runs([exp.experiment_id], f"tags.`ltsweep.role` = '{r}'")  # noqa: E731
     assert len(role("pretrain")) == 1 and len(role("sweep")) == 1
+    # after --resume finished them, no run keeps the "unfinished" tag of the interruption
+    assert all("ltsweep.trial_status" not in r.data.tags for r in role("trial"))
+    assert {r.info.status for r in role("trial")} == {"FINISHED"}
     # APr/APc/APf bucket classes by the training set's frequency, and the runs say so
     assert str(cfg.data.train) in role("sweep")[0].data.tags["ltsweep.frequency_source"]
     assert str(cfg.data.train) in role("pretrain")[0].data.params["frequency_source"]
