@@ -31,14 +31,22 @@ popmean=threshold) (= stats.ttest_rel(arm, baseline) for threshold 0). paper_dir
 on the paper's side of the threshold. A CI that contains the threshold (0, or -0.01 for the APf drop) means the
 benchmark cannot tell the direction at this number of seeds.
 
-Cost: 11 runs per seed (stage 1, 5 study-1 arms, 4 decoupled study-2 arms, the one-stage run). About 60 minutes
-for 3 seeds on 2 CPU cores (--workers 2, one torch thread per run); with a GPU (device auto picks CUDA) the same
-benchmark runs in minutes. Each finished run's metrics are cached under --cache (one JSON per run name and seed,
-written atomically), so a rerun after a crash skips them; only the stage-1 checkpoints are kept on disk.
+Schedule (tiny backbone, 128 px, batch 8): stage 1 6 epochs (lr 0.02, x0.1 for the last epoch); every stage 2
+4 epochs (a fresh lr 0.02, x0.1 for the last epoch; soft-balance draws as many images per epoch as the dataset has); the one-stage
+run 10 epochs (lr 0.02, x0.1 for the last one). Runs evaluate once, at their end.
+
+Cost: 11 runs per seed (stage 1, 5 study-1 arms, 4 decoupled study-2 arms, the one-stage run), 36 full-network
+epochs and 16 classifier-only epochs per seed. About 50-60 minutes for 3 seeds on 2 CPU cores (--workers 2, one
+torch thread per run; measured ~24 train img/s per run with two runs side by side on idle cores, ~60 img/s for a
+classifier-only epoch); other work on the same cores stretches it (about 1.5-2x while two other trainings ran).
+With a GPU (device auto picks CUDA) the same benchmark runs in minutes. Each finished run's metrics are cached
+under --cache (one JSON per run name and seed, written atomically), so a rerun after a crash skips them; only the
+stage-1 checkpoints stay on disk.
 
     python benchmarks/bench_fidelity.py [--seeds 0 1 2] [--data data/study] [--workers 2] [--cache DIR]
                                         [--out benchmarks/results/fidelity.json] [--quick]
---quick: a tiny preset and a 1-epoch schedule in a temp dir (unless --data), to test the script in minutes.
+--quick: a tiny preset and a 1-epoch schedule in a temp dir (unless --data), to test the script in minutes; it
+writes no JSON file unless --out is given.
 Progress lines (run, minutes, AP) go to stderr. Last stdout line:
   {"benchmark": "fidelity", "seeds": n, "findings": [{"name", "metric", "effect", "ci_low", "ci_high",
    "paper_direction_holds", "p_value", "threshold", "paper"}, ...]}
@@ -73,11 +81,13 @@ XIS = (0.3, 0.7)
 METRICS = ("AP", "APr", "APc", "APf")
 KEEP = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "train_img_per_s")
 # (schedule of stage 1, of every stage 2; the one-stage run trains stage1 + stage2 epochs from scratch)
-FULL = {"stage1": dict(epochs=4, lr=0.02, warmup=50, lr_steps=(3,)),
-        "stage2": dict(epochs=3, lr=0.01, warmup=20, lr_steps=(2,)), "batch_size": 8, "image_size": 128}
+FULL = {"stage1": dict(epochs=6, lr=0.02, warmup=50, lr_steps=(5,)),
+        "stage2": dict(epochs=4, lr=0.02, warmup=20, lr_steps=(3,)), "batch_size": 8, "image_size": 128}
 QUICK = {"stage1": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()),
-         "stage2": dict(epochs=1, lr=0.01, warmup=5, lr_steps=()), "batch_size": 8, "image_size": 64}
-QUICK_PRESET = dataclasses.replace(PRESETS["demo"], name="fidelity_quick", t_max=30, t_min=2, q=4, val_min=2)
+         "stage2": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()), "batch_size": 8, "image_size": 64}
+# ~180 train / 44 val images, 12 leaves + 3 parents, every r/c/f bucket filled: for --quick only
+QUICK_PRESET = dataclasses.replace(PRESETS["demo"], name="fidelity_quick", families=3, appearances=4, t_max=180, t_min=2,
+                                   q=4, val_min=2, n_confusable=1, n_two_leaf=1, workers=1)
 
 
 # Runs ------------------------------------------------------------------------------------------------------------
@@ -204,7 +214,7 @@ def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int
 
 # Statistics ------------------------------------------------------------------------------------------------------
 def _num(x) -> float | None:
-    return float(x) if x is not None and math.isfinite(float(x)) else None
+    return round(float(x), 6) if x is not None and math.isfinite(float(x)) else None
 
 
 def arm_stat(values: list[float]) -> tuple[float, float | None, float | None]:
@@ -221,7 +231,7 @@ def paired(a: list[float], b: list[float], threshold: float = 0.0) -> dict:
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     res = stats.ttest_1samp(d, popmean=threshold)
     ci = res.confidence_interval(0.95)
-    return {"effect": float(d.mean()), "ci_low": _num(ci.low), "ci_high": _num(ci.high), "p_value": _num(res.pvalue),
+    return {"effect": _num(d.mean()), "ci_low": _num(ci.low), "ci_high": _num(ci.high), "p_value": _num(res.pvalue),
             "paper_direction_holds": bool(d.mean() > threshold)}
 
 
@@ -233,15 +243,15 @@ def findings(table: dict[str, dict[str, list[float]]]) -> list[dict]:
              f"{cs1}: 57.04 vs 38.16 mAP" + ("" if m == "AP" else " (APr not reported)")) for m in ("APr", "AP")]
     rows += [(f"soft-balance best λ={best} vs non-balance", f"softbalance_{best}", "nonbalance", m, 0.0,
               f"{cs1}: best λ=0.7, soft-balance above non-balance for λ >= 0.3 (mAP)") for m in ("APr", "AP")]
+    table2 = {0.3: (17.65, 29.27), 0.7: (18.64, 29.37)}  # ACSL paper Table 2: (APr, APf) at ξ
     for xi in XIS:
         rows.append((f"ACSL ξ={xi} vs softmax", f"cls_acsl_{xi}", "cls_softmax", "APr", 0.0,
-                     "ACSL paper Table 2: APr 4.30 (1x) / 7.38 (2x) softmax vs "
-                     f"{ {0.3: 17.65, 0.7: 18.64}[xi] } ACSL"))
+                     f"ACSL paper Table 2: APr {table2[xi][0]} ACSL vs 4.30 (1x) / 7.38 (2x) softmax"))
         rows.append((f"ACSL ξ={xi} vs BCE", f"cls_acsl_{xi}", "cls_bce", "APr", 0.0,
                      "ACSL paper §3 / Fig 3: BCE over-suppresses tail classifiers (no table row)"))
     for xi in XIS:
         rows.append((f"ACSL ξ={xi} vs softmax, APf drop < 1 point", f"cls_acsl_{xi}", "cls_softmax", "APf", -0.01,
-                     f"ACSL paper Table 2: APf {({0.3: 29.27, 0.7: 29.37})[xi]} ACSL vs 29.28 (1x) / 28.17 (2x)"))
+                     f"ACSL paper Table 2: APf {table2[xi][1]} ACSL vs 29.28 (1x) / 28.17 (2x) softmax"))
     rows += [("hybrid (stage 1 + soft-balance λ=0.7) vs one-stage, equal epochs", f"softbalance_{HYBRID_LAM}",
               "one_stage", m, 0.0, "concurrent-softmax paper Table 4 / §5.5: hybrid 65.60-68.23 vs one-stage "
               "class-aware 62.85-64.68 mAP" + ("" if m == "AP" else " (APr not reported)")) for m in ("AP", "APr")]
@@ -252,8 +262,8 @@ def findings(table: dict[str, dict[str, list[float]]]) -> list[dict]:
     return out
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:+.{digits}f}" if digits < 0 else f"{x:.{digits}f}"
+def _fmt(x: float | None, sign: str = "") -> str:
+    return "-" if x is None else f"{x:{sign}.3f}"
 
 
 def val_instances(data: Path) -> dict[str, list[int]]:
@@ -274,18 +284,20 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     ap.add_argument("--cache", type=Path, default=None, help="per-run metrics (default <data>/fidelity_runs)")
     ap.add_argument("--out", type=Path, default=None,
-                    help="JSON copy (default benchmarks/results/fidelity.json; --quick: fidelity_quick.json)")
+                    help="JSON copy (default benchmarks/results/fidelity.json; --quick: none unless given)")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny preset and schedule: a smoke test of the script")
     args = ap.parse_args()
     if len(set(args.seeds)) < 2:
         ap.error("--seeds: give at least 2 distinct seeds (3 or more for a useful CI)")
+    if args.workers < 1:
+        ap.error("--workers: at least 1")
     tmp = None
     if args.data is None and args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="fidelity_quick_"))
     data = args.data or tmp or Path("data/study")
     cache = args.cache or data / "fidelity_runs"
-    out = args.out or Path("benchmarks/results") / ("fidelity_quick.json" if args.quick else "fidelity.json")
+    out = args.out or (None if args.quick else Path("benchmarks/results/fidelity.json"))
     sched = QUICK if args.quick else FULL
     seeds = sorted(set(args.seeds))
     t0 = time.perf_counter()
@@ -296,7 +308,8 @@ def main() -> None:
                   f"{s['categories']} classes, buckets {s['buckets']}", file=sys.stderr, flush=True)
         inst = val_instances(data)
         print("validation instances per class (min / mean / max): " + ", ".join(
-            f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())))
+            f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())),
+              flush=True)
         done = run_all(seeds, data, cache, sched, args.workers, args.device)
     finally:
         if tmp is not None:
@@ -313,10 +326,12 @@ def main() -> None:
     result = findings(table)
     print(f"\n{'finding':<66}{'metric':>6}{'effect':>9}{'95% CI':>20}{'p':>8}  holds")
     for f in result:
-        print(f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{'[' + _fmt(f['ci_low'], -3) + ', ' + _fmt(f['ci_high'], -3) + ']':>20}"
-              f"{_fmt(f['p_value']):>8}  {'yes' if f['paper_direction_holds'] else 'no'}")
+        ci = f"[{_fmt(f['ci_low'], '+')}, {_fmt(f['ci_high'], '+')}]"
+        print(f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}  "
+              f"{'yes' if f['paper_direction_holds'] else 'no'}")
     payload = {"benchmark": "fidelity", "seeds": len(seeds), "findings": result}
-    write_json_atomic(out, payload, indent=1)
+    if out is not None:
+        write_json_atomic(out, payload, indent=1)
     print(json.dumps(payload))
 
 

@@ -222,3 +222,20 @@ def test_different_seed_different_data(demo_spec):
 def test_unknown_preset_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown synthetic preset"):
         generate_benchmark(tmp_path, preset="huge")
+
+
+def test_study_preset_gives_apr_enough_validation_instances():
+    """The fidelity benchmark's preset: ~1k train images, all three buckets, >= 10 val instances per rare class."""
+    spec = benchmark_spec("study", seed=0)
+    layout = spec["layout"]
+    assert (len(layout.leaves), len(layout.family_names)) == (40, 8)
+    assert 800 <= len(spec["train"]["images"]) <= 1300
+    freq = {c["id"]: c["frequency"] for c in spec["train"]["categories"]}
+    val_inst = defaultdict(int)
+    for a in spec["val"]["annotations"]:
+        val_inst[a["category_id"]] += 1
+    per_bucket = defaultdict(list)
+    for cat, b in freq.items():
+        per_bucket[b].append(val_inst[cat])
+    assert all(len(per_bucket[b]) >= 10 for b in "rcf"), {b: len(v) for b, v in per_bucket.items()}
+    assert min(per_bucket["r"]) >= 10 and np.mean(per_bucket["r"]) >= 15
