@@ -100,7 +100,12 @@ def _read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"checkpoint {str(path)!r} does not exist: give a checkpoint directory (holding "
                           f"{CHECKPOINT_FILE}) or file written by ltsweep")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({first}): it is truncated or corrupt; for the "
+                          "shared stage-1 checkpoint rerun the sweep with --force-pretrain") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
         raise ConfigError(f"checkpoint {str(path)!r} is not an ltsweep checkpoint (format {_FORMAT}); "
                           "pass one written by lt_models.engine.save_checkpoint")

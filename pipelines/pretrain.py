@@ -133,12 +133,46 @@ def pretrain_root(storage_path: Path) -> Path:
     return Path(storage_path) / "pretrain"
 
 
+def file_digests(checkpoint_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a stage-1 checkpoint directory (relative path -> hex digest)."""
+    out = {}
+    for path in sorted(p for p in Path(checkpoint_dir).rglob("*") if p.is_file()):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[str(path.relative_to(checkpoint_dir))] = h.hexdigest()
+    return out
+
+
+def verify_stage1(path: Path) -> Optional[str]:
+    """None when the stage-1 cache at ``path`` is complete and its files match the digests its meta.json recorded;
+    else one line saying what is wrong (path, expected and found)."""
+    info = json.loads((path / "meta.json").read_text())
+    expected = info.get("files")
+    if not expected:
+        return f"stage-1 cache {path} records no file digests (written by an older ltsweep)"
+    found = file_digests(path / "checkpoint")
+    for name, digest in expected.items():
+        got = found.get(name)
+        if got != digest:
+            return (f"stage-1 cache {path / 'checkpoint' / name} is corrupt: expected sha256 {digest[:12]}…, found "
+                    + (f"{got[:12]}…" if got else "no such file"))
+    return None
+
+
 def find_stage1(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
-    """The finished stage-1 checkpoint for this config, or None."""
+    """The finished, verified stage-1 checkpoint for this config, or None. A cache whose files do not match their
+    recorded digests (a truncated or edited checkpoint) is never trusted: it is reported in one line and treated as
+    absent, so it is trained again and replaced atomically."""
     sha = stage1_key(cfg)
     final = pretrain_root(cfg.run.storage_path) / sha
     meta = final / "meta.json"
     if not meta.is_file():
+        return None
+    problem = verify_stage1(final)
+    if problem is not None:
+        log.warning("%s; training it again (as --force-pretrain would)", problem)
         return None
     info = json.loads(meta.read_text())
     return Stage1Checkpoint(sha, final, trained=False, metrics=info.get("metrics", {}),
@@ -236,7 +270,7 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
             found = find_stage1(cfg)
             if found is not None:
                 log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
-                return found
+                return found  # (a corrupt cache is not "found": it is trained again and swapped out below)
         t0 = time.time()
         with atomic_dir(final) as tmp:  # --force-pretrain: the old checkpoint is swapped out only on success
             log.info("stage 1: training %s (non-balance + %s, %d epochs)", sha[:12], cfg.stage1.loss,
@@ -244,7 +278,8 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
             metrics = _run_stage1(cfg, tmp, use_ray)
             seconds = time.time() - t0
             meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
-                    "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2)}
+                    "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2),
+                    "files": file_digests(tmp / "checkpoint")}
             write_json_atomic(tmp / "meta.json", meta, indent=2, sort_keys=True, default=str)
     log.info("stage 1: trained %s in %.1fs", final, seconds)
     return Stage1Checkpoint(sha, final, trained=True, metrics=metrics, seconds=seconds)

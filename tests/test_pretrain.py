@@ -1,8 +1,10 @@
 """Stage-1 checkpoint: content-addressed key, trained once (lock + atomic rename), reused, --force-pretrain."""
+import hashlib
 import json
 import threading
 
 import pytest
+import torch
 import yaml
 
 from pipelines import pretrain
@@ -128,3 +130,32 @@ def test_two_drivers_train_it_once(cfg_factory, fake_train):
     assert len(fake_train.calls) == 1
     assert results["a"].trained and not results["b"].trained
     assert results["a"].sha256 == results["b"].sha256
+
+
+def test_a_corrupt_stage1_cache_is_not_trusted(cfg_factory, fake_train, caplog):
+    """A truncated or edited checkpoint file no longer matches the digests in meta.json: the cache is reported in one
+    line (path, expected, found) and trained again, replacing it atomically."""
+    cfg = cfg_factory()
+    a = pretrain.ensure_stage1(cfg, use_ray=False)
+    meta = json.loads((a.path / "meta.json").read_text())
+    assert meta["files"] == {"checkpoint.pt": hashlib.sha256(b"w").hexdigest()}
+    assert pretrain.verify_stage1(a.path) is None
+    (a.checkpoint_dir / "checkpoint.pt").write_bytes(b"")  # truncated
+    problem = pretrain.verify_stage1(a.path)
+    assert "checkpoint.pt is corrupt: expected sha256" in problem and "\n" not in problem
+    with caplog.at_level("WARNING"):
+        b = pretrain.ensure_stage1(cfg, use_ray=False)
+    assert b.trained and len(fake_train.calls) == 2 and "is corrupt" in caplog.text
+    assert pretrain.verify_stage1(b.path) is None and (b.checkpoint_dir / "checkpoint.pt").read_bytes() == b"w"
+    (b.checkpoint_dir / "checkpoint.pt").unlink()  # a missing file
+    assert "found no such file" in pretrain.verify_stage1(b.path)
+
+
+def test_an_unreadable_checkpoint_is_one_clear_error(tmp_path):
+    from lt_models.checkpoint import load_model_weights
+    from lt_models.errors import ConfigError
+
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ConfigError, match=r"checkpoint.pt' cannot be read .*truncated or corrupt.*--force-pretrain"):
+        load_model_weights(bad, torch.nn.Linear(1, 1))
