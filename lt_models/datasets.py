@@ -135,7 +135,8 @@ def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None 
     """
     path = Path(path)
     data = read_json(path)
-    hint = "fix it or pass --skip-invalid to skip such records"
+    hint = ("fix it, or skip such records: --skip-invalid on the ltsweep command (data.skip_invalid: true in a "
+            "sweep YAML)")
     reasons: Counter = Counter()
 
     def bad(reason: str, msg: str) -> None:

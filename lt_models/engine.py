@@ -200,7 +200,7 @@ def predict(model, data_loader, device, label_to_cat_id, *, progress: bool | Non
 # One training run
 # ----------------------------------------------------------------------------------------------------------------
 def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rate: float,
-                       inputs: Iterable[str]) -> dict:
+                       inputs: Iterable[str], skip_invalid: bool = False) -> dict:
     """The costly loss inputs that every run on the same training data shares, computed once: the
     concurrent-rate matrix r_ij (``lt_models.concurrency``) when ``inputs`` (the union of ``LossSpec.inputs`` of
     the runs) names ``concurrent_rate`` (concurrent softmax in training, or eq 5 scores). A sweep computes them on
@@ -210,14 +210,15 @@ def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rat
     from lt_models.concurrency import concurrent_rate_matrix
 
     return {"concurrent_rate": concurrent_rate_matrix(train_ann, hierarchy=hierarchy_file,
-                                                      hierarchy_rate=hierarchy_rate)}
+                                                      hierarchy_rate=hierarchy_rate, skip_invalid=skip_invalid)}
 
 
 def _build_loss(spec: TrainSpec, train_ds, shared: dict | None):
     """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies,
     the number of classes."""
     if shared is None or ("concurrent_rate" in spec.loss.inputs and "concurrent_rate" not in shared):
-        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, spec.loss.inputs)
+        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, spec.loss.inputs,
+                                    spec.skip_invalid)
     return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
                            class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist(),
                            num_classes=train_ds.num_classes)
@@ -281,10 +282,10 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
     torch.manual_seed(spec.seed)
 
     train_ds = LVISDetection(spec.train_ann, spec.train_image_dir, hierarchy_file=spec.hierarchy_file,
-                             expand_parents=spec.expand_parents, train=True,
+                             expand_parents=spec.expand_parents, train=True, skip_invalid=spec.skip_invalid,
                              transforms=RandomHorizontalFlip() if spec.hflip else None)
     val_ds = LVISDetection(spec.val_ann, spec.val_image_dir, hierarchy_file=spec.hierarchy_file,
-                           expand_parents=spec.expand_parents, train=False)
+                           expand_parents=spec.expand_parents, train=False, skip_invalid=spec.skip_invalid)
     if list(val_ds.cat_ids) != list(train_ds.cat_ids):
         raise AnnotationError(f"{spec.val_ann}: its categories differ from {spec.train_ann}'s "
                               f"({len(val_ds.cat_ids)} vs {len(train_ds.cat_ids)} ids); both files must list the same "

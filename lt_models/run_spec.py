@@ -36,7 +36,8 @@ class TrainSpec:
     base learning rate for the whole batch (the papers use 0.00125 x batch size, 0.02 at batch 16).
     ``decoupled``: false | "cls" | "box_head" (stage 2 only). ``device``: "auto" | "cpu" | "cuda[:i]".
     ``num_threads``: CPU threads for torch (None keeps torch's default). ``progress``: None = only on a tty.
-    ``hflip``: random horizontal flips of training images (the papers' only augmentation).
+    ``hflip``: random horizontal flips of training images (the papers' only augmentation). ``skip_invalid``: skip
+    malformed annotation records (counted) instead of raising AnnotationError.
     """
 
     train_ann: str
@@ -46,6 +47,7 @@ class TrainSpec:
     hierarchy_file: str | None = None
     expand_parents: bool = False
     hierarchy_rate: float = 1.0
+    skip_invalid: bool = False
     stage: str = "one_stage"
     backbone: str = "tiny"
     image_size: int | None = None

@@ -72,7 +72,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipelines.config import load_train_config
     from pipelines.train import run_train
 
-    cfg = load_train_config(args.config, overrides=args.set)
+    skip = ["data.skip_invalid=true"] if args.skip_invalid else []
+    cfg = load_train_config(args.config, overrides=args.set + skip)
     result = run_train(cfg, out_dir=args.out)
     print(json.dumps(result, indent=2))
     return 0
@@ -86,7 +87,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
-                                  storage_path=args.storage_path, tracking_uri=args.tracking_uri)
+                                  storage_path=args.storage_path, tracking_uri=args.tracking_uri,
+                                  overrides=["data.skip_invalid=true"] if args.skip_invalid else None)
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
@@ -166,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", type=Path, default=None, help="output dir (default: from the config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stage2.lam=0.7 (repeatable)")
+    t.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
+                   "instead of stopping (= data.skip_invalid: true)")
     t.set_defaults(func=_cmd_train)
 
     w = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML")
@@ -174,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
     w.add_argument("--storage-path", type=Path, default=None)
     w.add_argument("--tracking-uri", default=None)
+    w.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
+                   "instead of stopping (= data.skip_invalid: true)")
     w.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")
@@ -207,8 +213,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (LtsweepInputError, FileNotFoundError) as exc:
-        # Input problems (bad JSON, unknown ids, bad config) carry a message naming file, field and fix.
-        print(f"ltsweep: error: {exc}", file=sys.stderr)
+        # Input problems (bad JSON, unknown ids, bad config) carry a message naming file, field and fix. Raised in
+        # a Ray task, they arrive wrapped in a RayTaskError (an instance of both) whose message is a traceback:
+        # print the original one line.
+        cause = getattr(exc, "cause", None)
+        print(f"ltsweep: error: {cause if isinstance(cause, LtsweepInputError) else exc}", file=sys.stderr)
         return 2
 
 

@@ -68,6 +68,8 @@ class DataConfig(_Strict):
         None, description="if the annotation files are absent, generate this synthetic preset there first "
                           "(lt_models.synthetic_layout.PRESETS: demo, bench, study)")
     synthetic_seed: int = 0
+    skip_invalid: bool = Field(False, description="skip malformed annotation records (counted) instead of stopping "
+                                                  "with an error")
 
 
     @field_validator("synthetic")

@@ -298,7 +298,14 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
 
     res = trial_resources(cfg)
     task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=0)(_train_stage1_task)
-    return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
+    try:
+        return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
+    except ray.exceptions.RayTaskError as exc:  # bad input inside the task: the original one-line error
+        from lt_models.errors import LtsweepInputError
+
+        if isinstance(exc.cause, LtsweepInputError):
+            raise exc.cause from None
+        raise
 
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -34,6 +34,7 @@ class TrialSummary:
     error: Optional[str] = None
     path: Optional[str] = None
     interrupted: bool = False          # the sweep was interrupted before this trial finished (--resume continues it)
+    bad_input: bool = False            # it failed on bad input (AnnotationError, ConfigError): exit code 2
 
     @property
     def status(self) -> str:
@@ -95,8 +96,10 @@ class SweepSummary:
 
     def exit_code(self) -> int:
         """The one exit-code rule of `sweep`, `confirm` and `demo`: 0 when every trial finished (ran its schedule or
-        was stopped by the scheduler), 1 when any failed or diverged, or the sweep was interrupted (bad input exits
-        2 before a sweep starts)."""
+        was stopped by the scheduler); 2 when a trial failed on bad input (as bad input found before the sweep
+        starts); else 1 when any failed or diverged, or the sweep was interrupted."""
+        if any(t.bad_input for t in self.trials):
+            return 2
         return 1 if (not self.trials or self.errored or self.interrupted) else 0
 
     def outcome(self) -> str:
@@ -149,6 +152,19 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
+def _error_line(error: Optional[BaseException]) -> tuple[Optional[str], bool]:
+    """A failed trial's reason in one line, and whether it is bad input. Tune hands back a RayTaskError whose
+    ``cause`` is the trial's own exception; ltsweep's input errors (AnnotationError, ConfigError) are one line."""
+    from lt_models.errors import LtsweepInputError
+
+    if error is None:
+        return None, False
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines() or [""]
+    text = lines[0] if cause is not error else lines[-1]
+    return f"{type(cause).__name__}: {text[:300]}", isinstance(cause, LtsweepInputError)
+
+
 def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1Checkpoint]], resumed: bool, *,
               experiment_path: str | Path, tracking_uri: str, interrupted: bool = False,
               completed: Optional[set[str]] = None) -> SweepSummary:
@@ -161,7 +177,7 @@ def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1C
     for r in results:
         m = r.metrics or {}
         evaluations = int(m.get("training_iteration") or 0)
-        err = None if r.error is None else f"{type(r.error).__name__}: {str(r.error).strip().splitlines()[-1][:300]}"
+        err, bad_input = _error_line(r.error)
         trial_id = str(m.get("trial_id") or Path(r.path).name)
         unfinished = interrupted and err is None and evaluations < max_evals and trial_id not in (completed or ())
         trials.append(TrialSummary(
@@ -169,7 +185,7 @@ def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1C
             metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
             epochs=int(m.get("epoch") or 0), evaluations=evaluations,
             stopped_early=err is None and evaluations < max_evals and not unfinished, error=err, path=r.path,
-            interrupted=unfinished))
+            interrupted=unfinished, bad_input=bad_input))
     metric = cfg.scheduler.metric
     best = best_trial(trials, value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
                       failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=cfg.scheduler.mode,

@@ -126,7 +126,7 @@ def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
 
     d = cfg.data
     return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
-                              cfg.loss_inputs())
+                              cfg.loss_inputs(), d.skip_invalid)
 
 
 Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
@@ -304,10 +304,10 @@ def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLik
 
 
 def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrain: bool = False,
-                        storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None
-                        ) -> SweepSummary:
-    """`ltsweep sweep` / `python -m pipelines.sweep`: load, run, print the summary table."""
-    cfg = load_experiment_config(config)
+                        storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None,
+                        overrides: Optional[list[str]] = None) -> SweepSummary:
+    """`ltsweep sweep` / `python -m pipelines.sweep`: load (with `a.b=value` overrides), run, print the summary."""
+    cfg = load_experiment_config(config, overrides)
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
     summary = run_sweep(cfg, resume=resume, force_pretrain=force_pretrain)
     print_summary(summary)

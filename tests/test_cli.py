@@ -45,3 +45,23 @@ def test_confirm_options_and_a_missing_sweep_is_one_line_exit_2(tmp_path, capsys
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err
     assert "no sweep 'nosuch'" in err and "--storage-path" in err
+
+
+def test_bad_input_raised_in_a_ray_task_prints_its_own_line(monkeypatch, capsys):
+    class RayTaskAnnotationError(AnnotationError):  # what Ray builds: an instance of both, with a traceback text
+        def __init__(self, cause):
+            super().__init__("ray::_train_stage1_task() (pid=7, ip=127.0.0.1)\n  File ...\n" + str(cause))
+            self.cause = cause
+
+    def boom(args):
+        raise RayTaskAnnotationError(AnnotationError("train.json: image id 3: field 'width' is missing; fix it"))
+
+    parser = cli.build_parser()
+    _subcommands(parser)["sweep"].set_defaults(func=boom)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main(["sweep", "x.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == \
+        "ltsweep: error: train.json: image id 3: field 'width' is missing; fix it"
+    opts = {o for a in _subcommands(parser)["sweep"]._actions for o in a.option_strings}
+    opts_train = {o for a in _subcommands(parser)["train"]._actions for o in a.option_strings}
+    assert "--skip-invalid" in opts and "--skip-invalid" in opts_train

@@ -376,3 +376,11 @@ def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
     base["scheduler"] = {"type": "asha", "grace_period": 1, "max_t": 2}
     asha = sweep._scheduler(load_experiment_config(_write(tmp_path, base)))
     assert (asha._time_attr, asha._max_t) == ("training_iteration", 2)
+
+
+def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
+    from pipelines.config import train_spec
+
+    assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage1").skip_invalid is False
+    base["data"]["skip_invalid"] = True
+    assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage2").skip_invalid is True

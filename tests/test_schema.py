@@ -89,3 +89,29 @@ def test_per_class_dict_normalises_results_and_json():
     assert per_class_dict({"1": 0.5, 2: -1, "x": 0.3, "3": None, "4": float("inf")}) == \
         pytest.approx({1: 0.5, 2: -1.0, 3: math.nan, 4: math.nan}, nan_ok=True)
     assert per_class_dict(None) == {} and per_class_dict([1, 2]) == {}
+
+
+def test_a_trial_failing_on_bad_input_is_one_line_and_exit_2():
+    """Tune hands back a RayTaskError whose `cause` is the trial's own exception: the summary shows the cause's one
+    line, and bad input (AnnotationError / ConfigError) makes the sweep exit 2."""
+    from lt_models.errors import AnnotationError
+
+    class Wrapped(RuntimeError):  # stands in for ray.exceptions.RayTaskError
+        def __init__(self, cause):
+            super().__init__("ray::train_trial() (pid=1)\n  File ...\n  many lines of traceback")
+            self.cause = cause
+
+    def result(tid, error=None):
+        return SimpleNamespace(metrics={"trial_id": tid, "training_iteration": 0 if error else 3, "epoch": 3,
+                                        "AP": 0.3}, config={"lam": 0.5}, error=error, path=f"/x/{tid}")
+
+    cfg = SimpleNamespace(name="s", evals_per_trial=3, scheduler=SimpleNamespace(metric="AP", mode="max"),
+                          run=SimpleNamespace(storage_path="/st"), report=SimpleNamespace(baseline=None))
+    bad = Wrapped(AnnotationError("train.json: annotation id 7: field 'bbox' has w <= 0; fix it"))
+    s = summarize(cfg, [result("a"), result("b", bad)], None, False, experiment_path="/st/s", tracking_uri="x")
+    assert s.trials[1].error == "AnnotationError: train.json: annotation id 7: field 'bbox' has w <= 0; fix it"
+    assert s.trials[1].bad_input and s.exit_code() == 2 and "ERROR: AnnotationError" in s.table()
+    crash = Wrapped(RuntimeError("CUDA out of memory"))
+    s = summarize(cfg, [result("a"), result("b", crash)], None, False, experiment_path="/st/s", tracking_uri="x")
+    assert s.trials[1].error == "RuntimeError: CUDA out of memory" and s.exit_code() == 1
+    assert summarize(cfg, [result("a")], None, False, experiment_path="/st/s", tracking_uri="x").exit_code() == 0

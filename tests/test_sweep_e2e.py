@@ -358,3 +358,25 @@ def test_ltsweep_train_runs_one_training_from_the_shared_stage1(interrupted_and_
     assert summary["stage1"]["trained"] is False
     assert summary["stage1"]["sha256"] == pretrain.stage1_key(cfg)
     assert (out / "per_class_ap.csv").is_file() and json.loads((out / "result.json").read_text()) == summary
+
+
+def test_bad_annotations_inside_a_ray_task_are_one_line_and_exit_2(ray_session, workdir, capsys):
+    """The stage-1 Ray task meets a malformed annotation: the user gets the AnnotationError's own line (file, id,
+    field, and a hint naming an option that exists), exit code 2 - not a Ray traceback."""
+    from pipelines import cli
+
+    data = json.loads((workdir / "data/train.json").read_text())
+    data["annotations"][0]["bbox"][2] = 0  # w = 0
+    bad = workdir / "bad_train.json"
+    bad.write_text(json.dumps(data))
+    cfg = make_cfg(workdir, "badann", space={"lam": {"grid": [0.5]}}, scheduler={"type": "fifo"})
+    raw = yaml.safe_load((workdir / "badann.yaml").read_text())
+    raw["data"]["train"] = str(bad)
+    raw["data"]["image_dir"] = str(workdir / "data/images")
+    (workdir / "badann.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert cli.main(["sweep", str(workdir / "badann.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("ltsweep: error: ") and "bad_train.json" in err
+    assert f"annotation id {data['annotations'][0]['id']}" in err and "--skip-invalid" in err
+    assert cfg.name == "badann"
