@@ -12,7 +12,7 @@ from torch import nn
 from lt_models import classifier_switch, engine
 from lt_models.classifier_switch import background_relative_classifier, is_sigmoid_loss, needs_switch, switch_classifier
 from lt_models.detector import build_detector
-from lt_models.losses import LOSSES, LossSpec, RescoredLoss, build_loss
+from lt_models.losses import LOSSES, LossSpec, RescoredLoss
 from lt_models.samplers import SamplerSpec
 from test_engine import small_spec, write_tiny_benchmark  # the tiny benchmark of the engine tests
 
