@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lt_models.atomic import atomic_dir, atomic_path
+from lt_models.atomic import atomic_dir, atomic_path, remove_dir
 from lt_models.errors import ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "run.json"  # {"run_id", "epoch"} of a checkpoint directory: what rotation ranks by
 _FORMAT = "ltsweep-checkpoint-v1"
 
 
@@ -170,7 +171,27 @@ def write_checkpoint_dir(out_dir: str | Path, name: str, model, optimizer=None, 
     with atomic_dir(final) as tmp:  # a re-run of the same epoch replaces the old directory
         save_checkpoint(tmp / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, epoch=epoch,
                         iteration=iteration, extra=extra)
-        for fname, obj in (("metrics.json", metrics), ("spec.json", spec)):
+        run = {"run_id": (extra or {}).get("run_id"), "epoch": int(epoch)}  # which run wrote it, and when
+        for fname, obj in (("metrics.json", metrics), ("spec.json", spec), (RUN_FILE, run)):
             if obj is not None:
                 (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
     return final
+
+
+def rotate_checkpoints(out_dir: str | Path, run_id: str, keep: int, prefix: str = "checkpoint_epoch") -> list[Path]:
+    """Keep the newest ``keep`` checkpoint directories of *this* run (``run.json``'s run_id, ranked by its epoch);
+    remove the older ones with ``remove_dir`` (renamed away first, so a kill never leaves a damaged directory under
+    a checkpoint's name). Directories of other runs in the same folder (an earlier ``ltsweep train`` into the same
+    ``--out``) are never touched. Returns the removed paths."""
+    mine = []
+    for d in Path(out_dir).glob(f"{prefix}*"):
+        try:
+            run = json.loads((d / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if run.get("run_id") == run_id:
+            mine.append((int(run.get("epoch", 0)), d))
+    old = [d for _, d in sorted(mine)[:-keep]] if keep > 0 else [d for _, d in mine]
+    for d in old:
+        remove_dir(d)
+    return old

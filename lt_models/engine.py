@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import sys
 import time
+import uuid
 from bisect import bisect_right
 from pathlib import Path
 from typing import Callable, Iterable
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lt_models.checkpoint import load_checkpoint, load_model_weights, write_checkpoint_dir
+from lt_models.atomic import recover_dir
+from lt_models.checkpoint import load_checkpoint, load_model_weights, rotate_checkpoints, write_checkpoint_dir
 from lt_models.detector import build_detector, set_decoupled
 from lt_models.errors import AnnotationError, ConfigError
 from lt_models.run_spec import TrainSpec
@@ -256,14 +257,18 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
         images seen so far), per_class
         ({category_id: AP}), plus the rest of ``evaluate_lvis``'s keys.
 
-    Checkpoint directories are ``out_dir/checkpoint_epoch{e:04d}`` (checkpoint.pt, metrics.json, spec.json); only
-    the newest ``spec.keep_checkpoints`` are kept (older ones are removed after ``on_eval`` returns).
+    Checkpoint directories are ``out_dir/checkpoint_epoch{e:04d}`` (checkpoint.pt, metrics.json, spec.json,
+    run.json); only this run's newest ``spec.keep_checkpoints`` are kept (older ones are removed after ``on_eval``
+    returns; checkpoints of other runs in ``out_dir`` are left alone). What a killed earlier run left half-written in
+    ``out_dir`` is cleaned up first (``lt_models.atomic.recover_dir``).
     """
     spec.validate()
     if spec.stage == "stage2" and init_checkpoint is None and resume_checkpoint is None:
         raise ConfigError("stage2 starts from the stage-1 checkpoint: pass init_checkpoint (or resume_checkpoint)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for line in recover_dir(out_dir):  # what a kill of an earlier run left behind
+        print(f"ltsweep: {line}", file=sys.stderr)
     device = pick_device(spec.device)
     threads_before = torch.get_num_threads()
     if spec.num_threads is not None:
@@ -316,10 +321,12 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
     scaler = torch.amp.GradScaler("cuda") if (spec.amp and device.type == "cuda") else None
 
     start_epoch, iteration, images = 0, 0, 0
+    run_id = uuid.uuid4().hex  # this run's checkpoints (rotation never touches another run's in out_dir)
     if resume_checkpoint is not None:
         state = load_checkpoint(resume_checkpoint, model, optimizer, scheduler, scaler)
         start_epoch, iteration = state["epoch"], state["iteration"]
         images = int(state["extra"].get("images", 0))
+        run_id = state["extra"].get("run_id") or run_id
         if start_epoch >= spec.epochs:  # nothing left to train: hand back the checkpoint's own evaluation
             ckpt_dir = Path(resume_checkpoint)
             ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
@@ -350,11 +357,9 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
                        train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])
         ckpt_dir = write_checkpoint_dir(out_dir, f"checkpoint_epoch{done:04d}", model, optimizer, scheduler, scaler,
                                         epoch=done, iteration=iteration, metrics=metrics, spec=spec_dict,
-                                        extra=dict(extra, images=images))
+                                        extra=dict(extra, images=images, run_id=run_id))
         if on_eval is not None:
             on_eval(metrics, ckpt_dir)
-        old = sorted(p for p in out_dir.glob("checkpoint_epoch*") if p.is_dir())[:-spec.keep_checkpoints]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        rotate_checkpoints(out_dir, run_id, spec.keep_checkpoints)
         metrics = dict(metrics, checkpoint_dir=str(ckpt_dir))
     return metrics

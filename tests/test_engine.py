@@ -291,6 +291,21 @@ def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp
         train(trial, tmp_path / "s2b")
 
 
+def test_a_rerun_into_a_used_out_dir_keeps_other_runs_checkpoints(bench, tmp_path):
+    """Rotation ranks this run's own checkpoints by the epoch in their run.json: a stale checkpoint_epoch0023 of an
+    earlier run in the same folder neither outranks nor loses to the new ones, and the result points at a checkpoint
+    that exists. Leftovers of a killed run are cleaned up first."""
+    first = train(small_spec(bench, epochs=1), tmp_path)
+    stale = tmp_path / "checkpoint_epoch0023"
+    os.replace(first["checkpoint_dir"], stale)  # an earlier, longer run's last checkpoint
+    (tmp_path / ".checkpoint_epoch0002.x1y2z3.tmp").mkdir()  # a kill in the middle of writing a checkpoint
+    again = train(small_spec(bench, epochs=2), tmp_path)
+    assert Path(again["checkpoint_dir"]).is_dir() and again["checkpoint_dir"].endswith("checkpoint_epoch0002")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch0002", "checkpoint_epoch0023"]
+    run = json.loads((Path(again["checkpoint_dir"]) / "run.json").read_text())
+    assert run["epoch"] == 2 and run["run_id"] != json.loads((stale / "run.json").read_text())["run_id"]
+
+
 def test_evaluation_buckets_classes_by_training_frequency(bench, tmp_path, monkeypatch):
     """A validation file whose own `frequency` fields disagree with training: the engine still evaluates with the
     training set's r/c/f buckets (as LVIS does)."""
