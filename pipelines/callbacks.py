@@ -35,23 +35,28 @@ class ProgressPrinter(tune.Callback):
     def __init__(self, max_evals: int, searched_keys: Sequence[str]):
         self.max_evals = max_evals
         self.keys = list(searched_keys)
+        self._ran: set[str] = set()  # trials that reported in this session (a resumed sweep's finished ones do not)
 
     def _tag(self, trial) -> str:
         cfg = " ".join(f"{k}={format_value(trial_values(trial.config).get(k))}" for k in self.keys)
         return f"[{trial.trial_id} {cfg}]"
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._ran.add(trial.trial_id)
         vals = "  ".join(f"{m} {format_value(result.get(m))}" for m in (*BUCKET_METRICS, "loss"))
         print(f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
               f"(epoch {result.get('epoch')}): {vals}", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self._ran:  # restored as finished by --resume: it said so in its own session
+            return
         n = int((trial.last_result or {}).get("training_iteration") or 0)
         how = "finished" if n >= self.max_evals else f"stopped early by the scheduler after {n} evaluation(s)"
         print(f"{self._tag(trial)} {how}", flush=True)
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        print(f"{self._tag(trial)} failed; retrying from its last checkpoint (see {trial.error_file})", flush=True)
+        where = "its last checkpoint" if getattr(trial, "checkpoint", None) is not None else "the start"
+        print(f"{self._tag(trial)} failed; retrying from {where} (see {trial.error_file})", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)

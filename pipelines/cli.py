@@ -88,7 +88,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
                                   storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                                  overrides=["data.skip_invalid=true"] if args.skip_invalid else None)
+                                  overrides=["data.skip_invalid=true"] if args.skip_invalid else None,
+                                  errored=args.errored)
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
@@ -176,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("config", type=Path)
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     w.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
+    how = w.add_mutually_exclusive_group()
+    how.add_argument("--resume-errored", dest="errored", action="store_const", const="resume",
+                     help="with --resume: continue errored trials from their last checkpoint")
+    how.add_argument("--restart-errored", dest="errored", action="store_const", const="restart",
+                     help="with --resume: train errored trials again from the start")
     w.add_argument("--storage-path", type=Path, default=None)
     w.add_argument("--tracking-uri", default=None)
     w.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "

@@ -309,6 +309,8 @@ class SweepWriter:
             if not res and status != "FAILED":
                 return  # never started (e.g. a pending trial removed at the end): nothing to record
             run_id = self.open_trial(trial)
+        elif trial.trial_id not in self._open_runs and self.client.get_run(run_id).info.status == status:
+            return  # restored as already finished by --resume: keep its run (and its end time) as it was
         tags = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
         if error:
             tags[ERROR_TAG] = error[-MAX_TAG_LEN:]

@@ -16,7 +16,8 @@ Layout under `run.storage_path` (shared storage on a multi-node cluster):
     pretrain/<sha256>/ the shared stage-1 checkpoint (one per training seed)
     mlflow.db          the default MLflow store (sqlite); mlartifacts/ beside it
 `--resume` continues an interrupted sweep of the same name (Tuner.restore): finished trials are kept as they
-are, unfinished ones continue from their last checkpoints, errored ones are not retried.
+are, unfinished ones continue from their last checkpoints, errored ones stay errored unless `--resume-errored`
+(continue them from their last checkpoint) or `--restart-errored` (train them again) says otherwise.
 """
 from __future__ import annotations
 
@@ -160,7 +161,7 @@ def build_trainable(cfg: ExperimentConfig, stage1: Stage1Set, trainable_fn: Opti
     return tune.with_resources(fn, trial_resources(cfg))
 
 
-def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = False,
+def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = False, errored: Optional[str] = None,
                 trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
                 progress: bool = True):
     from pipelines.tracking import MLflowSweepCallback
@@ -170,7 +171,10 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
     if resume:
         # The original RunConfig (callbacks included) and search state come back from tuner.pkl. Finished trials
         # stay as they are, unfinished ones continue from their last checkpoint, errored ones are not retried.
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        # errored: None = keep errored trials as they are; "resume" = continue them from their last checkpoint;
+        # "restart" = train them again from scratch
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=errored == "resume", restart_errored=errored == "restart")
     mlflow_cb = MLflowSweepCallback(tracking_uri_for(cfg), cfg.name, sweep_params(cfg, stage1), cfg.searched_keys(),
                                     val_annotations=str(cfg.data.val))
     return tune.Tuner(
@@ -193,7 +197,8 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
 
 # ---- entry points ------------------------------------------------------------------------------------------------
 
-def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bool = False,
+def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[str] = None,
+              force_pretrain: bool = False,
               trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
               progress: bool = True, include_dashboard: Optional[bool] = None) -> SweepSummary:
     """Run (or, with resume, continue) the sweep described by cfg and return its summary.
@@ -203,6 +208,9 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
     verbose: Tune's own output (0 = quiet); progress: one line per evaluation from ProgressPrinter."""
     if cfg.name in RESERVED_NAMES:
         raise ConfigError(f"name: {cfg.name!r} is reserved (it is a directory under run.storage_path); rename the sweep")
+    if errored is not None and not resume:
+        raise ConfigError(f"--{errored}-errored needs --resume (it says what a resumed sweep does with its errored "
+                          "trials)")
     path = experiment_path(cfg)
     if resume:
         if force_pretrain:
@@ -226,8 +234,8 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, force_pretrain: bo
         stage1 = ensure_stage1_per_seed(cfg, force=force_pretrain, tracking_uri=tracking_uri_for(cfg),
                                         sweep_name=cfg.name)
         _write_sweep_record(cfg, stage1)
-    tuner = build_tuner(cfg, stage1, resume=resume, trainable_fn=trainable_fn, callbacks=callbacks, verbose=verbose,
-                        progress=progress)
+    tuner = build_tuner(cfg, stage1, resume=resume, errored=errored, trainable_fn=trainable_fn, callbacks=callbacks,
+                        verbose=verbose, progress=progress)
     handler_before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     interrupted = _tune_was_interrupted(handler_before)
@@ -305,11 +313,11 @@ def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLik
 
 def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrain: bool = False,
                         storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None,
-                        overrides: Optional[list[str]] = None) -> SweepSummary:
+                        overrides: Optional[list[str]] = None, errored: Optional[str] = None) -> SweepSummary:
     """`ltsweep sweep` / `python -m pipelines.sweep`: load (with `a.b=value` overrides), run, print the summary."""
     cfg = load_experiment_config(config, overrides)
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
-    summary = run_sweep(cfg, resume=resume, force_pretrain=force_pretrain)
+    summary = run_sweep(cfg, resume=resume, errored=errored, force_pretrain=force_pretrain)
     print_summary(summary)
     return summary
 

@@ -65,3 +65,18 @@ def test_bad_input_raised_in_a_ray_task_prints_its_own_line(monkeypatch, capsys)
     opts = {o for a in _subcommands(parser)["sweep"]._actions for o in a.option_strings}
     opts_train = {o for a in _subcommands(parser)["train"]._actions for o in a.option_strings}
     assert "--skip-invalid" in opts and "--skip-invalid" in opts_train
+
+
+def test_errored_trial_options_need_resume(tmp_path, capsys):
+    sweep = _subcommands(cli.build_parser())["sweep"]
+    opts = {o for a in sweep._actions for o in a.option_strings}
+    assert {"--resume-errored", "--restart-errored"} <= opts
+    with pytest.raises(SystemExit):  # one or the other
+        cli.build_parser().parse_args(["sweep", "x.yaml", "--resume-errored", "--restart-errored"])
+    capsys.readouterr()
+    from lt_models.errors import ConfigError
+    from pipelines.sweep import run_sweep
+
+    with pytest.raises(ConfigError, match="--resume-errored needs --resume"):
+        run_sweep(type("Cfg", (), {"name": "x", "run": type("R", (), {"storage_path": tmp_path})()})(),
+                  errored="resume")

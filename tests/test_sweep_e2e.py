@@ -94,7 +94,13 @@ def interrupted_and_resumed(ray_session, workdir):
     first = sweep.run_sweep(cfg, callbacks=[InterruptAfterFirstTrial(flag)], verbose=0)
     finished_id = flag.read_text()
     finished = next(t for t in first.trials if t.trial_id == finished_id)
-    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1[0].path / "meta.json").read_text()}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(first.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    run = client.search_runs([exp.experiment_id], f"tags.`ltsweep.trial_id` = '{finished_id}'")[0]
+    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1[0].path / "meta.json").read_text(),
+                "end_time": run.info.end_time, "run_id": run.info.run_id}
     resumed = sweep.run_sweep(cfg, resume=True, verbose=0)
     return cfg, first, resumed, finished_id, snapshot
 
@@ -114,9 +120,13 @@ def test_sweep_was_really_interrupted(interrupted_and_resumed):
 
 
 def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
+    from mlflow import MlflowClient
+
     cfg, first, resumed, finished_id, snapshot = interrupted_and_resumed
     done = next(t for t in resumed.trials if t.trial_id == finished_id)
     assert trial_results(done.path) == snapshot["results"]       # not one more report after the resume
+    run = MlflowClient(resumed.tracking_uri).get_run(snapshot["run_id"])
+    assert run.info.status == "FINISHED" and run.info.end_time == snapshot["end_time"]  # its run is left as it was
     for t in resumed.trials:  # resumed trials continued from their checkpoints: no epoch was reported twice
         epochs = [r["epoch"] for r in trial_results(t.path)]
         assert epochs == list(range(1, len(epochs) + 1)), (t.trial_id, epochs)
