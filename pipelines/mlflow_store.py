@@ -27,6 +27,9 @@ from lt_models.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+# The MLflow UI opens an experiment with this kind on its runs table ("Model training"), not on GenAI traces
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 #: where `ltsweep sweep` keeps results unless the config says otherwise (pipelines.config.RunSettings.storage_path)
 DEFAULT_STORAGE_PATH = Path("results")
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
@@ -145,13 +148,16 @@ def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name))
+            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
         except MlflowException:  # created meanwhile by another driver
             exp = client.get_experiment_by_name(name)
             if exp is None:
                 raise
     if exp.lifecycle_stage == "deleted":
         client.restore_experiment(exp.experiment_id)
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:  # an experiment made before ltsweep tagged it
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
     return exp.experiment_id
 
 
@@ -191,6 +197,16 @@ def to_str(v: Any, limit: int) -> str:
     else:
         s = str(v)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def git_commit() -> str | None:
+    """The commit of the git checkout this module runs from (``mlflow.source.git.commit`` on every run), or None."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
 def code_version() -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipelines.mlflow_store import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, find_key, flatten,
-                                    get_or_create_experiment, log_params, log_tags, make_client, to_str)
+                                    get_or_create_experiment, git_commit, log_params, log_tags, make_client,
+                                    to_str)
 from pipelines.report import log_sweep_report, plot_ap_by_rank, search_tagged
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
                               ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
@@ -216,7 +217,7 @@ class SweepWriter:
             existing = run.data.params
             logger.info("MLflow: continuing sweep run %s of %r", run_id, self.sweep_name)
         else:
-            run = client.create_run(self.experiment_id, run_name=self.sweep_name, tags=tags)
+            run = client.create_run(self.experiment_id, run_name=self.sweep_name, tags={**tags, **_source_tags()})
             run_id = run.info.run_id
             existing = {}
             logger.info("MLflow: sweep run %s in experiment %r (%s)", run_id, self.sweep_name, self.tracking_uri)
@@ -250,7 +251,7 @@ class SweepWriter:
         if run_id is None:
             run = client.create_run(self.experiment_id, run_name=trial.name, tags={
                 ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial.trial_id, PARENT_TAG: self.parent_run_id,
-                SWEEP_TAG: self.sweep_name})
+                SWEEP_TAG: self.sweep_name, **_source_tags()})
             run_id = run.info.run_id
             self._trial_runs[trial.trial_id] = run_id
             existing = {}
@@ -368,6 +369,12 @@ class SweepWriter:
         client.set_terminated(self.parent_run_id, status=status)
 
 
+def _source_tags() -> dict[str, str]:
+    """MLflow's own source tag: the git commit of the code that ran (when it is a git checkout)."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
 # --------------------------------------------------------------------------------------------------------------
 def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Mapping[str, Any],
                      metrics: Mapping[str, Any], checkpoint_path: str | os.PathLike | None, *,
@@ -396,7 +403,7 @@ def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Ma
             client.update_run(run.info.run_id, status="RUNNING")
     else:
         run = client.create_run(exp_id, run_name=f"pretrain-{sha256[:12]}", tags={
-            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name})
+            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name, **_source_tags()})
     run_id = run.info.run_id
     log_params(client, run_id, flatten(dict(params or {})), run.data.params)
     log_tags(client, run_id, {CHECKPOINT_TAG: os.fspath(checkpoint_path) if checkpoint_path else None,

@@ -386,14 +386,18 @@ def _log_aggregates(client, parent_run_id: str, rows, searched_keys, metric: str
         p = Path(tmp) / CONFIG_AGGREGATES_JSON
         p.write_text(json.dumps(table, indent=1, default=str), encoding="utf-8")
         client.log_artifact(parent_run_id, str(p))
-    if best is None:
-        return
     ts = int(time.time() * 1000)
-    metrics = [Metric("best_n", float(best.n), ts, 0)]
-    for m, st in best.stats.items():
-        for suffix, v in (("", st.mean), ("_ci_low", st.ci_low), ("_ci_high", st.ci_high)):
-            if finite_number(v) is not None:
-                metrics.append(Metric(f"best_{m}{suffix}", float(v), ts, 0))
+    failed = [r.get("status") == "FAILED" for r in rows]
+    counts = {"trials": len(rows), "errored": sum(failed),
+              "stopped_early": sum(not f and r["iterations"] < max_t for r, f in zip(rows, failed)),
+              "trial_epochs": sum(int(finite_number(r.get("epoch")) or 0) for r in rows)}
+    metrics = [Metric(k, float(v), ts, 0) for k, v in counts.items()]
+    if best is not None:
+        metrics.append(Metric("best_n", float(best.n), ts, 0))
+        for m, st in best.stats.items():
+            for suffix, v in (("", st.mean), ("_ci_low", st.ci_low), ("_ci_high", st.ci_high)):
+                if finite_number(v) is not None:
+                    metrics.append(Metric(f"{m}{suffix}", float(v), ts, 0))
     client.log_batch(parent_run_id, metrics=metrics)
 
 
@@ -403,8 +407,9 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
                      max_t: int | None = None, baseline: Mapping[str, Any] | None = None) -> str:
     """Build the sweep report from MLflow (plus Tune's last results, for per-class AP) and log it as
     ``sweep_report.html`` on the parent run, with ``config_aggregates.json`` (n, mean, sd, 95% CI per configuration)
-    and the best configuration's means and CIs as the parent run's metrics (``best_AP``, ``best_AP_ci_low``, ...,
-    ``best_n``). ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
+    and the sweep-level metrics of the parent run: the best configuration's means (``AP``, ``AP50``, ``APr``,
+    ``APc``, ``APf``) with ``<metric>_ci_low`` / ``_ci_high`` and ``best_n`` (its runs), and ``trials``,
+    ``stopped_early``, ``errored``, ``trial_epochs``, so sweeps sort and compare in the MLflow runs table. ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
     rows = trial_rows(client, experiment_id, parent_run_id)
     _log_aggregates(client, parent_run_id, rows, searched_keys, metric, mode,
                     max_t or max((r["iterations"] for r in rows), default=0))

@@ -186,8 +186,14 @@ def test_seeds_are_aggregated_in_the_report_the_run_and_compare(store, tmp_path,
     assert "Per configuration over its seeds" in page and "0.320 [" in page
     assert "the baseline" in page and "p = " in page and "larger than the seed-to-seed noise" in page
     metrics = client.get_run(cb.parent_run_id).data.metrics
-    assert metrics["best_n"] == 3 and metrics["best_AP"] == pytest.approx(0.32)
-    assert metrics["best_AP_ci_low"] < 0.32 < metrics["best_AP_ci_high"]
+    assert metrics["best_n"] == 3 and metrics["AP"] == pytest.approx(0.32)
+    assert metrics["AP_ci_low"] < 0.32 < metrics["AP_ci_high"]
+    assert (metrics["trials"], metrics["errored"], metrics["stopped_early"], metrics["trial_epochs"]) == (6, 0, 0, 18)
+    exp = client.get_experiment(cb.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
+    import subprocess
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert client.get_run(cb.parent_run_id).data.tags["mlflow.source.git.commit"] == head.stdout.strip()
     table = json.loads(Path(client.download_artifacts(cb.parent_run_id, "config_aggregates.json",
                                                       str(tmp_path))).read_text())
     assert sorted((t["config"]["lam"], t["n"], t["best"]) for t in table) == [("0.0", 3, False), ("0.7", 3, True)]
