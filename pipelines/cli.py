@@ -88,7 +88,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
                                   storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                                  overrides=["data.skip_invalid=true"] if args.skip_invalid else None,
+                                  overrides=args.set + (["data.skip_invalid=true"] if args.skip_invalid else []),
                                   errored=args.errored)
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
@@ -99,8 +99,26 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from pipelines.compare import compare_sweeps
     from pipelines.mlflow_store import open_store
 
-    compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out)
+    rows = compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out, quiet=args.json)
+    if args.json:
+        print(json.dumps(_jsonable(rows), indent=1))
     return 0
+
+
+def _jsonable(obj):
+    """Rows with their Stat dataclasses as dicts and NaN as null (strict JSON)."""
+    import dataclasses
+    import math
+
+    if dataclasses.is_dataclass(obj):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
 
 
 def _cmd_confirm(args: argparse.Namespace) -> int:
@@ -124,26 +142,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltsweep", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"ltsweep {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="generate the demo benchmark (if absent) and run the embedded demo")
     d.add_argument("--data", type=Path, default=DEFAULT_DEMO_DATA, help="where the demo benchmark lives")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the sweep (default 0)")
     d.set_defaults(func=_cmd_demo)
 
     data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
         dest="data_command", required=True)
     s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
-    s.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+        help="which synthetic benchmark to write (default demo)")
+    s.add_argument("--out", type=Path, required=True,
+        help="output folder (train.json, val.json, hierarchy.json, images/)")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default 0)")
     s.set_defaults(func=_cmd_data_synth)
 
     s = data.add_parser("stats", help="long-tail and multi-label statistics of an LVIS-format file")
-    s.add_argument("annotations", type=Path)
+    s.add_argument("annotations", type=Path, help="LVIS-format annotation JSON")
     s.add_argument("--lam", type=float, default=None,
                    help="also report expected views per image of head/tail classes under soft-balance λ")
-    s.add_argument("--hierarchy", type=Path, default=None)
+    s.add_argument("--hierarchy", type=Path, default=None,
+        help="class hierarchy JSON (names or Open Images MIDs); default hierarchy.json beside the file")
     s.add_argument("--no-plots", action="store_true", help="do not write PNG plots beside the file")
     s.add_argument("--images", type=Path, default=None,
                    help="image folder checked for missing files (default: <annotations dir>/images if it exists)")
@@ -151,11 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_data_stats)
 
     s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
-    s.add_argument("--boxes", type=Path, required=True)
+    s.add_argument("--boxes", type=Path, required=True,
+        help="boxes CSV (ImageID, LabelName, XMin, XMax, YMin, YMax, ...)")
     s.add_argument("--labels", type=Path, required=True, help="image-level labels CSV (Confidence 0/1)")
     s.add_argument("--classes", type=Path, required=True, help="class descriptions CSV (LabelName,DisplayName)")
-    s.add_argument("--hierarchy", type=Path, required=True)
-    s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--hierarchy", type=Path, required=True,
+        help="class hierarchy JSON (bbox_labels_600_hierarchy.json layout)")
+    s.add_argument("--out", type=Path, required=True, help="output LVIS-format JSON")
     s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
     s.add_argument("--train-ann", type=Path, default=None, metavar="TRAIN.json",
                    help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
@@ -165,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_convert_openimages)
 
     t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")
-    t.add_argument("config", type=Path)
+    t.add_argument("config", type=Path, help="experiment YAML (a sweep YAML; its space is ignored)")
     t.add_argument("--out", type=Path, default=None, help="output dir (default: from the config)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stage2.lam=0.7 (repeatable)")
@@ -174,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     w = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML")
-    w.add_argument("config", type=Path)
+    w.add_argument("config", type=Path, help="search-space YAML (see search_spaces/)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     w.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
     how = w.add_mutually_exclusive_group()
@@ -182,17 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume: continue errored trials from their last checkpoint")
     how.add_argument("--restart-errored", dest="errored", action="store_const", const="restart",
                      help="with --resume: train errored trials again from the start")
-    w.add_argument("--storage-path", type=Path, default=None)
-    w.add_argument("--tracking-uri", default=None)
+    w.add_argument("--storage-path", type=Path, default=None,
+        help="override run.storage_path (Tune results, stage-1 cache, default MLflow store)")
+    w.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<storage>/mlflow.db)")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set search.seeds=[0,1,2] (repeatable)")
     w.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
                    "instead of stopping (= data.skip_invalid: true)")
     w.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")
-    e.add_argument("--gt", type=Path, required=True)
+    e.add_argument("--gt", type=Path, required=True, help="ground-truth LVIS-format JSON")
     e.add_argument("--dets", type=Path, required=True, help="COCO results JSON")
-    e.add_argument("--openimages", action="store_true")
-    e.add_argument("--hierarchy", type=Path, default=None)
+    e.add_argument("--openimages", action="store_true",
+        help="Open Images challenge AP@0.5 (hierarchy-expanded, group-of) instead of LVIS AP")
+    e.add_argument("--hierarchy", type=Path, default=None, help="class hierarchy JSON (needed with --openimages)")
     e.add_argument("--expand-detections", action="store_true", help="Open Images: also expand dets to parents")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(func=_cmd_eval)
@@ -207,11 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_confirm)
 
     c = sub.add_parser("compare", help="best configuration of each sweep side by side (table + PNG)")
-    c.add_argument("sweeps", nargs="+")
-    c.add_argument("--tracking-uri", default=None)
-    c.add_argument("--out", type=Path, default=Path("compare.png"))
+    c.add_argument("sweeps", nargs="+", help="sweep names (their YAML `name:`)")
+    c.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///results/mlflow.db)")
+    c.add_argument("--out", type=Path, default=Path("compare.png"), help="where to write the PNG of grouped bars")
+    c.add_argument("--json", action="store_true", help="print one JSON document (the rows) instead of the table")
     c.set_defaults(func=_cmd_compare)
     return p
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("ltsweep")
+    except Exception:  # noqa: BLE001 - running from a checkout that is not installed
+        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:

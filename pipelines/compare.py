@@ -76,8 +76,8 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     return out
 
 
-def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = Path("compare.png")
-                   ) -> list[dict[str, Any]]:
+def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = Path("compare.png"),
+                   quiet: bool = False) -> list[dict[str, Any]]:
     """Best configuration of each sweep (by the sweep's own metric/mode, default AP/max) side by side.
 
     ``client``: an MlflowClient of the store holding the sweeps (`ltsweep compare` opens it with
@@ -121,7 +121,8 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
                     **{m: best.stats[m].mean if m in best.stats else top.get(m) for m in REPORT_TABLE_METRICS},
                     "stats": best.stats, "iterations": top["iterations"], "n_trials": len(rows),
                     "params": {k: str(v) for k, v in best.config.items()}})
-    print(format_compare_table(out))
     png = plot_compare(out, out_png)
-    print(f"wrote {png}")
+    if not quiet:  # `ltsweep compare --json` prints the rows instead
+        print(format_compare_table(out))
+        print(f"wrote {png}")
     return out

@@ -80,3 +80,25 @@ def test_errored_trial_options_need_resume(tmp_path, capsys):
     with pytest.raises(ConfigError, match="--resume-errored needs --resume"):
         run_sweep(type("Cfg", (), {"name": "x", "run": type("R", (), {"storage_path": tmp_path})()})(),
                   errored="resume")
+
+
+def test_every_option_has_help_and_version_and_sweep_set(capsys):
+    parser = cli.build_parser()
+
+    def missing(p, path):
+        out = []
+        for a in p._actions:
+            if a.__class__.__name__ == "_SubParsersAction":
+                for name, sub in a.choices.items():
+                    out += missing(sub, path + [name])
+            elif a.help is None and a.dest != "help":
+                out.append((" ".join(path), a.option_strings or a.dest))
+        return out
+
+    assert missing(parser, []) == []
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("ltsweep ")
+    args = parser.parse_args(["sweep", "x.yaml", "--set", "search.seeds=[0,1]"])
+    assert args.set == ["search.seeds=[0,1]"]
+    assert parser.parse_args(["compare", "a", "b", "--json"]).json

@@ -202,3 +202,8 @@ def test_seeds_are_aggregated_in_the_report_the_run_and_compare(store, tmp_path,
     (row,) = compare_sweeps(open_store(uri), ["seeded"], out_png=tmp_path / "c.png")
     assert row["n"] == 3 and row["params"] == {"lam": "0.7"} and row["AP"] == pytest.approx(0.32)
     assert "0.320 [" in capsys.readouterr().out
+    from pipelines import cli
+
+    assert cli.main(["compare", "seeded", "--json", "--tracking-uri", uri, "--out", str(tmp_path / "j.png")]) == 0
+    (doc,) = json.loads(capsys.readouterr().out)  # one strict JSON document
+    assert doc["n"] == 3 and doc["AP"] == pytest.approx(0.32) and doc["stats"]["AP"]["ci_low"] < 0.32
