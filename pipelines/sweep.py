@@ -188,7 +188,11 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(cfg.run.storage_path),
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
+            # retry resumes from), so the best epoch survives num_to_keep
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
+                                                    checkpoint_score_attribute=cfg.scheduler.metric,
+                                                    checkpoint_score_order=cfg.scheduler.mode),
             callbacks=[mlflow_cb, *_tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
                        *callbacks],
             verbose=verbose),

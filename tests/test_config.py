@@ -384,3 +384,15 @@ def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
     assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage1").skip_invalid is False
     base["data"]["skip_invalid"] = True
     assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage2").skip_invalid is True
+
+
+def test_trials_keep_their_best_checkpoints_by_the_sweep_metric(tmp_path, base):
+    from pipelines import sweep
+
+    base["scheduler"] = {"type": "fifo", "metric": "APr", "mode": "max"}
+    base["run"] = {"storage_path": str(tmp_path / "results"), "checkpoints_to_keep": 1}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    tuner = sweep.build_tuner(cfg, None, trainable_fn=lambda config, experiment, stage1=None, shared=None: None,
+                              progress=False)
+    ckpt = tuner._local_tuner._run_config.checkpoint_config
+    assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == (1, "APr", "max")
