@@ -285,12 +285,17 @@ class ExperimentConfig(_Strict):
             if key not in SEARCHABLE:
                 raise ValueError(f"report.baseline.{key}: not a stage-2 field; the baseline names searched values, "
                                  f"e.g. {{loss: softmax, sampler: nonbalance}}")
-            try:
-                Stage2Config.model_validate({**self.stage2.model_dump(), key: value})
-            except ValidationError as exc:
-                msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
-                raise ValueError(f"report.baseline.{key} = {value!r}: {msg}") from None
+            self._check_stage2({key: value}, f"report.baseline.{key} = {value!r}")
         return self
+
+    def _check_stage2(self, values: dict[str, Any], where: str) -> None:
+        """ValueError naming ``where`` unless stage2 with these values passes every field's check (the owners'
+        range checks for λ, ξ, ...; known loss / sampler names)."""
+        try:
+            Stage2Config.model_validate({**self.stage2.model_dump(), **values})
+        except ValidationError as exc:
+            msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
+            raise ValueError(f"{where}: {msg}") from None
 
     @model_validator(mode="after")
     def _space_is_valid(self):
@@ -303,11 +308,7 @@ class ExperimentConfig(_Strict):
                 bad = sorted(set(values) - set(SEARCHABLE))
                 if bad:
                     raise ValueError(f"search.configs[{i}]: {bad} are not searchable stage-2 fields")
-                try:
-                    Stage2Config.model_validate({**self.stage2.model_dump(), **values})
-                except ValidationError as exc:
-                    msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
-                    raise ValueError(f"search.configs[{i}] = {values}: {msg}") from None
+                self._check_stage2(values, f"search.configs[{i}] = {values}")
         for key, param in self.space.items():
             if key not in SEARCHABLE:
                 hint = difflib.get_close_matches(key, SEARCHABLE, n=1)
@@ -315,13 +316,8 @@ class ExperimentConfig(_Strict):
                     f"space.{key}: not a searchable stage-2 field"
                     + (f" (did you mean {hint[0]!r}?)" if hint else "")
                     + f"; searchable: {', '.join(SEARCHABLE)}")
-            base = self.stage2.model_dump()
             for i, value in enumerate(param.values_to_check()):
-                try:
-                    Stage2Config.model_validate({**base, key: value})
-                except ValidationError as exc:
-                    msg = "; ".join(strip_value_error(e["msg"]) for e in exc.errors())
-                    raise ValueError(f"space.{key}.{param.kind}[{i}] = {value!r}: {msg}") from None
+                self._check_stage2({key: value}, f"space.{key}.{param.kind}[{i}] = {value!r}")
         return self
 
     @model_validator(mode="after")
