@@ -100,28 +100,25 @@ def aggregate(records: Iterable[T], *, config: Callable[[T], Mapping[str, Any]],
     return sorted(groups.values(), key=lambda g: g.label())
 
 
+def ranked(configs: Sequence[ConfigResult], metric: str = "AP", mode: str = "max") -> list[ConfigResult]:
+    """Configurations that reported ``metric``, best first: those whose runs all ran the full schedule before the
+    others, each group by mean (``mode`` max or min); ties go to the larger n, then the label."""
+    sign = 1.0 if mode == "max" else -1.0
+    scored = [c for c in configs if c.stats.get(metric) is not None and c.stats[metric].n > 0]
+    return sorted(scored, key=lambda c: (c.full, sign * c.stats[metric].mean, c.n, c.label()), reverse=True)
+
+
 def best_config(configs: Sequence[ConfigResult], metric: str = "AP", mode: str = "max") -> ConfigResult | None:
     """The sweep's answer: the best mean of ``metric`` among configurations whose runs all ran the full schedule
-    (all configurations if none did); ties go to the larger n, then the label."""
-    scored = [c for c in configs if c.stats.get(metric) is not None and c.stats[metric].n > 0]
-    pool = [c for c in scored if c.full] or scored
-    if not pool:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(pool, key=lambda c: (sign * c.stats[metric].mean, c.n, c.label()))
+    (all configurations if none did); the first of :func:`ranked`."""
+    order = ranked(configs, metric, mode)
+    return order[0] if order else None
 
 
-def ranked(configs: Sequence[ConfigResult], metric: str = "AP", mode: str = "max") -> list[ConfigResult]:
-    """Configurations in the order of :func:`best_config`'s rule (best first)."""
-    rest = list(configs)
-    out = []
-    while rest:
-        b = best_config(rest, metric, mode)
-        if b is None:
-            break
-        out.append(b)
-        rest.remove(b)
-    return out
+def table(configs: Sequence[ConfigResult], best: ConfigResult | None) -> list[dict[str, Any]]:
+    """The configurations as JSON-able rows (config, n, full, best, and n / mean / sd / CI per metric)."""
+    return [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
+             **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in configs]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -231,7 +231,8 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
     return TrainSpec(
         train_ann=str(d.train), val_ann=str(d.val), train_image_dir=_str(d.image_dir),
         val_image_dir=_str(d.val_image_dir), hierarchy_file=_str(d.hierarchy), expand_parents=d.expand_parents,
-        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, stage=stage, backbone=cfg.model.backbone, image_size=cfg.model.image_size,
+        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, stage=stage, backbone=cfg.model.backbone,
+        image_size=cfg.model.image_size,
         weights=_str(cfg.model.weights), sampler=sampler, loss=loss, decoupled=decoupled, epochs=s.epochs,
         batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
         eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,

@@ -310,7 +310,8 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
     return {"model": cfg.model.model_dump(mode="json"), "stage1": cfg.stage1.model_dump(mode="json"),
-            "sampler": "nonbalance", "loss": cfg.stage1.loss, "seed": cfg.seed, "train_annotations": str(cfg.data.train),
+            "sampler": "nonbalance", "loss": cfg.stage1.loss, "seed": cfg.seed,
+            "train_annotations": str(cfg.data.train),
             "dataset_fingerprint": dataset_fingerprint(cfg), "frequency_source": frequency_source(cfg)}
 
 

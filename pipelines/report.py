@@ -5,8 +5,8 @@
   on the sweep's parent run: a table of trials and, embedded as base64 PNGs, AP/APr vs λ, AP/APr vs ξ, APr/APc/APf
   per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial
   against the stage-1 baseline (the pretrain run's per-class AP, when that run logged one).
-- :func:`row_configs` groups a sweep's trial rows by configuration (their seeds are repeats, :mod:`pipelines.aggregate`);
-  the report shows n, mean and 95% CI per configuration, the best configuration's lead over the runner-up and over
+- :func:`row_configs` groups a sweep's trial rows by configuration (their seeds are repeats,
+  :mod:`pipelines.aggregate`); the report shows n, mean and 95% CI per configuration, the best configuration's lead over the runner-up and over
   the baseline in words, and one line per value of the other searched factors in its "vs λ" / "vs ξ" plots.
   ``ltsweep compare`` (:mod:`pipelines.compare`) reads sweeps back the same way.
 
@@ -28,8 +28,8 @@ from lt_models.atomic import write_bytes_atomic
 from pipelines import aggregate
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, CONFIG_AGGREGATES_JSON, ITERATIONS_TAG, MLFLOW_TRIAL_METRICS,
                               PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_HTML,
-                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG, TRIAL_STATUS_TAG, best_trial,
-                              finite_number, per_class_dict)
+                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG,
+                              TRIAL_STATUS_TAG, best_trial, finite_number, per_class_dict)
 
 _LAM_NAMES = ("lam", "lambda")
 _XI_NAMES = ("xi",)
@@ -373,15 +373,13 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
 
 
 def _log_aggregates(client, parent_run_id: str, rows, searched_keys, metric: str, mode: str, max_t: int) -> None:
-    import dataclasses
     import time
 
     from mlflow.entities import Metric
 
     configs = row_configs(rows, searched_keys, max_t, metric)
     best = aggregate.best_config(configs, metric, mode)
-    table = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
-              **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in configs]
+    table = aggregate.table(configs, best)
     with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
         p = Path(tmp) / CONFIG_AGGREGATES_JSON
         p.write_text(json.dumps(table, indent=1, default=str), encoding="utf-8")
@@ -409,7 +407,8 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
     ``sweep_report.html`` on the parent run, with ``config_aggregates.json`` (n, mean, sd, 95% CI per configuration)
     and the sweep-level metrics of the parent run: the best configuration's means (``AP``, ``AP50``, ``APr``,
     ``APc``, ``APf``) with ``<metric>_ci_low`` / ``_ci_high`` and ``best_n`` (its runs), and ``trials``,
-    ``stopped_early``, ``errored``, ``trial_epochs``, so sweeps sort and compare in the MLflow runs table. ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
+    ``stopped_early``, ``errored``, ``trial_epochs``, so sweeps sort and compare in the MLflow runs table.
+    ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
     rows = trial_rows(client, experiment_id, parent_run_id)
     _log_aggregates(client, parent_run_id, rows, searched_keys, metric, mode,
                     max_t or max((r["iterations"] for r in rows), default=0))

@@ -138,9 +138,7 @@ class SweepSummary:
             for seed, c in self.stage1.items()}
         d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored,
                  unfinished=self.unfinished)
-        best = self.best_config
-        d["configs"] = [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
-                         **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in self.configs]
+        d["configs"] = aggregate.table(self.configs, self.best_config)
         return d
 
 

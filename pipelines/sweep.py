@@ -122,7 +122,8 @@ def _search_alg(cfg: ExperimentConfig):
 
 def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
     """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
-    concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store (tune.with_parameters)."""
+    concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store
+    (tune.with_parameters)."""
     from lt_models.engine import shared_loss_inputs
 
     d = cfg.data
