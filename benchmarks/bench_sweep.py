@@ -1,19 +1,21 @@
 """ASHA vs the full grid on the same search space and the same seeds, over the synthetic demo benchmark on CPU.
 
-Both sweeps search λ (soft-balance) x loss (concurrent softmax, ACSL) = 8 configurations, each run with 3 training
+The sweeps search λ (soft-balance) x loss (concurrent softmax, ACSL) = 8 configurations, each run with 3 training
 seeds (`search.seeds`), with the hybrid schedule. The anchor is the full grid (FIFO: every trial trains every
-stage-2 epoch); ASHA (grace 1, reduction factor 3) stops weak trials after 1 or 3 evaluations. Reported:
+stage-2 epoch). ASHA is `scheduler.type: asha_configs` (grace 1, reduction factor 3: rungs after 1 and 3
+evaluations), which promotes configurations on their mean over seeds (pipelines/asha.py); a third sweep runs Tune's
+per-trial ASHA (`scheduler.type: asha`) on the same grid for comparison (--no-tune-asha skips it). Reported:
   - total trial-epochs each sweep trained, and ASHA's as a fraction of the grid's (goal: <= 0.35);
   - the pick of each sweep (best mean AP over seeds among configurations whose runs all ran to the end), whether
     ASHA's pick is the grid's best, and whether it is tied with it: the grid's 95% CIs of the two configurations
     overlap (measured on the grid's own full runs of both);
-  - stage 1: one training per seed, shared by both sweeps' trials.
-Both sweeps run in one Ray session in this process. The last stdout line is one JSON object:
+  - stage 1: one training per seed, shared by every sweep's trials.
+All sweeps run in one Ray session in this process. The last stdout line is one JSON object:
   {"benchmark": "sweep", "asha_epochs_fraction_of_grid": ..., "same_best": ..., "tied_with_best": ...,
    "pretrain_runs": ..., "seeds": ...}
 
     python benchmarks/bench_sweep.py [--data data/demo] [--epochs 8] [--seeds 0 1 2] [--keep]
-Takes ~20 min on 2 CPU cores (the grid trains 192 trial-epochs of 64 images).
+Takes ~25 min on 2 CPU cores (the grid trains 192 trial-epochs of 64 images).
 """
 from __future__ import annotations
 
@@ -59,6 +61,22 @@ def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int,
     return load_experiment_config(path)
 
 
+def pick_vs_grid(grid, early) -> tuple[bool, bool, object]:
+    """Is the early-stopping sweep's pick the grid's best, or tied with it: on the grid's own runs, the 95% CIs of
+    the pick and of the grid's best overlap?"""
+    grid_best, pick = grid.best_config, early.best_config
+    same = grid_best is not None and pick is not None and grid_best.config == pick.config
+    pick_in_grid = next((c for c in grid.configs if pick is not None and c.config == pick.config), None)
+    tied = same or (grid_best is not None and pick_in_grid is not None
+                    and pick_in_grid.stats["AP"].ci_high >= grid_best.stats["AP"].ci_low)
+    return same, tied, pick_in_grid
+
+
+def ci(c) -> list | None:
+    return None if c is None else [round(c.stats["AP"].mean, 4), round(c.stats["AP"].ci_low, 4),
+                                   round(c.stats["AP"].ci_high, 4)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=Path("data/demo"), help="demo benchmark (generated if absent)")
@@ -67,6 +85,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples-per-epoch", type=int, default=64)
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period (evaluations)")
     ap.add_argument("--reduction-factor", type=float, default=3)
+    ap.add_argument("--no-tune-asha", action="store_true",
+                    help="skip the third sweep (Tune's per-trial ASHA, for comparison)")
     ap.add_argument("--keep", action="store_true", help="keep the results dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)
 
@@ -74,53 +94,56 @@ def main(argv=None) -> int:
     if not (data / "train.json").is_file():
         generate_benchmark(data, preset="demo", seed=0)
     root = Path(tempfile.mkdtemp(prefix="bench_sweep-"))
+    asha = {"grace_period": args.grace, "reduction_factor": args.reduction_factor, "max_t": args.epochs}
+    kinds = {"grid": {"type": "fifo"}, "asha": {"type": "asha_configs", **asha}}
+    if not args.no_tune_asha:
+        kinds["tune_asha"] = {"type": "asha", **asha}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    sweeps, seconds, cfgs = {}, {}, {}
     try:
-        grid_cfg = make_config(root, data, "grid", {"type": "fifo"}, args.epochs, args.samples_per_epoch, args.seeds)
-        asha_cfg = make_config(root, data, "asha", {"type": "asha", "grace_period": args.grace,
-                                                    "reduction_factor": args.reduction_factor, "max_t": args.epochs},
-                               args.epochs, args.samples_per_epoch, args.seeds)
-        t0 = time.time()
-        grid = sweep.run_sweep(grid_cfg, progress=False)
-        t_grid = time.time() - t0
-        t0 = time.time()
-        asha = sweep.run_sweep(asha_cfg, progress=False)
-        t_asha = time.time() - t0
+        for name, scheduler in kinds.items():
+            cfgs[name] = make_config(root, data, name, scheduler, args.epochs, args.samples_per_epoch, args.seeds)
+            t0 = time.time()
+            sweeps[name] = sweep.run_sweep(cfgs[name], progress=False)
+            seconds[name] = round(time.time() - t0, 1)
     finally:
         ray.shutdown()
 
-    for s in (grid, asha):
+    for s in sweeps.values():
         sweep.print_summary(s)
-    grid_best, asha_best = grid.best_config, asha.best_config
-    same_best = grid_best is not None and asha_best is not None and grid_best.config == asha_best.config
-    # tied: on the grid's own runs, the 95% CIs of ASHA's pick and of the grid's best overlap
-    asha_in_grid = next((c for c in grid.configs if asha_best is not None and c.config == asha_best.config), None)
-    tied = same_best or (grid_best is not None and asha_in_grid is not None
-                         and asha_in_grid.stats["AP"].ci_high >= grid_best.stats["AP"].ci_low)
-    pretrain_runs = len({c.sha256 for s in (grid, asha) for c in (s.stage1 or {}).values() if c.trained})
-    n_trials = len(grid.trials) + len(asha.trials)
-    stage1_epochs = grid_cfg.stage1.epochs
-    stage1_seconds = sum(c.seconds for c in (grid.stage1 or {}).values())
-    ci = lambda c: None if c is None else [round(c.stats["AP"].mean, 4), round(c.stats["AP"].ci_low, 4),  # noqa: E731
-                                           round(c.stats["AP"].ci_high, 4)]
+    grid, early = sweeps["grid"], sweeps["asha"]
+    same_best, tied, pick_in_grid = pick_vs_grid(grid, early)
+    pretrain_runs = len({c.sha256 for s in sweeps.values() for c in (s.stage1 or {}).values() if c.trained})
+    n_trials = sum(len(s.trials) for s in sweeps.values())
+    stage1_epochs = cfgs["grid"].stage1.epochs
     detail = {
-        "grid_trial_epochs": grid.trial_epochs, "asha_trial_epochs": asha.trial_epochs,
-        "grid_seconds": round(t_grid, 1), "asha_seconds": round(t_asha, 1),
-        "asha_stopped_early": asha.stopped_early, "trials_per_sweep": len(grid.trials), "seeds": args.seeds,
-        "grid_best": grid_best.config if grid_best else None, "asha_best": asha_best.config if asha_best else None,
-        "grid_best_AP_mean_ci": ci(grid_best), "asha_pick_AP_mean_ci_in_grid": ci(asha_in_grid),
-        "asha_pick_AP_mean_ci_in_asha": ci(asha_best),
-        "stage1_seconds": round(stage1_seconds, 1),
+        "grid_trial_epochs": grid.trial_epochs, "asha_trial_epochs": early.trial_epochs,
+        "seconds": seconds, "asha_stopped_early": early.stopped_early, "trials_per_sweep": len(grid.trials),
+        "seeds": args.seeds,
+        "grid_best": grid.best_config.config if grid.best_config else None,
+        "asha_best": early.best_config.config if early.best_config else None,
+        "grid_best_AP_mean_ci": ci(grid.best_config), "asha_pick_AP_mean_ci_in_grid": ci(pick_in_grid),
+        "asha_pick_AP_mean_ci_in_asha": ci(early.best_config),
+        "stage1_seconds": round(sum(c.seconds for c in (grid.stage1 or {}).values()), 1),
         "stage1_epochs_trained": pretrain_runs * stage1_epochs,
         "stage1_epochs_without_reuse": n_trials * stage1_epochs,
-        "errored_trials": grid.errored + asha.errored,
+        "errored_trials": sum(s.errored for s in sweeps.values()),
     }
+    if "tune_asha" in sweeps:  # the per-trial rule on the same grid and seeds
+        t_same, t_tied, _ = pick_vs_grid(grid, sweeps["tune_asha"])
+        detail["tune_asha"] = {"trial_epochs": sweeps["tune_asha"].trial_epochs,
+                               "fraction_of_grid": round(sweeps["tune_asha"].trial_epochs / grid.trial_epochs, 4),
+                               "best": (sweeps["tune_asha"].best_config.config
+                                        if sweeps["tune_asha"].best_config else None),
+                               "best_ran_full_schedule": bool(sweeps["tune_asha"].best_config
+                                                              and sweeps["tune_asha"].best_config.full),
+                               "same_best": bool(t_same), "tied_with_best": bool(t_tied)}
     print("detail: " + json.dumps(detail))
     if args.keep:
         print(f"results kept in {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
-    fraction = asha.trial_epochs / grid.trial_epochs if grid.trial_epochs else float("nan")
+    fraction = early.trial_epochs / grid.trial_epochs if grid.trial_epochs else float("nan")
     print(json.dumps({"benchmark": "sweep", "asha_epochs_fraction_of_grid": round(fraction, 4),
                       "same_best": bool(same_best), "tied_with_best": bool(tied), "pretrain_runs": pretrain_runs,
                       "seeds": len(args.seeds)}))

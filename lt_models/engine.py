@@ -214,7 +214,7 @@ def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rat
                                                       hierarchy_rate=hierarchy_rate, skip_invalid=skip_invalid)}
 
 
-def _build_loss(spec: TrainSpec, train_ds, shared: dict | None):
+def build_loss(spec: TrainSpec, train_ds, shared: dict | None):
     """``spec.loss`` with the data its equation needs: r_ij (shared), the r/c/f buckets, the class frequencies,
     the number of classes."""
     if shared is None or ("concurrent_rate" in spec.loss.inputs and "concurrent_rate" not in shared):
@@ -298,7 +298,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
     num_classes = train_ds.num_classes
     train_buckets = dict(zip(train_ds.cat_ids, train_ds.frequency))  # r/c/f of the evaluation: training counts
 
-    model = build_detector(num_classes, spec.backbone, _build_loss(spec, train_ds, shared),
+    model = build_detector(num_classes, spec.backbone, build_loss(spec, train_ds, shared),
                            image_size=spec.image_size, weights=spec.weights, box_reg_labels=spec.box_reg_labels)
     if init_checkpoint is not None and resume_checkpoint is None:
         init_extra = load_model_weights(init_checkpoint, model)

@@ -89,7 +89,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
                                   storage_path=args.storage_path, tracking_uri=args.tracking_uri,
                                   overrides=args.set + (["data.skip_invalid=true"] if args.skip_invalid else []),
-                                  errored=args.errored)
+                                  errored=args.errored, register=not args.no_register,
+                                  model_name=args.register_model)
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
@@ -213,6 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set search.seeds=[0,1,2] (repeatable)")
     w.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
                    "instead of stopping (= data.skip_invalid: true)")
+    reg = w.add_mutually_exclusive_group()
+    reg.add_argument("--register-model", metavar="NAME", default=None,
+                     help="register the best model under NAME in the MLflow model registry (default: the sweep's "
+                          "name)")
+    reg.add_argument("--no-register", action="store_true",
+                     help="log the best model on the sweep's MLflow run but do not register it")
     w.set_defaults(func=_cmd_sweep)
 
     e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")

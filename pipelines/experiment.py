@@ -14,7 +14,7 @@ defaults; see search_spaces/*.yaml):
              fed_num_classes, decoupled}                                      # what every trial trains
     eval: {every}                   # evaluate (and report to Tune) every N epochs
     resources: {cpus_per_trial, gpus_per_trial}
-    scheduler: {type: asha|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}  # time_attr units
+    scheduler: {type: asha|asha_configs|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}  # time_attr units
     search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed, seeds}
     space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
     run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
@@ -200,7 +200,10 @@ TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "i
 
 
 class SchedulerConfig(_Strict):
-    type: Literal["asha", "fifo"] = "asha"
+    type: Literal["asha", "asha_configs", "fifo"] = Field(
+        "asha", description="asha = Tune's ASHA (each trial judged alone at a rung); asha_configs = successive "
+                            "halving over configurations on their mean over seeds (pipelines.asha); fifo = no early "
+                            "stopping")
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
     time_attr: Literal["evaluations", "iterations", "images"] = Field(
@@ -323,7 +326,10 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _scheduler_fits(self):
         sch = self.scheduler
-        if sch.type == "asha" and sch.time_attr != "evaluations":
+        if sch.type == "asha_configs" and self.search.algorithm != "basic":
+            raise ValueError("scheduler.type asha_configs pauses trials at rungs until the whole grid has reported "
+                             "there, which needs search.algorithm: basic; with optuna use scheduler.type: asha")
+        if sch.type != "fifo" and sch.time_attr != "evaluations":
             if sch.max_t is None:
                 raise ValueError(f"scheduler.max_t is required with time_attr {sch.time_attr}: the {sch.time_attr} "
                                  "of a full-length trial (e.g. stage2.epochs x samples_per_epoch images); set it so "
@@ -332,7 +338,7 @@ class ExperimentConfig(_Strict):
                 raise ValueError(f"scheduler.grace_period = {sch.grace_period} exceeds max_t = {sch.max_t} "
                                  f"({sch.time_attr}); lower grace_period")
             return self
-        if sch.type == "asha" and sch.grace_period > self.evals_per_trial:
+        if sch.type != "fifo" and sch.grace_period > self.evals_per_trial:
             raise ValueError(f"scheduler.grace_period = {self.scheduler.grace_period} exceeds the evaluations per "
                              f"trial ({self.evals_per_trial} = scheduler.max_t or stage2.epochs / eval.every); "
                              "lower grace_period")

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from pipelines.mlflow_store import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, find_key, flatten,
-                                    get_or_create_experiment, git_commit, log_params, log_tags, make_client,
+                                    get_or_create_experiment, log_params, log_tags, make_client,
                                     to_str)
+from pipelines.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
 from pipelines.report import log_sweep_report, plot_ap_by_rank, search_tagged
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
                               ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
@@ -118,7 +119,7 @@ class SweepWriter:
 
     # state that must not be pickled (Tune pickles the callback, and this writer with it, into tuner.pkl)
     _UNPICKLED = ("_client", "_experiment_id", "_parent_run_id", "_trial_runs", "_open_runs", "_last_results",
-                  "_sha_logged", "_fingerprint_tagged")
+                  "_sha_logged", "_fingerprint_tagged", "_stage1_runs")
 
     def _reset(self) -> None:
         self._client = None
@@ -128,6 +129,7 @@ class SweepWriter:
         self._open_runs: dict[str, str] = {}  # trial id -> run id of runs this process has (re)opened
         self._last_results: dict[str, dict] = {}
         self._sha_logged: set[str] = set()
+        self._stage1_runs: dict[str, str] = {}
         self._fingerprint_tagged = find_key(flatten(self.sweep_params), "dataset_fingerprint") is not None
 
     def __getstate__(self) -> dict:
@@ -217,13 +219,24 @@ class SweepWriter:
             existing = run.data.params
             logger.info("MLflow: continuing sweep run %s of %r", run_id, self.sweep_name)
         else:
-            run = client.create_run(self.experiment_id, run_name=self.sweep_name, tags={**tags, **_source_tags()})
+            run = client.create_run(self.experiment_id, run_name=self.sweep_name, tags={**tags, **source_tags()})
             run_id = run.info.run_id
             existing = {}
             logger.info("MLflow: sweep run %s in experiment %r (%s)", run_id, self.sweep_name, self.tracking_uri)
         log_params(client, run_id, flatten(self.sweep_params), existing)
         log_tags(client, run_id, self._parent_tags())
+        log_datasets(client, run_id, *self._datasets())
+        self._stage1_runs = pretrain_runs(client, self.experiment_id, self._stage1_shas())
+        link_stage1(client, run_id, self._stage1_runs)
         return run_id
+
+    def _datasets(self) -> tuple[str | None, str | None, str | None]:
+        data = self.sweep_params.get("data") or {}
+        return data.get("train"), data.get("val"), self.sweep_params.get("dataset_fingerprint")
+
+    def _stage1_shas(self) -> dict[str, str]:
+        shas = self.sweep_params.get("pretrain_sha256")
+        return {str(k): str(v) for k, v in shas.items()} if isinstance(shas, dict) else {}
 
     def start(self) -> None:
         """Create (or, after a restore, continue) the sweep's parent run."""
@@ -251,10 +264,11 @@ class SweepWriter:
         if run_id is None:
             run = client.create_run(self.experiment_id, run_name=trial.name, tags={
                 ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial.trial_id, PARENT_TAG: self.parent_run_id,
-                SWEEP_TAG: self.sweep_name, **_source_tags()})
+                SWEEP_TAG: self.sweep_name, **source_tags()})
             run_id = run.info.run_id
             self._trial_runs[trial.trial_id] = run_id
             existing = {}
+            log_datasets(client, run_id, *self._datasets())
         else:
             run = client.get_run(run_id)
             if run.info.status != "RUNNING":
@@ -289,6 +303,9 @@ class SweepWriter:
                 v = result.get(key)
                 if v is not None and v != "" and key not in logged:
                     params.append(Param(key, str(v)))
+            stage1_run = self._stage1_run_of(result.get(PRETRAIN_SHA_PARAM))
+            if stage1_run:
+                self.client.set_tag(run_id, PRETRAIN_RUN_TAG, stage1_run)
             self._sha_logged.add(trial.trial_id)
         if metrics or params:
             self.client.log_batch(run_id, metrics=metrics, params=params)
@@ -297,6 +314,11 @@ class SweepWriter:
         if fp and not self._fingerprint_tagged:
             self.client.set_tag(self.parent_run_id, FINGERPRINT_TAG, str(fp))
             self._fingerprint_tagged = True
+
+    def _stage1_run_of(self, sha: Any) -> str | None:
+        _ = self.parent_run_id  # the stage-1 runs are looked up with the parent
+        by_sha = {v: self._stage1_runs.get(k) for k, v in self._stage1_shas().items()}
+        return by_sha.get(str(sha)) if sha else None
 
     def _last_result(self, trial: TrialInfo) -> dict:
         return dict(self._last_results.get(trial.trial_id) or trial.last_result or {})
@@ -369,12 +391,6 @@ class SweepWriter:
         client.set_terminated(self.parent_run_id, status=status)
 
 
-def _source_tags() -> dict[str, str]:
-    """MLflow's own source tag: the git commit of the code that ran (when it is a git checkout)."""
-    commit = git_commit()
-    return {"mlflow.source.git.commit": commit} if commit else {}
-
-
 # --------------------------------------------------------------------------------------------------------------
 def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Mapping[str, Any],
                      metrics: Mapping[str, Any], checkpoint_path: str | os.PathLike | None, *,
@@ -403,9 +419,11 @@ def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Ma
             client.update_run(run.info.run_id, status="RUNNING")
     else:
         run = client.create_run(exp_id, run_name=f"pretrain-{sha256[:12]}", tags={
-            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name, **_source_tags()})
+            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name, **source_tags()})
     run_id = run.info.run_id
     log_params(client, run_id, flatten(dict(params or {})), run.data.params)
+    log_datasets(client, run_id, (params or {}).get("train_annotations"),
+                 os.fspath(val_annotations) if val_annotations else None, (params or {}).get("dataset_fingerprint"))
     log_tags(client, run_id, {CHECKPOINT_TAG: os.fspath(checkpoint_path) if checkpoint_path else None,
                               CODE_VERSION_TAG: code_version()})
     metrics = dict(metrics or {})

@@ -52,6 +52,12 @@ RETRIES_TAG = "ltsweep.retries"  # how often Tune retried a trial
 ARTIFACT_ERROR_TAG = "ltsweep.artifact_error"  # writing a trial's per-class artifacts failed
 CHECKPOINT_TAG = "ltsweep.checkpoint"  # pretrain run: path of the stage-1 checkpoint (not uploaded)
 CODE_VERSION_TAG = "ltsweep.code_version"
+# the best model (pipelines.best_model): an artifact of the parent run, registered under the sweep's name
+MODEL_ARTIFACT = "best_model"  # artifact path of the pyfunc model on the parent run
+MODEL_TRIAL_TAG = "ltsweep.best_model_trial"  # parent run / model version: the trial whose checkpoint it is
+MODEL_CHECKPOINT_TAG = "ltsweep.best_model_checkpoint"  # parent run / model version: that checkpoint's path
+MODEL_VERSION_TAG = "ltsweep.registered_model"  # parent run: "<name>/<version>" in the model registry
+MODEL_ERROR_TAG = "ltsweep.model_error"  # parent run: logging or registering the best model failed
 # parent run
 SEARCH_SPACE_TAG = "ltsweep.search_space"
 SEARCHED_KEYS_TAG = "ltsweep.searched_keys"  # JSON list of the dotted keys each trial run has as params

@@ -4,7 +4,8 @@
 different seeds are aggregated (:mod:`pipelines.aggregate`: n, mean, sd, 95% CI); the answer is the best
 configuration by mean (:func:`pipelines.aggregate.best_config`), compared with the runner-up and with the
 ``report.baseline`` configuration (paired over seeds). The best single trial (:func:`pipelines.schema.best_trial`)
-is the one whose checkpoint is the sweep's best model. :func:`print_summary` prints it all.
+of the best configuration gives the sweep's best model (:mod:`pipelines.best_model`). :func:`print_summary` prints
+it all.
 """
 from __future__ import annotations
 
@@ -60,6 +61,7 @@ class SweepSummary:
     resumed: bool = False
     baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
     interrupted: bool = False                       # Ctrl+C (SIGINT) ended the sweep before every trial finished
+    model: Any = None                               # pipelines.best_model.RegisteredModel, once logged
 
     @functools.cached_property
     def configs(self) -> list[aggregate.ConfigResult]:
@@ -218,6 +220,10 @@ def print_summary(summary: SweepSummary, file=None) -> None:
         b = summary.best
         print(f"best single trial: {b.trial_id} {b.config} -> "
               + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
+    if summary.model is not None:
+        m = summary.model
+        print(f"best model: {m.uri} (trial {m.trial_id}, checkpoint {m.checkpoint}); load it with "
+              f"mlflow.pyfunc.load_model({m.uri!r}).predict(image_hwc_uint8)", file=file)
     print(f"\n{summary.outcome()}", file=file)
     print(f"TensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
     print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)

@@ -95,9 +95,16 @@ def init_ray(cfg: ExperimentConfig, include_dashboard: Optional[bool] = None) ->
 def _scheduler(cfg: ExperimentConfig):
     if cfg.scheduler.type == "fifo":
         return None
+    s = cfg.scheduler
+    if s.type == "asha_configs":
+        from pipelines.asha import ConfigASHA
+
+        return ConfigASHA(metric=s.metric, mode=s.mode, time_attr=TIME_ATTRS[s.time_attr],
+                          max_t=s.max_t or cfg.evals_per_trial, grace_period=s.grace_period,
+                          reduction_factor=s.reduction_factor, seeds=cfg.seeds,
+                          max_running=cfg.search.max_concurrent_trials, default_seed=cfg.seed)
     from ray.tune.schedulers import ASHAScheduler
 
-    s = cfg.scheduler
     return ASHAScheduler(time_attr=TIME_ATTRS[s.time_attr], max_t=s.max_t or cfg.evals_per_trial,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
@@ -116,8 +123,10 @@ def _search_alg(cfg: ExperimentConfig):
                             seed=cfg.search.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself
-    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=cfg.search.max_concurrent_trials or 0)
+    # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself. It counts
+    # paused trials as running, so under asha_configs (which pauses trials at rungs) the scheduler applies it.
+    limit = 0 if cfg.scheduler.type == "asha_configs" else cfg.search.max_concurrent_trials or 0
+    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=limit)
 
 
 def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -205,8 +214,13 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
 def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[str] = None,
               force_pretrain: bool = False,
               trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
-              progress: bool = True, include_dashboard: Optional[bool] = None) -> SweepSummary:
+              progress: bool = True, include_dashboard: Optional[bool] = None, register: bool = True,
+              model_name: Optional[str] = None) -> SweepSummary:
     """Run (or, with resume, continue) the sweep described by cfg and return its summary.
+
+    At the end the best checkpoint is logged on the sweep's MLflow run and registered as ``model_name`` (default
+    the sweep's name; ``register=False``: logged, not registered), unless the sweep was interrupted
+    (:mod:`pipelines.best_model`).
 
     trainable_fn: a stand-in for pipelines.trainable.train_trial with the same signature (tests wrap it to inject
     faults); callbacks: extra Tune callbacks (a resumed sweep gets back the original ones from tuner.pkl);
@@ -244,9 +258,14 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     handler_before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     interrupted = _tune_was_interrupted(handler_before)
-    return summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
-                     tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
-                     completed=completed_trials(cfg.name) if interrupted else None)
+    summary = summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
+                        tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
+                        completed=completed_trials(cfg.name) if interrupted else None)
+    if not interrupted:
+        from pipelines.best_model import log_best_model_safely
+
+        summary.model = log_best_model_safely(cfg, summary, results, register=register, name=model_name)
+    return summary
 
 
 def _tune_was_interrupted(handler_before) -> bool:
@@ -318,11 +337,13 @@ def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLik
 
 def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrain: bool = False,
                         storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None,
-                        overrides: Optional[list[str]] = None, errored: Optional[str] = None) -> SweepSummary:
+                        overrides: Optional[list[str]] = None, errored: Optional[str] = None,
+                        register: bool = True, model_name: Optional[str] = None) -> SweepSummary:
     """`ltsweep sweep` / `python -m pipelines.sweep`: load (with `a.b=value` overrides), run, print the summary."""
     cfg = load_experiment_config(config, overrides)
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
-    summary = run_sweep(cfg, resume=resume, errored=errored, force_pretrain=force_pretrain)
+    summary = run_sweep(cfg, resume=resume, errored=errored, force_pretrain=force_pretrain, register=register,
+                        model_name=model_name)
     print_summary(summary)
     return summary
 

@@ -210,6 +210,24 @@ def test_optuna_search_is_optional(tmp_path, base):
     assert gen.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a variant generator
 
 
+def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
+    from pipelines import sweep
+    from pipelines.asha import ConfigASHA
+
+    base["scheduler"] = {"type": "asha_configs", "time_attr": "images", "grace_period": 160, "reduction_factor": 2,
+                         "max_t": 1000}
+    base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3, "seeds": [4, 5]}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    sched = sweep._scheduler(cfg)
+    assert isinstance(sched, ConfigASHA) and sched.milestones == [160, 320, 640] and sched.seeds == [4, 5]
+    assert sched.max_running == 3 and sched.max_t == 1000
+    # the variant generator counts paused trials as running, so the scheduler applies the limit instead
+    assert sweep._search_alg(cfg).max_concurrent == 0
+    base["search"] = {"algorithm": "optuna", "seed": 0}
+    with pytest.raises(ConfigError, match="asha_configs .*needs search.algorithm: basic"):
+        load_experiment_config(_write(tmp_path, base))
+
+
 def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
     from lt_models.losses import LossSpec
     from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER

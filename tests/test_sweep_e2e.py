@@ -273,6 +273,75 @@ def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(
     assert runs["seeded"].data.tags["ltsweep.confirmed_by"] == runs["seeded-confirm"].info.run_id
 
 
+def test_best_model_is_logged_registered_and_predicts(interrupted_and_resumed, workdir):
+    """The resumed sweep's best checkpoint is registered as `main`; models:/main/latest loads with
+    mlflow.pyfunc and detects on one image exactly as the checkpoint's detector does. The interrupted run logged
+    no model."""
+    import mlflow
+    import numpy as np
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from lt_models.inference import detect, load_detector
+
+    cfg, first, resumed, _, _ = interrupted_and_resumed
+    assert first.model is None and resumed.model is not None
+    m = resumed.model
+    assert (m.name, m.version, m.uri) == ("main", "1", "models:/main/1")
+    best = resumed.best_config
+    assert m.trial_id in {t.trial_id for t in best.runs.values()}
+    client = MlflowClient(resumed.tracking_uri)
+    tags = client.get_model_version("main", "1").tags
+    assert tags["ltsweep.sweep_run_id"] == m.run_id and tags["ltsweep.best_model_checkpoint"] == m.checkpoint
+    assert tags["ltsweep.pretrain_sha256"] == resumed.stage1[0].sha256 and len(tags["ltsweep.dataset_fingerprint"]) == 64
+    # the checkpoint is the trial's best evaluation by the sweep's metric
+    evals = trial_results(next(t.path for t in resumed.trials if t.trial_id == m.trial_id))
+    best_epoch = max(evals, key=lambda r: (r["AP"], r["epoch"]))["epoch"]
+    assert json.loads(Path(m.checkpoint, "metrics.json").read_text())["epoch"] in {
+        r["epoch"] for r in evals if r["AP"] == evals[best_epoch - 1]["AP"]}
+
+    mlflow.set_tracking_uri(resumed.tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model("models:/main/latest")
+    finally:
+        mlflow.set_tracking_uri(None)
+    val = json.loads((workdir / "data/val.json").read_text())
+    image = np.asarray(Image.open(workdir / "data/images" / val["images"][0]["file_name"]).convert("RGB"))
+    out = model.predict(image)
+    assert set(out) == {"boxes", "category_ids", "scores"} and out["boxes"].shape == (len(out["scores"]), 4)
+    assert set(out["category_ids"].tolist()) <= {c["id"] for c in val["categories"]}
+    assert np.all(np.diff(out["scores"]) <= 0)  # best first
+    detector, label_to_cat_id = load_detector(m.checkpoint)
+    ref = detect(detector, label_to_cat_id, image)
+    for key in out:
+        np.testing.assert_allclose(out[key], ref[key], rtol=1e-5, atol=1e-5)
+
+
+def test_asha_over_configurations_pauses_promotes_and_keeps_one_run_per_trial(seeded_and_confirmed, workdir, capsys):
+    """scheduler.type asha_configs with the production trainable: 3 configurations x 2 seeds, rungs at 1 and 2 of
+    3 evaluations (η = 2). Rung 1 promotes ⌊3/2⌋ = 1 configuration (both seeds); rung 2 then holds 1, so the best
+    there is promoted to the full schedule. Paused trials resume from their checkpoints and keep their MLflow run."""
+    from mlflow import MlflowClient
+
+    cfg = make_cfg(workdir, "asha-configs", space={"lam": {"grid": [0.0, 0.5, 1.0]}},
+                   scheduler={"type": "asha_configs", "grace_period": 1, "reduction_factor": 2},
+                   search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]})
+    s = sweep.run_sweep(cfg, verbose=0)
+    assert s.exit_code() == 0 and s.errored == 0 and len(s.trials) == 6
+    evals = {(t.config["lam"], t.config["seed"]): t.evaluations for t in s.trials}
+    full = [lam for lam in (0.0, 0.5, 1.0) if evals[(lam, 0)] == evals[(lam, 1)] == STAGE2_EPOCHS]
+    assert len(full) == 1 and sorted(evals.values()) == [1, 1, 1, 1, 3, 3]  # 10 of the grid's 18 trial-epochs
+    assert s.best_config is not None and s.best_config.full and s.best_config.config == {"lam": full[0]}
+    assert s.stopped_early == 4 and "ASHA: promoted lam=" in capsys.readouterr().out
+    for t in s.trials:  # a paused trial continued from its checkpoint: every epoch reported once, in order
+        assert [r["epoch"] for r in trial_results(t.path)] == list(range(1, t.evaluations + 1))
+    client = MlflowClient(s.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'trial'")
+    assert sorted(r.data.tags["ltsweep.trial_id"] for r in runs) == sorted(t.trial_id for t in s.trials)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
 def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed):
     from mlflow import MlflowClient
 
@@ -290,6 +359,17 @@ def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed
     trial_runs = role("trial")
     assert sorted(r.data.tags["ltsweep.trial_id"] for r in trial_runs) == sorted(t.trial_id for t in resumed.trials)
     assert all(r.data.params["pretrain_sha256"] == resumed.stage1[0].sha256 for r in trial_runs)
+    # lineage: the stage-1 run and the runs that start from it name each other; every run lists its datasets
+    pretrain, sweep_run = role("pretrain")[0], role("sweep")[0]
+    assert json.loads(sweep_run.data.tags["ltsweep.pretrain_runs"]) == {"0": pretrain.info.run_id}
+    assert json.loads(pretrain.data.tags["ltsweep.sweep_runs"]) == [sweep_run.info.run_id]
+    assert {r.data.tags["ltsweep.pretrain_run_id"] for r in trial_runs} == {pretrain.info.run_id}
+    fingerprint = sweep_run.data.tags["ltsweep.dataset_fingerprint"]
+    for run in [sweep_run, pretrain, *trial_runs]:
+        inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
+        assert sorted(inputs) == ["training", "validation"], run.info.run_id
+        assert inputs["training"].digest == fingerprint[:16] and "train.json" in inputs["training"].source
+        assert run.data.tags["mlflow.source.name"] == "ltsweep"
 
 
 def faulty_trial(config, experiment, stage1=None, shared=None):
