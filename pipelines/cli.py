@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_confirm)
 
     c = sub.add_parser("compare", help="best configuration of each sweep side by side (table + PNG)")
-    c.add_argument("sweeps", nargs="+", help="sweep names (their YAML `name:`)")
+    c.add_argument("sweeps", nargs="+", help="sweep names (their YAML `name:`) or run ids of sweep runs")
     c.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///results/mlflow.db)")
     c.add_argument("--out", type=Path, default=Path("compare.png"), help="where to write the PNG of grouped bars")
     c.add_argument("--json", action="store_true", help="print one JSON document (the rows) instead of the table")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +25,24 @@ from pipelines.schema import (BUCKET_METRICS, MAX_T_TAG, METRIC_TAG, MODE_TAG, R
 def _latest_sweep_run(client, experiment_id: str):
     runs = search_tagged(client, experiment_id, {ROLE_TAG: ROLE_SWEEP})
     return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
+
+
+def _resolve(client, name: str):
+    """A sweep named by its experiment name (its latest sweep run) or by the run id of a sweep run."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None and exp.lifecycle_stage != "deleted":
+        return exp, _latest_sweep_run(client, exp.experiment_id)
+    if re.fullmatch(r"[0-9a-f]{32}", name):
+        try:
+            run = client.get_run(name)
+        except Exception:  # noqa: BLE001 - not a run id of this store: the error below says what was looked for
+            run = None
+        if run is not None and run.data.tags.get(ROLE_TAG) == ROLE_SWEEP:
+            return client.get_experiment(run.info.experiment_id), run
+    known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
+    raise ConfigError(f"ltsweep compare: no sweep named {name!r} (an experiment name or the run id of a sweep run) "
+                      f"in {client.tracking_uri} (sweeps there: {', '.join(known) or 'none'}); check the name or "
+                      "pass --tracking-uri")
 
 
 def _ci(row: Mapping[str, Any], m: str) -> str:
@@ -91,12 +110,7 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
     uri = client.tracking_uri
     out: list[dict[str, Any]] = []
     for name in sweeps:
-        exp = client.get_experiment_by_name(name)
-        if exp is None or exp.lifecycle_stage == "deleted":
-            known = sorted(e.name for e in client.search_experiments() if e.name != "Default")
-            raise ConfigError(f"ltsweep compare: no sweep named {name!r} in {uri} (sweeps there: "
-                              f"{', '.join(known) or 'none'}); check the name or pass --tracking-uri")
-        parent = _latest_sweep_run(client, exp.experiment_id)
+        exp, parent = _resolve(client, name)
         if parent is None:
             raise ConfigError(f"ltsweep compare: experiment {name!r} in {uri} has no ltsweep sweep run "
                               "(tag ltsweep.role=sweep); was it logged by `ltsweep sweep`?")
@@ -116,7 +130,7 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
         sign = 1.0 if mode == "max" else -1.0
         top = max((r for r in best.runs.values() if _num(r.get(metric)) is not None),
                   key=lambda r: sign * float(r[metric]))
-        out.append({"sweep": name, "trial_id": top["trial_id"], "run_id": top["run_id"],
+        out.append({"sweep": exp.name, "trial_id": top["trial_id"], "run_id": top["run_id"],
                     "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode, "n": best.n,
                     **{m: best.stats[m].mean if m in best.stats else top.get(m) for m in REPORT_TABLE_METRICS},
                     "stats": best.stats, "iterations": top["iterations"], "n_trials": len(rows),

@@ -148,6 +148,9 @@ def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
     assert out.splitlines()[0].split()[:5] == ["sweep", "best", "trial", "n", "AP"]
     assert "cmp-b_00001" in out and "0.600" in out and "0.900" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
+    # a sweep run id names the same sweep as its experiment name
+    by_id = compare_sweeps(open_store(uri), [rows[1]["parent_run_id"]], out_png=tmp_path / "d.png", quiet=True)
+    assert by_id[0]["sweep"] == "cmp-b" and by_id[0]["trial_id"] == "cmp-b_00001" and by_id[0]["parent_run_id"] == rows[1]["parent_run_id"]
 
 
 def test_compare_errors_name_the_problem(store, tmp_path):
