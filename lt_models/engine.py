@@ -232,12 +232,16 @@ def _loader(dataset, batch_size, sampler, workers, device):
                                        persistent_workers=False)
 
 
-def evaluate(model, val_loader, val_ds, val_ann, device, progress=None, frequency=None) -> dict:
-    """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis``. ``frequency``
-    ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets; ``train`` passes the training set's, so
-    APr/APc/APf always bucket classes by their training frequency."""
-    from lt_models.evaluation import evaluate_lvis
+def evaluate(model, val_loader, val_ds, val_ann, device, progress=None, frequency=None, metric: str = "lvis",
+             hierarchy: str | None = None) -> dict:
+    """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis`` (``metric="lvis"``)
+    or ``evaluate_openimages`` (``"openimages"``: the challenge AP@0.5 with the class ``hierarchy``, reported as
+    both AP and AP50). ``frequency`` ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets;
+    ``train`` passes the training set's, so APr/APc/APf always bucket classes by their training frequency."""
+    from lt_models.evaluation import evaluate_lvis, evaluate_openimages
     dets = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
+    if metric == "openimages":
+        return evaluate_openimages(val_ann, dets, hierarchy, frequency=frequency)
     return evaluate_lvis(val_ann, dets, frequency=frequency)
 
 
@@ -351,7 +355,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         if done % spec.eval_every != 0 and done != spec.epochs:
             continue
         res = evaluate(model, val_loader, val_ds, spec.val_ann, device, progress=spec.progress,
-                       frequency=train_buckets)
+                       frequency=train_buckets, metric=spec.eval_metric, hierarchy=spec.hierarchy_file)
         metrics = {k: v for k, v in res.items()}
         metrics.update(loss=last_loss, epoch=done, iteration=iteration, images=images,
                        train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])

@@ -23,6 +23,7 @@ from lt_models.losses import LossSpec
 from lt_models.samplers import SamplerSpec
 
 STAGES = ("stage1", "stage2", "one_stage")
+EVAL_METRICS = ("lvis", "openimages")  # how a run evaluates: LVIS AP, or the Open Images challenge AP@0.5
 STAGE1_SAMPLER = SamplerSpec("nonbalance")
 STAGE1_LOSS = LossSpec("softmax")
 STAGE1_LOSSES = ("softmax", "concurrent_softmax")  # the losses a stage 1 may train with (its scores: the loss's own)
@@ -37,7 +38,9 @@ class TrainSpec:
     ``decoupled``: false | "cls" | "box_head" (stage 2 only). ``device``: "auto" | "cpu" | "cuda[:i]".
     ``num_threads``: CPU threads for torch (None keeps torch's default). ``progress``: None = only on a tty.
     ``hflip``: random horizontal flips of training images (the papers' only augmentation). ``skip_invalid``: skip
-    malformed annotation records (counted) instead of raising AnnotationError.
+    malformed annotation records (counted) instead of raising AnnotationError. ``eval_metric``: ``lvis`` (LVIS
+    AP, the default) or ``openimages`` (the Open Images challenge AP@0.5 with hierarchy expansion, needs
+    ``hierarchy_file``), reported as AP.
     """
 
     train_ann: str
@@ -75,6 +78,7 @@ class TrainSpec:
     hflip: bool = True
     progress: bool | None = None
     keep_checkpoints: int = 1
+    eval_metric: str = "lvis"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -118,6 +122,11 @@ class TrainSpec:
         if self.decoupled and self.stage != "stage2":
             raise ConfigError(f"decoupled = {self.decoupled!r} needs stage = 'stage2' (it freezes a trained "
                               f"representation), got stage = {self.stage!r}")
+        if self.eval_metric not in EVAL_METRICS:
+            raise ConfigError(f"eval_metric = {self.eval_metric!r}: choose one of {', '.join(EVAL_METRICS)}")
+        if self.eval_metric == "openimages" and not self.hierarchy_file:
+            raise ConfigError("eval_metric = 'openimages' expands labels up the class hierarchy: set hierarchy_file "
+                              "(data.hierarchy)")
         for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

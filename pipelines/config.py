@@ -237,7 +237,7 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
         batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
         eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,
         device=device,
-        workers=s.workers, progress=progress)
+        workers=s.workers, progress=progress, eval_metric=cfg.eval.metric)
 
 
 def _str(p: Optional[Path]) -> Optional[str]:

@@ -76,7 +76,11 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
     for seed, ckpt in (summary.stage1 or {}).items():
         print(f"stage 1 ({ckpt.sha256[:12]}, seed {seed}) was trained once and restored by every trial of that seed")
     print("\nopen the dashboards:")
-    print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1   # then http://127.0.0.1:5000")
+    print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1")
+    if summary.experiment_id is not None:
+        from pipelines.mlflow_store import runs_table_url
+
+        print(f"  # then {runs_table_url(summary.experiment_id)}")
     print(f"  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1        # then http://127.0.0.1:6006")
     sys.stdout.flush()
     return summary.exit_code()

@@ -188,6 +188,9 @@ def _read_by(values: Stage2Config, fields: dict[str, str], reads: tuple[str, ...
 
 class EvalConfig(_Strict):
     every: int = Field(1, ge=1, description="evaluate and report to Tune every N epochs")
+    metric: Literal["lvis", "openimages"] = Field(
+        "lvis", description="lvis = LVIS AP; openimages = the Open Images challenge AP@0.5 (hierarchy expansion, "
+                            "image-level labels, group-of; needs data.hierarchy), reported as AP and AP50")
 
 
 class ResourcesConfig(_Strict):
@@ -321,6 +324,13 @@ class ExperimentConfig(_Strict):
                     + f"; searchable: {', '.join(SEARCHABLE)}")
             for i, value in enumerate(param.values_to_check()):
                 self._check_stage2({key: value}, f"space.{key}.{param.kind}[{i}] = {value!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _metric_has_its_inputs(self):
+        if self.eval.metric == "openimages" and self.data.hierarchy is None:
+            raise ValueError("eval.metric openimages expands labels up the class hierarchy: set data.hierarchy (the "
+                             "Open Images hierarchy JSON)")
         return self
 
     @model_validator(mode="after")

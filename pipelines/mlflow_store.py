@@ -27,9 +27,19 @@ from lt_models.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# The MLflow UI opens an experiment with this kind on its runs table ("Model training"), not on GenAI traces
+# The experiment kind of a model-training experiment. MLflow 3.17's UI does not follow it yet: its mode ("GenAI" /
+# "Model training") comes from the URL's workflowType or the browser's last choice, so ltsweep prints
+# runs_table_url(), which opens the runs table in Model training mode.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def runs_table_url(experiment_id: str, ui: str = MLFLOW_UI) -> str:
+    """The MLflow UI's runs table of an experiment, in Model training mode (not the GenAI overview)."""
+    return f"{ui}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 #: where `ltsweep sweep` keeps results unless the config says otherwise (pipelines.config.RunSettings.storage_path)
 DEFAULT_STORAGE_PATH = Path("results")
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH

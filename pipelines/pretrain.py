@@ -101,6 +101,8 @@ def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
         "expand_parents": cfg.data.expand_parents,
         "code": code_fingerprint(),
     }
+    if cfg.eval.metric != "lvis":  # the cached stage-1 metrics are in this metric
+        identity["eval_metric"] = cfg.eval.metric
     uses_rate = cfg.stage1.loss == "concurrent_softmax"  # r_ij depends on the hierarchy and its leaf/parent rate
     if cfg.data.hierarchy is not None and (cfg.data.expand_parents or uses_rate):  # parents change labels or r_ij
         identity["hierarchy"] = hashlib.sha256(Path(cfg.data.hierarchy).read_bytes()).hexdigest()

@@ -62,6 +62,7 @@ class SweepSummary:
     baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
     interrupted: bool = False                       # Ctrl+C (SIGINT) ended the sweep before every trial finished
     model: Any = None                               # pipelines.best_model.RegisteredModel, once logged
+    experiment_id: Optional[str] = None             # the sweep's MLflow experiment
 
     @functools.cached_property
     def configs(self) -> list[aggregate.ConfigResult]:
@@ -227,3 +228,7 @@ def print_summary(summary: SweepSummary, file=None) -> None:
     print(f"\n{summary.outcome()}", file=file)
     print(f"TensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
     print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)
+    if summary.experiment_id is not None:
+        from pipelines.mlflow_store import runs_table_url
+
+        print(f"              then {runs_table_url(summary.experiment_id)}", file=file)

@@ -261,11 +261,23 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     summary = summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
                         tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
                         completed=completed_trials(cfg.name) if interrupted else None)
+    summary.experiment_id = _experiment_id(summary)
     if not interrupted:
         from pipelines.best_model import log_best_model_safely
 
         summary.model = log_best_model_safely(cfg, summary, results, register=register, name=model_name)
     return summary
+
+
+def _experiment_id(summary: SweepSummary) -> Optional[str]:
+    """The sweep's MLflow experiment id (for the UI link the summary prints), or None if the store cannot say."""
+    from pipelines.mlflow_store import open_store
+
+    try:
+        exp = open_store(summary.tracking_uri).get_experiment_by_name(summary.name)
+    except Exception:  # noqa: BLE001 - only a link in the printout depends on it
+        return None
+    return None if exp is None else exp.experiment_id
 
 
 def _tune_was_interrupted(handler_before) -> bool:

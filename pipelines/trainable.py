@@ -9,9 +9,11 @@ A trial
      the Tune checkpoint (Tune copies it to storage before `report` returns).
 
 Torch uses as many threads as the trial has CPUs, and CUDA when Ray gave the trial a GPU (`config.compute`). A
-non-finite loss
-ends the trial with `TrialDivergedError` (the rest of the sweep goes on); a marker in the trial's
-working dir makes Tune's retries of that trial fail at once instead of re-running the same divergence.
+non-finite loss ends the trial with `TrialDivergedError` (the rest of the sweep goes on). A marker file
+(`DIVERGED_MARKER`) in the trial's *storage* directory (`<run.storage_path>/<sweep>/<trial dir>`, where Tune keeps
+its checkpoints and result.json) makes every later attempt of that trial fail at once instead of re-running the same
+divergence: Tune's retries (on any node), `--resume` and `--resume-errored` in a new Ray session. `--restart-errored`
+trains it again: Tune gives a restarted trial a new id, hence a new trial directory without the marker.
 """
 from __future__ import annotations
 
@@ -50,6 +52,36 @@ def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> di
     return result
 
 
+def _marker_location() -> tuple[Any, str]:
+    """(pyarrow filesystem, path on it) of this trial's divergence marker, in the trial's directory on the run's
+    storage (Tune's `StorageContext`: `storage_filesystem` + `trial_fs_path`). That is the shared storage_path on a
+    cluster (or whatever filesystem a `pyarrow.fs` URI names), so the marker outlives the node-local working dir and
+    the Ray session."""
+    storage = tune.get_context().get_storage()
+    return storage.storage_filesystem, f"{storage.trial_fs_path.rstrip('/')}/{DIVERGED_MARKER}"
+
+
+def read_diverged_marker(fs, path: str) -> Optional[str]:
+    """The marker's text if the trial diverged in an earlier attempt, else None."""
+    from pyarrow import fs as pafs
+
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read().decode("utf-8", errors="replace")
+
+
+def write_diverged_marker(fs, path: str, text: str) -> None:
+    """Write the marker whole or not at all: a temp file beside it, then a move (a rename on local storage and NFS;
+    object stores have no partial objects anyway)."""
+    parent, name = path.rsplit("/", 1)
+    fs.create_dir(parent, recursive=True)
+    tmp = f"{parent}/.{name}.tmp"
+    with fs.open_output_stream(tmp) as f:
+        f.write(text.encode("utf-8"))
+    fs.move(tmp, path)
+
+
 def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Optional[dict[str, str]] = None,
                 shared: Optional[dict[str, Any]] = None) -> None:
     """Tune function trainable. `config`: the trial's sampled stage-2 values and its training `seed` (a Tune trial
@@ -61,10 +93,11 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
 
     # one "Checkpoint successfully created" INFO line per report is noise next to the driver's progress lines
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
-    workdir = Path.cwd()  # Tune runs each trial in its own working directory
-    marker = workdir / DIVERGED_MARKER
-    if marker.is_file():
-        raise TrialDivergedError(marker.read_text())
+    workdir = Path.cwd()  # Tune runs each trial in its own (node-local) working directory
+    marker_fs, marker = _marker_location()
+    diverged = read_diverged_marker(marker_fs, marker)
+    if diverged is not None:  # an earlier attempt diverged: the same settings would diverge again
+        raise TrialDivergedError(diverged)
 
     device, threads = compute(experiment)
     spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
@@ -89,5 +122,5 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
     except engine.NonFiniteLossError as exc:
         msg = (f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "
                "without it; to keep such settings, lower stage2.lr or raise stage2.warmup.")
-        marker.write_text(msg)
+        write_diverged_marker(marker_fs, marker, msg)
         raise TrialDivergedError(msg) from None

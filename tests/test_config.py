@@ -210,6 +210,23 @@ def test_optuna_search_is_optional(tmp_path, base):
     assert gen.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a variant generator
 
 
+def test_openimages_metric_needs_the_hierarchy_and_reaches_the_train_spec(tmp_path, base):
+    from pipelines.config import train_spec
+
+    (tmp_path / "hierarchy.json").write_text(json.dumps({"LabelName": "root"}))
+    base["data"]["hierarchy"] = str(tmp_path / "hierarchy.json")
+    base["eval"] = {"every": 1, "metric": "openimages"}
+    cfg = load_experiment_config(_write(tmp_path, base))
+    assert train_spec(cfg, "stage2", {}).eval_metric == "openimages"
+    assert train_spec(cfg, "stage1").eval_metric == "openimages"  # stage 1 is scored the same way
+    base["data"] = {k: v for k, v in base["data"].items() if k != "hierarchy"}
+    with pytest.raises(ConfigError, match="eval.metric openimages .*set data.hierarchy"):
+        load_experiment_config(_write(tmp_path, base))
+    base["eval"] = {"every": 1, "metric": "coco"}
+    with pytest.raises(ConfigError, match="eval.metric"):
+        load_experiment_config(_write(tmp_path, base))
+
+
 def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
     from pipelines import sweep
     from pipelines.asha import ConfigASHA

@@ -342,6 +342,43 @@ def test_asha_over_configurations_pauses_promotes_and_keeps_one_run_per_trial(se
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
+def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_and_resumed, workdir):
+    """eval.metric openimages: every evaluation reports the Open Images challenge AP@0.5 (hierarchy expansion) as
+    AP and AP50, the number evaluate_openimages gives on the checkpoint's own detections; MLflow logs the same."""
+    import torch
+    from mlflow import MlflowClient
+
+    from lt_models.datasets import LVISDetection, collate_detection
+    from lt_models.engine import predict
+    from lt_models.evaluation import evaluate_lvis, evaluate_openimages
+    from lt_models.inference import load_detector
+
+    cfg = make_cfg(workdir, "oi-metric", space={"lam": {"grid": [0.5]}}, scheduler={"type": "fifo"},
+                   eval={"every": 1, "metric": "openimages"},
+                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24})
+    s = sweep.run_sweep(cfg, verbose=0, register=False)
+    assert s.exit_code() == 0 and len(s.trials) == 1
+    trial = s.trials[0]
+    reported = trial_results(trial.path)[-1]
+    ckpt = next(Path(trial.path).glob("checkpoint_*"))
+    ckpt_dir = next(p.parent for p in ckpt.rglob("checkpoint.pt"))
+    model, label_to_cat_id = load_detector(ckpt_dir)
+    val = LVISDetection(str(cfg.data.val), None, hierarchy_file=str(cfg.data.hierarchy), train=False)
+    loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=collate_detection)
+    dets = predict(model, loader, torch.device("cpu"), label_to_cat_id, progress=False)
+    train_buckets = dict(zip(*(lambda d: (d.cat_ids, d.frequency))(
+        LVISDetection(str(cfg.data.train), None, hierarchy_file=str(cfg.data.hierarchy), train=True))))
+    oi = evaluate_openimages(str(cfg.data.val), dets, str(cfg.data.hierarchy), frequency=train_buckets)
+    assert reported["AP"] == pytest.approx(oi["AP"], abs=1e-9) and reported["AP50"] == pytest.approx(oi["AP50"])
+    assert reported["APr"] == pytest.approx(oi["APr"], abs=1e-9)
+    lvis = evaluate_lvis(str(cfg.data.val), dets, frequency=train_buckets)
+    assert lvis["AP"] != pytest.approx(oi["AP"])  # a different number: the sweep really used the OI metric
+    client = MlflowClient(s.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.name)
+    run = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'trial'")[0]
+    assert run.data.metrics["AP"] == pytest.approx(reported["AP"])
+
+
 def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed):
     from mlflow import MlflowClient
 
