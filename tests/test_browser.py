@@ -19,8 +19,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +26,9 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+import test_tracking  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
+from test_tracking import _free_port, expected_metrics, stop_process_group, synthetic_trial  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -118,27 +119,7 @@ def save_screenshot(driver, name: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------------------------
 # the sweep: Ray Tune + MLflowSweepCallback with a synthetic trainable (shipped to the workers by value)
-def expected_metrics(config: dict, it: int) -> dict:
-    """What the synthetic trainable reports at iteration `it` (closed form: tests/test_tracking.py's)."""
-    ap = round(0.1 + 0.1 * config["lam"] + 0.05 * config["xi"] + 0.01 * it, 6)
-    return {"AP": ap, "AP50": ap + 0.2, "APr": ap * 0.5, "APc": ap * 0.9, "APf": ap * 1.2, "loss": 1.0 / it,
-            "epoch": float(it)}
-
-
-def synthetic_trial(config: dict) -> None:
-    from ray import tune
-
-    for it in range(1, config["reports"] + 1):
-        m = expected_metrics(config, it)
-        m["per_class"] = {1: m["APr"], 2: m["APc"], 3: m["APf"]}
-        m["pretrain_sha256"] = config["sha"]
-        tune.report(m)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# the synthetic trainable and its closed-form metrics are tests/test_tracking.py's
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +149,7 @@ def sweep(tmp_path_factory):
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             # the trainable lives in this test module, which Ray's workers cannot import: ship it by value
-            ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+            ray.cloudpickle.register_pickle_by_value(test_tracking)
             params = {"name": NAME, "dataset_fingerprint": "d" * 64, "scheduler": {"metric": "AP", "mode": "max"},
                       "stage2": {"epochs": REPORTS}, "eval": {"every": 1},
                       "space": {"lam": {"grid": list(LAMS)}, "xi": {"grid": list(XIS)}}}
@@ -212,13 +193,7 @@ def sweep(tmp_path_factory):
         yield {"uri": uri, "url": url, "root": root, "client": client, "experiment": exp, "parent": parent,
                "trials": {r.data.tags["ltsweep.trial_id"]: r for r in trials}, "server_log": server_log}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_process_group(proc)
         log.close()
 
 

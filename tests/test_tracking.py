@@ -126,6 +126,12 @@ def mlflow_server_proc(tmp_path_factory):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "root": root, "log": root / "server.log"}
+    stop_process_group(proc)
+    log.close()
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group a server was started in (start_new_session=True), SIGKILL it after 30 s."""
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -133,7 +139,6 @@ def mlflow_server_proc(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    log.close()
 
 
 @pytest.fixture(scope="module")
