@@ -102,8 +102,9 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
     ``client``: an MlflowClient of the store holding the sweeps (`ltsweep compare` opens it with
     :func:`pipelines.mlflow_store.open_store`). Prints a table (n, AP, AP50, APr, APc, APf as mean [95% CI],
     evaluations, trials, searched values) and writes a PNG of grouped bars to ``out_png``. Returns one dict per
-    sweep: the means under the metric names, their :class:`pipelines.aggregate.Stat` under ``stats``, and the best
-    single run of that configuration (``trial_id``, ``run_id``).
+    sweep: the means under the metric names, their :class:`pipelines.aggregate.Stat` under ``stats``, the best
+    single run of that configuration (``trial_id``, ``run_id``), and the sweep-level metrics of the sweep run
+    (``sweep_metrics``).
     """
     if not sweeps:
         raise ConfigError("ltsweep compare: name at least one sweep (the `name:` of its YAML)")
@@ -134,7 +135,10 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
                     "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode, "n": best.n,
                     **{m: best.stats[m].mean if m in best.stats else top.get(m) for m in REPORT_TABLE_METRICS},
                     "stats": best.stats, "iterations": top["iterations"], "n_trials": len(rows),
-                    "params": {k: str(v) for k, v in best.config.items()}})
+                    "params": {k: str(v) for k, v in best.config.items()},
+                    # what the sweep logged on its own run: AP.. (+ _ci_low / _ci_high), best_n, trials,
+                    # stopped_early, errored, trial_epochs
+                    "sweep_metrics": dict(parent.data.metrics)})
     png = plot_compare(out, out_png)
     if not quiet:  # `ltsweep compare --json` prints the rows instead
         print(format_compare_table(out))

@@ -210,3 +210,7 @@ def test_seeds_are_aggregated_in_the_report_the_run_and_compare(store, tmp_path,
     assert cli.main(["compare", "seeded", "--json", "--tracking-uri", uri, "--out", str(tmp_path / "j.png")]) == 0
     (doc,) = json.loads(capsys.readouterr().out)  # one strict JSON document
     assert doc["n"] == 3 and doc["AP"] == pytest.approx(0.32) and doc["stats"]["AP"]["ci_low"] < 0.32
+    sweep_metrics = doc["sweep_metrics"]  # read back from the sweep run, as logged there
+    assert sweep_metrics["trials"] == 6 and sweep_metrics["errored"] == 0 and sweep_metrics["best_n"] == 3
+    assert sweep_metrics["AP"] == pytest.approx(0.32) and sweep_metrics["AP_ci_low"] < 0.32
+    assert {"stopped_early", "trial_epochs", "AP50", "APr", "APc", "APf"} <= set(sweep_metrics)
