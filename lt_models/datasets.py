@@ -1,8 +1,9 @@
 """LVIS/COCO-format annotations -> torch Dataset with multi-hot targets.
 
 Boxes of one image whose IoU is >= 0.95 (or that are identical) are one physical object carrying several
-labels (the concurrent-softmax paper's explicit multi-label case, §3). `group_duplicate_boxes` is the single
-place that decides which boxes merge; the dataset and `lt_models.concurrency` both use it.
+labels (the concurrent-softmax paper's explicit multi-label case, §3). `group_duplicate_boxes` states the rule
+that decides which boxes merge; the dataset uses it, and `lt_models.concurrency` applies the same rule vectorised
+over all images (tests/test_concurrency_vectorised.py keeps the two in step).
 
 Label space: categories are sorted by id; contiguous label ``l = index + 1`` in 1..C; column 0 of every
 K = C+1 tensor is background.
@@ -26,8 +27,9 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter, defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -115,13 +117,23 @@ def image_file_name(img: dict) -> str | None:
     """Image path relative to the image folder: `file_name`, else ``<split>/<file>`` from `coco_url`.
 
     LVIS v1 has no `file_name`; its val set mixes COCO train2017 and val2017 images, so for LVIS v1 the image
-    folder is the COCO root holding train2017/ and val2017/ (as in detectron2).
+    folder is the COCO root holding train2017/ and val2017/ (as in detectron2): the last two path components of
+    the URL, e.g. ``http://images.cocodataset.org/train2017/000000391895.jpg`` -> ``train2017/000000391895.jpg``.
+    `file_name` (LVIS v0.5, COCO, the synthetic benchmark) wins when both are present.
     """
     if img.get("file_name"):
         return str(img["file_name"])
     if img.get("coco_url"):
-        return "/".join(str(img["coco_url"]).rstrip("/").split("/")[-2:])
+        parts = [p for p in PurePosixPath(urlsplit(str(img["coco_url"])).path).parts if p != "/"]
+        return "/".join(parts[-2:]) or None
     return None
+
+
+def _image_source(img: dict, fname: str) -> str:
+    """Which field an image path came from, for error messages: ``field 'file_name' = 'a.jpg'`` or the URL."""
+    if img.get("file_name"):
+        return f"field 'file_name' = {fname!r}"
+    return f"field 'coco_url' = {str(img['coco_url'])!r} (-> {fname!r})"
 
 
 def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
@@ -181,8 +193,11 @@ def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None 
                 dropped_images.add(iid)
                 continue
             if not (idir / fname).is_file():
-                bad("missing image file", f"image id {iid}: field 'file_name' = {fname!r}: image file "
-                                          f"{idir / fname} does not exist (wrong --images dir?)")
+                where = ("wrong --images dir? For LVIS v1 (coco_url) the image dir (--images, data.image_dir, "
+                         "data.val_image_dir) is the COCO root holding train2017/ and val2017/"
+                         if not img.get("file_name") else "wrong --images dir?")
+                bad("missing image file", f"image id {iid}: {_image_source(img, fname)}: image file "
+                                          f"{idir / fname} does not exist ({where})")
                 dropped_images.add(iid)
                 continue
         rec = dict(img)
@@ -374,8 +389,12 @@ class LVISDetection(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         img = self.images[i]
         path = self.image_dir / img["file_name"]
-        with Image.open(path) as pil:
-            pixels = np.array(pil.convert("RGB"))            # uint8 [H, W, 3], writable copy
+        try:
+            with Image.open(path) as pil:
+                pixels = np.array(pil.convert("RGB"))        # uint8 [H, W, 3], writable copy
+        except FileNotFoundError:                            # removed after the dataset was built
+            raise AnnotationError(f"{self.ann_file}: image id {img['id']}: image file {path} does not exist; "
+                                  f"restore it or fix the image folder ({self.image_dir})") from None
         if pixels.shape[:2] != (int(img["height"]), int(img["width"])):
             raise AnnotationError(f"{self.ann_file}: image id {img['id']}: fields 'width'/'height' = "
                                   f"{img['width']}x{img['height']} but {path} is {pixels.shape[1]}x{pixels.shape[0]}; "

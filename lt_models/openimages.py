@@ -32,21 +32,28 @@ Output, with the same conventions as `lt_models.datasets`:
 Image sizes. The CSVs hold normalised coordinates only, and an LVIS file needs pixels. Sizes come from, in
 order:
 1. `ImageWidth` / `ImageHeight` columns in the boxes CSV or the labels CSV;
-2. the header of the image file ``<out_json dir>/images/<ImageID>.jpg`` (or .png), which is where
-   `LVISDetection` looks for images by default.
-An image with neither is an error that names the ImageID. With ``skip_invalid`` the image is skipped and
-counted. There is no guessed default size, because boxes in a made-up frame would silently disagree with the
-detector's predictions.
+2. an image-sizes CSV (``image_sizes``, ``--image-sizes``) with columns ImageID, ImageWidth, ImageHeight (pixels;
+   other columns are ignored, and so are rows of images this conversion does not use, so one file can serve
+   every split). A size that disagrees with one from 1. is an error;
+3. the header of the image file ``<image_dir>/<ImageID>.jpg`` (or .jpeg, .png), where `image_dir` (``--images``)
+   defaults to ``<out_json dir>/images``, where `LVISDetection` looks for images by default. Only the header is
+   read (PIL, no pixel decoding), by a thread pool, with a tqdm progress bar on a terminal.
+An image without a size is an error that names the ImageID and the file it looked for; so is an image whose
+header cannot be read. With ``skip_invalid`` the image is skipped and counted. There is no guessed default size,
+because boxes in a made-up frame would silently disagree with the detector's predictions.
 """
 from __future__ import annotations
 
 import csv
 import os
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from lt_models.annotations import (category_image_counts, fill_frequency, hierarchy_descendants, load_hierarchy,
                                    name_to_cat_id, read_json)
@@ -55,6 +62,9 @@ from lt_models.errors import AnnotationError
 
 _BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 _LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
+_SIZES_REQUIRED = ("ImageID", "ImageWidth", "ImageHeight")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+_HEADER_CHUNK = 256          # images per thread-pool task when reading headers
 
 
 def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, object]:
@@ -99,15 +109,23 @@ def _read_classes(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def _size_from_file(image_dir: Path, image_id: str) -> tuple[int, int] | None:
-    from PIL import Image
+def _header_sizes(image_dir: Path, image_ids: list[str]) -> list[tuple[str, Path | None, tuple[int, int] | str]]:
+    """(ImageID, image file or None when there is none, (width, height) or the reason the header is unreadable).
 
-    for ext in (".jpg", ".jpeg", ".png"):
-        p = image_dir / f"{image_id}{ext}"
-        if p.is_file():
-            with Image.open(p) as im:   # reads the header only
-                return im.size
-    return None
+    `Image.open` parses the header only; `.size` needs no pixel decoding.
+    """
+    out = []
+    for iid in image_ids:
+        path = next((p for p in (image_dir / f"{iid}{ext}" for ext in IMAGE_SUFFIXES) if p.is_file()), None)
+        if path is None:
+            out.append((iid, None, ""))
+            continue
+        try:
+            with Image.open(path) as im:
+                out.append((iid, path, im.size))
+        except (OSError, ValueError, SyntaxError) as e:   # UnidentifiedImageError is an OSError
+            out.append((iid, path, f"{type(e).__name__}: {e}"))
+    return out
 
 
 @dataclass
@@ -137,6 +155,11 @@ def _categories(classes: list[tuple[str, str]]) -> list[dict]:
 def _note_image(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
     """Register the image and the size its row gives (if any); False if that size is invalid or contradicts."""
     conv.image_index.setdefault(iid, len(conv.image_index) + 1)
+    return _note_size(conv, iid, row, where)
+
+
+def _note_size(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
+    """Record the size a row gives (if any); False if that size is invalid or contradicts an earlier one."""
     w, h = row.get("ImageWidth"), row.get("ImageHeight")
     if w in (None, "") and h in (None, ""):
         return True
@@ -224,18 +247,44 @@ def _read_labels(conv: _Conversion, labels_csv: Path) -> tuple[dict[str, set[int
     return pos_labels, neg_labels
 
 
+def _read_sizes_csv(conv: _Conversion, sizes_csv: Path) -> None:
+    """Sizes of this conversion's images without one, from an ImageID,ImageWidth,ImageHeight CSV."""
+    reader, fh = _open_csv(sizes_csv, _SIZES_REQUIRED)
+    with fh:
+        for line, row in enumerate(reader, start=2):
+            iid = (row["ImageID"] or "").strip()
+            if iid in conv.image_index:
+                _note_size(conv, iid, row, f"{sizes_csv}: line {line}")
+
+
 def _fill_sizes_from_files(conv: _Conversion, image_dir: Path, boxes_csv: Path, labels_csv: Path) -> set[str]:
-    """Read the missing image sizes from the image files' headers; returns the ImageIDs without any size."""
+    """Read the missing image sizes from the image files' headers, in threads; returns the ImageIDs left without."""
+    todo = [iid for iid in conv.image_index if iid not in conv.sizes]
     dropped: set[str] = set()
-    for iid in conv.image_index:
-        if iid not in conv.sizes:
-            wh = _size_from_file(image_dir, iid)
-            if wh is None:
-                conv.bad("no image size", f"ImageID {iid}: no image size: add 'ImageWidth'/'ImageHeight' columns to "
-                                          f"{boxes_csv} (or {labels_csv}) or put the image at {image_dir}/{iid}.jpg")
-                dropped.add(iid)
-                continue
-            conv.sizes[iid] = (float(wh[0]), float(wh[1]))
+    if not todo:
+        return dropped
+    chunks = [todo[i:i + _HEADER_CHUNK] for i in range(0, len(todo), _HEADER_CHUNK)]
+    pool = ThreadPoolExecutor(thread_name_prefix="image-size")
+    try:
+        with tqdm(total=len(todo), desc="image sizes", unit="img", disable=None) as bar:
+            for results in pool.map(_header_sizes, [image_dir] * len(chunks), chunks):
+                for iid, path, size in results:
+                    if path is None:
+                        conv.bad("no image size", f"ImageID {iid}: no image size: add 'ImageWidth'/'ImageHeight' "
+                                                  f"columns to {boxes_csv} (or {labels_csv}), pass --image-sizes CSV "
+                                                  f"(ImageID,ImageWidth,ImageHeight), or put the image at "
+                                                  f"{image_dir / (iid + '.jpg')} (or pass its folder as --images)")
+                        dropped.add(iid)
+                    elif isinstance(size, str):
+                        conv.bad("unreadable image", f"ImageID {iid}: cannot read the image size from the header of "
+                                                     f"{path} ({size}); replace the file (truncated or not an "
+                                                     f"image?) or give its size with --image-sizes CSV")
+                        dropped.add(iid)
+                    else:
+                        conv.sizes[iid] = (float(size[0]), float(size[1]))
+                bar.update(len(results))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)   # on an error: no reading of the remaining headers
     return dropped
 
 
@@ -341,8 +390,13 @@ def _train_image_counts(train_ann: Path, categories: list[dict], classes_csv: Pa
 
 def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
                        hierarchy_json: str | os.PathLike, out_json: str | os.PathLike,
-                       skip_invalid: bool = False, *, train_ann: str | os.PathLike | None = None) -> dict:
+                       skip_invalid: bool = False, *, train_ann: str | os.PathLike | None = None,
+                       image_dir: str | os.PathLike | None = None,
+                       image_sizes: str | os.PathLike | None = None) -> dict:
     """Convert Open Images challenge files into one LVIS-format JSON (see the module docstring); returns a summary.
+
+    `image_sizes`: a CSV ImageID,ImageWidth,ImageHeight; `image_dir`: the folder of ``<ImageID>.jpg`` files whose
+    headers give the remaining sizes (default ``<out_json dir>/images``). See "Image sizes" in the module docstring.
 
     `train_ann`: the already converted training JSON. When given, each category's `frequency` bucket comes from
     that file's image counts for the same MID (pass it for validation/test splits); `image_count` and
@@ -355,6 +409,10 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     """
     boxes_csv, labels_csv, classes_csv = Path(boxes_csv), Path(labels_csv), Path(classes_csv)
     hierarchy_json, out_json = Path(hierarchy_json), Path(out_json)
+    if image_dir is not None and not Path(image_dir).is_dir():
+        raise AnnotationError(f"{image_dir}: image folder not found; --images must be the folder holding the "
+                              f"<ImageID>.jpg files")
+    image_dir = Path(image_dir) if image_dir is not None else out_json.parent / "images"
     categories = _categories(_read_classes(classes_csv))
     hierarchy = load_hierarchy(hierarchy_json, name_to_cat_id(categories))
     conv = _Conversion(classes_csv, {c["mid"]: c["id"] for c in categories}, skip_invalid)
@@ -366,7 +424,9 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
 
     boxes = _read_boxes(conv, boxes_csv)
     pos_labels, neg_labels = _read_labels(conv, labels_csv)
-    dropped = _fill_sizes_from_files(conv, out_json.parent / "images", boxes_csv, labels_csv)
+    if image_sizes is not None:
+        _read_sizes_csv(conv, Path(image_sizes))
+    dropped = _fill_sizes_from_files(conv, image_dir, boxes_csv, labels_csv)
     anns = _annotations(conv, boxes, dropped)
     images = _images(conv, anns, dropped, pos_labels, neg_labels, hierarchy_descendants(hierarchy), categories)
     if not images:

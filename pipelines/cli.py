@@ -44,7 +44,8 @@ def _cmd_convert_openimages(args: argparse.Namespace) -> int:
     from lt_models.openimages import convert_openimages
 
     summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out,
-                                 skip_invalid=args.skip_invalid, train_ann=args.train_ann)
+                                 skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images,
+                                 image_sizes=args.image_sizes)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -187,6 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "its training image counts (matched by MID). Pass it when converting validation/test "
                         "splits (LVIS buckets come from training); without it the buckets come from this file's "
                         "own counts, right for the training split only")
+    s.add_argument("--images", type=Path, default=None, metavar="DIR",
+                   help="folder of the split's images (<ImageID>.jpg): sizes the CSVs lack are read from the image "
+                        "headers (no decoding, in parallel); default <dir of --out>/images")
+    s.add_argument("--image-sizes", type=Path, default=None, metavar="CSV",
+                   help="CSV with columns ImageID,ImageWidth,ImageHeight (pixels) giving image sizes instead of "
+                        "reading the images; rows of other images are ignored")
     s.set_defaults(func=_cmd_convert_openimages)
 
     t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")

@@ -102,19 +102,22 @@ def wait(driver, condition, what: str, timeout: float = WAIT_S):
         pytest.fail(f"timed out after {timeout} s waiting for {what} (at {driver.current_url})")
 
 
-def save_screenshot(driver, name: str) -> Path:
-    """The viewport as docs/<name> (replaced atomically)."""
+def save_screenshot(driver, name: str, tmp_dir: Path) -> Path:
+    """The viewport as a PNG, checked to be 1280x900 and not blank. It goes to docs/<name> (replaced atomically)
+    when LTSWEEP_UPDATE_SCREENSHOTS=1 (how the README's screenshots are made), else to ``tmp_dir``, so a test run
+    leaves the working tree as it was."""
     from PIL import Image
 
-    DOCS.mkdir(exist_ok=True)
+    out = DOCS if os.environ.get("LTSWEEP_UPDATE_SCREENSHOTS") == "1" else tmp_dir
+    out.mkdir(exist_ok=True)
     png = driver.get_screenshot_as_png()
-    tmp = DOCS / f".{name}.tmp"
+    tmp = out / f".{name}.tmp"
     tmp.write_bytes(png)
-    os.replace(tmp, DOCS / name)
-    with Image.open(DOCS / name) as im:
+    os.replace(tmp, out / name)
+    with Image.open(out / name) as im:
         assert im.size == (WIDTH, HEIGHT), im.size
         assert len(im.convert("RGB").getcolors(maxcolors=WIDTH * HEIGHT) or []) > 16  # not a blank page
-    return DOCS / name
+    return out / name
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_report_renders_self_contained_with_every_trial(sweep, browser, tmp_path
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert severe == [], f"console errors on the report page: {severe}"
-    save_screenshot(browser, "sweep_report.png")
+    save_screenshot(browser, "sweep_report.png", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,7 +322,7 @@ def _set_column(driver, title: str, on: bool) -> None:
         nodes[0].find_element("xpath", "./span[contains(@class,'tree-checkbox')]").click()
 
 
-def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, browser):
+def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, browser, tmp_path):
     from selenium.webdriver.common.by import By
 
     exp, parent, trials = sweep["experiment"], sweep["parent"], sweep["trials"]
@@ -392,4 +395,4 @@ def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, br
     assert {k: float(values[k]) for k in shown[1:]} == {"trials": n, "stopped_early": 0, "errored": 0,
                                                       "trial_epochs": n * REPORTS}, values
     _close_assistant(browser)
-    save_screenshot(browser, "mlflow_ui.png")
+    save_screenshot(browser, "mlflow_ui.png", tmp_path)
