@@ -84,6 +84,8 @@ class ConfigASHA(FIFOScheduler):
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
     def on_trial_add(self, tune_controller, trial: Trial):
+        if trial.trial_id in self._key:
+            return  # Tune re-adds a failed trial that it retries: it restarts from its checkpoint, as it is
         key, seed = config_key(trial.config), int(trial_values(trial.config).get("seed", self.default_seed))
         self._key[trial.trial_id], self._seed[trial.trial_id] = key, seed
         self._by_seed.setdefault(key, {})[seed] = trial.trial_id
@@ -92,9 +94,7 @@ class ConfigASHA(FIFOScheduler):
             self._record(trial.trial_id, last, restored=True)
             if float(last[self._time_attr]) >= self.max_t:
                 self._full.add(key)
-        if trial.status == Trial.ERROR:
-            self._dead.add(trial.trial_id)
-        elif trial.status in (Trial.PENDING, Trial.PAUSED):
+        if trial.status in (Trial.PENDING, Trial.PAUSED):
             # Tune starts every PENDING trial that fits the resources; this scheduler chooses instead. A restored
             # trial that waits at a rung stays paused until its configuration is promoted; the others are held
             # until a slot is free.
@@ -113,9 +113,6 @@ class ConfigASHA(FIFOScheduler):
                 self._values[k][trial_id] = float(value)
             if restored and t > m and key not in self._promoted[k]:
                 self._promoted[k].append(key)  # it ran past rung k before the sweep stopped
-
-    def on_trial_error(self, tune_controller, trial: Trial):
-        self._dead.add(trial.trial_id)
 
     def on_trial_remove(self, tune_controller, trial: Trial):
         if trial.trial_id in self._held:
@@ -155,7 +152,10 @@ class ConfigASHA(FIFOScheduler):
         """Promote, at every rung that no live trial is still on its way to, the configurations in the top ⌊n/η⌋
         not promoted yet. On its way to rung k: cleared to go on, with rungs below k recorded (held trials are on
         their way to the first rung, and so are the trials the search has not created yet)."""
-        waiting = {self._next_rung(t.trial_id) for t in tune_controller.get_trials()
+        trials = tune_controller.get_trials()
+        # errored for good (Tune also calls on_trial_error before a retry, so the status is what tells)
+        self._dead = {t.trial_id for t in trials if t.status == Trial.ERROR}
+        waiting = {self._next_rung(t.trial_id) for t in trials
                    if t.status in (Trial.RUNNING, Trial.PENDING, Trial.PAUSED) and t.trial_id in self._key
                    and self._cleared(t.trial_id)}
         if not tune_controller.search_alg.is_finished():

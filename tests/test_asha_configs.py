@@ -36,6 +36,10 @@ def fake_trial(config: dict) -> None:
         with ckpt.as_directory() as d:
             start = json.loads(Path(d, "state.json").read_text())["it"]
     log = Path(config["log_dir"], tune.get_context().get_trial_id() + ".jsonl")
+    flag = Path(config["log_dir"], f"failed-{config['c']}-{config['seed']}")
+    if config.get("fail_c") == config["c"] and not flag.exists():  # the first attempt of that config fails
+        flag.write_text("injected")
+        raise RuntimeError("injected failure before the first report")
     for it in range(start + 1, MAX_T + 1):
         t0 = time.time()
         time.sleep(0.05)  # the iteration's work; its interval is logged to measure how many trials ran at once
@@ -150,9 +154,15 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
     assert sched._held == ["b0", "c0"]                      # may run: past its rungs / not started
     assert [t.status for t in trials[:2]] == [Trial.PAUSED, Trial.PAUSED]  # waiting at rung 1 for a decision
     assert sched._promoted[0] == [config_key({"c": 1})] == sched._promoted[1]
+    sched._decide(ctl)  # (the errored trials are read from the controller's statuses when a rung is decided)
     assert sched._rung_mean(0, config_key({"c": 1})) == 0.9  # the errored seed is left out of the mean
     assert sched._rung_mean(0, config_key({"c": 0})) == pytest.approx(0.4)
     assert ctl.trials[4].status == Trial.PAUSED and sched.choose_trial_to_run(ctl).trial_id == "b0"
+    # Tune re-adds a trial it retries after a failure (and calls on_trial_error first): nothing changes for it
+    trials[3].status = Trial.PENDING
+    sched.on_trial_add(ctl, trials[3])
+    sched.on_trial_error(ctl, trials[3])
+    assert trials[3].status == Trial.PENDING and sched._held == ["c0"]
 
 
 def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_stop():
@@ -177,3 +187,28 @@ def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_
     assert sched.on_trial_result(ctl, chosen, {"training_iteration": 4, "AP": 0.8}) == "STOP"
     chosen.status = Trial.TERMINATED
     assert sched.choose_trial_to_run(ctl) is None and ctl.stopped == ["t0"]
+
+
+@pytest.mark.slow
+def test_a_failed_trial_is_retried_under_asha_configs(tmp_path):
+    """Tune retries a failed trial (run.max_failures): it re-adds it to the scheduler and calls on_trial_error
+    first. The retry runs, its configuration is judged with both seeds, and the sweep ends normally."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        scheduler = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=MAX_T,
+                               grace_period=1, reduction_factor=2, seeds=[0, 1], max_running=2, verbose=False)
+        results = tune.Tuner(
+            tune.with_resources(fake_trial, {"cpu": 1}),
+            param_space={"seed": tune.grid_search([0, 1]), "c": tune.grid_search([0, 3]), "log_dir": str(log_dir),
+                         "fail_c": 3},
+            tune_config=tune.TuneConfig(metric="AP", mode="max", scheduler=scheduler),
+            run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path / "results"), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1))).fit()
+    finally:
+        ray.shutdown()
+    iters = {(r.config["c"], r.config["seed"]): r.metrics["training_iteration"] for r in results}
+    assert not results.errors and len(list(log_dir.glob("failed-3-*"))) == 2  # both c3 trials failed once
+    assert iters == {(0, 0): 1, (0, 1): 1, (3, 0): MAX_T, (3, 1): MAX_T}
