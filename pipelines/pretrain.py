@@ -163,10 +163,11 @@ def verify_stage1(path: Path) -> Optional[str]:
     return None
 
 
-def find_stage1(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
+def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Checkpoint]:
     """The finished, verified stage-1 checkpoint for this config, or None. A cache whose files do not match their
-    recorded digests (a truncated or edited checkpoint) is never trusted: it is reported in one line and treated as
-    absent, so it is trained again and replaced atomically."""
+    recorded digests (a truncated or edited checkpoint) is never trusted: it is reported in one line (unless
+    ``report`` is False: the caller reported it already) and treated as absent, so it is trained again and replaced
+    atomically."""
     sha = stage1_key(cfg)
     final = pretrain_root(cfg.run.storage_path) / sha
     meta = final / "meta.json"
@@ -174,7 +175,8 @@ def find_stage1(cfg: ExperimentConfig) -> Optional[Stage1Checkpoint]:
         return None
     problem = verify_stage1(final)
     if problem is not None:
-        log.warning("%s; training it again (as --force-pretrain would)", problem)
+        if report:
+            log.warning("%s; training it again (as --force-pretrain would)", problem)
         return None
     info = json.loads(meta.read_text())
     return Stage1Checkpoint(sha, final, trained=False, metrics=info.get("metrics", {}),
@@ -269,7 +271,7 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
     final = root / sha
     with FileLock(str(root / f"{sha}.lock"), timeout=lock_timeout):
         if not force:  # another driver may have finished it while we waited for the lock
-            found = find_stage1(cfg)
+            found = find_stage1(cfg, report=False)  # ensure_stage1 reported a corrupt cache already
             if found is not None:
                 log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
                 return found  # (a corrupt cache is not "found": it is trained again and swapped out below)
