@@ -50,9 +50,9 @@ def fake_trial(config: dict) -> None:
             tune.report({"AP": metric(config["c"], config["seed"], it)}, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    root = tmp_path_factory.mktemp("asha_configs")
+def run_fake_sweep(root: Path, name: str, configs: list[int], max_running: int, max_failures: int = 0, **extra):
+    """A real Tune run of fake_trial over configs x seeds {0, 1} under ConfigASHA (rungs 1 and 2 of MAX_T, η = 2);
+    returns the ResultGrid and the per-trial iteration logs."""
     log_dir = root / "log"
     log_dir.mkdir()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -60,18 +60,24 @@ def swept(tmp_path_factory):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
         scheduler = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=MAX_T,
-                               grace_period=1, reduction_factor=2, seeds=[0, 1], max_running=1, verbose=False)
-        tuner = tune.Tuner(
+                               grace_period=1, reduction_factor=2, seeds=[0, 1], max_running=max_running,
+                               verbose=False)
+        results = tune.Tuner(
             tune.with_resources(fake_trial, {"cpu": 1}),
-            param_space={"seed": tune.grid_search([0, 1]), "c": tune.grid_search([0, 1, 2, 3]),
-                         "log_dir": str(log_dir)},
+            param_space={"seed": tune.grid_search([0, 1]), "c": tune.grid_search(configs), "log_dir": str(log_dir),
+                         **extra},
             tune_config=tune.TuneConfig(metric="AP", mode="max", scheduler=scheduler),
-            run_config=tune.RunConfig(name="asha_configs", storage_path=str(root / "results"), verbose=0))
-        results = tuner.fit()
+            run_config=tune.RunConfig(name=name, storage_path=str(root / "results"), verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=max_failures))).fit()
     finally:
         ray.shutdown()
     logs = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in log_dir.glob("*.jsonl")}
     return results, logs
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    return run_fake_sweep(tmp_path_factory.mktemp("asha_configs"), "asha_configs", [0, 1, 2, 3], max_running=1)
 
 
 def test_milestones_and_keys():
@@ -193,22 +199,8 @@ def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_
 def test_a_failed_trial_is_retried_under_asha_configs(tmp_path):
     """Tune retries a failed trial (run.max_failures): it re-adds it to the scheduler and calls on_trial_error
     first. The retry runs, its configuration is judged with both seeds, and the sweep ends normally."""
+    results, _ = run_fake_sweep(tmp_path, "retry", [0, 3], max_running=2, max_failures=1, fail_c=3)
     log_dir = tmp_path / "log"
-    log_dir.mkdir()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    try:
-        scheduler = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=MAX_T,
-                               grace_period=1, reduction_factor=2, seeds=[0, 1], max_running=2, verbose=False)
-        results = tune.Tuner(
-            tune.with_resources(fake_trial, {"cpu": 1}),
-            param_space={"seed": tune.grid_search([0, 1]), "c": tune.grid_search([0, 3]), "log_dir": str(log_dir),
-                         "fail_c": 3},
-            tune_config=tune.TuneConfig(metric="AP", mode="max", scheduler=scheduler),
-            run_config=tune.RunConfig(name="retry", storage_path=str(tmp_path / "results"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1))).fit()
-    finally:
-        ray.shutdown()
     iters = {(r.config["c"], r.config["seed"]): r.metrics["training_iteration"] for r in results}
     assert not results.errors and len(list(log_dir.glob("failed-3-*"))) == 2  # both c3 trials failed once
     assert iters == {(0, 0): 1, (0, 1): 1, (3, 0): MAX_T, (3, 1): MAX_T}

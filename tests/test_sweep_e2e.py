@@ -6,8 +6,6 @@ split over several tests. A second one-trial sweep injects a fault from the test
 production trainable) to check the retry from the last checkpoint.
 """
 import json
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -20,6 +18,9 @@ from ray import tune
 from lt_models.synthetic import Preset, generate_benchmark
 from pipelines import pretrain, sweep, trainable
 from pipelines.config import load_experiment_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from faults.stand_ins import InterruptAfterFirstTrial  # noqa: E402  (Ctrl+C once the first trial completes)
 
 pytestmark = pytest.mark.slow
 
@@ -73,18 +74,6 @@ def trial_results(trial_path: str) -> list[dict]:
     """Every result Tune recorded for a trial (result.json holds one JSON object per report)."""
     lines = Path(trial_path, "result.json").read_text().splitlines()
     return [json.loads(line) for line in lines if line.strip()]
-
-
-class InterruptAfterFirstTrial(tune.Callback):
-    """Sends SIGINT to the driver (like Ctrl+C) when the first trial finishes, once."""
-
-    def __init__(self, flag: Path):
-        self.flag = flag
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        if not self.flag.exists():
-            self.flag.write_text(trial.trial_id)
-            os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.fixture(scope="module")
