@@ -75,6 +75,9 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
           "full grid")
     for seed, ckpt in (summary.stage1 or {}).items():
         print(f"stage 1 ({ckpt.sha256[:12]}, seed {seed}) was trained once and restored by every trial of that seed")
+    if summary.model is not None:
+        print(f"best model: {summary.model.uri} (load: mlflow.pyfunc.load_model({summary.model.uri!r})"
+              ".predict(image_hwc_uint8); see the README)")
     print("\nopen the dashboards:")
     print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1")
     if summary.experiment_id is not None:
