@@ -167,6 +167,10 @@ def paired(a: ConfigResult, b: ConfigResult, metric: str, value: Callable[[Any, 
 def lead_sentence(best: ConfigResult, other: ConfigResult, comparison: Paired, what: str = "the runner-up") -> str:
     """In words: is the best configuration's lead over ``other`` larger than the seed-to-seed noise?"""
     m = comparison.metric
+    if best.full and not other.full:  # ASHA stopped it: its numbers come from a shorter schedule
+        return (f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}, but the scheduler "
+                f"stopped {other.label()} early, so this compares a full schedule with a shorter one; `ltsweep "
+                "confirm SWEEP --top K` reruns the top configurations to the full schedule.")
     if comparison.n < 2:
         return (f"The lead of {best.label()} over {what} ({other.label()}) in {m} is {comparison.diff:+.3f} on "
                 f"{comparison.n} common seed(s): with fewer than 2 seeds the noise is unknown; rerun with "

@@ -75,6 +75,15 @@ def test_a_lead_inside_the_noise_is_said_in_words():
     assert p.n == 2 and p.ci_high - p.ci_low == pytest.approx(2 * T975_1 * sd / math.sqrt(2))
 
 
+def test_a_runner_up_stopped_early_is_not_called_beaten():
+    # ASHA: only the winner ran the full schedule; the runner-up's numbers come from its first evaluation
+    trials = [rec("a0", 0, 0.30, 0.1, lam=1.0), rec("a1", 1, 0.32, 0.1, lam=1.0),
+              rec("b0", 0, 0.20, 0.1, evals=1, lam=0.5), rec("b1", 1, 0.21, 0.1, evals=1, lam=0.5)]
+    (sentence,) = summary(trials).comparisons()
+    assert "stopped lam=0.5 early" in sentence and "ltsweep confirm" in sentence
+    assert "larger than the seed-to-seed noise" not in sentence
+
+
 def test_failed_runs_do_not_count_and_make_a_configuration_partial():
     trials = [rec("a0", 0, 0.30, 0.1, lam=1), TrialSummary("a1", {"lam": 1, "seed": 1}, {}, 0, 0, False, "boom")]
     (c,) = summary(trials).configs
