@@ -15,9 +15,11 @@ model (artifact ``best_model``) and registered in the model registry under the s
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -41,7 +43,8 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         saved = torch.load(context.artifacts["detector"], map_location="cpu", weights_only=False)
         self.detector, self.label_to_cat_id = saved["model"].eval(), list(saved["label_to_cat_id"])
 
-    def predict(self, context, model_input, params: Optional[dict[str, Any]] = None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input: np.ndarray,
+                params: Optional[dict[str, Any]] = None) -> dict[str, np.ndarray]:
         from lt_models.inference import detect
 
         if isinstance(model_input, dict):  # {"image": array}, as a serving request names it
@@ -103,6 +106,19 @@ def _requirements() -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet(*loggers: str):
+    """Raise the given loggers to ERROR for the duration."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def _existing_version(client, name: str, run_id: str, checkpoint: str) -> Optional[str]:
     for mv in client.search_model_versions(f"name = '{name}'"):
         tags = mv.tags or {}
@@ -139,9 +155,14 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
             model, label_to_cat_id = load_detector(ckpt_dir)
             torch.save({"model": model, "label_to_cat_id": label_to_cat_id}, Path(tmp, "detector.pt"))
             example = np.zeros((32, 32, 3), dtype=np.uint8)
-            mlflow.pyfunc.save_model(str(Path(tmp, MODEL_ARTIFACT)), python_model=DetectorModel(),
-                                     artifacts={"detector": str(Path(tmp, "detector.pt"))}, signature=_signature(),
-                                     input_example=example, pip_requirements=_requirements())
+            # MLflow's advice to save models from code does not apply (the class is importable from ltsweep): keep
+            # it out of the sweep's output
+            with warnings.catch_warnings(), _quiet("mlflow.pyfunc", "mlflow.models"):
+                warnings.simplefilter("ignore", UserWarning)
+                mlflow.pyfunc.save_model(str(Path(tmp, MODEL_ARTIFACT)), python_model=DetectorModel(),
+                                         artifacts={"detector": str(Path(tmp, "detector.pt"))},
+                                         signature=_signature(), input_example=example,
+                                         pip_requirements=_requirements())
             client.log_artifacts(run_id, str(Path(tmp, MODEL_ARTIFACT)), MODEL_ARTIFACT)
         client.set_tag(run_id, MODEL_TRIAL_TAG, trial.trial_id)
         client.set_tag(run_id, MODEL_CHECKPOINT_TAG, checkpoint)
