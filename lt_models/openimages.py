@@ -2,8 +2,7 @@
 
 Inputs (the challenge 2019 file layout):
 - boxes CSV: ImageID, Source, LabelName, Confidence, XMin, XMax, YMin, YMax, IsOccluded, IsTruncated, IsGroupOf,
-  IsDepiction, IsInside, with coordinates normalised to [0, 1]. Only ImageID, LabelName and the four coordinates
-  are required.
+  IsDepiction, IsInside, coordinates in [0, 1]; only ImageID, LabelName and the four coordinates are required.
 - image-level labels CSV: ImageID, Source, LabelName, Confidence. Confidence 1 means the class was verified
   present, 0 means verified absent.
 - classes CSV: LabelName (MID), DisplayName. A header row is optional (the official file has none).
