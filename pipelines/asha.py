@@ -70,7 +70,6 @@ class ConfigASHA(FIFOScheduler):
         self.seeds, self.default_seed = [int(s) for s in seeds], int(default_seed)
         self.max_running, self.verbose = max_running, verbose
         self._key: dict[str, str] = {}                  # trial id -> configuration
-        self._seed: dict[str, int] = {}                 # trial id -> training seed
         self._by_seed: dict[str, dict[int, str]] = {}   # configuration -> {seed: trial id}
         self._dead: set[str] = set()                    # errored trials (left out of their configuration's mean)
         self._values: list[dict[str, float]] = [{} for _ in self.milestones]  # per rung: trial id -> metric
@@ -87,7 +86,7 @@ class ConfigASHA(FIFOScheduler):
         if trial.trial_id in self._key:
             return  # Tune re-adds a failed trial that it retries: it restarts from its checkpoint, as it is
         key, seed = config_key(trial.config), int(trial_values(trial.config).get("seed", self.default_seed))
-        self._key[trial.trial_id], self._seed[trial.trial_id] = key, seed
+        self._key[trial.trial_id] = key
         self._by_seed.setdefault(key, {})[seed] = trial.trial_id
         last = trial.last_result or {}
         if self._time_attr in last:  # restored by --resume: rebuild its rungs from its last result
