@@ -12,9 +12,9 @@ defaults; see search_spaces/*.yaml):
     stage2: {... same fields ..., sampler, lam, samples_per_epoch, rfs_threshold,
              loss, scores, xi, eql_lambda, seesaw_p, seesaw_q, eqlv2_gamma, eqlv2_mu, eqlv2_alpha,
              fed_num_classes, decoupled}                                      # what every trial trains
-    eval: {every}                   # evaluate (and report to Tune) every N epochs
-    resources: {cpus_per_trial, gpus_per_trial}
-    scheduler: {type: asha|asha_configs|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}  # time_attr units
+    eval: {every, metric}           # evaluate (and report to Tune) every N epochs; metric: lvis | openimages
+    resources: {cpus_per_trial, gpus_per_trial, custom}  # custom: {ray_resource: amount}
+    scheduler: {type: asha|asha_configs|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}
     search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed, seeds}
     space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
     run: {storage_path, tracking_uri, max_failures, checkpoints_to_keep, ray_num_cpus}
@@ -22,8 +22,8 @@ defaults; see search_spaces/*.yaml):
     report: {baseline}              # the configuration every other is compared with (paired over seeds)
 
 Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda, seesaw_*, eqlv2_*,
-fed_num_classes) are read only by some samplers / losses; the space samples them only for those (pipelines.space), and setting one that no trial reads is
-an error.
+fed_num_classes) are read only by some samplers / losses: the space samples them only for those (pipelines.space),
+and setting one that no trial reads is an error.
 """
 from __future__ import annotations
 
@@ -63,10 +63,10 @@ class DataConfig(_Strict):
     val_image_dir: Optional[Path] = Field(None, description="val images; default <val dir>/images")
     hierarchy: Optional[Path] = Field(None, description="class hierarchy JSON (Open Images style)")
     expand_parents: bool = Field(False, description="also label every object with its hierarchy parents")
-    hierarchy_rate: float = Field(1.0, ge=0.0, le=1.0, description="r_ij for leaf/parent pairs: 1.0 = a parent never suppresses its leaf (eq 5 reading), 0.0 = the paper's literal r_ij = 0")
-    synthetic: Optional[str] = Field(
-        None, description="if the annotation files are absent, generate this synthetic preset there first "
-                          "(lt_models.synthetic_layout.PRESETS: demo, bench, study)")
+    hierarchy_rate: float = Field(1.0, ge=0.0, le=1.0, description="r_ij of leaf/parent pairs: 1.0 = a parent "
+                                  "never suppresses its leaf (eq 5 reading), 0.0 = the paper's literal r_ij = 0")
+    synthetic: Optional[str] = Field(None, description="if the annotation files are absent, generate this "
+                                     "synthetic preset there first (lt_models.synthetic_layout.PRESETS)")
     synthetic_seed: int = 0
     skip_invalid: bool = Field(False, description="skip malformed annotation records (counted) instead of stopping "
                                                   "with an error")
@@ -196,6 +196,13 @@ class EvalConfig(_Strict):
 class ResourcesConfig(_Strict):
     cpus_per_trial: float = Field(1.0, gt=0.0)
     gpus_per_trial: float = Field(0.0, ge=0.0)
+    custom: dict[str, float] = Field({}, description="Ray custom resources each trial and stage 1 also request")
+
+    @field_validator("custom")
+    def _custom_resources(cls, v):
+        if any(n.strip().lower() in ("", "cpu", "gpu", "memory") or not 0 < a < math.inf for n, a in v.items()):
+            raise ValueError(f"needs non-empty names other than cpu/gpu/memory and amounts > 0; got {v}")
+        return v
 
 
 # scheduler.time_attr -> the result key ASHA counts a trial's budget in
@@ -203,10 +210,8 @@ TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "i
 
 
 class SchedulerConfig(_Strict):
-    type: Literal["asha", "asha_configs", "fifo"] = Field(
-        "asha", description="asha = Tune's ASHA (each trial judged alone at a rung); asha_configs = successive "
-                            "halving over configurations on their mean over seeds (pipelines.asha); fifo = no early "
-                            "stopping")
+    type: Literal["asha", "asha_configs", "fifo"] = Field("asha", description="asha = Tune's ASHA (trials judged "
+        "alone); asha_configs = halving over configurations on their mean over seeds (pipelines.asha); fifo = none")
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
     time_attr: Literal["evaluations", "iterations", "images"] = Field(
@@ -226,12 +231,10 @@ class SearchConfig(_Strict):
     num_samples: int = Field(1, ge=1, description="samples per grid point (basic) / trials (optuna)")
     max_concurrent_trials: Optional[int] = Field(None, ge=1)
     seed: Optional[int] = Field(None, description="the search algorithm's random state (not the training seed)")
-    seeds: Optional[list[int]] = Field(
-        None, min_length=1, description="training seeds: every configuration runs once per seed (its repeats); "
-                                        "default [seed]")
-    configs: Optional[list[dict[str, Any]]] = Field(
-        None, min_length=1, description="run exactly these configurations (stage-2 values each) instead of a "
-                                        "space; `ltsweep confirm` writes them")
+    seeds: Optional[list[int]] = Field(None, min_length=1, description="training seeds: every configuration runs "
+                                       "once per seed (its repeats); default [seed]")
+    configs: Optional[list[dict[str, Any]]] = Field(None, min_length=1, description="run exactly these configurations "
+                                                    "(stage-2 values each) instead of a space; confirm writes them")
 
     @field_validator("seeds")
     @classmethod
@@ -242,9 +245,8 @@ class SearchConfig(_Strict):
 
 
 class ReportConfig(_Strict):
-    baseline: Optional[dict[str, Any]] = Field(
-        None, description="the configuration every other is compared with, paired over the same seeds, e.g. "
-                          "{loss: softmax, sampler: nonbalance}")
+    baseline: Optional[dict[str, Any]] = Field(None, description="the configuration every other is compared with, "
+                                               "paired over the same seeds, e.g. {loss: softmax, sampler: nonbalance}")
 
 
 class RunSettings(_Strict):

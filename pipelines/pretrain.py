@@ -301,7 +301,8 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
     from pipelines.trainable import trial_resources
 
     res = trial_resources(cfg)
-    task = ray.remote(num_cpus=res["cpu"], num_gpus=res["gpu"], max_retries=0)(_train_stage1_task)
+    task = ray.remote(num_cpus=res.pop("cpu"), num_gpus=res.pop("gpu"), resources=res or None,
+                      max_retries=0)(_train_stage1_task)
     try:
         return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
     except ray.exceptions.RayTaskError as exc:  # bad input inside the task: the original one-line error

@@ -35,8 +35,9 @@ class TrialDivergedError(RuntimeError):
 
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """Resources of one trial (and of the stage-1 task), for `tune.with_resources`."""
-    return {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial}
+    """Resources of one trial (and of the stage-1 task), for `tune.with_resources`: CPUs, GPUs and the Ray custom
+    resources of `resources.custom` (which pin trials to the nodes that have them)."""
+    return {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial, **cfg.resources.custom}
 
 
 def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> dict[str, Any]:

@@ -1,13 +1,16 @@
-"""`ray job submit` of a tiny sweep to a real local cluster (`ray start --head` with token auth), as in the README.
+"""`ray job submit` of a tiny sweep to a real two-node local cluster (`ray start` with token auth), as in the README.
 
-The test starts the head node from this venv's `ray` (so the cluster's, and the job's, Python is the venv's),
-submits `python -m pipelines.sweep <tiny config>` with `--working-dir .` (the repository root), waits for the job,
-and checks that it SUCCEEDED and that its MLflow runs exist. The cluster is always stopped afterwards.
+The test starts a head node and a second node (`ray start --address=<head>`, its own ports, worker-port range and
+--temp-dir, and the only node with the custom resource `node2`) from this venv's `ray` (so the cluster's, and the
+job's, Python is the venv's), submits `python -m pipelines.sweep <tiny config>` with `--working-dir .` (the
+repository root) and `resources.custom: {node2: 0.5}`, waits for the job, and checks that it SUCCEEDED, that its
+MLflow runs exist, and (from Ray's state API) that every trial actor and the stage-1 task ran on the second node, the
+trials restoring the stage-1 checkpoint from the shared storage_path. The cluster is always stopped afterwards.
 
 It runs in CI. Locally it can be skipped with LTSWEEP_SKIP_CLUSTER=1 (ignored when CI=true).
 
-Teardown stops exactly this cluster: every process whose command line names its private --temp-dir, plus their
-descendants (the job's driver). Plain `ray stop` would kill every Ray process on the machine, including other
+Teardown stops exactly this cluster: every process whose command line names one of its nodes' private --temp-dirs,
+plus their descendants (the job's driver). Plain `ray stop` would kill every Ray process on the machine, including other
 users' sessions, so it is only added as a last safety net in CI, where the machine is ours.
 """
 from __future__ import annotations
@@ -40,6 +43,27 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_port_range(n: int) -> int:
+    """The first of n consecutive ports (in 30000-59999) that are all free now: a node's worker-port range."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(30000, 60000 - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
 
 
 def _cluster_env() -> dict:
@@ -83,6 +107,27 @@ def _stop_cluster(temp_dir: str) -> None:
     psutil.wait_procs(alive, timeout=10)
 
 
+def _node_ports() -> list[str]:
+    """Explicit ports for one node's processes, so two nodes on one host (and other users' Ray) never clash."""
+    workers = _free_port_range(100)
+    return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
+            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 99),
+            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
+            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+
+
+def _get(address: str, token: str, path: str, timeout: float = 30):
+    req = urllib.request.Request(address + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _alive_nodes(address: str, token: str) -> list[dict]:
+    """The cluster's ALIVE nodes from the state API: node_id, resources_total, ..."""
+    data = _get(address, token, "/api/v0/nodes?limit=100&detail=true")["data"]["result"]["result"]
+    return [n for n in data if n["state"] == "ALIVE"]
+
+
 @pytest.fixture(scope="module")
 def cluster():
     if SKIP:
@@ -94,37 +139,45 @@ def cluster():
     assert out.returncode == 0, out.stderr
     token = out.stdout.strip()
     assert token
-    # 2. the head node, with token auth, the dashboard on 127.0.0.1 and 2 CPUs. Its own short temp dir (unix
-    #    socket paths must stay < 108 bytes) identifies its processes for the teardown.
+    # 2. the head node, with token auth, the dashboard on 127.0.0.1, 1 CPU and no `node2` resource. Each node has its
+    #    own short temp dir (unix socket paths must stay < 108 bytes) that identifies its processes for the teardown.
     temp_dir = tempfile.mkdtemp(prefix="ltsray-", dir="/tmp")
-    dash = _free_port()
-    start = [ray, "start", "--head", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dash), "--num-cpus", "2", "--temp-dir", temp_dir,
-             "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
-             "--disable-usage-stats"]
+    temp_dir2 = tempfile.mkdtemp(prefix="ltsray2-", dir="/tmp")
+    dash, gcs = _free_port(), _free_port()
+    start = [ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+             "--dashboard-port", str(dash), "--num-cpus", "1", "--temp-dir", temp_dir,
+             "--ray-client-server-port", str(_free_port()), *_node_ports(), "--disable-usage-stats"]
+    # 3. the second node on this host: 2 CPUs and the custom resource `node2` that the sweep's trials request
+    start2 = [ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--resources", '{"node2": 1}',
+              "--temp-dir", temp_dir2, *_node_ports(), "--disable-usage-stats"]
     env_token = {**env, "RAY_AUTH_MODE": "token"}
     try:
-        out = _run(start, env_token, 300)
-        assert out.returncode == 0, f"ray start failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+        for cmd in (start, start2):
+            out = _run(cmd, env_token, 300)
+            assert out.returncode == 0, f"{' '.join(cmd)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
         address = f"http://127.0.0.1:{dash}"
-        # 3. wait (bounded) until the dashboard's job API answers an authenticated request
+        # 4. wait (bounded) until the dashboard's API answers an authenticated request and lists both nodes
         deadline = time.monotonic() + 180
         while True:
-            req = urllib.request.Request(address + "/api/version", headers={"Authorization": f"Bearer {token}"})
             try:
-                with urllib.request.urlopen(req, timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
+                nodes = _alive_nodes(address, token)
+                if len(nodes) == 2:
+                    break
+            except (urllib.error.URLError, OSError, KeyError, ValueError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"Ray dashboard at {address} not ready after 180 s")
+                pytest.fail(f"Ray dashboard at {address} not ready (or not 2 nodes) after 180 s")
             time.sleep(0.5)
-        yield {"address": address, "env": env_token, "token": token, "ray": ray, "temp_dir": temp_dir}
+        node2 = [n["node_id"] for n in nodes if "node2" in n["resources_total"]]
+        assert len(node2) == 1, nodes
+        yield {"address": address, "env": env_token, "token": token, "ray": ray, "temp_dir": temp_dir,
+               "node2": node2[0]}
     finally:
+        _stop_cluster(temp_dir2)
         _stop_cluster(temp_dir)
         if os.environ.get("CI") == "true":
             _run([ray, "stop", "--force"], env, 120)
+        shutil.rmtree(temp_dir2, ignore_errors=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -148,7 +201,7 @@ def tiny_sweep(tmp_path_factory):
         "stage2": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 16, "loss": "acsl",
                    "xi": 0.5},
         "eval": {"every": 1},
-        "resources": {"cpus_per_trial": 1},
+        "resources": {"cpus_per_trial": 1, "custom": {"node2": 0.5}},  # only the second node has `node2`
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
         "search": {"num_samples": 1, "max_concurrent_trials": 2},
         "space": {"lam": {"grid": [0.0, 1.0]}},
@@ -204,3 +257,20 @@ def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
         assert steps == list(range(1, int(r.data.tags["ltsweep.iterations"]) + 1)) and steps
         assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"per_class_ap.csv", "ap_by_frequency.png"}
     assert "sweep_report.html" in {a.path for a in client.list_artifacts(parent_id)}
+
+    # every trial actor and the stage-1 task ran on the second node (the only one with `node2`); the trials restored
+    # stage 1 from the shared storage_path (one content-addressed checkpoint dir, named by its sha256)
+    def listed(kind: str) -> list[dict]:
+        return _get(cluster["address"], cluster["token"], f"/api/v0/{kind}?limit=10000&detail=true"
+                    )["data"]["result"]["result"]
+
+    trial_actors = [a for a in listed("actors") if a["class_name"] == "ImplicitFunc"]  # Tune's function trainable
+    trial_tasks = [t for t in listed("tasks") if t["name"].startswith("train_trial.")]
+    stage1 = [t for t in listed("tasks") if t["name"] == "_train_stage1_task"]
+    assert trial_actors and {a["node_id"] for a in trial_actors} == {cluster["node2"]}, trial_actors
+    assert {t["name"] for t in trial_tasks} >= {"train_trial.train"}, trial_tasks
+    assert {t["node_id"] for t in trial_tasks} == {cluster["node2"]}, trial_tasks
+    assert [t["node_id"] for t in stage1] == [cluster["node2"]], stage1
+    pretrain_dirs = [p.name for p in (tiny_sweep["results"] / "pretrain").iterdir() if p.is_dir()]
+    assert pretrain_dirs == [by_role["pretrain"][0].data.tags["ltsweep.pretrain_sha256"]]
+    assert {r.data.params["pretrain_sha256"] for r in trials} == set(pretrain_dirs)
