@@ -92,6 +92,15 @@ def init_ray(cfg: ExperimentConfig, include_dashboard: Optional[bool] = None) ->
                  include_dashboard=include_dashboard, dashboard_host="127.0.0.1")
 
 
+def scheduler_advice(cfg: ExperimentConfig) -> Optional[str]:
+    """A line for the user when the scheduler and the seeds work against each other, else None."""
+    if cfg.scheduler.type == "asha" and len(cfg.seeds) > 1:
+        return (f"note: scheduler.type asha judges each trial alone, against other seeds' trials too, so a weak seed "
+                f"loses its trials and few configurations keep all {len(cfg.seeds)} seeds to the end; "
+                "scheduler.type: asha_configs judges configurations on their mean over seeds (see the README)")
+    return None
+
+
 def _scheduler(cfg: ExperimentConfig):
     if cfg.scheduler.type == "fifo":
         return None
@@ -246,6 +255,9 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     # num_to_keep forces an experiment snapshot per checkpoint; on toy data that is every few seconds, and Tune
     # would warn about it at each one
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    advice = scheduler_advice(cfg)
+    if advice:
+        print(advice, flush=True)
     init_ray(cfg, include_dashboard=include_dashboard)
     if resume:
         stage1 = _stage1_of_existing_sweep(cfg)

@@ -227,6 +227,17 @@ def test_openimages_metric_needs_the_hierarchy_and_reaches_the_train_spec(tmp_pa
         load_experiment_config(_write(tmp_path, base))
 
 
+def test_asha_with_several_seeds_gets_a_note(tmp_path, base):
+    from pipelines.sweep import scheduler_advice
+
+    base["search"] = {"seeds": [0, 1, 2]}
+    assert "asha_configs" in scheduler_advice(load_experiment_config(_write(tmp_path, base)))
+    base["scheduler"] = {"type": "asha_configs"}
+    assert scheduler_advice(load_experiment_config(_write(tmp_path, base))) is None
+    base["scheduler"], base["search"] = {"type": "asha"}, {"seeds": [0]}
+    assert scheduler_advice(load_experiment_config(_write(tmp_path, base))) is None
+
+
 def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
     from pipelines import sweep
     from pipelines.asha import ConfigASHA
