@@ -54,7 +54,8 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def dataset_fingerprint(cfg: ExperimentConfig) -> str:
-    """sha256 of the training annotation file's bytes plus the sorted training image list (names and sizes).
+    """sha256 of the training annotation file's bytes plus the sorted training image list (paths below the image
+    folder, and sizes).
 
     Cached per (path, size, mtime) within a process: LVIS's train JSON is ~1 GB."""
     train = Path(cfg.data.train)
@@ -72,11 +73,21 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     image_dir = Path(cfg.data.image_dir) if cfg.data.image_dir else train.parent / "images"
-    if image_dir.is_dir():
-        for entry in sorted(os.scandir(image_dir), key=lambda e: e.name):
-            if entry.is_file() and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
-                h.update(f"\n{entry.name}\t{entry.stat().st_size}".encode())
+    for rel, size in _image_files(image_dir):
+        h.update(f"\n{rel}\t{size}".encode())
     return h.hexdigest()
+
+
+def _image_files(root: Path) -> list[tuple[str, int]]:
+    """(path relative to root, size) of every image below root, sorted by path: a flat folder, or a COCO root with
+    train2017/ and val2017/ (LVIS v1 resolves images through `coco_url` below it)."""
+    out = []
+    for dirpath, _, files in os.walk(root):
+        rel_dir = Path(dirpath).relative_to(root)
+        for name in files:
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                out.append(((rel_dir / name).as_posix(), os.stat(os.path.join(dirpath, name)).st_size))
+    return sorted(out)
 
 
 def frequency_source(cfg: ExperimentConfig) -> str:

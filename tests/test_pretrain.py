@@ -74,6 +74,27 @@ def test_key_depends_on_stage1_config_and_data_only(cfg_factory):
     assert pretrain.stage1_key(cfg_factory()) not in (base, k2)
 
 
+def test_fingerprint_covers_images_below_a_coco_root(cfg_factory):
+    data = cfg_factory.data
+    # a flat image folder: the annotation bytes, then "\n<name>\t<size>" per image in name order (by hand)
+    flat = hashlib.sha256((data / "train.json").read_bytes() + b"\na.png\t10").hexdigest()
+    pretrain._FINGERPRINTS.clear()
+    assert pretrain.dataset_fingerprint(cfg_factory()) == flat
+    # a COCO root (train2017/, val2017/): the images below it count, by their path under the root
+    coco = data / "coco"
+    (coco / "train2017").mkdir(parents=True)
+    (coco / "val2017").mkdir()
+    (coco / "train2017" / "1.jpg").write_bytes(b"x" * 3)
+    (coco / "val2017" / "2.jpg").write_bytes(b"x" * 4)
+    pretrain._FINGERPRINTS.clear()
+    first = pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco)))
+    assert first == hashlib.sha256((data / "train.json").read_bytes()
+                                   + b"\ntrain2017/1.jpg\t3\nval2017/2.jpg\t4").hexdigest()
+    (coco / "val2017" / "2.jpg").write_bytes(b"x" * 5)  # an image below the root changed
+    pretrain._FINGERPRINTS.clear()
+    assert pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco))) != first
+
+
 def test_trained_once_then_reused_and_forced(cfg_factory, fake_train):
     cfg = cfg_factory()
     a = pretrain.ensure_stage1(cfg, use_ray=False)
