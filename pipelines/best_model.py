@@ -29,7 +29,7 @@ import mlflow.pyfunc
 import numpy as np
 
 from pipelines.schema import (FINGERPRINT_TAG, MODEL_ARTIFACT, MODEL_CHECKPOINT_TAG, MODEL_ERROR_TAG, MODEL_TRIAL_TAG,
-                              MODEL_VERSION_TAG, PRETRAIN_SHA_TAG, ROLE_SWEEP, ROLE_TAG, SWEEP_TAG, best_trial)
+                              MODEL_VERSION_TAG, PRETRAIN_SHA_TAG, SWEEP_TAG, best_trial)
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
     ``name`` (default the sweep's name). None when no trial qualifies. ``tags``: added to the model version (the
     stage-1 sha256, the dataset fingerprint)."""
     from lt_models.inference import load_detector
-    from pipelines.report import search_tagged
+    from pipelines.report import latest_sweep_run
 
     trial = model_trial(summary)
     if trial is None:
@@ -141,11 +141,9 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
     ckpt = best_checkpoint(results, trial.trial_id, summary.metric, summary.mode)
     if ckpt is None:
         raise RuntimeError(f"trial {trial.trial_id} has no checkpoint in {summary.experiment_path}")
-    exp = client.get_experiment_by_name(summary.name)
-    runs = search_tagged(client, exp.experiment_id, {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: summary.name})
-    if not runs:
+    run = latest_sweep_run(client, summary.name)
+    if run is None:
         raise RuntimeError(f"sweep {summary.name!r} has no MLflow sweep run in {summary.tracking_uri}")
-    run = runs[-1]
     run_id, checkpoint = run.info.run_id, str(ckpt.path)
     name = name or summary.name
     if run.data.tags.get(MODEL_CHECKPOINT_TAG) != checkpoint:  # not logged yet (a finished sweep resumed: it is)
@@ -190,7 +188,7 @@ def log_best_model_safely(cfg, summary, results, *, register: bool, name: Option
     (``ltsweep.model_error``), never lost and never fatal to the sweep's results."""
     from pipelines.mlflow_store import open_store
     from pipelines.pretrain import dataset_fingerprint
-    from pipelines.report import search_tagged
+    from pipelines.report import latest_sweep_run
 
     client = open_store(summary.tracking_uri)
     try:
@@ -203,9 +201,7 @@ def log_best_model_safely(cfg, summary, results, *, register: bool, name: Option
     except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say loudly that the model is missing
         logger.exception("logging the best model of sweep %s failed", summary.name)
         print(f"the best model of sweep {summary.name!r} was not logged: {type(exc).__name__}: {exc}", flush=True)
-        exp = client.get_experiment_by_name(summary.name)
-        runs = [] if exp is None else search_tagged(client, exp.experiment_id,
-                                                    {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: summary.name})
-        if runs:
-            client.set_tag(runs[-1].info.run_id, MODEL_ERROR_TAG, f"{type(exc).__name__}: {exc}"[:5000])
+        run = latest_sweep_run(client, summary.name)
+        if run is not None:
+            client.set_tag(run.info.run_id, MODEL_ERROR_TAG, f"{type(exc).__name__}: {exc}"[:5000])
         return None

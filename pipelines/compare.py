@@ -17,21 +17,16 @@ from typing import Any, Mapping, Sequence
 from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import ConfigError
 from pipelines import aggregate
-from pipelines.report import _figure, _fmt, _num, _png_bytes, row_configs, search_tagged, trial_rows
+from pipelines.report import _figure, _fmt, _num, _png_bytes, latest_sweep_run, row_configs, trial_rows
 from pipelines.schema import (BUCKET_METRICS, MAX_T_TAG, METRIC_TAG, MODE_TAG, REPORT_TABLE_METRICS, ROLE_SWEEP,
                               ROLE_TAG, SEARCHED_KEYS_TAG)
-
-
-def _latest_sweep_run(client, experiment_id: str):
-    runs = search_tagged(client, experiment_id, {ROLE_TAG: ROLE_SWEEP})
-    return max(runs, key=lambda r: r.info.start_time or 0) if runs else None
 
 
 def _resolve(client, name: str):
     """A sweep named by its experiment name (its latest sweep run) or by the run id of a sweep run."""
     exp = client.get_experiment_by_name(name)
     if exp is not None and exp.lifecycle_stage != "deleted":
-        return exp, _latest_sweep_run(client, exp.experiment_id)
+        return exp, latest_sweep_run(client, exp.name)
     if re.fullmatch(r"[0-9a-f]{32}", name):
         try:
             run = client.get_run(name)

@@ -23,8 +23,8 @@ from typing import Any, Optional
 from lt_models.errors import ConfigError
 from pipelines import aggregate
 from pipelines.experiment import SEARCHABLE, ExperimentConfig, Stage2Config
-from pipelines.schema import (CONFIRMED_BY_TAG, CONFIRMS_TAG, MAX_T_TAG, METRIC_TAG, MODE_TAG, ROLE_SWEEP, ROLE_TAG,
-                              SEARCHED_KEYS_TAG, SEED_PARAM, SWEEP_TAG)
+from pipelines.schema import (CONFIRMED_BY_TAG, CONFIRMS_TAG, MAX_T_TAG, METRIC_TAG, MODE_TAG, SEARCHED_KEYS_TAG,
+                              SEED_PARAM)
 from pipelines.summary import SweepSummary
 
 CONFIRM_SUFFIX = "-confirm"
@@ -66,14 +66,12 @@ def confirm_seeds(cfg: ExperimentConfig, n: int) -> list[int]:
 def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[ExperimentConfig, list[aggregate.ConfigResult],
                                                                         str]:
     """The confirmation sweep's config, the first sweep's ranked configurations and its parent run id."""
-    from pipelines.compare import _latest_sweep_run
-    from pipelines.report import row_configs, trial_rows
+    from pipelines.report import latest_sweep_run, row_configs, trial_rows
 
     if top < 1 or seeds < 2:
         raise ConfigError(f"ltsweep confirm: --top must be >= 1 and --seeds >= 2 (a CI needs 2 seeds); got --top "
                           f"{top} --seeds {seeds}")
-    exp = client.get_experiment_by_name(cfg.name)
-    parent = None if exp is None else _latest_sweep_run(client, exp.experiment_id)
+    parent = latest_sweep_run(client, cfg.name)
     if parent is None:
         raise ConfigError(f"ltsweep confirm: sweep {cfg.name!r} has no MLflow sweep run in {client.tracking_uri}; "
                           "pass the --tracking-uri the sweep logged to")
@@ -81,7 +79,7 @@ def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[Experimen
     metric, mode = tags.get(METRIC_TAG, cfg.scheduler.metric), tags.get(MODE_TAG, cfg.scheduler.mode)
     max_t = int(tags.get(MAX_T_TAG) or cfg.evals_per_trial)
     searched = json.loads(tags.get(SEARCHED_KEYS_TAG, "[]")) or cfg.searched_keys()
-    rows = trial_rows(client, exp.experiment_id, parent.info.run_id)
+    rows = trial_rows(client, parent.info.experiment_id, parent.info.run_id)
     ranking = aggregate.ranked(row_configs(rows, searched, max_t, metric), metric, mode)
     if not ranking:
         raise ConfigError(f"ltsweep confirm: no trial of sweep {cfg.name!r} reported {metric}; nothing to confirm")
@@ -101,7 +99,7 @@ def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLik
             tracking_uri: Optional[str] = None, verbose: int = 0) -> SweepSummary:
     """Run the confirmation of sweep ``name`` (see the module docstring); returns its summary."""
     from pipelines.mlflow_store import open_store
-    from pipelines.report import search_tagged
+    from pipelines.report import latest_sweep_run
     from pipelines.summary import print_summary
     from pipelines.sweep import apply_run_overrides, run_sweep, tracking_uri_for
 
@@ -114,10 +112,9 @@ def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLik
     for c in new.search.configs:
         print(f"  {c}")
     summary = run_sweep(new, verbose=verbose)
-    exp = client.get_experiment_by_name(new.name)
-    runs = search_tagged(client, exp.experiment_id, {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: new.name})
-    if runs:
-        client.set_tag(runs[-1].info.run_id, CONFIRMS_TAG, first_run)
-        client.set_tag(first_run, CONFIRMED_BY_TAG, runs[-1].info.run_id)
+    run = latest_sweep_run(client, new.name)
+    if run is not None:
+        client.set_tag(run.info.run_id, CONFIRMS_TAG, first_run)
+        client.set_tag(first_run, CONFIRMED_BY_TAG, run.info.run_id)
     print_summary(summary)
     return summary

@@ -28,7 +28,7 @@ from lt_models.atomic import write_bytes_atomic
 from pipelines import aggregate
 from pipelines.schema import (AP_BY_FREQUENCY_PNG, CONFIG_AGGREGATES_JSON, ITERATIONS_TAG, MLFLOW_TRIAL_METRICS,
                               PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_HTML,
-                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG,
+                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG,
                               TRIAL_STATUS_TAG, best_trial, finite_number, per_class_dict)
 
 _LAM_NAMES = ("lam", "lambda")
@@ -91,6 +91,13 @@ def search_tagged(client, experiment_id: str, tags: Mapping[str, str]) -> list:
         lambda n, token: client.search_runs([experiment_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY,
                                             max_results=n, order_by=["attributes.start_time ASC"], page_token=token),
         1000)
+
+
+def latest_sweep_run(client, experiment_name: str):
+    """The newest sweep run (``ltsweep.role=sweep``) of the experiment named ``experiment_name``, or None."""
+    exp = client.get_experiment_by_name(experiment_name)
+    runs = [] if exp is None else search_tagged(client, exp.experiment_id, {ROLE_TAG: ROLE_SWEEP})
+    return runs[-1] if runs else None  # search_tagged lists oldest first
 
 
 def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
