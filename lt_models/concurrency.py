@@ -25,9 +25,9 @@ training annotations. Here, precisely:
 * Row 0, column 0 (background) and the diagonal are 0.
 
 Implementation: numpy over all boxes at once, with no Python loop per image, per object or per box pair.
-`_object_ids` applies ``group_duplicate_boxes``' rule (the same IoU arithmetic, so the same float comparisons) to
+`lt_models.merge.object_ids` applies ``group_duplicate_boxes``' rule (the same IoU arithmetic, so the same float comparisons) to
 the pairs of boxes of an image that can merge (after a sort by x0, only boxes starting before the earlier box's
-right edge), in bounded chunks, and merges them with scipy's connected components; `_co_label_counts` counts
+right edge), in bounded chunks, and merges them with scipy's connected components; `lt_models.merge.co_label_counts` counts
 objects per label and co-labels per label pair by sorting (object, label) and (label, label) keys.
 tests/test_concurrency_vectorised.py checks the result against the per-image ``group_duplicate_boxes`` loop.
 """
@@ -38,15 +38,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from lt_models.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
-from lt_models.datasets import MERGE_IOU, load_lvis_json
+from lt_models.datasets import load_lvis_json
+from lt_models.store import META as STORE_META, AnnotationStore, open_store
 from lt_models.errors import AnnotationError, ConfigError
-
-PAIR_CHUNK = 1 << 21  # box pairs compared per numpy step (bounds memory: ~50 bytes per pair and array)
-
+from lt_models.merge import MERGE_IOU, co_label_counts, object_ids
 
 def _annotations(ann: dict | str | os.PathLike, skip_invalid: bool) -> tuple[dict, str]:
     if isinstance(ann, (str, os.PathLike)):
@@ -89,92 +86,25 @@ def _box_table(data: dict, label: dict, source: str) -> tuple[np.ndarray, np.nda
     return images, labels, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
 
-def _object_ids(images: np.ndarray, xyxy: np.ndarray, iou_thr: float) -> np.ndarray:
-    """Object id of every box: the connected components of "same image and (IoU >= iou_thr or identical)".
-
-    The partition ``group_duplicate_boxes`` makes image by image, for all images at once. Boxes are sorted by
-    (image, x0); with iou_thr > 0 two boxes can only be the same object when the later one starts at or before the
-    right edge of the earlier one (else their intersection is empty and they are not identical), so each box is
-    compared with that window of its image only (every later box of its image when iou_thr = 0), PAIR_CHUNK pairs at
-    a time. The IoU is the arithmetic of ``lt_models.datasets.box_iou_xyxy`` pair by pair, so each comparison gives
-    the same result.
-    """
-    n = len(images)
-    if n == 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.lexsort((xyxy[:, 0], images))
-    boxes, image = xyxy[order], images[order]
-    starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    end = np.repeat(starts + sizes, sizes)                  # one past the last box of each box's image
-    if iou_thr > 0:
-        # (image, x) as one exact, sorted integer key: image index * (2n) + rank of x among all x0 and right edges
-        right = np.maximum(boxes[:, 0], boxes[:, 2])
-        _, rank = np.unique(np.concatenate([boxes[:, 0], right]), return_inverse=True)
-        key = image * (2 * n) + rank[:n]
-        end = np.searchsorted(key, image * (2 * n) + rank[n:], side="right")
-    partners = end - np.arange(n) - 1                       # later boxes in each box's window
-    first_pair = np.r_[0, np.cumsum(partners)]              # pairs of boxes < k, for each k
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    src: list[np.ndarray] = []
-    dst: list[np.ndarray] = []
-    bounds = np.unique(np.r_[np.searchsorted(first_pair, np.arange(0, first_pair[-1], PAIR_CHUNK), "right") - 1, n])
-    for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-        count = partners[lo:hi]
-        k = np.repeat(np.arange(lo, hi), count)
-        m = k + 1 + np.arange(len(k)) - np.repeat(first_pair[lo:hi] - first_pair[lo], count)
-        a, b = boxes[k], boxes[m]
-        wh = np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None)
-        inter = wh[:, 0] * wh[:, 1]
-        union = area[k] + area[m] - inter
-        iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-        same = (iou >= iou_thr) | np.all(a == b, axis=1)
-        src.append(k[same])
-        dst.append(m[same])
-    edges = (np.concatenate(src), np.concatenate(dst)) if src else (np.zeros(0, np.int64),) * 2
-    graph = coo_matrix((np.ones(len(edges[0]), dtype=np.int8), edges), shape=(n, n))
-    _, component = connected_components(graph, directed=False)
-    out = np.empty(n, dtype=np.int64)
-    out[order] = component
-    return out
+def _store_objects(store: AnnotationStore, cat_ids: np.ndarray, iou_thr: float) -> tuple[np.ndarray, np.ndarray]:
+    """(object id, contiguous label) of every non-crowd box of a store: its merged objects when they were merged at
+    ``iou_thr``, else merged again from its box columns."""
+    keep = np.asarray(store["ann_iscrowd"]) == 0
+    labels = np.searchsorted(cat_ids, np.asarray(store["ann_cat"])[keep]) + 1
+    if store.meta.get("options", {}).get("iou_thr") == iou_thr:
+        return np.asarray(store["ann_object"])[keep], labels
+    xywh = np.asarray(store["ann_bbox"])[keep]
+    return object_ids(np.asarray(store["ann_image"])[keep], np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]],
+                                                                            axis=1), iou_thr), labels
 
 
-def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(start, length) of each run of equal values in a sorted array."""
-    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]]) if len(values) else np.zeros(0, np.int64)
-    return starts, np.diff(np.r_[starts, len(values)])
-
-
-def _co_label_counts(objects: np.ndarray, labels: np.ndarray,
-                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(objects per label int64 [k]; and i, j, count for every ordered pair i != j of labels sharing objects).
-
-    Sorting and runs of equal keys rather than ``np.unique``, whose hashing is several times slower here.
-    """
-    keys = np.sort(objects * k + labels)
-    keys = keys[_runs(keys)[0]]                             # each (object, label) once, sorted by object
-    obj, lab = keys // k, keys % k
-    per_label = np.bincount(lab, minlength=k).astype(np.int64)
-    starts, sizes = _runs(obj)
-    entry = np.flatnonzero(np.repeat(sizes > 1, sizes))    # (object, label) entries of multi-label objects
-    size = np.repeat(sizes, sizes)[entry]                   # per entry: its object's label count
-    first = np.repeat(starts, sizes)[entry]                 # per entry: its object's first entry
-    left = np.repeat(entry, size)                           # each entry with every entry of its object ...
-    right = np.repeat(first, size) + np.arange(len(left)) - np.repeat(np.cumsum(size) - size, size)
-    keep = left != right                                    # ... but itself
-    pairs = np.sort(lab[left[keep]] * k + lab[right[keep]])
-    starts, counts = _runs(pairs)
-    pairs = pairs[starts]
-    return per_label, pairs // k, pairs % k, counts
-
-
-def concurrent_rate_matrix(ann: dict | str | os.PathLike, hierarchy: dict | str | os.PathLike | None = None,
+def concurrent_rate_matrix(ann: dict | str | os.PathLike | AnnotationStore, hierarchy: dict | str | os.PathLike | None = None,
                            hierarchy_rate: float = 1.0, min_rate: float = 0.0, iou_thr: float = MERGE_IOU,
                            sparse: bool = False, *, skip_invalid: bool = False) -> torch.Tensor:
     """r [K, K] (float32, K = C + 1 in sorted-category-id order, column 0 = background); see the module docstring.
 
     ``ann``: LVIS/COCO training annotations, a dict or a JSON path (read with ``load_lvis_json``; ``skip_invalid``
-    as there). ``hierarchy``: {parent category id: [child category ids]} (``LVISDetection.hierarchy``) or an
+    as there), or an annotation store (`lt_models.store`, opened or its directory): its merged objects are used. ``hierarchy``: {parent category id: [child category ids]} (``LVISDetection.hierarchy``) or an
     Open Images hierarchy JSON path (``load_hierarchy``). ``hierarchy_rate``: r for every descendant/ancestor pair,
     both directions (1.0 = no suppression inside a hierarchy, 0.0 = the paper's literal text). ``min_rate``: drop
     estimated rates below it. ``sparse=True`` returns a coalesced sparse COO tensor (``ConcurrentSoftmaxLoss``
@@ -184,13 +114,20 @@ def concurrent_rate_matrix(ann: dict | str | os.PathLike, hierarchy: dict | str 
                                    ("iou_thr", iou_thr, 0.0, 1.0)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
             raise ConfigError(f"concurrent_rate_matrix: {name} = {value!r} must be a number in [{low}, {high}]")
-    data, source = _annotations(ann, skip_invalid)
+    if isinstance(ann, AnnotationStore) or (isinstance(ann, (str, os.PathLike)) and (Path(ann) / STORE_META).is_file()):
+        store = ann if isinstance(ann, AnnotationStore) else open_store(ann)
+        data, source = {"categories": store.categories}, str(store.path)
+    else:
+        data, source = _annotations(ann, skip_invalid)
     cat_ids = sorted(int(c["id"]) for c in data["categories"])
     label = {cid: i + 1 for i, cid in enumerate(cat_ids)}
     k = len(cat_ids) + 1
-
-    images, labels, xyxy = _box_table(data, label, source)
-    objects, rows, cols, both = _co_label_counts(_object_ids(images, xyxy, iou_thr), labels, k)
+    if "annotations" in data:
+        images, labels, xyxy = _box_table(data, label, source)
+        obj = object_ids(images, xyxy, iou_thr)
+    else:
+        obj, labels = _store_objects(store, np.asarray(cat_ids), iou_thr)
+    objects, rows, cols, both = co_label_counts(obj, labels, k)
     estimate = both / objects[rows]                         # share of class-i objects also labelled j
     keep = estimate >= min_rate
     rates: dict[tuple[int, int], float] = dict(zip(zip(rows[keep].tolist(), cols[keep].tolist()),

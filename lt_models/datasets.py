@@ -24,6 +24,7 @@ Frequency buckets and the class hierarchy follow `lt_models.annotations`; the lo
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from collections import Counter, defaultdict
@@ -36,56 +37,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from lt_models.annotations import (COMMON_MAX, FREQ_LABELS, RARE_MAX, category_frequencies, category_image_counts,
-                                   hierarchy_ancestors, load_hierarchy, name_to_cat_id, read_json)
+from lt_models.annotations import COMMON_MAX, FREQ_LABELS, RARE_MAX, load_hierarchy, name_to_cat_id, read_json
 from lt_models.errors import AnnotationError
+from lt_models.merge import MERGE_IOU, box_iou_xyxy, group_duplicate_boxes  # noqa: F401 (re-exported)
+from lt_models.store import META as STORE_META, AnnotationStore, ensure_store, open_store, store_key
+from lt_models.store_build import derive_arrays, raw_columns_from_lvis
 
-MERGE_IOU = 0.95
 BOX_TOLERANCE = 1.0  # px a box may stick out of its image (float rounding in COCO/LVIS); it is clipped
-
-
-def box_iou_xyxy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of boxes in xyxy format, [n,4] x [m,4] -> [n,m] (float64)."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    wh = np.clip(rb - lt, 0, None)
-    inter = wh[..., 0] * wh[..., 1]
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
-
-
-def group_duplicate_boxes(boxes_xyxy: np.ndarray, iou_thr: float = MERGE_IOU) -> np.ndarray:
-    """Group ids (0..g-1, numbered by first appearance) for the boxes of ONE image.
-
-    Two boxes are the same object when IoU >= iou_thr or they are identical; grouping is transitive
-    (union-find over that relation), so a leaf + parent + second leaf annotated on one object form one group.
-    """
-    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    n = len(boxes)
-    parent = np.arange(n)
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    if n > 1:
-        iou = box_iou_xyxy(boxes, boxes)
-        same = (iou >= iou_thr) | np.all(boxes[:, None, :] == boxes[None, :, :], axis=-1)
-        ii, jj = np.nonzero(np.triu(same, k=1))
-        for i, j in zip(ii.tolist(), jj.tolist()):
-            ri, rj = find(i), find(j)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
-    roots = np.array([find(i) for i in range(n)], dtype=np.int64)
-    _, first = np.unique(roots, return_index=True)
-    order = {int(roots[f]): k for k, f in enumerate(sorted(first))}
-    return np.array([order[int(r)] for r in roots], dtype=np.int64)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,71 +267,129 @@ def merged_objects(data: dict, ancestors: dict[int, set[int]], expand_parents: b
 # ---------------------------------------------------------------------------------------------------------
 
 
+def default_image_dir(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None) -> Path:
+    """The image folder of a dataset: `image_dir`, by default ``images/`` beside the annotation file."""
+    return Path(image_dir) if image_dir is not None else Path(ann_file).parent / "images"
+
+
+def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+                  hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False,
+                  skip_invalid: bool = False, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX,
+                  cache_root: str | os.PathLike | None = None) -> AnnotationStore:
+    """The annotation store (`lt_models.store`) of a dataset: read, validated and merged once.
+
+    ``ann_file`` is an LVIS/COCO JSON file or a store directory (``ltsweep data convert-openimages --store``).
+    With ``cache_root`` the store is cached in ``<cache_root>/<store_key>/`` and memory-mapped (built once by
+    whichever process needs it first, then shared); without it the arrays are built in memory (a one-off
+    command). A store directory whose options match is used as it is; otherwise its derived arrays are rebuilt
+    (into the cache when there is one).
+    """
+    ann_file = Path(ann_file)
+    hier = None if hierarchy_file is None else Path(hierarchy_file)
+    options = {"image_dir": None if image_dir is None else str(Path(image_dir).resolve()), "skip_invalid": skip_invalid,
+               "expand_parents": expand_parents, "iou_thr": MERGE_IOU, "rare_max": rare_max, "common_max": common_max,
+               "hierarchy": None if hier is None else hashlib.sha256(hier.read_bytes()).hexdigest()}
+    if (ann_file / STORE_META).is_file():
+        given = open_store(ann_file)
+        if all(given.meta.get("options", {}).get(k) == v for k, v in options.items() if k not in ("image_dir",
+                                                                                                 "skip_invalid")):
+            return given
+
+        def build() -> tuple[dict, dict]:
+            return _derived_store(given, hier, options, raw_store=str(ann_file.resolve()))
+    else:
+        def build() -> tuple[dict, dict]:
+            data = load_lvis_json(ann_file, image_dir=image_dir, skip_invalid=skip_invalid)
+            raw, categories, extra = raw_columns_from_lvis(data)
+            meta = {"categories": categories, "extra": extra, "invalid_skipped": data.pop("invalid_skipped"),
+                    "invalid_reasons": data.pop("invalid_reasons"),
+                    "source": [str(ann_file.resolve()), ann_file.stat().st_size, ann_file.stat().st_mtime_ns]}
+            del data
+            arrays, derived_meta = _derived_store(AnnotationStore(ann_file, raw, meta), hier, options, raw_store=None)
+            return dict(raw, **arrays), dict(meta, **derived_meta)
+    if cache_root is None:
+        arrays, meta = build()
+        if meta.get("raw_store"):
+            arrays = dict(open_store(meta["raw_store"]).arrays, **arrays)
+        return AnnotationStore(ann_file, arrays, meta)
+    key = store_key(ann_file, **options)
+    return ensure_store(Path(cache_root) / key, key, build)
+
+
+def _derived_store(raw: AnnotationStore, hier: Path | None, options: dict, raw_store: str | None):
+    """(derived arrays, their meta) over a raw store's columns with these options."""
+    categories = raw.meta["categories"]
+    hierarchy = load_hierarchy(hier, name_to_cat_id(categories)) if hier is not None else {}
+    arrays, frequency = derive_arrays(raw.arrays, categories, hierarchy, options["expand_parents"], options["iou_thr"],
+                                      options["rare_max"], options["common_max"])
+    meta = {k: raw.meta[k] for k in ("categories", "extra", "invalid_skipped", "invalid_reasons", "source")
+            if k in raw.meta}
+    meta.update(frequency=frequency, hierarchy=[[p, cs] for p, cs in hierarchy.items()], options=options,
+                raw_store=raw_store)
+    return arrays, meta
+
+
 class LVISDetection(Dataset):
-    """LVIS/COCO-format detection dataset with merged multi-label objects.
+    """LVIS/COCO-format detection dataset with merged multi-label objects, over an annotation store.
 
     ``__getitem__(i) -> (image float32 [3,H,W] in [0,1], target)``; target has ``boxes`` float32 [n,4] xyxy,
     ``labels`` int64 [n] (primary contiguous label), ``multi_hot`` float32 [n,K] and ``image_id``.
     ``train=True`` drops images without a (non-crowd) object, as torchvision's references do; ``train=False``
     keeps every image in file order (evaluation). `transforms(image, target) -> (image, target)` is optional.
+    ``ann_file`` and ``cache_root``: see `dataset_store` (with a cache_root a trial maps the shared store and holds
+    only the index of its images). The JSON reader and its validation run when the store is built.
     """
 
     def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
                  hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False, train: bool = True,
                  skip_invalid: bool = False, transforms: Callable | None = None, rare_max: int = RARE_MAX,
-                 common_max: int = COMMON_MAX):
+                 common_max: int = COMMON_MAX, cache_root: str | os.PathLike | None = None):
         self.ann_file = Path(ann_file)
-        self.image_dir = Path(image_dir) if image_dir is not None else self.ann_file.parent / "images"
+        self.image_dir = default_image_dir(ann_file, image_dir)
         if expand_parents and hierarchy_file is None:
             raise ValueError("expand_parents=True needs hierarchy_file")
-        data = load_lvis_json(self.ann_file, image_dir=self.image_dir, skip_invalid=skip_invalid)
-        self.num_skipped: int = data["invalid_skipped"]
-        self.skipped_reasons: dict = data["invalid_reasons"]
+        self.store = dataset_store(ann_file, image_dir=self.image_dir, hierarchy_file=hierarchy_file,
+                                   expand_parents=expand_parents, skip_invalid=skip_invalid, rare_max=rare_max,
+                                   common_max=common_max, cache_root=cache_root)
+        meta = self.store.meta
+        self.num_skipped: int = int(meta.get("invalid_skipped", 0))
+        self.skipped_reasons: dict = dict(meta.get("invalid_reasons", {}))
         self.transforms = transforms
-        self.categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.categories: list[dict] = meta["categories"]
         self.cat_ids: list[int] = [int(c["id"]) for c in self.categories]
         self.num_classes: int = len(self.cat_ids)
         self.cat_id_to_label: dict[int, int] = {cid: i + 1 for i, cid in enumerate(self.cat_ids)}
         self.label_to_cat_id: list[int] = [-1] + self.cat_ids
         self.class_names: list[str] = [c["name"] for c in self.categories]
-        self.hierarchy: dict[int, list[int]] = (
-            load_hierarchy(hierarchy_file, name_to_cat_id(self.categories)) if hierarchy_file is not None else {})
-        ancestors = hierarchy_ancestors(self.hierarchy)
-        counts, _ = category_image_counts(data)
-        self.frequency: list[str] = category_frequencies(self.categories, counts, rare_max, common_max)
-
-        objects = merged_objects(data, ancestors, expand_parents)
-        self.images: list[dict] = []
-        self._boxes: list[np.ndarray] = []
-        self._primary: list[np.ndarray] = []
-        self._obj_rows: list[np.ndarray] = []    # per image: object index of every (object, label) pair
-        self._obj_labels: list[np.ndarray] = []  # per image: contiguous label of every (object, label) pair
-        for img in data["images"]:
-            objs = objects.get(img["id"], [])
-            if train and not objs:
-                continue
-            self.images.append(img)
-            xywh = np.array([o[0] for o in objs], dtype=np.float32).reshape(-1, 4)
-            self._boxes.append(np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1))
-            self._primary.append(np.array([self.cat_id_to_label[o[1]] for o in objs], dtype=np.int64))
-            self._obj_rows.append(np.array([k for k, o in enumerate(objs) for _ in o[2]], dtype=np.int64))
-            self._obj_labels.append(np.array([self.cat_id_to_label[c] for o in objs for c in o[2]], dtype=np.int64))
-        self.image_ids: list[int] = [int(img["id"]) for img in self.images]
-        indptr = [0]
-        flat: list[np.ndarray] = []
-        for labels in self._obj_labels:
-            present = np.unique(labels) - 1
-            flat.append(present)
-            indptr.append(indptr[-1] + len(present))
-        self._indptr = np.asarray(indptr, dtype=np.int64)
-        self._csr_labels = np.concatenate(flat).astype(np.int64) if flat else np.zeros(0, dtype=np.int64)
+        self.hierarchy: dict[int, list[int]] = self.store.hierarchy
+        self.frequency: list[str] = list(meta["frequency"])
+        a = self.store.arrays
+        self._obj_indptr, self._pair_indptr = a["obj_indptr"], a["pair_indptr"]
+        self._rows = (np.flatnonzero(np.diff(self._obj_indptr) > 0) if train
+                      else np.arange(len(a["image_id"]), dtype=np.int64))
+        self.image_ids: np.ndarray = np.asarray(a["image_id"][self._rows])
+        if train:      # the samplers' CSR over this dataset's images
+            lp = a["label_indptr"]
+            sizes = (lp[1:] - lp[:-1])[self._rows]
+            self._indptr = np.r_[0, np.cumsum(sizes)].astype(np.int64)
+            take = np.repeat(lp[self._rows], sizes) + np.arange(int(sizes.sum())) - np.repeat(self._indptr[:-1], sizes)
+            self._csr_labels = np.asarray(a["label_ids"][take])
+        else:
+            self._indptr, self._csr_labels = np.asarray(a["label_indptr"]), a["label_ids"]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._rows)
+
+    def image_info(self, i: int) -> dict:
+        """{id, file_name, width, height} of item i."""
+        row = int(self._rows[i])
+        a = self.store.arrays
+        return {"id": int(a["image_id"][row]), "file_name": self.store.file_name(row), "width": float(a["width"][row]),
+                "height": float(a["height"][row])}
 
     def label_csr(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr int64 [n_images+1], labels int64 [nnz]): 0-based classes (label-1) present in each image."""
-        return self._indptr.copy(), self._csr_labels.copy()
+        return np.array(self._indptr, dtype=np.int64), np.array(self._csr_labels, dtype=np.int64)
 
     def image_counts(self) -> np.ndarray:
         """int64 [C]: images of this dataset containing each class (after merge / parent expansion)."""
@@ -381,13 +397,22 @@ class LVISDetection(Dataset):
 
     def target(self, i: int) -> dict:
         """The target of item i without decoding the image."""
-        multi_hot = torch.zeros(len(self._primary[i]), self.num_classes + 1, dtype=torch.float32)
-        multi_hot[torch.from_numpy(self._obj_rows[i]), torch.from_numpy(self._obj_labels[i])] = 1.0
-        return {"boxes": torch.from_numpy(self._boxes[i].copy()), "labels": torch.from_numpy(self._primary[i].copy()),
-                "multi_hot": multi_hot, "image_id": torch.tensor(self.image_ids[i], dtype=torch.int64)}
+        row = int(self._rows[i])
+        o0, o1 = int(self._obj_indptr[row]), int(self._obj_indptr[row + 1])
+        p0, p1 = int(self._pair_indptr[o0]), int(self._pair_indptr[o1])
+        a = self.store.arrays
+        obj_rows = np.repeat(np.arange(o1 - o0), np.diff(self._pair_indptr[o0:o1 + 1]))
+        multi_hot = torch.zeros(o1 - o0, self.num_classes + 1, dtype=torch.float32)
+        multi_hot[torch.from_numpy(obj_rows), torch.from_numpy(np.array(a["pair_label"][p0:p1]))] = 1.0
+        return {"boxes": torch.from_numpy(np.array(a["obj_box"][o0:o1])),
+                "labels": torch.from_numpy(np.array(a["obj_primary"][o0:o1])),
+                "multi_hot": multi_hot, "image_id": torch.tensor(int(self.image_ids[i]), dtype=torch.int64)}
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
-        img = self.images[i]
+        img = self.image_info(i)
+        if not img["file_name"]:
+            raise AnnotationError(f"{self.ann_file}: image id {img['id']}: no 'file_name' (or 'coco_url') field; "
+                                  "fix the annotation file")
         path = self.image_dir / img["file_name"]
         try:
             with Image.open(path) as pil:
@@ -397,8 +422,8 @@ class LVISDetection(Dataset):
                                   f"restore it or fix the image folder ({self.image_dir})") from None
         if pixels.shape[:2] != (int(img["height"]), int(img["width"])):
             raise AnnotationError(f"{self.ann_file}: image id {img['id']}: fields 'width'/'height' = "
-                                  f"{img['width']}x{img['height']} but {path} is {pixels.shape[1]}x{pixels.shape[0]}; "
-                                  f"fix the annotation file")
+                                  f"{img['width']:g}x{img['height']:g} but {path} is "
+                                  f"{pixels.shape[1]}x{pixels.shape[0]}; fix the annotation file")
         # numpy, not torch ops: torch's intra-op thread pool makes this tiny conversion slow in loader workers
         image = torch.from_numpy(np.ascontiguousarray(np.divide(pixels, np.float32(255), dtype=np.float32)
                                                       .transpose(2, 0, 1)))

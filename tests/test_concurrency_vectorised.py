@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lt_models.concurrency as concurrency
+import lt_models.merge as merge
 from lt_models.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
 from lt_models.concurrency import concurrent_rate_matrix
 from lt_models.datasets import group_duplicate_boxes, load_lvis_json
@@ -52,11 +53,11 @@ def assert_identical(data: dict, **kw) -> torch.Tensor:
 
 
 def same_partition(data: dict, iou_thr: float) -> None:
-    """`_object_ids` splits every image's boxes exactly as group_duplicate_boxes does."""
+    """`object_ids` splits every image's boxes exactly as group_duplicate_boxes does."""
     anns = [a for a in data["annotations"] if not a.get("iscrowd", 0)]
     label = {c["id"]: i + 1 for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
     images, _, xyxy = concurrency._box_table(data, label, "test")
-    ids = concurrency._object_ids(images, xyxy, iou_thr)
+    ids = merge.object_ids(images, xyxy, iou_thr)
     for img in set(images.tolist()):
         rows = np.flatnonzero(images == img)
         expected = group_duplicate_boxes(xyxy[rows], iou_thr)
@@ -130,7 +131,7 @@ def _random_case(rng: random.Random, n_images: int, n_cats: int = 6) -> dict:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_near_duplicates(seed, monkeypatch):
-    monkeypatch.setattr(concurrency, "PAIR_CHUNK", 5)          # many chunk boundaries, inside images too
+    monkeypatch.setattr(merge, "PAIR_CHUNK", 5)          # many chunk boundaries, inside images too
     rng = random.Random(seed)
     data = _random_case(rng, n_images=40)
     for iou_thr in (0.95, 0.5, 1.0, 0.0):

@@ -82,7 +82,7 @@ def test_dataset_merges_duplicates_into_multi_hot_objects(tmp_path):
     ds = LVISDetection(_write(tmp_path, _base()))
     assert ds.cat_ids == [3, 7, 10, 11, 42] and ds.num_classes == 5
     assert ds.cat_id_to_label == {3: 1, 7: 2, 10: 3, 11: 4, 42: 5} and ds.label_to_cat_id == [-1, 3, 7, 10, 11, 42]
-    assert ds.image_ids == [1, 2, 5]                       # train=True drops the image without objects
+    assert ds.image_ids.tolist() == [1, 2, 5]              # train=True drops the image without objects
     image, t = ds[0]
     assert image.dtype == torch.float32 and image.shape == (3, 48, 64)
     raw = np.asarray(Image.open(tmp_path / "images" / "a.png"), dtype=np.float32) / 255
@@ -118,7 +118,7 @@ def test_hierarchy_picks_the_leaf_as_primary_and_expands_parents(tmp_path):
 
 def test_eval_mode_keeps_empty_images_and_collates(tmp_path):
     ds = LVISDetection(_write(tmp_path, _base()), train=False)
-    assert ds.image_ids == [1, 2, 3, 5]
+    assert ds.image_ids.tolist() == [1, 2, 3, 5]
     image, t = ds[2]
     assert t["boxes"].shape == (0, 4) and t["labels"].shape == (0,) and t["multi_hot"].shape == (0, 6)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=collate_detection)
@@ -375,5 +375,5 @@ def test_lvis_v1_images_are_found_through_coco_url(tmp_path):
     ann = tmp_path / "lvis_v1_train.json"
     ann.write_text(json.dumps(data))
     ds = LVISDetection(ann, image_dir=tmp_path)
-    assert [img["file_name"] for img in ds.images] == ["train2017/a.png", "val2017/b.png"]
+    assert [ds.image_info(i)["file_name"] for i in range(len(ds))] == ["train2017/a.png", "val2017/b.png"]
     assert ds[1][0].shape == (3, 32, 32)

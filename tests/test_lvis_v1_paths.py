@@ -58,7 +58,7 @@ def test_train_and_val_images_load_from_the_coco_root(lvis_v1):
     train, val, coco, pixels = lvis_v1
     for ann, images in ((train, TRAIN_IMAGES), (val, VAL_IMAGES)):
         ds = LVISDetection(ann, image_dir=coco, train=False)
-        assert [img["file_name"] for img in ds.images] == [f"{s}/{i:012d}.jpg" for i, s, _, _ in images]
+        assert [ds.image_info(i)["file_name"] for i in range(len(ds))] == [f"{s}/{i:012d}.jpg" for i, s, _, _ in images]
         for k, (iid, _, w, h) in enumerate(images):
             image, target = ds[k]
             assert image.shape == (3, h, w)
@@ -78,7 +78,7 @@ def test_missing_image_names_the_resolved_path(lvis_v1):
     assert "image id 285" in msg and "coco_url" in msg and "COCO root" in msg
     # skip_invalid drops only that image
     ds = LVISDetection(val, image_dir=coco, train=False, skip_invalid=True)
-    assert ds.image_ids == [139, 30]
+    assert ds.image_ids.tolist() == [139, 30]
     assert ds.skipped_reasons == {"missing image file": 1, "annotation of skipped image": 1}
 
 
