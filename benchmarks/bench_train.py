@@ -5,15 +5,25 @@ Measures, with the real data path (synthetic demo benchmark -> LVISDetection -> 
   * ``tiny`` at 128 px (batch 8, the demo schedule's batch), plus the anchor: the same network with torchvision's
     stock single-label ``RoIHeads`` (softmax CE), so the cost of the multi-hot RoI heads shows as a ratio;
   * ``resnet50_fpn`` at 800 px (batch 2, a few iterations: the papers' setting, for scale).
+  * multi-worker training (issue 15): ``tiny`` at 128 px, batch 8 per worker, as a Ray Train ``TorchTrainer`` (the
+    path of ``resources.workers_per_trial``: DDP over gloo, each worker its own shard of the epoch, one torch thread
+    per worker) with 1 and with 2 workers in the same run: total img/s and their ratio; and the communication share
+    of a 2-worker step: the time gradient all-reduces are in flight (a DDP communication hook records each bucket's
+    launch and completion; their union) over the step time; and the exposed share, 1 - (step time without the
+    all-reduce, under ``DistributedDataParallel.no_sync``) / (normal step time): what backward does not hide.
 Goal (issue 5): tiny >= 14 img/s on 2 cores with loader wait < 10% of step time.
 
-Usage: python benchmarks/bench_train.py [--threads 2] [--workers 0] [--tiny-iters 30] [--r50-iters 2] [--data DIR]
-Last stdout line: {"benchmark": "train", "tiny_img_per_s": ..., "r50_img_per_s": ..., "loader_wait_fraction": ...}
+Usage: python benchmarks/bench_train.py [--threads 2] [--workers 0] [--tiny-iters 30] [--r50-iters 2]
+           [--ddp-iters 20] [--data DIR]
+Last stdout line: {"benchmark": "train", "tiny_img_per_s": ..., "r50_img_per_s": ..., "loader_wait_fraction": ...,
+                   "ddp1_img_per_s": ..., "ddp2_img_per_s": ..., "ddp2_speedup": ..., "ddp2_comm_share": ...,
+                   "ddp2_comm_exposed_share": ...}
 """
 from __future__ import annotations
 
 import argparse
 import json
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -50,6 +60,92 @@ def measure(model, ds, batch_size, iters, warmup, workers, seed=0):
     return stats["img_per_s"], stats["loader_wait_fraction"], stats["iterations"]
 
 
+def timed_allreduce(intervals: list, bucket):
+    """DDP communication hook: the default all-reduce of one gradient bucket, recording when it was launched and when
+    its result was ready."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    start = time.perf_counter()
+
+    def done(fut):
+        intervals.append((start, time.perf_counter()))
+        return fut.value()
+
+    return allreduce_hook(None, bucket).then(done)
+
+
+def union_length(intervals: list) -> float:
+    """Seconds covered by the union of (start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
+def ddp_worker(config: dict) -> None:
+    """One Ray Train worker: tiny at 128 px, batch 8 on this rank's shard; img/s of all ranks (the engine's
+    train_one_epoch sums them), then per-step times with and without the gradient all-reduce."""
+    import ray.train
+    import torch.distributed as dist
+
+    from lt_models.distributed import wrap
+
+    torch.set_num_threads(1)
+    ctx = ray.train.get_context()
+    rank, ws = ctx.get_world_rank(), ctx.get_world_size()
+    ds = LVISDetection(Path(config["data"]) / "train.json", transforms=RandomHorizontalFlip())
+    torch.manual_seed(0)
+    model = build_detector(ds.num_classes, "tiny")
+    ddp = wrap(model, torch.device("cpu"), ws)
+    intervals: list = []  # (start, end) of every gradient all-reduce: from DDP handing a bucket over to its result
+    if ws > 1:
+        ddp.register_comm_hook(intervals, timed_allreduce)
+    loader = torch.utils.data.DataLoader(ds, batch_size=config["batch"], collate_fn=collate_detection,
+                                         sampler=NonBalanceSampler(len(ds), seed=0, rank=rank, world_size=ws))
+    opt = build_optimizer(model, lr=0.001)
+    dev, iters = torch.device("cpu"), config["iters"]
+    kw = dict(grad_clip=10.0, progress=False, world_size=ws)
+    train_one_epoch(ddp, opt, loader, dev, 0, max_iters=3, **kw)  # warm-up
+    intervals.clear()
+    synced = train_one_epoch(ddp, opt, loader, dev, 1, max_iters=iters, **kw)
+    comm = union_length(intervals)
+    out = {"img_per_s": synced["img_per_s"], "loader_wait": synced["loader_wait_fraction"]}
+    if ws > 1:
+        dist.barrier()
+        with ddp.no_sync():  # the same steps without the gradient all-reduce (nor the loss all-reduce)
+            local = train_one_epoch(ddp, opt, loader, dev, 2, grad_clip=10.0, progress=False, max_iters=iters)
+        t_sync = synced["time"] / synced["iterations"]
+        t_local = local["time"] / local["iterations"]
+        out.update(step_s=t_sync, step_no_sync_s=t_local, comm_share=comm / synced["time"],
+                   comm_exposed_share=max(0.0, 1.0 - t_local / t_sync))
+    if rank == 0:  # the workers run on this machine: rank 0 hands its numbers back through a file
+        Path(config["out"]).write_text(json.dumps(out))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_workers(data: Path, workers: int, iters: int, batch: int) -> dict:
+    """Rank 0's numbers of a `workers`-worker Ray Train run of :func:`ddp_worker` (1 CPU per worker)."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    with tempfile.TemporaryDirectory() as store:
+        out = Path(store) / "rank0.json"
+        trainer = TorchTrainer(ddp_worker, train_loop_config={"data": str(data), "iters": iters, "batch": batch,
+                                                              "out": str(out)},
+                               torch_config=TorchConfig(backend="gloo"),
+                               scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+                               run_config=RunConfig(name=f"bench{workers}", storage_path=store))
+        trainer.fit()
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -57,6 +153,7 @@ def main() -> None:
     ap.add_argument("--tiny-iters", type=int, default=30)
     ap.add_argument("--tiny-batch", type=int, default=8)
     ap.add_argument("--r50-iters", type=int, default=2)
+    ap.add_argument("--ddp-iters", type=int, default=20, help="timed iterations per worker of the Ray Train runs")
     ap.add_argument("--data", type=str, default=None, help="an existing synthetic benchmark dir (default: generate)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -89,8 +186,27 @@ def main() -> None:
         print(f"resnet50_fpn 800px batch 2: {r50_ips:.3f} img/s over {n} it (loader wait {r50_wait:.1%}, "
               f"{time.perf_counter() - t:.0f} s); tiny is {tiny_ips / r50_ips:.0f}x faster")
 
+        import ray
+
+        # the dashboard serves the State API, which Ray Train V2's placement-group cleaner polls
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+        try:
+            one = measure_workers(data, 1, args.ddp_iters, args.tiny_batch)
+            two = measure_workers(data, 2, args.ddp_iters, args.tiny_batch)
+        finally:
+            ray.shutdown()
+        speedup = two["img_per_s"] / one["img_per_s"]
+        print(f"Ray Train, tiny 128px batch {args.tiny_batch} per worker, 1 thread per worker: 1 worker "
+              f"{one['img_per_s']:.1f} img/s, 2 workers {two['img_per_s']:.1f} img/s (x{speedup:.2f}); 2-worker step "
+              f"{two['step_s'] * 1000:.0f} ms, all-reduce in flight {two['comm_share']:.1%} of it; "
+              f"{two['step_no_sync_s'] * 1000:.0f} ms without the all-reduce (exposed communication "
+              f"{two['comm_exposed_share']:.1%})")
+
     print(json.dumps({"benchmark": "train", "tiny_img_per_s": round(tiny_ips, 2), "r50_img_per_s": round(r50_ips, 3),
-                      "loader_wait_fraction": round(wait, 4)}))
+                      "loader_wait_fraction": round(wait, 4), "ddp1_img_per_s": round(one["img_per_s"], 2),
+                      "ddp2_img_per_s": round(two["img_per_s"], 2), "ddp2_speedup": round(speedup, 3),
+                      "ddp2_comm_share": round(two["comm_share"], 4),
+                      "ddp2_comm_exposed_share": round(two["comm_exposed_share"], 4)}))
 
 
 if __name__ == "__main__":

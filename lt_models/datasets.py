@@ -24,7 +24,6 @@ Frequency buckets and the class hierarchy follow `lt_models.annotations`; the lo
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import Counter, defaultdict
@@ -41,7 +40,7 @@ from lt_models.annotations import COMMON_MAX, FREQ_LABELS, RARE_MAX, load_hierar
 from lt_models.errors import AnnotationError
 from lt_models.merge import MERGE_IOU, box_iou_xyxy, group_duplicate_boxes  # noqa: F401 (re-exported)
 from lt_models.store import META as STORE_META, AnnotationStore, ensure_store, open_store, store_key
-from lt_models.store_build import derive_arrays, raw_columns_from_lvis
+from lt_models.store_build import dataset_options, derive_arrays, raw_columns_from_lvis
 
 BOX_TOLERANCE = 1.0  # px a box may stick out of its image (float rounding in COCO/LVIS); it is clipped
 
@@ -286,9 +285,7 @@ def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
     """
     ann_file = Path(ann_file)
     hier = None if hierarchy_file is None else Path(hierarchy_file)
-    options = {"image_dir": None if image_dir is None else str(Path(image_dir).resolve()), "skip_invalid": skip_invalid,
-               "expand_parents": expand_parents, "iou_thr": MERGE_IOU, "rare_max": rare_max, "common_max": common_max,
-               "hierarchy": None if hier is None else hashlib.sha256(hier.read_bytes()).hexdigest()}
+    options = dataset_options(image_dir, skip_invalid, expand_parents, hier, rare_max, common_max)
     if (ann_file / STORE_META).is_file():
         given = open_store(ann_file)
         if all(given.meta.get("options", {}).get(k) == v for k, v in options.items() if k not in ("image_dir",
@@ -300,9 +297,9 @@ def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
     else:
         def build() -> tuple[dict, dict]:
             data = load_lvis_json(ann_file, image_dir=image_dir, skip_invalid=skip_invalid)
+            skipped, reasons = data.pop("invalid_skipped"), data.pop("invalid_reasons")
             raw, categories, extra = raw_columns_from_lvis(data)
-            meta = {"categories": categories, "extra": extra, "invalid_skipped": data.pop("invalid_skipped"),
-                    "invalid_reasons": data.pop("invalid_reasons"),
+            meta = {"categories": categories, "extra": extra, "invalid_skipped": skipped, "invalid_reasons": reasons,
                     "source": [str(ann_file.resolve()), ann_file.stat().st_size, ann_file.stat().st_mtime_ns]}
             del data
             arrays, derived_meta = _derived_store(AnnotationStore(ann_file, raw, meta), hier, options, raw_store=None)
@@ -365,31 +362,42 @@ class LVISDetection(Dataset):
         self.frequency: list[str] = list(meta["frequency"])
         a = self.store.arrays
         self._obj_indptr, self._pair_indptr = a["obj_indptr"], a["pair_indptr"]
-        self._rows = (np.flatnonzero(np.diff(self._obj_indptr) > 0) if train
-                      else np.arange(len(a["image_id"]), dtype=np.int64))
-        self.image_ids: np.ndarray = np.asarray(a["image_id"][self._rows])
-        if train:      # the samplers' CSR over this dataset's images
+        n_images = len(a["image_id"])
+        rows = np.flatnonzero(np.diff(self._obj_indptr) > 0) if train else None
+        # every image kept (evaluation, or training where every image has an object): no index, no copies; the
+        # trial reads the store's own pages, which all trials on the node share
+        self._rows: np.ndarray | None = None if rows is None or len(rows) == n_images else rows
+        self._len = n_images if self._rows is None else len(self._rows)
+        if self._rows is None:
+            self.image_ids: np.ndarray = a["image_id"]
+            self._indptr, self._csr_labels = a["label_indptr"], a["label_ids"]
+        else:          # the samplers' CSR over this dataset's images
+            self.image_ids = np.asarray(a["image_id"][self._rows])
             lp = a["label_indptr"]
             sizes = (lp[1:] - lp[:-1])[self._rows]
             self._indptr = np.r_[0, np.cumsum(sizes)].astype(np.int64)
             take = np.repeat(lp[self._rows], sizes) + np.arange(int(sizes.sum())) - np.repeat(self._indptr[:-1], sizes)
             self._csr_labels = np.asarray(a["label_ids"][take])
-        else:
-            self._indptr, self._csr_labels = np.asarray(a["label_indptr"]), a["label_ids"]
+            self._indptr.flags.writeable = self._csr_labels.flags.writeable = False
 
     def __len__(self) -> int:
-        return len(self._rows)
+        return self._len
+
+    def _row(self, i: int) -> int:
+        """The store row (image table) of item i."""
+        return int(i) if self._rows is None else int(self._rows[i])
 
     def image_info(self, i: int) -> dict:
         """{id, file_name, width, height} of item i."""
-        row = int(self._rows[i])
+        row = self._row(i)
         a = self.store.arrays
         return {"id": int(a["image_id"][row]), "file_name": self.store.file_name(row), "width": float(a["width"][row]),
                 "height": float(a["height"][row])}
 
     def label_csr(self) -> tuple[np.ndarray, np.ndarray]:
-        """(indptr int64 [n_images+1], labels int64 [nnz]): 0-based classes (label-1) present in each image."""
-        return np.array(self._indptr, dtype=np.int64), np.array(self._csr_labels, dtype=np.int64)
+        """(indptr int64 [n_images+1], labels int64 [nnz]): 0-based classes (label-1) present in each image.
+        Read-only arrays (often the store's own memory-mapped pages): copy them to modify them."""
+        return self._indptr, self._csr_labels
 
     def image_counts(self) -> np.ndarray:
         """int64 [C]: images of this dataset containing each class (after merge / parent expansion)."""
@@ -397,7 +405,7 @@ class LVISDetection(Dataset):
 
     def target(self, i: int) -> dict:
         """The target of item i without decoding the image."""
-        row = int(self._rows[i])
+        row = self._row(i)
         o0, o1 = int(self._obj_indptr[row]), int(self._obj_indptr[row + 1])
         p0, p1 = int(self._pair_indptr[o0]), int(self._pair_indptr[o1])
         a = self.store.arrays

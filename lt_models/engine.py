@@ -4,7 +4,9 @@
 one stage): it builds the dataset, the sampler (``spec.sampler``), the loss (``spec.loss``) and the detector, runs
 ``train_one_epoch`` per epoch, evaluates with ``evaluate_lvis`` every ``eval_every`` epochs, writes an atomic
 checkpoint directory (``lt_models.checkpoint``) and then calls ``on_eval(metrics, checkpoint_dir)`` (the Tune
-trainable reports from there).
+trainable reports from there). With ``rank`` / ``world_size`` (a process group set up by Ray Train) it is one of
+``world_size`` data-parallel processes: DDP, a shard of each epoch per rank, a distributed evaluation and
+checkpoints written by rank 0 only (``lt_models.distributed``).
 
 Optimisation: SGD (momentum 0.9, weight decay 1e-4) over the trainable parameters, a per-iteration LR schedule
 (linear warm-up from ``warmup_factor`` over ``warmup`` iterations, then x``lr_gamma`` at each epoch in
@@ -27,8 +29,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from lt_models import distributed
 from lt_models.atomic import recover_dir
-from lt_models.checkpoint import load_checkpoint, load_model_weights, rotate_checkpoints, write_checkpoint_dir
+from lt_models.checkpoint import (capture_rng_state, load_checkpoint, load_model_weights, restore_rng_state,
+                                  rotate_checkpoints, write_checkpoint_dir)
 from lt_models.detector import build_detector, set_decoupled
 from lt_models.errors import AnnotationError, ConfigError
 from lt_models.run_spec import TrainSpec
@@ -57,6 +61,9 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"non-finite training loss at iteration {iteration} (epoch {epoch}, lr {lr:.4g}): {parts}. "
                          "No optimizer step or checkpoint was made from it; lower lr, lengthen warmup or set "
                          "grad_clip")
+
+    def __reduce__(self):  # picklable: a Ray Train worker's divergence travels to the trial as itself
+        return type(self), (self.iteration, self.epoch, self.losses, self.lr)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -108,13 +115,15 @@ def _progress_enabled(progress: bool | None) -> bool:
 
 def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, scheduler=None, scaler=None,
                     grad_clip: float | None = None, iteration: int = 0, progress: bool | None = None,
-                    max_iters: int | None = None) -> dict:
+                    max_iters: int | None = None, world_size: int = 1) -> dict:
     """One pass over ``data_loader`` (batches of ``(images, targets)``).
 
     The optimised loss is the sum of the detector's losses that carry a gradient (in decoupled mode the frozen
     RPN / box-regression losses are still computed and reported but not optimised). ``iteration`` is the global
     iteration count at the start (for messages). Returns mean losses and timing:
     ``{"loss", <each loss>, "iterations", "images", "time", "data_time", "loader_wait_fraction", "img_per_s"}``.
+    With ``world_size`` > 1 (``model`` in DDP, one shard per rank), ``loss`` is the mean over the ranks (a
+    non-finite loss on any rank stops every rank) and ``images`` / ``img_per_s`` count all ranks' images.
     """
     model.train()
     use_amp = scaler is not None and device.type == "cuda"
@@ -133,7 +142,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, schedu
         if not torch.is_tensor(loss):
             raise ConfigError("no loss carries a gradient: nothing to train (check `decoupled`)")
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        loss_value = float(loss.detach())
+        loss_value = distributed.mean_over_ranks(float(loss.detach()), world_size)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(iteration + n_iter, epoch, {"loss": loss_value, **values},
                                      optimizer.param_groups[0]["lr"])
@@ -165,6 +174,7 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, schedu
         if max_iters is not None and n_iter >= max_iters:
             break
     bar.close()
+    n_img = int(distributed.sum_over_ranks(n_img, world_size))
     elapsed = time.perf_counter() - t_start
     out = {k: v / max(n_iter, 1) for k, v in sums.items()}
     out.update(iterations=n_iter, images=n_img, time=elapsed, data_time=data_time,
@@ -201,16 +211,17 @@ def predict(model, data_loader, device, label_to_cat_id, *, progress: bool | Non
 # One training run
 # ----------------------------------------------------------------------------------------------------------------
 def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rate: float,
-                       inputs: Iterable[str], skip_invalid: bool = False) -> dict:
+                       inputs: Iterable[str], skip_invalid: bool = False, store=None) -> dict:
     """The costly loss inputs that every run on the same training data shares, computed once: the
     concurrent-rate matrix r_ij (``lt_models.concurrency``) when ``inputs`` (the union of ``LossSpec.inputs`` of
     the runs) names ``concurrent_rate`` (concurrent softmax in training, or eq 5 scores). A sweep computes them on
-    the driver and hands them to each trial's ``train(..., shared=...)``."""
+    the driver and hands them to each trial's ``train(..., shared=...)``. ``store``: the training set's annotation
+    store (`lt_models.store`), whose merged objects r_ij then counts instead of reading ``train_ann`` again."""
     if "concurrent_rate" not in set(inputs):
         return {}
     from lt_models.concurrency import concurrent_rate_matrix
 
-    return {"concurrent_rate": concurrent_rate_matrix(train_ann, hierarchy=hierarchy_file,
+    return {"concurrent_rate": concurrent_rate_matrix(train_ann if store is None else store, hierarchy=hierarchy_file,
                                                       hierarchy_rate=hierarchy_rate, skip_invalid=skip_invalid)}
 
 
@@ -219,7 +230,7 @@ def build_loss(spec: TrainSpec, train_ds, shared: dict | None):
     the number of classes."""
     if shared is None or ("concurrent_rate" in spec.loss.inputs and "concurrent_rate" not in shared):
         shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, spec.loss.inputs,
-                                    spec.skip_invalid)
+                                    spec.skip_invalid, store=train_ds.store)
     return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
                            class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist(),
                            num_classes=train_ds.num_classes)
@@ -232,22 +243,42 @@ def _loader(dataset, batch_size, sampler, workers, device):
                                        persistent_workers=False)
 
 
+def _val_loader(dataset, spec: TrainSpec, device, rank: int, world_size: int):
+    """The validation loader: every image in order, or (``world_size`` > 1) this rank's share of the very same
+    batches (``distributed.eval_batches``)."""
+    if world_size == 1:
+        return _loader(dataset, spec.batch_size, torch.utils.data.SequentialSampler(dataset), spec.workers, device)
+    from lt_models.datasets import collate_detection
+    batches = distributed.eval_batches(len(dataset), spec.batch_size, rank, world_size)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=spec.workers,
+                                       collate_fn=collate_detection, pin_memory=device.type == "cuda")
+
+
 def evaluate(model, val_loader, val_ds, val_ann, device, progress=None, frequency=None, metric: str = "lvis",
-             hierarchy: str | None = None) -> dict:
+             hierarchy: str | None = None, world_size: int = 1) -> dict:
     """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis`` (``metric="lvis"``)
     or ``evaluate_openimages`` (``"openimages"``: the challenge AP@0.5 with the class ``hierarchy``, reported as
     both AP and AP50). ``frequency`` ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets;
-    ``train`` passes the training set's, so APr/APc/APf always bucket classes by their training frequency."""
+    ``train`` passes the training set's, so APr/APc/APf always bucket classes by their training frequency.
+    With ``world_size`` > 1 every rank predicts its share of the batches (``_val_loader``), rank 0 scores all
+    detections in single-process order and every rank returns its metrics."""
     from lt_models.evaluation import evaluate_lvis, evaluate_openimages
     dets = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
-    if metric == "openimages":
-        return evaluate_openimages(val_ann, dets, hierarchy, frequency=frequency)
-    return evaluate_lvis(val_ann, dets, frequency=frequency)
+    if world_size > 1:
+        position = {int(i): k for k, i in enumerate(val_ds.image_ids)}
+        dets = distributed.gather_in_order(dets, lambda d: position[d["image_id"]], world_size)
+
+    def score() -> dict:
+        if metric == "openimages":
+            return evaluate_openimages(val_ann, dets, hierarchy, frequency=frequency)
+        return evaluate_lvis(val_ann, dets, frequency=frequency)
+
+    return distributed.on_rank0(score, world_size)
 
 
 def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path | None = None,
-          resume_checkpoint: str | Path | None = None, on_eval: Callable[[dict, Path], None] | None = None,
-          shared: dict | None = None) -> dict:
+          resume_checkpoint: str | Path | None = None, on_eval: Callable[[dict, Path | None], None] | None = None,
+          shared: dict | None = None, rank: int = 0, world_size: int = 1) -> dict:
     """Train one run per ``spec``; write checkpoints under ``out_dir``; return the last evaluation's metrics.
 
     init_checkpoint: model weights to start from (hybrid stage 2 starts from the stage-1 checkpoint; only the
@@ -260,6 +291,12 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
         loss of the last epoch), epoch (epochs completed), iteration (optimizer steps so far), images (training
         images seen so far), per_class
         ({category_id: AP}), plus the rest of ``evaluate_lvis``'s keys.
+    rank, world_size: this process's place among ``world_size`` data-parallel processes (torch.distributed already
+        initialised, e.g. by Ray Train). Every rank gets the same metrics; only rank 0 writes checkpoints (holding
+        the unwrapped model, the same format as a single process's), rotates them and gets ``checkpoint_dir`` in
+        ``on_eval``. ``on_eval`` is called on every rank (Ray Train's report is collective), with
+        ``checkpoint_dir=None`` on the others; pass None where nothing should be reported. Each rank must get its
+        own ``out_dir`` and its own local copy of ``resume_checkpoint``.
 
     Checkpoint directories are ``out_dir/checkpoint_epoch{e:04d}`` (checkpoint.pt, metrics.json, spec.json,
     run.json); only this run's newest ``spec.keep_checkpoints`` are kept (older ones are removed after ``on_eval``
@@ -267,6 +304,7 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
     ``out_dir`` is cleaned up first (``lt_models.atomic.recover_dir``).
     """
     spec.validate()
+    distributed.check_process_group(rank, world_size)
     if spec.stage == "stage2" and init_checkpoint is None and resume_checkpoint is None:
         raise ConfigError("stage2 starts from the stage-1 checkpoint: pass init_checkpoint (or resume_checkpoint)")
     out_dir = Path(out_dir)
@@ -278,12 +316,12 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
     if spec.num_threads is not None:
         torch.set_num_threads(spec.num_threads)
     try:
-        return _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared)
+        return _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared, rank, world_size)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared) -> dict:
+def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, shared, rank, world_size) -> dict:
     from lt_models.datasets import LVISDetection
 
     random.seed(spec.seed)
@@ -292,9 +330,10 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
 
     train_ds = LVISDetection(spec.train_ann, spec.train_image_dir, hierarchy_file=spec.hierarchy_file,
                              expand_parents=spec.expand_parents, train=True, skip_invalid=spec.skip_invalid,
-                             transforms=RandomHorizontalFlip() if spec.hflip else None)
+                             transforms=RandomHorizontalFlip() if spec.hflip else None, cache_root=spec.annotation_cache)
     val_ds = LVISDetection(spec.val_ann, spec.val_image_dir, hierarchy_file=spec.hierarchy_file,
-                           expand_parents=spec.expand_parents, train=False, skip_invalid=spec.skip_invalid)
+                           expand_parents=spec.expand_parents, train=False, skip_invalid=spec.skip_invalid,
+                           cache_root=spec.annotation_cache)
     if list(val_ds.cat_ids) != list(train_ds.cat_ids):
         raise AnnotationError(f"{spec.val_ann}: its categories differ from {spec.train_ann}'s "
                               f"({len(val_ds.cat_ids)} vs {len(train_ds.cat_ids)} ids); both files must list the same "
@@ -310,11 +349,17 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         switch_classifier(model, init_extra)
     set_decoupled(model, spec.decoupled)
     model.to(device)
+    if world_size > 1:  # same initial weights on every rank; then each rank flips and samples on its own stream
+        seed = distributed.rank_seed(spec.seed, rank)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
 
     indptr, labels = train_ds.label_csr()
-    sampler = build_sampler(spec.sampler, indptr, labels, num_classes, seed=spec.seed)
+    sampler = build_sampler(spec.sampler, indptr, labels, num_classes, seed=spec.seed, rank=rank,
+                            world_size=world_size)
     train_loader = _loader(train_ds, spec.batch_size, sampler, spec.workers, device)
-    val_loader = _loader(val_ds, spec.batch_size, torch.utils.data.SequentialSampler(val_ds), spec.workers, device)
+    val_loader = _val_loader(val_ds, spec, device, rank, world_size)
     iters_per_epoch = len(train_loader)
     if iters_per_epoch == 0:
         raise ConfigError(f"{spec.train_ann}: no training images to sample")
@@ -331,6 +376,9 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
         start_epoch, iteration = state["epoch"], state["iteration"]
         images = int(state["extra"].get("images", 0))
         run_id = state["extra"].get("run_id") or run_id
+        rank_rng = state["extra"].get("rank_rng")
+        if world_size > 1 and isinstance(rank_rng, list) and len(rank_rng) == world_size:
+            restore_rng_state(rank_rng[rank])  # each rank continues its own RNG stream
         if start_epoch >= spec.epochs:  # nothing left to train: hand back the checkpoint's own evaluation
             ckpt_dir = Path(resume_checkpoint)
             ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
@@ -339,6 +387,7 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
                                                                               "iteration": iteration}
             return dict(metrics, checkpoint_dir=str(ckpt_dir))
 
+    ddp = distributed.wrap(model, device, world_size)  # `model` stays the unwrapped detector (checkpoints, eval)
     spec_dict = spec.to_dict()
     extra = {"num_classes": num_classes, "cat_ids": [int(c) for c in train_ds.cat_ids], "backbone": spec.backbone,
              "stage": spec.stage}
@@ -346,24 +395,31 @@ def _train(spec, out_dir, device, init_checkpoint, resume_checkpoint, on_eval, s
     last_loss = float("nan")
     for epoch in range(start_epoch, spec.epochs):
         sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, optimizer, train_loader, device, epoch, scheduler=scheduler, scaler=scaler,
-                                grad_clip=spec.grad_clip, iteration=iteration, progress=spec.progress)
+        stats = train_one_epoch(ddp, optimizer, train_loader, device, epoch, scheduler=scheduler, scaler=scaler,
+                                grad_clip=spec.grad_clip, iteration=iteration, progress=spec.progress,
+                                world_size=world_size)
         iteration += stats["iterations"]
         images += stats["images"]
         last_loss = stats["loss"]
         done = epoch + 1
         if done % spec.eval_every != 0 and done != spec.epochs:
             continue
+        distributed.sync_buffers(model, world_size)  # every rank evaluates rank 0's model, the checkpointed one
         res = evaluate(model, val_loader, val_ds, spec.val_ann, device, progress=spec.progress,
-                       frequency=train_buckets, metric=spec.eval_metric, hierarchy=spec.hierarchy_file)
+                       frequency=train_buckets, metric=spec.eval_metric, hierarchy=spec.hierarchy_file,
+                       world_size=world_size)
         metrics = {k: v for k, v in res.items()}
         metrics.update(loss=last_loss, epoch=done, iteration=iteration, images=images,
                        train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])
-        ckpt_dir = write_checkpoint_dir(out_dir, f"checkpoint_epoch{done:04d}", model, optimizer, scheduler, scaler,
-                                        epoch=done, iteration=iteration, metrics=metrics, spec=spec_dict,
-                                        extra=dict(extra, images=images, run_id=run_id))
+        ckpt_extra = dict(extra, images=images, run_id=run_id)
+        if world_size > 1:
+            ckpt_extra["rank_rng"] = distributed.gather(capture_rng_state(), world_size)
+        ckpt_dir = distributed.on_rank0(lambda: write_checkpoint_dir(
+            out_dir, f"checkpoint_epoch{done:04d}", model, optimizer, scheduler, scaler, epoch=done,
+            iteration=iteration, metrics=metrics, spec=spec_dict, extra=ckpt_extra), world_size)
         if on_eval is not None:
-            on_eval(metrics, ckpt_dir)
-        rotate_checkpoints(out_dir, run_id, spec.keep_checkpoints)
-        metrics = dict(metrics, checkpoint_dir=str(ckpt_dir))
+            on_eval(metrics, ckpt_dir if rank == 0 else None)
+        if rank == 0:
+            rotate_checkpoints(out_dir, run_id, spec.keep_checkpoints)
+        metrics = dict(metrics, checkpoint_dir=str(ckpt_dir) if rank == 0 else None)
     return metrics

@@ -26,7 +26,9 @@ Output, with the same conventions as `lt_models.datasets`:
   ignores unmatched detections instead of counting them as false positives, which is close to Open Images' own
   group-of rule. `pos_category_ids`: the classes whose image-level label has Confidence 1, for the Open
   Images evaluator.
-- annotations: pixel `bbox` xywh, `area`, `iscrowd` = 0, and `isgroupof` (0/1) for the Open Images evaluator.
+- annotations: pixel `bbox` xywh and `area`, rounded to 2 decimals (`openimages_csv.pixel_boxes`, shared with the
+  streaming converter `lt_models.openimages_store`), `iscrowd` = 0, and `isgroupof` (0/1) for the Open Images
+  evaluator.
 
 Image sizes. The CSVs hold normalised coordinates only, and an LVIS file needs pixels. Sizes come from, in
 order:
@@ -47,17 +49,20 @@ import csv
 import os
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lt_models.annotations import (category_image_counts, fill_frequency, hierarchy_descendants, load_hierarchy,
-                                   name_to_cat_id, read_json)
+from lt_models import openimages_csv as m
+from lt_models.annotations import fill_frequency, hierarchy_descendants
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import AnnotationError
+from lt_models.openimages_csv import pixel_boxes
 
 _BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 _LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
@@ -79,33 +84,6 @@ def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, ob
         raise AnnotationError(f"{path}: missing column '{missing[0]}' (header has {cols}); an Open Images CSV "
                               f"needs columns {list(required)}")
     return reader, fh
-
-
-def _read_classes(path: Path) -> list[tuple[str, str]]:
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except FileNotFoundError:
-        raise AnnotationError(f"{path}: classes CSV not found; check the path") from None
-    if rows and [c.strip() for c in rows[0][:2]] == ["LabelName", "DisplayName"]:
-        rows = [(i + 2, r) for i, r in enumerate(rows[1:])]
-    else:
-        rows = [(i + 1, r) for i, r in enumerate(rows)]
-    out: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for line, r in rows:
-        if not r or not "".join(r).strip():
-            continue
-        if len(r) != 2 or not r[0].strip():
-            raise AnnotationError(f"{path}: line {line}: expected 2 fields LabelName,DisplayName, got {r!r}")
-        mid, name = r[0].strip(), r[1].strip()
-        if mid in seen:
-            raise AnnotationError(f"{path}: line {line}: duplicate LabelName {mid!r}; each class once")
-        seen.add(mid)
-        out.append((mid, name))
-    if not out:
-        raise AnnotationError(f"{path}: no classes; expected rows LabelName,DisplayName")
-    return out
 
 
 def _header_sizes(image_dir: Path, image_ids: list[str]) -> list[tuple[str, Path | None, tuple[int, int] | str]]:
@@ -140,15 +118,8 @@ class _Conversion:
 
     def bad(self, reason: str, msg: str) -> None:
         if not self.skip_invalid:
-            raise AnnotationError(f"{msg}; fix it or pass --skip-invalid to skip such rows")
+            raise AnnotationError(f"{msg}; {m.SKIP_HINT}")
         self.reasons[reason] += 1
-
-
-def _categories(classes: list[tuple[str, str]]) -> list[dict]:
-    """Categories 1..C in classes-file order; a DisplayName shared by two classes gets the MID appended."""
-    name_count = Counter(n for _, n in classes)
-    return [{"id": k + 1, "name": name if name_count[name] == 1 else f"{name} ({mid})", "mid": mid}
-            for k, (mid, name) in enumerate(classes)]
 
 
 def _note_image(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
@@ -167,12 +138,10 @@ def _note_size(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
         if not (wh[0] > 0 and wh[1] > 0):
             raise ValueError
     except (TypeError, ValueError):
-        conv.bad("bad image size", f"{where} (ImageID {iid}): fields 'ImageWidth'/'ImageHeight' = {w!r}/{h!r} must "
-                                   f"be positive numbers")
+        conv.bad("bad image size", m.msg_size_format(where, iid, w, h))
         return False
     if iid in conv.sizes and conv.sizes[iid] != wh:
-        conv.bad("bad image size", f"{where} (ImageID {iid}): 'ImageWidth'/'ImageHeight' {wh} disagree with "
-                                   f"{conv.sizes[iid]} given at {conv.size_line[iid]}")
+        conv.bad("bad image size", m.msg_size_disagree(where, iid, wh, conv.sizes[iid], conv.size_line[iid]))
         return False
     conv.sizes[iid], conv.size_line[iid] = wh, where
     return True
@@ -186,14 +155,13 @@ def _valid_rows(conv: _Conversion, path: Path, required: tuple[str, ...]):
             where = f"{path}: line {line}"
             iid = (row["ImageID"] or "").strip()
             if not iid:
-                conv.bad("missing ImageID", f"{where}: empty field 'ImageID'")
+                conv.bad("missing ImageID", m.msg_missing_id(where))
                 continue
             if not _note_image(conv, iid, row, where):
                 continue
             mid = (row["LabelName"] or "").strip()
             if mid not in conv.mid_to_cat:
-                conv.bad("unknown LabelName", f"{where} (ImageID {iid}): field 'LabelName' = {mid!r} is not in "
-                                              f"{conv.classes_csv}")
+                conv.bad("unknown LabelName", m.msg_unknown_label(where, iid, mid, conv.classes_csv))
                 continue
             yield where, iid, conv.mid_to_cat[mid], row
 
@@ -205,22 +173,19 @@ def _read_boxes(conv: _Conversion, boxes_csv: Path) -> list[tuple[str, int, floa
         try:
             x0, x1, y0, y1 = (float(row[k]) for k in ("XMin", "XMax", "YMin", "YMax"))
         except (TypeError, ValueError):
-            conv.bad("bad box", f"{where} (ImageID {iid}): fields XMin/XMax/YMin/YMax = "
-                                f"{[row[k] for k in ('XMin', 'XMax', 'YMin', 'YMax')]} must be numbers")
+            conv.bad("bad box", m.msg_not_numbers(where, iid, [row[k] for k in m.COORDS]))
             continue
         outside = next((k for k, v in (("XMin", x0), ("XMax", x1), ("YMin", y0), ("YMax", y1))
                         if not 0.0 <= v <= 1.0), None)
         if outside is not None:
-            conv.bad("bad box", f"{where} (ImageID {iid}): field '{outside}' = {row[outside]} is outside [0, 1] "
-                                f"(coordinates are normalised)")
+            conv.bad("bad box", m.msg_outside(where, iid, outside, row[outside]))
             continue
         if x1 <= x0 or y1 <= y0:
-            conv.bad("bad box", f"{where} (ImageID {iid}): field 'XMax'/'YMax' must exceed 'XMin'/'YMin' "
-                                f"(got x {x0}..{x1}, y {y0}..{y1}): the box has width or height <= 0")
+            conv.bad("bad box", m.msg_empty_box(where, iid, x0, x1, y0, y1))
             continue
         g = (row.get("IsGroupOf") or "0").strip()
         if g not in ("0", "1", "-1"):
-            conv.bad("bad IsGroupOf", f"{where} (ImageID {iid}): field 'IsGroupOf' = {g!r} must be 0 or 1")
+            conv.bad("bad IsGroupOf", m.msg_group(where, iid, g))
             continue
         boxes.append((iid, cid, x0, x1, y0, y1, int(g == "1")))
     return boxes
@@ -236,8 +201,7 @@ def _read_labels(conv: _Conversion, labels_csv: Path) -> tuple[dict[str, set[int
         except (TypeError, ValueError):
             conf = -1.0
         if conf not in (0.0, 1.0):
-            conv.bad("bad Confidence", f"{where} (ImageID {iid}): field 'Confidence' = {row['Confidence']!r} must "
-                                       f"be 1 (verified present) or 0 (verified absent)")
+            conv.bad("bad Confidence", m.msg_confidence(where, iid, row["Confidence"]))
             continue
         if conf == 1.0:
             pos_labels[iid].add(cid)
@@ -256,50 +220,56 @@ def _read_sizes_csv(conv: _Conversion, sizes_csv: Path) -> None:
                 _note_size(conv, iid, row, f"{sizes_csv}: line {line}")
 
 
-def _fill_sizes_from_files(conv: _Conversion, image_dir: Path, boxes_csv: Path, labels_csv: Path) -> set[str]:
-    """Read the missing image sizes from the image files' headers, in threads; returns the ImageIDs left without."""
-    todo = [iid for iid in conv.image_index if iid not in conv.sizes]
-    dropped: set[str] = set()
+def read_header_sizes(image_dir: Path, todo: list[str]) -> Iterator[tuple[str, Path | None, tuple | str]]:
+    """Yield `_header_sizes` results for the ImageIDs `todo`, read `_HEADER_CHUNK` at a time in a thread pool with
+    a tqdm bar; closing the generator (an error in the caller) stops the reading of the remaining headers."""
     if not todo:
-        return dropped
+        return
     chunks = [todo[i:i + _HEADER_CHUNK] for i in range(0, len(todo), _HEADER_CHUNK)]
     pool = ThreadPoolExecutor(thread_name_prefix="image-size")
     try:
         with tqdm(total=len(todo), desc="image sizes", unit="img", disable=None) as bar:
             for results in pool.map(_header_sizes, [image_dir] * len(chunks), chunks):
-                for iid, path, size in results:
-                    if path is None:
-                        conv.bad("no image size", f"ImageID {iid}: no image size: add 'ImageWidth'/'ImageHeight' "
-                                                  f"columns to {boxes_csv} (or {labels_csv}), pass --image-sizes CSV "
-                                                  f"(ImageID,ImageWidth,ImageHeight), or put the image at "
-                                                  f"{image_dir / (iid + '.jpg')} (or pass its folder as --images)")
-                        dropped.add(iid)
-                    elif isinstance(size, str):
-                        conv.bad("unreadable image", f"ImageID {iid}: cannot read the image size from the header of "
-                                                     f"{path} ({size}); replace the file (truncated or not an "
-                                                     f"image?) or give its size with --image-sizes CSV")
-                        dropped.add(iid)
-                    else:
-                        conv.sizes[iid] = (float(size[0]), float(size[1]))
+                yield from results
                 bar.update(len(results))
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)   # on an error: no reading of the remaining headers
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def header_problem(iid: str, path: Path | None, size, image_dir: Path, boxes_csv: Path,
+                   labels_csv: Path) -> tuple[str, str] | None:
+    """(reason, message) of a `read_header_sizes` result that gives no size; None when it gives one."""
+    if path is None:
+        return "no image size", m.msg_no_size(iid, image_dir, boxes_csv, labels_csv)
+    if isinstance(size, str):
+        return "unreadable image", m.msg_unreadable(iid, path, size)
+    return None
+
+
+def _fill_sizes_from_files(conv: _Conversion, image_dir: Path, boxes_csv: Path, labels_csv: Path) -> set[str]:
+    """Read the missing image sizes from the image files' headers, in threads; returns the ImageIDs left without."""
+    dropped: set[str] = set()
+    with closing(read_header_sizes(image_dir, [iid for iid in conv.image_index if iid not in conv.sizes])) as res:
+        for iid, path, size in res:
+            problem = header_problem(iid, path, size, image_dir, boxes_csv, labels_csv)
+            if problem:
+                conv.bad(*problem)
+                dropped.add(iid)
+            else:
+                conv.sizes[iid] = (float(size[0]), float(size[1]))
     return dropped
 
 
 def _annotations(conv: _Conversion, boxes: list[tuple], dropped: set[str]) -> list[dict]:
-    """Pixel xywh annotations of the boxes of kept images."""
-    anns = []
-    for iid, cid, x0, x1, y0, y1, group in boxes:
-        if iid in dropped:
-            conv.reasons["box of skipped image"] += 1
-            continue
-        W, H = conv.sizes[iid]
-        x, y, w, h = x0 * W, y0 * H, (x1 - x0) * W, (y1 - y0) * H
-        anns.append({"id": len(anns) + 1, "image_id": conv.image_index[iid], "category_id": cid,
-                     "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)], "area": round(w * h, 2),
-                     "iscrowd": 0, "isgroupof": group})
-    return anns
+    """Pixel xywh annotations of the boxes of kept images (`pixel_boxes`: the rounding of both converters)."""
+    kept = [b for b in boxes if b[0] not in dropped]
+    if len(kept) < len(boxes):
+        conv.reasons["box of skipped image"] += len(boxes) - len(kept)
+    corners = np.array([b[2:6] for b in kept], dtype=np.float64).reshape(-1, 4)
+    size = np.array([conv.sizes[b[0]] for b in kept], dtype=np.float64).reshape(-1, 2)
+    bbox, area = pixel_boxes(*corners.T, size[:, 0], size[:, 1])
+    return [{"id": k + 1, "image_id": conv.image_index[b[0]], "category_id": b[1], "bbox": bb, "area": ar,
+             "iscrowd": 0, "isgroupof": b[6]} for k, (b, bb, ar) in enumerate(zip(kept, bbox.tolist(), area.tolist()))]
 
 
 def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: dict[str, set[int]],
@@ -322,10 +292,8 @@ def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: 
             expanded = {cid} | descendants.get(cid, set())
             clash = sorted(expanded & present)
             if clash:
-                conv.bad("negative label of a present class",
-                         f"{where} (ImageID {iid}): field 'Confidence' = 0 (verified absent) for "
-                         f"{categories[cid - 1]['name']!r}, but the image has a box or a Confidence 1 label of "
-                         f"{categories[clash[0] - 1]['name']!r}")
+                conv.bad("negative label of a present class", m.msg_negative_present(
+                    where, iid, categories[cid - 1]["name"], categories[clash[0] - 1]["name"]))
                 expanded -= present
             neg |= expanded
         not_exhaustive = (pos - boxed[num]) | (grouped[num] - single[num])
@@ -336,55 +304,6 @@ def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: 
                        "neg_category_ids": sorted(neg), "not_exhaustive_category_ids": sorted(not_exhaustive),
                        "pos_category_ids": sorted(pos)})
     return images
-
-
-def _train_image_counts(train_ann: Path, categories: list[dict], classes_csv: Path,
-                        out_json: Path) -> dict[int, int]:
-    """Training images per category id of `categories`, read from the converted training JSON `train_ann`.
-
-    Categories are matched by `mid`; the training file must list exactly the same categories (id, mid, name).
-    Counts are the training categories' `image_count` fields, or counted from its annotations when absent.
-    """
-    fix = f"convert the training split with the same classes CSV ({classes_csv}) and pass that JSON as --train-ann"
-    data = read_json(train_ann, "training annotations")
-    tcats = data.get("categories") if isinstance(data, dict) else None
-    if not isinstance(tcats, list) or not all(isinstance(c, dict) for c in tcats):
-        raise AnnotationError(f"{train_ann}: no 'categories' list of objects; --train-ann must be an LVIS-format "
-                              f"training JSON written by convert-openimages")
-    by_mid: dict[str, dict] = {}
-    for c in tcats:
-        if not isinstance(c.get("mid"), str):
-            raise AnnotationError(f"{train_ann}: category {c.get('id')!r} has no 'mid' field; --train-ann must be a "
-                                  f"training JSON written by convert-openimages, needed by {out_json}")
-        by_mid[c["mid"]] = c
-    for c in categories:
-        if c["mid"] not in by_mid:
-            raise AnnotationError(f"{train_ann}: no category with mid {c['mid']!r} ({c['name']!r} in {classes_csv}), "
-                                  f"so {out_json} cannot take its frequency bucket from training counts; {fix}")
-    differ = f"differs from the category list of {out_json}; category ids must be identical, {fix}"
-    for c in categories:
-        t = by_mid[c["mid"]]
-        if (t.get("id"), t.get("name")) != (c["id"], c["name"]):
-            raise AnnotationError(f"{train_ann}: category mid {c['mid']!r} has id {t.get('id')!r}, name "
-                                  f"{t.get('name')!r}, but id {c['id']}, name {c['name']!r} here: it {differ}")
-    if len(tcats) != len(categories):
-        extra = sorted(set(by_mid) - {c["mid"] for c in categories})
-        what = f"extra mid {extra[0]!r}" if extra else "a duplicate mid"
-        raise AnnotationError(f"{train_ann}: {len(tcats)} categories ({what}) vs {len(categories)} in "
-                              f"{classes_csv}: it {differ}")
-    if all(isinstance(c.get("image_count"), int) and c["image_count"] >= 0 for c in tcats):
-        counts = {c["mid"]: c["image_count"] for c in tcats}
-    else:
-        if not isinstance(data.get("annotations"), list):
-            raise AnnotationError(f"{train_ann}: categories without 'image_count' and no 'annotations' list to count "
-                                  f"from; --train-ann must be a training JSON written by convert-openimages")
-        try:
-            own, _ = category_image_counts(data)
-        except (KeyError, TypeError):
-            raise AnnotationError(f"{train_ann}: an annotation without a valid 'category_id' of its categories; "
-                                  f"--train-ann must be a training JSON written by convert-openimages") from None
-        counts = {c["mid"]: own[c["id"]] for c in tcats}
-    return {c["id"]: counts[c["mid"]] for c in categories}
 
 
 def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
@@ -406,45 +325,26 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     no image size, a class both boxed and verified absent) raises `AnnotationError` naming the file, line,
     ImageID and field. With `skip_invalid` the row (or image) is skipped and counted in the summary instead.
     """
-    boxes_csv, labels_csv, classes_csv = Path(boxes_csv), Path(labels_csv), Path(classes_csv)
-    hierarchy_json, out_json = Path(hierarchy_json), Path(out_json)
-    if image_dir is not None and not Path(image_dir).is_dir():
-        raise AnnotationError(f"{image_dir}: image folder not found; --images must be the folder holding the "
-                              f"<ImageID>.jpg files")
-    image_dir = Path(image_dir) if image_dir is not None else out_json.parent / "images"
-    categories = _categories(_read_classes(classes_csv))
-    hierarchy = load_hierarchy(hierarchy_json, name_to_cat_id(categories))
-    conv = _Conversion(classes_csv, {c["mid"]: c["id"] for c in categories}, skip_invalid)
-    train_counts = None
-    source = "self: image_count"
-    if train_ann is not None:
-        train_counts = _train_image_counts(Path(train_ann), categories, classes_csv, out_json)
-        source = f"train: {train_ann} image_count"
+    out_json = Path(out_json)
+    inp = m.read_inputs(boxes_csv, labels_csv, classes_csv, hierarchy_json, out_json, image_dir, train_ann)
+    boxes_csv, labels_csv, categories, hierarchy = inp.boxes_csv, inp.labels_csv, inp.categories, inp.hierarchy
+    conv = _Conversion(inp.classes_csv, {c["mid"]: c["id"] for c in categories}, skip_invalid)
 
     boxes = _read_boxes(conv, boxes_csv)
     pos_labels, neg_labels = _read_labels(conv, labels_csv)
     if image_sizes is not None:
         _read_sizes_csv(conv, Path(image_sizes))
-    dropped = _fill_sizes_from_files(conv, image_dir, boxes_csv, labels_csv)
+    dropped = _fill_sizes_from_files(conv, inp.image_dir, boxes_csv, labels_csv)
     anns = _annotations(conv, boxes, dropped)
     images = _images(conv, anns, dropped, pos_labels, neg_labels, hierarchy_descendants(hierarchy), categories)
     if not images:
         raise AnnotationError(f"{boxes_csv}: no valid image left after conversion "
                               f"({sum(conv.reasons.values())} invalid records skipped); check the inputs")
 
-    out = {"info": {"description": "converted from Open Images CSVs by ltsweep",
-                    "boxes": boxes_csv.name, "labels": labels_csv.name, "classes": classes_csv.name,
-                    "hierarchy": hierarchy_json.name},
-           "frequency_source": source, "images": images, "annotations": anns, "categories": categories}
-    fill_frequency(out, train_counts)   # own image_count/instance_count; LVIS bucket from train (or own) counts
+    out = {"info": inp.info, "frequency_source": inp.frequency_source, "images": images, "annotations": anns,
+           "categories": categories}
+    fill_frequency(out, inp.train_counts)   # own image_count/instance_count; LVIS bucket from train (or own) counts
     write_json_atomic(out_json, out)
-    counts = np.array([c["image_count"] for c in categories])
-    nz = counts[counts > 0]
-    freq = [c["frequency"] for c in categories]
-    return {"out": str(out_json), "images": len(images), "annotations": len(anns), "categories": len(categories),
-            "group_of_boxes": sum(a["isgroupof"] for a in anns),
-            "negative_labels": sum(len(i["neg_category_ids"]) for i in images),
-            "hierarchy_parents": len(hierarchy),
-            "buckets": {b: freq.count(b) for b in "rcf"}, "frequency_source": source,
-            "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
-            "invalid_skipped": int(sum(conv.reasons.values())), "invalid_reasons": dict(sorted(conv.reasons.items()))}
+    return m.summary(str(out_json), len(images), len(anns), categories, sum(a["isgroupof"] for a in anns),
+                     sum(len(i["neg_category_ids"]) for i in images), len(hierarchy), inp.frequency_source,
+                     conv.reasons)

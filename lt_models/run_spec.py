@@ -40,7 +40,8 @@ class TrainSpec:
     ``hflip``: random horizontal flips of training images (the papers' only augmentation). ``skip_invalid``: skip
     malformed annotation records (counted) instead of raising AnnotationError. ``eval_metric``: ``lvis`` (LVIS
     AP, the default) or ``openimages`` (the Open Images challenge AP@0.5 with hierarchy expansion, needs
-    ``hierarchy_file``), reported as AP.
+    ``hierarchy_file``), reported as AP. ``annotation_cache``: folder of the shared annotation stores
+    (``lt_models.store``; None builds the dataset's arrays in memory).
     """
 
     train_ann: str
@@ -51,6 +52,7 @@ class TrainSpec:
     expand_parents: bool = False
     hierarchy_rate: float = 1.0
     skip_invalid: bool = False
+    annotation_cache: str | None = None
     stage: str = "one_stage"
     backbone: str = "tiny"
     image_size: int | None = None

@@ -22,6 +22,9 @@ tests/test_store.py checks the arrays against the per-image implementation (`lt_
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +37,17 @@ RAW_ARRAYS = ("image_id", "width", "height", "name_offsets", "name_bytes", "neg_
               "ann_iscrowd", "ann_isgroupof")
 DERIVED_ARRAYS = ("ann_object", "obj_indptr", "obj_box", "obj_primary", "pair_indptr", "pair_label", "label_indptr",
                   "label_ids", "cat_image_count")
+
+
+def dataset_options(image_dir: str | os.PathLike | None = None, skip_invalid: bool = False,
+                    expand_parents: bool = False, hierarchy_file: str | os.PathLike | None = None,
+                    rare_max: int = RARE_MAX, common_max: int = COMMON_MAX) -> dict[str, Any]:
+    """The options a store's arrays depend on, as its meta records them (``options``) and its key covers: the image
+    folder (resolved) and skip_invalid (which records survive validation), the parent expansion, the merge IoU, the
+    bucket thresholds and the hierarchy file's sha256."""
+    return {"image_dir": None if image_dir is None else str(Path(image_dir).resolve()), "skip_invalid": skip_invalid,
+            "expand_parents": expand_parents, "iou_thr": MERGE_IOU, "rare_max": rare_max, "common_max": common_max,
+            "hierarchy": None if hierarchy_file is None else hashlib.sha256(Path(hierarchy_file).read_bytes()).hexdigest()}
 
 
 def csr(lists: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +108,7 @@ def _expand(owner: np.ndarray, label: np.ndarray, anc_indptr: np.ndarray, anc_la
     return np.r_[owner, np.repeat(owner, n_anc)], np.r_[label, anc_labels[start + offset]]
 
 
-def _unique_keys(keys: np.ndarray) -> np.ndarray:
+def unique_keys(keys: np.ndarray) -> np.ndarray:
     keys = np.sort(keys)
     return keys[runs(keys)[0]]
 
@@ -158,10 +172,10 @@ def derive_arrays(raw: Mapping[str, np.ndarray], categories: Sequence[dict], hie
     owner, label = member_obj, lab
     if expand_parents:
         owner, label = _expand(owner, label, anc_indptr, anc_labels)
-    pairs = _unique_keys(owner * k + label)
+    pairs = unique_keys(owner * k + label)
     pair_obj, pair_label = pairs // k, pairs % k
-    image_labels = _unique_keys(obj_img[pair_obj] * c + (pair_label - 1))
-    raw_image_labels = _unique_keys(img * c + (lab - 1))
+    image_labels = unique_keys(obj_img[pair_obj] * c + (pair_label - 1))
+    raw_image_labels = unique_keys(img * c + (lab - 1))
     counts = np.bincount(raw_image_labels % c, minlength=c).astype(np.int64) if c else np.zeros(0, np.int64)
 
     def indptr(owners: np.ndarray, n: int) -> np.ndarray:

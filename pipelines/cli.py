@@ -16,6 +16,7 @@ DEFAULT_DEMO_DATA = Path("data/demo")
 
 from lt_models.errors import LtsweepInputError
 from lt_models.synthetic_layout import PRESETS
+from pipelines.storage import as_location
 
 
 class UserError(LtsweepInputError):
@@ -41,11 +42,17 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_openimages(args: argparse.Namespace) -> int:
-    from lt_models.openimages import convert_openimages
-
-    summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out,
-                                 skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images,
-                                 image_sizes=args.image_sizes)
+    if args.store is None and args.out is None:
+        raise UserError("convert-openimages needs --store DIR (the annotation store) and/or --out JSON")
+    kw = dict(skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images,
+              image_sizes=args.image_sizes)
+    if args.store is not None:
+        from lt_models.openimages_store import convert_openimages_store
+        summary = convert_openimages_store(args.boxes, args.labels, args.classes, args.hierarchy, args.store,
+                                           out_json=args.out, **kw)
+    else:
+        from lt_models.openimages import convert_openimages
+        summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out, **kw)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -181,16 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--classes", type=Path, required=True, help="class descriptions CSV (LabelName,DisplayName)")
     s.add_argument("--hierarchy", type=Path, required=True,
         help="class hierarchy JSON (bbox_labels_600_hierarchy.json layout)")
-    s.add_argument("--out", type=Path, required=True, help="output LVIS-format JSON")
+    s.add_argument("--out", type=Path, default=None, help="output LVIS-format JSON (with --store: also write it)")
+    s.add_argument("--store", type=Path, default=None, metavar="DIR",
+                   help="write the annotation store (memory-mapped columns, streaming conversion; give it as "
+                        "data.train_ann / LVISDetection's file); the JSON is written only when --out is given too")
     s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
     s.add_argument("--train-ann", type=Path, default=None, metavar="TRAIN.json",
                    help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
                         "its training image counts (matched by MID). Pass it when converting validation/test "
-                        "splits (LVIS buckets come from training); without it the buckets come from this file's "
-                        "own counts, right for the training split only")
+                        "splits (LVIS buckets come from training; a training --store DIR works too); without it "
+                        "the buckets come from this file's own counts, right for the training split only")
     s.add_argument("--images", type=Path, default=None, metavar="DIR",
                    help="folder of the split's images (<ImageID>.jpg): sizes the CSVs lack are read from the image "
-                        "headers (no decoding, in parallel); default <dir of --out>/images")
+                        "headers (no decoding, in parallel); default <dir of --store, else of --out>/images")
     s.add_argument("--image-sizes", type=Path, default=None, metavar="CSV",
                    help="CSV with columns ImageID,ImageWidth,ImageHeight (pixels) giving image sizes instead of "
                         "reading the images; rows of other images are ignored")
@@ -214,8 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --resume: continue errored trials from their last checkpoint")
     how.add_argument("--restart-errored", dest="errored", action="store_const", const="restart",
                      help="with --resume: train errored trials again from the start")
-    w.add_argument("--storage-path", type=Path, default=None,
-        help="override run.storage_path (Tune results, stage-1 cache, default MLflow store)")
+    w.add_argument("--storage-path", type=as_location, default=None,
+        help="override run.storage_path (Tune results, stage-1 cache, default MLflow store): a directory or "
+             "s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]")
     w.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<storage>/mlflow.db)")
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set search.seeds=[0,1,2] (repeatable)")
@@ -244,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("sweep", help="the sweep's name (its YAML `name:`)")
     f.add_argument("--top", type=int, default=3, help="how many of its best configurations to rerun (default 3)")
     f.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3, at least 2)")
-    f.add_argument("--storage-path", type=Path, default=Path("results"), help="the sweep's run.storage_path")
+    f.add_argument("--storage-path", type=as_location, default=Path("results"),
+                   help="the sweep's run.storage_path (a directory or s3://bucket/prefix)")
     f.add_argument("--tracking-uri", default=None, help="default: sqlite:///<storage-path>/mlflow.db")
     f.set_defaults(func=_cmd_confirm)
 

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from lt_models.errors import ConfigError
 from lt_models.run_spec import STAGE1_SAMPLER, TrainSpec
 from pipelines.experiment import ExperimentConfig, canonical_json, strip_value_error, unread_field
+from pipelines.storage import is_uri
 
 __all__ = ["ExperimentConfig", "canonical_json", "apply_overrides", "check_dataset", "parse_config", "read_yaml",
            "load_experiment_config", "load_train_config", "compute", "train_spec"]
@@ -108,8 +109,8 @@ def apply_overrides(raw: dict, overrides: Optional[list[str]], source: str = "--
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
     def res(p: Optional[Path]) -> Optional[Path]:
-        if p is None:
-            return None
+        if p is None or is_uri(p):  # an object-store URI (run.storage_path, pipelines.storage) stays as it is
+            return p
         p = Path(p).expanduser()
         return p if p.is_absolute() else (base / p).resolve()
 
@@ -130,7 +131,7 @@ def check_dataset(cfg: ExperimentConfig, source: str = "config") -> None:
            "`ltsweep data synth --out DIR` or set data.synthetic: demo)")
     for key in ("train", "val"):
         p = getattr(d, key)
-        if not p.is_file() and d.synthetic is None:
+        if not (p.is_file() or (key == "train" and (p / "meta.json").is_file())) and d.synthetic is None:  # or a store
             raise ConfigError(f"{source}: data.{key}: dataset file not found: {p}; {fix}")
     for key, ann in (("image_dir", d.train), ("val_image_dir", d.val)):
         p = getattr(d, key)
@@ -201,14 +202,17 @@ def load_train_config(path: Union[str, Path], overrides: Optional[list[str]] = N
 
 # ---- config -> lt_models.run_spec.TrainSpec ----------------------------------------------------------------------
 
-def compute(cfg: ExperimentConfig, *, whole_machine: bool = False) -> tuple[str, int]:
+def compute(cfg: ExperimentConfig, *, whole_machine: bool = False, worker: bool = False) -> tuple[str, int]:
     """(device, CPU threads) of one run. In a Ray trial or the stage-1 task: the trial's `cpus_per_trial` threads,
-    and CUDA when the trial was given a GPU and one is visible. `whole_machine` (`ltsweep train`, no Ray): every
-    core for a CPU run."""
+    and CUDA when the trial was given a GPU and one is visible. `worker`: one Ray Train worker of a multi-worker
+    trial (`resources.workers_per_trial` > 1): `cpus_per_worker` threads, CUDA when `gpus_per_worker` is 1 (the
+    worker then takes the exact device from Ray Train). `whole_machine` (`ltsweep train`, no Ray): every core for a
+    CPU run."""
     import torch
 
-    gpus = cfg.resources.gpus_per_trial
-    threads = max(1, int(cfg.resources.cpus_per_trial))
+    r = cfg.resources
+    gpus, cpus = (r.gpus_per_worker, r.cpus_per_worker) if worker else (r.gpus_per_trial, r.cpus_per_trial)
+    threads = max(1, int(cpus))
     if whole_machine:
         return "auto", (os.cpu_count() or 1) if gpus == 0 else threads
     return ("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"), threads
@@ -231,13 +235,21 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
     return TrainSpec(
         train_ann=str(d.train), val_ann=str(d.val), train_image_dir=_str(d.image_dir),
         val_image_dir=_str(d.val_image_dir), hierarchy_file=_str(d.hierarchy), expand_parents=d.expand_parents,
-        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, stage=stage, backbone=cfg.model.backbone,
-        image_size=cfg.model.image_size,
+        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, annotation_cache=annotation_cache(cfg),
+        stage=stage, backbone=cfg.model.backbone, image_size=cfg.model.image_size,
         weights=_str(cfg.model.weights), sampler=sampler, loss=loss, decoupled=decoupled, epochs=s.epochs,
         batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
         eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,
         device=device,
         workers=s.workers, progress=progress, eval_metric=cfg.eval.metric)
+
+
+def annotation_cache(cfg: ExperimentConfig) -> str:
+    """Where the sweep's annotation stores (`lt_models.store`) live: ``<run.storage_path>/annotations``, next to the
+    stage-1 cache (shared storage on a cluster, so one node builds a store and every trial maps it); a node-local
+    cache folder when storage_path is an object-storage URI (memory maps need a file system)."""
+    from pipelines.storage import join, node_local_dir
+    return str(node_local_dir(join(cfg.run.storage_path, "annotations")))
 
 
 def _str(p: Optional[Path]) -> Optional[str]:

@@ -30,17 +30,20 @@ from pipelines.summary import SweepSummary
 CONFIRM_SUFFIX = "-confirm"
 
 
-def load_sweep_config(name: str, storage_path: os.PathLike) -> ExperimentConfig:
-    """The config a sweep ran with, from the record it wrote at its start."""
+def load_sweep_config(name: str, storage_path: os.PathLike | str) -> ExperimentConfig:
+    """The config a sweep ran with, from the record it wrote at its start (a directory or an object-store URI,
+    :mod:`pipelines.storage`)."""
+    from pipelines import storage
     from pipelines.sweep import SWEEP_RECORD
 
-    record = Path(storage_path) / name / SWEEP_RECORD
-    if not record.is_file():
-        raise ConfigError(f"ltsweep confirm: no sweep {name!r} under {storage_path} ({record} is missing); pass the "
-                          "sweep's name and its --storage-path")
-    data = json.loads(record.read_text())
+    record = storage.join(storage.as_location(storage_path), name, SWEEP_RECORD)
+    shown = storage.display(record)
+    if not storage.is_file(record):
+        raise ConfigError(f"ltsweep confirm: no sweep {name!r} under {storage.display(storage_path)} ({shown} is "
+                          "missing); pass the sweep's name and its --storage-path")
+    data = storage.read_json(record)
     if "config" not in data:
-        raise ConfigError(f"ltsweep confirm: {record} was written by an older ltsweep and holds no config; rerun "
+        raise ConfigError(f"ltsweep confirm: {shown} was written by an older ltsweep and holds no config; rerun "
                           "the sweep, or run the configurations with search.configs in a new YAML")
     return ExperimentConfig.model_validate(data["config"])
 
@@ -95,7 +98,7 @@ def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[Experimen
     return ExperimentConfig.model_validate(new.model_dump()), ranking, parent.info.run_id
 
 
-def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLike = Path("results"),
+def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLike | str = Path("results"),
             tracking_uri: Optional[str] = None, verbose: int = 0) -> SweepSummary:
     """Run the confirmation of sweep ``name`` (see the module docstring); returns its summary."""
     from pipelines.mlflow_store import open_store

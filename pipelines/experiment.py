@@ -13,7 +13,8 @@ defaults; see search_spaces/*.yaml):
              loss, scores, xi, eql_lambda, seesaw_p, seesaw_q, eqlv2_gamma, eqlv2_mu, eqlv2_alpha,
              fed_num_classes, decoupled}                                      # what every trial trains
     eval: {every, metric}           # evaluate (and report to Tune) every N epochs; metric: lvis | openimages
-    resources: {cpus_per_trial, gpus_per_trial, custom}  # custom: {ray_resource: amount}
+    resources: {cpus_per_trial, gpus_per_trial, workers_per_trial, cpus_per_worker, gpus_per_worker, custom}
+                                    # pipelines.resources; custom: {ray_resource: amount}
     scheduler: {type: asha|asha_configs|fifo, metric, mode, time_attr, grace_period, reduction_factor, max_t}
     search: {algorithm: basic|optuna, num_samples, max_concurrent_trials, seed, seeds}
     space: {lam: {grid: [...]}, xi: {uniform: [lo, hi]}, loss: {choice: [...]}, ...}   # stage-2 fields
@@ -41,6 +42,8 @@ from lt_models.errors import ConfigError
 from lt_models.losses import LOSS_PARAMS, LOSSES, SCORES, LossSpec, check_loss_param, loss_inputs
 from lt_models.run_spec import STAGE1_LOSSES
 from lt_models.samplers import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
+from pipelines.run_settings import RunSettings
+from pipelines.resources import ResourcesConfig
 from pipelines.schema import SCHEDULER_METRICS
 from pipelines.space import (CONFIGURATION_KEY, LOSS_FIELDS, SAMPLER_FIELDS, SpaceParam, is_read, owner_of, readers,
                              trial_values, tune_param_space)
@@ -93,8 +96,10 @@ class ScheduleConfig(_Strict):
     """Fields shared by both stages (units as in lt_models.engine.TrainSpec)."""
 
     epochs: int = Field(ge=1)
-    batch_size: int = Field(4, ge=1)
-    lr: float = Field(0.02, gt=0.0, description="base LR for the whole batch (papers: 0.00125 x batch size)")
+    batch_size: int = Field(4, ge=1, description="images per optimizer step, per worker: the total batch is "
+                            "resources.workers_per_trial x batch_size")
+    lr: float = Field(0.02, gt=0.0, description="base LR for the total batch (linear scaling, papers: 0.00125 x total "
+                      "batch size, 0.02 at 16)")
     warmup: int = Field(100, ge=0, description="linear warm-up iterations")
     lr_steps: list[int] = Field(default_factory=list, description="epochs after which lr is divided by 10")
     grad_clip: Optional[float] = Field(10.0, gt=0.0, description="max gradient norm; null disables clipping")
@@ -193,18 +198,6 @@ class EvalConfig(_Strict):
                             "image-level labels, group-of; needs data.hierarchy), reported as AP and AP50")
 
 
-class ResourcesConfig(_Strict):
-    cpus_per_trial: float = Field(1.0, gt=0.0)
-    gpus_per_trial: float = Field(0.0, ge=0.0)
-    custom: dict[str, float] = Field({}, description="Ray custom resources each trial and stage 1 also request")
-
-    @field_validator("custom")
-    def _custom_resources(cls, v):
-        if any(n.strip().lower() in ("", "cpu", "gpu", "memory") or not 0 < a < math.inf for n, a in v.items()):
-            raise ValueError(f"needs non-empty names other than cpu/gpu/memory and amounts > 0; got {v}")
-        return v
-
-
 # scheduler.time_attr -> the result key ASHA counts a trial's budget in
 TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "images": "images"}
 
@@ -247,14 +240,6 @@ class SearchConfig(_Strict):
 class ReportConfig(_Strict):
     baseline: Optional[dict[str, Any]] = Field(None, description="the configuration every other is compared with, "
                                                "paired over the same seeds, e.g. {loss: softmax, sampler: nonbalance}")
-
-
-class RunSettings(_Strict):
-    storage_path: Path = Field(Path("results"), description="Tune results, checkpoints, stage-1 cache, mlflow.db")
-    tracking_uri: Optional[str] = Field(None, description="MLflow URI; default sqlite:///<storage_path>/mlflow.db")
-    max_failures: int = Field(2, ge=0, description="retries of a failed trial (from its last checkpoint)")
-    checkpoints_to_keep: int = Field(2, ge=1)
-    ray_num_cpus: Optional[int] = Field(None, ge=1, description="CPUs of a local Ray instance (default: all)")
 
 
 class TrainSettings(_Strict):

@@ -51,7 +51,15 @@ _BATCH = 100  # params/tags per log_batch (MAX_PARAMS_TAGS_PER_BATCH)
 # --------------------------------------------------------------------------------------------------------------
 # the store
 def default_tracking_uri(storage_path: str | os.PathLike) -> str:
-    """The default MLflow store of a sweep: ``sqlite:///<absolute storage_path>/mlflow.db``."""
+    """The default MLflow store of a sweep: ``sqlite:///<absolute storage_path>/mlflow.db``. An object-store
+    ``storage_path`` (``s3://...``) has none: sqlite needs a real file, so ``run.tracking_uri`` must name the store."""
+    from pipelines.storage import display, is_uri
+
+    if is_uri(storage_path):
+        raise ConfigError(f"run.tracking_uri is required when run.storage_path is object storage "
+                          f"({display(storage_path)}): MLflow's default store sqlite:///<storage_path>/mlflow.db "
+                          "cannot live in a bucket; set run.tracking_uri (or --tracking-uri) to an MLflow server "
+                          "(http://HOST:5000) or a local sqlite:////abs/path/mlflow.db")
     return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
 
 

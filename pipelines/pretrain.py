@@ -12,23 +12,25 @@ It is trained once, as a Ray task with the resources a trial gets (so on a clust
 a temp dir that is renamed into place when complete (atomic). A lock file (`<sha256>.lock`, via `filelock`)
 stops two drivers training the same key at once: the second waits and then reuses the first one's result.
 Sweeps with the same key reuse it; `force=True` (`--force-pretrain`) retrains and replaces it.
-On a multi-node cluster `storage_path` must be shared storage (NFS) so trials on other nodes can read it.
+On a multi-node cluster `storage_path` must be shared storage (NFS) so trials on other nodes can read it, or an
+object store (`s3://bucket/prefix`, :mod:`pipelines.storage`). There the training node trains into a local temp
+dir and uploads `checkpoint/`; the driver then reads the upload back for its digests and writes `meta.json` last,
+so a cache without `meta.json` is incomplete and never used. The lock is `pipelines.storage.lock`'s owner markers
+(`<sha256>.lock/<token>`, a heartbeat and a stale timeout). Trials restore a node-local copy (`local_stage1`).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
-
-from filelock import FileLock
+from typing import Any, Callable, Optional
 
 from lt_models.atomic import atomic_dir, write_json_atomic
+from pipelines import storage
 from pipelines.config import ExperimentConfig, canonical_json, compute, train_spec
 from pipelines.schema import PRETRAIN_METRICS
 
@@ -40,14 +42,14 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 @dataclass
 class Stage1Checkpoint:
     sha256: str
-    path: Path                  # <storage>/pretrain/<sha256>
+    path: storage.Location      # <storage>/pretrain/<sha256> (a Path, or a URI on object storage)
     trained: bool               # True if this call trained it, False if it was reused
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
-    def checkpoint_dir(self) -> Path:
-        return self.path / "checkpoint"
+    def checkpoint_dir(self) -> storage.Location:
+        return storage.join(self.path, "checkpoint")
 
 
 _FINGERPRINTS: dict[tuple, str] = {}
@@ -69,7 +71,7 @@ def dataset_fingerprint(cfg: ExperimentConfig) -> str:
 def _fingerprint(cfg: ExperimentConfig) -> str:
     h = hashlib.sha256()
     train = Path(cfg.data.train)
-    with open(train, "rb") as f:
+    with open(train / "meta.json" if train.is_dir() else train, "rb") as f:   # an annotation store: its meta
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     image_dir = Path(cfg.data.image_dir) if cfg.data.image_dir else train.parent / "images"
@@ -112,6 +114,8 @@ def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
         "expand_parents": cfg.data.expand_parents,
         "code": code_fingerprint(),
     }
+    if cfg.resources.workers_per_trial > 1:  # trained on several workers: a total batch of workers x batch_size
+        identity["workers_per_trial"] = cfg.resources.workers_per_trial
     if cfg.eval.metric != "lvis":  # the cached stage-1 metrics are in this metric
         identity["eval_metric"] = cfg.eval.metric
     uses_rate = cfg.stage1.loss == "concurrent_softmax"  # r_ij depends on the hierarchy and its leaf/parent rate
@@ -142,36 +146,46 @@ def stage1_key(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(canonical_json(stage1_identity(cfg)).encode()).hexdigest()
 
 
-def pretrain_root(storage_path: Path) -> Path:
-    return Path(storage_path) / "pretrain"
+def pretrain_root(storage_path: storage.Location) -> storage.Location:
+    return storage.join(storage_path, "pretrain")
 
 
-def file_digests(checkpoint_dir: Path) -> dict[str, str]:
-    """sha256 of every file of a stage-1 checkpoint directory (relative path -> hex digest)."""
+def file_digests(checkpoint_dir: storage.Location) -> dict[str, str]:
+    """sha256 of every file of a stage-1 checkpoint directory, local or on object storage (relative path -> hex
+    digest)."""
     out = {}
-    for path in sorted(p for p in Path(checkpoint_dir).rglob("*") if p.is_file()):
+    for rel in storage.list_files(checkpoint_dir):
         h = hashlib.sha256()
-        with open(path, "rb") as fh:
+        with storage.open_input(checkpoint_dir, rel) as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
-        out[str(path.relative_to(checkpoint_dir))] = h.hexdigest()
+        out[rel] = h.hexdigest()
     return out
 
 
-def verify_stage1(path: Path) -> Optional[str]:
+def verify_stage1(path: storage.Location) -> Optional[str]:
     """None when the stage-1 cache at ``path`` is complete and its files match the digests its meta.json recorded;
     else one line saying what is wrong (path, expected and found)."""
-    info = json.loads((path / "meta.json").read_text())
+    info = storage.read_json(storage.join(path, "meta.json"))
     expected = info.get("files")
     if not expected:
-        return f"stage-1 cache {path} records no file digests (written by an older ltsweep)"
-    found = file_digests(path / "checkpoint")
+        return f"stage-1 cache {storage.display(path)} records no file digests (written by an older ltsweep)"
+    found = file_digests(storage.join(path, "checkpoint"))
     for name, digest in expected.items():
         got = found.get(name)
         if got != digest:
-            return (f"stage-1 cache {path / 'checkpoint' / name} is corrupt: expected sha256 {digest[:12]}…, found "
-                    + (f"{got[:12]}…" if got else "no such file"))
+            return (f"stage-1 cache {storage.display(storage.join(path, 'checkpoint', name))} is corrupt: expected "
+                    f"sha256 {digest[:12]}…, found " + (f"{got[:12]}…" if got else "no such file"))
     return None
+
+
+def local_stage1(checkpoint_dir: str) -> str:
+    """The stage-1 checkpoint dir a trial restores, readable on this node: ``checkpoint_dir`` itself on local or
+    NFS storage; on object storage a node-local copy of its ``<sha256>/`` (meta.json and checkpoint/), downloaded
+    once per node and verified against meta.json's digests (:func:`pipelines.storage.local_copy`)."""
+    if not storage.is_uri(checkpoint_dir):
+        return checkpoint_dir
+    return str(storage.local_copy(storage.parent(checkpoint_dir), verify=verify_stage1) / "checkpoint")
 
 
 def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Checkpoint]:
@@ -180,16 +194,16 @@ def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Ch
     ``report`` is False: the caller reported it already) and treated as absent, so it is trained again and replaced
     atomically."""
     sha = stage1_key(cfg)
-    final = pretrain_root(cfg.run.storage_path) / sha
-    meta = final / "meta.json"
-    if not meta.is_file():
+    final = storage.join(pretrain_root(cfg.run.storage_path), sha)
+    meta = storage.join(final, "meta.json")
+    if not storage.is_file(meta):
         return None
     problem = verify_stage1(final)
     if problem is not None:
         if report:
             log.warning("%s; training it again (as --force-pretrain would)", problem)
         return None
-    info = json.loads(meta.read_text())
+    info = storage.read_json(meta)
     return Stage1Checkpoint(sha, final, trained=False, metrics=info.get("metrics", {}),
                             seconds=float(info.get("seconds", 0.0)))
 
@@ -198,17 +212,38 @@ def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     """Train stage 1 into out_dir (a fresh temp dir) and return its final metrics (incl. per_class).
 
     Runs inside a Ray task with a trial's resources (or locally). Leaves out_dir/checkpoint = the engine's last
-    checkpoint dir."""
+    checkpoint dir. With `resources.workers_per_trial` > 1 (stage 1 has no workers field of its own: it trains
+    with the trials' workers, batch_size per worker) it is the driver of a Ray Train run, like a multi-worker trial
+    (`pipelines.train_workers`), whose uploads go to a scratch dir under `<storage_path>/pretrain/`."""
     from lt_models import engine
 
-    device, threads = compute(cfg)
+    distributed = cfg.resources.distributed and _ray_is_up()
+    device, threads = compute(cfg, worker=distributed)
     spec = train_spec(cfg, "stage1", device=device, num_threads=threads,
                       eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
+    if distributed:
+        import uuid
+
+        from pipelines.train_workers import remove_storage, train_on_workers
+
+        scratch = str(storage.join(cfg.run.storage_path, "pretrain", f".ray_train-{uuid.uuid4().hex}"))
+        try:
+            metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, keep_last=True)
+            ckpt.to_directory(str(out_dir / "checkpoint"))
+        finally:
+            remove_storage(scratch)
+        return _jsonable(metrics)
     metrics = engine.train(spec, out_dir / "work")
     ckpt = Path(metrics.pop("checkpoint_dir"))
     os.replace(ckpt, out_dir / "checkpoint")
     shutil.rmtree(out_dir / "work", ignore_errors=True)
     return _jsonable(metrics)
+
+
+def _ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
 
 
 def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -221,8 +256,21 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def train_stage1_to(cfg: ExperimentConfig, location: str, train: Optional[Callable] = None) -> dict[str, Any]:
+    """Train stage 1 on this node into a local temp dir (``train(cfg, tmp)``, default :func:`train_stage1_into`)
+    and upload its checkpoint/ to ``<location>/checkpoint`` (object storage); returns the final metrics."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ltsweep-stage1-") as tmp:
+        metrics = (train or train_stage1_into)(cfg, Path(tmp))
+        storage.upload_dir(Path(tmp, "checkpoint"), storage.join(location, "checkpoint"))
+    return metrics
+
+
 def _train_stage1_task(cfg_json: str, out_dir: str) -> dict[str, Any]:
-    return train_stage1_into(ExperimentConfig.model_validate_json(cfg_json), Path(out_dir))
+    """The Ray task: train into out_dir (a local temp dir), or on object storage (a URI) train here and upload."""
+    cfg = ExperimentConfig.model_validate_json(cfg_json)
+    return train_stage1_to(cfg, out_dir) if storage.is_uri(out_dir) else train_stage1_into(cfg, Path(out_dir))
 
 
 def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Optional[bool] = None,
@@ -276,28 +324,43 @@ def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str
 
 def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], lock_timeout: float
                   ) -> Stage1Checkpoint:
-    root = pretrain_root(cfg.run.storage_path)
-    root.mkdir(parents=True, exist_ok=True)
     sha = stage1_key(cfg)
-    final = root / sha
-    with FileLock(str(root / f"{sha}.lock"), timeout=lock_timeout):
+    final = storage.join(pretrain_root(cfg.run.storage_path), sha)
+    # local/NFS: the file lock <sha>.lock; object storage: owner markers <sha>.lock/<token> (pipelines.storage.lock)
+    with storage.lock(final, timeout=lock_timeout):
         if not force:  # another driver may have finished it while we waited for the lock
             found = find_stage1(cfg, report=False)  # ensure_stage1 reported a corrupt cache already
             if found is not None:
                 log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
                 return found  # (a corrupt cache is not "found": it is trained again and swapped out below)
         t0 = time.time()
-        with atomic_dir(final) as tmp:  # --force-pretrain: the old checkpoint is swapped out only on success
-            log.info("stage 1: training %s (non-balance + %s, %d epochs)", sha[:12], cfg.stage1.loss,
-                     cfg.stage1.epochs)
-            metrics = _run_stage1(cfg, tmp, use_ray)
+        log.info("stage 1: training %s (non-balance + %s, %d epochs)", sha[:12], cfg.stage1.loss, cfg.stage1.epochs)
+        if storage.is_uri(final):
+            # no rename on object storage: meta.json goes first and comes back last, when checkpoint/ is complete
+            storage.delete_file(storage.join(final, "meta.json"))
+            storage.delete_dir(storage.join(final, "checkpoint"))
+            if use_ray if use_ray is not None else _ray_is_up():  # the Ray task trains and uploads on its node
+                metrics = _run_stage1(cfg, final, True)
+            else:
+                metrics = train_stage1_to(cfg, final, lambda c, tmp: _run_stage1(c, tmp, False))
             seconds = time.time() - t0
-            meta = {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
-                    "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2),
-                    "files": file_digests(tmp / "checkpoint")}
-            write_json_atomic(tmp / "meta.json", meta, indent=2, sort_keys=True, default=str)
-    log.info("stage 1: trained %s in %.1fs", final, seconds)
+            meta = _meta(cfg, sha, metrics, seconds, file_digests(storage.join(final, "checkpoint")))
+            storage.write_json(storage.join(final, "meta.json"), meta, indent=2, sort_keys=True, default=str)
+        else:
+            with atomic_dir(final) as tmp:  # --force-pretrain: the old checkpoint is swapped out only on success
+                metrics = _run_stage1(cfg, tmp, use_ray)
+                seconds = time.time() - t0
+                meta = _meta(cfg, sha, metrics, seconds, file_digests(tmp / "checkpoint"))
+                write_json_atomic(tmp / "meta.json", meta, indent=2, sort_keys=True, default=str)
+    log.info("stage 1: trained %s in %.1fs", storage.display(final), seconds)
     return Stage1Checkpoint(sha, final, trained=True, metrics=metrics, seconds=seconds)
+
+
+def _meta(cfg: ExperimentConfig, sha: str, metrics: dict[str, Any], seconds: float, files: dict[str, str]
+          ) -> dict[str, Any]:
+    """meta.json of a stage-1 cache."""
+    return {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
+            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2), "files": files}
 
 
 def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> dict[str, Any]:
@@ -305,7 +368,12 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
         import ray
 
         use_ray = ray.is_initialized()
-    if not use_ray:
+    if not use_ray:  # in this process; with several workers it drives a Ray Train run, so Ray must be up
+        if cfg.resources.distributed:
+            import ray
+
+            if not ray.is_initialized():  # `ltsweep train`: a local Ray
+                ray.init(address="local")
         return train_stage1_into(cfg, tmp)
     import ray
 

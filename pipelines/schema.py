@@ -77,6 +77,8 @@ REPORT_ERROR_TAG = "ltsweep.report_error"  # writing the sweep report failed
 PRETRAIN_SHA_PARAM = "pretrain_sha256"
 #: trial-run param: the trial's training seed (configurations repeat once per seed, `search.seeds`)
 SEED_PARAM = "seed"
+#: trial-run param: the Ray Train workers each trial trained on (`resources.workers_per_trial`; 1 = one process)
+WORKERS_PARAM = "workers_per_trial"
 
 # ---- artifacts ---------------------------------------------------------------------------------------------------
 PER_CLASS_JSON = "per_class_ap.json"  # {category_id: AP} (see per_class_dict); the report reads it back

@@ -11,10 +11,13 @@ shared stage-1 checkpoint exists (pipelines.pretrain: trained once, as a Ray tas
 `with_resources`, `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep)`; MLflow (one driver-side
 callback) and TensorBoard (Tune's TBX logger) -> a summary table.
 
-Layout under `run.storage_path` (shared storage on a multi-node cluster):
-    <name>/            the Tune experiment (trial dirs with TensorBoard event files, checkpoints, tuner.pkl)
+Layout under `run.storage_path` (shared storage on a multi-node cluster: NFS, or an object store such as
+`s3://bucket/prefix`, which Tune reaches through the same pyarrow filesystem, see pipelines.storage):
+    <name>/            the Tune experiment (trial dirs with TensorBoard event files, checkpoints, tuner.pkl) and
+                       ltsweep_sweep.json (the sweep record: its config and stage-1 checkpoints)
     pretrain/<sha256>/ the shared stage-1 checkpoint (one per training seed)
-    mlflow.db          the default MLflow store (sqlite); mlartifacts/ beside it
+    mlflow.db          the default MLflow store (sqlite); mlartifacts/ beside it (not on object storage: there
+                       run.tracking_uri is required)
 `--resume` continues an interrupted sweep of the same name (Tuner.restore): finished trials are kept as they
 are, unfinished ones continue from their last checkpoints, errored ones stay errored unless `--resume-errored`
 (continue them from their last checkpoint) or `--restart-errored` (train them again) says otherwise.
@@ -22,20 +25,18 @@ are, unfinished ones continue from their last checkpoints, errored ones stay err
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from filelock import FileLock
 from ray import tune
 
-from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
+from pipelines import storage
 from pipelines.callbacks import _tune_callbacks, completed_trials
 from pipelines.config import ExperimentConfig, check_dataset, load_experiment_config
 from pipelines.experiment import TIME_ATTRS
@@ -50,8 +51,14 @@ RESERVED_NAMES = {"pretrain", "train", "mlartifacts", "mlruns"}
 
 # ---- setup helpers -----------------------------------------------------------------------------------------------
 
-def experiment_path(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.run.storage_path) / cfg.name
+def experiment_path(cfg: ExperimentConfig) -> storage.Location:
+    return storage.join(cfg.run.storage_path, cfg.name)
+
+
+def tune_experiment_path(cfg: ExperimentConfig) -> tuple[str, Any]:
+    """(path, filesystem) of the Tune experiment as Tuner.restore / can_restore take them (None: local)."""
+    root, fs = storage.tune_storage(cfg.run.storage_path)
+    return f"{root.rstrip('/')}/{cfg.name}", fs
 
 
 def tracking_uri_for(cfg: ExperimentConfig) -> str:
@@ -141,12 +148,19 @@ def _search_alg(cfg: ExperimentConfig):
 def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
     """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
     concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store
-    (tune.with_parameters)."""
+    (tune.with_parameters). The training and validation annotation stores (`lt_models.store`) are built here
+    first, once, so trials only map them."""
+    from lt_models.datasets import dataset_store, default_image_dir
     from lt_models.engine import shared_loss_inputs
+    from pipelines.config import annotation_cache
 
     d = cfg.data
+    stores = [dataset_store(ann, image_dir=image_dir, hierarchy_file=d.hierarchy, expand_parents=d.expand_parents,
+                            skip_invalid=d.skip_invalid, cache_root=annotation_cache(cfg))
+              for ann, image_dir in ((d.train, default_image_dir(d.train, d.image_dir)),
+                                     (d.val, default_image_dir(d.val, d.val_image_dir)))]
     return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
-                              cfg.loss_inputs(), d.skip_invalid)
+                              cfg.loss_inputs(), d.skip_invalid, store=stores[0])
 
 
 Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
@@ -186,14 +200,15 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
     from pipelines.tracking import MLflowSweepCallback
 
     trainable = build_trainable(cfg, stage1, trainable_fn)
-    path = experiment_path(cfg)
     if resume:
         # The original RunConfig (callbacks included) and search state come back from tuner.pkl. Finished trials
         # stay as they are, unfinished ones continue from their last checkpoint, errored ones are not retried.
         # errored: None = keep errored trials as they are; "resume" = continue them from their last checkpoint;
         # "restart" = train them again from scratch
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True,
+        path, fs = tune_experiment_path(cfg)
+        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=fs,
                                   resume_errored=errored == "resume", restart_errored=errored == "restart")
+    storage_path, fs = storage.tune_storage(cfg.run.storage_path)
     mlflow_cb = MLflowSweepCallback(tracking_uri_for(cfg), cfg.name, sweep_params(cfg, stage1), cfg.searched_keys(),
                                     val_annotations=str(cfg.data.val))
     return tune.Tuner(
@@ -203,9 +218,11 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
             metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg),
             search_alg=_search_alg(cfg), num_samples=cfg.search.num_samples,
             max_concurrent_trials=cfg.search.max_concurrent_trials if cfg.search.algorithm == "optuna" else None,
-            reuse_actors=True),  # a finished trial's worker process (torch already imported) runs the next one
+            # a finished trial's worker process (torch already imported) runs the next one; not for multi-worker
+            # trials, whose process must end with the trial so that its Ray Train run goes down with it
+            reuse_actors=not cfg.resources.distributed),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=str(cfg.run.storage_path),
+            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
             # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
             # retry resumes from), so the best epoch survives num_to_keep
@@ -239,19 +256,21 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     if errored is not None and not resume:
         raise ConfigError(f"--{errored}-errored needs --resume (it says what a resumed sweep does with its errored "
                           "trials)")
-    path = experiment_path(cfg)
+    tracking_uri_for(cfg)  # object storage without run.tracking_uri: say so before anything starts
+    storage.check_storage(cfg.run.storage_path)  # creates a local one; an unreachable store or bucket: one line
+    path, fs = tune_experiment_path(cfg)
+    shown = storage.display(experiment_path(cfg))
     if resume:
         if force_pretrain:
             raise ConfigError("--force-pretrain cannot be combined with --resume: the sweep's trials already started "
                               "from its stage-1 checkpoint; start a new sweep to retrain stage 1")
-        if not tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"--resume: there is no restorable sweep at {path}; run without --resume to start "
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise ConfigError(f"--resume: there is no restorable sweep at {shown}; run without --resume to start "
                               f"sweep {cfg.name!r} (or check run.storage_path / --storage-path)")
-    elif tune.Tuner.can_restore(str(path)):
-        raise ConfigError(f"sweep {cfg.name!r} already exists at {path}; pass --resume to continue it, or give it "
+    elif tune.Tuner.can_restore(path, storage_filesystem=fs):
+        raise ConfigError(f"sweep {cfg.name!r} already exists at {shown}; pass --resume to continue it, or give it "
                           "a new name (name: in the YAML) or another --storage-path")
     ensure_dataset(cfg)
-    Path(cfg.run.storage_path).mkdir(parents=True, exist_ok=True)
     # num_to_keep forces an experiment snapshot per checkpoint; on toy data that is every few seconds, and Tune
     # would warn about it at each one
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -270,7 +289,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     handler_before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     interrupted = _tune_was_interrupted(handler_before)
-    summary = summarize(cfg, results, stage1, resumed=resume, experiment_path=experiment_path(cfg),
+    summary = summarize(cfg, results, stage1, resumed=resume, experiment_path=shown,
                         tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
                         completed=completed_trials(cfg.name) if interrupted else None)
     summary.experiment_id = _experiment_id(summary)
@@ -311,21 +330,21 @@ SWEEP_RECORD = "ltsweep_sweep.json"
 
 
 def _write_sweep_record(cfg: ExperimentConfig, stage1: Stage1Set) -> None:
-    path = experiment_path(cfg)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path / SWEEP_RECORD, {"config_fingerprint": cfg.fingerprint(),
-                                            "stage1_sha256": _stage1_shas(stage1),
-                                            "config": cfg.model_dump(mode="json")}, indent=2)
+    """<storage>/<name>/ltsweep_sweep.json (whole or not at all, also on object storage): read by --resume and
+    `ltsweep confirm`."""
+    storage.write_json(storage.join(experiment_path(cfg), SWEEP_RECORD),
+                       {"config_fingerprint": cfg.fingerprint(), "stage1_sha256": _stage1_shas(stage1),
+                        "config": cfg.model_dump(mode="json")}, indent=2)
 
 
 def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
     """The stage-1 checkpoints a sweep started with (one per seed): resumed trials and the ones still pending must
     share them, even if the training code or data changed meanwhile (then their keys would differ)."""
-    record_file = experiment_path(cfg) / SWEEP_RECORD
-    if not record_file.is_file():
-        raise ConfigError(f"--resume: {record_file} is missing, so the stage-1 checkpoint this sweep started from is "
-                          "unknown; start a new sweep instead")
-    record = json.loads(record_file.read_text())
+    record_file = storage.join(experiment_path(cfg), SWEEP_RECORD)
+    if not storage.is_file(record_file):
+        raise ConfigError(f"--resume: {storage.display(record_file)} is missing, so the stage-1 checkpoint this sweep "
+                          "started from is unknown; start a new sweep instead")
+    record = storage.read_json(record_file)
     if record["config_fingerprint"] != cfg.fingerprint():
         raise ConfigError(f"--resume: the config of sweep {cfg.name!r} changed since it started (only run.* may "
                           "differ); resume with the original YAML or start a new sweep under another name")
@@ -336,14 +355,14 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
         shas = {str(cfg.seed): shas}
     out = {}
     for seed, sha in shas.items():
-        ckpt_path = pretrain_root(cfg.run.storage_path) / sha
-        if not (ckpt_path / "meta.json").is_file():
-            raise ConfigError(f"--resume: the sweep's stage-1 checkpoint {ckpt_path} (seed {seed}) is gone; start a "
-                              "new sweep")
+        ckpt_path = storage.join(pretrain_root(cfg.run.storage_path), sha)
+        if not storage.is_file(storage.join(ckpt_path, "meta.json")):
+            raise ConfigError(f"--resume: the sweep's stage-1 checkpoint {storage.display(ckpt_path)} (seed {seed}) is "
+                              "gone; start a new sweep")
         if sha != stage1_key(cfg.with_seed(int(seed))):
             log.warning("the training code or data changed since sweep %r started; its trials keep using its "
                         "stage-1 checkpoint %s (seed %s)", cfg.name, sha[:12], seed)
-        meta = json.loads((ckpt_path / "meta.json").read_text())
+        meta = storage.read_json(storage.join(ckpt_path, "meta.json"))
         out[int(seed)] = Stage1Checkpoint(sha, ckpt_path, trained=False, metrics=meta.get("metrics", {}),
                                           seconds=float(meta.get("seconds", 0.0)))
     return out
@@ -352,8 +371,9 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
 def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLike] = None,
                         tracking_uri: Optional[str] = None) -> ExperimentConfig:
     update = {}
-    if storage_path is not None:
-        update["storage_path"] = Path(storage_path).expanduser().resolve()
+    if storage_path is not None:  # a directory (made absolute) or an object-store URI (as it is)
+        loc = storage.as_location(storage_path)
+        update["storage_path"] = loc if storage.is_uri(loc) else loc.expanduser().resolve()
     if tracking_uri is not None:
         update["tracking_uri"] = tracking_uri
     return cfg.model_copy(update={"run": cfg.run.model_copy(update=update)}) if update else cfg

@@ -20,15 +20,16 @@ from typing import Any, Optional
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
 from pipelines.config import ExperimentConfig, compute, train_spec
-from pipelines.pretrain import ensure_stage1
+from pipelines.pretrain import ensure_stage1, local_stage1
 from pipelines.schema import TRAIN_SUMMARY_METRICS
+from pipelines.storage import node_local_dir  # object storage: `ltsweep train` writes to a node-local dir
 
 
 def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> dict[str, Any]:
     """Run the training `cfg.train.stage` asks for; return {stage, out_dir, checkpoint, metrics, ...}."""
     from lt_models import engine
 
-    out = Path(out_dir) if out_dir is not None else Path(cfg.run.storage_path) / "train" / cfg.name
+    out = Path(out_dir) if out_dir is not None else node_local_dir(cfg.run.storage_path) / "train" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     device, threads = compute(cfg, whole_machine=True)
     stage = cfg.train.stage
@@ -41,7 +42,7 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
         init = cfg.train.init_checkpoint if stage == "stage2" else None
         if init is None and cfg.stage1 is not None:
             ck = ensure_stage1(cfg, use_ray=False)
-            init = ck.checkpoint_dir
+            init = local_stage1(str(ck.checkpoint_dir))
             summary["stage1"] = {"sha256": ck.sha256, "checkpoint": str(ck.checkpoint_dir), "trained": ck.trained,
                                  "AP": ck.metrics.get("AP")}
         if init is None and stage == "stage2":

@@ -8,6 +8,10 @@ A trial
      iteration, images (seen in training so far), seed, pretrain_sha256 and per_class to Tune at every evaluation, with the engine's checkpoint dir as
      the Tune checkpoint (Tune copies it to storage before `report` returns).
 
+With `resources.workers_per_trial` > 1 the trial is the driver of a Ray Train run (`pipelines.train_workers`):
+the engine runs on the workers, each report and checkpoint comes back to this function, which reports it to Tune
+just as above, and a retry hands `tune.get_checkpoint()` to every worker.
+
 Torch uses as many threads as the trial has CPUs, and CUDA when Ray gave the trial a GPU (`config.compute`). A
 non-finite loss ends the trial with `TrialDivergedError` (the rest of the sweep goes on). A marker file
 (`DIVERGED_MARKER`) in the trial's *storage* directory (`<run.storage_path>/<sweep>/<trial dir>`, where Tune keeps
@@ -36,8 +40,9 @@ class TrialDivergedError(RuntimeError):
 
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Resources of one trial (and of the stage-1 task), for `tune.with_resources`: CPUs, GPUs and the Ray custom
-    resources of `resources.custom` (which pin trials to the nodes that have them)."""
-    return {"cpu": cfg.resources.cpus_per_trial, "gpu": cfg.resources.gpus_per_trial, **cfg.resources.custom}
+    resources of `resources.custom` (which pin trials to the nodes that have them). A multi-worker trial asks only
+    for its Ray Train driver; Ray Train reserves its workers (`pipelines.resources.ResourcesConfig.trial_bundle`)."""
+    return cfg.resources.trial_bundle()
 
 
 def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> dict[str, Any]:
@@ -100,25 +105,39 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
     if diverged is not None:  # an earlier attempt diverged: the same settings would diverge again
         raise TrialDivergedError(diverged)
 
-    device, threads = compute(experiment)
+    workers = experiment.resources.distributed
+    device, threads = compute(experiment, worker=workers)
     spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
                       num_threads=threads)
     seed = experiment.trial_seed(config)
     mine = stage1[str(seed)] if stage1 is not None else None  # this seed's own stage 1
     sha = mine["sha256"] if mine is not None else ""
 
+    def report(metrics: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
+        tune.report(build_result(metrics, sha, seed), checkpoint=checkpoint)
+
     def on_eval(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        tune.report(build_result(metrics, sha, seed), checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        report(metrics, tune.Checkpoint.from_directory(str(checkpoint_dir)))
 
     out_dir = workdir / "ltsweep_train"
     shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of a failed attempt; Tune holds the real checkpoints
     try:
         own = tune.get_checkpoint()
-        if own is not None:  # a retry (FailureConfig) or a resumed sweep: continue exactly where it left off
+        if workers:  # the trial drives a Ray Train run; the workers restore `own` or stage 1 themselves
+            from pipelines.train_workers import train_on_workers
+
+            storage = tune.get_context().get_storage()
+            train_on_workers(experiment, spec, storage_path=storage.trial_fs_path,
+                             storage_filesystem=storage.storage_filesystem, resume=own, shared=shared,
+                             init_checkpoint=mine["checkpoint_dir"] if mine is not None and own is None else None,
+                             on_eval=report)
+        elif own is not None:  # a retry (FailureConfig) or a resumed sweep: continue exactly where it left off
             with own.as_directory() as ckpt_dir:
                 engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval, shared=shared)
         else:
-            init = mine["checkpoint_dir"] if mine is not None else None
+            from pipelines.pretrain import local_stage1  # object storage: a node-local copy of stage 1
+
+            init = local_stage1(mine["checkpoint_dir"]) if mine is not None else None
             engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval, shared=shared)
     except engine.NonFiniteLossError as exc:
         msg = (f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "

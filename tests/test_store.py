@@ -174,3 +174,24 @@ def test_a_store_directory_can_stand_for_the_json_file(tmp_path):
     assert expanded.store.meta["raw_store"] == str(built.path.resolve())
     assert not (expanded.store.path / "ann_bbox.npy").exists()           # raw columns are not copied
     _assert_same_items(expanded, _reference(ann, hier, expand=True))
+
+
+def test_a_run_over_the_shared_store_trains_and_scores_as_the_json_path(tmp_path):
+    """engine.train with an annotation cache (what sweep trials do) gives the same losses and AP as without."""
+    from test_engine import small_spec, write_tiny_benchmark
+
+    from lt_models.engine import train
+
+    bench = write_tiny_benchmark(tmp_path / "bench")
+    torch.set_num_threads(1)
+    plain = train(small_spec(bench, epochs=1, loss=_concurrent()), tmp_path / "plain")
+    cached = train(small_spec(bench, epochs=1, loss=_concurrent(), annotation_cache=str(tmp_path / "cache")),
+                   tmp_path / "cached")
+    assert any((tmp_path / "cache").iterdir())                     # the run went through a store
+    for key in ("loss", "AP", "AP50", "APr", "APc", "APf"):
+        assert plain[key] == cached[key], key
+
+
+def _concurrent():
+    from lt_models.losses import LossSpec
+    return LossSpec("concurrent_softmax")
