@@ -5,7 +5,7 @@ Multi-Labels", Peng et al., CVPR 2020):
 
 - imbalance magnitude: images of the largest category / images of the smallest non-empty one (its Fig 2);
 - categories per LVIS frequency bucket (`lt_models.annotations`);
-- the most concurrent label pairs after merging duplicate boxes (`lt_models.datasets.merged_objects`), i.e. the
+- the most concurrent label pairs after merging duplicate boxes (`lt_models.merge.merged_objects`), i.e. the
   rate P(object labelled i is also labelled j) for pairs not related in the hierarchy (its Fig 3a);
 - the share of objects that carry a parent label but none of its descendants (its Fig 3b);
 - for a soft-balance λ: the expected views per image of the head and tail class in one epoch (its eq 8, computed
@@ -22,7 +22,8 @@ import numpy as np
 from lt_models.annotations import (COMMON_MAX, FREQ_LABELS, RARE_MAX, category_frequencies, category_image_counts,
                                    hierarchy_ancestors, load_hierarchy, name_to_cat_id)
 from lt_models.atomic import atomic_path
-from lt_models.datasets import load_lvis_json, merged_objects
+from lt_models.datasets import load_lvis_json
+from lt_models.merge import merged_objects
 from lt_models.samplers import soft_balance_probabilities
 
 

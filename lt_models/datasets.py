@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from lt_models.annotations import COMMON_MAX, FREQ_LABELS, RARE_MAX, load_hierarchy, name_to_cat_id, read_json
 from lt_models.errors import AnnotationError
-from lt_models.merge import MERGE_IOU, box_iou_xyxy, group_duplicate_boxes  # noqa: F401 (re-exported)
+from lt_models.merge import MERGE_IOU, box_iou_xyxy, group_duplicate_boxes, merged_objects  # noqa: F401 (re-exported)
 from lt_models.store import META as STORE_META, AnnotationStore, ensure_store, open_store, store_key
 from lt_models.store_build import dataset_options, derive_arrays, raw_columns_from_lvis
 
@@ -228,40 +228,6 @@ def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Merged objects (shared by the dataset and the statistics)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def merged_objects(data: dict, ancestors: dict[int, set[int]], expand_parents: bool,
-                   iou_thr: float = MERGE_IOU) -> dict[int, list[tuple[list[float], int, list[int]]]]:
-    """image id -> [(box xywh, primary category id, sorted category ids of the object)] (crowd boxes dropped)."""
-    by_img: dict[int, list[dict]] = defaultdict(list)
-    for a in data["annotations"]:
-        if not a.get("iscrowd", 0):
-            by_img[a["image_id"]].append(a)
-    out: dict[int, list] = {}
-    for iid, anns in by_img.items():
-        anns.sort(key=lambda a: a["id"])
-        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64)
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        groups = group_duplicate_boxes(xyxy, iou_thr)
-        objs = []
-        for g in range(int(groups.max()) + 1 if len(groups) else 0):
-            members = [anns[i] for i in np.nonzero(groups == g)[0]]   # ascending annotation id
-            cats = {a["category_id"] for a in members}
-            # most specific: drop labels that are an ancestor of another label of the object
-            specific = [a for a in members if not any(a["category_id"] in ancestors.get(c, ()) for c in cats)]
-            primary = specific[0]
-            labels = set(cats)
-            if expand_parents:
-                for c in cats:
-                    labels |= ancestors.get(c, set())
-            objs.append((list(primary["bbox"]), int(primary["category_id"]), sorted(labels)))
-        out[iid] = objs
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Dataset
 # ---------------------------------------------------------------------------------------------------------
 
@@ -311,6 +277,15 @@ def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
         return AnnotationStore(ann_file, arrays, meta)
     key = store_key(ann_file, **options)
     return ensure_store(Path(cache_root) / key, key, build)
+
+
+def dataset_store_key(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+                      hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False,
+                      skip_invalid: bool = False, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX) -> str:
+    """The folder name (`lt_models.store.store_key`) under a cache root of the store that `LVISDetection` with
+    these arguments maps (``image_dir`` None: its default folder)."""
+    return store_key(ann_file, **dataset_options(default_image_dir(ann_file, image_dir), skip_invalid, expand_parents,
+                                                 hierarchy_file, rare_max, common_max))
 
 
 def _derived_store(raw: AnnotationStore, hier: Path | None, options: dict, raw_store: str | None):

@@ -10,6 +10,8 @@ numpy and scipy only.
 """
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -139,3 +141,37 @@ def co_label_counts(objects: np.ndarray, labels: np.ndarray,
     starts, counts = runs(pairs)
     pairs = pairs[starts]
     return per_label, pairs // k, pairs % k, counts
+
+
+def merged_objects(data: dict, ancestors: dict[int, set[int]], expand_parents: bool,
+                   iou_thr: float = MERGE_IOU) -> dict[int, list[tuple[list[float], int, list[int]]]]:
+    """image id -> [(box xywh, primary category id, sorted category ids of the object)] (crowd boxes dropped).
+
+    The per-image statement of the dataset's rules (one Python loop per image; `lt_models.data_stats` and the
+    tests use it): objects by `group_duplicate_boxes`, numbered by their smallest annotation id; the primary label
+    is the most specific one (labels that are an ancestor of another label of the object are dropped), then the
+    smallest annotation id. `lt_models.store_build.derive_arrays` computes the same for all images at once."""
+    by_img: dict[int, list[dict]] = defaultdict(list)
+    for a in data["annotations"]:
+        if not a.get("iscrowd", 0):
+            by_img[a["image_id"]].append(a)
+    out: dict[int, list] = {}
+    for iid, anns in by_img.items():
+        anns.sort(key=lambda a: a["id"])
+        xywh = np.array([a["bbox"] for a in anns], dtype=np.float64)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        groups = group_duplicate_boxes(xyxy, iou_thr)
+        objs = []
+        for g in range(int(groups.max()) + 1 if len(groups) else 0):
+            members = [anns[i] for i in np.nonzero(groups == g)[0]]   # ascending annotation id
+            cats = {a["category_id"] for a in members}
+            # most specific: drop labels that are an ancestor of another label of the object
+            specific = [a for a in members if not any(a["category_id"] in ancestors.get(c, ()) for c in cats)]
+            primary = specific[0]
+            labels = set(cats)
+            if expand_parents:
+                for c in cats:
+                    labels |= ancestors.get(c, set())
+            objs.append((list(primary["bbox"]), int(primary["category_id"]), sorted(labels)))
+        out[iid] = objs
+    return out

@@ -18,7 +18,7 @@ Two parts, both plain numpy (no Python loop per image, object or box except wher
   source of the r/c/f buckets).
 
 The rules are those of `lt_models.datasets` (merged objects, most specific primary label, smallest annotation id);
-tests/test_store.py checks the arrays against the per-image implementation (`lt_models.datasets.merged_objects`).
+tests/test_store.py checks the arrays against the per-image implementation (`lt_models.merge.merged_objects`).
 """
 from __future__ import annotations
 

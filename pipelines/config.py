@@ -23,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from lt_models.errors import ConfigError
 from lt_models.run_spec import STAGE1_SAMPLER, TrainSpec
 from pipelines.experiment import ExperimentConfig, canonical_json, strip_value_error, unread_field
+from pipelines import annotation_stores
 from pipelines.storage import is_uri
 
 __all__ = ["ExperimentConfig", "canonical_json", "apply_overrides", "check_dataset", "parse_config", "read_yaml",
@@ -235,21 +236,13 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
     return TrainSpec(
         train_ann=str(d.train), val_ann=str(d.val), train_image_dir=_str(d.image_dir),
         val_image_dir=_str(d.val_image_dir), hierarchy_file=_str(d.hierarchy), expand_parents=d.expand_parents,
-        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, annotation_cache=annotation_cache(cfg),
+        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, annotation_cache=str(annotation_stores.cache_dir(cfg.run.storage_path)),
         stage=stage, backbone=cfg.model.backbone, image_size=cfg.model.image_size,
         weights=_str(cfg.model.weights), sampler=sampler, loss=loss, decoupled=decoupled, epochs=s.epochs,
         batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
         eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,
         device=device,
         workers=s.workers, progress=progress, eval_metric=cfg.eval.metric)
-
-
-def annotation_cache(cfg: ExperimentConfig) -> str:
-    """Where the sweep's annotation stores (`lt_models.store`) live: ``<run.storage_path>/annotations``, next to the
-    stage-1 cache (shared storage on a cluster, so one node builds a store and every trial maps it); a node-local
-    cache folder when storage_path is an object-storage URI (memory maps need a file system)."""
-    from pipelines.storage import join, node_local_dir
-    return str(node_local_dir(join(cfg.run.storage_path, "annotations")))
 
 
 def _str(p: Optional[Path]) -> Optional[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lt_models.atomic import atomic_dir, write_json_atomic
-from pipelines import storage
+from pipelines import annotation_stores, storage
 from pipelines.config import ExperimentConfig, canonical_json, compute, train_spec
 from pipelines.schema import PRETRAIN_METRICS
 
@@ -221,6 +221,7 @@ def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
     device, threads = compute(cfg, worker=distributed)
     spec = train_spec(cfg, "stage1", device=device, num_threads=threads,
                       eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
+    annotation_stores.fetch(cfg.run.storage_path, spec)   # object storage: this node's copy of the stores
     if distributed:
         import uuid
 

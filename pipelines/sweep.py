@@ -149,16 +149,12 @@ def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
     """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
     concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store
     (tune.with_parameters). The training and validation annotation stores (`lt_models.store`) are built here
-    first, once, so trials only map them."""
-    from lt_models.datasets import dataset_store, default_image_dir
+    first, once (and published to object storage), so trials only map them (`pipelines.annotation_stores`)."""
     from lt_models.engine import shared_loss_inputs
-    from pipelines.config import annotation_cache
+    from pipelines.annotation_stores import build_and_publish
 
     d = cfg.data
-    stores = [dataset_store(ann, image_dir=image_dir, hierarchy_file=d.hierarchy, expand_parents=d.expand_parents,
-                            skip_invalid=d.skip_invalid, cache_root=annotation_cache(cfg))
-              for ann, image_dir in ((d.train, default_image_dir(d.train, d.image_dir)),
-                                     (d.val, default_image_dir(d.val, d.val_image_dir)))]
+    stores = build_and_publish(cfg.run.storage_path, d)
     return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
                               cfg.loss_inputs(), d.skip_invalid, store=stores[0])
 

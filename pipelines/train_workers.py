@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional
 
 from lt_models.errors import LtsweepInputError
 from lt_models.run_spec import TrainSpec
-from pipelines import storage
+from pipelines import annotation_stores, storage
 from pipelines.config import ExperimentConfig
 
 RUN_DIR = "ray_train"  # the Train run's directory under its storage path
@@ -62,6 +62,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     if spec.device != "cpu":
         spec.device = str(ray.train.torch.get_device())  # this worker's own GPU
 
+    annotation_stores.fetch(config["storage_path"], spec)   # object storage: this node's copy of the stores
     init = config.get("init_checkpoint")
     if init is not None:
         from pipelines.pretrain import local_stage1  # object storage: a node-local copy of stage 1
@@ -164,7 +165,7 @@ def train_on_workers(cfg: ExperimentConfig, spec: TrainSpec, *, storage_path: st
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     loop_config = {"spec": spec.to_dict(), "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                   "resume": resume, "shared": shared}
+                   "resume": resume, "shared": shared, "storage_path": str(cfg.run.storage_path)}
     fit = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_fit).remote(
         train_workers.worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue)
     last: tuple[dict, Any] = ({}, None)

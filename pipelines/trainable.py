@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 from ray import tune
 
+from pipelines import annotation_stores
 from pipelines.config import ExperimentConfig, compute, train_spec
 from pipelines.schema import RESULT_METRICS
 
@@ -109,6 +110,7 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
     device, threads = compute(experiment, worker=workers)
     spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
                       num_threads=threads)
+    annotation_stores.fetch(experiment.run.storage_path, spec)   # object storage: this node's copy of the stores
     seed = experiment.trial_seed(config)
     mine = stage1[str(seed)] if stage1 is not None else None  # this seed's own stage 1
     sha = mine["sha256"] if mine is not None else ""

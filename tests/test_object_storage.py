@@ -12,6 +12,7 @@ The server (moto's ThreadedMotoServer, a real HTTP endpoint) runs in this proces
 """
 import hashlib
 import json
+import shutil
 import logging
 import os
 import re
@@ -96,6 +97,29 @@ def s3(tmp_path_factory):
 
 
 # ---- the helpers and the lock ------------------------------------------------------------------------------------
+def test_annotation_stores_are_published_and_fetched_once_per_node(s3, tmp_path):
+    """The driver builds the stores once and copies them to the bucket; a node without them downloads them (into its
+    cache folder, complete) instead of parsing the JSON; the copy maps the same arrays."""
+    import numpy as np
+    from test_engine import small_spec, write_tiny_benchmark
+
+    from lt_models.store import open_store
+    from pipelines import annotation_stores
+
+    bench = write_tiny_benchmark(tmp_path / "bench")
+    uri = s3.uri("stores")
+    spec = small_spec(bench, annotation_cache=str(annotation_stores.cache_dir(uri)))
+    built = annotation_stores.build_and_publish(uri, spec)
+    assert sorted(k.split("/")[0] for k in s3.keys("stores/annotations") if k.endswith("meta.json")) == \
+        sorted(st.path.name for st in built)
+    for st in built:                       # another node: nothing in its cache folder
+        shutil.rmtree(st.path)
+    annotation_stores.fetch(uri, spec)
+    for st in built:
+        copy = open_store(st.path, key=st.path.name)
+        assert all(np.array_equal(copy[a], st[a]) for a in st.meta["arrays"])
+
+
 
 def test_locations_keep_their_query_and_local_paths_stay_paths(tmp_path):
     uri = "s3://b/p?endpoint_override=h:1&scheme=http"
@@ -352,6 +376,12 @@ def test_a_sweep_keeps_everything_in_the_bucket(killed_and_resumed, ws, s3):
     for trial in trials:  # Tune's trial checkpoints and results are in the bucket
         assert any(re.match(rf"s3-sweep/{re.escape(trial)}/checkpoint_\d+/", k) for k in keys), (trial, keys)
     assert not Path("s3:").exists() and not (REPO / "s3:").exists()  # nothing went to a local "s3:" folder
+    # the annotation stores the driver built are published, arrays and meta.json, for trials on other nodes
+    stores = {k.split("/")[1] for k in keys if re.fullmatch(r"annotations/[0-9a-f]{64}/meta\.json", k)}
+    assert len(stores) == 2                                   # the training and the validation set
+    for key in stores:
+        meta = json.loads(s3.read(f"study/annotations/{key}/meta.json"))
+        assert meta["key"] == key and all(f"annotations/{key}/{a}.npy" in keys for a in meta["arrays"])
     # the trials restored a node-local copy of stage 1, checked against meta.json
     copies = [p.parent for p in storage.cache_root().rglob("meta.json")
               if json.loads(p.read_text()).get("sha256") == sha]  # (the cache holds other files too)

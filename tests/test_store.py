@@ -19,7 +19,8 @@ from PIL import Image
 from lt_models.annotations import (category_frequencies, category_image_counts, hierarchy_ancestors, load_hierarchy,
                                    name_to_cat_id)
 from lt_models.concurrency import concurrent_rate_matrix
-from lt_models.datasets import LVISDetection, dataset_store, load_lvis_json, merged_objects
+from lt_models.datasets import LVISDetection, dataset_store, load_lvis_json
+from lt_models.merge import merged_objects
 from lt_models.samplers import SamplerSpec, build_sampler
 from lt_models.store import StoreError, open_store
 
