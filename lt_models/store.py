@@ -161,7 +161,9 @@ def ensure_store(path: str | os.PathLike, key: str, build: Callable[[], tuple[di
             return open_store(path, key)        # another process built it while we waited
         except StoreError as e:
             reason = str(e) if (path / META).exists() else reason
-        log(f"building the annotation store {path} ({reason.split(';')[0]})")
+        first = not path.exists()
+        log(f"building the annotation store {path}" + (" (first use of this dataset with these options)" if first
+                                                        else f" ({reason.split(';')[0]})"))
         arrays, meta = build()
         write_store(path, arrays, dict(meta, key=key))
         return open_store(path, key)
