@@ -39,24 +39,37 @@ VENV_BIN = Path(sys.executable).parent
 SKIP = os.environ.get("LTSWEEP_SKIP_CLUSTER") == "1" and os.environ.get("CI") != "true"
 
 
+_TAKEN: set[int] = set()  # ports handed out by this test: never twice, and never inside a worker-port range
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def _free_port_range(n: int) -> int:
-    """The first of n consecutive ports (in 30000-59999) that are all free now: a node's worker-port range."""
+    """The first of n consecutive ports that are all free now: a node's worker-port range. It lies below the kernel's
+    ephemeral range (where `_free_port` and every outgoing connection get their ports), so nothing else on the host
+    is handed a port inside it while the cluster runs."""
     import random
 
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(200):
-        base = random.randrange(30000, 60000 - n)
+        base = random.randrange(10000, low - n)
+        if _TAKEN & set(range(base, base + n)):
+            continue
         try:
             socks = []
             for port in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("127.0.0.1", port))
+            _TAKEN.update(range(base, base + n))
             return base
         except OSError:
             continue
