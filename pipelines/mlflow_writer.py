@@ -31,10 +31,9 @@ from pipelines.schema import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOIN
                               ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
                               MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,
                               PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG,
-                              ROLE_PRETRAIN, SEED_PARAM, WORKERS_PARAM,
-                              ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG, SWEEP_TAG,
-                              SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG, UNFINISHED_TRIALS_TAG,
-                              finite_number, per_class_dict)
+                              ROLE_PRETRAIN, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG,
+                              SEED_PARAM, SWEEP_TAG, SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG,
+                              UNFINISHED_TRIALS_TAG, WORKERS_PARAM, finite_number, per_class_dict)
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +254,6 @@ class SweepWriter:
                     out[key] = v
         return out
 
-    def _workers_per_trial(self) -> int:
-        """The sweep's `resources.workers_per_trial` (every trial trains on that many Ray Train workers)."""
-        return int((self.sweep_params.get("resources") or {}).get("workers_per_trial", 1))
-
     def open_trial(self, trial: TrialInfo) -> str:
         """The trial's run, created or (after a restore/retry) set RUNNING again. Cached while it is open."""
         if trial.trial_id in self._open_runs:
@@ -278,8 +273,8 @@ class SweepWriter:
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
             existing = run.data.params
-        log_params(client, run_id, {**self._searched_params(trial), WORKERS_PARAM: self._workers_per_trial()},
-                   existing)
+        workers = int((self.sweep_params.get("resources") or {}).get("workers_per_trial", 1))  # Ray Train workers
+        log_params(client, run_id, {**self._searched_params(trial), WORKERS_PARAM: workers}, existing)
         self._open_runs[trial.trial_id] = run_id
         return run_id
 
