@@ -2,8 +2,9 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# pip resolves torch==2.14.1 / torchvision==0.29.1 from the machine's local wheels.
-PIP    := $(BIN)/python -m pip --disable-pip-version-check
+# pip resolves torch==2.14.1 / torchvision==0.29.1 from the machine's local wheels. The venv takes about 7 GB
+# (torch's CUDA build); --no-cache-dir keeps pip from storing a second copy of every download.
+PIP    := $(BIN)/python -m pip --disable-pip-version-check --no-cache-dir
 
 .PHONY: demo test install install-test bench clean
 
