@@ -298,15 +298,20 @@ def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Option
 def ensure_stage1_per_seed(cfg: ExperimentConfig, *, force: bool = False, tracking_uri: Optional[str] = None,
                            sweep_name: Optional[str] = None) -> Optional[dict[int, Stage1Checkpoint]]:
     """The stage-1 checkpoint of every training seed of the sweep (`cfg.seeds`): each seed's trials restore their
-    own seed's stage 1. The missing ones train at the same time (as Ray tasks when Ray is up); each stays
+    own seed's stage 1. The missing ones train at the same time (as Ray tasks when Ray is up; multi-worker ones as
+    many as the cluster holds together, `train_workers.concurrent_trials_cap`); each stays
     content-addressed (the seed is part of its key), so a later sweep with the same seeds reuses them. MLflow gets
     one pretrain run per seed, written one after the other (a single writer). None for one-stage trials."""
     if cfg.stage1 is None:
         return None
     from concurrent.futures import ThreadPoolExecutor
 
-    seeds = cfg.seeds
-    with ThreadPoolExecutor(max_workers=len(seeds)) as pool:
+    seeds, at_once = cfg.seeds, len(cfg.seeds)
+    if cfg.resources.distributed and _ray_is_up():  # as many multi-worker runs as the cluster holds together
+        from pipelines.train_workers import concurrent_trials_cap
+
+        at_once = min(at_once, concurrent_trials_cap(cfg))
+    with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {s: pool.submit(ensure_stage1, cfg.with_seed(s), force=force) for s in seeds}
         ckpts = {s: f.result() for s, f in futures.items()}
     if tracking_uri is not None:

@@ -82,3 +82,30 @@ class ResourcesConfig(BaseModel):
         here too would hold every worker's resources twice and leave the Train run waiting for them forever."""
         gpus = 0.0 if self.distributed else self.gpus_per_trial
         return {"cpu": self.cpus_per_trial, "gpu": gpus, **self.custom}
+
+    def trials_that_fit(self, nodes: list[dict[str, float]]) -> int:
+        """How many multi-worker trials can hold all their resources at once on nodes with these Ray resource
+        totals (``ray.nodes()``' ``Resources``: "CPU", "GPU", custom names): each trial's driver bundle
+        (``trial_bundle()``) and its ``workers_per_trial`` worker bundles, placed first-fit, node by node (Ray
+        Train's default PACK placement may spread a trial's workers over several nodes).
+
+        A sweep runs at most this many at once (``pipelines.sweep``): the drivers ask Tune only for themselves,
+        so without a cap Tune starts a driver for every trial the CPUs allow, the drivers hold CPUs that the
+        workers need, and no Train run ever gets its placement group."""
+        driver = {k.upper() if k in ("cpu", "gpu") else k: v for k, v in self.trial_bundle().items() if v}
+        worker = {k: v for k, v in self.worker_bundle().items() if v}
+        free = [dict(n) for n in nodes]
+        eps = 1e-9
+
+        def place(bundle: dict[str, float]) -> bool:
+            for node in free:
+                if all(node.get(k, 0.0) + eps >= v for k, v in bundle.items()):
+                    for k, v in bundle.items():
+                        node[k] = node.get(k, 0.0) - v
+                    return True
+            return False
+
+        count = 0
+        while all(place(b) for b in [driver] + [worker] * self.workers_per_trial):
+            count += 1
+        return count

@@ -108,7 +108,26 @@ def scheduler_advice(cfg: ExperimentConfig) -> Optional[str]:
     return None
 
 
-def _scheduler(cfg: ExperimentConfig):
+def max_concurrent(cfg: ExperimentConfig) -> Optional[int]:
+    """How many trials run at once (None: as many as Tune can start): ``search.max_concurrent_trials``, capped for
+    multi-worker trials at the number whose drivers and workers the Ray cluster holds together
+    (`train_workers.concurrent_trials_cap`, counted on the nodes alive now; on an autoscaling cluster start the
+    nodes first). Without the cap Tune starts a driver for every CPU and the drivers starve the workers."""
+    from pipelines.train_workers import concurrent_trials_cap
+
+    wanted, fit = cfg.search.max_concurrent_trials, concurrent_trials_cap(cfg)
+    if fit is None or (wanted is not None and wanted <= fit):
+        return wanted
+    r = cfg.resources
+    print(f"note: at most {fit} trial(s) at a time: the Ray cluster holds {fit} x (a driver and "
+          f"{r.workers_per_trial} workers of {r.cpus_per_worker:g} CPU / {r.gpus_per_worker:g} GPU)"
+          + (f"; search.max_concurrent_trials = {wanted} is lowered to {fit}" if wanted is not None else ""),
+          flush=True)
+    return fit
+
+
+def _scheduler(cfg: ExperimentConfig, limit: Optional[int]):
+    """The trial scheduler; `limit`: trials running at once (`max_concurrent`), which asha_configs applies."""
     if cfg.scheduler.type == "fifo":
         return None
     s = cfg.scheduler
@@ -118,14 +137,15 @@ def _scheduler(cfg: ExperimentConfig):
         return ConfigASHA(metric=s.metric, mode=s.mode, time_attr=TIME_ATTRS[s.time_attr],
                           max_t=s.max_t or cfg.evals_per_trial, grace_period=s.grace_period,
                           reduction_factor=s.reduction_factor, seeds=cfg.seeds,
-                          max_running=cfg.search.max_concurrent_trials, default_seed=cfg.seed)
+                          max_running=limit, default_seed=cfg.seed)
     from ray.tune.schedulers import ASHAScheduler
 
     return ASHAScheduler(time_attr=TIME_ATTRS[s.time_attr], max_t=s.max_t or cfg.evals_per_trial,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def _search_alg(cfg: ExperimentConfig):
+def _search_alg(cfg: ExperimentConfig, limit: Optional[int]):
+    """The search algorithm; `limit`: trials running at once (`max_concurrent`)."""
     if cfg.search.algorithm == "optuna":
         if importlib.util.find_spec("optuna") is None:
             raise ConfigError(f"{cfg.name}: search.algorithm is 'optuna' but the optuna package is not installed; "
@@ -141,7 +161,7 @@ def _search_alg(cfg: ExperimentConfig):
 
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself. It counts
     # paused trials as running, so under asha_configs (which pauses trials at rungs) the scheduler applies it.
-    limit = 0 if cfg.scheduler.type == "asha_configs" else cfg.search.max_concurrent_trials or 0
+    limit = 0 if cfg.scheduler.type == "asha_configs" else limit or 0
     return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=limit)
 
 
@@ -205,15 +225,16 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
         return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=fs,
                                   resume_errored=errored == "resume", restart_errored=errored == "restart")
     storage_path, fs = storage.tune_storage(cfg.run.storage_path)
+    limit = max_concurrent(cfg)
     mlflow_cb = MLflowSweepCallback(tracking_uri_for(cfg), cfg.name, sweep_params(cfg, stage1), cfg.searched_keys(),
                                     val_annotations=str(cfg.data.val))
     return tune.Tuner(
         trainable,
         param_space=cfg.param_space() if cfg.search.algorithm == "basic" else None,
         tune_config=tune.TuneConfig(
-            metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg),
-            search_alg=_search_alg(cfg), num_samples=cfg.search.num_samples,
-            max_concurrent_trials=cfg.search.max_concurrent_trials if cfg.search.algorithm == "optuna" else None,
+            metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg, limit),
+            search_alg=_search_alg(cfg, limit), num_samples=cfg.search.num_samples,
+            max_concurrent_trials=limit if cfg.search.algorithm == "optuna" else None,
             # a finished trial's worker process (torch already imported) runs the next one; not for multi-worker
             # trials, whose process must end with the trial so that its Ray Train run goes down with it
             reuse_actors=not cfg.resources.distributed),

@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lt_models.errors import LtsweepInputError
+from lt_models.errors import ConfigError, LtsweepInputError
 from lt_models.run_spec import TrainSpec
 from pipelines import annotation_stores, storage
 from pipelines.config import ExperimentConfig
@@ -166,7 +166,10 @@ def train_on_workers(cfg: ExperimentConfig, spec: TrainSpec, *, storage_path: st
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
     loop_config = {"spec": spec.to_dict(), "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
                    "resume": resume, "shared": shared, "storage_path": str(cfg.run.storage_path)}
-    fit = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(_fit).remote(
+    # max_calls=1: the task's process exits when fit() returns, and the Train controller it owns (with the actors
+    # the controller owns) goes with it; in a reused process the controller outlived its run (held by reference
+    # cycles), one idle process per finished trial
+    fit = ray.remote(num_cpus=0, max_retries=0, max_calls=1, scheduling_strategy=here)(_fit).remote(
         train_workers.worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue)
     last: tuple[dict, Any] = ({}, None)
     try:
@@ -209,3 +212,24 @@ def _worker_error(exc: BaseException) -> BaseException:
             return e
         todo.extend([getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()])
     return getattr(exc, "cause", None) or exc
+
+
+def concurrent_trials_cap(cfg: ExperimentConfig) -> Optional[int]:
+    """The most multi-worker trials (or stage-1 runs) that the running Ray cluster fits at once, counted over its
+    alive nodes now (`ResourcesConfig.trials_that_fit`); None for one-process trials, which Tune schedules by their
+    own resources. A cluster that cannot fit a single trial is a config error: the Train run would wait forever."""
+    r = cfg.resources
+    if not r.distributed:
+        return None
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    fit = r.trials_that_fit(nodes)
+    if fit == 0:
+        need = {k: v for k, v in r.worker_bundle().items() if v}
+        have = [{k: v for k, v in n.items() if k in ("CPU", "GPU") or k in r.custom} for n in nodes]
+        raise ConfigError(f"resources: one trial needs a driver ({r.cpus_per_trial:g} CPU) and "
+                          f"workers_per_trial = {r.workers_per_trial} workers of {need}, but the Ray cluster's nodes "
+                          f"have {have}; lower workers_per_trial / cpus_per_worker / gpus_per_worker / "
+                          "cpus_per_trial, or add nodes")
+    return fit

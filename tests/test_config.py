@@ -200,13 +200,14 @@ def test_optuna_search_is_optional(tmp_path, base):
     cfg = load_experiment_config(_write(tmp_path, base))
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(ConfigError, match="pip install optuna"):
-            sweep._search_alg(cfg)
+            sweep._search_alg(cfg, sweep.max_concurrent(cfg))
     else:
         from ray.tune.search.optuna import OptunaSearch
 
-        assert isinstance(sweep._search_alg(cfg), OptunaSearch)
+        assert isinstance(sweep._search_alg(cfg, sweep.max_concurrent(cfg)), OptunaSearch)
     base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3}
-    gen = sweep._search_alg(load_experiment_config(_write(tmp_path, base)))
+    cfg = load_experiment_config(_write(tmp_path, base))
+    gen = sweep._search_alg(cfg, sweep.max_concurrent(cfg))
     assert gen.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a variant generator
 
 
@@ -246,11 +247,11 @@ def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
                          "max_t": 1000}
     base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3, "seeds": [4, 5]}
     cfg = load_experiment_config(_write(tmp_path, base))
-    sched = sweep._scheduler(cfg)
+    sched = sweep._scheduler(cfg, sweep.max_concurrent(cfg))
     assert isinstance(sched, ConfigASHA) and sched.milestones == [160, 320, 640] and sched.seeds == [4, 5]
     assert sched.max_running == 3 and sched.max_t == 1000
     # the variant generator counts paused trials as running, so the scheduler applies the limit instead
-    assert sweep._search_alg(cfg).max_concurrent == 0
+    assert sweep._search_alg(cfg, sweep.max_concurrent(cfg)).max_concurrent == 0
     base["search"] = {"algorithm": "optuna", "seed": 0}
     with pytest.raises(ConfigError, match="asha_configs .*needs search.algorithm: basic"):
         load_experiment_config(_write(tmp_path, base))
@@ -415,12 +416,12 @@ def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
         load_experiment_config(_write(tmp_path, base))
     base["scheduler"]["max_t"] = 640
     cfg = load_experiment_config(_write(tmp_path, base))
-    asha = sweep._scheduler(cfg)
+    asha = sweep._scheduler(cfg, sweep.max_concurrent(cfg))
     assert (asha._time_attr, asha._max_t) == ("images", 640)
     assert asha._brackets[0]._rungs[-1][0] == 160  # the first rung: 160 images
     assert cfg.evals_per_trial == math.ceil(cfg.stage2.epochs / cfg.eval.every)  # max_t is not in evaluations
     base["scheduler"] = {"type": "asha", "grace_period": 1, "max_t": 2}
-    asha = sweep._scheduler(load_experiment_config(_write(tmp_path, base)))
+    asha = sweep._scheduler(load_experiment_config(_write(tmp_path, base)), None)
     assert (asha._time_attr, asha._max_t) == ("training_iteration", 2)
 
 
