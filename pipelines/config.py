@@ -216,6 +216,8 @@ def compute(cfg: ExperimentConfig, *, whole_machine: bool = False, worker: bool 
     threads = max(1, int(cpus))
     if whole_machine:
         return "auto", (os.cpu_count() or 1) if gpus == 0 else threads
+    if worker:  # decided for the workers by their driver, which may run on a node without a GPU (a CPU head node)
+        return ("cuda" if gpus > 0 else "cpu"), threads
     return ("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"), threads
 
 

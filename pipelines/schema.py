@@ -30,7 +30,7 @@ MLFLOW_TRIAL_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "epoch")
 PRETRAIN_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss", "epoch", "iteration",
                     "per_class")
 #: the metrics `ltsweep train` prints and writes to result.json
-TRAIN_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration")
+TRAIN_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "images")
 #: the columns of the HTML sweep report's trial table and of `ltsweep compare`'s table
 REPORT_TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
 #: AP overall and per frequency bucket (rare / common / frequent): the console summary and demo tables, the

@@ -10,6 +10,10 @@ values (override them with `--set stage2.lam=0.5`). `train.stage` picks what run
 
 Outputs in OUT (default <storage_path>/train/<name>): the engine's checkpoint dirs, per_class_ap.csv and
 result.json (the returned summary).
+
+With `resources.workers_per_trial` > 1 the run trains on that many Ray Train workers, exactly as a sweep's trial
+would (`pipelines.train_workers`; `batch_size` per worker, `lr` for the total batch), on the Ray cluster in
+RAY_ADDRESS (`ray job submit`) or a local one; OUT then holds its last checkpoint as `<stage>/checkpoint`.
 """
 from __future__ import annotations
 
@@ -27,22 +31,22 @@ from pipelines.storage import node_local_dir  # object storage: `ltsweep train` 
 
 def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> dict[str, Any]:
     """Run the training `cfg.train.stage` asks for; return {stage, out_dir, checkpoint, metrics, ...}."""
-    from lt_models import engine
-
     out = Path(out_dir) if out_dir is not None else node_local_dir(cfg.run.storage_path) / "train" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
-    device, threads = compute(cfg, whole_machine=True)
+    # one process: the whole machine; several workers: each worker's share (its device comes from Ray Train)
+    device, threads = compute(cfg, worker=True) if cfg.resources.distributed else compute(cfg, whole_machine=True)
     stage = cfg.train.stage
     summary: dict[str, Any] = {"name": cfg.name, "stage": stage, "out_dir": str(out)}
 
     if stage == "stage1":
         spec = train_spec(cfg, "stage1", device=device, num_threads=threads, progress=None)
-        metrics = engine.train(spec, out / "stage1")
+        metrics = _train(cfg, spec, out / "stage1")
     else:
         init = cfg.train.init_checkpoint if stage == "stage2" else None
         if init is None and cfg.stage1 is not None:
             ck = ensure_stage1(cfg, use_ray=False)
-            init = local_stage1(str(ck.checkpoint_dir))
+            # several workers (maybe on other nodes) read stage 1 where it is stored; one process, a local copy
+            init = str(ck.checkpoint_dir) if cfg.resources.distributed else local_stage1(str(ck.checkpoint_dir))
             summary["stage1"] = {"sha256": ck.sha256, "checkpoint": str(ck.checkpoint_dir), "trained": ck.trained,
                                  "AP": ck.metrics.get("AP")}
         if init is None and stage == "stage2":
@@ -50,7 +54,7 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
                               "set train.init_checkpoint or train.stage: hybrid")
         which = "stage2" if init is not None else "one_stage"
         spec = train_spec(cfg, which, device=device, num_threads=threads, progress=None)
-        metrics = engine.train(spec, out / which, init_checkpoint=init)
+        metrics = _train(cfg, spec, out / which, init)
         summary["stage"] = which if stage == "hybrid" else stage
 
     summary["checkpoint"] = metrics.get("checkpoint_dir")
@@ -62,3 +66,32 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
         summary["per_class_csv"] = str(out / "per_class_ap.csv")
     write_json_atomic(out / "result.json", summary, indent=2, default=str)
     return summary
+
+
+def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = None) -> dict[str, Any]:
+    """`engine.train(spec, out_dir)`, or with several workers the same run as a Ray Train run whose last checkpoint
+    is copied to out_dir/checkpoint (its uploads go to a scratch dir on `run.storage_path`, which every node of a
+    cluster reaches, removed at the end)."""
+    if not cfg.resources.distributed:
+        from lt_models import engine
+
+        return engine.train(spec, out_dir, init_checkpoint=init)
+    import uuid
+
+    import ray
+
+    from pipelines import storage
+    from pipelines.train_workers import remove_storage, train_on_workers
+
+    if not ray.is_initialized():  # `ray job submit` sets RAY_ADDRESS; else a local Ray (with its dashboard)
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
+    scratch = str(storage.join(cfg.run.storage_path, "train", f".ray_train-{uuid.uuid4().hex}"))
+    try:
+        metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, init_checkpoint=init, keep_last=True)
+        if ckpt is None:
+            raise RuntimeError(f"the Ray Train run of {cfg.name} reported no checkpoint")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.to_directory(str(out_dir / "checkpoint"))
+    finally:
+        remove_storage(scratch)
+    return {**metrics, "checkpoint_dir": str(out_dir / "checkpoint")}

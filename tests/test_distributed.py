@@ -75,7 +75,10 @@ def test_a_multi_worker_trial_asks_tune_for_its_driver_and_ray_train_for_its_wor
     scaling = train_workers.scaling_config(cfg)
     assert scaling.num_workers == 8 and scaling.use_gpu
     assert scaling.resources_per_worker == {"CPU": 4.0, "GPU": 1.0, "node2": 1.0}
-    assert compute(cfg, worker=True) == ("cuda" if torch.cuda.is_available() else "cpu", 4)
+    # GPU workers train on CUDA even when their driver's node has no GPU (here: this CPU machine), and the workers
+    # then take their own device from Ray Train
+    assert compute(cfg, worker=True) == ("cuda", 4)
+    assert compute(_cfg(workers_per_trial=2, cpus_per_worker=3), worker=True) == ("cpu", 3)
     cpu = train_workers.scaling_config(_cfg(workers_per_trial=2))
     assert not cpu.use_gpu and cpu.resources_per_worker == {"CPU": 1.0}
 
