@@ -375,11 +375,10 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
 
         use_ray = ray.is_initialized()
     if not use_ray:  # in this process; with several workers it drives a Ray Train run, so Ray must be up
-        if cfg.resources.distributed:
-            import ray
+        if cfg.resources.distributed:  # `ltsweep train`: RAY_ADDRESS's cluster or a local Ray
+            from pipelines.train_workers import ensure_ray
 
-            if not ray.is_initialized():  # `ltsweep train`: a local Ray
-                ray.init(address="local")
+            ensure_ray()
         return train_stage1_into(cfg, tmp)
     import ray
 

@@ -78,13 +78,10 @@ def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = Non
         return engine.train(spec, out_dir, init_checkpoint=init)
     import uuid
 
-    import ray
-
     from pipelines import storage
-    from pipelines.train_workers import remove_storage, train_on_workers
+    from pipelines.train_workers import ensure_ray, remove_storage, train_on_workers
 
-    if not ray.is_initialized():  # `ray job submit` sets RAY_ADDRESS; else a local Ray (with its dashboard)
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
+    ensure_ray()
     scratch = str(storage.join(cfg.run.storage_path, "train", f".ray_train-{uuid.uuid4().hex}"))
     try:
         metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, init_checkpoint=init, keep_last=True)

@@ -23,6 +23,7 @@ pauses the trial, or `on_eval` raises) cancels that task, and with it the contro
 """
 from __future__ import annotations
 
+import os
 import posixpath
 import shutil
 import tempfile
@@ -212,6 +213,15 @@ def _worker_error(exc: BaseException) -> BaseException:
             return e
         todo.extend([getattr(e, "cause", None), e.__cause__, *getattr(e, "worker_failures", {}).values()])
     return getattr(exc, "cause", None) or exc
+
+
+def ensure_ray() -> None:
+    """Ray for a Train run outside a sweep (`ltsweep train`): the cluster in RAY_ADDRESS (`ray job submit` sets it),
+    else a local Ray with its dashboard, which Ray Train V2 needs."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
 
 
 def concurrent_trials_cap(cfg: ExperimentConfig) -> Optional[int]:
