@@ -223,17 +223,10 @@ def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
                       eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
     annotation_stores.fetch(cfg.run.storage_path, spec)   # object storage: this node's copy of the stores
     if distributed:
-        import uuid
+        from pipelines.train_workers import train_into
 
-        from pipelines.train_workers import remove_storage, train_on_workers
-
-        scratch = str(storage.join(cfg.run.storage_path, "pretrain", f".ray_train-{uuid.uuid4().hex}"))
-        try:
-            metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, keep_last=True)
-            ckpt.to_directory(str(out_dir / "checkpoint"))
-        finally:
-            remove_storage(scratch)
-        return _jsonable(metrics)
+        scratch_under = str(storage.join(cfg.run.storage_path, "pretrain"))
+        return _jsonable(train_into(cfg, spec, out_dir / "checkpoint", scratch_under=scratch_under))
     metrics = engine.train(spec, out_dir / "work")
     ckpt = Path(metrics.pop("checkpoint_dir"))
     os.replace(ckpt, out_dir / "checkpoint")

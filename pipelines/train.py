@@ -76,19 +76,10 @@ def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = Non
         from lt_models import engine
 
         return engine.train(spec, out_dir, init_checkpoint=init)
-    import uuid
-
     from pipelines import storage
-    from pipelines.train_workers import ensure_ray, remove_storage, train_on_workers
+    from pipelines.train_workers import ensure_ray, train_into
 
     ensure_ray()
-    scratch = str(storage.join(cfg.run.storage_path, "train", f".ray_train-{uuid.uuid4().hex}"))
-    try:
-        metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, init_checkpoint=init, keep_last=True)
-        if ckpt is None:
-            raise RuntimeError(f"the Ray Train run of {cfg.name} reported no checkpoint")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.to_directory(str(out_dir / "checkpoint"))
-    finally:
-        remove_storage(scratch)
+    metrics = train_into(cfg, spec, out_dir / "checkpoint", init_checkpoint=init,
+                         scratch_under=str(storage.join(cfg.run.storage_path, "train")))
     return {**metrics, "checkpoint_dir": str(out_dir / "checkpoint")}

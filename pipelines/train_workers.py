@@ -215,6 +215,25 @@ def _worker_error(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
+def train_into(cfg: ExperimentConfig, spec: TrainSpec, checkpoint_dir: Path, *, scratch_under: str,
+               init_checkpoint: Optional[str] = None) -> dict:
+    """Train `spec` on the workers outside Tune (stage 1, `ltsweep train`) and copy the run's last checkpoint into
+    `checkpoint_dir`; return rank 0's last metrics. The run's uploads go to a fresh scratch dir under
+    `scratch_under` (on storage every node reaches), removed at the end."""
+    import uuid
+
+    scratch = str(storage.join(scratch_under, f".ray_train-{uuid.uuid4().hex}"))
+    try:
+        metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, init_checkpoint=init_checkpoint,
+                                         keep_last=True)
+        if ckpt is None:
+            raise RuntimeError(f"the Ray Train run of {cfg.name} reported no checkpoint")
+        ckpt.to_directory(str(checkpoint_dir))
+    finally:
+        remove_storage(scratch)
+    return metrics
+
+
 def ensure_ray() -> None:
     """Ray for a Train run outside a sweep (`ltsweep train`): the cluster in RAY_ADDRESS (`ray job submit` sets it),
     else a local Ray with its dashboard, which Ray Train V2 needs."""
