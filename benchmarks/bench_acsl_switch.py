@@ -6,7 +6,7 @@ For each seed, on the synthetic demo benchmark (tiny backbone, 128 px):
            layers, one run per arm:
              softmax      conventional softmax CE (the reference);
              acsl_before  ACSL ξ = 0.7 with the stage-1 classifier as it is (``classifier_switch.AUTO_SWITCH`` off);
-             acsl_after   ACSL ξ = 0.7 with the classifier switch (``lt_models.classifier_switch``, background-
+             acsl_after   ACSL ξ = 0.7 with the classifier switch (``lt_models.modeling.classifier_switch``, background-
                           relative logits; what ``engine.train`` does by default);
              bce_before / bce_after   the same pair for plain sigmoid BCE.
 Every run evaluates once, after its last epoch (LVIS AP with training-frequency r/c/f buckets). Runs use 1 torch
@@ -43,9 +43,9 @@ METRICS = ("AP", "APr", "APc", "APf")
 
 
 def _spec(data: Path, stage: str, seed: int, loss: str):
-    from lt_models.losses import LossSpec
-    from lt_models.run_spec import STAGE1_SAMPLER, TrainSpec
-    from lt_models.samplers import SamplerSpec
+    from lt_models.losses.registry import LossSpec
+    from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
+    from lt_models.data.samplers import SamplerSpec
 
     common = dict(train_ann=str(data / "train.json"), val_ann=str(data / "val.json"),
                   hierarchy_file=str(data / "hierarchy.json") if (data / "hierarchy.json").exists() else None,
@@ -63,8 +63,8 @@ def run_job(job: dict) -> dict:
     """One training run in a worker process: stage 1 (job["arm"] is None) or one stage-2 arm."""
     import torch
 
-    import lt_models.classifier_switch as switch
-    from lt_models.engine import train
+    import lt_models.modeling.classifier_switch as switch
+    from lt_models.engine.loop import train
 
     torch.set_num_threads(1)
     data, work, seed, arm = Path(job["data"]), Path(job["work"]), job["seed"], job["arm"]
@@ -110,7 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(args.data)
     if not (data / "train.json").exists():
-        from lt_models.synthetic import generate_benchmark
+        from lt_models.data.synthetic.generate import generate_benchmark
         print(f"generating the demo benchmark in {data}", flush=True)
         generate_benchmark(data, preset="demo", seed=0)
 

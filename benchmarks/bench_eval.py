@@ -6,7 +6,7 @@ not_exhaustive_category_ids), and 300 detections per image. Some detections sit 
 a confused class, the rest are background boxes. Scores are rounded to 3 decimals so ties occur.
 
 Both evaluators get the same input (the list of result dicts) in the same process. lvis-api runs through
-lt_models.lvis_compat, and its timing covers LVIS index creation, LVISResults and LVISEval.run(). Our timing is the
+lvis_oracle, and its timing covers LVIS index creation, LVISResults and LVISEval.run(). Our timing is the
 median of 3 calls of evaluate_lvis. peak_rss_mb is the process's peak resident memory just after our evaluator
 ran and before lvis-api starts. It includes the generated case (1.5 M result dicts, most of it). The
 "ltsweep evaluate_lvis" line gives the evaluator's own increment. lvis-api's peak is printed too.
@@ -123,7 +123,7 @@ def _current_rss_mb() -> float:
 def run_lvis_api(gt: dict, dets: list[dict]) -> tuple[dict, float]:
     from lvis import LVISEval, LVISResults
 
-    from lt_models.lvis_compat import lvis_from_dict
+    from lvis_oracle import lvis_from_dict
 
     t0 = time.perf_counter()
     with warnings.catch_warnings():  # lvis 0.5.3 calls the deprecated Logger.warn

@@ -70,10 +70,10 @@ import numpy as np
 from scipy import stats
 
 from lt_models.atomic import write_json_atomic
-from lt_models.losses import LossSpec
-from lt_models.run_spec import STAGE1_SAMPLER, TrainSpec
-from lt_models.samplers import SamplerSpec
-from lt_models.synthetic import PRESETS, generate_benchmark
+from lt_models.losses.registry import LossSpec
+from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
+from lt_models.data.samplers import SamplerSpec
+from lt_models.data.synthetic.generate import PRESETS, generate_benchmark
 
 LAMBDAS = (0.5, 0.7, 1.0, 1.5)
 HYBRID_LAM = 0.7
@@ -128,7 +128,7 @@ def _init_worker() -> None:
 
 def run_one(job: dict) -> dict:
     """Train one run in a worker process, cache its metrics atomically, return the cache record."""
-    from lt_models.engine import train
+    from lt_models.engine.loop import train
 
     out_dir = Path(job["out_dir"])
     shutil.rmtree(out_dir, ignore_errors=True)  # a crashed attempt's leftovers

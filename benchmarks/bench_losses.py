@@ -30,7 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lt_models.losses import ACSLLoss, ConcurrentSoftmaxLoss, EQLv2Loss, FederatedLoss, SeesawLoss
+from lt_models.losses.registry import ACSLLoss, ConcurrentSoftmaxLoss, EQLv2Loss, FederatedLoss, SeesawLoss
 
 N, K = 8192, 1231
 

@@ -82,7 +82,7 @@ class Timings:
 
 
 def measure_ours(indptr, labels, num_classes, lam, repeats) -> dict:
-    from lt_models.samplers import SoftBalanceSampler
+    from lt_models.data.samplers import SoftBalanceSampler
 
     baseline = peak_rss_mb()  # Python + numpy + torch + the loaded label table
     build, draw, iterate = Timings(), Timings(), Timings()
@@ -106,7 +106,7 @@ def measure_naive(indptr, labels, num_classes, lam, repeats) -> dict:
     """The per-class-list approach, as detection codebases usually write it."""
     import random
 
-    from lt_models.samplers import soft_balance_probabilities
+    from lt_models.data.samplers import soft_balance_probabilities
 
     baseline = peak_rss_mb()
     indptr_l, labels_l = indptr.tolist(), labels.tolist()
@@ -179,7 +179,7 @@ def main() -> None:
         ours = run_child("ours", table, args)
         naive = run_child("naive", table, args)
 
-    from lt_models.samplers import soft_balance_probabilities  # sanity: the child used eq 8
+    from lt_models.data.samplers import soft_balance_probabilities  # sanity: the child used eq 8
 
     np.testing.assert_allclose(ours.pop("probabilities"), soft_balance_probabilities(counts, args.lam))
     ob, od, nb, nd = ours["build"], ours["draw"], naive["build"], naive["draw"]

@@ -178,27 +178,27 @@ def _private_mb() -> float:
 
 def child(task: str, a: dict) -> dict:
     if task == "convert":
-        from lt_models.openimages_store import convert_openimages_store
+        from lt_models.data.openimages.streaming import convert_openimages_store
         t0 = time.perf_counter()
         d = Path(a["dir"])
         convert_openimages_store(d / "boxes.csv", d / "labels.csv", d / "classes.csv", d / "hierarchy.json",
                                  a["store"], image_sizes=d / "sizes.csv")
         return {"s": time.perf_counter() - t0}
     if task == "build":
-        from lt_models.datasets import dataset_store
+        from lt_models.data.datasets import dataset_store
         t0 = time.perf_counter()
         dataset_store(a["ann"], image_dir=a["images"], cache_root=a["cache"])
         return {"s": time.perf_counter() - t0}
     if task == "rij":
-        from lt_models.concurrency import concurrent_rate_matrix
-        from lt_models.store import open_store
+        from lt_models.data.rate_matrix import concurrent_rate_matrix
+        from lt_models.data.store import open_store
         t0 = time.perf_counter()
         r = concurrent_rate_matrix(open_store(a["store"]), hierarchy=a.get("hierarchy"), sparse=True)
         return {"s": time.perf_counter() - t0, "nnz": int(r._nnz())}
     if task == "ready":
         import torch  # noqa: F401  (a trial process has torch loaded before its dataset)
-        from lt_models.datasets import LVISDetection
-        from lt_models.samplers import SamplerSpec, build_sampler
+        from lt_models.data.datasets import LVISDetection
+        from lt_models.data.samplers import SamplerSpec, build_sampler
         t0 = time.perf_counter()
         ds = LVISDetection(a["ann"], image_dir=a.get("images"), hierarchy_file=a.get("hierarchy"),
                            cache_root=a.get("cache"))

@@ -3,7 +3,7 @@
 The sweeps search λ (soft-balance) x loss (concurrent softmax, ACSL) = 8 configurations, each run with 3 training
 seeds (`search.seeds`), with the hybrid schedule. The anchor is the full grid (FIFO: every trial trains every
 stage-2 epoch). ASHA is `scheduler.type: asha_configs` (grace 1, reduction factor 3: rungs after 1 and 3
-evaluations), which promotes configurations on their mean over seeds (pipelines/asha.py); a third sweep runs Tune's
+evaluations), which promotes configurations on their mean over seeds (pipelines/tune/asha.py); a third sweep runs Tune's
 per-trial ASHA (`scheduler.type: asha`) on the same grid for comparison (--no-tune-asha skips it). Reported:
   - total trial-epochs each sweep trained, and ASHA's as a fraction of the grid's (goal: <= 0.35);
   - the pick of each sweep (best mean AP over seeds among configurations whose runs all ran to the end), whether
@@ -30,9 +30,9 @@ from pathlib import Path
 import ray
 import yaml
 
-from lt_models.synthetic import generate_benchmark
-from pipelines import sweep
-from pipelines.config import load_experiment_config
+from lt_models.data.synthetic.generate import generate_benchmark
+from pipelines.tune import sweep
+from pipelines.config.load import load_experiment_config
 
 
 def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int, samples: int,

@@ -1,7 +1,7 @@
 """Training throughput of the detectors on this CPU, and the share of step time spent waiting on the data loader.
 
 Measures, with the real data path (synthetic demo benchmark -> LVISDetection -> non-balance sampler -> DataLoader
--> lt_models.engine.train_one_epoch):
+-> lt_models.engine.loop.train_one_epoch):
   * ``tiny`` at 128 px (batch 8, the demo schedule's batch), plus the anchor: the same network with torchvision's
     stock single-label ``RoIHeads`` (softmax CE), so the cost of the multi-hot RoI heads shows as a ratio;
   * ``resnet50_fpn`` at 800 px (batch 2, a few iterations: the papers' setting, for scale).
@@ -31,11 +31,11 @@ from pathlib import Path
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from lt_models.datasets import LVISDetection, collate_detection
-from lt_models.detector import build_detector
-from lt_models.engine import RandomHorizontalFlip, build_optimizer, train_one_epoch
-from lt_models.samplers import NonBalanceSampler
-from lt_models.synthetic import generate_benchmark
+from lt_models.data.datasets import LVISDetection, collate_detection
+from lt_models.modeling.detector import build_detector
+from lt_models.engine.loop import RandomHorizontalFlip, build_optimizer, train_one_epoch
+from lt_models.data.samplers import NonBalanceSampler
+from lt_models.data.synthetic.generate import generate_benchmark
 
 
 def stock_roi_heads(model):
@@ -90,7 +90,7 @@ def ddp_worker(config: dict) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from lt_models.distributed import wrap
+    from lt_models.engine.distributed import wrap
 
     torch.set_num_threads(1)
     ctx = ray.train.get_context()

@@ -15,8 +15,8 @@ DEFAULT_DEMO_DATA = Path("data/demo")
 
 
 from lt_models.errors import LtsweepInputError
-from lt_models.synthetic_layout import PRESETS
-from pipelines.storage import as_location
+from lt_models.data.synthetic.layout import PRESETS
+from pipelines.storage.location import as_location
 
 
 class UserError(LtsweepInputError):
@@ -24,7 +24,7 @@ class UserError(LtsweepInputError):
 
 
 def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from lt_models.synthetic import generate_benchmark
+    from lt_models.data.synthetic.generate import generate_benchmark
 
     summary = generate_benchmark(args.out, preset=args.preset, seed=args.seed)
     print(json.dumps(summary, indent=2))
@@ -32,7 +32,7 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from lt_models.data_stats import dataset_stats, format_stats
+    from lt_models.data.stats import dataset_stats, format_stats
 
     stats = dataset_stats(args.annotations, lam=args.lam, hierarchy_file=args.hierarchy,
                           plot_dir=None if args.no_plots else Path(args.annotations).parent,
@@ -47,11 +47,11 @@ def _cmd_convert_openimages(args: argparse.Namespace) -> int:
     kw = dict(skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images,
               image_sizes=args.image_sizes)
     if args.store is not None:
-        from lt_models.openimages_store import convert_openimages_store
+        from lt_models.data.openimages.streaming import convert_openimages_store
         summary = convert_openimages_store(args.boxes, args.labels, args.classes, args.hierarchy, args.store,
                                            out_json=args.out, **kw)
     else:
-        from lt_models.openimages import convert_openimages
+        from lt_models.data.openimages.convert import convert_openimages
         summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out, **kw)
     print(json.dumps(summary, indent=2))
     return 0
@@ -77,8 +77,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.config import load_train_config
-    from pipelines.train import run_train
+    from pipelines.config.load import load_train_config
+    from pipelines.commands.train import run_train
 
     skip = ["data.skip_invalid=true"] if args.skip_invalid else []
     cfg = load_train_config(args.config, overrides=args.set + skip)
@@ -90,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     import logging
 
-    from pipelines.sweep import run_sweep_from_file
+    from pipelines.tune.sweep import run_sweep_from_file
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -105,8 +105,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from pipelines.compare import compare_sweeps
-    from pipelines.mlflow_store import open_store
+    from pipelines.analysis.compare import compare_sweeps
+    from pipelines.mlflow_io.client import open_store
 
     rows = compare_sweeps(open_store(args.tracking_uri), args.sweeps, out_png=args.out, quiet=args.json)
     if args.json:
@@ -133,7 +133,7 @@ def _jsonable(obj):
 def _cmd_confirm(args: argparse.Namespace) -> int:
     import logging
 
-    from pipelines.confirm import confirm
+    from pipelines.commands.confirm import confirm
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = confirm(args.sweep, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
@@ -144,7 +144,7 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from pipelines.demo import run_demo
+    from pipelines.commands.demo import run_demo
 
     return run_demo(data_dir=args.data, seed=args.seed)
 

@@ -1,4 +1,4 @@
-"""Per-configuration statistics over seeds (pipelines.aggregate) against values computed by hand."""
+"""Per-configuration statistics over seeds (pipelines.analysis.aggregate) against values computed by hand."""
 from __future__ import annotations
 
 import math
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines import aggregate
-from pipelines.summary import SweepSummary, TrialSummary
+from pipelines.analysis import aggregate
+from pipelines.analysis.summary import SweepSummary, TrialSummary
 
 T975_2 = 4.302652729911275  # Student's t, 97.5% quantile, 2 degrees of freedom
 T975_1 = 12.706204736174707  # 1 degree of freedom

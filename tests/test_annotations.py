@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from lt_models.annotations import (category_frequencies, frequency_buckets, hierarchy_ancestors,
+from lt_models.data.annotations import (category_frequencies, frequency_buckets, hierarchy_ancestors,
                                    hierarchy_descendants, load_hierarchy, name_to_cat_id, read_json)
 from lt_models.errors import AnnotationError
 

@@ -1,4 +1,4 @@
-"""scheduler.type asha_configs (pipelines.asha.ConfigASHA): successive halving over configurations, each judged on
+"""scheduler.type asha_configs (pipelines.tune.asha.ConfigASHA): successive halving over configurations, each judged on
 its mean over seeds, with paused trials resumed from their checkpoints. Real Tune, a stand-in trainable whose
 metric is known in closed form."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from pipelines.asha import ConfigASHA, config_key, rung_milestones  # noqa: E402
+from pipelines.tune.asha import ConfigASHA, config_key, rung_milestones  # noqa: E402
 
 # configuration value + seed effect: seed 1's trials are all worse than seed 0's, so a trial-level ranking would
 # stop every seed-1 trial; the configuration means rank c3 > c2 > c1 > c0

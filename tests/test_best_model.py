@@ -1,5 +1,5 @@
 """The best checkpoint of a trial survives Tune's num_to_keep (CheckpointConfig keeps by the sweep's metric), and
-pipelines.best_model finds it and picks the trial of the best configuration."""
+pipelines.tracking.best_model finds it and picks the trial of the best configuration."""
 from __future__ import annotations
 
 import json
@@ -15,8 +15,8 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 ray = pytest.importorskip("ray")
 from ray import tune  # noqa: E402
 
-from pipelines import aggregate  # noqa: E402
-from pipelines.best_model import best_checkpoint, model_trial  # noqa: E402
+from pipelines.analysis import aggregate  # noqa: E402
+from pipelines.tracking.best_model import best_checkpoint, model_trial  # noqa: E402
 
 CURVE = [0.5, 0.9, 0.3]  # the second evaluation is the best; the third, the latest, is worse
 

@@ -133,9 +133,9 @@ def sweep(tmp_path_factory):
     from mlflow import MlflowClient
     from ray import tune
 
-    from pipelines.mlflow_store import make_client
-    from pipelines.report import search_tagged
-    from pipelines.tracking import MLflowSweepCallback
+    from pipelines.mlflow_io.client import make_client
+    from pipelines.analysis.report import search_tagged
+    from pipelines.tracking.callback import MLflowSweepCallback
 
     root = tmp_path_factory.mktemp("browser_sweep")
     uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -285,11 +285,11 @@ def _close_assistant(driver) -> None:
 
 
 def test_mlflow_ui_opens_experiment_in_model_training_mode(sweep, browser, tmp_path):
-    """The link ltsweep prints after a sweep (pipelines.mlflow_store.runs_table_url) opens the sweep's experiment on
+    """The link ltsweep prints after a sweep (pipelines.mlflow_io.client.runs_table_url) opens the sweep's experiment on
     its runs table in "Model training" mode, not on the GenAI overview. The experiment is also tagged
     mlflow.experimentKind=custom_model_development; MLflow 3.17's UI does not follow that tag (its mode comes from
     the URL or the browser's last choice), which is why the printed link names the mode."""
-    from pipelines.mlflow_store import runs_table_url
+    from pipelines.mlflow_io.client import runs_table_url
 
     exp = sweep["experiment"]
     assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
@@ -330,7 +330,7 @@ def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, br
     pid = parent.info.run_id
     _prepare_ui(browser, url)
     # the runs table in Model training mode: the link the sweep summary prints
-    from pipelines.mlflow_store import runs_table_url
+    from pipelines.mlflow_io.client import runs_table_url
 
     browser.get(runs_table_url(exp.experiment_id, ui=url))
     row = f"div[role=row][row-id='{pid}']"

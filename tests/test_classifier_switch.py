@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch import nn
 
-from lt_models import classifier_switch, engine
-from lt_models.classifier_switch import background_relative_classifier, is_sigmoid_loss, needs_switch, switch_classifier
-from lt_models.detector import build_detector
-from lt_models.losses import LOSSES, LossSpec, RescoredLoss
-from lt_models.samplers import SamplerSpec
+from lt_models.modeling import classifier_switch
+from lt_models.engine import loop as engine
+from lt_models.modeling.classifier_switch import background_relative_classifier, is_sigmoid_loss, needs_switch, switch_classifier
+from lt_models.modeling.detector import build_detector
+from lt_models.losses.registry import LOSSES, LossSpec, RescoredLoss
+from lt_models.data.samplers import SamplerSpec
 from test_engine import small_spec, write_tiny_benchmark  # the tiny benchmark of the engine tests
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -75,7 +75,7 @@ def test_errored_trial_options_need_resume(tmp_path, capsys):
         cli.build_parser().parse_args(["sweep", "x.yaml", "--resume-errored", "--restart-errored"])
     capsys.readouterr()
     from lt_models.errors import ConfigError
-    from pipelines.sweep import run_sweep
+    from pipelines.tune.sweep import run_sweep
 
     with pytest.raises(ConfigError, match="--resume-errored needs --resume"):
         run_sweep(type("Cfg", (), {"name": "x", "run": type("R", (), {"storage_path": tmp_path})()})(),

@@ -2,7 +2,7 @@
 
 The test starts a head node and a second node (`ray start --address=<head>`, its own ports, worker-port range and
 --temp-dir, and the only node with the custom resource `node2`) from this venv's `ray` (so the cluster's, and the
-job's, Python is the venv's), submits `python -m pipelines.sweep <tiny config>` with `--working-dir .` (the
+job's, Python is the venv's), submits `python -m pipelines.tune.sweep <tiny config>` with `--working-dir .` (the
 repository root) and `resources.custom: {node2: 0.5}`, waits for the job, and checks that it SUCCEEDED, that its
 MLflow runs exist, and (from Ray's state API) that every trial actor and the stage-1 task ran on the second node, the
 trials restoring the stage-1 checkpoint from the shared storage_path. The cluster is always stopped afterwards.
@@ -197,7 +197,7 @@ def cluster():
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """A 2-trial hybrid sweep (1 stage-1 epoch, 2 stage-2 epochs) on a ~50-image synthetic benchmark at 64 px."""
-    from lt_models.synthetic import Preset, generate_benchmark
+    from lt_models.data.synthetic.generate import Preset, generate_benchmark
 
     root = tmp_path_factory.mktemp("cluster_job")
     preset = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25,
@@ -236,7 +236,7 @@ def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
 
     job_id = f"ltsweep-test-{uuid.uuid4().hex[:8]}"
     submit = [cluster["ray"], "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
-              "python", "-m", "pipelines.sweep", str(tiny_sweep["config"])]
+              "python", "-m", "pipelines.tune.sweep", str(tiny_sweep["config"])]
     out = _run(submit, env, 900, cwd=REPO)  # blocks (tailing the job's logs) until the job ends
     logs = out.stdout[-6000:] + out.stderr[-3000:]
     req = urllib.request.Request(f"{cluster['address']}/api/jobs/{job_id}",

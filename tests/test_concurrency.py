@@ -4,9 +4,9 @@ import json
 import pytest
 import torch
 
-from lt_models.concurrency import concurrent_rate_matrix
+from lt_models.data.rate_matrix import concurrent_rate_matrix
 from lt_models.errors import AnnotationError, ConfigError
-from lt_models.losses import ConcurrentSoftmaxLoss
+from lt_models.losses.registry import ConcurrentSoftmaxLoss
 
 # category ids 10, 20, 30, 40, 50 -> contiguous labels 1..5 (K = 6)
 NAMES = {10: "a", 20: "b", 30: "c", 40: "d", 50: "e"}

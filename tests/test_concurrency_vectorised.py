@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-import lt_models.concurrency as concurrency
-import lt_models.merge as merge
-from lt_models.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
-from lt_models.concurrency import concurrent_rate_matrix
-from lt_models.datasets import group_duplicate_boxes, load_lvis_json
-from lt_models.synthetic import benchmark_spec, generate_benchmark
+import lt_models.data.rate_matrix as concurrency
+import lt_models.data.merge as merge
+from lt_models.data.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
+from lt_models.data.rate_matrix import concurrent_rate_matrix
+from lt_models.data.datasets import group_duplicate_boxes, load_lvis_json
+from lt_models.data.synthetic.generate import benchmark_spec, generate_benchmark
 
 
 def reference(data: dict, tree: dict | None = None, hierarchy_rate: float = 1.0, min_rate: float = 0.0,

@@ -7,7 +7,7 @@ import yaml
 
 import search_spaces
 from lt_models.errors import ConfigError
-from pipelines.config import ExperimentConfig, apply_overrides, load_experiment_config, load_train_config
+from pipelines.config.load import ExperimentConfig, apply_overrides, load_experiment_config, load_train_config
 
 
 def _write(tmp_path, cfg: dict, name="exp.yaml"):
@@ -38,7 +38,7 @@ def test_packaged_search_spaces_load(name):
 
     cfg = load_experiment_config(search_spaces.path(name), check_data=False)
     space = cfg.param_space()
-    from pipelines.space import owner_of
+    from pipelines.config.space import owner_of
 
     assert space and set(space) == {k for k in cfg.space if owner_of(k) not in cfg.space} | {"seed"}
     assert space["seed"] == tune.grid_search(cfg.seeds)
@@ -50,7 +50,7 @@ def test_packaged_search_spaces_load(name):
 def test_paper_grids_and_demo_size():
     from ray.tune.search.variant_generator import generate_variants
 
-    from pipelines.space import trial_values
+    from pipelines.config.space import trial_values
 
     sb = load_experiment_config(search_spaces.path("soft_balance"), check_data=False)
     # Table 3's rows: non-balance (its own sampler, not λ = 0), class-aware, soft-balance λ ∈ {0.3, ..., 1.5}
@@ -191,7 +191,7 @@ def test_trial_values_are_applied_and_revalidated(tmp_path, base):
 def test_optuna_search_is_optional(tmp_path, base):
     import importlib.util
 
-    from pipelines import sweep
+    from pipelines.tune import sweep
 
     base["search"] = {"algorithm": "optuna", "seed": 0}
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
@@ -212,7 +212,7 @@ def test_optuna_search_is_optional(tmp_path, base):
 
 
 def test_openimages_metric_needs_the_hierarchy_and_reaches_the_train_spec(tmp_path, base):
-    from pipelines.config import train_spec
+    from pipelines.config.load import train_spec
 
     (tmp_path / "hierarchy.json").write_text(json.dumps({"LabelName": "root"}))
     base["data"]["hierarchy"] = str(tmp_path / "hierarchy.json")
@@ -229,7 +229,7 @@ def test_openimages_metric_needs_the_hierarchy_and_reaches_the_train_spec(tmp_pa
 
 
 def test_asha_with_several_seeds_gets_a_note(tmp_path, base):
-    from pipelines.sweep import scheduler_advice
+    from pipelines.tune.sweep import scheduler_advice
 
     base["search"] = {"seeds": [0, 1, 2]}
     assert "asha_configs" in scheduler_advice(load_experiment_config(_write(tmp_path, base)))
@@ -240,8 +240,8 @@ def test_asha_with_several_seeds_gets_a_note(tmp_path, base):
 
 
 def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
-    from pipelines import sweep
-    from pipelines.asha import ConfigASHA
+    from pipelines.tune import sweep
+    from pipelines.tune.asha import ConfigASHA
 
     base["scheduler"] = {"type": "asha_configs", "time_attr": "images", "grace_period": 160, "reduction_factor": 2,
                          "max_t": 1000}
@@ -258,10 +258,10 @@ def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
 
 
 def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
-    from lt_models.losses import LossSpec
-    from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER
-    from lt_models.samplers import SamplerSpec
-    from pipelines.config import train_spec
+    from lt_models.losses.registry import LossSpec
+    from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER
+    from lt_models.data.samplers import SamplerSpec
+    from pipelines.config.load import train_spec
 
     base["stage1"] = {"epochs": 2, "lr": 0.03, "lr_steps": [1]}
     base["stage2"] = {"epochs": 4, "loss": "acsl", "xi": 0.3, "lam": 1.5, "decoupled": True, "samples_per_epoch": 32}
@@ -308,7 +308,7 @@ def _variants(cfg) -> list[dict]:
     import numpy as np
     from ray.tune.search.variant_generator import generate_variants
 
-    from pipelines.space import trial_values
+    from pipelines.config.space import trial_values
 
     out = []
     for _ in range(cfg.search.num_samples):
@@ -338,7 +338,7 @@ def test_conditional_space_never_gives_a_non_acsl_trial_a_xi(tmp_path, base, xi)
 
 
 def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
-    from pipelines.space import optuna_space
+    from pipelines.config.space import optuna_space
 
     class FakeTrial:  # records what Optuna would be asked to suggest
         def __init__(self, loss):
@@ -363,8 +363,8 @@ def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
 
 
 def test_stage1_loss_scores_and_new_loss_parameters(tmp_path, base):
-    from lt_models.losses import LossSpec
-    from pipelines.config import train_spec
+    from lt_models.losses.registry import LossSpec
+    from pipelines.config.load import train_spec
 
     base["stage1"] = {"epochs": 1, "loss": "acsl"}
     with pytest.raises(ConfigError, match="stage1.loss.*unknown stage-1 loss 'acsl'; use one of softmax, "
@@ -389,7 +389,7 @@ def test_stage1_loss_scores_and_new_loss_parameters(tmp_path, base):
 def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
     from ray.tune.search.variant_generator import generate_variants
 
-    from pipelines.space import trial_values
+    from pipelines.config.space import trial_values
 
     base["stage2"] = {"epochs": 2, "sampler": "repeatfactor"}
     base["space"] = {"loss": {"grid": ["seesaw", "eqlv2", "federated", "eql", "softmax"]},
@@ -409,7 +409,7 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
 
 
 def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
-    from pipelines import sweep
+    from pipelines.tune import sweep
 
     base["scheduler"] = {"type": "asha", "time_attr": "images", "grace_period": 160, "reduction_factor": 2}
     with pytest.raises(ConfigError, match="scheduler.max_t is required with time_attr images"):
@@ -426,7 +426,7 @@ def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
 
 
 def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
-    from pipelines.config import train_spec
+    from pipelines.config.load import train_spec
 
     assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage1").skip_invalid is False
     base["data"]["skip_invalid"] = True
@@ -434,7 +434,7 @@ def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
 
 
 def test_trials_keep_their_best_checkpoints_by_the_sweep_metric(tmp_path, base):
-    from pipelines import sweep
+    from pipelines.tune import sweep
 
     base["scheduler"] = {"type": "fifo", "metric": "APr", "mode": "max"}
     base["run"] = {"storage_path": str(tmp_path / "results"), "checkpoints_to_keep": 1}

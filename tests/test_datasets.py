@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models.annotations import fill_frequency, frequency_buckets, load_hierarchy
-from lt_models.data_stats import dataset_stats, format_stats
-from lt_models.datasets import LVISDetection, box_iou_xyxy, collate_detection, group_duplicate_boxes, load_lvis_json
+from lt_models.data.annotations import fill_frequency, frequency_buckets, load_hierarchy
+from lt_models.data.stats import dataset_stats, format_stats
+from lt_models.data.datasets import LVISDetection, box_iou_xyxy, collate_detection, group_duplicate_boxes, load_lvis_json
 from lt_models.errors import AnnotationError
 
 # Category ids are deliberately unordered and sparse: labels follow the sorted ids.

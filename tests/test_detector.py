@@ -10,11 +10,11 @@ from PIL import Image
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from lt_models.datasets import LVISDetection, collate_detection
-from lt_models.detector import MultiLabelRoIHeads, TinyBody, build_detector, set_decoupled
-from lt_models.engine import build_optimizer, train_one_epoch
+from lt_models.data.datasets import LVISDetection, collate_detection
+from lt_models.modeling.detector import MultiLabelRoIHeads, TinyBody, build_detector, set_decoupled
+from lt_models.engine.loop import build_optimizer, train_one_epoch
 from lt_models.errors import ConfigError
-from lt_models.losses import build_loss
+from lt_models.losses.registry import build_loss
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

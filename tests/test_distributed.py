@@ -25,12 +25,14 @@ import ray.cloudpickle
 import torch
 import yaml
 
-from lt_models.distributed import eval_batches
+from lt_models.engine.distributed import eval_batches
 from lt_models.errors import ConfigError
-from lt_models.synthetic import generate_benchmark
-from pipelines import pretrain, sweep, train_workers
-from pipelines.config import compute, load_experiment_config, parse_config
-from pipelines.trainable import trial_resources
+from lt_models.data.synthetic.generate import generate_benchmark
+from pipelines.tune import stage1 as pretrain
+from pipelines.tune import sweep
+from pipelines.tune import workers as train_workers
+from pipelines.config.load import compute, load_experiment_config, parse_config
+from pipelines.tune.trainable import trial_resources
 from test_sweep_e2e import TINY, trial_results
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module by name
@@ -108,7 +110,7 @@ def test_a_workers_divergence_or_input_error_reaches_the_trial_as_itself():
     from ray.exceptions import RayTaskError
     from ray.train import WorkerGroupError
 
-    from lt_models.engine import NonFiniteLossError
+    from lt_models.engine.loop import NonFiniteLossError
     from lt_models.errors import AnnotationError
 
     nan = NonFiniteLossError(7, 1, {"loss_classifier": float("nan")}, 0.01)
@@ -132,7 +134,7 @@ def recording_loop(config):
     its first step of the second epoch."""
     import ray.train
 
-    from lt_models import engine
+    from lt_models.engine import loop as engine
 
     rank = ray.train.get_context().get_world_rank()
     records = Path(config["spec"]["train_ann"]).parents[1] / "records"
@@ -184,8 +186,8 @@ def recording_loop(config):
 
 def recording_trial(config, experiment, stage1=None, shared=None):
     """The production trainable, with the recording loop on its Ray Train workers."""
-    from pipelines import train_workers as tw
-    from pipelines import trainable as tr
+    from pipelines.tune import workers as tw
+    from pipelines.tune import trainable as tr
 
     real = tw.worker_loop
     tw.worker_loop = recording_loop
@@ -293,10 +295,10 @@ def test_retried_trial_resumes_from_its_last_checkpoint(two_worker_sweep):
 
 @pytest.mark.slow
 def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_worker_sweep):
-    from lt_models import engine
-    from lt_models.datasets import LVISDetection
-    from lt_models.inference import load_detector
-    from lt_models.run_spec import TrainSpec
+    from lt_models.engine import loop as engine
+    from lt_models.data.datasets import LVISDetection
+    from lt_models.engine.inference import load_detector
+    from lt_models.engine.spec import TrainSpec
 
     _, summary, _ = two_worker_sweep
     [trial] = summary.trials
@@ -323,8 +325,8 @@ def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_wo
 
 @pytest.mark.slow
 def test_every_trial_run_records_workers_per_trial_in_mlflow(two_worker_sweep):
-    from pipelines.mlflow_store import open_store
-    from pipelines.schema import ROLE_TAG, ROLE_TRIAL
+    from pipelines.mlflow_io.client import open_store
+    from pipelines.names import ROLE_TAG, ROLE_TRIAL
 
     cfg, summary, _ = two_worker_sweep
     client = open_store(summary.tracking_uri)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from lt_models.errors import ConfigError
-from pipelines.config import parse_config
-from pipelines.resources import ResourcesConfig
+from pipelines.config.load import parse_config
+from pipelines.config.resources import ResourcesConfig
 
 
 def _res(**kw) -> ResourcesConfig:
@@ -52,7 +52,7 @@ def test_trials_that_fit_counts_the_driver_and_every_worker_bundle():
 def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkeypatch):
     import ray
 
-    from pipelines import train_workers
+    from pipelines.tune import workers as train_workers
 
     cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"},
                         "resources": {"workers_per_trial": 4, "cpus_per_worker": 1}},
@@ -72,7 +72,8 @@ def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkey
 @pytest.mark.parametrize("wanted, fit, expected, noted", [(None, 2, 2, True), (5, 2, 2, True), (1, 2, 1, False),
                                                           (3, None, 3, False), (None, None, None, False)])
 def test_the_cap_lowers_max_concurrent_trials_and_says_so(monkeypatch, capsys, wanted, fit, expected, noted):
-    from pipelines import sweep, train_workers
+    from pipelines.tune import sweep
+    from pipelines.tune import workers as train_workers
 
     search = {} if wanted is None else {"max_concurrent_trials": wanted}
     cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"}, "search": search},
@@ -92,9 +93,9 @@ def run_scenario(root: Path) -> dict:
     import yaml
     from ray.util.state import list_actors
 
-    from lt_models.synthetic import generate_benchmark
-    from pipelines import sweep
-    from pipelines.config import load_experiment_config
+    from lt_models.data.synthetic.generate import generate_benchmark
+    from pipelines.tune import sweep
+    from pipelines.config.load import load_experiment_config
     from test_sweep_e2e import TINY, trial_results
 
     generate_benchmark(root / "data", preset=TINY, seed=0)

@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models import engine
-from lt_models.datasets import LVISDetection, collate_detection
-from lt_models.detector import build_detector
-from lt_models.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from lt_models.engine import NonFiniteLossError, build_lr_scheduler, build_optimizer, predict, train, train_one_epoch
-from lt_models.losses import LossSpec, build_loss
-from lt_models.run_spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
-from lt_models.samplers import SamplerSpec
+from lt_models.engine import loop as engine
+from lt_models.data.datasets import LVISDetection, collate_detection
+from lt_models.modeling.detector import build_detector
+from lt_models.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from lt_models.engine.loop import NonFiniteLossError, build_lr_scheduler, build_optimizer, predict, train, train_one_epoch
+from lt_models.losses.registry import LossSpec, build_loss
+from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
+from lt_models.data.samplers import SamplerSpec
 from lt_models.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""EQLv2 (lt_models.eqlv2): closed forms element by element in float64, the statistics over consecutive steps,
+"""EQLv2 (lt_models.losses.eqlv2): closed forms element by element in float64, the statistics over consecutive steps,
 the background column, state round-trip, no update outside training, low precision, range checks."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models.eqlv2 import (EQLv2Loss, check_eqlv2_alpha, check_eqlv2_gamma, check_eqlv2_mu, eqlv2_loss,
+from lt_models.losses.eqlv2 import (EQLv2Loss, check_eqlv2_alpha, check_eqlv2_gamma, check_eqlv2_mu, eqlv2_loss,
                              eqlv2_mapping, eqlv2_weights)
 from lt_models.errors import ConfigError
 

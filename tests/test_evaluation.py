@@ -1,4 +1,4 @@
-"""evaluate_lvis must equal lvis-api's LVISEval (the oracle, run through lt_models.lvis_compat) on generated cases.
+"""evaluate_lvis must equal lvis-api's LVISEval (the oracle, run through lvis_oracle) on generated cases.
 
 The generated cases use non-contiguous category ids and federated fields (neg_category_ids,
 not_exhaustive_category_ids). They hold several detections per object, exact-copy detections (IoU 1), zero-area
@@ -16,7 +16,7 @@ from lt_models.errors import AnnotationError
 from lt_models.evaluation import (evaluate_lvis, format_results, load_detections, per_class_table,
                                   plot_ap_by_frequency, write_per_class_csv)
 from lt_models.evaluation.lvis import _lvis_precision_recall
-from lt_models.lvis_compat import lvis_api_evaluate
+from lvis_oracle import lvis_api_evaluate
 
 logging.getLogger("lvis").setLevel(logging.ERROR)
 TOL = 1e-4

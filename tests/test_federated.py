@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models import federated
+from lt_models.losses import federated
 from lt_models.errors import ConfigError
-from lt_models.federated import (FederatedLoss, check_fed_freq_power, check_fed_num_classes, federated_classes,
+from lt_models.losses.federated import (FederatedLoss, check_fed_freq_power, check_fed_num_classes, federated_classes,
                                  federated_loss, present_classes)
 
 C = 8

@@ -15,13 +15,13 @@ import math
 import pytest
 import torch
 
-from lt_models.datasets import LVISDetection, collate_detection
-from lt_models.detector import build_detector
-from lt_models.checkpoint import load_model_weights
-from lt_models.engine import predict, train
-from lt_models.run_spec import TrainSpec
+from lt_models.data.datasets import LVISDetection, collate_detection
+from lt_models.modeling.detector import build_detector
+from lt_models.engine.checkpoint import load_model_weights
+from lt_models.engine.loop import predict, train
+from lt_models.engine.spec import TrainSpec
 from lt_models.evaluation import evaluate_lvis
-from lt_models.synthetic import generate_benchmark
+from lt_models.data.synthetic.generate import generate_benchmark
 
 
 def frequent_ap50(gt: dict, detections: list[dict]) -> float:

@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models import losses
+from lt_models.losses import registry as losses
 from lt_models.errors import ConfigError
-from lt_models.losses import ACSLLoss, ConcurrentSoftmaxLoss, build_loss
+from lt_models.losses.registry import ACSLLoss, ConcurrentSoftmaxLoss, build_loss
 
 K = 7
 

@@ -8,7 +8,7 @@ import yaml
 from PIL import Image
 
 import search_spaces
-from lt_models.datasets import LVISDetection, image_file_name
+from lt_models.data.datasets import LVISDetection, image_file_name
 from lt_models.errors import AnnotationError
 
 URL = "http://images.cocodataset.org"

@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines import pretrain, storage
+from pipelines.tune import stage1 as pretrain
+from pipelines.storage import location as storage
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # the tiny sweep of the fault tests, its bounded wait and its subprocess driver
@@ -103,8 +104,8 @@ def test_annotation_stores_are_published_and_fetched_once_per_node(s3, tmp_path)
     import numpy as np
     from test_engine import small_spec, write_tiny_benchmark
 
-    from lt_models.store import open_store
-    from pipelines import annotation_stores
+    from lt_models.data.store import open_store
+    from pipelines.storage import annotation_stores
 
     bench = write_tiny_benchmark(tmp_path / "bench")
     uri = s3.uri("stores")
@@ -129,7 +130,7 @@ def test_locations_keep_their_query_and_local_paths_stay_paths(tmp_path):
     assert storage.join(tmp_path, "a") == tmp_path / "a" and storage.as_location("results") == Path("results")
     assert storage.as_location(uri) == uri  # not Path's "s3:/b/p"
     assert storage.node_local_dir(tmp_path) == tmp_path
-    from pipelines.experiment import RunSettings
+    from pipelines.config.experiment import RunSettings
 
     run = RunSettings(storage_path=uri)
     assert run.storage_path == uri and RunSettings.model_validate_json(run.model_dump_json()).storage_path == uri
@@ -138,7 +139,7 @@ def test_locations_keep_their_query_and_local_paths_stay_paths(tmp_path):
 
 def test_tracking_uri_is_required_on_object_storage():
     from lt_models.errors import ConfigError
-    from pipelines.mlflow_store import default_tracking_uri
+    from pipelines.mlflow_io.client import default_tracking_uri
 
     with pytest.raises(ConfigError, match=r"run.tracking_uri is required .*s3://b/p\)"):
         default_tracking_uri("s3://b/p?endpoint_override=h:1")
@@ -163,7 +164,7 @@ def test_put_get_and_directories_through_pyarrow(s3, tmp_path, monkeypatch):
     storage.delete_dir(storage.join(base, "dir"))
     assert s3.keys("helpers") == ["a/rec.json"]
     # the trainable's divergence marker, on the filesystem Tune hands a trial (here: the same S3 filesystem)
-    from pipelines.trainable import DIVERGED_MARKER, read_diverged_marker, write_diverged_marker
+    from pipelines.tune.trainable import DIVERGED_MARKER, read_diverged_marker, write_diverged_marker
 
     fs, marker = storage.resolve(storage.join(base, "trial_0", DIVERGED_MARKER))
     assert read_diverged_marker(fs, marker) is None
@@ -215,7 +216,7 @@ def test_the_object_storage_lock_excludes_and_breaks_a_stale_holder(s3):
 @pytest.fixture
 def stage1_cfg(s3, tmp_path, monkeypatch):
     """A stage-1 config on the bucket (a tiny fake dataset) and a fake trainer that records its calls."""
-    from pipelines.config import load_experiment_config
+    from pipelines.config.load import load_experiment_config
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
@@ -275,7 +276,7 @@ def test_two_concurrent_stage1_trainings_on_s3_train_once(stage1_cfg, s3):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from lt_models.synthetic import generate_benchmark
+    from lt_models.data.synthetic.generate import generate_benchmark
 
     root = tmp_path_factory.mktemp("object_storage")
     generate_benchmark(root / "data", preset=TINY, seed=0)
@@ -323,7 +324,7 @@ def latest_experiment_state(s3, exp: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(ws, s3):
-    """A 2-trial sweep on the bucket run by a `python -m pipelines.sweep` subprocess (its own local Ray), killed with
+    """A 2-trial sweep on the bucket run by a `python -m pipelines.tune.sweep` subprocess (its own local Ray), killed with
     SIGKILL once Tune recorded a trial checkpoint in the bucket while that trial had epochs left, then `--resume`d by
     a new process."""
     path = write_config(ws, s3, "s3-sweep", "study", lams=(0.0, 1.0), max_concurrent=2)
@@ -359,9 +360,9 @@ def killed_and_resumed(ws, s3):
 
 @pytest.mark.slow
 def test_a_sweep_keeps_everything_in_the_bucket(killed_and_resumed, ws, s3):
-    from pipelines.config import load_experiment_config
-    from pipelines.confirm import load_sweep_config
-    from pipelines.sweep import SWEEP_RECORD
+    from pipelines.config.load import load_experiment_config
+    from pipelines.commands.confirm import load_sweep_config
+    from pipelines.tune.sweep import SWEEP_RECORD
 
     r = killed_and_resumed
     assert r["rc"] == 0, r["out"][-3000:]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lt_models.annotations import load_hierarchy, name_to_cat_id
-from lt_models.datasets import LVISDetection, load_lvis_json
+from lt_models.data.annotations import load_hierarchy, name_to_cat_id
+from lt_models.data.datasets import LVISDetection, load_lvis_json
 from lt_models.errors import AnnotationError
-from lt_models.openimages import convert_openimages
+from lt_models.data.openimages.convert import convert_openimages
 
 MIDS = {"/m/fruit": "Fruit", "/m/apple": "Apple", "/m/banana": "Banana", "/m/car": "Car", "/m/toy": "Toy",
         "/m/person": "Person"}

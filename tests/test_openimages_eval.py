@@ -10,7 +10,7 @@ import pytest
 
 from lt_models.errors import AnnotationError
 from lt_models.evaluation import evaluate_openimages
-from lt_models.openimages import convert_openimages
+from lt_models.data.openimages.convert import convert_openimages
 from pipelines.cli import main
 
 ANIMAL, CAT, DOG, VEHICLE = 1, 2, 3, 4

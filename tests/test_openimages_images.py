@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-import lt_models.openimages as oi
+import lt_models.data.openimages.convert as oi
 from lt_models.errors import AnnotationError
-from lt_models.openimages import convert_openimages
+from lt_models.data.openimages.convert import convert_openimages
 from pipelines.cli import main
 
 MIDS = {"/m/apple": "Apple", "/m/car": "Car", "/m/toy": "Toy"}

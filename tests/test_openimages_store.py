@@ -1,7 +1,7 @@
 """The streaming Open Images converter gives exactly what the JSON path gives: the same store, JSON, errors, counts.
 
-The reference is the row-by-row converter `lt_models.openimages.convert_openimages` followed by the dataset's own
-JSON reader (`lt_models.datasets.dataset_store`: `load_lvis_json`, its clipping, `raw_columns_from_lvis`,
+The reference is the row-by-row converter `lt_models.data.openimages.convert.convert_openimages` followed by the dataset's own
+JSON reader (`lt_models.data.datasets.dataset_store`: `load_lvis_json`, its clipping, `raw_columns_from_lvis`,
 `derive_arrays`). Inputs are random challenge-style CSVs (several seeds) with images in shuffled row order, sizes from
 the boxes CSV, the labels CSV, a sizes CSV and image headers, group-of boxes, near-duplicate and identical boxes of
 different classes, boxes reaching the image edge (clipped after rounding), positive and negative image-level labels
@@ -19,15 +19,15 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models.annotations import hierarchy_descendants
-from lt_models.arrow_csv import batches, floats
-from lt_models.concurrency import concurrent_rate_matrix
-from lt_models.datasets import LVISDetection, dataset_store
+from lt_models.data.annotations import hierarchy_descendants
+from lt_models.data.openimages.arrow_csv import batches, floats
+from lt_models.data.rate_matrix import concurrent_rate_matrix
+from lt_models.data.datasets import LVISDetection, dataset_store
 from lt_models.errors import AnnotationError
-from lt_models.openimages import convert_openimages
-from lt_models.openimages_store import convert_openimages_store
-from lt_models.store import open_store
-from lt_models.store_build import DERIVED_ARRAYS, RAW_ARRAYS
+from lt_models.data.openimages.convert import convert_openimages
+from lt_models.data.openimages.streaming import convert_openimages_store
+from lt_models.data.store import open_store
+from lt_models.data.store_columns import DERIVED_ARRAYS, RAW_ARRAYS
 from pipelines.cli import main
 
 MIDS = [f"/m/c{i}" for i in range(10)]
@@ -337,8 +337,8 @@ def test_a_sweep_config_takes_a_store_as_data_train(tmp_path):
     meta.json (so a rebuilt store from other CSVs gets another fingerprint); data.val stays a JSON file."""
     import yaml
 
-    from pipelines import pretrain
-    from pipelines.config import ConfigError, load_experiment_config
+    from pipelines.tune import stage1 as pretrain
+    from pipelines.config.load import ConfigError, load_experiment_config
 
     files, sizes, images = _random_case(tmp_path, 50)
     convert_openimages_store(*files, tmp_path / "store", image_sizes=sizes, image_dir=images, block_size=BLOCK,

@@ -7,8 +7,8 @@ import pytest
 import torch
 import yaml
 
-from pipelines import pretrain
-from pipelines.config import load_experiment_config
+from pipelines.tune import stage1 as pretrain
+from pipelines.config.load import load_experiment_config
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_a_corrupt_stage1_cache_is_not_trusted(cfg_factory, fake_train, caplog):
 
 
 def test_an_unreadable_checkpoint_is_one_clear_error(tmp_path):
-    from lt_models.checkpoint import load_model_weights
+    from lt_models.engine.checkpoint import load_model_weights
     from lt_models.errors import ConfigError
 
     bad = tmp_path / "checkpoint.pt"

@@ -1,5 +1,5 @@
-"""Sweep report and `compare` (pipelines/report.py), plus the callback's run statuses (pipelines/tracking.py ->
-pipelines/mlflow_writer.py), without Ray.
+"""Sweep report and `compare` (pipelines/analysis/report.py), plus the callback's run statuses (pipelines/tracking/callback.py ->
+pipelines/tracking/writer.py), without Ray.
 
 The callback is driven here by hand with stand-in trials (the real Tune path is tested in test_tracking.py), so
 these tests take seconds; every MLflow read and write is real (a sqlite store shared by the module).
@@ -14,11 +14,11 @@ import pytest
 from mlflow import MlflowClient
 
 from lt_models.errors import ConfigError
-from pipelines.mlflow_store import default_tracking_uri, open_store
-from pipelines.mlflow_writer import log_pretrain_run
-from pipelines.compare import compare_sweeps, format_compare_table
-from pipelines.report import build_sweep_report, plot_ap_by_rank, search_tagged
-from pipelines.tracking import MLflowSweepCallback
+from pipelines.mlflow_io.client import default_tracking_uri, open_store
+from pipelines.tracking.writer import log_pretrain_run
+from pipelines.analysis.compare import compare_sweeps, format_compare_table
+from pipelines.analysis.report import build_sweep_report, plot_ap_by_rank, search_tagged
+from pipelines.tracking.callback import MLflowSweepCallback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from test_config import _error, _write, base  # noqa: F401  (the `base` fixture)
 
-from pipelines.config import load_experiment_config
+from pipelines.config.load import load_experiment_config
 
 
 def test_custom_resources_reach_every_trial_and_stage1(tmp_path, base, monkeypatch):
     import sys
 
-    from pipelines import pretrain
-    from pipelines.trainable import trial_resources
+    from pipelines.tune import stage1 as pretrain
+    from pipelines.tune.trainable import trial_resources
 
     assert trial_resources(load_experiment_config(_write(tmp_path, base))) == {"cpu": 1.0, "gpu": 0.0}
     base["resources"] = {"cpus_per_trial": 2, "custom": {"node2": 0.5}}

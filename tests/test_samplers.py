@@ -8,7 +8,7 @@ import torch
 from scipy.stats import binomtest, chisquare
 
 from lt_models.errors import AnnotationError, ConfigError
-from lt_models.samplers import (
+from lt_models.data.samplers import (
     SAMPLERS,
     ClassAwareSampler,
     NonBalanceSampler,

@@ -1,5 +1,5 @@
-"""The one best-trial rule (pipelines.schema.best_trial), on both kinds of trial records: the sweep's trial summaries
-(pipelines.summary) and the trial rows read back from MLflow (pipelines.report)."""
+"""The one best-trial rule (pipelines.names.best_trial), on both kinds of trial records: the sweep's trial summaries
+(pipelines.analysis.summary) and the trial rows read back from MLflow (pipelines.analysis.report)."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.report import best_row
-from pipelines.schema import best_trial, per_class_dict
-from pipelines.summary import TrialSummary, summarize
+from pipelines.analysis.report import best_row
+from pipelines.names import best_trial, per_class_dict
+from pipelines.analysis.summary import TrialSummary, summarize
 
 FAILED = "failed"
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lt_models.errors import ConfigError
-from lt_models.seesaw import (SeesawLoss, check_seesaw_p, check_seesaw_q, log_compensation, log_mitigation,
+from lt_models.losses.seesaw import (SeesawLoss, check_seesaw_p, check_seesaw_q, log_compensation, log_mitigation,
                               seesaw_log_factors)
 
 C = 6

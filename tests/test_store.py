@@ -1,6 +1,6 @@
 """The annotation store gives what the per-image JSON path gives: items, label table, sampler draws, r_ij, buckets.
 
-The reference is the per-image implementation kept in `lt_models.datasets` (`load_lvis_json` + `merged_objects`,
+The reference is the per-image implementation kept in `lt_models.data.datasets` (`load_lvis_json` + `merged_objects`,
 one Python loop per image with `group_duplicate_boxes`), on random files full of near-duplicate boxes around IoU
 0.95, identical boxes, chains, crowd boxes and a class hierarchy (so the "most specific label" primary rule and the
 parent expansion are exercised). A store whose array file is truncated, whose meta is missing or that was built for
@@ -16,13 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models.annotations import (category_frequencies, category_image_counts, hierarchy_ancestors, load_hierarchy,
+from lt_models.data.annotations import (category_frequencies, category_image_counts, hierarchy_ancestors, load_hierarchy,
                                    name_to_cat_id)
-from lt_models.concurrency import concurrent_rate_matrix
-from lt_models.datasets import LVISDetection, dataset_store, load_lvis_json
-from lt_models.merge import merged_objects
-from lt_models.samplers import SamplerSpec, build_sampler
-from lt_models.store import StoreError, open_store
+from lt_models.data.rate_matrix import concurrent_rate_matrix
+from lt_models.data.datasets import LVISDetection, dataset_store, load_lvis_json
+from lt_models.data.merge import merged_objects
+from lt_models.data.samplers import SamplerSpec, build_sampler
+from lt_models.data.store import StoreError, open_store
 
 CATS = [{"id": 10 * c, "name": f"c{c}"} for c in range(1, 8)]
 HIERARCHY = {"LabelName": "root", "Subcategory": [
@@ -181,7 +181,7 @@ def test_a_run_over_the_shared_store_trains_and_scores_as_the_json_path(tmp_path
     """engine.train with an annotation cache (what sweep trials do) gives the same losses and AP as without."""
     from test_engine import small_spec, write_tiny_benchmark
 
-    from lt_models.engine import train
+    from lt_models.engine.loop import train
 
     bench = write_tiny_benchmark(tmp_path / "bench")
     torch.set_num_threads(1)
@@ -194,5 +194,5 @@ def test_a_run_over_the_shared_store_trains_and_scores_as_the_json_path(tmp_path
 
 
 def _concurrent():
-    from lt_models.losses import LossSpec
+    from lt_models.losses.registry import LossSpec
     return LossSpec("concurrent_softmax")

@@ -21,8 +21,8 @@ import mlflow
 import pytest
 
 from lt_models.errors import ConfigError
-from pipelines import mlflow_store
-from pipelines.mlflow_store import make_client, open_store
+from pipelines.mlflow_io import client as mlflow_store
+from pipelines.mlflow_io.client import make_client, open_store
 
 N_PROCS = 4
 ROUNDS = 3
@@ -32,7 +32,7 @@ _WORKER = textwrap.dedent("""
     from pathlib import Path
 
     import mlflow  # noqa: F401 - the slow imports happen before the race
-    from pipelines.mlflow_store import get_or_create_experiment, make_client
+    from pipelines.mlflow_io.client import get_or_create_experiment, make_client
 
     work, me, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     (work / f"ready-{me}").touch()

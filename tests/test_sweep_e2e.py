@@ -15,9 +15,11 @@ import ray.cloudpickle
 import yaml
 from ray import tune
 
-from lt_models.synthetic import Preset, generate_benchmark
-from pipelines import pretrain, sweep, trainable
-from pipelines.config import load_experiment_config
+from lt_models.data.synthetic.generate import Preset, generate_benchmark
+from pipelines.tune import stage1 as pretrain
+from pipelines.tune import sweep
+from pipelines.tune import trainable
+from pipelines.config.load import load_experiment_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from faults.stand_ins import InterruptAfterFirstTrial  # noqa: E402  (Ctrl+C once the first trial completes)
@@ -202,7 +204,7 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
 @pytest.fixture(scope="module")
 def seeded_and_confirmed(interrupted_and_resumed, workdir):
     """A 2-configuration x 2-seed sweep with a baseline, then `ltsweep confirm` of its best configuration."""
-    from pipelines.confirm import confirm
+    from pipelines.commands.confirm import confirm
 
     cfg = make_cfg(workdir, "seeded", space={"loss": {"grid": ["softmax", "concurrent_softmax"]}},
                    stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24,
@@ -271,7 +273,7 @@ def test_best_model_is_logged_registered_and_predicts(interrupted_and_resumed, w
     from mlflow import MlflowClient
     from PIL import Image
 
-    from lt_models.inference import detect, load_detector
+    from lt_models.engine.inference import detect, load_detector
 
     cfg, first, resumed, _, _ = interrupted_and_resumed
     assert first.model is None and resumed.model is not None
@@ -337,10 +339,10 @@ def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_
     import torch
     from mlflow import MlflowClient
 
-    from lt_models.datasets import LVISDetection, collate_detection
-    from lt_models.engine import predict
+    from lt_models.data.datasets import LVISDetection, collate_detection
+    from lt_models.engine.loop import predict
     from lt_models.evaluation import evaluate_lvis, evaluate_openimages
-    from lt_models.inference import load_detector
+    from lt_models.engine.inference import load_detector
 
     cfg = make_cfg(workdir, "oi-metric", space={"lam": {"grid": [0.5]}}, scheduler={"type": "fifo"},
                    eval={"every": 1, "metric": "openimages"},
@@ -402,7 +404,7 @@ def faulty_trial(config, experiment, stage1=None, shared=None):
     """The production trainable with faults injected here, in the test (not through a config flag):
     lam 0.5: the first attempt raises right after the epoch-2 report (whose checkpoint Tune has persisted);
     lam 1.0: the engine reports a non-finite loss (each call of it is counted in a file)."""
-    from lt_models import engine
+    from lt_models.engine import loop as engine
 
     store = Path(experiment.run.storage_path)
     trial_id = tune.get_context().get_trial_id()

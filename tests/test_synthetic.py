@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lt_models.annotations import frequency_buckets
-from lt_models.datasets import MERGE_IOU, group_duplicate_boxes, load_lvis_json
-from lt_models.synthetic import PRESETS, SHAPES, benchmark_spec, generate_benchmark, shape_mask, zipf_targets
+from lt_models.data.annotations import frequency_buckets
+from lt_models.data.datasets import MERGE_IOU, group_duplicate_boxes, load_lvis_json
+from lt_models.data.synthetic.generate import PRESETS, SHAPES, benchmark_spec, generate_benchmark, shape_mask, zipf_targets
 
 
 def _objects(spec_split):

@@ -1,4 +1,4 @@
-"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking.py -> mlflow_writer.py -> report.py).
+"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking/callback.py -> mlflow_writer.py -> report.py).
 
 The trials here are a small test-local function trainable that reports synthetic metrics (a closed form of the
 config and the iteration, plus `per_class`), so the callback is exercised through Tune in seconds; the real-engine
@@ -25,10 +25,10 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from pipelines import cli  # noqa: E402
-from pipelines.report import search_tagged  # noqa: E402
-from pipelines.schema import MLFLOW_TRIAL_METRICS  # noqa: E402
+from pipelines.analysis.report import search_tagged  # noqa: E402
+from pipelines.names import MLFLOW_TRIAL_METRICS  # noqa: E402
 # default_tracking_uri and log_pretrain_run through tracking's re-exports, which pretrain.py and sweep.py use
-from pipelines.tracking import MLflowSweepCallback, default_tracking_uri, log_pretrain_run  # noqa: E402
+from pipelines.tracking.callback import MLflowSweepCallback, default_tracking_uri, log_pretrain_run  # noqa: E402
 
 CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = common, 1 = rare
 

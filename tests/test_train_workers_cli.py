@@ -11,13 +11,13 @@ import sys
 import pytest
 import yaml
 
-from lt_models.synthetic import generate_benchmark
+from lt_models.data.synthetic.generate import generate_benchmark
 from test_sweep_e2e import TINY
 
 
 @pytest.mark.slow
 def test_ltsweep_train_trains_a_multi_worker_config_on_its_workers(tmp_path):
-    from lt_models.inference import load_detector
+    from lt_models.engine.inference import load_detector
 
     generate_benchmark(tmp_path / "data", preset=TINY, seed=0)
     raw = {

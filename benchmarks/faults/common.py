@@ -9,7 +9,7 @@ What is counted (over the trials of the scenario's sweeps, after the recovery):
   orphan_runs            MLflow runs left RUNNING, and trial runs whose trial id is no Tune trial of the sweep
   wrong_exit_codes       an exit code other than the rule's: 0 when every trial finished, 1 when any failed or
                          diverged or the sweep was interrupted (before the resume), 2 for bad input
-  unloadable_checkpoints a checkpoint directory under its final name that lt_models.checkpoint cannot load
+  unloadable_checkpoints a checkpoint directory under its final name that lt_models.engine.checkpoint cannot load
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from lt_models.synthetic import Preset, generate_benchmark
+from lt_models.data.synthetic.generate import Preset, generate_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the venv's interpreter
@@ -117,7 +117,7 @@ def config_dict(ws: Workspace, store: Path, name: str, *, lams=(0.0, 1.0), epoch
 
 def write_config(ws: Workspace, store: Path, name: str, **kw):
     """(YAML path, validated ExperimentConfig) of config_dict(...)."""
-    from pipelines.config import load_experiment_config
+    from pipelines.config.load import load_experiment_config
 
     path = store / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config_dict(ws, store, name, **kw)))
@@ -139,7 +139,7 @@ def prepare(root: Path) -> Workspace:
 def _stage1_cache(ws: Workspace) -> Path:
     """The cached stage-1 directory for the current code (its key covers the lt_models sources: trained again here,
     once, if they changed since prepare)."""
-    from pipelines.pretrain import ensure_stage1
+    from pipelines.tune.stage1 import ensure_stage1
 
     _, cfg = write_config(ws, ws.stage1_store, "stage1")
     return ensure_stage1(cfg, use_ray=False).path
@@ -230,8 +230,8 @@ def reported_epochs(trial_dir: Path) -> list[int]:
 def load_problem(ckpt_dir: Path) -> Optional[str]:
     """None if lt_models can load the checkpoint directory (the detector from spec.json + checkpoint.pt, and the whole
     training state); else why not."""
-    from lt_models.checkpoint import load_checkpoint
-    from lt_models.inference import load_detector
+    from lt_models.engine.checkpoint import load_checkpoint
+    from lt_models.engine.inference import load_detector
 
     try:
         model, _ = load_detector(ckpt_dir)
@@ -268,7 +268,7 @@ def check_mlflow(o: Outcome, tracking_uri: str, experiment: str, trials: dict[st
                  expect_status: dict[str, str]) -> dict[str, list]:
     """One sweep run, one stage-1 run per sha256, one trial run per Tune trial (with the expected status), none left
     RUNNING, no trial run without its Tune trial. Returns the runs by role."""
-    from pipelines.schema import PRETRAIN_SHA_TAG, ROLE_TAG, TRIAL_ID_TAG
+    from pipelines.names import PRETRAIN_SHA_TAG, ROLE_TAG, TRIAL_ID_TAG
 
     runs = mlflow_runs(tracking_uri, experiment)
     by_role: dict[str, list] = {}
@@ -315,7 +315,7 @@ def check_sweep(o: Outcome, cfg, *, epochs: int, diverging: tuple = (), expected
     """The common checks of a recovered sweep: every grid configuration has a trial that ran epochs 1..E exactly once
     each (TERMINATED), or ended in ERROR without a report when its λ is in `diverging`; MLflow as in check_mlflow;
     every kept checkpoint loads; the exit code follows the rule. Returns Tune's trials."""
-    from pipelines.sweep import experiment_path, tracking_uri_for
+    from pipelines.tune.sweep import experiment_path, tracking_uri_for
 
     if expected_exit is not None:
         o.exit_code(label, exit_code, expected_exit)

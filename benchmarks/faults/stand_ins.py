@@ -40,12 +40,12 @@ class _DieAfterFirstBatch:
 
 
 def killable_trial(config, experiment, stage1=None, shared=None):
-    """The production trainable (pipelines.trainable.train_trial). The first trial to start its second epoch, on its
+    """The production trainable (pipelines.tune.trainable.train_trial). The first trial to start its second epoch, on its
     first attempt only, becomes the victim: half-way through that epoch it writes its pid to
     <storage>/faults/pid-<trial_id>.txt and waits to be SIGKILLed by :class:`WorkerKiller`. Every attempt appends its
     pid to attempts-<trial_id>.txt."""
-    from lt_models import engine
-    from pipelines import trainable
+    from lt_models.engine import loop as engine
+    from pipelines.tune import trainable
 
     faults = Path(experiment.run.storage_path) / "faults"
     trial_id = tune.get_context().get_trial_id()
@@ -68,8 +68,8 @@ def killable_trial(config, experiment, stage1=None, shared=None):
 def diverging_trial(config, experiment, stage1=None, shared=None):
     """The production trainable; for λ = DIVERGING_LAM the engine reports a non-finite loss at once. Every call of
     the engine for any trial is counted in <storage>/faults/engine-calls-<trial_id>.txt."""
-    from lt_models import engine
-    from pipelines import trainable
+    from lt_models.engine import loop as engine
+    from pipelines.tune import trainable
 
     faults = Path(experiment.run.storage_path) / "faults"
     trial_id = tune.get_context().get_trial_id()

@@ -21,8 +21,8 @@ def worker_kill(ws: Workspace, run: int = 0, *, epochs: int = 3) -> Outcome:
     continued from the epoch-1 checkpoint, so its result.json reports epochs 1..E once each (also training_iteration
     1..E); the sweep exits 0; every trial finished; one MLflow run per trial, FINISHED, with a retry count; every
     kept checkpoint loads."""
-    from pipelines import sweep
-    from pipelines.schema import RETRIES_TAG, TRIAL_ID_TAG
+    from pipelines.tune import sweep
+    from pipelines.names import RETRIES_TAG, TRIAL_ID_TAG
 
     o = Outcome("worker_kill")
     store = ws.store(f"worker-kill-{run}")
@@ -69,8 +69,8 @@ def diverged_resume(ws: Workspace, local_ray: LocalRay, run: int = 0, *, epochs:
     the engine ran once; the resume in a new Ray session exits 1 again and the trial fails at once with
     TrialDivergedError, the engine not called again; the finished trial's result.json is unchanged; MLflow: the
     diverged trial's one run is FAILED, the other's FINISHED, none RUNNING."""
-    from pipelines import sweep
-    from pipelines.trainable import DIVERGED_MARKER
+    from pipelines.tune import sweep
+    from pipelines.tune.trainable import DIVERGED_MARKER
 
     o = Outcome("diverged_resume")
     store = ws.store(f"diverged-{run}")
@@ -125,8 +125,8 @@ def sigint_resume(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     reports epochs 1..E once; one MLflow run per trial, FINISHED."""
     from mlflow import MlflowClient
 
-    from pipelines import sweep
-    from pipelines.schema import TRIAL_ID_TAG
+    from pipelines.tune import sweep
+    from pipelines.names import TRIAL_ID_TAG
 
     o = Outcome("sigint_resume")
     store = ws.store(f"sigint-{run}")
@@ -187,7 +187,8 @@ def corrupt_stage1(ws: Workspace, run: int = 0, *, epochs: int = 1) -> Outcome:
     Asserts: the corrupt cache is reported once, in one line (its path, "is corrupt" or "no such file"), and trained
     again under the same key, after which it verifies; the sweep exits 0 and its trial finished from the new stage 1;
     one MLflow stage-1 run; every kept checkpoint loads."""
-    from pipelines import pretrain, sweep
+    from pipelines.tune import stage1 as pretrain
+    from pipelines.tune import sweep
 
     o = Outcome("corrupt_stage1")
     how = CORRUPTIONS[run % len(CORRUPTIONS)]
@@ -198,15 +199,15 @@ def corrupt_stage1(ws: Workspace, run: int = 0, *, epochs: int = 1) -> Outcome:
     o.check(pretrain.verify_stage1(sha_dir) is not None, "verify_stage1 did not notice the corruption")
     _, cfg = write_config(ws, store, "corrupt", lams=(0.5,), epochs=epochs)
     records = _Records()
-    logging.getLogger("pipelines.pretrain").addHandler(records)
+    logging.getLogger("pipelines.tune.stage1").addHandler(records)
     try:
         summary = sweep.run_sweep(cfg, verbose=0, progress=False, register=False)
     finally:
-        logging.getLogger("pipelines.pretrain").removeHandler(records)
+        logging.getLogger("pipelines.tune.stage1").removeHandler(records)
     s1 = summary.stage1[0]
     o.check(s1.trained and s1.sha256 == sha_dir.name, f"stage 1 trained={s1.trained} sha={s1.sha256[:12]}")
     said = [line for line in records.lines if str(sha_dir) in line]
-    # pipelines.pretrain reports a corrupt cache once: the check under the lock passes report=False
+    # pipelines.tune.stage1 reports a corrupt cache once: the check under the lock passes report=False
     o.details["times_reported"] = len(said)
     o.check(len(said) == 1 and "\n" not in said[0] and ("is corrupt" in said[0] or "no such file" in said[0]),
             f"the corrupt cache was reported as {said}")

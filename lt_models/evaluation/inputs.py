@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lt_models.annotations import FREQ_LABELS, frequency_buckets, read_json
+from lt_models.data.annotations import FREQ_LABELS, frequency_buckets, read_json
 from lt_models.errors import AnnotationError
 
 Frequency = Mapping[Any, str] | Sequence[str] | None
@@ -66,7 +66,7 @@ def _resolve_frequency(cats: list[dict], cat_ids: list, frequency: Frequency, so
             raise AnnotationError(
                 f"{source}: categories {lacking} have no 'frequency' (and no 'image_count'), so APr/APc/APf are "
                 f"undefined; fix: pass frequency= to evaluate_lvis (e.g. "
-                f"lt_models.annotations.frequency_buckets(training image counts)) or add 'frequency' to categories")
+                f"lt_models.data.annotations.frequency_buckets(training image counts)) or add 'frequency' to categories")
         else:
             return None
     bad = [(c, f) for c, f in zip(cat_ids, freq) if f not in FREQ_LABELS]

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lt_models.annotations import FREQ_LABELS
+from lt_models.data.annotations import FREQ_LABELS
 from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
 
 # Exactly lvis.eval.Params (np.linspace, not np.arange: the values must compare equal to lvis-api's).

@@ -4,9 +4,9 @@
 monotone PR curve), gt boxes and positive image labels expanded up the hierarchy, negative labels down, detections
 of classes not verified in the image ignored, group-of boxes matched by IoA.
 
-The hierarchy is read by `lt_models.annotations.load_hierarchy`, the same parser the converter and the dataset
+The hierarchy is read by `lt_models.data.annotations.load_hierarchy`, the same parser the converter and the dataset
 use: its LabelNames may be category names or Open Images MIDs (kept in each category's `mid` by
-`lt_models.openimages.convert_openimages`), so the official MID-keyed hierarchy file that converted a dataset also
+`lt_models.data.openimages.convert.convert_openimages`), so the official MID-keyed hierarchy file that converted a dataset also
 evaluates it.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lt_models.annotations import (FREQ_LABELS, hierarchy_ancestors, hierarchy_descendants, load_hierarchy,
+from lt_models.data.annotations import (FREQ_LABELS, hierarchy_ancestors, hierarchy_descendants, load_hierarchy,
                                    name_to_cat_id)
 from lt_models.errors import AnnotationError
 from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays

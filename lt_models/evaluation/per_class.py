@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from lt_models.annotations import FREQ_LABELS
+from lt_models.data.annotations import FREQ_LABELS
 from lt_models.atomic import write_bytes_atomic
 from lt_models.evaluation.inputs import Frequency, GroundTruth
 

@@ -1,0 +1,234 @@
+"""What a sweep's driver prints at the end: a summary of the Tune results (trials, the answer, where to look).
+
+:func:`summarize` turns Tune's ``ResultGrid`` into a :class:`SweepSummary`. Trials of the same configuration with
+different seeds are aggregated (:mod:`pipelines.analysis.aggregate`: n, mean, sd, 95% CI); the answer is the best
+configuration by mean (:func:`pipelines.analysis.aggregate.best_config`), compared with the runner-up and with the
+``report.baseline`` configuration (paired over seeds). The best single trial (:func:`pipelines.names.best_trial`)
+of the best configuration gives the sweep's best model (:mod:`pipelines.tracking.best_model`). :func:`print_summary` prints
+it all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from pipelines.analysis import aggregate
+from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS, best_trial
+from pipelines.config.space import trial_values
+
+if TYPE_CHECKING:
+    from pipelines.config.load import ExperimentConfig
+    from pipelines.tune.stage1 import Stage1Checkpoint
+
+
+@dataclasses.dataclass
+class TrialSummary:
+    trial_id: str
+    config: dict[str, Any]
+    metrics: dict[str, float]          # last reported AP, AP50, APr, APc, APf, loss
+    epochs: int                        # stage-2 epochs the trial trained
+    evaluations: int                   # results reported (Tune's training_iteration)
+    stopped_early: bool                # ended without error before max evaluations (ASHA)
+    error: Optional[str] = None
+    path: Optional[str] = None
+    interrupted: bool = False          # the sweep was interrupted before this trial finished (--resume continues it)
+    bad_input: bool = False            # it failed on bad input (AnnotationError, ConfigError): exit code 2
+
+    @property
+    def status(self) -> str:
+        if self.error:
+            return f"ERROR: {self.error}"
+        if self.interrupted:
+            return "interrupted"
+        return "stopped early" if self.stopped_early else "completed"
+
+
+@dataclasses.dataclass
+class SweepSummary:
+    name: str
+    experiment_path: str
+    storage_path: str
+    tracking_uri: str
+    metric: str
+    mode: str
+    max_evaluations: int
+    trials: list[TrialSummary]
+    best: Optional[TrialSummary]
+    stage1: Optional[dict[int, Stage1Checkpoint]]   # the stage-1 checkpoint of each training seed
+    resumed: bool = False
+    baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
+    interrupted: bool = False                       # Ctrl+C (SIGINT) ended the sweep before every trial finished
+    model: Any = None                               # pipelines.tracking.best_model.RegisteredModel, once logged
+    experiment_id: Optional[str] = None             # the sweep's MLflow experiment
+
+    @functools.cached_property
+    def configs(self) -> list[aggregate.ConfigResult]:
+        """Trials grouped by configuration (their seeds are the repeats), with n, mean, sd and 95% CI."""
+        return aggregate.aggregate(self.trials, config=lambda t: t.config, metric=lambda t, m: t.metrics.get(m),
+                                   full=lambda t: t.evaluations >= self.max_evaluations,
+                                   failed=lambda t: t.error is not None,
+                                   metrics=tuple(dict.fromkeys(BUCKET_METRICS + (self.metric,))))
+
+    @property
+    def best_config(self) -> Optional[aggregate.ConfigResult]:
+        return aggregate.best_config(self.configs, self.metric, self.mode)
+
+    def comparisons(self) -> list[str]:
+        """In words: the best configuration against the runner-up and against the baseline, paired over seeds."""
+        return aggregate.comparisons(aggregate.ranked(self.configs, self.metric, self.mode), self.metric,
+                                     self.baseline, value=lambda t, m: t.metrics.get(m))
+
+    @property
+    def trial_epochs(self) -> int:
+        return sum(t.epochs for t in self.trials)
+
+    @property
+    def stopped_early(self) -> int:
+        return sum(t.stopped_early for t in self.trials)
+
+    @property
+    def errored(self) -> int:
+        return sum(t.error is not None for t in self.trials)
+
+    @property
+    def unfinished(self) -> int:
+        return sum(t.interrupted for t in self.trials)
+
+    def exit_code(self) -> int:
+        """The one exit-code rule of `sweep`, `confirm` and `demo`: 0 when every trial finished (ran its schedule or
+        was stopped by the scheduler); 2 when a trial failed on bad input (as bad input found before the sweep
+        starts); else 1 when any failed or diverged, or the sweep was interrupted."""
+        if any(t.bad_input for t in self.trials):
+            return 2
+        return 1 if (not self.trials or self.errored or self.interrupted) else 0
+
+    def outcome(self) -> str:
+        """One line on how the sweep ended, for the console and the CLI's exit message."""
+        if self.interrupted:
+            return (f"sweep '{self.name}' was interrupted: {self.unfinished} trial(s) unfinished and the rest not "
+                    f"started; continue it with `ltsweep sweep CONFIG --resume`")
+        if not self.trials:
+            return f"sweep '{self.name}' ran no trial"
+        if self.errored:
+            return (f"{self.errored} of {len(self.trials)} trials of sweep '{self.name}' failed (reasons in the "
+                    "table above; details in the Ray dashboard and each trial's error.txt)")
+        return f"every trial of sweep '{self.name}' finished"
+
+    def table(self) -> str:
+        """Fixed-width table of every trial (searched values, AP, APr, APc, APf, epochs, status)."""
+        keys = sorted({k for t in self.trials for k in t.config})
+        head = ["trial"] + keys + list(BUCKET_METRICS) + ["epochs", "status"]
+        rows = []
+        for t in sorted(self.trials, key=lambda t: t.trial_id):
+            status = t.status
+            if self.best is not None and t.trial_id == self.best.trial_id:
+                status += " *best*"
+            rows.append([t.trial_id] + [format_value(t.config.get(k)) for k in keys]
+                        + [format_value(t.metrics.get(m)) for m in BUCKET_METRICS] + [str(t.epochs), status])
+        widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["trials"] = [dataclasses.asdict(t) for t in self.trials]
+        d["best"] = None if self.best is None else dataclasses.asdict(self.best)
+        d["stage1"] = None if self.stage1 is None else {
+            str(seed): {"sha256": c.sha256, "path": str(c.path), "trained": c.trained}
+            for seed, c in self.stage1.items()}
+        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored,
+                 unfinished=self.unfinished)
+        d["configs"] = aggregate.table(self.configs, self.best_config)
+        return d
+
+
+def format_value(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _error_line(error: Optional[BaseException]) -> tuple[Optional[str], bool]:
+    """A failed trial's reason in one line, and whether it is bad input. Tune hands back a RayTaskError whose
+    ``cause`` is the trial's own exception; ltsweep's input errors (AnnotationError, ConfigError) are one line."""
+    from lt_models.errors import LtsweepInputError
+
+    if error is None:
+        return None, False
+    cause = getattr(error, "cause", None) or error
+    lines = str(cause).strip().splitlines() or [""]
+    text = lines[0] if cause is not error else lines[-1]
+    return f"{type(cause).__name__}: {text[:300]}", isinstance(cause, LtsweepInputError)
+
+
+def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1Checkpoint]], resumed: bool, *,
+              experiment_path: str | Path, tracking_uri: str, interrupted: bool = False,
+              completed: Optional[set[str]] = None) -> SweepSummary:
+    """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
+    ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them. ``interrupted``: the
+    fit ended on Ctrl+C; then a trial short of its schedule that Tune did not complete (``completed``: the trial ids
+    it did, :func:`pipelines.tune.callbacks.completed_trials`) is "interrupted", never "stopped early"."""
+    max_evals = cfg.evals_per_trial
+    trials = []
+    for r in results:
+        m = r.metrics or {}
+        evaluations = int(m.get("training_iteration") or 0)
+        err, bad_input = _error_line(r.error)
+        trial_id = str(m.get("trial_id") or Path(r.path).name)
+        unfinished = interrupted and err is None and evaluations < max_evals and trial_id not in (completed or ())
+        trials.append(TrialSummary(
+            trial_id=trial_id, config=trial_values(r.config or {}),
+            metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
+            epochs=int(m.get("epoch") or 0), evaluations=evaluations,
+            stopped_early=err is None and evaluations < max_evals and not unfinished, error=err, path=r.path,
+            interrupted=unfinished, bad_input=bad_input))
+    metric = cfg.scheduler.metric
+    best = best_trial(trials, value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
+                      failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=cfg.scheduler.mode,
+                      full_length=max_evals)
+    return SweepSummary(name=cfg.name, experiment_path=str(experiment_path),
+                        storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri,
+                        metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
+                        trials=trials, best=best, stage1=stage1, resumed=resumed, baseline=cfg.report.baseline,
+                        interrupted=interrupted)
+
+
+def print_summary(summary: SweepSummary, file=None) -> None:
+    file = file or sys.stdout
+    print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
+          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored"
+          + (f", {summary.unfinished} interrupted" if summary.interrupted else ""), file=file)
+    for seed, ckpt in (summary.stage1 or {}).items():
+        how = "trained for this sweep" if ckpt.trained else "reused"
+        print(f"stage 1 (seed {seed}): {ckpt.sha256[:12]} ({how}) at {ckpt.path}", file=file)
+    print(summary.table(), file=file)
+    configs = summary.configs
+    best = aggregate.best_config(configs, summary.metric, summary.mode)
+    print(f"\nper configuration over its seeds (mean [95% CI]; best = best mean {summary.metric} among "
+          f"configurations that ran the full schedule):", file=file)
+    print(aggregate.format_table(configs, best=best), file=file)
+    if best is not None:
+        print(f"best configuration ({summary.metric}, {summary.mode}): {best.label()} -> "
+              + ", ".join(f"{m} {best.stats[m].text()}" for m in BUCKET_METRICS) + f" over n={best.n}", file=file)
+        for sentence in summary.comparisons():
+            print(sentence, file=file)
+    if summary.best is not None:
+        b = summary.best
+        print(f"best single trial: {b.trial_id} {b.config} -> "
+              + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
+    if summary.model is not None:
+        m = summary.model
+        print(f"best model: {m.uri} (trial {m.trial_id}, checkpoint {m.checkpoint}); load it with "
+              f"mlflow.pyfunc.load_model({m.uri!r}).predict(image_hwc_uint8)", file=file)
+    print(f"\n{summary.outcome()}", file=file)
+    print(f"TensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
+    print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)
+    if summary.experiment_id is not None:
+        from pipelines.mlflow_io.client import runs_table_url
+
+        print(f"              then {runs_table_url(summary.experiment_id)}", file=file)

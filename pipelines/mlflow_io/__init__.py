@@ -1,0 +1,1 @@
+"""pipelines.mlflow_io."""

@@ -1,0 +1,446 @@
+"""The MLflow writer of a sweep: the parent run, one nested run per trial, and the shared stage-1 (pretrain) run.
+
+The layout and every tag, metric and artifact name are in :mod:`pipelines.names`. :class:`SweepWriter` is driven by
+the Tune callback (:class:`pipelines.tracking.callback.MLflowSweepCallback`) on the Tune driver only, so a sqlite store never
+sees two writers; :func:`log_pretrain_run` records the stage-1 training. When the sweep ends the writer has
+:mod:`pipelines.analysis.report` build the HTML sweep report.
+
+Runs are found again by their tags, which makes the writer idempotent after ``Tuner.restore``: the parent run is
+found by sweep name + role (+ the sweep's uid, which Tune pickles with the callback in ``tuner.pkl``) and each trial's
+run by ``ltsweep.trial_id``; found runs are continued, never duplicated.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from pipelines.mlflow_io.client import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, find_key, flatten,
+                                    get_or_create_experiment, log_params, log_tags, make_client,
+                                    to_str)
+from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
+from pipelines.analysis.report import log_sweep_report, plot_ap_by_rank, search_tagged
+from pipelines.names import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
+                              ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
+                              MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,
+                              PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG,
+                              ROLE_PRETRAIN, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG,
+                              SEED_PARAM, SWEEP_TAG, SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG,
+                              UNFINISHED_TRIALS_TAG, WORKERS_PARAM, finite_number, per_class_dict)
+
+logger = logging.getLogger(__name__)
+
+_TERMINAL = {"FINISHED", "FAILED", "KILLED"}
+
+
+def _write_per_class_artifacts(per_class: Mapping[int, float], res: Mapping[str, Any], val_annotations: str | None,
+                              out_dir: Path, label: str) -> list[Path]:
+    """Write per_class_ap.json, per_class_ap.csv and ap_by_frequency.png into ``out_dir``.
+
+    With the validation annotations, the CSV and the plot come from ``lt_models.evaluation`` (category names,
+    frequency buckets, image counts; categories ranked by frequency). Without them: a plain ``category_id,AP`` CSV
+    and per-class AP in category-id order. The JSON ({category_id: AP}) is what the sweep report reads back.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    p_json, p_csv, p_png = out_dir / PER_CLASS_JSON, out_dir / PER_CLASS_CSV, out_dir / AP_BY_FREQUENCY_PNG
+    p_json.write_text(json.dumps({str(k): v for k, v in sorted(per_class.items())}))
+    result = {**res, "per_class": dict(per_class)}
+    if val_annotations:
+        from lt_models.evaluation import plot_ap_by_frequency, write_per_class_csv
+
+        write_per_class_csv(result, val_annotations, p_csv)
+        plot_ap_by_frequency({label: result}, val_annotations, p_png)
+    else:
+        import csv
+
+        with open(p_csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["category_id", "AP"])
+            w.writerows(sorted(per_class.items()))
+        plot_ap_by_rank({label: per_class}, p_png, title=f"per-class AP ({label})")
+    return [p_json, p_csv, p_png]
+
+
+def _log_per_class_artifacts(client, run_id: str, per_class: Mapping[int, float], res: Mapping[str, Any],
+                             val_annotations: str | None, label: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="ltsweep-mlflow-") as tmp:
+        for p in _write_per_class_artifacts(per_class, res, val_annotations, Path(tmp), label=label):
+            client.log_artifact(run_id, str(p))
+
+
+@dataclass
+class TrialInfo:
+    """What the writer needs to know of a Tune trial (the callback reads it off Tune's ``Trial``)."""
+
+    trial_id: str
+    name: str  # the trial run's name
+    config: Mapping[str, Any]
+    status: str = ""  # Tune's status; recorded on a run the sweep leaves unfinished
+    last_result: Mapping[str, Any] = field(default_factory=dict)  # Tune's, for trials the writer saw no result of
+
+
+class SweepWriter:
+    """Writes one sweep to MLflow (see the module docstring). Picklable: only the arguments and the sweep's uid are
+    kept, so a copy restored from ``tuner.pkl`` finds the same runs again.
+
+    Args:
+        tracking_uri: ``sqlite:///...`` (default store: :func:`pipelines.mlflow_io.client.default_tracking_uri`) or
+            ``http://host:port``.
+        sweep_name: the experiment name and the parent run's name.
+        sweep_params: the sweep's config (nested dicts allowed); logged flattened as params of the parent run.
+            A ``dataset_fingerprint`` key anywhere in it (or in a trial's result) becomes the
+            ``ltsweep.dataset_fingerprint`` tag, its ``space`` (or ``search_space``) section the
+            ``ltsweep.search_space`` tag; ``metric``/``mode`` (or ``scheduler.metric``
+            / ``scheduler.mode``) pick the best trial in the report (default AP / max).
+        searched_keys: dotted keys of the trial config that are searched (``stage2.lam``); each becomes a param of
+            every trial run.
+        val_annotations: LVIS-format validation annotations, used to name categories and bucket them by frequency
+            in ``per_class_ap.csv`` / ``ap_by_frequency.png`` and the report.
+    """
+
+    def __init__(self, tracking_uri: str, sweep_name: str, sweep_params: dict, searched_keys: list[str],
+                 val_annotations: str | None = None):
+        self.tracking_uri = str(tracking_uri)
+        self.sweep_name = str(sweep_name)
+        self.sweep_params = dict(sweep_params or {})
+        self.searched_keys = list(searched_keys or [])
+        self.val_annotations = None if val_annotations is None else os.fspath(val_annotations)
+        # A restored sweep continues its parent run; a fresh sweep with the same name gets a new one.
+        self.sweep_uid = uuid.uuid4().hex
+        self._reset()
+
+    # state that must not be pickled (Tune pickles the callback, and this writer with it, into tuner.pkl)
+    _UNPICKLED = ("_client", "_experiment_id", "_parent_run_id", "_trial_runs", "_open_runs", "_last_results",
+                  "_sha_logged", "_fingerprint_tagged", "_stage1_runs")
+
+    def _reset(self) -> None:
+        self._client = None
+        self._experiment_id: str | None = None
+        self._parent_run_id: str | None = None
+        self._trial_runs: dict[str, str] = {}
+        self._open_runs: dict[str, str] = {}  # trial id -> run id of runs this process has (re)opened
+        self._last_results: dict[str, dict] = {}
+        self._sha_logged: set[str] = set()
+        self._stage1_runs: dict[str, str] = {}
+        self._fingerprint_tagged = find_key(flatten(self.sweep_params), "dataset_fingerprint") is not None
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # ------------------------------------------------------------------ the store
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_client(self.tracking_uri)
+        return self._client
+
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = get_or_create_experiment(self.client, self.sweep_name, self.tracking_uri)
+        return self._experiment_id
+
+    @property
+    def parent_run_id(self) -> str:
+        if self._parent_run_id is None:
+            self._parent_run_id = self._get_or_create_parent()
+        return self._parent_run_id
+
+    def trial_run_id(self, trial_id: str) -> str | None:
+        """The MLflow run id of a Tune trial, looked up by its ``ltsweep.trial_id`` tag (None if not logged)."""
+        if trial_id in self._trial_runs:
+            return self._trial_runs[trial_id]
+        runs = search_tagged(self.client, self.experiment_id,
+                             {ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id})
+        if len(runs) > 1:
+            logger.warning("MLflow: %d runs tagged %s=%s; continuing the oldest", len(runs), TRIAL_ID_TAG, trial_id)
+        if runs:
+            self._trial_runs[trial_id] = runs[0].info.run_id
+            return runs[0].info.run_id
+        return None
+
+    # ------------------------------------------------------------------ parent run
+    def _sweep_setting(self, name: str, default: Any) -> Any:
+        flat = flatten(self.sweep_params)
+        for key in (name, f"scheduler.{name}", f"tune.{name}", f"sweep.{name}"):
+            if flat.get(key) not in (None, ""):
+                return flat[key]
+        return default
+
+    def _max_t(self) -> int | None:
+        """Evaluations of a full-length trial: the sweep's ``max_evaluations``, else ``scheduler.max_t``, else
+        ceil(stage2.epochs / eval.every)."""
+        flat = flatten(self.sweep_params)
+        v = self.sweep_params.get("max_evaluations")
+        if v in (None, ""):
+            v = self._sweep_setting("max_t", None)
+        if v in (None, "") and flat.get("stage2.epochs") is not None:
+            v = math.ceil(float(flat["stage2.epochs"]) / float(flat.get("eval.every") or 1))
+        try:
+            return int(v) if v not in (None, "") else None
+        except (TypeError, ValueError):
+            return None
+
+    def _parent_tags(self) -> dict[str, Any]:
+        flat = flatten(self.sweep_params)
+        space = next((self.sweep_params[k] for k in ("space", "search_space") if self.sweep_params.get(k)), None)
+        return {
+            SEARCH_SPACE_TAG: space if space is not None else self.searched_keys,
+            SEARCHED_KEYS_TAG: self.searched_keys,
+            FINGERPRINT_TAG: find_key(flat, "dataset_fingerprint"),
+            FREQUENCY_SOURCE_TAG: find_key(flat, "frequency_source"),
+            CODE_VERSION_TAG: code_version(),
+            METRIC_TAG: self._sweep_setting("metric", "AP"),
+            MODE_TAG: self._sweep_setting("mode", "max"),
+            MAX_T_TAG: self._max_t(),
+        }
+
+    def _get_or_create_parent(self) -> str:
+        client = self.client
+        tags = {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: self.sweep_name, SWEEP_UID_TAG: self.sweep_uid}
+        runs = search_tagged(client, self.experiment_id, tags)
+        if runs:
+            run = runs[0]
+            run_id = run.info.run_id
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            existing = run.data.params
+            logger.info("MLflow: continuing sweep run %s of %r", run_id, self.sweep_name)
+        else:
+            run = client.create_run(self.experiment_id, run_name=self.sweep_name, tags={**tags, **source_tags()})
+            run_id = run.info.run_id
+            existing = {}
+            logger.info("MLflow: sweep run %s in experiment %r (%s)", run_id, self.sweep_name, self.tracking_uri)
+        log_params(client, run_id, flatten(self.sweep_params), existing)
+        log_tags(client, run_id, self._parent_tags())
+        log_datasets(client, run_id, *self._datasets())
+        self._stage1_runs = pretrain_runs(client, self.experiment_id, self._stage1_shas())
+        link_stage1(client, run_id, self._stage1_runs)
+        return run_id
+
+    def _datasets(self) -> tuple[str | None, str | None, str | None]:
+        data = self.sweep_params.get("data") or {}
+        return data.get("train"), data.get("val"), self.sweep_params.get("dataset_fingerprint")
+
+    def _stage1_shas(self) -> dict[str, str]:
+        shas = self.sweep_params.get("pretrain_sha256")
+        return {str(k): str(v) for k, v in shas.items()} if isinstance(shas, dict) else {}
+
+    def start(self) -> None:
+        """Create (or, after a restore, continue) the sweep's parent run."""
+        _ = self.parent_run_id
+
+    # ------------------------------------------------------------------ trial runs
+    def _searched_params(self, trial: TrialInfo) -> dict[str, Any]:
+        flat = flatten(trial.config or {})
+        out = {}
+        for key in self.searched_keys:
+            if key in flat:
+                out[key] = flat[key]
+            else:
+                v = find_key(flat, key.rsplit(".", 1)[-1]) if "." in key else None
+                if v is not None:
+                    out[key] = v
+        return out
+
+    def open_trial(self, trial: TrialInfo) -> str:
+        """The trial's run, created or (after a restore/retry) set RUNNING again. Cached while it is open."""
+        if trial.trial_id in self._open_runs:
+            return self._open_runs[trial.trial_id]
+        run_id = self.trial_run_id(trial.trial_id)
+        client = self.client
+        if run_id is None:
+            run = client.create_run(self.experiment_id, run_name=trial.name, tags={
+                ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial.trial_id, PARENT_TAG: self.parent_run_id,
+                SWEEP_TAG: self.sweep_name, **source_tags()})
+            run_id = run.info.run_id
+            self._trial_runs[trial.trial_id] = run_id
+            existing = {}
+            log_datasets(client, run_id, *self._datasets())
+        else:
+            run = client.get_run(run_id)
+            if run.info.status != "RUNNING":
+                client.update_run(run_id, status="RUNNING")
+            existing = run.data.params
+        workers = int((self.sweep_params.get("resources") or {}).get("workers_per_trial", 1))  # Ray Train workers
+        log_params(client, run_id, {**self._searched_params(trial), WORKERS_PARAM: workers}, existing)
+        self._open_runs[trial.trial_id] = run_id
+        return run_id
+
+    def log_result(self, trial: TrialInfo, result: Mapping[str, Any]) -> None:
+        """One reported result: its metrics at step ``training_iteration``, the trial's stage-1 sha256 (once), and
+        the dataset fingerprint on the parent run (once)."""
+        from mlflow.entities import Metric, Param
+
+        run_id = self.open_trial(trial)
+        step = int(result.get("training_iteration") or 0)
+        ts = int(float(result.get("timestamp") or time.time()) * 1000)
+        metrics = []
+        for key in MLFLOW_TRIAL_METRICS:
+            v = result.get(key)
+            if v is None or isinstance(v, bool):
+                continue
+            try:
+                value = float(v)
+            except (TypeError, ValueError):
+                continue
+            metrics.append(Metric(key, value, ts, step))
+        params = []
+        if trial.trial_id not in self._sha_logged:  # once per trial: its stage-1 sha256 and its training seed
+            logged = self.client.get_run(run_id).data.params
+            for key in (PRETRAIN_SHA_PARAM, SEED_PARAM):
+                v = result.get(key)
+                if v is not None and v != "" and key not in logged:
+                    params.append(Param(key, str(v)))
+            stage1_run = self._stage1_run_of(result.get(PRETRAIN_SHA_PARAM))
+            if stage1_run:
+                self.client.set_tag(run_id, PRETRAIN_RUN_TAG, stage1_run)
+            self._sha_logged.add(trial.trial_id)
+        if metrics or params:
+            self.client.log_batch(run_id, metrics=metrics, params=params)
+        self._last_results[trial.trial_id] = dict(result)
+        fp = result.get("dataset_fingerprint")
+        if fp and not self._fingerprint_tagged:
+            self.client.set_tag(self.parent_run_id, FINGERPRINT_TAG, str(fp))
+            self._fingerprint_tagged = True
+
+    def _stage1_run_of(self, sha: Any) -> str | None:
+        _ = self.parent_run_id  # the stage-1 runs are looked up with the parent
+        by_sha = {v: self._stage1_runs.get(k) for k, v in self._stage1_shas().items()}
+        return by_sha.get(str(sha)) if sha else None
+
+    def _last_result(self, trial: TrialInfo) -> dict:
+        return dict(self._last_results.get(trial.trial_id) or trial.last_result or {})
+
+    def finish_trial(self, trial: TrialInfo, status: str, error: str | None = None) -> None:
+        """End the trial's run with MLflow ``status`` (FINISHED or FAILED, with the tail of ``error``), after its
+        evaluation count and per-class artifacts."""
+        run_id = self.trial_run_id(trial.trial_id)
+        res = self._last_result(trial)
+        if run_id is None:
+            if not res and status != "FAILED":
+                return  # never started (e.g. a pending trial removed at the end): nothing to record
+            run_id = self.open_trial(trial)
+        elif trial.trial_id not in self._open_runs and self.client.get_run(run_id).info.status == status:
+            return  # restored as already finished by --resume: keep its run (and its end time) as it was
+        tags = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
+        if error:
+            tags[ERROR_TAG] = error[-MAX_TAG_LEN:]
+        log_tags(self.client, run_id, tags)
+        if TRIAL_STATUS_TAG in self.client.get_run(run_id).data.tags:  # an interrupted trial that --resume finished
+            self.client.delete_tag(run_id, TRIAL_STATUS_TAG)
+        per_class = per_class_dict(res.get("per_class"))
+        if per_class:
+            try:
+                _log_per_class_artifacts(self.client, run_id, per_class, res, self.val_annotations, trial.name)
+            except Exception as exc:  # noqa: BLE001 - never lose the run status because a plot failed
+                logger.exception("MLflow: per-class artifacts of trial %s failed", trial.trial_id)
+                self.client.set_tag(run_id, ARTIFACT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
+        self.client.set_terminated(run_id, status=status)
+        self._open_runs.pop(trial.trial_id, None)
+
+    def tag_retry(self, trial_id: str, retries: Any) -> None:
+        """Record how often Tune retried a trial (if it has a run)."""
+        run_id = self.trial_run_id(trial_id)
+        if run_id is not None:
+            self.client.set_tag(run_id, RETRIES_TAG, str(retries))
+
+    # ------------------------------------------------------------------ end of the sweep
+    def end_sweep(self, trials: Sequence[TrialInfo], errored: int) -> None:
+        """Close the sweep: trials Tune left unfinished become KILLED runs, the report is logged, and the parent run
+        ends FAILED if ``errored`` trials errored, KILLED if some were unfinished, else FINISHED."""
+        client = self.client
+        n_killed = 0
+        for trial in trials:
+            run_id = self.trial_run_id(trial.trial_id)
+            if run_id is None:
+                continue
+            run = client.get_run(run_id)
+            if run.info.status not in _TERMINAL:
+                log_tags(client, run_id, {TRIAL_STATUS_TAG: trial.status,
+                                          ITERATIONS_TAG: int(self._last_result(trial).get("training_iteration")
+                                                                or 0)})
+                client.set_terminated(run_id, status="KILLED")
+                self._open_runs.pop(trial.trial_id, None)
+                n_killed += 1
+        try:
+            log_sweep_report(client, self.experiment_id, self.parent_run_id, sweep_name=self.sweep_name,
+                             searched_keys=self.searched_keys, val_annotations=self.val_annotations,
+                             metric=str(self._sweep_setting("metric", "AP")),
+                             mode=str(self._sweep_setting("mode", "max")), max_t=self._max_t(),
+                             last_results={t.trial_id: self._last_result(t) for t in trials},
+                             baseline=(self.sweep_params.get("report") or {}).get("baseline"))
+        except Exception as exc:  # noqa: BLE001 - the sweep's results are logged; say loudly the report is not
+            logger.exception("MLflow: writing the sweep report failed")
+            client.set_tag(self.parent_run_id, REPORT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
+        log_tags(client, self.parent_run_id, {TRIALS_TAG: len(trials), ERRORED_TRIALS_TAG: errored,
+                                              UNFINISHED_TRIALS_TAG: n_killed})
+        # FAILED: some trial errored; KILLED: the sweep ended with trials unfinished (resume continues both)
+        status = "FAILED" if errored else "KILLED" if n_killed else "FINISHED"
+        client.set_terminated(self.parent_run_id, status=status)
+
+
+# --------------------------------------------------------------------------------------------------------------
+def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Mapping[str, Any],
+                     metrics: Mapping[str, Any], checkpoint_path: str | os.PathLike | None, *,
+                     val_annotations: str | os.PathLike | None = None) -> str:
+    """Record the shared stage-1 training as a run (``ltsweep.role=pretrain``, ``ltsweep.pretrain_sha256``) in the
+    sweep's experiment and return its run id.
+
+    Idempotent: if the experiment already holds a pretrain run with this sha256, that run is reused (finished if a
+    previous driver died half-way), never duplicated. ``metrics``: numeric values are logged (step =
+    ``metrics["iteration"]`` or ``metrics["epoch"]``); a ``per_class`` dict {category_id: AP} becomes the artifacts
+    ``per_class_ap.json``/``.csv`` and ``ap_by_frequency.png``, which the sweep report uses as the stage-1 baseline.
+    The checkpoint itself is not uploaded; its path is the tag ``ltsweep.checkpoint``. ``val_annotations`` (optional)
+    names categories and frequency buckets in those artifacts, as for trial runs.
+    """
+    from mlflow.entities import Metric
+
+    client = make_client(tracking_uri)
+    exp_id = get_or_create_experiment(client, sweep_name, tracking_uri)
+    runs = search_tagged(client, exp_id, {ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256})
+    finished = [r for r in runs if r.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    if runs:
+        run = runs[0]
+        if run.info.status != "RUNNING":
+            client.update_run(run.info.run_id, status="RUNNING")
+    else:
+        run = client.create_run(exp_id, run_name=f"pretrain-{sha256[:12]}", tags={
+            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name, **source_tags()})
+    run_id = run.info.run_id
+    log_params(client, run_id, flatten(dict(params or {})), run.data.params)
+    log_datasets(client, run_id, (params or {}).get("train_annotations"),
+                 os.fspath(val_annotations) if val_annotations else None, (params or {}).get("dataset_fingerprint"))
+    log_tags(client, run_id, {CHECKPOINT_TAG: os.fspath(checkpoint_path) if checkpoint_path else None,
+                              CODE_VERSION_TAG: code_version()})
+    metrics = dict(metrics or {})
+    step = int(finite_number(metrics.get("iteration", metrics.get("epoch", 0))) or 0)
+    ts = int(time.time() * 1000)
+    ms = []
+    for k, v in metrics.items():
+        if k == "per_class":
+            continue
+        f = finite_number(v)
+        if f is not None or (isinstance(v, float) and math.isnan(v)):
+            ms.append(Metric(str(k)[:MAX_KEY_LEN], float(v), ts, step))
+    for i in range(0, len(ms), 1000):
+        client.log_batch(run_id, metrics=ms[i:i + 1000])
+    per_class = per_class_dict(metrics.get("per_class"))
+    if per_class:
+        _log_per_class_artifacts(client, run_id, per_class, metrics,
+                                 os.fspath(val_annotations) if val_annotations else None, "stage 1")
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id

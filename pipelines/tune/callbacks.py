@@ -1,0 +1,90 @@
+"""The sweep's Tune callbacks besides MLflow: TensorBoard and CSV loggers, and one progress line per evaluation."""
+from __future__ import annotations
+
+from typing import Sequence
+
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+
+from pipelines.names import BUCKET_METRICS
+from pipelines.config.space import trial_values
+from pipelines.analysis.summary import format_value
+
+
+def _without_per_class(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "per_class"}
+
+
+class TBXLogger(TBXLoggerCallback):
+    """Tune's TensorBoard logger minus `per_class` (LVIS: 1203 scalars per evaluation); MLflow keeps it."""
+
+    def log_trial_result(self, iteration, trial, result):
+        super().log_trial_result(iteration, trial, _without_per_class(result))
+
+
+class CSVLogger(CSVLoggerCallback):
+    """Tune's progress.csv minus `per_class` (result.json keeps it)."""
+
+    def log_trial_result(self, iteration, trial, result):
+        super().log_trial_result(iteration, trial, _without_per_class(result))
+
+
+class ProgressPrinter(tune.Callback):
+    """One line per evaluation / trial end on the driver's stdout (instead of Tune's verbose result boxes)."""
+
+    def __init__(self, max_evals: int, searched_keys: Sequence[str]):
+        self.max_evals = max_evals
+        self.keys = list(searched_keys)
+        self._ran: set[str] = set()  # trials that reported in this session (a resumed sweep's finished ones do not)
+
+    def _tag(self, trial) -> str:
+        cfg = " ".join(f"{k}={format_value(trial_values(trial.config).get(k))}" for k in self.keys)
+        return f"[{trial.trial_id} {cfg}]"
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self._ran.add(trial.trial_id)
+        vals = "  ".join(f"{m} {format_value(result.get(m))}" for m in (*BUCKET_METRICS, "loss"))
+        print(f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
+              f"(epoch {result.get('epoch')}): {vals}", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        if trial.trial_id not in self._ran:  # restored as finished by --resume: it said so in its own session
+            return
+        n = int((trial.last_result or {}).get("training_iteration") or 0)
+        how = "finished" if n >= self.max_evals else f"stopped early by the scheduler after {n} evaluation(s)"
+        print(f"{self._tag(trial)} {how}", flush=True)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        where = "its last checkpoint" if getattr(trial, "checkpoint", None) is not None else "the start"
+        print(f"{self._tag(trial)} failed; retrying from {where} (see {trial.error_file})", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)
+
+
+# experiment name -> trials Tune completed (ran their schedule, or stopped by the scheduler) in this driver process
+_COMPLETED: dict[str, set[str]] = {}
+
+
+class CompletionRecorder(tune.Callback):
+    """Remembers which trials Tune completed in this process (``on_trial_complete``: the schedule ran out or the
+    scheduler stopped the trial). When Ctrl+C ends a sweep, Tune stops the running trials without completing them,
+    so the summary tells "interrupted" from "stopped early" by this record (:func:`completed_trials`). A resumed
+    sweep's Tuner.restore brings the callback back from tuner.pkl; it writes to the same module-level record."""
+
+    def __init__(self, experiment: str):
+        self.experiment = experiment
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        _COMPLETED.setdefault(self.experiment, set()).add(trial.trial_id)
+
+
+def completed_trials(experiment: str) -> set[str]:
+    return set(_COMPLETED.get(experiment, ()))
+
+
+def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
+    """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
+    line per report."""
+    return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
+        [ProgressPrinter(max_evals, searched_keys)] if progress else [])
