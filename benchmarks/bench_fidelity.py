@@ -73,7 +73,8 @@ from lt_models.atomic import write_json_atomic
 from lt_models.losses.registry import LossSpec
 from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
 from lt_models.data.samplers import SamplerSpec
-from lt_models.data.synthetic.generate import PRESETS, generate_benchmark
+from lt_models.data.synthetic.layout import PRESETS
+from lt_models.data.synthetic.generate import generate_benchmark
 
 LAMBDAS = (0.5, 0.7, 1.0, 1.5)
 HYBRID_LAM = 0.7

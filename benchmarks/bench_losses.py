@@ -30,7 +30,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lt_models.losses.registry import ACSLLoss, ConcurrentSoftmaxLoss, EQLv2Loss, FederatedLoss, SeesawLoss
+from lt_models.losses.acsl import ACSLLoss
+from lt_models.losses.concurrent_softmax import ConcurrentSoftmaxLoss
+from lt_models.losses.eqlv2 import EQLv2Loss
+from lt_models.losses.federated import FederatedLoss
+from lt_models.losses.seesaw import SeesawLoss
 
 N, K = 8192, 1231
 

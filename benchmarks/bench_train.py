@@ -33,7 +33,9 @@ from torchvision.models.detection.roi_heads import RoIHeads
 
 from lt_models.data.datasets import LVISDetection, collate_detection
 from lt_models.modeling.detector import build_detector
-from lt_models.engine.loop import RandomHorizontalFlip, build_optimizer, train_one_epoch
+from lt_models.data.transforms import RandomHorizontalFlip
+from lt_models.engine.build import build_optimizer
+from lt_models.engine.loop import train_one_epoch
 from lt_models.data.samplers import NonBalanceSampler
 from lt_models.data.synthetic.generate import generate_benchmark
 

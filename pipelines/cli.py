@@ -153,12 +153,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltsweep", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"ltsweep {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    _add_data(sub)
+    _add_train(sub)
+    _add_sweep(sub)
+    _add_eval(sub)
+    _add_confirm(sub)
+    _add_compare(sub)
+    return p
 
+
+def _add_demo(sub) -> None:
+    """`ltsweep demo`."""
     d = sub.add_parser("demo", help="generate the demo benchmark (if absent) and run the embedded demo")
     d.add_argument("--data", type=Path, default=DEFAULT_DEMO_DATA, help="where the demo benchmark lives")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the sweep (default 0)")
     d.set_defaults(func=_cmd_demo)
 
+
+def _add_data(sub) -> None:
+    """`ltsweep data synth|stats|convert-openimages`."""
     data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
         dest="data_command", required=True)
     s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
@@ -168,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output folder (train.json, val.json, hierarchy.json, images/)")
     s.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default 0)")
     s.set_defaults(func=_cmd_data_synth)
+    _add_data_stats(data)
+    _add_convert_openimages(data)
 
+
+def _add_data_stats(data) -> None:
+    """`ltsweep data stats`."""
     s = data.add_parser("stats", help="long-tail and multi-label statistics of an LVIS-format file")
     s.add_argument("annotations", type=Path, help="LVIS-format annotation JSON")
     s.add_argument("--lam", type=float, default=None,
@@ -181,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report a count")
     s.set_defaults(func=_cmd_data_stats)
 
+
+def _add_convert_openimages(data) -> None:
+    """`ltsweep data convert-openimages`."""
     s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
     s.add_argument("--boxes", type=Path, required=True,
         help="boxes CSV (ImageID, LabelName, XMin, XMax, YMin, YMax, ...)")
@@ -206,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reading the images; rows of other images are ignored")
     s.set_defaults(func=_cmd_convert_openimages)
 
+
+def _add_train(sub) -> None:
+    """`ltsweep train`."""
     t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")
     t.add_argument("config", type=Path, help="experiment YAML (a sweep YAML; its space is ignored)")
     t.add_argument("--out", type=Path, default=None, help="output dir (default: from the config)")
@@ -215,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "instead of stopping (= data.skip_invalid: true)")
     t.set_defaults(func=_cmd_train)
 
+
+def _add_sweep(sub) -> None:
+    """`ltsweep sweep`."""
     w = sub.add_parser("sweep", help="run a Ray Tune sweep from a search-space YAML")
     w.add_argument("config", type=Path, help="search-space YAML (see search_spaces/)")
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
@@ -240,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="log the best model on the sweep's MLflow run but do not register it")
     w.set_defaults(func=_cmd_sweep)
 
+
+def _add_eval(sub) -> None:
+    """`ltsweep eval`."""
     e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")
     e.add_argument("--gt", type=Path, required=True, help="ground-truth LVIS-format JSON")
     e.add_argument("--dets", type=Path, required=True, help="COCO results JSON")
@@ -250,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     e.set_defaults(func=_cmd_eval)
 
+
+def _add_confirm(sub) -> None:
+    """`ltsweep confirm`."""
     f = sub.add_parser("confirm", help="rerun the best configurations of a finished sweep with several seeds and "
                                        "say whether the winner's lead is larger than the noise")
     f.add_argument("sweep", help="the sweep's name (its YAML `name:`)")
@@ -260,13 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--tracking-uri", default=None, help="default: sqlite:///<storage-path>/mlflow.db")
     f.set_defaults(func=_cmd_confirm)
 
+
+def _add_compare(sub) -> None:
+    """`ltsweep compare`."""
     c = sub.add_parser("compare", help="best configuration of each sweep side by side (table + PNG)")
     c.add_argument("sweeps", nargs="+", help="sweep names (their YAML `name:`) or run ids of sweep runs")
     c.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///results/mlflow.db)")
     c.add_argument("--out", type=Path, default=Path("compare.png"), help="where to write the PNG of grouped bars")
     c.add_argument("--json", action="store_true", help="print one JSON document (the rows) instead of the table")
     c.set_defaults(func=_cmd_compare)
-    return p
 
 
 def _version() -> str:

@@ -15,7 +15,7 @@ This module imports nothing of the project, Ray or MLflow, so any module may imp
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Mapping
 
 # ---- metric names ------------------------------------------------------------------------------------------------
 #: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune
@@ -118,30 +118,5 @@ def per_class_dict(per_class: Any) -> dict[int, float]:
     return out
 
 
-# ---- the best-trial rule -----------------------------------------------------------------------------------------
-T = TypeVar("T")
 
 
-def best_trial(records: Iterable[T], *, value: Callable[[T], Any], evaluations: Callable[[T], int],
-               failed: Callable[[T], bool], trial_id: Callable[[T], str], mode: str = "max",
-               full_length: int | None = None) -> T | None:
-    """The best trial of a sweep, from any kind of trial record (the sweep's trial summaries, MLflow run rows).
-
-    The accessors read one record: ``value`` its last reported metric (None if it reported none), ``evaluations``
-    how many evaluations it reported, ``failed`` whether it ended with an error, ``trial_id`` Tune's trial id.
-
-    Rule: among trials without error that reported a finite value, keep those that ran ``full_length``
-    evaluations (the full schedule: ASHA's survivors); if none did (or ``full_length`` is not given), keep them
-    all. The best is the largest value (``mode="max"``) or the smallest (``"min"``); of equal values, the largest
-    trial id. None when no trial qualifies.
-    """
-    ok = []
-    for r in records:
-        v = finite_number(value(r))
-        if v is not None and not failed(r):
-            ok.append((v, r))
-    full = [(v, r) for v, r in ok if full_length and evaluations(r) >= full_length] or ok
-    if not full:
-        return None
-    sign = 1.0 if mode == "max" else -1.0
-    return max(full, key=lambda vr: (sign * vr[0], trial_id(vr[1])))[1]

@@ -1,6 +1,12 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures. ``benchmarks/`` is on sys.path: the tests share its fault scenarios (``faults``) and the
+lvis-api oracle (``lvis_oracle``)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ def sweep(tmp_path_factory):
     from ray import tune
 
     from pipelines.mlflow_io.client import make_client
-    from pipelines.analysis.report import search_tagged
+    from pipelines.mlflow_io.reads import search_tagged
     from pipelines.tracking.callback import MLflowSweepCallback
 
     root = tmp_path_factory.mktemp("browser_sweep")

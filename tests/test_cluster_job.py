@@ -197,7 +197,8 @@ def cluster():
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """A 2-trial hybrid sweep (1 stage-1 epoch, 2 stage-2 epochs) on a ~50-image synthetic benchmark at 64 px."""
-    from lt_models.data.synthetic.generate import Preset, generate_benchmark
+    from lt_models.data.synthetic.layout import Preset
+    from lt_models.data.synthetic.generate import generate_benchmark
 
     root = tmp_path_factory.mktemp("cluster_job")
     preset = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25,
@@ -236,7 +237,7 @@ def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
 
     job_id = f"ltsweep-test-{uuid.uuid4().hex[:8]}"
     submit = [cluster["ray"], "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
-              "python", "-m", "pipelines.tune.sweep", str(tiny_sweep["config"])]
+              "python", "-m", "pipelines", "sweep", str(tiny_sweep["config"])]
     out = _run(submit, env, 900, cwd=REPO)  # blocks (tailing the job's logs) until the job ends
     logs = out.stdout[-6000:] + out.stderr[-3000:]
     req = urllib.request.Request(f"{cluster['address']}/api/jobs/{job_id}",

@@ -6,7 +6,7 @@ import torch
 
 from lt_models.data.rate_matrix import concurrent_rate_matrix
 from lt_models.errors import AnnotationError, ConfigError
-from lt_models.losses.registry import ConcurrentSoftmaxLoss
+from lt_models.losses.concurrent_softmax import ConcurrentSoftmaxLoss
 
 # category ids 10, 20, 30, 40, 50 -> contiguous labels 1..5 (K = 6)
 NAMES = {10: "a", 20: "b", 30: "c", 40: "d", 50: "e"}

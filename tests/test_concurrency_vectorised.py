@@ -12,7 +12,8 @@ import lt_models.data.rate_matrix as concurrency
 import lt_models.data.merge as merge
 from lt_models.data.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
 from lt_models.data.rate_matrix import concurrent_rate_matrix
-from lt_models.data.datasets import group_duplicate_boxes, load_lvis_json
+from lt_models.data.merge import group_duplicate_boxes
+from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.synthetic.generate import benchmark_spec, generate_benchmark
 
 

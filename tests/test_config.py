@@ -7,7 +7,8 @@ import yaml
 
 import search_spaces
 from lt_models.errors import ConfigError
-from pipelines.config.load import ExperimentConfig, apply_overrides, load_experiment_config, load_train_config
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.load import apply_overrides, load_experiment_config, load_train_config
 
 
 def _write(tmp_path, cfg: dict, name="exp.yaml"):
@@ -191,7 +192,7 @@ def test_trial_values_are_applied_and_revalidated(tmp_path, base):
 def test_optuna_search_is_optional(tmp_path, base):
     import importlib.util
 
-    from pipelines.tune import sweep
+    from pipelines.tune import cluster, sweep, tuner
 
     base["search"] = {"algorithm": "optuna", "seed": 0}
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
@@ -200,19 +201,19 @@ def test_optuna_search_is_optional(tmp_path, base):
     cfg = load_experiment_config(_write(tmp_path, base))
     if importlib.util.find_spec("optuna") is None:
         with pytest.raises(ConfigError, match="pip install optuna"):
-            sweep._search_alg(cfg, sweep.max_concurrent(cfg))
+            tuner._search_alg(cfg, cluster.max_concurrent(cfg))
     else:
         from ray.tune.search.optuna import OptunaSearch
 
-        assert isinstance(sweep._search_alg(cfg, sweep.max_concurrent(cfg)), OptunaSearch)
+        assert isinstance(tuner._search_alg(cfg, cluster.max_concurrent(cfg)), OptunaSearch)
     base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3}
     cfg = load_experiment_config(_write(tmp_path, base))
-    gen = sweep._search_alg(cfg, sweep.max_concurrent(cfg))
+    gen = tuner._search_alg(cfg, cluster.max_concurrent(cfg))
     assert gen.max_concurrent == 3  # Tune ignores TuneConfig.max_concurrent_trials for a variant generator
 
 
 def test_openimages_metric_needs_the_hierarchy_and_reaches_the_train_spec(tmp_path, base):
-    from pipelines.config.load import train_spec
+    from pipelines.config.spec import train_spec
 
     (tmp_path / "hierarchy.json").write_text(json.dumps({"LabelName": "root"}))
     base["data"]["hierarchy"] = str(tmp_path / "hierarchy.json")
@@ -240,18 +241,18 @@ def test_asha_with_several_seeds_gets_a_note(tmp_path, base):
 
 
 def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
-    from pipelines.tune import sweep
+    from pipelines.tune import cluster, sweep, tuner
     from pipelines.tune.asha import ConfigASHA
 
     base["scheduler"] = {"type": "asha_configs", "time_attr": "images", "grace_period": 160, "reduction_factor": 2,
                          "max_t": 1000}
     base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3, "seeds": [4, 5]}
     cfg = load_experiment_config(_write(tmp_path, base))
-    sched = sweep._scheduler(cfg, sweep.max_concurrent(cfg))
+    sched = tuner._scheduler(cfg, cluster.max_concurrent(cfg))
     assert isinstance(sched, ConfigASHA) and sched.milestones == [160, 320, 640] and sched.seeds == [4, 5]
     assert sched.max_running == 3 and sched.max_t == 1000
     # the variant generator counts paused trials as running, so the scheduler applies the limit instead
-    assert sweep._search_alg(cfg, sweep.max_concurrent(cfg)).max_concurrent == 0
+    assert tuner._search_alg(cfg, cluster.max_concurrent(cfg)).max_concurrent == 0
     base["search"] = {"algorithm": "optuna", "seed": 0}
     with pytest.raises(ConfigError, match="asha_configs .*needs search.algorithm: basic"):
         load_experiment_config(_write(tmp_path, base))
@@ -261,7 +262,7 @@ def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
     from lt_models.losses.registry import LossSpec
     from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER
     from lt_models.data.samplers import SamplerSpec
-    from pipelines.config.load import train_spec
+    from pipelines.config.spec import train_spec
 
     base["stage1"] = {"epochs": 2, "lr": 0.03, "lr_steps": [1]}
     base["stage2"] = {"epochs": 4, "loss": "acsl", "xi": 0.3, "lam": 1.5, "decoupled": True, "samples_per_epoch": 32}
@@ -364,7 +365,7 @@ def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
 
 def test_stage1_loss_scores_and_new_loss_parameters(tmp_path, base):
     from lt_models.losses.registry import LossSpec
-    from pipelines.config.load import train_spec
+    from pipelines.config.spec import train_spec
 
     base["stage1"] = {"epochs": 1, "loss": "acsl"}
     with pytest.raises(ConfigError, match="stage1.loss.*unknown stage-1 loss 'acsl'; use one of softmax, "
@@ -409,24 +410,24 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
 
 
 def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
-    from pipelines.tune import sweep
+    from pipelines.tune import cluster, sweep, tuner
 
     base["scheduler"] = {"type": "asha", "time_attr": "images", "grace_period": 160, "reduction_factor": 2}
     with pytest.raises(ConfigError, match="scheduler.max_t is required with time_attr images"):
         load_experiment_config(_write(tmp_path, base))
     base["scheduler"]["max_t"] = 640
     cfg = load_experiment_config(_write(tmp_path, base))
-    asha = sweep._scheduler(cfg, sweep.max_concurrent(cfg))
+    asha = tuner._scheduler(cfg, cluster.max_concurrent(cfg))
     assert (asha._time_attr, asha._max_t) == ("images", 640)
     assert asha._brackets[0]._rungs[-1][0] == 160  # the first rung: 160 images
     assert cfg.evals_per_trial == math.ceil(cfg.stage2.epochs / cfg.eval.every)  # max_t is not in evaluations
     base["scheduler"] = {"type": "asha", "grace_period": 1, "max_t": 2}
-    asha = sweep._scheduler(load_experiment_config(_write(tmp_path, base)), None)
+    asha = tuner._scheduler(load_experiment_config(_write(tmp_path, base)), None)
     assert (asha._time_attr, asha._max_t) == ("training_iteration", 2)
 
 
 def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
-    from pipelines.config.load import train_spec
+    from pipelines.config.spec import train_spec
 
     assert train_spec(load_experiment_config(_write(tmp_path, base)), "stage1").skip_invalid is False
     base["data"]["skip_invalid"] = True
@@ -434,12 +435,12 @@ def test_skip_invalid_reaches_the_run_spec(tmp_path, base):
 
 
 def test_trials_keep_their_best_checkpoints_by_the_sweep_metric(tmp_path, base):
-    from pipelines.tune import sweep
+    from pipelines.tune.tuner import build_tuner
 
     base["scheduler"] = {"type": "fifo", "metric": "APr", "mode": "max"}
     base["run"] = {"storage_path": str(tmp_path / "results"), "checkpoints_to_keep": 1}
     cfg = load_experiment_config(_write(tmp_path, base))
-    tuner = sweep.build_tuner(cfg, None, trainable_fn=lambda config, experiment, stage1=None, shared=None: None,
+    tuner = build_tuner(cfg, None, trainable_fn=lambda config, experiment, stage1=None, shared=None: None,
                               progress=False)
     ckpt = tuner._local_tuner._run_config.checkpoint_config
     assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == (1, "APr", "max")

@@ -10,7 +10,9 @@ from PIL import Image
 
 from lt_models.data.annotations import fill_frequency, frequency_buckets, load_hierarchy
 from lt_models.data.stats import dataset_stats, format_stats
-from lt_models.data.datasets import LVISDetection, box_iou_xyxy, collate_detection, group_duplicate_boxes, load_lvis_json
+from lt_models.data.datasets import LVISDetection, collate_detection
+from lt_models.data.lvis_json import load_lvis_json
+from lt_models.data.merge import box_iou_xyxy, group_duplicate_boxes
 from lt_models.errors import AnnotationError
 
 # Category ids are deliberately unordered and sparse: labels follow the sorted ids.

@@ -12,7 +12,8 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from lt_models.data.datasets import LVISDetection, collate_detection
 from lt_models.modeling.detector import MultiLabelRoIHeads, TinyBody, build_detector, set_decoupled
-from lt_models.engine.loop import build_optimizer, train_one_epoch
+from lt_models.engine.build import build_optimizer
+from lt_models.engine.loop import train_one_epoch
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import build_loss
 

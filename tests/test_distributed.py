@@ -28,11 +28,13 @@ import yaml
 from lt_models.engine.distributed import eval_batches
 from lt_models.errors import ConfigError
 from lt_models.data.synthetic.generate import generate_benchmark
+from pipelines.config import identity
 from pipelines.tune import stage1 as pretrain
 from pipelines.tune import sweep
 from pipelines.tune import workers as train_workers
-from pipelines.config.load import compute, load_experiment_config, parse_config
-from pipelines.tune.trainable import trial_resources
+from pipelines.config.spec import compute
+from pipelines.config.load import load_experiment_config, parse_config
+from pipelines.tune.cluster import trial_resources
 from test_sweep_e2e import TINY, trial_results
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module by name
@@ -92,9 +94,9 @@ def test_stage1_key_tells_a_multi_worker_stage1_from_a_one_process_one(tmp_path)
     raw = {"name": "x", "data": {"train": str(train), "val": str(train)}}
     one = parse_config(raw, check_data=False)
     two = parse_config(dict(raw, resources={"workers_per_trial": 2}), check_data=False)
-    assert "workers_per_trial" not in pretrain.stage1_identity(one)  # existing caches keep their keys
-    assert pretrain.stage1_identity(two)["workers_per_trial"] == 2  # total batch 2 x batch_size: other weights
-    assert pretrain.stage1_key(one) != pretrain.stage1_key(two)
+    assert "workers_per_trial" not in identity.stage1_identity(one)  # existing caches keep their keys
+    assert identity.stage1_identity(two)["workers_per_trial"] == 2  # total batch 2 x batch_size: other weights
+    assert identity.stage1_key(one) != identity.stage1_key(two)
 
 
 def test_evaluation_batches_are_the_single_process_batches_dealt_round_robin():
@@ -295,8 +297,9 @@ def test_retried_trial_resumes_from_its_last_checkpoint(two_worker_sweep):
 
 @pytest.mark.slow
 def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_worker_sweep):
-    from lt_models.engine import loop as engine
+    from lt_models import engine
     from lt_models.data.datasets import LVISDetection
+    from lt_models.engine import build
     from lt_models.engine.inference import load_detector
     from lt_models.engine.spec import TrainSpec
 
@@ -310,7 +313,7 @@ def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_wo
     train_ds = LVISDetection(spec.train_ann, hierarchy_file=spec.hierarchy_file, train=True)
     val_ds = LVISDetection(spec.val_ann, hierarchy_file=spec.hierarchy_file, train=False)
     model, _ = load_detector(ckpt)
-    loader = engine._val_loader(val_ds, spec, torch.device("cpu"), 0, 1)
+    loader = build.val_loader(val_ds, spec, torch.device("cpu"), 0, 1)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as on the workers (cpus_per_worker: 1)
     try:

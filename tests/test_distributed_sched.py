@@ -3,7 +3,7 @@
 Each multi-worker trial asks Tune only for its Ray Train driver; Ray Train reserves the workers itself. On a
 3-CPU Ray (a 1-CPU driver + 2 workers of 1 CPU each = 3 CPUs per trial) Tune would start a driver per CPU, the
 drivers would hold the CPUs the workers need, and nothing would ever train. `ResourcesConfig.trials_that_fit` and
-`train_workers.concurrent_trials_cap` cap the sweep (and the stage-1 runs of several seeds) at what fits.
+`cluster.concurrent_trials_cap` cap the sweep (and the stage-1 runs of several seeds) at what fits.
 
 Fast: the packing rule on hand-made clusters, the error when nothing fits, and how the cap meets
 `search.max_concurrent_trials`. Slow: a real sweep (2 seeds, 2 configurations, `asha_configs`, 2 workers per
@@ -52,7 +52,7 @@ def test_trials_that_fit_counts_the_driver_and_every_worker_bundle():
 def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkeypatch):
     import ray
 
-    from pipelines.tune import workers as train_workers
+    from pipelines.tune import cluster
 
     cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"},
                         "resources": {"workers_per_trial": 4, "cpus_per_worker": 1}},
@@ -60,26 +60,25 @@ def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkey
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 1e9}},
                                                {"Alive": False, "Resources": {"CPU": 64.0}}])
     with pytest.raises(ConfigError) as exc:
-        train_workers.concurrent_trials_cap(cfg)
+        cluster.concurrent_trials_cap(cfg)
     msg = str(exc.value)
     assert "workers_per_trial = 4" in msg and "{'CPU': 4.0}" in msg and "lower workers_per_trial" in msg
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 11.0}}])
-    assert train_workers.concurrent_trials_cap(cfg) == 2  # 11 // (1 + 4)
+    assert cluster.concurrent_trials_cap(cfg) == 2  # 11 // (1 + 4)
     one = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"}}, source="x.yaml", check_data=False)
-    assert train_workers.concurrent_trials_cap(one) is None  # one-process trials: Tune schedules them itself
+    assert cluster.concurrent_trials_cap(one) is None  # one-process trials: Tune schedules them itself
 
 
 @pytest.mark.parametrize("wanted, fit, expected, noted", [(None, 2, 2, True), (5, 2, 2, True), (1, 2, 1, False),
                                                           (3, None, 3, False), (None, None, None, False)])
 def test_the_cap_lowers_max_concurrent_trials_and_says_so(monkeypatch, capsys, wanted, fit, expected, noted):
-    from pipelines.tune import sweep
-    from pipelines.tune import workers as train_workers
+    from pipelines.tune import cluster
 
     search = {} if wanted is None else {"max_concurrent_trials": wanted}
     cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"}, "search": search},
                        source="x.yaml", check_data=False)
-    monkeypatch.setattr(train_workers, "concurrent_trials_cap", lambda c: fit)
-    assert sweep.max_concurrent(cfg) == expected
+    monkeypatch.setattr(cluster, "concurrent_trials_cap", lambda c: fit)
+    assert cluster.max_concurrent(cfg) == expected
     assert ("note: at most" in capsys.readouterr().out) == noted
 
 

@@ -20,14 +20,11 @@ simulated (tests/test_atomic.py, tests/test_engine.py). The benchmark runs all o
 Every wait is a bounded poll on files or processes; the subprocess drivers run their own local Ray in temp dirs of
 their own, and every process of theirs is accounted for (and killed if it outlives its driver).
 """
-import sys
-from pathlib import Path
 
 import pytest
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import faults as fs  # noqa: E402
+import faults as fs
 
 pytestmark = pytest.mark.slow
 

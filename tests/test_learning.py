@@ -18,7 +18,8 @@ import torch
 from lt_models.data.datasets import LVISDetection, collate_detection
 from lt_models.modeling.detector import build_detector
 from lt_models.engine.checkpoint import load_model_weights
-from lt_models.engine.loop import predict, train
+from lt_models.engine.validation import predict
+from lt_models.engine.loop import train
 from lt_models.engine.spec import TrainSpec
 from lt_models.evaluation import evaluate_lvis
 from lt_models.data.synthetic.generate import generate_benchmark

@@ -20,9 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models.losses import registry as losses
+from lt_models import losses
 from lt_models.errors import ConfigError
-from lt_models.losses.registry import ACSLLoss, ConcurrentSoftmaxLoss, build_loss
+from lt_models.losses.acsl import ACSLLoss
+from lt_models.losses.concurrent_softmax import ConcurrentSoftmaxLoss
+from lt_models.losses.registry import build_loss
 
 K = 7
 
@@ -379,7 +381,7 @@ def test_loss_spec_params_belong_to_their_loss():
     with pytest.raises(ConfigError, match="must be an integer >= 1"):
         losses.LossSpec("federated", fed_num_classes=0)
     for name, params in losses.LOSS_PARAMS.items():
-        assert name in losses.LOSSES and set(params) <= set(losses._PARAM_CHECKS)
+        assert name in losses.LOSSES and set(params) <= set(losses.registry._PARAM_CHECKS)
 
 
 def test_build_loss_names_and_errors():

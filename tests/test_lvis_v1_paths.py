@@ -8,7 +8,8 @@ import yaml
 from PIL import Image
 
 import search_spaces
-from lt_models.data.datasets import LVISDetection, image_file_name
+from lt_models.data.datasets import LVISDetection
+from lt_models.data.lvis_json import image_file_name
 from lt_models.errors import AnnotationError
 
 URL = "http://images.cocodataset.org"

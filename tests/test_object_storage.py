@@ -17,20 +17,19 @@ import logging
 import os
 import re
 import socket
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import yaml
 
+from pipelines.storage import stage1_cache
 from pipelines.tune import stage1 as pretrain
 from pipelines.storage import location as storage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 # the tiny sweep of the fault tests, its bounded wait and its subprocess driver
-from faults.common import REPO, TINY, Workspace, config_dict, wait_for  # noqa: E402
-from faults.processes import Driver  # noqa: E402
+from faults.common import REPO, TINY, Workspace, config_dict, wait_for
+from faults.processes import Driver
 
 BUCKET = "ltsweep-test"
 EPOCHS = 3
@@ -130,7 +129,7 @@ def test_locations_keep_their_query_and_local_paths_stay_paths(tmp_path):
     assert storage.join(tmp_path, "a") == tmp_path / "a" and storage.as_location("results") == Path("results")
     assert storage.as_location(uri) == uri  # not Path's "s3:/b/p"
     assert storage.node_local_dir(tmp_path) == tmp_path
-    from pipelines.config.experiment import RunSettings
+    from pipelines.config.run_settings import RunSettings
 
     run = RunSettings(storage_path=uri)
     assert run.storage_path == uri and RunSettings.model_validate_json(run.model_dump_json()).storage_path == uri
@@ -268,7 +267,7 @@ def test_two_concurrent_stage1_trainings_on_s3_train_once(stage1_cfg, s3):
     assert json.loads(s3.read(f"{prefix}/meta.json"))["files"] == {
         "checkpoint.pt": hashlib.sha256(b"weights").hexdigest()}
     assert pretrain.verify_stage1(a.path) is None
-    local = Path(pretrain.local_stage1(str(a.checkpoint_dir)))  # what a trial restores: a verified node-local copy
+    local = Path(stage1_cache.local_stage1(str(a.checkpoint_dir)))  # what a trial restores: a verified node-local copy
     assert (local / "checkpoint.pt").read_bytes() == b"weights" and local.is_relative_to(storage.cache_root())
 
 

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from lt_models.data.annotations import load_hierarchy, name_to_cat_id
-from lt_models.data.datasets import LVISDetection, load_lvis_json
+from lt_models.data.datasets import LVISDetection
+from lt_models.data.lvis_json import load_lvis_json
 from lt_models.errors import AnnotationError
 from lt_models.data.openimages.convert import convert_openimages
 

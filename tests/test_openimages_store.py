@@ -337,8 +337,9 @@ def test_a_sweep_config_takes_a_store_as_data_train(tmp_path):
     meta.json (so a rebuilt store from other CSVs gets another fingerprint); data.val stays a JSON file."""
     import yaml
 
-    from pipelines.tune import stage1 as pretrain
-    from pipelines.config.load import ConfigError, load_experiment_config
+    from pipelines.config import identity
+    from lt_models.errors import ConfigError
+    from pipelines.config.load import load_experiment_config
 
     files, sizes, images = _random_case(tmp_path, 50)
     convert_openimages_store(*files, tmp_path / "store", image_sizes=sizes, image_dir=images, block_size=BLOCK,
@@ -351,11 +352,11 @@ def test_a_sweep_config_takes_a_store_as_data_train(tmp_path):
         return load_experiment_config(tmp_path / "c.yaml")
 
     cfg = config(tmp_path / "store", tmp_path / "val.json")
-    first = pretrain._fingerprint(cfg)
+    first = identity._fingerprint(cfg)
     with pytest.raises(ConfigError, match=r"data.val: dataset file not found"):
         config(tmp_path / "store", tmp_path / "store")
     with pytest.raises(ConfigError, match=r"data.train: dataset file not found"):
         config(tmp_path / "nostore", tmp_path / "val.json")
     _random_case(tmp_path, 51)                                  # other CSVs, same paths
     convert_openimages_store(*files, tmp_path / "store", image_sizes=sizes, image_dir=images)
-    assert pretrain._fingerprint(cfg) != first
+    assert identity._fingerprint(cfg) != first

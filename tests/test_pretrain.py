@@ -7,6 +7,7 @@ import pytest
 import torch
 import yaml
 
+from pipelines.config import identity
 from pipelines.tune import stage1 as pretrain
 from pipelines.config.load import load_experiment_config
 
@@ -65,11 +66,11 @@ def test_key_depends_on_stage1_config_and_data_only(cfg_factory):
     assert pretrain.stage1_key(cfg_factory(stage1__lr=0.01)) != base
     assert pretrain.stage1_key(cfg_factory(model__backbone="resnet18_fpn")) != base
     assert pretrain.stage1_key(cfg_factory(seed=1)) != base
-    pretrain._FINGERPRINTS.clear()
+    identity._FINGERPRINTS.clear()
     (cfg_factory.data / "images" / "b.png").write_bytes(b"y")                             # image list changed
     k2 = pretrain.stage1_key(cfg_factory())
     assert k2 != base
-    pretrain._FINGERPRINTS.clear()
+    identity._FINGERPRINTS.clear()
     (cfg_factory.data / "train.json").write_text(json.dumps({"images": [{"id": 2}]}))     # annotations changed
     assert pretrain.stage1_key(cfg_factory()) not in (base, k2)
 
@@ -78,7 +79,7 @@ def test_fingerprint_covers_images_below_a_coco_root(cfg_factory):
     data = cfg_factory.data
     # a flat image folder: the annotation bytes, then "\n<name>\t<size>" per image in name order (by hand)
     flat = hashlib.sha256((data / "train.json").read_bytes() + b"\na.png\t10").hexdigest()
-    pretrain._FINGERPRINTS.clear()
+    identity._FINGERPRINTS.clear()
     assert pretrain.dataset_fingerprint(cfg_factory()) == flat
     # a COCO root (train2017/, val2017/): the images below it count, by their path under the root
     coco = data / "coco"
@@ -86,12 +87,12 @@ def test_fingerprint_covers_images_below_a_coco_root(cfg_factory):
     (coco / "val2017").mkdir()
     (coco / "train2017" / "1.jpg").write_bytes(b"x" * 3)
     (coco / "val2017" / "2.jpg").write_bytes(b"x" * 4)
-    pretrain._FINGERPRINTS.clear()
+    identity._FINGERPRINTS.clear()
     first = pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco)))
     assert first == hashlib.sha256((data / "train.json").read_bytes()
                                    + b"\ntrain2017/1.jpg\t3\nval2017/2.jpg\t4").hexdigest()
     (coco / "val2017" / "2.jpg").write_bytes(b"x" * 5)  # an image below the root changed
-    pretrain._FINGERPRINTS.clear()
+    identity._FINGERPRINTS.clear()
     assert pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco))) != first
 
 

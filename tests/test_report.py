@@ -17,7 +17,9 @@ from lt_models.errors import ConfigError
 from pipelines.mlflow_io.client import default_tracking_uri, open_store
 from pipelines.tracking.writer import log_pretrain_run
 from pipelines.analysis.compare import compare_sweeps, format_compare_table
-from pipelines.analysis.report import build_sweep_report, plot_ap_by_rank, search_tagged
+from pipelines.analysis.report import build_sweep_report
+from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.mlflow_io.reads import search_tagged
 from pipelines.tracking.callback import MLflowSweepCallback
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,7 +11,7 @@ def test_custom_resources_reach_every_trial_and_stage1(tmp_path, base, monkeypat
     import sys
 
     from pipelines.tune import stage1 as pretrain
-    from pipelines.tune.trainable import trial_resources
+    from pipelines.tune.cluster import trial_resources
 
     assert trial_resources(load_experiment_config(_write(tmp_path, base))) == {"cpu": 1.0, "gpu": 0.0}
     base["resources"] = {"cpus_per_trial": 2, "custom": {"node2": 0.5}}

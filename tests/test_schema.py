@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from pipelines.analysis.report import best_row
-from pipelines.names import best_trial, per_class_dict
+from pipelines.analysis.aggregate import best_trial
+from pipelines.names import per_class_dict
 from pipelines.analysis.summary import TrialSummary, summarize
 
 FAILED = "failed"

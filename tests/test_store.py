@@ -19,7 +19,8 @@ from PIL import Image
 from lt_models.data.annotations import (category_frequencies, category_image_counts, hierarchy_ancestors, load_hierarchy,
                                    name_to_cat_id)
 from lt_models.data.rate_matrix import concurrent_rate_matrix
-from lt_models.data.datasets import LVISDetection, dataset_store, load_lvis_json
+from lt_models.data.datasets import LVISDetection, dataset_store
+from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
 from lt_models.data.samplers import SamplerSpec, build_sampler
 from lt_models.data.store import StoreError, open_store

@@ -15,14 +15,14 @@ import ray.cloudpickle
 import yaml
 from ray import tune
 
-from lt_models.data.synthetic.generate import Preset, generate_benchmark
+from lt_models.data.synthetic.layout import Preset
+from lt_models.data.synthetic.generate import generate_benchmark
 from pipelines.tune import stage1 as pretrain
 from pipelines.tune import sweep
 from pipelines.tune import trainable
 from pipelines.config.load import load_experiment_config
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from faults.stand_ins import InterruptAfterFirstTrial  # noqa: E402  (Ctrl+C once the first trial completes)
+from faults.stand_ins import InterruptAfterFirstTrial  # Ctrl+C once the first trial completes
 
 pytestmark = pytest.mark.slow
 
@@ -340,7 +340,7 @@ def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_
     from mlflow import MlflowClient
 
     from lt_models.data.datasets import LVISDetection, collate_detection
-    from lt_models.engine.loop import predict
+    from lt_models.engine.validation import predict
     from lt_models.evaluation import evaluate_lvis, evaluate_openimages
     from lt_models.engine.inference import load_detector
 

@@ -8,8 +8,11 @@ import pytest
 from PIL import Image
 
 from lt_models.data.annotations import frequency_buckets
-from lt_models.data.datasets import MERGE_IOU, group_duplicate_boxes, load_lvis_json
-from lt_models.data.synthetic.generate import PRESETS, SHAPES, benchmark_spec, generate_benchmark, shape_mask, zipf_targets
+from lt_models.data.merge import MERGE_IOU, group_duplicate_boxes
+from lt_models.data.lvis_json import load_lvis_json
+from lt_models.data.synthetic.layout import PRESETS, SHAPES, zipf_targets
+from lt_models.data.synthetic.generate import benchmark_spec, generate_benchmark
+from lt_models.data.synthetic.render import shape_mask
 
 
 def _objects(spec_split):

@@ -25,10 +25,12 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from pipelines import cli  # noqa: E402
-from pipelines.analysis.report import search_tagged  # noqa: E402
+from pipelines.mlflow_io.reads import search_tagged  # noqa: E402
 from pipelines.names import MLFLOW_TRIAL_METRICS  # noqa: E402
 # default_tracking_uri and log_pretrain_run through tracking's re-exports, which pretrain.py and sweep.py use
-from pipelines.tracking.callback import MLflowSweepCallback, default_tracking_uri, log_pretrain_run  # noqa: E402
+from pipelines.tracking.callback import MLflowSweepCallback
+from pipelines.mlflow_io.client import default_tracking_uri
+from pipelines.tracking.writer import log_pretrain_run  # noqa: E402
 
 CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = common, 1 = rare
 

@@ -24,7 +24,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from lt_models.data.synthetic.generate import Preset, generate_benchmark
+from lt_models.data.synthetic.layout import Preset
+from lt_models.data.synthetic.generate import generate_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the venv's interpreter
@@ -315,7 +316,7 @@ def check_sweep(o: Outcome, cfg, *, epochs: int, diverging: tuple = (), expected
     """The common checks of a recovered sweep: every grid configuration has a trial that ran epochs 1..E exactly once
     each (TERMINATED), or ended in ERROR without a report when its λ is in `diverging`; MLflow as in check_mlflow;
     every kept checkpoint loads; the exit code follows the rule. Returns Tune's trials."""
-    from pipelines.tune.sweep import experiment_path, tracking_uri_for
+    from pipelines.tune.tuner import experiment_path, tracking_uri_for
 
     if expected_exit is not None:
         o.exit_code(label, exit_code, expected_exit)

@@ -38,7 +38,7 @@ def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     Asserts: no process of the killed driver's Ray outlives a bounded wait; the resume exits 0; the finished trials'
     result.json are byte-identical; stage 1 was not trained again (same cache, same meta.json, "reused"); every
     trial reports epochs 1..E once; one MLflow run per trial, FINISHED, none RUNNING; every kept checkpoint loads."""
-    from pipelines.tune.sweep import experiment_path
+    from pipelines.tune.tuner import experiment_path
 
     o = Outcome("driver_kill")
     store = ws.store(f"driver-kill-{run}")
@@ -113,7 +113,7 @@ def two_drivers(ws: Workspace, run: int = 0, *, epochs: int = 1) -> Outcome:
     o.check(len(caches) == 1, f"stage-1 cache directories: {caches}")
     from mlflow import MlflowClient
 
-    from pipelines.tune.sweep import tracking_uri_for
+    from pipelines.tune.tuner import tracking_uri_for
 
     names = [e.name for e in MlflowClient(tracking_uri_for(cfgs[0][1])).search_experiments()]
     for (_, cfg), rc, d in zip(cfgs, rcs, drivers):

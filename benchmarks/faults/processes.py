@@ -102,7 +102,7 @@ class Driver:
         env.update({"RAY_TMPDIR": self.temp_dir, TAG_ENV: self.tag, "PYTHONUNBUFFERED": "1"})
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "pipelines.tune.sweep", *args], cwd=REPO, env=env, stdout=out,
+            self.proc = subprocess.Popen([PYTHON, "-m", "pipelines", "sweep", *args], cwd=REPO, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
 
     def check_alive(self) -> None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from lt_models.data.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
-from lt_models.data.datasets import load_lvis_json
+from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.store import META as STORE_META, AnnotationStore, open_store
 from lt_models.errors import AnnotationError, ConfigError
 from lt_models.data.merge import MERGE_IOU, co_label_counts, object_ids

@@ -22,7 +22,7 @@ import numpy as np
 from lt_models.data.annotations import (COMMON_MAX, FREQ_LABELS, RARE_MAX, category_frequencies, category_image_counts,
                                    hierarchy_ancestors, load_hierarchy, name_to_cat_id)
 from lt_models.atomic import atomic_path
-from lt_models.data.datasets import load_lvis_json
+from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
 from lt_models.data.samplers import soft_balance_probabilities
 

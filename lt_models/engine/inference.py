@@ -15,18 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lt_models.data.datasets import LVISDetection
+from lt_models.engine.build import build_run_loss
 from lt_models.engine.checkpoint import load_model_weights
-from lt_models.errors import ConfigError
 from lt_models.engine.spec import TrainSpec
+from lt_models.errors import ConfigError
+from lt_models.modeling.detector import build_detector
 
 
 def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tuple[torch.nn.Module, list[int]]:
     """The detector of ``checkpoint_dir`` in eval mode, on the CPU, and ``label_to_cat_id`` (contiguous label l ->
     the dataset's category id; index 0 is the background). ``shared``: the engine's shared loss inputs, if at hand."""
-    from lt_models.data.datasets import LVISDetection
-    from lt_models.modeling.detector import build_detector
-    from lt_models.engine.loop import build_loss
-
     d = Path(checkpoint_dir)
     if not (d / "spec.json").is_file():
         raise ConfigError(f"{str(d)!r} is not an ltsweep checkpoint directory (no spec.json beside checkpoint.pt)")
@@ -34,7 +33,7 @@ def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tup
     train_ds = LVISDetection(spec.train_ann, spec.train_image_dir, hierarchy_file=spec.hierarchy_file,
                              expand_parents=spec.expand_parents, train=True, skip_invalid=spec.skip_invalid)
     norm = "frozen_bn" if (spec.weights is not None and spec.backbone != "tiny") else "bn"
-    model = build_detector(train_ds.num_classes, spec.backbone, build_loss(spec, train_ds, shared),
+    model = build_detector(train_ds.num_classes, spec.backbone, build_run_loss(spec, train_ds, shared),
                            image_size=spec.image_size, norm=norm, box_reg_labels=spec.box_reg_labels)
     load_model_weights(d, model)
     return model.eval(), list(train_ds.label_to_cat_id)

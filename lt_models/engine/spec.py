@@ -17,10 +17,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from lt_models.modeling.detector import BACKBONES, DECOUPLED_MODES
+from lt_models.data.samplers import SamplerSpec
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import LossSpec
-from lt_models.data.samplers import SamplerSpec
+from lt_models.modeling.detector import BACKBONES, DECOUPLED_MODES
 
 STAGES = ("stage1", "stage2", "one_stage")
 EVAL_METRICS = ("lvis", "openimages")  # how a run evaluates: LVIS AP, or the Open Images challenge AP@0.5

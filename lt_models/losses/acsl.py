@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.concurrent_softmax import check_inputs, compute_dtype, label_pairs
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
 
 FREQUENCY_CODES = ("r", "c", "f")

@@ -5,77 +5,29 @@ eq 5 (scores at inference).
 Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background.
 The concurrent-rate matrix r [K, K] is kept as CSR arrays (:func:`rate_to_csr`); everything that depends on the
 labels or on r is done on gathered entries only, and one N×K buffer allocated in forward becomes the gradient in
-backward. Eq 5 runs over row blocks on a pool of single-threaded workers (:func:`_row_pool`).
-
-Also home of the helpers shared by every loss (:func:`check_inputs`, :func:`compute_dtype`, :func:`label_pairs`,
-:func:`map_row_blocks`, which Seesaw uses too).
+backward. Eq 5 runs over row blocks on a pool of single-threaded workers (``kernels.map_row_blocks``).
 """
 from __future__ import annotations
 
-import os
-import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from lt_models.errors import ConfigError
+from lt_models.losses.kernels import take, check_inputs, compute_dtype, label_pairs, map_row_blocks
 
 # A concurrent-softmax denominator D_k (normalised by the row's softmax sum) below this value is recomputed exactly
 # with a log-sum-exp over the row instead of "1 - (masses of the excluded classes)", which would lose digits.
 ILL_CONDITIONED = 1.0 / 32.0
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Inputs, shared by every loss
-# ----------------------------------------------------------------------------------------------------------------
-
-def check_inputs(logits: Tensor, targets: Tensor) -> None:
-    """Raise ValueError unless ``logits`` is floating [N, K] (K >= 2) and ``targets`` has the same shape."""
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must be [N, K] with K >= 2 (column 0 = background), got {tuple(logits.shape)}")
-    if targets.shape != logits.shape:
-        raise ValueError(f"targets must be multi-hot [N, K] like logits {tuple(logits.shape)}, got "
-                         f"{tuple(targets.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
 
-def compute_dtype(logits: Tensor) -> torch.dtype:
-    """The dtype a loss computes in: half / bfloat16 logits (AMP) are computed in float32 (the gradient is cast
-    back to the logits' dtype)."""
-    return logits.dtype if logits.dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _take(t: Tensor, flat: Tensor) -> Tensor:
-    """t.view(-1)[flat]; index_select is much cheaper than advanced indexing on CPU."""
-    return t.reshape(-1).index_select(0, flat)
 
 
-def label_pairs(y: Tensor) -> tuple[Tensor, Tensor]:
-    """(row, column) of every non-zero entry of a 0/1 target matrix.
-
-    One matrix-vector pass instead of ``nonzero`` over N×K. With L a row's label set, code = Σ_{l∈L} (l + 1).
-    If m = code − 1 is itself a label, Σ_{l∈L, l≠m} (l + 1) = 0, so L = {m}: "y[code − 1] = 1" holds exactly for the
-    single-label rows. The other rows with labels (multi-label) go through ``nonzero`` on just those rows.
-    """
-    n, k = y.shape
-    if y.dtype != torch.float64 and k * (k + 1) // 2 >= 1 << 24:  # codes would not be exact in float32
-        return torch.nonzero(y, as_tuple=True)
-    code = torch.mv(y, torch.arange(1, k + 1, dtype=y.dtype, device=y.device))
-    cand = code.round().clamp(1, k).to(torch.int64) - 1
-    rows_all = torch.arange(n, device=y.device)
-    single = (_take(y, rows_all * k + cand) == 1) & (code == cand + 1)
-    rows = torch.nonzero(single).squeeze(1)
-    cols = cand.index_select(0, rows)
-    multi = torch.nonzero(~single & (code != 0)).squeeze(1)
-    if multi.numel():
-        sub_rows, sub_cols = torch.nonzero(y.index_select(0, multi), as_tuple=True)
-        rows = torch.cat([rows, multi.index_select(0, sub_rows)])
-        cols = torch.cat([cols, sub_cols])
-    return rows, cols
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,14 +115,14 @@ class _ConcurrentSoftmaxFunction(torch.autograd.Function):
         logp = torch.log_softmax(z, dim=1)
         rows, ks = label_pairs(y)
         flat = rows * k + ks
-        lp_k = _take(logp, flat)
+        lp_k = take(logp, flat)
         p_k = lp_k.exp()
         label_mass = torch.zeros(n, dtype=dtype, device=z.device).index_add_(0, rows, p_k)
         # non-zeros j of r's row k, for every label k; (1 - y_j) drops the row's other labels.
         entry, j, r = _expand_rows(ks, crow, col, val)
         tflat = rows.index_select(0, entry) * k + j
-        rate = r.to(dtype) * (1.0 - _take(y, tflat))
-        p_j = _take(logp, tflat).exp()
+        rate = r.to(dtype) * (1.0 - take(y, tflat))
+        p_j = take(logp, tflat).exp()
         excluded = torch.zeros(ks.numel(), dtype=dtype, device=z.device).index_add_(0, entry, rate * p_j)
         # D_k / S = p_k + Σ_{j∉K} p_j - Σ_{j∉K} r_kj p_j = p_k + (1 - Σ_{l∈K} p_l) - excluded_k
         d = p_k + (1.0 - label_mass.index_select(0, rows)) - excluded
@@ -183,7 +135,7 @@ class _ConcurrentSoftmaxFunction(torch.autograd.Function):
             z_rows = z.index_select(0, ex_rows)
             logd, weights = _exact_denominators(z_rows, 1.0 - y.index_select(0, ex_rows), ex_ks, crow, col, val,
                                                 shares=True)  # weights: w_kj e^{z_j} / D_k
-            log_sigma.index_copy_(0, exact, _take(z, flat.index_select(0, exact)) - logd)
+            log_sigma.index_copy_(0, exact, take(z, flat.index_select(0, exact)) - logd)
             weights[torch.arange(exact.numel(), device=z.device), ex_ks] = 0.0  # the label entry is set apart
         ctx.buffer = logp  # becomes the gradient in backward (no second N×K allocation)
         ctx.logits_dtype = logits.dtype
@@ -267,63 +219,14 @@ def _eq5_rows(z: Tensor, out: Tensor, rate: Tensor) -> Tensor | None:
     return bad
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
 
 
-def _forget_pools_after_fork() -> None:
-    """A forked child (e.g. a DataLoader worker) has none of the parent's threads: start fresh pools there."""
-    global _POOLS_LOCK
-    _POOLS.clear()
-    _POOLS_LOCK = threading.Lock()
 
 
-os.register_at_fork(after_in_child=_forget_pools_after_fork)
 
 
-def _row_pool(n_threads: int) -> ThreadPoolExecutor:
-    """``n_threads`` worker threads whose torch ops run single-threaded.
-
-    Intra-op parallelism splits every op statically over the OpenMP threads, so a long sequence of small ops stalls
-    whenever another process holds one of the cores. Workers that take row blocks from a queue balance dynamically
-    instead. OpenMP's and MKL's thread counts are per thread, so ``torch.set_num_threads(1)`` in a worker leaves the
-    caller's setting alone; the process-wide default it also overwrites is restored before returning.
-    """
-    with _POOLS_LOCK:
-        pool = _POOLS.get(n_threads)
-        if pool is None:
-            barrier = threading.Barrier(n_threads + 1)
-
-            def single_threaded() -> None:
-                torch.get_num_threads()  # torch's lazy per-thread init first, so it cannot undo the next line
-                torch.set_num_threads(1)
-                barrier.wait()
-
-            pool = ThreadPoolExecutor(n_threads, thread_name_prefix="ltsweep-rows", initializer=single_threaded)
-            for _ in range(n_threads):
-                pool.submit(int)
-            barrier.wait()
-            torch.set_num_threads(n_threads)
-            _POOLS[n_threads] = pool
-    return pool
 
 
-def map_row_blocks(fn: Callable[[int, int], Tensor | None], n_rows: int, block: int) -> list[tuple[int, Tensor]]:
-    """Call ``fn(start, stop)`` on consecutive row blocks (in parallel on CPU); collect non-None results."""
-    starts = list(range(0, n_rows, block))
-    n_threads = torch.get_num_threads()
-    if n_threads <= 1 or len(starts) < 4:
-        results = [(s, fn(s, min(s + block, n_rows))) for s in starts]
-    else:
-        per_task = max(1, len(starts) // (8 * n_threads))
-
-        def task(group: list[int]) -> list[tuple[int, Tensor | None]]:
-            return [(s, fn(s, min(s + block, n_rows))) for s in group]
-
-        pool = _row_pool(n_threads)
-        futures = [pool.submit(task, starts[i:i + per_task]) for i in range(0, len(starts), per_task)]
-        results = [item for f in futures for item in f.result()]
-    return [(s, r) for s, r in results if r is not None]
 
 
 def concurrent_softmax_scores(logits: Tensor, crow: Tensor, col: Tensor, val: Tensor,
@@ -334,7 +237,7 @@ def concurrent_softmax_scores(logits: Tensor, crow: Tensor, col: Tensor, val: Te
         σ†_i = e^{z_i} / Σ_j (1 − r_ij) e^{z_j} = p_i / (1 − Σ_j r_ij p_j),    p = softmax(z)
 
     With r = 0 this is softmax. The subtracted sums are a sparse (CSR) product r·pᵀ computed on blocks of rows
-    that stay in cache (on CPU by single-threaded workers, see ``_row_pool``), never N×K×K. Entries whose
+    that stay in cache (on CPU by single-threaded workers, see ``kernels.map_row_blocks``), never N×K×K. Entries whose
     denominator is < 1/32 (a class j with r_ij ≈ 1 taking almost all the mass) are recomputed exactly by a
     log-sum-exp over their row, so ±1e4 logits give exact scores in (0, 1].
     """

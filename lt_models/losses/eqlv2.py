@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.concurrent_softmax import check_inputs, compute_dtype, label_pairs
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
 
 EQLV2_DEFAULTS = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.concurrent_softmax import check_inputs, compute_dtype, label_pairs
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
 
 FED_NUM_SAMPLED = 50  # detectron2 FED_LOSS_NUM_CLASSES / CenterNet2 FED_LOSS_NUM_CAT

@@ -39,7 +39,7 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from lt_models.losses.concurrent_softmax import compute_dtype, map_row_blocks
+from lt_models.losses.kernels import compute_dtype, map_row_blocks
 from lt_models.errors import ConfigError
 
 DEFAULT_P = 0.8  # paper §4.1 ("hyper-parameter p = 0.8, q = 2") and mmdetection SeesawLoss(p=0.8, q=2.0)

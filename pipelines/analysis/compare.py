@@ -17,7 +17,9 @@ from typing import Any, Mapping, Sequence
 from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import ConfigError
 from pipelines.analysis import aggregate
-from pipelines.analysis.report import _figure, _fmt, _num, _png_bytes, latest_sweep_run, row_configs, trial_rows
+from pipelines.analysis.plots import new_figure, fmt_metric, metric_or_none, png_bytes
+from pipelines.mlflow_io.reads import latest_sweep_run, trial_rows
+from pipelines.analysis.report import row_configs
 from pipelines.names import (BUCKET_METRICS, MAX_T_TAG, METRIC_TAG, MODE_TAG, REPORT_TABLE_METRICS, ROLE_SWEEP,
                               ROLE_TAG, SEARCHED_KEYS_TAG)
 
@@ -43,7 +45,7 @@ def _resolve(client, name: str):
 def _ci(row: Mapping[str, Any], m: str) -> str:
     st = row.get("stats", {}).get(m)
     if st is None:
-        return _fmt(row.get(m))
+        return fmt_metric(row.get(m))
     return "n/a" if st.n == 0 else st.text()
 
 
@@ -65,12 +67,12 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     """Grouped bars: mean AP, APr, APc, APf of each sweep's best configuration, 95% CIs as error bars."""
     import numpy as np
 
-    fig = _figure(max(6.4, 1.2 * len(rows) + 4), 3.8)
+    fig = new_figure(max(6.4, 1.2 * len(rows) + 4), 3.8)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(BUCKET_METRICS))
     width = 0.8 / max(1, len(rows))
     for i, r in enumerate(rows):
-        ys = [_num(r.get(m)) for m in BUCKET_METRICS]
+        ys = [metric_or_none(r.get(m)) for m in BUCKET_METRICS]
         stats = [r.get("stats", {}).get(m) for m in BUCKET_METRICS]
         err = [[0.0 if st is None or not math.isfinite(st.ci_low) else y - st.ci_low for y, st in zip(ys, stats)],
                [0.0 if st is None or not math.isfinite(st.ci_high) else st.ci_high - y for y, st in zip(ys, stats)]]
@@ -86,7 +88,7 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     ax.set_title("best configuration of each sweep: AP by frequency bucket (95% CI over seeds)")
     ax.legend(fontsize=8)
     out = Path(out_png)
-    write_bytes_atomic(out, _png_bytes(fig))
+    write_bytes_atomic(out, png_bytes(fig))
     return out
 
 
@@ -124,7 +126,7 @@ def compare_sweeps(client, sweeps: Sequence[str], out_png: str | os.PathLike = P
         if best is None:
             raise ConfigError(f"ltsweep compare: sweep {name!r} has no trial that reported {metric} yet")
         sign = 1.0 if mode == "max" else -1.0
-        top = max((r for r in best.runs.values() if _num(r.get(metric)) is not None),
+        top = max((r for r in best.runs.values() if metric_or_none(r.get(metric)) is not None),
                   key=lambda r: sign * float(r[metric]))
         out.append({"sweep": exp.name, "trial_id": top["trial_id"], "run_id": top["run_id"],
                     "parent_run_id": parent.info.run_id, "metric": metric, "mode": mode, "n": best.n,

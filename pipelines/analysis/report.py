@@ -17,51 +17,27 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from lt_models.atomic import write_bytes_atomic
 from pipelines.analysis import aggregate
-from pipelines.names import (AP_BY_FREQUENCY_PNG, CONFIG_AGGREGATES_JSON, ITERATIONS_TAG, MLFLOW_TRIAL_METRICS,
-                              PARENT_TAG, PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_HTML,
-                              REPORT_TABLE_METRICS, ROLE_PRETRAIN, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEED_PARAM, TRIAL_ID_TAG,
-                              TRIAL_STATUS_TAG, best_trial, finite_number, per_class_dict)
+from pipelines.analysis.plots import fmt_metric, plot_buckets, plot_iterations, plot_rank, plot_vs_param
+from pipelines.mlflow_io.reads import download_per_class, stage1_per_class, trial_rows
+from pipelines.names import CONFIG_AGGREGATES_JSON, PRETRAIN_SHA_PARAM, REPORT_HTML, REPORT_TABLE_METRICS, SEED_PARAM, finite_number, per_class_dict
+from pipelines.analysis.aggregate import best_trial
 
 _LAM_NAMES = ("lam", "lambda")
 _XI_NAMES = ("xi",)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# small helpers
-def _num(v: Any) -> float | None:
-    """A finite, non-negative metric value, else None (-1 marks an empty frequency bucket)."""
-    f = finite_number(v)
-    return f if f is not None and f >= 0 else None
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
-    f = _num(v)
-    return "n/a" if f is None else f"{f:.{digits}f}"
 
 
-def _figure(w: float = 6.4, h: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(w, h), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
 
 
-def _png_bytes(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def _key_named(keys: Iterable[str], names: Sequence[str]) -> str | None:
@@ -71,52 +47,12 @@ def _key_named(keys: Iterable[str], names: Sequence[str]) -> str | None:
     return None
 
 
-def _short(name: str, n: int = 18) -> str:
-    return name if len(name) <= n else "…" + name[-(n - 1):]
 
 
-# --------------------------------------------------------------------------------------------------------------
-# reading a sweep back from MLflow
-def search_tagged(client, experiment_id: str, tags: Mapping[str, str]) -> list:
-    """Active runs whose tags equal ``tags`` (keys given verbatim, e.g. ``{"ltsweep.role": "trial"}``), oldest
-    first."""
-    from mlflow.entities import ViewType
-    from mlflow.utils import get_results_from_paginated_fn
-
-    def q(value: str) -> str:  # a string literal of an MLflow filter string
-        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-    flt = " and ".join(f"tags.`{k}` = {q(v)}" for k, v in tags.items())
-    return get_results_from_paginated_fn(
-        lambda n, token: client.search_runs([experiment_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY,
-                                            max_results=n, order_by=["attributes.start_time ASC"], page_token=token),
-        1000)
 
 
-def latest_sweep_run(client, experiment_name: str):
-    """The newest sweep run (``ltsweep.role=sweep``) of the experiment named ``experiment_name``, or None."""
-    exp = client.get_experiment_by_name(experiment_name)
-    runs = [] if exp is None else search_tagged(client, exp.experiment_id, {ROLE_TAG: ROLE_SWEEP})
-    return runs[-1] if runs else None  # search_tagged lists oldest first
 
 
-def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str, Any]]:
-    """One dict per trial run of the sweep: ids, status, iterations, params and the latest metric values."""
-    rows = []
-    for r in search_tagged(client, experiment_id, {ROLE_TAG: ROLE_TRIAL, PARENT_TAG: parent_run_id}):
-        tags, metrics = r.data.tags, r.data.metrics
-        iters = tags.get(ITERATIONS_TAG)
-        if iters is None:  # still running, or ended without our tag: the last step logged
-            hist = client.get_metric_history(r.info.run_id, "epoch") or client.get_metric_history(r.info.run_id, "AP")
-            iters = max((m.step for m in hist), default=0)
-        row = {"trial_id": tags.get(TRIAL_ID_TAG, ""), "run_id": r.info.run_id, "name": r.info.run_name or "",
-               "status": r.info.status, "tune_status": tags.get(TRIAL_STATUS_TAG, ""), "iterations": int(iters),
-               "params": dict(r.data.params)}
-        for k in MLFLOW_TRIAL_METRICS:
-            row[k] = metrics.get(k)
-        rows.append(row)
-    rows.sort(key=lambda row: row["trial_id"])
-    return rows
 
 
 def best_row(rows: Sequence[Mapping[str, Any]], metric: str = "AP", mode: str = "max",
@@ -141,141 +77,18 @@ def row_configs(rows: Sequence[Mapping[str, Any]], searched_keys: Sequence[str],
                                metrics=tuple(dict.fromkeys(REPORT_TABLE_METRICS + (metric,))))
 
 
-def _download_per_class(client, run_id: str) -> dict[int, float]:
-    try:
-        with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
-            p = client.download_artifacts(run_id, PER_CLASS_JSON, tmp)
-            return per_class_dict(json.loads(Path(p).read_text()))
-    except Exception:  # noqa: BLE001 - the artifact is optional (trial without per-class AP)
-        return {}
 
 
-def stage1_per_class(client, experiment_id: str, sha256: str | None) -> tuple[dict[int, float], str | None]:
-    """Per-class AP of the stage-1 (pretrain) run with this sha256: this experiment first, then any experiment
-    (a reused stage-1 checkpoint is logged where it was trained). Returns ({}, None) if none is found."""
-    candidates = []
-    tags = {ROLE_TAG: ROLE_PRETRAIN, **({PRETRAIN_SHA_TAG: sha256} if sha256 else {})}
-    candidates.extend(search_tagged(client, experiment_id, tags))
-    if not candidates and sha256:
-        for exp in client.search_experiments():
-            if exp.experiment_id != experiment_id:
-                candidates.extend(search_tagged(client, exp.experiment_id, tags))
-    for run in reversed(candidates):  # the newest first
-        pc = _download_per_class(client, run.info.run_id)
-        if pc:
-            return pc, run.info.run_id
-    return {}, None
 
 
-# --------------------------------------------------------------------------------------------------------------
-# plots
-def plot_ap_by_rank(runs: Mapping[str, Mapping[int, float]], path: str | os.PathLike | None = None, *,
-                    order: Sequence[int] | None = None, xlabel: str = "category (id order)",
-                    title: str = "per-class AP") -> bytes:
-    """Per-class AP of several runs over the same category order (lines). Writes ``path`` if given; returns PNG."""
-    fig = _figure(7.0, 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    ids = list(order) if order is not None else sorted({c for pc in runs.values() for c in pc})
-    xs = list(range(1, len(ids) + 1))
-    for label, pc in runs.items():
-        ys = [pc.get(c, float("nan")) for c in ids]
-        ys = [y if (y is not None and y == y and y >= 0) else float("nan") for y in ys]
-        ax.plot(xs, ys, marker="o", markersize=3, linewidth=1, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("AP")
-    ax.set_ylim(bottom=0)
-    ax.set_title(title)
-    if runs:
-        ax.legend(fontsize=8)
-    data = _png_bytes(fig)
-    if path is not None:
-        write_bytes_atomic(Path(path), data)
-    return data
 
 
-def _plot_vs_param(rows, key: str, others: Sequence[str], title: str, xlabel: str) -> bytes:
-    """AP (left) and APr (right) against a searched value: one line per combination of the other searched factors
-    (e.g. one per loss), through the mean over seeds at each value; the runs are the dots."""
-    fig = _figure(9.6, 3.6)
-    for i, metric in enumerate(("AP", "APr")):
-        ax = fig.add_subplot(1, 2, i + 1)
-        groups: dict[tuple, dict[float, list[float]]] = {}
-        for r in rows:
-            x, y = finite_number(r["params"].get(key)), _num(r.get(metric))
-            if x is None or y is None:
-                continue
-            label = tuple((k, r["params"].get(k)) for k in others if k in r["params"])
-            groups.setdefault(label, {}).setdefault(x, []).append(y)
-        for label, pts in sorted(groups.items(), key=lambda kv: str(kv[0])):
-            xs = sorted(pts)
-            name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in label) or metric
-            line = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", linewidth=1.2, label=name)
-            ax.scatter([x for x in xs for _ in pts[x]], [y for x in xs for y in pts[x]], s=10, alpha=0.5,
-                       color=line[0].get_color())
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(f"final {metric}")
-        ax.set_title(f"{title}: {metric}")
-        if groups:
-            ax.legend(fontsize=7)
-    return _png_bytes(fig)
 
 
-def _plot_buckets(rows) -> bytes:
-    import numpy as np
-
-    fig = _figure(max(6.4, 0.55 * len(rows) + 2), 3.6)
-    ax = fig.add_subplot(1, 1, 1)
-    x = np.arange(len(rows))
-    width = 0.27
-    for i, metric in enumerate(("APr", "APc", "APf")):
-        ys = [_num(r.get(metric)) for r in rows]
-        ax.bar(x + (i - 1) * width, [0.0 if y is None else y for y in ys], width, label=metric)
-    ax.set_xticks(x)
-    ax.set_xticklabels([_short(r["trial_id"]) for r in rows], rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("final AP")
-    ax.set_title("AP per frequency bucket, per trial (rare / common / frequent)")
-    ax.legend(fontsize=8)
-    return _png_bytes(fig)
 
 
-def _plot_iterations(rows, max_t: int) -> bytes:
-    fig = _figure(6.4, max(2.4, 0.28 * len(rows) + 1.2))
-    ax = fig.add_subplot(1, 1, 1)
-    colors = []
-    for r in rows:
-        if r["status"] == "FAILED":
-            colors.append("tab:red")
-        elif r["iterations"] < max_t:
-            colors.append("tab:orange")
-        else:
-            colors.append("tab:blue")
-    ax.barh(range(len(rows)), [r["iterations"] for r in rows], color=colors)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([_short(r["trial_id"]) for r in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(max_t, color="gray", linestyle="--", linewidth=1)
-    ax.set_xlabel("evaluations reported (Tune training_iteration)")
-    ax.set_title("how long each trial ran (orange: stopped early, red: failed)")
-    return _png_bytes(fig)
 
 
-def _plot_rank(best_label: str, best_pc, base_pc, val_annotations) -> bytes:
-    """AP by frequency rank, best trial vs stage 1: lt_models.evaluation.plot_ap_by_frequency when the annotations
-    are known (frequency buckets shaded), else a plain line plot in category-id order."""
-    runs = {best_label: {"per_class": best_pc}}
-    if base_pc:
-        runs["stage 1 (non-balance baseline)"] = {"per_class": base_pc}
-    if val_annotations:
-        from lt_models.evaluation import plot_ap_by_frequency
-
-        with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
-            p = Path(tmp) / AP_BY_FREQUENCY_PNG
-            plot_ap_by_frequency(runs, val_annotations, p, title="per-class AP by frequency rank: "
-                                 "best trial vs stage 1")
-            return p.read_bytes()
-    return plot_ap_by_rank({k: v["per_class"] for k, v in runs.items()},
-                           xlabel="category id (no annotations given to rank by frequency)",
-                           title="per-class AP: best trial vs stage 1")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,7 +141,7 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
              f"<h1>Sweep <code>{e(sweep_name)}</code></h1>",
              f"<p>{len(rows)} trials; {n_early} stopped early (before {max_t} evaluations); {n_failed} failed. "
              f"Best trial by {e(metric)} ({e(mode)}): "
-             + (f"<b>{e(best['trial_id'])}</b> with {e(metric)} = {_fmt(best.get(metric))}, "
+             + (f"<b>{e(best['trial_id'])}</b> with {e(metric)} = {fmt_metric(best.get(metric))}, "
                 + ", ".join(f"{e(k)} = {e(str(best['params'].get(k, '—')))}" for k in keys)
                 if best else "none (no trial reported it)") + ".</p>"]
     # table
@@ -340,7 +153,7 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
         parts.append(f"<tr{cls}><td class='l'>{e(r['trial_id'])}</td><td class='l'>{e(r['status'])}</td>"
                      f"<td>{r['iterations']}</td>"
                      + "".join(f"<td>{e(str(r['params'].get(k, '—')))}</td>" for k in keys)
-                     + "".join(f"<td>{_fmt(r.get(m))}</td>" for m in REPORT_TABLE_METRICS) + "</tr>")
+                     + "".join(f"<td>{fmt_metric(r.get(m))}</td>" for m in REPORT_TABLE_METRICS) + "</tr>")
     parts.append("</table><p class='note'>Final values (the last evaluation each trial reported); n/a = empty "
                  "frequency bucket or not reported.</p>")
     parts.extend(_config_section(rows, keys, metric, mode, max_t, baseline))
@@ -349,13 +162,13 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
     lam, xi = _key_named(factors, _LAM_NAMES), _key_named(factors, _XI_NAMES)
     loss_key = _key_named(factors, ("loss",))
     parts.append("<h2>AP and APr vs λ (soft-balance sampling)</h2>")
-    parts.append(_img(_plot_vs_param(rows, lam, [k for k in factors if k != lam], "vs λ", "λ"), "AP vs lambda")
+    parts.append(_img(plot_vs_param(rows, lam, [k for k in factors if k != lam], "vs λ", "λ"), "AP vs lambda")
                  if lam else "<p class='note'>λ was not searched in this sweep.</p>")
     parts.append("<h2>AP and APr vs ξ (ACSL threshold)</h2>")
     if xi:
         xi_rows = [r for r in rows if loss_key is None or "acsl" in str(r["params"].get(loss_key, "acsl"))]
         note = " (ACSL trials only)" if loss_key else ""
-        parts.append(_img(_plot_vs_param(xi_rows, xi, [k for k in factors if k not in (xi, loss_key)],
+        parts.append(_img(plot_vs_param(xi_rows, xi, [k for k in factors if k not in (xi, loss_key)],
                                          f"vs ξ{note}", "ξ"), "AP vs xi")
                      if xi_rows else "<p class='note'>no ACSL trial in this sweep.</p>")
         if loss_key and xi_rows:
@@ -363,12 +176,12 @@ def build_sweep_report(sweep_name: str, rows: Sequence[Mapping[str, Any]], *, se
     else:
         parts.append("<p class='note'>ξ was not searched in this sweep.</p>")
     if rows:
-        parts.append("<h2>APr / APc / APf per trial</h2>" + _img(_plot_buckets(rows), "buckets per trial"))
+        parts.append("<h2>APr / APc / APf per trial</h2>" + _img(plot_buckets(rows), "buckets per trial"))
         parts.append("<h2>How long each trial ran before ASHA stopped it</h2>"
-                     + _img(_plot_iterations(rows, max_t), "iterations per trial"))
+                     + _img(plot_iterations(rows, max_t), "iterations per trial"))
     parts.append("<h2>AP by frequency rank: best trial vs stage-1 baseline</h2>")
     if best is not None and best_per_class:
-        parts.append(_img(_plot_rank(f"best trial {best['trial_id']}", dict(best_per_class),
+        parts.append(_img(plot_rank(f"best trial {best['trial_id']}", dict(best_per_class),
                                      dict(stage1_per_class or {}), val_annotations), "AP by frequency rank"))
         if not stage1_per_class:
             parts.append("<p class='note'>No stage-1 per-class AP was logged (one-stage sweep, or the pretrain run "
@@ -424,7 +237,7 @@ def log_sweep_report(client, experiment_id: str, parent_run_id: str, *, sweep_na
     base_pc: dict[int, float] = {}
     if best is not None:
         best_pc = per_class_dict((last_results or {}).get(best["trial_id"], {}).get("per_class")) or \
-            _download_per_class(client, best["run_id"])
+            download_per_class(client, best["run_id"])
         base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get(PRETRAIN_SHA_PARAM))
     page = build_sweep_report(sweep_name, rows, searched_keys=searched_keys, metric=metric, mode=mode,
                               best_per_class=best_pc, stage1_per_class=base_pc, val_annotations=val_annotations,

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from pipelines.analysis import aggregate
-from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS, best_trial
+from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS
+from pipelines.analysis.aggregate import best_trial
 from pipelines.config.space import trial_values
 
 if TYPE_CHECKING:
-    from pipelines.config.load import ExperimentConfig
-    from pipelines.tune.stage1 import Stage1Checkpoint
+    from pipelines.config.experiment import ExperimentConfig
+    from pipelines.storage.stage1_cache import Stage1Checkpoint
 
 
 @dataclasses.dataclass

@@ -69,7 +69,8 @@ def confirm_seeds(cfg: ExperimentConfig, n: int) -> list[int]:
 def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[ExperimentConfig, list[aggregate.ConfigResult],
                                                                         str]:
     """The confirmation sweep's config, the first sweep's ranked configurations and its parent run id."""
-    from pipelines.analysis.report import latest_sweep_run, row_configs, trial_rows
+    from pipelines.mlflow_io.reads import latest_sweep_run, trial_rows
+    from pipelines.analysis.report import row_configs
 
     if top < 1 or seeds < 2:
         raise ConfigError(f"ltsweep confirm: --top must be >= 1 and --seeds >= 2 (a CI needs 2 seeds); got --top "
@@ -102,9 +103,10 @@ def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLik
             tracking_uri: Optional[str] = None, verbose: int = 0) -> SweepSummary:
     """Run the confirmation of sweep ``name`` (see the module docstring); returns its summary."""
     from pipelines.mlflow_io.client import open_store
-    from pipelines.analysis.report import latest_sweep_run
+    from pipelines.mlflow_io.reads import latest_sweep_run
     from pipelines.analysis.summary import print_summary
-    from pipelines.tune.sweep import apply_run_overrides, run_sweep, tracking_uri_for
+    from pipelines.tune.sweep import apply_run_overrides, run_sweep
+    from pipelines.tune.tuner import tracking_uri_for
 
     cfg = load_sweep_config(name, storage_path)
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)

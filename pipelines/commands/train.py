@@ -23,8 +23,10 @@ from typing import Any, Optional
 
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
-from pipelines.config.load import ExperimentConfig, compute, train_spec
-from pipelines.tune.stage1 import ensure_stage1, local_stage1
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.spec import compute, train_spec
+from pipelines.tune.stage1 import ensure_stage1
+from pipelines.storage.stage1_cache import local_stage1
 from pipelines.names import TRAIN_SUMMARY_METRICS
 from pipelines.storage.location import node_local_dir  # object storage: `ltsweep train` writes to a node-local dir
 
@@ -77,7 +79,8 @@ def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = Non
 
         return engine.train(spec, out_dir, init_checkpoint=init)
     from pipelines.storage import location as storage
-    from pipelines.tune.workers import ensure_ray, train_into
+    from pipelines.tune.cluster import ensure_ray
+    from pipelines.tune.workers import train_into
 
     ensure_ray()
     metrics = train_into(cfg, spec, out_dir / "checkpoint", init_checkpoint=init,

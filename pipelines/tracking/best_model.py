@@ -28,8 +28,8 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from pipelines.names import (FINGERPRINT_TAG, MODEL_ARTIFACT, MODEL_CHECKPOINT_TAG, MODEL_ERROR_TAG, MODEL_TRIAL_TAG,
-                              MODEL_VERSION_TAG, PRETRAIN_SHA_TAG, SWEEP_TAG, best_trial)
+from pipelines.names import FINGERPRINT_TAG, MODEL_ARTIFACT, MODEL_CHECKPOINT_TAG, MODEL_ERROR_TAG, MODEL_TRIAL_TAG, MODEL_VERSION_TAG, PRETRAIN_SHA_TAG, SWEEP_TAG
+from pipelines.analysis.aggregate import best_trial
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
     ``name`` (default the sweep's name). None when no trial qualifies. ``tags``: added to the model version (the
     stage-1 sha256, the dataset fingerprint)."""
     from lt_models.engine.inference import load_detector
-    from pipelines.analysis.report import latest_sweep_run
+    from pipelines.mlflow_io.reads import latest_sweep_run
 
     trial = model_trial(summary)
     if trial is None:
@@ -187,8 +187,8 @@ def log_best_model_safely(cfg, summary, results, *, register: bool, name: Option
     """:func:`log_best_model` for the end of a sweep: a failure is printed and tagged on the sweep run
     (``ltsweep.model_error``), never lost and never fatal to the sweep's results."""
     from pipelines.mlflow_io.client import open_store
-    from pipelines.tune.stage1 import dataset_fingerprint
-    from pipelines.analysis.report import latest_sweep_run
+    from pipelines.config.identity import dataset_fingerprint
+    from pipelines.mlflow_io.reads import latest_sweep_run
 
     client = open_store(summary.tracking_uri)
     try:

@@ -87,7 +87,7 @@ def log_datasets(client, run_id: str, train: Optional[str], val: Optional[str],
 
 def pretrain_runs(client, experiment_id: str, shas: Mapping[str, str]) -> dict[str, str]:
     """{seed: pretrain run id} for the stage-1 sha256 of each seed ({seed: sha256}) that has a run here."""
-    from pipelines.analysis.report import search_tagged
+    from pipelines.mlflow_io.reads import search_tagged
 
     out = {}
     for seed, sha in (shas or {}).items():

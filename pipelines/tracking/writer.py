@@ -26,7 +26,9 @@ from pipelines.mlflow_io.client import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, 
                                     get_or_create_experiment, log_params, log_tags, make_client,
                                     to_str)
 from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
-from pipelines.analysis.report import log_sweep_report, plot_ap_by_rank, search_tagged
+from pipelines.analysis.report import log_sweep_report
+from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.mlflow_io.reads import search_tagged
 from pipelines.names import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
                               ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
                               MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,

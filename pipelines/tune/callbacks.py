@@ -83,7 +83,7 @@ def completed_trials(experiment: str) -> set[str]:
     return set(_COMPLETED.get(experiment, ()))
 
 
-def _tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
+def tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
     """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
     line per report."""
     return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (

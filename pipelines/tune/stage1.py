@@ -20,173 +20,50 @@ so a cache without `meta.json` is incomplete and never used. The lock is `pipeli
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lt_models.atomic import atomic_dir, write_json_atomic
+from pipelines.config.identity import dataset_fingerprint, frequency_source, stage1_identity, stage1_key
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.spec import compute, train_spec
+from pipelines.names import PRETRAIN_METRICS
 from pipelines.storage import annotation_stores
 from pipelines.storage import location as storage
-from pipelines.config.load import ExperimentConfig, canonical_json, compute, train_spec
-from pipelines.names import PRETRAIN_METRICS
+from pipelines.storage.stage1_cache import Stage1Checkpoint, file_digests, pretrain_root, verify_stage1
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
 
-@dataclass
-class Stage1Checkpoint:
-    sha256: str
-    path: storage.Location      # <storage>/pretrain/<sha256> (a Path, or a URI on object storage)
-    trained: bool               # True if this call trained it, False if it was reused
-    metrics: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    @property
-    def checkpoint_dir(self) -> storage.Location:
-        return storage.join(self.path, "checkpoint")
 
 
-_FINGERPRINTS: dict[tuple, str] = {}
 
 
-def dataset_fingerprint(cfg: ExperimentConfig) -> str:
-    """sha256 of the training annotation file's bytes plus the sorted training image list (paths below the image
-    folder, and sizes).
-
-    Cached per (path, size, mtime) within a process: LVIS's train JSON is ~1 GB."""
-    train = Path(cfg.data.train)
-    st = train.stat()
-    key = (str(train), str(cfg.data.image_dir), st.st_size, st.st_mtime_ns)
-    if key not in _FINGERPRINTS:
-        _FINGERPRINTS[key] = _fingerprint(cfg)
-    return _FINGERPRINTS[key]
 
 
-def _fingerprint(cfg: ExperimentConfig) -> str:
-    h = hashlib.sha256()
-    train = Path(cfg.data.train)
-    with open(train / "meta.json" if train.is_dir() else train, "rb") as f:   # an annotation store: its meta
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    image_dir = Path(cfg.data.image_dir) if cfg.data.image_dir else train.parent / "images"
-    for rel, size in _image_files(image_dir):
-        h.update(f"\n{rel}\t{size}".encode())
-    return h.hexdigest()
 
 
-def _image_files(root: Path) -> list[tuple[str, int]]:
-    """(path relative to root, size) of every image below root, sorted by path: a flat folder, or a COCO root with
-    train2017/ and val2017/ (LVIS v1 resolves images through `coco_url` below it)."""
-    out = []
-    for dirpath, _, files in os.walk(root):
-        rel_dir = Path(dirpath).relative_to(root)
-        for name in files:
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-                out.append(((rel_dir / name).as_posix(), os.stat(os.path.join(dirpath, name)).st_size))
-    return sorted(out)
 
 
-def frequency_source(cfg: ExperimentConfig) -> str:
-    """Whose counts the rare / common / frequent buckets of every evaluation come from (the engine always passes
-    the training set's buckets): recorded on the MLflow runs."""
-    return f"training set {cfg.data.train}: categories[].frequency, else its image counts"
 
 
-def stage1_identity(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Everything that determines the stage-1 weights (paths excluded: the data enters via its fingerprint)."""
-    if cfg.stage1 is None:
-        raise ValueError("this config has no stage1 section (one-stage trials); there is nothing to pretrain")
-    model = cfg.model.model_dump(mode="json")
-    if cfg.model.weights is not None:  # the initial weights matter by content, not by path
-        model["weights"] = hashlib.sha256(Path(cfg.model.weights).read_bytes()).hexdigest()
-    identity = {
-        "recipe": "stage1: non-balance sampler + stage1.loss, all layers",
-        "model": model,
-        "stage1": cfg.stage1.model_dump(mode="json", exclude={"workers"}),
-        "seed": cfg.seed,
-        "dataset_fingerprint": dataset_fingerprint(cfg),
-        "expand_parents": cfg.data.expand_parents,
-        "code": code_fingerprint(),
-    }
-    if cfg.resources.workers_per_trial > 1:  # trained on several workers: a total batch of workers x batch_size
-        identity["workers_per_trial"] = cfg.resources.workers_per_trial
-    if cfg.eval.metric != "lvis":  # the cached stage-1 metrics are in this metric
-        identity["eval_metric"] = cfg.eval.metric
-    uses_rate = cfg.stage1.loss == "concurrent_softmax"  # r_ij depends on the hierarchy and its leaf/parent rate
-    if cfg.data.hierarchy is not None and (cfg.data.expand_parents or uses_rate):  # parents change labels or r_ij
-        identity["hierarchy"] = hashlib.sha256(Path(cfg.data.hierarchy).read_bytes()).hexdigest()
-    if uses_rate:
-        identity["hierarchy_rate"] = cfg.data.hierarchy_rate
-    return identity
 
 
-def code_fingerprint() -> str:
-    """sha256 of the training code (every lt_models module's source) and the torch/torchvision versions: an edited
-    dataset, sampler, loss, detector or engine must not reuse a checkpoint trained by the old code."""
-    import torch
-    import torchvision
-
-    import lt_models
-
-    h = hashlib.sha256(f"torch {torch.__version__} torchvision {torchvision.__version__}".encode())
-    root = Path(lt_models.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(f"\n{path.relative_to(root).as_posix()}\n".encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
 
 
-def stage1_key(cfg: ExperimentConfig) -> str:
-    return hashlib.sha256(canonical_json(stage1_identity(cfg)).encode()).hexdigest()
 
 
-def pretrain_root(storage_path: storage.Location) -> storage.Location:
-    return storage.join(storage_path, "pretrain")
 
 
-def file_digests(checkpoint_dir: storage.Location) -> dict[str, str]:
-    """sha256 of every file of a stage-1 checkpoint directory, local or on object storage (relative path -> hex
-    digest)."""
-    out = {}
-    for rel in storage.list_files(checkpoint_dir):
-        h = hashlib.sha256()
-        with storage.open_input(checkpoint_dir, rel) as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        out[rel] = h.hexdigest()
-    return out
 
 
-def verify_stage1(path: storage.Location) -> Optional[str]:
-    """None when the stage-1 cache at ``path`` is complete and its files match the digests its meta.json recorded;
-    else one line saying what is wrong (path, expected and found)."""
-    info = storage.read_json(storage.join(path, "meta.json"))
-    expected = info.get("files")
-    if not expected:
-        return f"stage-1 cache {storage.display(path)} records no file digests (written by an older ltsweep)"
-    found = file_digests(storage.join(path, "checkpoint"))
-    for name, digest in expected.items():
-        got = found.get(name)
-        if got != digest:
-            return (f"stage-1 cache {storage.display(storage.join(path, 'checkpoint', name))} is corrupt: expected "
-                    f"sha256 {digest[:12]}…, found " + (f"{got[:12]}…" if got else "no such file"))
-    return None
 
 
-def local_stage1(checkpoint_dir: str) -> str:
-    """The stage-1 checkpoint dir a trial restores, readable on this node: ``checkpoint_dir`` itself on local or
-    NFS storage; on object storage a node-local copy of its ``<sha256>/`` (meta.json and checkpoint/), downloaded
-    once per node and verified against meta.json's digests (:func:`pipelines.storage.location.local_copy`)."""
-    if not storage.is_uri(checkpoint_dir):
-        return checkpoint_dir
-    return str(storage.local_copy(storage.parent(checkpoint_dir), verify=verify_stage1) / "checkpoint")
 
 
 def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Checkpoint]:
@@ -302,7 +179,7 @@ def ensure_stage1_per_seed(cfg: ExperimentConfig, *, force: bool = False, tracki
 
     seeds, at_once = cfg.seeds, len(cfg.seeds)
     if cfg.resources.distributed and _ray_is_up():  # as many multi-worker runs as the cluster holds together
-        from pipelines.tune.workers import concurrent_trials_cap
+        from pipelines.tune.cluster import concurrent_trials_cap
 
         at_once = min(at_once, concurrent_trials_cap(cfg))
     with ThreadPoolExecutor(max_workers=at_once) as pool:
@@ -370,13 +247,13 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
         use_ray = ray.is_initialized()
     if not use_ray:  # in this process; with several workers it drives a Ray Train run, so Ray must be up
         if cfg.resources.distributed:  # `ltsweep train`: RAY_ADDRESS's cluster or a local Ray
-            from pipelines.tune.workers import ensure_ray
+            from pipelines.tune.cluster import ensure_ray
 
             ensure_ray()
         return train_stage1_into(cfg, tmp)
     import ray
 
-    from pipelines.tune.trainable import trial_resources
+    from pipelines.tune.cluster import trial_resources
 
     res = trial_resources(cfg)
     task = ray.remote(num_cpus=res.pop("cpu"), num_gpus=res.pop("gpu"), resources=res or None,

@@ -24,11 +24,9 @@ are, unfinished ones continue from their last checkpoints, errored ones stay err
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import signal
-import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
@@ -36,13 +34,23 @@ from filelock import FileLock
 from ray import tune
 
 from lt_models.errors import ConfigError
-from pipelines.storage import location as storage
-from pipelines.tune.callbacks import _tune_callbacks, completed_trials
-from pipelines.config.load import ExperimentConfig, check_dataset, load_experiment_config
-from pipelines.config.experiment import TIME_ATTRS
-from pipelines.tune.stage1 import (Stage1Checkpoint, dataset_fingerprint, ensure_stage1_per_seed, frequency_source,
-                               pretrain_root, stage1_key)
 from pipelines.analysis.summary import SweepSummary, print_summary, summarize
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.identity import stage1_key
+from pipelines.config.load import check_dataset, load_experiment_config
+from pipelines.storage import location as storage
+from pipelines.storage.stage1_cache import Stage1Checkpoint, pretrain_root
+from pipelines.tune.callbacks import completed_trials
+from pipelines.tune.cluster import init_ray
+from pipelines.tune.stage1 import ensure_stage1_per_seed
+from pipelines.tune.tuner import (
+    Stage1Set,
+    stage1_shas,
+    build_tuner,
+    experiment_path,
+    tracking_uri_for,
+    tune_experiment_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +59,10 @@ RESERVED_NAMES = {"pretrain", "train", "mlartifacts", "mlruns"}
 
 # ---- setup helpers -----------------------------------------------------------------------------------------------
 
-def experiment_path(cfg: ExperimentConfig) -> storage.Location:
-    return storage.join(cfg.run.storage_path, cfg.name)
 
 
-def tune_experiment_path(cfg: ExperimentConfig) -> tuple[str, Any]:
-    """(path, filesystem) of the Tune experiment as Tuner.restore / can_restore take them (None: local)."""
-    root, fs = storage.tune_storage(cfg.run.storage_path)
-    return f"{root.rstrip('/')}/{cfg.name}", fs
 
 
-def tracking_uri_for(cfg: ExperimentConfig) -> str:
-    from pipelines.tracking.callback import default_tracking_uri
-
-    return cfg.run.tracking_uri or default_tracking_uri(cfg.run.storage_path)
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> None:
@@ -86,17 +84,6 @@ def ensure_dataset(cfg: ExperimentConfig) -> None:
     check_dataset(cfg.model_copy(update={"data": d.model_copy(update={"synthetic": None})}), cfg.name)
 
 
-def init_ray(cfg: ExperimentConfig, include_dashboard: Optional[bool] = None) -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local Ray sized by run.ray_num_cpus."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus or os.cpu_count(),
-                 include_dashboard=include_dashboard, dashboard_host="127.0.0.1")
 
 
 def scheduler_advice(cfg: ExperimentConfig) -> Optional[str]:
@@ -108,148 +95,22 @@ def scheduler_advice(cfg: ExperimentConfig) -> Optional[str]:
     return None
 
 
-def max_concurrent(cfg: ExperimentConfig) -> Optional[int]:
-    """How many trials run at once (None: as many as Tune can start): ``search.max_concurrent_trials``, capped for
-    multi-worker trials at the number whose drivers and workers the Ray cluster holds together
-    (`train_workers.concurrent_trials_cap`, counted on the nodes alive now; on an autoscaling cluster start the
-    nodes first). Without the cap Tune starts a driver for every CPU and the drivers starve the workers."""
-    from pipelines.tune.workers import concurrent_trials_cap
-
-    wanted, fit = cfg.search.max_concurrent_trials, concurrent_trials_cap(cfg)
-    if fit is None or (wanted is not None and wanted <= fit):
-        return wanted
-    r = cfg.resources
-    print(f"note: at most {fit} trial(s) at a time: the Ray cluster holds {fit} x (a driver and "
-          f"{r.workers_per_trial} workers of {r.cpus_per_worker:g} CPU / {r.gpus_per_worker:g} GPU)"
-          + (f"; search.max_concurrent_trials = {wanted} is lowered to {fit}" if wanted is not None else ""),
-          flush=True)
-    return fit
 
 
-def _scheduler(cfg: ExperimentConfig, limit: Optional[int]):
-    """The trial scheduler; `limit`: trials running at once (`max_concurrent`), which asha_configs applies."""
-    if cfg.scheduler.type == "fifo":
-        return None
-    s = cfg.scheduler
-    if s.type == "asha_configs":
-        from pipelines.tune.asha import ConfigASHA
-
-        return ConfigASHA(metric=s.metric, mode=s.mode, time_attr=TIME_ATTRS[s.time_attr],
-                          max_t=s.max_t or cfg.evals_per_trial, grace_period=s.grace_period,
-                          reduction_factor=s.reduction_factor, seeds=cfg.seeds,
-                          max_running=limit, default_seed=cfg.seed)
-    from ray.tune.schedulers import ASHAScheduler
-
-    return ASHAScheduler(time_attr=TIME_ATTRS[s.time_attr], max_t=s.max_t or cfg.evals_per_trial,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
-def _search_alg(cfg: ExperimentConfig, limit: Optional[int]):
-    """The search algorithm; `limit`: trials running at once (`max_concurrent`)."""
-    if cfg.search.algorithm == "optuna":
-        if importlib.util.find_spec("optuna") is None:
-            raise ConfigError(f"{cfg.name}: search.algorithm is 'optuna' but the optuna package is not installed; "
-                              "`pip install optuna` or set search.algorithm: basic")
-        from ray.tune.search.optuna import OptunaSearch
-
-        from pipelines.config.space import optuna_space
-
-        # define-by-run: the conditional space (ξ only for ACSL, ...) as Optuna suggestions; no Tune param_space
-        return OptunaSearch(space=optuna_space(cfg.space), metric=cfg.scheduler.metric, mode=cfg.scheduler.mode,
-                            seed=cfg.search.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself. It counts
-    # paused trials as running, so under asha_configs (which pauses trials at rungs) the scheduler applies it.
-    limit = 0 if cfg.scheduler.type == "asha_configs" else limit or 0
-    return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=limit)
 
 
-def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
-    concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store
-    (tune.with_parameters). The training and validation annotation stores (`lt_models.data.store`) are built here
-    first, once (and published to object storage), so trials only map them (`pipelines.storage.annotation_stores`)."""
-    from lt_models.engine.loop import shared_loss_inputs
-    from pipelines.storage.annotation_stores import build_and_publish
-
-    d = cfg.data
-    stores = build_and_publish(cfg.run.storage_path, d)
-    return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
-                              cfg.loss_inputs(), d.skip_invalid, store=stores[0])
 
 
-Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
 
 
-def _stage1_shas(stage1: Stage1Set) -> Optional[dict[str, str]]:
-    return None if stage1 is None else {str(seed): ckpt.sha256 for seed, ckpt in stage1.items()}
 
 
-def sweep_params(cfg: ExperimentConfig, stage1: Stage1Set) -> dict[str, Any]:
-    """The sweep's config as logged on the MLflow parent run."""
-    d = cfg.model_dump(mode="json", exclude={"space", "train"})
-    d["space"] = {k: {p.kind: list(p.args)} for k, p in cfg.space.items()}
-    d["dataset_fingerprint"] = dataset_fingerprint(cfg)
-    d["frequency_source"] = frequency_source(cfg)
-    d["pretrain_sha256"] = _stage1_shas(stage1) or ""
-    d["metric"], d["mode"] = cfg.scheduler.metric, cfg.scheduler.mode
-    d["max_evaluations"] = cfg.evals_per_trial  # a full-length trial's evaluations (max_t may count images)
-    return d
 
 
-def build_trainable(cfg: ExperimentConfig, stage1: Stage1Set, trainable_fn: Optional[Callable] = None):
-    """`train_trial` (or a stand-in with its signature) bound to the experiment, the stage-1 checkpoint of each
-    seed and the shared objects with tune.with_parameters, and given a trial's resources with tune.with_resources."""
-    from pipelines.tune.trainable import train_trial, trial_resources
-
-    stage1_ref = None if stage1 is None else {
-        str(seed): {"sha256": c.sha256, "checkpoint_dir": str(c.checkpoint_dir)} for seed, c in stage1.items()}
-    fn = tune.with_parameters(trainable_fn or train_trial, experiment=cfg, stage1=stage1_ref,
-                              shared=_shared_objects(cfg))
-    return tune.with_resources(fn, trial_resources(cfg))
 
 
-def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = False, errored: Optional[str] = None,
-                trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
-                progress: bool = True):
-    from pipelines.tracking.callback import MLflowSweepCallback
-
-    trainable = build_trainable(cfg, stage1, trainable_fn)
-    if resume:
-        # The original RunConfig (callbacks included) and search state come back from tuner.pkl. Finished trials
-        # stay as they are, unfinished ones continue from their last checkpoint, errored ones are not retried.
-        # errored: None = keep errored trials as they are; "resume" = continue them from their last checkpoint;
-        # "restart" = train them again from scratch
-        path, fs = tune_experiment_path(cfg)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=fs,
-                                  resume_errored=errored == "resume", restart_errored=errored == "restart")
-    storage_path, fs = storage.tune_storage(cfg.run.storage_path)
-    limit = max_concurrent(cfg)
-    mlflow_cb = MLflowSweepCallback(tracking_uri_for(cfg), cfg.name, sweep_params(cfg, stage1), cfg.searched_keys(),
-                                    val_annotations=str(cfg.data.val))
-    return tune.Tuner(
-        trainable,
-        param_space=cfg.param_space() if cfg.search.algorithm == "basic" else None,
-        tune_config=tune.TuneConfig(
-            metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg, limit),
-            search_alg=_search_alg(cfg, limit), num_samples=cfg.search.num_samples,
-            max_concurrent_trials=limit if cfg.search.algorithm == "optuna" else None,
-            # a finished trial's worker process (torch already imported) runs the next one; not for multi-worker
-            # trials, whose process must end with the trial so that its Ray Train run goes down with it
-            reuse_actors=not cfg.resources.distributed),
-        run_config=tune.RunConfig(
-            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
-            failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
-            # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
-            # retry resumes from), so the best epoch survives num_to_keep
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
-                                                    checkpoint_score_attribute=cfg.scheduler.metric,
-                                                    checkpoint_score_order=cfg.scheduler.mode),
-            callbacks=[mlflow_cb, *_tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
-                       *callbacks],
-            verbose=verbose),
-    )
 
 
 # ---- entry points ------------------------------------------------------------------------------------------------
@@ -350,7 +211,7 @@ def _write_sweep_record(cfg: ExperimentConfig, stage1: Stage1Set) -> None:
     """<storage>/<name>/ltsweep_sweep.json (whole or not at all, also on object storage): read by --resume and
     `ltsweep confirm`."""
     storage.write_json(storage.join(experiment_path(cfg), SWEEP_RECORD),
-                       {"config_fingerprint": cfg.fingerprint(), "stage1_sha256": _stage1_shas(stage1),
+                       {"config_fingerprint": cfg.fingerprint(), "stage1_sha256": stage1_shas(stage1),
                         "config": cfg.model_dump(mode="json")}, indent=2)
 
 
@@ -408,8 +269,3 @@ def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrai
     print_summary(summary)
     return summary
 
-
-if __name__ == "__main__":  # `python -m pipelines.tune.sweep CONFIG ...` is `ltsweep sweep CONFIG ...` (one CLI)
-    from pipelines.cli import main
-
-    sys.exit(main(["sweep", *sys.argv[1:]]))

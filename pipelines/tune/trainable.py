@@ -28,9 +28,10 @@ from typing import Any, Optional
 
 from ray import tune
 
-from pipelines.storage import annotation_stores
-from pipelines.config.load import ExperimentConfig, compute, train_spec
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.spec import compute, train_spec
 from pipelines.names import RESULT_METRICS
+from pipelines.storage import annotation_stores
 
 DIVERGED_MARKER = "DIVERGED.txt"
 
@@ -39,11 +40,6 @@ class TrialDivergedError(RuntimeError):
     """The trial's training loss became NaN/inf (lt_models.engine.loop.NonFiniteLossError)."""
 
 
-def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
-    """Resources of one trial (and of the stage-1 task), for `tune.with_resources`: CPUs, GPUs and the Ray custom
-    resources of `resources.custom` (which pin trials to the nodes that have them). A multi-worker trial asks only
-    for its Ray Train driver; Ray Train reserves its workers (`pipelines.config.resources.ResourcesConfig.trial_bundle`)."""
-    return cfg.resources.trial_bundle()
 
 
 def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> dict[str, Any]:
@@ -137,7 +133,7 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
             with own.as_directory() as ckpt_dir:
                 engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval, shared=shared)
         else:
-            from pipelines.tune.stage1 import local_stage1  # object storage: a node-local copy of stage 1
+            from pipelines.storage.stage1_cache import local_stage1  # object storage: a node-local copy of stage 1
 
             init = local_stage1(mine["checkpoint_dir"]) if mine is not None else None
             engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval, shared=shared)

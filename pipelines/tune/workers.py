@@ -23,18 +23,17 @@ pauses the trial, or `on_eval` raises) cancels that task, and with it the contro
 """
 from __future__ import annotations
 
-import os
 import posixpath
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from lt_models.errors import ConfigError, LtsweepInputError
 from lt_models.engine.spec import TrainSpec
+from lt_models.errors import LtsweepInputError
+from pipelines.config.experiment import ExperimentConfig
 from pipelines.storage import annotation_stores
 from pipelines.storage import location as storage
-from pipelines.config.load import ExperimentConfig
 
 RUN_DIR = "ray_train"  # the Train run's directory under its storage path
 _POLL_S = 0.5  # how often the driver looks whether fit() ended while no report is waiting
@@ -67,7 +66,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     annotation_stores.fetch(config["storage_path"], spec)   # object storage: this node's copy of the stores
     init = config.get("init_checkpoint")
     if init is not None:
-        from pipelines.tune.stage1 import local_stage1  # object storage: a node-local copy of stage 1
+        from pipelines.storage.stage1_cache import local_stage1  # object storage: a node-local copy of stage 1
 
         init = local_stage1(init)
 
@@ -235,31 +234,5 @@ def train_into(cfg: ExperimentConfig, spec: TrainSpec, checkpoint_dir: Path, *, 
     return metrics
 
 
-def ensure_ray() -> None:
-    """Ray for a Train run outside a sweep (`ltsweep train`): the cluster in RAY_ADDRESS (`ray job submit` sets it),
-    else a local Ray with its dashboard, which Ray Train V2 needs."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
 
 
-def concurrent_trials_cap(cfg: ExperimentConfig) -> Optional[int]:
-    """The most multi-worker trials (or stage-1 runs) that the running Ray cluster fits at once, counted over its
-    alive nodes now (`ResourcesConfig.trials_that_fit`); None for one-process trials, which Tune schedules by their
-    own resources. A cluster that cannot fit a single trial is a config error: the Train run would wait forever."""
-    r = cfg.resources
-    if not r.distributed:
-        return None
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    fit = r.trials_that_fit(nodes)
-    if fit == 0:
-        need = {k: v for k, v in r.worker_bundle().items() if v}
-        have = [{k: v for k, v in n.items() if k in ("CPU", "GPU") or k in r.custom} for n in nodes]
-        raise ConfigError(f"resources: one trial needs a driver ({r.cpus_per_trial:g} CPU) and "
-                          f"workers_per_trial = {r.workers_per_trial} workers of {need}, but the Ray cluster's nodes "
-                          f"have {have}; lower workers_per_trial / cpus_per_worker / gpus_per_worker / "
-                          "cpus_per_trial, or add nodes")
-    return fit
