@@ -18,6 +18,7 @@ Usage: python benchmarks/bench_acsl_switch.py [--data /work/data_demo] [--seeds 
 Last stdout line: {"benchmark": "acsl_switch", "seeds": 3, "softmax_AP": .., "acsl_before_AP": .., "acsl_after_AP": ..,
 "acsl_after_over_softmax_AP": .., "APr_diff": .., "APr_diff_ci": [lo, hi], "APr_p": .., ...}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,20 +44,44 @@ METRICS = ("AP", "APr", "APc", "APf")
 
 
 def _spec(data: Path, stage: str, seed: int, loss: str):
-    from lt_models.losses.registry import LossSpec
-    from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
     from lt_models.data.samplers import SamplerSpec
+    from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
+    from lt_models.losses.registry import LossSpec
 
-    common = dict(train_ann=str(data / "train.json"), val_ann=str(data / "val.json"),
-                  hierarchy_file=str(data / "hierarchy.json") if (data / "hierarchy.json").exists() else None,
-                  backbone="tiny", image_size=128, batch_size=8, lr_steps=(), seed=seed, num_threads=1,
-                  device="cpu", progress=False)
+    common = dict(
+        train_ann=str(data / "train.json"),
+        val_ann=str(data / "val.json"),
+        hierarchy_file=str(data / "hierarchy.json") if (data / "hierarchy.json").exists() else None,
+        backbone="tiny",
+        image_size=128,
+        batch_size=8,
+        lr_steps=(),
+        seed=seed,
+        num_threads=1,
+        device="cpu",
+        progress=False,
+    )
     if stage == "stage1":
-        return TrainSpec(stage="stage1", sampler=STAGE1_SAMPLER, loss=LossSpec("softmax"), epochs=3, lr=0.02,
-                         warmup=20, eval_every=3, **common)
-    return TrainSpec(stage="stage2", sampler=SamplerSpec("softbalance", lam=0.7, num_samples=160),
-                     loss=LossSpec("acsl", xi=0.7) if loss == "acsl" else LossSpec(loss), epochs=4, lr=0.01,
-                     warmup=10, eval_every=4, **common)
+        return TrainSpec(
+            stage="stage1",
+            sampler=STAGE1_SAMPLER,
+            loss=LossSpec("softmax"),
+            epochs=3,
+            lr=0.02,
+            warmup=20,
+            eval_every=3,
+            **common,
+        )
+    return TrainSpec(
+        stage="stage2",
+        sampler=SamplerSpec("softbalance", lam=0.7, num_samples=160),
+        loss=LossSpec("acsl", xi=0.7) if loss == "acsl" else LossSpec(loss),
+        epochs=4,
+        lr=0.01,
+        warmup=10,
+        eval_every=4,
+        **common,
+    )
 
 
 def run_job(job: dict) -> dict:
@@ -74,11 +99,9 @@ def run_job(job: dict) -> dict:
     else:
         loss, on = ARMS[arm]
         switch.AUTO_SWITCH = on
-        metrics = train(_spec(data, "stage2", seed, loss), work / f"{arm}_seed{seed}",
-                        init_checkpoint=job["init"])
+        metrics = train(_spec(data, "stage2", seed, loss), work / f"{arm}_seed{seed}", init_checkpoint=job["init"])
     out = {k: float(metrics[k]) for k in METRICS}
-    out.update(seed=seed, arm=arm or "stage1", seconds=time.perf_counter() - t0,
-               checkpoint=metrics["checkpoint_dir"])
+    out.update(seed=seed, arm=arm or "stage1", seconds=time.perf_counter() - t0, checkpoint=metrics["checkpoint_dir"])
     return out
 
 
@@ -101,8 +124,9 @@ def paired(a, b) -> tuple[float, float, float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=str, default="/work/data_demo", help="synthetic demo benchmark dir (generated "
-                                                                         "there if absent)")
+    ap.add_argument(
+        "--data", type=str, default="/work/data_demo", help="synthetic demo benchmark dir (generated there if absent)"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--work", type=str, default=None, help="keep checkpoints here (default: a temp dir)")
@@ -111,28 +135,37 @@ def main() -> None:
     data = Path(args.data)
     if not (data / "train.json").exists():
         from lt_models.data.synthetic.generate import generate_benchmark
+
         print(f"generating the demo benchmark in {data}", flush=True)
         generate_benchmark(data, preset="demo", seed=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"data={data} seeds={args.seeds} arms={args.arms} workers={args.workers} (1 torch thread each)",
-              flush=True)
+        print(
+            f"data={data} seeds={args.seeds} arms={args.arms} workers={args.workers} (1 torch thread each)", flush=True
+        )
         results: dict[str, dict[int, dict]] = {arm: {} for arm in args.arms}
         t0 = time.perf_counter()
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as ex:
-            pending = {ex.submit(run_job, dict(data=str(data), work=str(work), seed=s, arm=None))
-                       for s in args.seeds}
+            pending = {ex.submit(run_job, dict(data=str(data), work=str(work), seed=s, arm=None)) for s in args.seeds}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     r = fut.result()
-                    print(f"  {r['arm']:<12} seed {r['seed']}: AP {r['AP']:.4f} APr {r['APr']:.4f} "
-                          f"APf {r['APf']:.4f} ({r['seconds']:.0f} s)", flush=True)
+                    print(
+                        f"  {r['arm']:<12} seed {r['seed']}: AP {r['AP']:.4f} APr {r['APr']:.4f} "
+                        f"APf {r['APf']:.4f} ({r['seconds']:.0f} s)",
+                        flush=True,
+                    )
                     if r["arm"] == "stage1":
-                        pending |= {ex.submit(run_job, dict(data=str(data), work=str(work), seed=r["seed"],
-                                                            arm=arm, init=r["checkpoint"])) for arm in args.arms}
+                        pending |= {
+                            ex.submit(
+                                run_job,
+                                dict(data=str(data), work=str(work), seed=r["seed"], arm=arm, init=r["checkpoint"]),
+                            )
+                            for arm in args.arms
+                        }
                     else:
                         results[r["arm"]][r["seed"]] = r
         print(f"all runs: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -147,8 +180,7 @@ def main() -> None:
             m, lo, hi = mean_ci(per[arm][k])
             cells.append(f"{m:.4f} [{lo:.4f}, {hi:.4f}]")
         print(f"{arm:<12} " + " ".join(f"{c:>24}" for c in cells))
-    print("per seed AP: " + "; ".join(f"{arm} " + ", ".join(f"{v:.4f}" for v in per[arm]["AP"])
-                                      for arm in args.arms))
+    print("per seed AP: " + "; ".join(f"{arm} " + ", ".join(f"{v:.4f}" for v in per[arm]["AP"]) for arm in args.arms))
 
     summary = {"benchmark": "acsl_switch", "seeds": len(seeds)}
     for arm in args.arms:
@@ -160,16 +192,30 @@ def main() -> None:
         for k in ("AP", "APr"):
             d, lo, hi, p = paired(acsl[k], sm[k])
             print(f"  {k:<4} {d:+.4f} [{lo:+.4f}, {hi:+.4f}]  p = {p:.3g}")
-            summary.update({f"{k}_diff": round(d, 4), f"{k}_diff_ci": [round(lo, 4), round(hi, 4)],
-                            f"{k}_p": round(p, 4)})
-        print(f"acsl_after mean AP / softmax mean AP = {ratio:.3f} (goal >= 0.80: "
-              f"{'met' if ratio >= 0.8 else 'NOT met'})")
+            summary.update(
+                {f"{k}_diff": round(d, 4), f"{k}_diff_ci": [round(lo, 4), round(hi, 4)], f"{k}_p": round(p, 4)}
+            )
+        print(
+            f"acsl_after mean AP / softmax mean AP = {ratio:.3f} (goal >= 0.80: {'met' if ratio >= 0.8 else 'NOT met'})"
+        )
         summary["acsl_after_over_softmax_AP"] = round(ratio, 4)
         summary["goal_met"] = ratio >= 0.8
-    order = ["benchmark", "seeds", "softmax_AP", "acsl_before_AP", "acsl_after_AP", "acsl_after_over_softmax_AP",
-             "APr_diff", "APr_diff_ci", "APr_p"]
-    print(json.dumps({k: summary[k] for k in order if k in summary}
-                     | {k: v for k, v in summary.items() if k not in order}))
+    order = [
+        "benchmark",
+        "seeds",
+        "softmax_AP",
+        "acsl_before_AP",
+        "acsl_after_AP",
+        "acsl_after_over_softmax_AP",
+        "APr_diff",
+        "APr_diff_ci",
+        "APr_p",
+    ]
+    print(
+        json.dumps(
+            {k: summary[k] for k in order if k in summary} | {k: v for k, v in summary.items() if k not in order}
+        )
+    )
 
 
 if __name__ == "__main__":

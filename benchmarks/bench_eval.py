@@ -14,6 +14,7 @@ ran and before lvis-api starts. It includes the generated case (1.5 M result dic
 Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis]
 Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,13 +31,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lt_models.evaluation import evaluate_lvis  # noqa: E402
+from lt_models.evaluation import evaluate_lvis
 
 N_RARE, N_COMMON, N_FREQ = 454, 461, 315
 
 
-def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: float = 10.0,
-                       dets_per_image: int = 300) -> tuple[dict, list[dict]]:
+def make_lvis_val_case(
+    n_images: int = 5000, seed: int = 0, objects_per_image: float = 10.0, dets_per_image: int = 300
+) -> tuple[dict, list[dict]]:
     rng = np.random.default_rng(seed)
     n_cat = N_RARE + N_COMMON + N_FREQ
     freq = np.array(["r"] * N_RARE + ["c"] * N_COMMON + ["f"] * N_FREQ)
@@ -45,8 +47,16 @@ def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: f
     # sampling weight of a category in an image: frequent >> common >> rare
     w = np.where(freq == "f", 40.0, np.where(freq == "c", 3.0, 0.3)) * rng.uniform(0.5, 1.5, n_cat)
     w /= w.sum()
-    cats = [{"id": int(c), "name": f"class_{c}", "synset": f"class_{c}.n.01", "frequency": str(f),
-             "image_count": int({"r": 5, "c": 50, "f": 500}[f])} for c, f in zip(cat_ids, freq)]
+    cats = [
+        {
+            "id": int(c),
+            "name": f"class_{c}",
+            "synset": f"class_{c}.n.01",
+            "frequency": str(f),
+            "image_count": int({"r": 5, "c": 50, "f": 500}[f]),
+        }
+        for c, f in zip(cat_ids, freq)
+    ]
     images, anns, dets = [], [], []
     sizes = np.array([12, 20, 28, 40, 60, 90, 130, 200, 300])
     aid = 1
@@ -64,14 +74,28 @@ def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: f
         by = np.round(rng.uniform(0, 1, n_obj) * np.maximum(H - bh, 1), 2)
         area = np.round(bw * bh * rng.uniform(0.55, 0.95, n_obj), 2)  # mask area < box area, as in LVIS
         for k in range(n_obj):
-            anns.append({"id": aid, "image_id": img_id, "category_id": int(obj_cat[k]),
-                         "bbox": [float(bx[k]), float(by[k]), float(bw[k]), float(bh[k])], "area": float(area[k])})
+            anns.append(
+                {
+                    "id": aid,
+                    "image_id": img_id,
+                    "category_id": int(obj_cat[k]),
+                    "bbox": [float(bx[k]), float(by[k]), float(bw[k]), float(bh[k])],
+                    "area": float(area[k]),
+                }
+            )
             aid += 1
         present = set(obj_cat.tolist())
         neg = [int(c) for c in rng.choice(cat_ids, size=12, replace=False, p=w) if c not in present][:8]
         nel = [int(c) for c in present if rng.random() < 0.1]
-        images.append({"id": img_id, "width": W, "height": H, "neg_category_ids": sorted(neg),
-                       "not_exhaustive_category_ids": sorted(nel)})
+        images.append(
+            {
+                "id": img_id,
+                "width": W,
+                "height": H,
+                "neg_category_ids": sorted(neg),
+                "not_exhaustive_category_ids": sorted(nel),
+            }
+        )
         # detections: 40% around objects (80% right class), 60% background boxes (25% of those on
         # classes verified in the image)
         n_near = int(0.4 * dets_per_image)
@@ -89,8 +113,9 @@ def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: f
         gh = bs * rng.uniform(0.5, 1.5, n_bg)
         gx = rng.uniform(0, 1, n_bg) * np.maximum(W - gw, 1)
         gy = rng.uniform(0, 1, n_bg) * np.maximum(H - gh, 1)
-        gc = np.where(rng.random(n_bg) < 0.25, verified[rng.integers(0, len(verified), n_bg)],
-                      rng.choice(cat_ids, n_bg, p=w))
+        gc = np.where(
+            rng.random(n_bg) < 0.25, verified[rng.integers(0, len(verified), n_bg)], rng.choice(cat_ids, n_bg, p=w)
+        )
         score = np.round(np.concatenate([rng.beta(4, 2, n_near), rng.beta(1.5, 5, n_bg)]), 3)
         xs = np.concatenate([nx, gx]).tolist()
         ys = np.concatenate([ny, gy]).tolist()
@@ -99,8 +124,9 @@ def make_lvis_val_case(n_images: int = 5000, seed: int = 0, objects_per_image: f
         cs = np.concatenate([nc, gc]).tolist()
         sc = score.tolist()
         for k in range(dets_per_image):
-            dets.append({"image_id": img_id, "category_id": int(cs[k]), "bbox": [xs[k], ys[k], ws[k], hs[k]],
-                         "score": sc[k]})
+            dets.append(
+                {"image_id": img_id, "category_id": int(cs[k]), "bbox": [xs[k], ys[k], ws[k], hs[k]], "score": sc[k]}
+            )
     gt = {"info": {}, "licenses": [], "images": images, "annotations": anns, "categories": cats}
     return gt, dets
 
@@ -146,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     gt, dets = make_lvis_val_case(args.images, args.seed)
-    print(f"case: {len(gt['images'])} images, {len(gt['categories'])} categories, {len(gt['annotations'])} gt, "
-          f"{len(dets)} detections (generated in {time.perf_counter() - t0:.1f} s)", flush=True)
+    print(
+        f"case: {len(gt['images'])} images, {len(gt['categories'])} categories, {len(gt['annotations'])} gt, "
+        f"{len(dets)} detections (generated in {time.perf_counter() - t0:.1f} s)",
+        flush=True,
+    )
 
     rss_case = _current_rss_mb()
     times, ours = [], None
@@ -157,13 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         times.append(time.perf_counter() - t0)
     t_ours = statistics.median(times)
     peak_ours = _peak_rss_mb()
-    print(f"ltsweep evaluate_lvis: {t_ours:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}), "
-          f"process peak RSS so far {peak_ours:.0f} MB (the generated case alone: {rss_case:.0f} MB, so the "
-          f"evaluator adds at most {peak_ours - rss_case:.0f} MB)", flush=True)
+    print(
+        f"ltsweep evaluate_lvis: {t_ours:.2f} s (runs {', '.join(f'{t:.2f}' for t in times)}), "
+        f"process peak RSS so far {peak_ours:.0f} MB (the generated case alone: {rss_case:.0f} MB, so the "
+        f"evaluator adds at most {peak_ours - rss_case:.0f} MB)",
+        flush=True,
+    )
     print("ours: " + json.dumps({k: round(v, 5) for k, v in ours.items() if k != "per_class"}), flush=True)
     if args.skip_lvis:
-        print(json.dumps({"benchmark": "eval", "speedup_vs_lvis_api": None, "max_abs_diff": None,
-                          "peak_rss_mb": round(peak_ours, 1)}))
+        print(
+            json.dumps(
+                {
+                    "benchmark": "eval",
+                    "speedup_vs_lvis_api": None,
+                    "max_abs_diff": None,
+                    "peak_rss_mb": round(peak_ours, 1),
+                }
+            )
+        )
         return 0
 
     ref, t_ref = run_lvis_api(gt, dets)
@@ -173,8 +213,16 @@ def main(argv: list[str] | None = None) -> int:
     max_diff = max(abs(ours[k] - ref[k]) for k in keys)
     all_diff = max(abs(ours[k] - ref[k]) for k in ref)
     print(f"max |diff| over AP/APr/APc/APf: {max_diff:.3g}; over all {len(ref)} summary metrics: {all_diff:.3g}")
-    print(json.dumps({"benchmark": "eval", "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
-                      "max_abs_diff": max_diff, "peak_rss_mb": round(peak_ours, 1)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "eval",
+                "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
+                "max_abs_diff": max_diff,
+                "peak_rss_mb": round(peak_ours, 1),
+            }
+        )
+    )
     return 0
 
 

@@ -22,6 +22,7 @@ Ray, Tune and MLflow output goes to stderr; subprocess drivers write logs into t
     python benchmarks/bench_faults.py [--runs 5] [--scenarios worker_kill,driver_kill] [--workdir DIR] [--keep]
 About 4-5 minutes per round of the 7 scenarios on 2 shared CPU cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ def run_one(name: str, ws: fs.Workspace, local_ray: fs.LocalRay, run: int) -> fs
     with contextlib.redirect_stdout(sys.stderr):
         try:
             return fn(ws, local_ray, run) if needs_session else fn(ws, run)
-        except Exception as exc:  # noqa: BLE001 - reported and counted, the benchmark goes on
+        except Exception as exc:
             traceback.print_exc()
             o = fs.Outcome(name, seconds=round(time.monotonic() - t0, 1))
             o.details["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
@@ -58,8 +59,9 @@ def run_one(name: str, ws: fs.Workspace, local_ray: fs.LocalRay, run: int) -> fs
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5, help="runs of each scenario (default 5)")
-    p.add_argument("--scenarios", default=",".join(fs.SCENARIOS),
-                   help=f"comma-separated subset of {','.join(fs.SCENARIOS)}")
+    p.add_argument(
+        "--scenarios", default=",".join(fs.SCENARIOS), help=f"comma-separated subset of {','.join(fs.SCENARIOS)}"
+    )
     p.add_argument("--workdir", type=Path, default=None, help="where to work (default: a new temp dir)")
     p.add_argument("--keep", action="store_true", help="keep every run's store (default: removed after its checks)")
     args = p.parse_args(argv)
@@ -72,11 +74,16 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     with contextlib.redirect_stdout(sys.stderr):
         ws = fs.prepare(root)
-    print(f"workdir {root}; data and stage 1 ready in {time.monotonic() - t_start:.0f} s; {args.runs} run(s) of "
-          f"{', '.join(names)}", flush=True)
+    print(
+        f"workdir {root}; data and stage 1 ready in {time.monotonic() - t_start:.0f} s; {args.runs} run(s) of "
+        f"{', '.join(names)}",
+        flush=True,
+    )
     local_ray = fs.LocalRay(num_cpus=2)
-    per = {n: {"runs": 0, **dict.fromkeys(fs.Outcome.COUNTS, 0), "problems": 0, "errors": 0, "seconds": 0.0,
-               "details": []} for n in names}
+    per = {
+        n: {"runs": 0, **dict.fromkeys(fs.Outcome.COUNTS, 0), "problems": 0, "errors": 0, "seconds": 0.0, "details": []}
+        for n in names
+    }
     try:
         for run in range(args.runs):
             for name in names:
@@ -88,9 +95,23 @@ def main(argv=None) -> int:
                 s["problems"] += len(o.problems)
                 s["errors"] += "error" in o.details
                 s["seconds"] += o.seconds
-                s["details"].append({k: o.details[k] for k in ("kill_point", "corruption", "victim", "killed_with",
-                                                               "stage1", "exit_codes", "times_reported",
-                                                               "leaked_processes", "error") if k in o.details})
+                s["details"].append(
+                    {
+                        k: o.details[k]
+                        for k in (
+                            "kill_point",
+                            "corruption",
+                            "victim",
+                            "killed_with",
+                            "stage1",
+                            "exit_codes",
+                            "times_reported",
+                            "leaked_processes",
+                            "error",
+                        )
+                        if k in o.details
+                    }
+                )
                 counts = " ".join(f"{k}={v}" for k, v in o.counts().items())
                 status = "ERROR" if "error" in o.details else "ok" if not o.problems else "PROBLEMS"
                 print(f"[run {run + 1}/{args.runs}] {name:16s} {status:8s} {o.seconds:6.1f} s  {counts}", flush=True)

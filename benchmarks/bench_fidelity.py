@@ -51,6 +51,7 @@ Progress lines (run, minutes, AP) go to stderr. Last stdout line:
   {"benchmark": "fidelity", "seeds": n, "findings": [{"name", "metric", "effect", "ci_low", "ci_high",
    "paper_direction_holds", "p_value", "threshold", "paper"}, ...]}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,11 +71,11 @@ import numpy as np
 from scipy import stats
 
 from lt_models.atomic import write_json_atomic
-from lt_models.losses.registry import LossSpec
-from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
 from lt_models.data.samplers import SamplerSpec
-from lt_models.data.synthetic.layout import PRESETS
 from lt_models.data.synthetic.generate import generate_benchmark
+from lt_models.data.synthetic.layout import PRESETS
+from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
+from lt_models.losses.registry import LossSpec
 
 LAMBDAS = (0.5, 0.7, 1.0, 1.5)
 HYBRID_LAM = 0.7
@@ -82,26 +83,48 @@ XIS = (0.3, 0.7)
 METRICS = ("AP", "APr", "APc", "APf")
 KEEP = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "train_img_per_s")
 # (schedule of stage 1, of every stage 2; the one-stage run trains stage1 + stage2 epochs from scratch)
-FULL = {"stage1": dict(epochs=6, lr=0.02, warmup=50, lr_steps=(5,)),
-        "stage2": dict(epochs=4, lr=0.02, warmup=20, lr_steps=(3,)), "batch_size": 8, "image_size": 128}
-QUICK = {"stage1": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()),
-         "stage2": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()), "batch_size": 8, "image_size": 64}
+FULL = {
+    "stage1": dict(epochs=6, lr=0.02, warmup=50, lr_steps=(5,)),
+    "stage2": dict(epochs=4, lr=0.02, warmup=20, lr_steps=(3,)),
+    "batch_size": 8,
+    "image_size": 128,
+}
+QUICK = {
+    "stage1": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()),
+    "stage2": dict(epochs=1, lr=0.02, warmup=5, lr_steps=()),
+    "batch_size": 8,
+    "image_size": 64,
+}
 # ~180 train / 44 val images, 12 leaves + 3 parents, every r/c/f bucket filled: for --quick only
-QUICK_PRESET = dataclasses.replace(PRESETS["demo"], name="fidelity_quick", families=3, appearances=4, t_max=180, t_min=2,
-                                   q=4, val_min=2, n_confusable=1, n_two_leaf=1, workers=1)
+QUICK_PRESET = dataclasses.replace(
+    PRESETS["demo"],
+    name="fidelity_quick",
+    families=3,
+    appearances=4,
+    t_max=180,
+    t_min=2,
+    q=4,
+    val_min=2,
+    n_confusable=1,
+    n_two_leaf=1,
+    workers=1,
+)
 
 
 # Runs ------------------------------------------------------------------------------------------------------------
 def arms() -> dict[str, tuple[str, SamplerSpec, LossSpec, str | bool]]:
     """Run name -> (stage, sampler, loss, decoupled). Stage-2 runs start from the seed's "stage1"."""
     nb, cs = SamplerSpec("nonbalance"), LossSpec("concurrent_softmax")
-    out = {"stage1": ("stage1", STAGE1_SAMPLER, LossSpec("softmax"), False),
-           "nonbalance": ("stage2", nb, cs, False)}
+    out = {"stage1": ("stage1", STAGE1_SAMPLER, LossSpec("softmax"), False), "nonbalance": ("stage2", nb, cs, False)}
     out.update({f"softbalance_{lam}": ("stage2", SamplerSpec("softbalance", lam=lam), cs, False) for lam in LAMBDAS})
     out.update({f"cls_acsl_{xi}": ("stage2", nb, LossSpec("acsl", xi=xi), "cls") for xi in XIS})
-    out.update({"cls_softmax": ("stage2", nb, LossSpec("softmax"), "cls"),
-                "cls_bce": ("stage2", nb, LossSpec("bce"), "cls"),
-                "one_stage": ("one_stage", SamplerSpec("softbalance", lam=HYBRID_LAM), cs, False)})
+    out.update(
+        {
+            "cls_softmax": ("stage2", nb, LossSpec("softmax"), "cls"),
+            "cls_bce": ("stage2", nb, LossSpec("bce"), "cls"),
+            "one_stage": ("one_stage", SamplerSpec("softbalance", lam=HYBRID_LAM), cs, False),
+        }
+    )
     return out
 
 
@@ -113,16 +136,32 @@ def make_spec(name: str, seed: int, data: Path, sched: dict, device: str) -> Tra
         hp = dict(epochs=epochs, lr=s1["lr"], warmup=s1["warmup"], lr_steps=(epochs - 1,) if s1["lr_steps"] else ())
     else:
         hp = dict(sched[stage])
-    return TrainSpec(train_ann=str(data / "train.json"), val_ann=str(data / "val.json"),
-                     train_image_dir=str(data / "images"), val_image_dir=str(data / "images"),
-                     hierarchy_file=str(data / "hierarchy.json"), stage=stage, backbone="tiny",
-                     image_size=sched["image_size"], sampler=sampler, loss=loss, decoupled=decoupled,
-                     batch_size=sched["batch_size"], eval_every=hp["epochs"], seed=seed, num_threads=1, device=device,
-                     progress=False, keep_checkpoints=1, **hp)
+    return TrainSpec(
+        train_ann=str(data / "train.json"),
+        val_ann=str(data / "val.json"),
+        train_image_dir=str(data / "images"),
+        val_image_dir=str(data / "images"),
+        hierarchy_file=str(data / "hierarchy.json"),
+        stage=stage,
+        backbone="tiny",
+        image_size=sched["image_size"],
+        sampler=sampler,
+        loss=loss,
+        decoupled=decoupled,
+        batch_size=sched["batch_size"],
+        eval_every=hp["epochs"],
+        seed=seed,
+        num_threads=1,
+        device=device,
+        progress=False,
+        keep_checkpoints=1,
+        **hp,
+    )
 
 
 def _init_worker() -> None:
     import torch
+
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
 
@@ -135,9 +174,14 @@ def run_one(job: dict) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)  # a crashed attempt's leftovers
     t0 = time.perf_counter()
     metrics = train(TrainSpec.from_dict(job["spec"]), out_dir, init_checkpoint=job["init_checkpoint"])
-    record = {"name": job["name"], "seed": job["seed"], "spec": job["spec"],
-              "minutes": (time.perf_counter() - t0) / 60, "metrics": {k: metrics[k] for k in KEEP if k in metrics},
-              "per_class": {str(k): v for k, v in metrics.get("per_class", {}).items()}}
+    record = {
+        "name": job["name"],
+        "seed": job["seed"],
+        "spec": job["spec"],
+        "minutes": (time.perf_counter() - t0) / 60,
+        "metrics": {k: metrics[k] for k in KEEP if k in metrics},
+        "per_class": {str(k): v for k, v in metrics.get("per_class", {}).items()},
+    }
     if job["name"] == "stage1":
         record["checkpoint_dir"] = metrics["checkpoint_dir"]
     else:
@@ -164,8 +208,14 @@ def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int
             spec = make_spec(name, seed, data, sched, device).to_dict()
             key = (name, seed)
             stem = f"{name}__seed{seed}"
-            jobs[key] = {"name": name, "seed": seed, "spec": spec, "out_dir": str(cache / stem),
-                         "cache_file": str(cache / f"{stem}.json"), "init_checkpoint": None}
+            jobs[key] = {
+                "name": name,
+                "seed": seed,
+                "spec": spec,
+                "out_dir": str(cache / stem),
+                "cache_file": str(cache / f"{stem}.json"),
+                "init_checkpoint": None,
+            }
             record = _cached(cache / f"{stem}.json", spec)
             if record is not None:
                 done[key] = record
@@ -175,8 +225,11 @@ def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int
         if s1 is not None and needed and not (Path(s1["checkpoint_dir"]) / "checkpoint.pt").is_file():
             del done[("stage1", seed)]
     pending = {k: j for k, j in jobs.items() if k not in done}
-    print(f"{len(done)} of {len(jobs)} runs cached in {cache}; {len(pending)} to train with {workers} workers",
-          file=sys.stderr, flush=True)
+    print(
+        f"{len(done)} of {len(jobs)} runs cached in {cache}; {len(pending)} to train with {workers} workers",
+        file=sys.stderr,
+        flush=True,
+    )
     failed: dict = {}
     t_start = time.perf_counter()
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as ex:
@@ -185,9 +238,11 @@ def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int
             for key in [k for k in pending if arms()[k[0]][0] == "stage2" and ("stage1", k[1]) in failed]:
                 failed[key] = "its stage 1 failed"
                 del pending[key]
-            ready = sorted((k for k in pending if arms()[k[0]][0] != "stage2" or ("stage1", k[1]) in done),
-                           key=lambda k: (priority[k[0]], k[1], order.index(k[0])))
-            for key in ready[:max(0, workers - len(running))]:
+            ready = sorted(
+                (k for k in pending if arms()[k[0]][0] != "stage2" or ("stage1", k[1]) in done),
+                key=lambda k: (priority[k[0]], k[1], order.index(k[0])),
+            )
+            for key in ready[: max(0, workers - len(running))]:
                 job = pending.pop(key)
                 if arms()[key[0]][0] == "stage2":
                     job["init_checkpoint"] = done[("stage1", key[1])]["checkpoint_dir"]
@@ -199,17 +254,23 @@ def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int
                 key = running.pop(fut)
                 try:
                     done[key] = fut.result()
-                except Exception as e:  # noqa: BLE001 - reported below, the other runs go on
+                except Exception as e:
                     failed[key] = f"{type(e).__name__}: {e}"
                     print(f"FAILED {key[0]} seed {key[1]}: {failed[key]}", file=sys.stderr, flush=True)
                     continue
                 m = done[key]["metrics"]
-                print(f"[{len(done)}/{len(jobs)}] {key[0]} seed {key[1]}: {done[key]['minutes']:.1f} min, "
-                      f"AP {m['AP']:.3f} APr {m['APr']:.3f} APf {m['APf']:.3f} (elapsed "
-                      f"{(time.perf_counter() - t_start) / 60:.1f} min)", file=sys.stderr, flush=True)
+                print(
+                    f"[{len(done)}/{len(jobs)}] {key[0]} seed {key[1]}: {done[key]['minutes']:.1f} min, "
+                    f"AP {m['AP']:.3f} APr {m['APr']:.3f} APf {m['APf']:.3f} (elapsed "
+                    f"{(time.perf_counter() - t_start) / 60:.1f} min)",
+                    file=sys.stderr,
+                    flush=True,
+                )
     if failed:
-        raise SystemExit("runs failed (rerun to retry them; finished runs are cached): "
-                         + "; ".join(f"{n} seed {s}: {why}" for (n, s), why in sorted(failed.items())))
+        raise SystemExit(
+            "runs failed (rerun to retry them; finished runs are cached): "
+            + "; ".join(f"{n} seed {s}: {why}" for (n, s), why in sorted(failed.items()))
+        )
     return done
 
 
@@ -232,34 +293,97 @@ def paired(a: list[float], b: list[float], threshold: float = 0.0) -> dict:
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     res = stats.ttest_1samp(d, popmean=threshold)
     ci = res.confidence_interval(0.95)
-    return {"effect": _num(d.mean()), "ci_low": _num(ci.low), "ci_high": _num(ci.high), "p_value": _num(res.pvalue),
-            "paper_direction_holds": bool(d.mean() > threshold)}
+    return {
+        "effect": _num(d.mean()),
+        "ci_low": _num(ci.low),
+        "ci_high": _num(ci.high),
+        "p_value": _num(res.pvalue),
+        "paper_direction_holds": bool(d.mean() > threshold),
+    }
 
 
 def findings(table: dict[str, dict[str, list[float]]]) -> list[dict]:
     """table[arm][metric] = values over the seeds (same order for every arm)."""
     best = max(LAMBDAS, key=lambda lam: np.mean(table[f"softbalance_{lam}"]["AP"]))
     cs1 = "concurrent-softmax paper Table 3"
-    rows = [("soft-balance λ=0.7 vs non-balance", "softbalance_0.7", "nonbalance", m, 0.0,
-             f"{cs1}: 57.04 vs 38.16 mAP" + ("" if m == "AP" else " (APr not reported)")) for m in ("APr", "AP")]
-    rows += [(f"soft-balance best λ={best} vs non-balance", f"softbalance_{best}", "nonbalance", m, 0.0,
-              f"{cs1}: best λ=0.7, soft-balance above non-balance for λ >= 0.3 (mAP)") for m in ("APr", "AP")]
+    rows = [
+        (
+            "soft-balance λ=0.7 vs non-balance",
+            "softbalance_0.7",
+            "nonbalance",
+            m,
+            0.0,
+            f"{cs1}: 57.04 vs 38.16 mAP" + ("" if m == "AP" else " (APr not reported)"),
+        )
+        for m in ("APr", "AP")
+    ]
+    rows += [
+        (
+            f"soft-balance best λ={best} vs non-balance",
+            f"softbalance_{best}",
+            "nonbalance",
+            m,
+            0.0,
+            f"{cs1}: best λ=0.7, soft-balance above non-balance for λ >= 0.3 (mAP)",
+        )
+        for m in ("APr", "AP")
+    ]
     table2 = {0.3: (17.65, 29.27), 0.7: (18.64, 29.37)}  # ACSL paper Table 2: (APr, APf) at ξ
     for xi in XIS:
-        rows.append((f"ACSL ξ={xi} vs softmax", f"cls_acsl_{xi}", "cls_softmax", "APr", 0.0,
-                     f"ACSL paper Table 2: APr {table2[xi][0]} ACSL vs 4.30 (1x) / 7.38 (2x) softmax"))
-        rows.append((f"ACSL ξ={xi} vs BCE", f"cls_acsl_{xi}", "cls_bce", "APr", 0.0,
-                     "ACSL paper §3 / Fig 3: BCE over-suppresses tail classifiers (no table row)"))
+        rows.append(
+            (
+                f"ACSL ξ={xi} vs softmax",
+                f"cls_acsl_{xi}",
+                "cls_softmax",
+                "APr",
+                0.0,
+                f"ACSL paper Table 2: APr {table2[xi][0]} ACSL vs 4.30 (1x) / 7.38 (2x) softmax",
+            )
+        )
+        rows.append(
+            (
+                f"ACSL ξ={xi} vs BCE",
+                f"cls_acsl_{xi}",
+                "cls_bce",
+                "APr",
+                0.0,
+                "ACSL paper §3 / Fig 3: BCE over-suppresses tail classifiers (no table row)",
+            )
+        )
     for xi in XIS:
-        rows.append((f"ACSL ξ={xi} vs softmax, APf drop < 1 point", f"cls_acsl_{xi}", "cls_softmax", "APf", -0.01,
-                     f"ACSL paper Table 2: APf {table2[xi][1]} ACSL vs 29.28 (1x) / 28.17 (2x) softmax"))
-    rows += [("hybrid (stage 1 + soft-balance λ=0.7) vs one-stage, equal epochs", f"softbalance_{HYBRID_LAM}",
-              "one_stage", m, 0.0, "concurrent-softmax paper Table 4 / §5.5: hybrid 65.60-68.23 vs one-stage "
-              "class-aware 62.85-64.68 mAP" + ("" if m == "AP" else " (APr not reported)")) for m in ("AP", "APr")]
+        rows.append(
+            (
+                f"ACSL ξ={xi} vs softmax, APf drop < 1 point",
+                f"cls_acsl_{xi}",
+                "cls_softmax",
+                "APf",
+                -0.01,
+                f"ACSL paper Table 2: APf {table2[xi][1]} ACSL vs 29.28 (1x) / 28.17 (2x) softmax",
+            )
+        )
+    rows += [
+        (
+            "hybrid (stage 1 + soft-balance λ=0.7) vs one-stage, equal epochs",
+            f"softbalance_{HYBRID_LAM}",
+            "one_stage",
+            m,
+            0.0,
+            "concurrent-softmax paper Table 4 / §5.5: hybrid 65.60-68.23 vs one-stage "
+            "class-aware 62.85-64.68 mAP" + ("" if m == "AP" else " (APr not reported)"),
+        )
+        for m in ("AP", "APr")
+    ]
     out = []
     for name, arm, base, metric, thr, paper in rows:
-        out.append({"name": name, "metric": metric, **paired(table[arm][metric], table[base][metric], thr),
-                    "threshold": thr, "paper": paper})
+        out.append(
+            {
+                "name": name,
+                "metric": metric,
+                **paired(table[arm][metric], table[base][metric], thr),
+                "threshold": thr,
+                "paper": paper,
+            }
+        )
     return out
 
 
@@ -284,8 +408,12 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="benchmark dir (default data/study; --quick: a temp dir)")
     ap.add_argument("--workers", type=int, default=2, help="runs in parallel, one torch thread each")
     ap.add_argument("--cache", type=Path, default=None, help="per-run metrics (default <data>/fidelity_runs)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="JSON copy (default benchmarks/results/fidelity.json; --quick: none unless given)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON copy (default benchmarks/results/fidelity.json; --quick: none unless given)",
+    )
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny preset and schedule: a smoke test of the script")
     args = ap.parse_args()
@@ -305,12 +433,20 @@ def main() -> None:
     try:
         if not (data / "train.json").is_file():
             s = generate_benchmark(data, preset=QUICK_PRESET if args.quick else "study", seed=0)
-            print(f"generated {s['preset']} in {data}: {s['train_images']} train / {s['val_images']} val images, "
-                  f"{s['categories']} classes, buckets {s['buckets']}", file=sys.stderr, flush=True)
+            print(
+                f"generated {s['preset']} in {data}: {s['train_images']} train / {s['val_images']} val images, "
+                f"{s['categories']} classes, buckets {s['buckets']}",
+                file=sys.stderr,
+                flush=True,
+            )
         inst = val_instances(data)
-        print("validation instances per class (min / mean / max): " + ", ".join(
-            f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())),
-              flush=True)
+        print(
+            "validation instances per class (min / mean / max): "
+            + ", ".join(
+                f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())
+            ),
+            flush=True,
+        )
         done = run_all(seeds, data, cache, sched, args.workers, args.device)
     finally:
         if tmp is not None:
@@ -328,8 +464,10 @@ def main() -> None:
     print(f"\n{'finding':<66}{'metric':>6}{'effect':>9}{'95% CI':>20}{'p':>8}  holds")
     for f in result:
         ci = f"[{_fmt(f['ci_low'], '+')}, {_fmt(f['ci_high'], '+')}]"
-        print(f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}  "
-              f"{'yes' if f['paper_direction_holds'] else 'no'}")
+        print(
+            f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}  "
+            f"{'yes' if f['paper_direction_holds'] else 'no'}"
+        )
     payload = {"benchmark": "fidelity", "seeds": len(seeds), "findings": result}
     if out is not None:
         write_json_atomic(out, payload, indent=1)

@@ -20,6 +20,7 @@ Goals: concurrent softmax <= 1.5 x F.cross_entropy, ACSL <= 1.3 x F.binary_cross
 <= 4 x F.softmax, Seesaw <= 1.5 x F.cross_entropy, EQLv2 and the federated loss <= 1.5 x
 F.binary_cross_entropy_with_logits. Run: ``python benchmarks/bench_losses.py [--seconds 60]`` (about 2 minutes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,10 +50,11 @@ def realistic_rate(k: int, gen: torch.Generator) -> torch.Tensor:
         r[p, kids] = 1.0
     target_nnz = 2 * (k - 1)
     while int((r > 0).sum()) < target_nnz:
-        i, j = (torch.randint(1, k, (2, 256), generator=gen))
+        i, j = torch.randint(1, k, (2, 256), generator=gen)
         keep = i != j
-        r[i[keep], j[keep]] = torch.where(r[i[keep], j[keep]] > 0, r[i[keep], j[keep]],
-                                          0.3 * torch.rand(int(keep.sum()), generator=gen) + 1e-3)
+        r[i[keep], j[keep]] = torch.where(
+            r[i[keep], j[keep]] > 0, r[i[keep], j[keep]], 0.3 * torch.rand(int(keep.sum()), generator=gen) + 1e-3
+        )
     return r
 
 
@@ -99,33 +101,45 @@ def main() -> None:
     eqlv2(warm_logits, warm_targets).backward()
     nnz = int((r > 0).sum())
     print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}")
-    print(f"N = {N}, K = {K}, foreground rows = {int((primary > 0).sum())}, multi-label rows = "
-          f"{int((targets.sum(1) > 1).sum())}, r non-zeros = {nnz} ({nnz / (K - 1):.2f} per class row), "
-          f"max per row = {int((r > 0).sum(1).max())}")
+    print(
+        f"N = {N}, K = {K}, foreground rows = {int((primary > 0).sum())}, multi-label rows = "
+        f"{int((targets.sum(1) > 1).sum())}, r non-zeros = {nnz} ({nnz / (K - 1):.2f} per class row), "
+        f"max per row = {int((r > 0).sum(1).max())}"
+    )
 
     def train(loss_fn):
         def run() -> None:
             x = logits.detach().requires_grad_()
             loss_fn(x).backward()
+
         return run
 
     def infer(fn):
         def run() -> None:
             with torch.no_grad():
                 fn(logits)
+
         return run
 
     pairs = {
-        "concurrent_softmax_vs_ce": (train(lambda x: F.cross_entropy(x, primary)),
-                                     train(lambda x: concurrent(x, targets))),
-        "acsl_vs_bce": (train(lambda x: F.binary_cross_entropy_with_logits(x, targets)),
-                        train(lambda x: acsl(x, targets))),
+        "concurrent_softmax_vs_ce": (
+            train(lambda x: F.cross_entropy(x, primary)),
+            train(lambda x: concurrent(x, targets)),
+        ),
+        "acsl_vs_bce": (
+            train(lambda x: F.binary_cross_entropy_with_logits(x, targets)),
+            train(lambda x: acsl(x, targets)),
+        ),
         "concurrent_scores_vs_softmax": (infer(lambda z: torch.softmax(z, dim=1)), infer(concurrent.scores)),
         "seesaw_vs_ce": (train(lambda x: F.cross_entropy(x, primary)), train(lambda x: seesaw(x, primary))),
-        "eqlv2_vs_bce": (train(lambda x: F.binary_cross_entropy_with_logits(x, targets, reduction="sum") / N),
-                         train(lambda x: eqlv2(x, targets))),
-        "federated_vs_bce": (train(lambda x: F.binary_cross_entropy_with_logits(x, targets, reduction="sum") / N),
-                             train(lambda x: federated(x, targets))),
+        "eqlv2_vs_bce": (
+            train(lambda x: F.binary_cross_entropy_with_logits(x, targets, reduction="sum") / N),
+            train(lambda x: eqlv2(x, targets)),
+        ),
+        "federated_vs_bce": (
+            train(lambda x: F.binary_cross_entropy_with_logits(x, targets, reduction="sum") / N),
+            train(lambda x: federated(x, targets)),
+        ),
     }
     for anchor, ours in pairs.values():  # warm-up (allocator, worker threads)
         for _ in range(2):
@@ -144,15 +158,23 @@ def main() -> None:
         rounds += 1
 
     result = {"benchmark": "losses"}
-    goals = {"concurrent_softmax_vs_ce": 1.5, "acsl_vs_bce": 1.3, "concurrent_scores_vs_softmax": 4.0,
-             "seesaw_vs_ce": 1.5, "eqlv2_vs_bce": 1.5, "federated_vs_bce": 1.5}
+    goals = {
+        "concurrent_softmax_vs_ce": 1.5,
+        "acsl_vs_bce": 1.3,
+        "concurrent_scores_vs_softmax": 4.0,
+        "seesaw_vs_ce": 1.5,
+        "eqlv2_vs_bce": 1.5,
+        "federated_vs_bce": 1.5,
+    }
     print(f"{rounds} rounds in {time.perf_counter() - start:.1f} s")
     for name, (ta, to) in times.items():
         ratio = statistics.median(o / a for a, o in zip(ta, to))
         result[name] = round(ratio, 3)
-        print(f"{name:30s} anchor median {1e3 * statistics.median(ta):7.1f} ms   ours median "
-              f"{1e3 * statistics.median(to):7.1f} ms   median ratio {ratio:.3f}   goal <= {goals[name]}   "
-              f"{'met' if ratio <= goals[name] else 'NOT met'}")
+        print(
+            f"{name:30s} anchor median {1e3 * statistics.median(ta):7.1f} ms   ours median "
+            f"{1e3 * statistics.median(to):7.1f} ms   median ratio {ratio:.3f}   goal <= {goals[name]}   "
+            f"{'met' if ratio <= goals[name] else 'NOT met'}"
+        )
     print(json.dumps(result))
 
 

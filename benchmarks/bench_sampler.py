@@ -14,6 +14,7 @@ Usage: python benchmarks/bench_sampler.py [--images 1700000] [--classes 500] [--
 Last stdout line: {"benchmark": "sampler", "index_build_s": ..., "epoch_draw_s": ..., "peak_rss_mb": ...,
 "speedup_vs_naive": ...}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import time
 import numpy as np
 
 
-def synthetic_label_table(num_images: int, num_classes: int, mean_labels: float = 7.0, zipf_s: float = 1.1,
-                          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_label_table(
+    num_images: int, num_classes: int, mean_labels: float = 7.0, zipf_s: float = 1.1, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Image -> classes CSR (indptr, labels) with Zipf(s) class popularity, built vectorised.
 
     Each image draws 1 + Poisson(mean_labels - 1 + slack) classes with replacement from the Zipf popularity and
@@ -77,8 +79,11 @@ class Timings:
         self.cpu.append(time.process_time() - self._t[1])
 
     def summary(self) -> dict:
-        return {"median_s": statistics.median(self.wall), "min_s": min(self.wall),
-                "cpu_median_s": statistics.median(self.cpu)}
+        return {
+            "median_s": statistics.median(self.wall),
+            "min_s": min(self.wall),
+            "cpu_median_s": statistics.median(self.cpu),
+        }
 
 
 def measure_ours(indptr, labels, num_classes, lam, repeats) -> dict:
@@ -97,9 +102,14 @@ def measure_ours(indptr, labels, num_classes, lam, repeats) -> dict:
     with iterate:
         n_iter = sum(1 for _ in sampler)  # what the DataLoader sees: the epoch as Python ints
     assert n_iter == len(sampler)
-    return {"build": build.summary(), "draw": draw.summary(), "iterate": iterate.summary(),
-            "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline,
-            "probabilities": sampler.probabilities.tolist()}
+    return {
+        "build": build.summary(),
+        "draw": draw.summary(),
+        "iterate": iterate.summary(),
+        "peak_rss_mb": peak_rss_mb(),
+        "baseline_rss_mb": baseline,
+        "probabilities": sampler.probabilities.tolist(),
+    }
 
 
 def measure_naive(indptr, labels, num_classes, lam, repeats) -> dict:
@@ -116,7 +126,7 @@ def measure_naive(indptr, labels, num_classes, lam, repeats) -> dict:
         with build:
             class_to_imgs = {c: [] for c in range(num_classes)}
             for img in range(num_images):
-                for c in labels_l[indptr_l[img]:indptr_l[img + 1]]:
+                for c in labels_l[indptr_l[img] : indptr_l[img + 1]]:
                     class_to_imgs[c].append(img)
             counts = [len(class_to_imgs[c]) for c in range(num_classes)]
             probs = soft_balance_probabilities(counts, lam).tolist()
@@ -133,8 +143,7 @@ def measure_naive(indptr, labels, num_classes, lam, repeats) -> dict:
                 epoch.append(random.choice(class_to_imgs[c]))
         assert len(epoch) == num_images
         del class_to_imgs, epoch
-    return {"build": build.summary(), "draw": draw.summary(), "peak_rss_mb": peak_rss_mb(),
-            "baseline_rss_mb": baseline}
+    return {"build": build.summary(), "draw": draw.summary(), "peak_rss_mb": peak_rss_mb(), "baseline_rss_mb": baseline}
 
 
 def child(which: str, table: str, num_classes: int, lam: float, repeats: int) -> None:
@@ -146,10 +155,25 @@ def child(which: str, table: str, num_classes: int, lam: float, repeats: int) ->
 
 
 def run_child(which: str, table: str, args) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", which, "--table", table,
-                          "--classes", str(args.classes), "--lam", str(args.lam),
-                          "--repeats", str(args.repeats if which == "ours" else args.naive_repeats)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            which,
+            "--table",
+            table,
+            "--classes",
+            str(args.classes),
+            "--lam",
+            str(args.lam),
+            "--repeats",
+            str(args.repeats if which == "ours" else args.naive_repeats),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -170,9 +194,11 @@ def main() -> None:
     t0 = time.perf_counter()
     indptr, labels = synthetic_label_table(args.images, args.classes)
     counts = np.bincount(labels, minlength=args.classes)
-    print(f"label table: {args.images} images, {args.classes} classes, {labels.size} labels "
-          f"({labels.size / args.images:.2f}/image), images per class {counts.max()} .. {counts.min()} "
-          f"(built in {time.perf_counter() - t0:.1f} s)")
+    print(
+        f"label table: {args.images} images, {args.classes} classes, {labels.size} labels "
+        f"({labels.size / args.images:.2f}/image), images per class {counts.max()} .. {counts.min()} "
+        f"(built in {time.perf_counter() - t0:.1f} s)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         table = os.path.join(tmp, "table.npz")
         np.savez(table, indptr=indptr, labels=labels)
@@ -189,21 +215,34 @@ def main() -> None:
     def fmt(t):
         return f"{t['median_s']:.3f} s (min {t['min_s']:.3f}, cpu {t['cpu_median_s']:.3f})"
 
-    print(f"ours  (median of {args.repeats}): index build {fmt(ob)} [goal < 2 s], epoch draw {fmt(od)} "
-          f"[goal < 0.5 s]; iterating the epoch as Python ints {fmt(ours['iterate'])}; peak RSS "
-          f"{ours['peak_rss_mb']:.0f} MB, of which {ours['baseline_rss_mb']:.0f} MB before building "
-          f"(interpreter, torch import, label table)")
-    print(f"naive (median of {args.naive_repeats}, full size, not extrapolated): index build {fmt(nb)}, "
-          f"epoch draw {fmt(nd)}; peak RSS {naive['peak_rss_mb']:.0f} MB, of which "
-          f"{naive['baseline_rss_mb']:.0f} MB before building")
-    print(f"speedup (wall medians): index build x{nb['median_s'] / ob['median_s']:.1f}, epoch draw "
-          f"x{nd['median_s'] / od['median_s']:.1f}, build + one epoch x{speedup:.1f} (reported); "
-          f"build + one epoch on CPU time x{cpu_speedup:.1f}; load average {os.getloadavg()[0]:.1f} "
-          f"on {os.cpu_count()} cores")
-    print(json.dumps({"benchmark": "sampler", "index_build_s": round(ob["median_s"], 4),
-                      "epoch_draw_s": round(od["median_s"], 4),
-                      "peak_rss_mb": round(ours["peak_rss_mb"], 1),
-                      "speedup_vs_naive": round(speedup, 1)}))
+    print(
+        f"ours  (median of {args.repeats}): index build {fmt(ob)} [goal < 2 s], epoch draw {fmt(od)} "
+        f"[goal < 0.5 s]; iterating the epoch as Python ints {fmt(ours['iterate'])}; peak RSS "
+        f"{ours['peak_rss_mb']:.0f} MB, of which {ours['baseline_rss_mb']:.0f} MB before building "
+        f"(interpreter, torch import, label table)"
+    )
+    print(
+        f"naive (median of {args.naive_repeats}, full size, not extrapolated): index build {fmt(nb)}, "
+        f"epoch draw {fmt(nd)}; peak RSS {naive['peak_rss_mb']:.0f} MB, of which "
+        f"{naive['baseline_rss_mb']:.0f} MB before building"
+    )
+    print(
+        f"speedup (wall medians): index build x{nb['median_s'] / ob['median_s']:.1f}, epoch draw "
+        f"x{nd['median_s'] / od['median_s']:.1f}, build + one epoch x{speedup:.1f} (reported); "
+        f"build + one epoch on CPU time x{cpu_speedup:.1f}; load average {os.getloadavg()[0]:.1f} "
+        f"on {os.cpu_count()} cores"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "sampler",
+                "index_build_s": round(ob["median_s"], 4),
+                "epoch_draw_s": round(od["median_s"], 4),
+                "peak_rss_mb": round(ours["peak_rss_mb"], 1),
+                "speedup_vs_naive": round(speedup, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

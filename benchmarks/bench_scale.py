@@ -25,6 +25,7 @@ Measured, each in a fresh child process (peak = the child's VmHWM):
 Usage: python benchmarks/bench_scale.py [--quick] [--data DIR]   (--quick: everything at 1/10 size)
 Last stdout line: {"benchmark": "scale", "oi_convert_s": .., ..., "json_path_trial_ready_s": ..}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,17 +68,23 @@ def make_openimages(out: Path, n_images: int, n_boxes: int, n_classes: int, seed
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     mids = np.array([f"/m/{i:05x}" for i in range(n_classes)])
-    n_parent = n_classes // 5                                     # 100 parents, 400 leaves at full size
+    n_parent = n_classes // 5  # 100 parents, 400 leaves at full size
     parent_of = np.r_[np.full(n_parent, -1), rng.integers(0, n_parent, n_classes - n_parent)]
-    tree = {"LabelName": "/m/0bl9f", "Subcategory": [
-        {"LabelName": str(mids[p]), "Subcategory": [{"LabelName": str(mids[c])}
-                                                    for c in np.flatnonzero(parent_of == p)]}
-        for p in range(n_parent)]}
+    tree = {
+        "LabelName": "/m/0bl9f",
+        "Subcategory": [
+            {
+                "LabelName": str(mids[p]),
+                "Subcategory": [{"LabelName": str(mids[c])} for c in np.flatnonzero(parent_of == p)],
+            }
+            for p in range(n_parent)
+        ],
+    }
     (out / "hierarchy.json").write_text(json.dumps(tree))
     (out / "classes.csv").write_text("".join(f"{m},Class {i}\n" for i, m in enumerate(mids)))
 
     ids = np.array([f"{v:016x}" for v in rng.integers(0, 2**63, n_images)])
-    per_image = _boxes_per_image(rng, n_images, int(n_boxes / 1.2))     # leaf boxes; parent copies come on top
+    per_image = _boxes_per_image(rng, n_images, int(n_boxes / 1.2))  # leaf boxes; parent copies come on top
     box_img = np.repeat(np.arange(n_images), per_image)
     n = len(box_img)
     leaf_w = _zipf_weights(rng, n_classes - n_parent)
@@ -86,19 +93,28 @@ def make_openimages(out: Path, n_images: int, n_boxes: int, n_classes: int, seed
     x0, y0 = rng.uniform(0, 0.8, n), rng.uniform(0, 0.8, n)
     x1, y1 = x0 + rng.uniform(0.02, 0.2, n), y0 + rng.uniform(0.02, 0.2, n)
     group = (rng.random(n) < 0.05).astype(np.int8)
-    dup = np.flatnonzero(rng.random(n) < 0.2)                            # the parent's label on the same box
+    dup = np.flatnonzero(rng.random(n) < 0.2)  # the parent's label on the same box
     box_img, box_cat = np.r_[box_img, box_img[dup]], np.r_[box_cat, parent_of[box_cat[dup]]]
     x0, x1, y0, y1, group = (np.r_[a, a[dup]] for a in (x0, x1, y0, y1, group))
     order = np.argsort(box_img, kind="stable")
-    q = lambda a: np.round(a[order], 6)                                   # noqa: E731 (6 decimals, as the CSVs)
-    boxes = pa.table({
-        "ImageID": pa.DictionaryArray.from_arrays(pa.array(box_img[order].astype(np.int32)), pa.array(ids)),
-        "Source": pa.array(np.full(len(order), "xclick")).dictionary_encode(),
-        "LabelName": pa.DictionaryArray.from_arrays(pa.array(box_cat[order].astype(np.int32)), pa.array(mids)),
-        "Confidence": np.ones(len(order), np.int8), "XMin": q(x0), "XMax": q(np.minimum(x1, 1.0)), "YMin": q(y0),
-        "YMax": q(np.minimum(y1, 1.0)), "IsOccluded": np.zeros(len(order), np.int8),
-        "IsTruncated": np.zeros(len(order), np.int8), "IsGroupOf": group[order],
-        "IsDepiction": np.zeros(len(order), np.int8), "IsInside": np.zeros(len(order), np.int8)})
+    q = lambda a: np.round(a[order], 6)  # noqa: E731 (6 decimals, as the CSVs)
+    boxes = pa.table(
+        {
+            "ImageID": pa.DictionaryArray.from_arrays(pa.array(box_img[order].astype(np.int32)), pa.array(ids)),
+            "Source": pa.array(np.full(len(order), "xclick")).dictionary_encode(),
+            "LabelName": pa.DictionaryArray.from_arrays(pa.array(box_cat[order].astype(np.int32)), pa.array(mids)),
+            "Confidence": np.ones(len(order), np.int8),
+            "XMin": q(x0),
+            "XMax": q(np.minimum(x1, 1.0)),
+            "YMin": q(y0),
+            "YMax": q(np.minimum(y1, 1.0)),
+            "IsOccluded": np.zeros(len(order), np.int8),
+            "IsTruncated": np.zeros(len(order), np.int8),
+            "IsGroupOf": group[order],
+            "IsDepiction": np.zeros(len(order), np.int8),
+            "IsInside": np.zeros(len(order), np.int8),
+        }
+    )
     opts = pacsv.WriteOptions(quoting_style="none")
     pacsv.write_csv(boxes, out / "boxes.csv", opts)
     # image-level labels: every boxed class verified present, one absent leaf per image (not boxed there)
@@ -109,15 +125,26 @@ def make_openimages(out: Path, n_images: int, n_boxes: int, n_classes: int, seed
     keys = np.r_[present, neg_key]
     conf = np.r_[np.ones(len(present), np.int8), np.zeros(len(neg_key), np.int8)]
     order = np.argsort(keys, kind="stable")
-    labels = pa.table({
-        "ImageID": pa.DictionaryArray.from_arrays(pa.array((keys[order] // n_classes).astype(np.int32)), pa.array(ids)),
-        "Source": pa.array(np.full(len(keys), "verification")).dictionary_encode(),
-        "LabelName": pa.DictionaryArray.from_arrays(pa.array((keys[order] % n_classes).astype(np.int32)),
-                                                    pa.array(mids)),
-        "Confidence": conf[order]})
+    labels = pa.table(
+        {
+            "ImageID": pa.DictionaryArray.from_arrays(
+                pa.array((keys[order] // n_classes).astype(np.int32)), pa.array(ids)
+            ),
+            "Source": pa.array(np.full(len(keys), "verification")).dictionary_encode(),
+            "LabelName": pa.DictionaryArray.from_arrays(
+                pa.array((keys[order] % n_classes).astype(np.int32)), pa.array(mids)
+            ),
+            "Confidence": conf[order],
+        }
+    )
     pacsv.write_csv(labels, out / "labels.csv", opts)
-    sizes = pa.table({"ImageID": pa.array(ids), "ImageWidth": rng.choice([640, 800, 1024], n_images).astype(np.int32),
-                      "ImageHeight": rng.choice([480, 600, 768], n_images).astype(np.int32)})
+    sizes = pa.table(
+        {
+            "ImageID": pa.array(ids),
+            "ImageWidth": rng.choice([640, 800, 1024], n_images).astype(np.int32),
+            "ImageHeight": rng.choice([480, 600, 768], n_images).astype(np.int32),
+        }
+    )
     pacsv.write_csv(sizes, out / "sizes.csv", opts)
     return {"boxes": int(len(box_img)), "labels": int(len(keys)), "images": n_images}
 
@@ -145,14 +172,34 @@ def make_lvis(out: Path, n_images: int, n_boxes: int, rare: int, common: int, fr
     bi, bc = box_img[order].tolist(), box_cat[order].tolist()
     images_dir = out / "images"
     images_dir.mkdir(exist_ok=True)
-    images = [{"id": i + 1, "file_name": f"{i + 1:012d}.jpg", "width": 640, "height": 640, "neg_category_ids": [],
-               "not_exhaustive_category_ids": []} for i in range(n_images)]
+    images = [
+        {
+            "id": i + 1,
+            "file_name": f"{i + 1:012d}.jpg",
+            "width": 640,
+            "height": 640,
+            "neg_category_ids": [],
+            "not_exhaustive_category_ids": [],
+        }
+        for i in range(n_images)
+    ]
     for img in images:
         (images_dir / img["file_name"]).touch()
-    anns = [{"id": k + 1, "image_id": bi[k] + 1, "category_id": bc[k] + 1, "bbox": xy[k] + wh[k],
-             "area": wh[k][0] * wh[k][1], "iscrowd": 0} for k in range(len(bi))]
-    cats = [{"id": k + 1, "name": f"class_{k + 1}", "synset": f"class_{k + 1}.n.01", "frequency": str(freq[k])}
-            for k in range(c)]
+    anns = [
+        {
+            "id": k + 1,
+            "image_id": bi[k] + 1,
+            "category_id": bc[k] + 1,
+            "bbox": xy[k] + wh[k],
+            "area": wh[k][0] * wh[k][1],
+            "iscrowd": 0,
+        }
+        for k in range(len(bi))
+    ]
+    cats = [
+        {"id": k + 1, "name": f"class_{k + 1}", "synset": f"class_{k + 1}.n.01", "frequency": str(freq[k])}
+        for k in range(c)
+    ]
     with open(out / "lvis_v1_train.json", "w") as fh:
         json.dump({"images": images, "annotations": anns, "categories": cats}, fh)
     return {"images": n_images, "boxes": len(anns), "classes": c}
@@ -179,55 +226,72 @@ def _private_mb() -> float:
 def child(task: str, a: dict) -> dict:
     if task == "convert":
         from lt_models.data.openimages.streaming import convert_openimages_store
+
         t0 = time.perf_counter()
         d = Path(a["dir"])
-        convert_openimages_store(d / "boxes.csv", d / "labels.csv", d / "classes.csv", d / "hierarchy.json",
-                                 a["store"], image_sizes=d / "sizes.csv")
+        convert_openimages_store(
+            d / "boxes.csv",
+            d / "labels.csv",
+            d / "classes.csv",
+            d / "hierarchy.json",
+            a["store"],
+            image_sizes=d / "sizes.csv",
+        )
         return {"s": time.perf_counter() - t0}
     if task == "build":
         from lt_models.data.datasets import dataset_store
+
         t0 = time.perf_counter()
         dataset_store(a["ann"], image_dir=a["images"], cache_root=a["cache"])
         return {"s": time.perf_counter() - t0}
     if task == "rij":
         from lt_models.data.rate_matrix import concurrent_rate_matrix
         from lt_models.data.store import open_store
+
         t0 = time.perf_counter()
         r = concurrent_rate_matrix(open_store(a["store"]), hierarchy=a.get("hierarchy"), sparse=True)
         return {"s": time.perf_counter() - t0, "nnz": int(r._nnz())}
     if task == "ready":
         import torch  # noqa: F401  (a trial process has torch loaded before its dataset)
+
         from lt_models.data.datasets import LVISDetection
         from lt_models.data.samplers import SamplerSpec, build_sampler
+
         t0 = time.perf_counter()
-        ds = LVISDetection(a["ann"], image_dir=a.get("images"), hierarchy_file=a.get("hierarchy"),
-                           cache_root=a.get("cache"))
+        ds = LVISDetection(
+            a["ann"], image_dir=a.get("images"), hierarchy_file=a.get("hierarchy"), cache_root=a.get("cache")
+        )
         indptr, labels = ds.label_csr()
         sampler = build_sampler(SamplerSpec("softbalance", lam=0.5), indptr, labels, ds.num_classes, seed=0)
         sampler.set_epoch(0)
         draws = 0
-        for i in sampler:           # one epoch of draws, consumed as a DataLoader does; 256 targets built
+        for i in sampler:  # one epoch of draws, consumed as a DataLoader does; 256 targets built
             if draws < 256:
                 ds.target(i)
             draws += 1
         out = {"s": time.perf_counter() - t0, "images": len(ds), "draws": draws}
-        if a.get("pair"):               # wait until the second trial is ready too, then measure
+        if a.get("pair"):  # wait until the second trial is ready too, then measure
             print(json.dumps({"ready": True}), flush=True)
             sys.stdin.readline()
         out["private_mb"] = _private_mb()
         return out
     if task == "eval":
         import bench_eval
-        bench_eval.N_RARE, bench_eval.N_COMMON, bench_eval.N_FREQ = 337, 461, 405   # LVIS v1's 1,203 classes
+
+        bench_eval.N_RARE, bench_eval.N_COMMON, bench_eval.N_FREQ = 337, 461, 405  # LVIS v1's 1,203 classes
         from lt_models.evaluation import evaluate_lvis
+
         gt, dets = bench_eval.make_lvis_val_case(a["images"], seed=0, dets_per_image=300)
         t0 = time.perf_counter()
         ours = evaluate_lvis(gt, dets)
         s = time.perf_counter() - t0
         peak = _status_mb("VmHWM")
-        keep = {img["id"] for img in gt["images"][:a["subsample"]]}
-        sub_gt = dict(gt, images=gt["images"][:a["subsample"]],
-                      annotations=[x for x in gt["annotations"] if x["image_id"] in keep])
+        keep = {img["id"] for img in gt["images"][: a["subsample"]]}
+        sub_gt = dict(
+            gt,
+            images=gt["images"][: a["subsample"]],
+            annotations=[x for x in gt["annotations"] if x["image_id"] in keep],
+        )
         sub_dets = [d for d in dets if d["image_id"] in keep]
         del dets
         mine = evaluate_lvis(sub_gt, sub_dets)
@@ -239,13 +303,15 @@ def child(task: str, a: dict) -> dict:
 
 def run_child(task: str, **a) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}")
-    proc = subprocess.run([sys.executable, __file__, "--child", task, json.dumps(a, default=str)], env=env,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", task, json.dumps(a, default=str)], env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"child {task} failed:\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"  {task}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()})}",
-          flush=True)
+    print(
+        f"  {task}: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()})}", flush=True
+    )
     return out
 
 
@@ -254,7 +320,7 @@ def two_trials(**a) -> dict:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'benchmarks'}")
     cmd = [sys.executable, __file__, "--child", "ready", json.dumps(dict(a, pair=True), default=str)]
     procs = []
-    for _ in range(2):          # one after the other: the second maps the store the first has opened
+    for _ in range(2):  # one after the other: the second maps the store the first has opened
         p = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         if json.loads(p.stdout.readline()).get("ready") is not True:
             raise SystemExit("trial child did not get ready")
@@ -289,14 +355,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"generated Open Images CSVs {info} in {time.perf_counter() - t0:.0f} s", flush=True)
     if not (lvis_dir / "lvis_v1_train.json").is_file():
         t0 = time.perf_counter()
-        info = make_lvis(lvis_dir, LVIS_FULL["images"] // f, LVIS_FULL["boxes"] // f, LVIS_FULL["rare"],
-                         LVIS_FULL["common"], LVIS_FULL["frequent"])
+        info = make_lvis(
+            lvis_dir,
+            LVIS_FULL["images"] // f,
+            LVIS_FULL["boxes"] // f,
+            LVIS_FULL["rare"],
+            LVIS_FULL["common"],
+            LVIS_FULL["frequent"],
+        )
         print(f"generated LVIS v1 JSON {info} in {time.perf_counter() - t0:.0f} s", flush=True)
     mb = sum(p.stat().st_size for p in oi_dir.glob("*.csv")) / 2**20
-    print(f"Open Images CSVs: {mb:.0f} MB; LVIS JSON: {(lvis_dir / 'lvis_v1_train.json').stat().st_size / 2**20:.0f} MB",
-          flush=True)
+    print(
+        f"Open Images CSVs: {mb:.0f} MB; LVIS JSON: {(lvis_dir / 'lvis_v1_train.json').stat().st_size / 2**20:.0f} MB",
+        flush=True,
+    )
 
     import shutil
+
     store = data / "oi_train.store"
     cache = data / "cache"
     shutil.rmtree(store, ignore_errors=True)
@@ -315,15 +390,24 @@ def main(argv: list[str] | None = None) -> int:
     json_ready = run_child("ready", ann=ann, images=images)
     print("LVIS v1 val-sized evaluation:", flush=True)
     ev = run_child("eval", images=EVAL_FULL["images"] // f, subsample=EVAL_FULL["subsample"] // f)
-    result = {"benchmark": "scale", "quick": args.quick,
-              "oi_convert_s": round(conv["s"], 2), "oi_convert_peak_mb": round(oi_peak, 1),
-              "oi_trial_ready_s": round(oi_ready["s"], 3), "oi_trial_private_mb": round(oi_ready["private_mb"], 1),
-              "oi_rij_s": round(oi_rij["s"], 2), "lvis_store_build_s": round(build["s"], 2),
-              "lvis_trial_ready_s": round(lvis_ready["s"], 3), "lvis_trial_private_mb": round(lvis_ready["private_mb"], 1),
-              "lvis_rij_s": round(lvis_rij["s"], 2), "lvis_val_eval_s": round(ev["s"], 2),
-              "lvis_val_eval_peak_mb": round(ev["peak_mb"], 1), "eval_identical": bool(ev["sub_max_abs_diff"] == 0.0),
-              "eval_subsample_max_abs_diff": ev["sub_max_abs_diff"],
-              "json_path_trial_ready_s": round(json_ready["s"], 2)}
+    result = {
+        "benchmark": "scale",
+        "quick": args.quick,
+        "oi_convert_s": round(conv["s"], 2),
+        "oi_convert_peak_mb": round(oi_peak, 1),
+        "oi_trial_ready_s": round(oi_ready["s"], 3),
+        "oi_trial_private_mb": round(oi_ready["private_mb"], 1),
+        "oi_rij_s": round(oi_rij["s"], 2),
+        "lvis_store_build_s": round(build["s"], 2),
+        "lvis_trial_ready_s": round(lvis_ready["s"], 3),
+        "lvis_trial_private_mb": round(lvis_ready["private_mb"], 1),
+        "lvis_rij_s": round(lvis_rij["s"], 2),
+        "lvis_val_eval_s": round(ev["s"], 2),
+        "lvis_val_eval_peak_mb": round(ev["peak_mb"], 1),
+        "eval_identical": bool(ev["sub_max_abs_diff"] == 0.0),
+        "eval_subsample_max_abs_diff": ev["sub_max_abs_diff"],
+        "json_path_trial_ready_s": round(json_ready["s"], 2),
+    }
     print(json.dumps(result))
     return 0
 

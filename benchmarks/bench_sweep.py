@@ -17,6 +17,7 @@ All sweeps run in one Ray session in this process. The last stdout line is one J
     python benchmarks/bench_sweep.py [--data data/demo] [--epochs 8] [--seeds 0 1 2] [--keep]
 Takes ~25 min on 2 CPU cores (the grid trains 192 trial-epochs of 64 images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,23 +32,34 @@ import ray
 import yaml
 
 from lt_models.data.synthetic.generate import generate_benchmark
-from pipelines.tune import sweep
 from pipelines.config.load import load_experiment_config
+from pipelines.tune import sweep
 
 
-def make_config(root: Path, data: Path, name: str, scheduler: dict, epochs: int, samples: int,
-                seeds: list[int]) -> object:
+def make_config(
+    root: Path, data: Path, name: str, scheduler: dict, epochs: int, samples: int, seeds: list[int]
+) -> object:
     raw = {
         "name": name,
         "seed": 0,
-        "data": {"train": str(data / "train.json"), "val": str(data / "val.json"),
-                 "hierarchy": str(data / "hierarchy.json")},
+        "data": {
+            "train": str(data / "train.json"),
+            "val": str(data / "val.json"),
+            "hierarchy": str(data / "hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 128},
         "stage1": {"epochs": 3, "batch_size": 8, "lr": 0.02, "warmup": 20},
         # step decay before the last epochs, as in the papers' 1x schedules (7 epochs, lr /10 after 4 and 6)
-        "stage2": {"epochs": epochs, "batch_size": 8, "lr": 0.01, "warmup": 10, "samples_per_epoch": samples,
-                   "lr_steps": [epochs - 2],
-                   "sampler": "softbalance", "xi": 0.5},
+        "stage2": {
+            "epochs": epochs,
+            "batch_size": 8,
+            "lr": 0.01,
+            "warmup": 10,
+            "samples_per_epoch": samples,
+            "lr_steps": [epochs - 2],
+            "sampler": "softbalance",
+            "xi": 0.5,
+        },
         "eval": {"every": 1},
         "resources": {"cpus_per_trial": 1},
         "scheduler": scheduler,
@@ -67,14 +79,20 @@ def pick_vs_grid(grid, early) -> tuple[bool, bool, object]:
     grid_best, pick = grid.best_config, early.best_config
     same = grid_best is not None and pick is not None and grid_best.config == pick.config
     pick_in_grid = next((c for c in grid.configs if pick is not None and c.config == pick.config), None)
-    tied = same or (grid_best is not None and pick_in_grid is not None
-                    and pick_in_grid.stats["AP"].ci_high >= grid_best.stats["AP"].ci_low)
+    tied = same or (
+        grid_best is not None
+        and pick_in_grid is not None
+        and pick_in_grid.stats["AP"].ci_high >= grid_best.stats["AP"].ci_low
+    )
     return same, tied, pick_in_grid
 
 
 def ci(c) -> list | None:
-    return None if c is None else [round(c.stats["AP"].mean, 4), round(c.stats["AP"].ci_low, 4),
-                                   round(c.stats["AP"].ci_high, 4)]
+    return (
+        None
+        if c is None
+        else [round(c.stats["AP"].mean, 4), round(c.stats["AP"].ci_low, 4), round(c.stats["AP"].ci_high, 4)]
+    )
 
 
 def main(argv=None) -> int:
@@ -85,8 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--samples-per-epoch", type=int, default=64)
     ap.add_argument("--grace", type=int, default=1, help="ASHA grace period (evaluations)")
     ap.add_argument("--reduction-factor", type=float, default=3)
-    ap.add_argument("--no-tune-asha", action="store_true",
-                    help="skip the third sweep (Tune's per-trial ASHA, for comparison)")
+    ap.add_argument(
+        "--no-tune-asha", action="store_true", help="skip the third sweep (Tune's per-trial ASHA, for comparison)"
+    )
     ap.add_argument("--keep", action="store_true", help="keep the results dir (default: a temp dir, removed)")
     args = ap.parse_args(argv)
 
@@ -117,12 +136,16 @@ def main(argv=None) -> int:
     n_trials = sum(len(s.trials) for s in sweeps.values())
     stage1_epochs = cfgs["grid"].stage1.epochs
     detail = {
-        "grid_trial_epochs": grid.trial_epochs, "asha_trial_epochs": early.trial_epochs,
-        "seconds": seconds, "asha_stopped_early": early.stopped_early, "trials_per_sweep": len(grid.trials),
+        "grid_trial_epochs": grid.trial_epochs,
+        "asha_trial_epochs": early.trial_epochs,
+        "seconds": seconds,
+        "asha_stopped_early": early.stopped_early,
+        "trials_per_sweep": len(grid.trials),
         "seeds": args.seeds,
         "grid_best": grid.best_config.config if grid.best_config else None,
         "asha_best": early.best_config.config if early.best_config else None,
-        "grid_best_AP_mean_ci": ci(grid.best_config), "asha_pick_AP_mean_ci_in_grid": ci(pick_in_grid),
+        "grid_best_AP_mean_ci": ci(grid.best_config),
+        "asha_pick_AP_mean_ci_in_grid": ci(pick_in_grid),
         "asha_pick_AP_mean_ci_in_asha": ci(early.best_config),
         "stage1_seconds": round(sum(c.seconds for c in (grid.stage1 or {}).values()), 1),
         "stage1_epochs_trained": pretrain_runs * stage1_epochs,
@@ -131,22 +154,32 @@ def main(argv=None) -> int:
     }
     if "tune_asha" in sweeps:  # the per-trial rule on the same grid and seeds
         t_same, t_tied, _ = pick_vs_grid(grid, sweeps["tune_asha"])
-        detail["tune_asha"] = {"trial_epochs": sweeps["tune_asha"].trial_epochs,
-                               "fraction_of_grid": round(sweeps["tune_asha"].trial_epochs / grid.trial_epochs, 4),
-                               "best": (sweeps["tune_asha"].best_config.config
-                                        if sweeps["tune_asha"].best_config else None),
-                               "best_ran_full_schedule": bool(sweeps["tune_asha"].best_config
-                                                              and sweeps["tune_asha"].best_config.full),
-                               "same_best": bool(t_same), "tied_with_best": bool(t_tied)}
+        detail["tune_asha"] = {
+            "trial_epochs": sweeps["tune_asha"].trial_epochs,
+            "fraction_of_grid": round(sweeps["tune_asha"].trial_epochs / grid.trial_epochs, 4),
+            "best": (sweeps["tune_asha"].best_config.config if sweeps["tune_asha"].best_config else None),
+            "best_ran_full_schedule": bool(sweeps["tune_asha"].best_config and sweeps["tune_asha"].best_config.full),
+            "same_best": bool(t_same),
+            "tied_with_best": bool(t_tied),
+        }
     print("detail: " + json.dumps(detail))
     if args.keep:
         print(f"results kept in {root}")
     else:
         shutil.rmtree(root, ignore_errors=True)
     fraction = early.trial_epochs / grid.trial_epochs if grid.trial_epochs else float("nan")
-    print(json.dumps({"benchmark": "sweep", "asha_epochs_fraction_of_grid": round(fraction, 4),
-                      "same_best": bool(same_best), "tied_with_best": bool(tied), "pretrain_runs": pretrain_runs,
-                      "seeds": len(args.seeds)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "sweep",
+                "asha_epochs_fraction_of_grid": round(fraction, 4),
+                "same_best": bool(same_best),
+                "tied_with_best": bool(tied),
+                "pretrain_runs": pretrain_runs,
+                "seeds": len(args.seeds),
+            }
+        )
+    )
     return 0
 
 

@@ -19,6 +19,7 @@ Last stdout line: {"benchmark": "train", "tiny_img_per_s": ..., "r50_img_per_s":
                    "ddp1_img_per_s": ..., "ddp2_img_per_s": ..., "ddp2_speedup": ..., "ddp2_comm_share": ...,
                    "ddp2_comm_exposed_share": ...}
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,20 +33,30 @@ import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from lt_models.data.datasets import LVISDetection, collate_detection
-from lt_models.modeling.detector import build_detector
+from lt_models.data.samplers import NonBalanceSampler
+from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.data.transforms import RandomHorizontalFlip
 from lt_models.engine.build import build_optimizer
 from lt_models.engine.loop import train_one_epoch
-from lt_models.data.samplers import NonBalanceSampler
-from lt_models.data.synthetic.generate import generate_benchmark
+from lt_models.modeling.detector import build_detector
 
 
 def stock_roi_heads(model):
     """Swap in torchvision's own RoIHeads (single-label softmax CE) with the same modules: the anchor."""
     h = model.roi_heads
-    model.roi_heads = RoIHeads(h.box_roi_pool, h.box_head, h.box_predictor, 0.5, 0.5,
-                               h.fg_bg_sampler.batch_size_per_image, h.fg_bg_sampler.positive_fraction, None,
-                               h.score_thresh, h.nms_thresh, h.detections_per_img)
+    model.roi_heads = RoIHeads(
+        h.box_roi_pool,
+        h.box_head,
+        h.box_predictor,
+        0.5,
+        0.5,
+        h.fg_bg_sampler.batch_size_per_image,
+        h.fg_bg_sampler.positive_fraction,
+        None,
+        h.score_thresh,
+        h.nms_thresh,
+        h.detections_per_img,
+    )
     return model
 
 
@@ -53,8 +64,14 @@ def measure(model, ds, batch_size, iters, warmup, workers, seed=0):
     """img/s and loader-wait share over `iters` timed iterations after `warmup` untimed ones."""
     torch.manual_seed(seed)
     sampler = NonBalanceSampler(len(ds), seed=seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                         collate_fn=collate_detection, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_detection,
+        persistent_workers=workers > 0,
+    )
     opt = build_optimizer(model, lr=0.001)
     dev = torch.device("cpu")
     train_one_epoch(model, opt, loader, dev, 0, grad_clip=10.0, progress=False, max_iters=warmup)
@@ -104,8 +121,12 @@ def ddp_worker(config: dict) -> None:
     intervals: list = []  # (start, end) of every gradient all-reduce: from DDP handing a bucket over to its result
     if ws > 1:
         ddp.register_comm_hook(intervals, timed_allreduce)
-    loader = torch.utils.data.DataLoader(ds, batch_size=config["batch"], collate_fn=collate_detection,
-                                         sampler=NonBalanceSampler(len(ds), seed=0, rank=rank, world_size=ws))
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=config["batch"],
+        collate_fn=collate_detection,
+        sampler=NonBalanceSampler(len(ds), seed=0, rank=rank, world_size=ws),
+    )
     opt = build_optimizer(model, lr=0.001)
     dev, iters = torch.device("cpu"), config["iters"]
     kw = dict(grad_clip=10.0, progress=False, world_size=ws)
@@ -120,8 +141,12 @@ def ddp_worker(config: dict) -> None:
             local = train_one_epoch(ddp, opt, loader, dev, 2, grad_clip=10.0, progress=False, max_iters=iters)
         t_sync = synced["time"] / synced["iterations"]
         t_local = local["time"] / local["iterations"]
-        out.update(step_s=t_sync, step_no_sync_s=t_local, comm_share=comm / synced["time"],
-                   comm_exposed_share=max(0.0, 1.0 - t_local / t_sync))
+        out.update(
+            step_s=t_sync,
+            step_no_sync_s=t_local,
+            comm_share=comm / synced["time"],
+            comm_exposed_share=max(0.0, 1.0 - t_local / t_sync),
+        )
     if rank == 0:  # the workers run on this machine: rank 0 hands its numbers back through a file
         Path(config["out"]).write_text(json.dumps(out))
 
@@ -139,11 +164,13 @@ def measure_workers(data: Path, workers: int, iters: int, batch: int) -> dict:
 
     with tempfile.TemporaryDirectory() as store:
         out = Path(store) / "rank0.json"
-        trainer = TorchTrainer(ddp_worker, train_loop_config={"data": str(data), "iters": iters, "batch": batch,
-                                                              "out": str(out)},
-                               torch_config=TorchConfig(backend="gloo"),
-                               scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                               run_config=RunConfig(name=f"bench{workers}", storage_path=store))
+        trainer = TorchTrainer(
+            ddp_worker,
+            train_loop_config={"data": str(data), "iters": iters, "batch": batch, "out": str(out)},
+            torch_config=TorchConfig(backend="gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"bench{workers}", storage_path=store),
+        )
         trainer.fit()
         return json.loads(out.read_text())
 
@@ -175,8 +202,10 @@ def main() -> None:
         torch.manual_seed(0)
         anchor = stock_roi_heads(build_detector(ds.num_classes, "tiny"))
         anchor_ips, anchor_wait, _ = measure(anchor, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
-        print(f"anchor (same net, torchvision RoIHeads, softmax CE): {anchor_ips:.1f} img/s, loader wait "
-              f"{anchor_wait:.1%}; multi-hot heads run at {tiny_ips / anchor_ips:.2f}x the anchor")
+        print(
+            f"anchor (same net, torchvision RoIHeads, softmax CE): {anchor_ips:.1f} img/s, loader wait "
+            f"{anchor_wait:.1%}; multi-hot heads run at {tiny_ips / anchor_ips:.2f}x the anchor"
+        )
 
         small_ips, _, _ = measure(tiny, ds, 2, args.tiny_iters, 2, args.workers)
         print(f"tiny 128px batch 2: {small_ips:.1f} img/s")
@@ -185,8 +214,10 @@ def main() -> None:
         r50 = build_detector(ds.num_classes, "resnet50_fpn")
         t = time.perf_counter()
         r50_ips, r50_wait, n = measure(r50, ds, 2, args.r50_iters, 1, args.workers)
-        print(f"resnet50_fpn 800px batch 2: {r50_ips:.3f} img/s over {n} it (loader wait {r50_wait:.1%}, "
-              f"{time.perf_counter() - t:.0f} s); tiny is {tiny_ips / r50_ips:.0f}x faster")
+        print(
+            f"resnet50_fpn 800px batch 2: {r50_ips:.3f} img/s over {n} it (loader wait {r50_wait:.1%}, "
+            f"{time.perf_counter() - t:.0f} s); tiny is {tiny_ips / r50_ips:.0f}x faster"
+        )
 
         import ray
 
@@ -198,17 +229,29 @@ def main() -> None:
         finally:
             ray.shutdown()
         speedup = two["img_per_s"] / one["img_per_s"]
-        print(f"Ray Train, tiny 128px batch {args.tiny_batch} per worker, 1 thread per worker: 1 worker "
-              f"{one['img_per_s']:.1f} img/s, 2 workers {two['img_per_s']:.1f} img/s (x{speedup:.2f}); 2-worker step "
-              f"{two['step_s'] * 1000:.0f} ms, all-reduce in flight {two['comm_share']:.1%} of it; "
-              f"{two['step_no_sync_s'] * 1000:.0f} ms without the all-reduce (exposed communication "
-              f"{two['comm_exposed_share']:.1%})")
+        print(
+            f"Ray Train, tiny 128px batch {args.tiny_batch} per worker, 1 thread per worker: 1 worker "
+            f"{one['img_per_s']:.1f} img/s, 2 workers {two['img_per_s']:.1f} img/s (x{speedup:.2f}); 2-worker step "
+            f"{two['step_s'] * 1000:.0f} ms, all-reduce in flight {two['comm_share']:.1%} of it; "
+            f"{two['step_no_sync_s'] * 1000:.0f} ms without the all-reduce (exposed communication "
+            f"{two['comm_exposed_share']:.1%})"
+        )
 
-    print(json.dumps({"benchmark": "train", "tiny_img_per_s": round(tiny_ips, 2), "r50_img_per_s": round(r50_ips, 3),
-                      "loader_wait_fraction": round(wait, 4), "ddp1_img_per_s": round(one["img_per_s"], 2),
-                      "ddp2_img_per_s": round(two["img_per_s"], 2), "ddp2_speedup": round(speedup, 3),
-                      "ddp2_comm_share": round(two["comm_share"], 4),
-                      "ddp2_comm_exposed_share": round(two["comm_exposed_share"], 4)}))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train",
+                "tiny_img_per_s": round(tiny_ips, 2),
+                "r50_img_per_s": round(r50_ips, 3),
+                "loader_wait_fraction": round(wait, 4),
+                "ddp1_img_per_s": round(one["img_per_s"], 2),
+                "ddp2_img_per_s": round(two["img_per_s"], 2),
+                "ddp2_speedup": round(speedup, 3),
+                "ddp2_comm_share": round(two["comm_share"], 4),
+                "ddp2_comm_exposed_share": round(two["comm_exposed_share"], 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

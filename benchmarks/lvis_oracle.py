@@ -18,6 +18,7 @@ Per-class AP is not an lvis-api output. Here it is the mean of ``eval["precision
 10 IoU thresholds and 101 recall thresholds, or -1 when the category has no ground truth, which is how
 detectron2 reports per-category LVIS AP.
 """
+
 from __future__ import annotations
 
 import copy
@@ -25,12 +26,12 @@ import json
 import logging
 import types
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
-
-import numpy as np
+from typing import Any
 
 import lvis.eval as _lvis_eval
+import numpy as np
 from lvis import LVIS, LVISEval, LVISResults
 
 __all__ = ["patch_lvis_numpy", "lvis_from_dict", "lvis_api_evaluate"]
@@ -66,9 +67,13 @@ def lvis_from_dict(gt: Mapping[str, Any]) -> LVIS:
     return obj
 
 
-def lvis_api_evaluate(gt: str | Path | Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
-                      frequency: Mapping[int, str] | Sequence[str] | None = None, max_dets: int = 300,
-                      return_eval: bool = False):
+def lvis_api_evaluate(
+    gt: str | Path | Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    frequency: Mapping[int, str] | Sequence[str] | None = None,
+    max_dets: int = 300,
+    return_eval: bool = False,
+):
     """Run lvis-api's ``LVISEval`` (``iou_type="bbox"``) and return its results plus ``per_class``.
 
     ``frequency`` overrides each category's ``frequency`` field, given as {cat_id: 'r'|'c'|'f'} or as a list

@@ -6,15 +6,17 @@ is untouched. Directories appear with `atomic_dir` (complete, under their final 
 with `remove_dir` (renamed away first, then deleted). A kill at any moment leaves only hidden `.<name>.*.tmp`,
 `.old` or `.del` entries, which `recover_dir` cleans up (or puts back) on the next start.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 
 @contextmanager

@@ -2,9 +2,10 @@
 
 The CLI prints these as one line (exit code 2) instead of a traceback.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 class LtsweepInputError(ValueError):
@@ -31,7 +32,9 @@ def check_spec_options(spec, kind: str, reads: dict[str, tuple[str, ...]], check
             continue
         if option not in reads[spec.name]:
             users = [n for n, opts in reads.items() if option in opts]
-            raise ConfigError(f"{option} is ignored by {kind} {spec.name!r}, which reads "
-                              f"{', '.join(reads[spec.name]) or 'none'}; remove {option} or use {kind} "
-                              f"{' / '.join(users)}")
+            raise ConfigError(
+                f"{option} is ignored by {kind} {spec.name!r}, which reads "
+                f"{', '.join(reads[spec.name]) or 'none'}; remove {option} or use {kind} "
+                f"{' / '.join(users)}"
+            )
         object.__setattr__(spec, option, check(value))

@@ -4,6 +4,7 @@ Subcommands: demo, data synth, data stats, data convert-openimages, train, sweep
 Each handler is a thin wrapper: parse arguments, call one library function, print its result. Heavy imports
 (torch, Ray, MLflow) happen inside the handlers so `ltsweep --help` stays instant.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,8 +15,8 @@ from pathlib import Path
 DEFAULT_DEMO_DATA = Path("data/demo")
 
 
-from lt_models.errors import LtsweepInputError
 from lt_models.data.synthetic.layout import PRESETS
+from lt_models.errors import LtsweepInputError
 from pipelines.storage.location import as_location
 
 
@@ -34,9 +35,14 @@ def _cmd_data_synth(args: argparse.Namespace) -> int:
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     from lt_models.data.stats import dataset_stats, format_stats
 
-    stats = dataset_stats(args.annotations, lam=args.lam, hierarchy_file=args.hierarchy,
-                          plot_dir=None if args.no_plots else Path(args.annotations).parent,
-                          image_dir=args.images, skip_invalid=args.skip_invalid)
+    stats = dataset_stats(
+        args.annotations,
+        lam=args.lam,
+        hierarchy_file=args.hierarchy,
+        plot_dir=None if args.no_plots else Path(args.annotations).parent,
+        image_dir=args.images,
+        skip_invalid=args.skip_invalid,
+    )
     print(format_stats(stats))
     return 0
 
@@ -44,14 +50,18 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 def _cmd_convert_openimages(args: argparse.Namespace) -> int:
     if args.store is None and args.out is None:
         raise UserError("convert-openimages needs --store DIR (the annotation store) and/or --out JSON")
-    kw = dict(skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images,
-              image_sizes=args.image_sizes)
+    kw = dict(
+        skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images, image_sizes=args.image_sizes
+    )
     if args.store is not None:
         from lt_models.data.openimages.streaming import convert_openimages_store
-        summary = convert_openimages_store(args.boxes, args.labels, args.classes, args.hierarchy, args.store,
-                                           out_json=args.out, **kw)
+
+        summary = convert_openimages_store(
+            args.boxes, args.labels, args.classes, args.hierarchy, args.store, out_json=args.out, **kw
+        )
     else:
         from lt_models.data.openimages.convert import convert_openimages
+
         summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out, **kw)
     print(json.dumps(summary, indent=2))
     return 0
@@ -63,10 +73,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     dets = evaluation.load_detections(args.dets, gt=args.gt)
     if args.openimages:
         if not args.hierarchy:
-            raise UserError("ltsweep eval --openimages needs --hierarchy H.json (the class hierarchy used to "
-                            "expand ground truth to parent classes)")
-        res = evaluation.evaluate_openimages(args.gt, dets, args.hierarchy,
-                                             expand_detections=args.expand_detections)
+            raise UserError(
+                "ltsweep eval --openimages needs --hierarchy H.json (the class hierarchy used to "
+                "expand ground truth to parent classes)"
+            )
+        res = evaluation.evaluate_openimages(args.gt, dets, args.hierarchy, expand_detections=args.expand_detections)
     else:
         res = evaluation.evaluate_lvis(args.gt, dets)
     if args.json:
@@ -77,8 +88,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from pipelines.config.load import load_train_config
     from pipelines.commands.train import run_train
+    from pipelines.config.load import load_train_config
 
     skip = ["data.skip_invalid=true"] if args.skip_invalid else []
     cfg = load_train_config(args.config, overrides=args.set + skip)
@@ -94,11 +105,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    summary = run_sweep_from_file(args.config, resume=args.resume, force_pretrain=args.force_pretrain,
-                                  storage_path=args.storage_path, tracking_uri=args.tracking_uri,
-                                  overrides=args.set + (["data.skip_invalid=true"] if args.skip_invalid else []),
-                                  errored=args.errored, register=not args.no_register,
-                                  model_name=args.register_model)
+    summary = run_sweep_from_file(
+        args.config,
+        resume=args.resume,
+        force_pretrain=args.force_pretrain,
+        storage_path=args.storage_path,
+        tracking_uri=args.tracking_uri,
+        overrides=args.set + (["data.skip_invalid=true"] if args.skip_invalid else []),
+        errored=args.errored,
+        register=not args.no_register,
+        model_name=args.register_model,
+    )
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
@@ -136,8 +153,9 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     from pipelines.commands.confirm import confirm
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = confirm(args.sweep, top=args.top, seeds=args.seeds, storage_path=args.storage_path,
-                      tracking_uri=args.tracking_uri)
+    summary = confirm(
+        args.sweep, top=args.top, seeds=args.seeds, storage_path=args.storage_path, tracking_uri=args.tracking_uri
+    )
     if summary.exit_code():
         print(f"ltsweep: error: {summary.outcome()}", file=sys.stderr)
     return summary.exit_code()
@@ -174,12 +192,15 @@ def _add_demo(sub) -> None:
 def _add_data(sub) -> None:
     """`ltsweep data synth|stats|convert-openimages`."""
     data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
-        dest="data_command", required=True)
+        dest="data_command", required=True
+    )
     s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
-    s.add_argument("--preset", choices=sorted(PRESETS), default="demo",
-        help="which synthetic benchmark to write (default demo)")
-    s.add_argument("--out", type=Path, required=True,
-        help="output folder (train.json, val.json, hierarchy.json, images/)")
+    s.add_argument(
+        "--preset", choices=sorted(PRESETS), default="demo", help="which synthetic benchmark to write (default demo)"
+    )
+    s.add_argument(
+        "--out", type=Path, required=True, help="output folder (train.json, val.json, hierarchy.json, images/)"
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default 0)")
     s.set_defaults(func=_cmd_data_synth)
     _add_data_stats(data)
@@ -190,13 +211,25 @@ def _add_data_stats(data) -> None:
     """`ltsweep data stats`."""
     s = data.add_parser("stats", help="long-tail and multi-label statistics of an LVIS-format file")
     s.add_argument("annotations", type=Path, help="LVIS-format annotation JSON")
-    s.add_argument("--lam", type=float, default=None,
-                   help="also report expected views per image of head/tail classes under soft-balance λ")
-    s.add_argument("--hierarchy", type=Path, default=None,
-        help="class hierarchy JSON (names or Open Images MIDs); default hierarchy.json beside the file")
+    s.add_argument(
+        "--lam",
+        type=float,
+        default=None,
+        help="also report expected views per image of head/tail classes under soft-balance λ",
+    )
+    s.add_argument(
+        "--hierarchy",
+        type=Path,
+        default=None,
+        help="class hierarchy JSON (names or Open Images MIDs); default hierarchy.json beside the file",
+    )
     s.add_argument("--no-plots", action="store_true", help="do not write PNG plots beside the file")
-    s.add_argument("--images", type=Path, default=None,
-                   help="image folder checked for missing files (default: <annotations dir>/images if it exists)")
+    s.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        help="image folder checked for missing files (default: <annotations dir>/images if it exists)",
+    )
     s.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report a count")
     s.set_defaults(func=_cmd_data_stats)
 
@@ -204,28 +237,50 @@ def _add_data_stats(data) -> None:
 def _add_convert_openimages(data) -> None:
     """`ltsweep data convert-openimages`."""
     s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
-    s.add_argument("--boxes", type=Path, required=True,
-        help="boxes CSV (ImageID, LabelName, XMin, XMax, YMin, YMax, ...)")
+    s.add_argument(
+        "--boxes", type=Path, required=True, help="boxes CSV (ImageID, LabelName, XMin, XMax, YMin, YMax, ...)"
+    )
     s.add_argument("--labels", type=Path, required=True, help="image-level labels CSV (Confidence 0/1)")
     s.add_argument("--classes", type=Path, required=True, help="class descriptions CSV (LabelName,DisplayName)")
-    s.add_argument("--hierarchy", type=Path, required=True,
-        help="class hierarchy JSON (bbox_labels_600_hierarchy.json layout)")
+    s.add_argument(
+        "--hierarchy", type=Path, required=True, help="class hierarchy JSON (bbox_labels_600_hierarchy.json layout)"
+    )
     s.add_argument("--out", type=Path, default=None, help="output LVIS-format JSON (with --store: also write it)")
-    s.add_argument("--store", type=Path, default=None, metavar="DIR",
-                   help="write the annotation store (memory-mapped columns, streaming conversion; give it as "
-                        "data.train_ann / LVISDetection's file); the JSON is written only when --out is given too")
+    s.add_argument(
+        "--store",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the annotation store (memory-mapped columns, streaming conversion; give it as "
+        "data.train_ann / LVISDetection's file); the JSON is written only when --out is given too",
+    )
     s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
-    s.add_argument("--train-ann", type=Path, default=None, metavar="TRAIN.json",
-                   help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
-                        "its training image counts (matched by MID). Pass it when converting validation/test "
-                        "splits (LVIS buckets come from training; a training --store DIR works too); without it "
-                        "the buckets come from this file's own counts, right for the training split only")
-    s.add_argument("--images", type=Path, default=None, metavar="DIR",
-                   help="folder of the split's images (<ImageID>.jpg): sizes the CSVs lack are read from the image "
-                        "headers (no decoding, in parallel); default <dir of --store, else of --out>/images")
-    s.add_argument("--image-sizes", type=Path, default=None, metavar="CSV",
-                   help="CSV with columns ImageID,ImageWidth,ImageHeight (pixels) giving image sizes instead of "
-                        "reading the images; rows of other images are ignored")
+    s.add_argument(
+        "--train-ann",
+        type=Path,
+        default=None,
+        metavar="TRAIN.json",
+        help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
+        "its training image counts (matched by MID). Pass it when converting validation/test "
+        "splits (LVIS buckets come from training; a training --store DIR works too); without it "
+        "the buckets come from this file's own counts, right for the training split only",
+    )
+    s.add_argument(
+        "--images",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="folder of the split's images (<ImageID>.jpg): sizes the CSVs lack are read from the image "
+        "headers (no decoding, in parallel); default <dir of --store, else of --out>/images",
+    )
+    s.add_argument(
+        "--image-sizes",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="CSV with columns ImageID,ImageWidth,ImageHeight (pixels) giving image sizes instead of "
+        "reading the images; rows of other images are ignored",
+    )
     s.set_defaults(func=_cmd_convert_openimages)
 
 
@@ -234,10 +289,18 @@ def _add_train(sub) -> None:
     t = sub.add_parser("train", help="one training run (stage 1, stage 2 or one-stage) without Tune")
     t.add_argument("config", type=Path, help="experiment YAML (a sweep YAML; its space is ignored)")
     t.add_argument("--out", type=Path, default=None, help="output dir (default: from the config)")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set stage2.lam=0.7 (repeatable)")
-    t.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
-                   "instead of stopping (= data.skip_invalid: true)")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set stage2.lam=0.7 (repeatable)",
+    )
+    t.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip malformed annotation records (counted) instead of stopping (= data.skip_invalid: true)",
+    )
     t.set_defaults(func=_cmd_train)
 
 
@@ -248,24 +311,50 @@ def _add_sweep(sub) -> None:
     w.add_argument("--resume", action="store_true", help="continue an interrupted sweep")
     w.add_argument("--force-pretrain", action="store_true", help="retrain the shared stage-1 checkpoint")
     how = w.add_mutually_exclusive_group()
-    how.add_argument("--resume-errored", dest="errored", action="store_const", const="resume",
-                     help="with --resume: continue errored trials from their last checkpoint")
-    how.add_argument("--restart-errored", dest="errored", action="store_const", const="restart",
-                     help="with --resume: train errored trials again from the start")
-    w.add_argument("--storage-path", type=as_location, default=None,
+    how.add_argument(
+        "--resume-errored",
+        dest="errored",
+        action="store_const",
+        const="resume",
+        help="with --resume: continue errored trials from their last checkpoint",
+    )
+    how.add_argument(
+        "--restart-errored",
+        dest="errored",
+        action="store_const",
+        const="restart",
+        help="with --resume: train errored trials again from the start",
+    )
+    w.add_argument(
+        "--storage-path",
+        type=as_location,
+        default=None,
         help="override run.storage_path (Tune results, stage-1 cache, default MLflow store): a directory or "
-             "s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]")
+        "s3://bucket/prefix[?endpoint_override=HOST:PORT&scheme=http]",
+    )
     w.add_argument("--tracking-uri", default=None, help="MLflow store (default sqlite:///<storage>/mlflow.db)")
-    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set search.seeds=[0,1,2] (repeatable)")
-    w.add_argument("--skip-invalid", action="store_true", help="skip malformed annotation records (counted) "
-                   "instead of stopping (= data.skip_invalid: true)")
+    w.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set search.seeds=[0,1,2] (repeatable)",
+    )
+    w.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip malformed annotation records (counted) instead of stopping (= data.skip_invalid: true)",
+    )
     reg = w.add_mutually_exclusive_group()
-    reg.add_argument("--register-model", metavar="NAME", default=None,
-                     help="register the best model under NAME in the MLflow model registry (default: the sweep's "
-                          "name)")
-    reg.add_argument("--no-register", action="store_true",
-                     help="log the best model on the sweep's MLflow run but do not register it")
+    reg.add_argument(
+        "--register-model",
+        metavar="NAME",
+        default=None,
+        help="register the best model under NAME in the MLflow model registry (default: the sweep's name)",
+    )
+    reg.add_argument(
+        "--no-register", action="store_true", help="log the best model on the sweep's MLflow run but do not register it"
+    )
     w.set_defaults(func=_cmd_sweep)
 
 
@@ -274,8 +363,11 @@ def _add_eval(sub) -> None:
     e = sub.add_parser("eval", help="LVIS-style (or Open Images-style) AP of a detections file")
     e.add_argument("--gt", type=Path, required=True, help="ground-truth LVIS-format JSON")
     e.add_argument("--dets", type=Path, required=True, help="COCO results JSON")
-    e.add_argument("--openimages", action="store_true",
-        help="Open Images challenge AP@0.5 (hierarchy-expanded, group-of) instead of LVIS AP")
+    e.add_argument(
+        "--openimages",
+        action="store_true",
+        help="Open Images challenge AP@0.5 (hierarchy-expanded, group-of) instead of LVIS AP",
+    )
     e.add_argument("--hierarchy", type=Path, default=None, help="class hierarchy JSON (needed with --openimages)")
     e.add_argument("--expand-detections", action="store_true", help="Open Images: also expand dets to parents")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -284,13 +376,20 @@ def _add_eval(sub) -> None:
 
 def _add_confirm(sub) -> None:
     """`ltsweep confirm`."""
-    f = sub.add_parser("confirm", help="rerun the best configurations of a finished sweep with several seeds and "
-                                       "say whether the winner's lead is larger than the noise")
+    f = sub.add_parser(
+        "confirm",
+        help="rerun the best configurations of a finished sweep with several seeds and "
+        "say whether the winner's lead is larger than the noise",
+    )
     f.add_argument("sweep", help="the sweep's name (its YAML `name:`)")
     f.add_argument("--top", type=int, default=3, help="how many of its best configurations to rerun (default 3)")
     f.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3, at least 2)")
-    f.add_argument("--storage-path", type=as_location, default=Path("results"),
-                   help="the sweep's run.storage_path (a directory or s3://bucket/prefix)")
+    f.add_argument(
+        "--storage-path",
+        type=as_location,
+        default=Path("results"),
+        help="the sweep's run.storage_path (a directory or s3://bucket/prefix)",
+    )
     f.add_argument("--tracking-uri", default=None, help="default: sqlite:///<storage-path>/mlflow.db")
     f.set_defaults(func=_cmd_confirm)
 
@@ -310,7 +409,7 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("ltsweep")
-    except Exception:  # noqa: BLE001 - running from a checkout that is not installed
+    except Exception:
         return "unknown"
 
 

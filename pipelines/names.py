@@ -12,10 +12,12 @@ Layout in MLflow (written by :mod:`pipelines.tracking.writer`, read back by :mod
 
 This module imports nothing of the project, Ray or MLflow, so any module may import it.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 # ---- metric names ------------------------------------------------------------------------------------------------
 #: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune
@@ -27,8 +29,21 @@ SCHEDULER_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss")
 MLFLOW_TRIAL_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "epoch")
 #: what the stage-1 (pretrain) MLflow run gets; ``per_class`` becomes its per-class artifacts (the evaluation also
 #: returns keys such as "AR@300", which are not valid MLflow metric names)
-PRETRAIN_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss", "epoch", "iteration",
-                    "per_class")
+PRETRAIN_METRICS = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APr",
+    "APc",
+    "APf",
+    "APs",
+    "APm",
+    "APl",
+    "loss",
+    "epoch",
+    "iteration",
+    "per_class",
+)
 #: the metrics `ltsweep train` prints and writes to result.json
 TRAIN_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "images")
 #: the columns of the HTML sweep report's trial table and of `ltsweep compare`'s table
@@ -88,7 +103,6 @@ REPORT_HTML = "sweep_report.html"  # on the parent run
 CONFIG_AGGREGATES_JSON = "config_aggregates.json"  # on the parent run: n, mean, sd, 95% CI per configuration
 
 
-
 # ---- values in results and runs ----------------------------------------------------------------------------------
 def finite_number(v: Any) -> float | None:
     """``v`` as a finite float, else None (None, booleans, non-numbers, NaN and infinities)."""
@@ -116,7 +130,3 @@ def per_class_dict(per_class: Any) -> dict[int, float]:
         f = finite_number(v)
         out[key] = f if f is not None else float("nan")
     return out
-
-
-
-

@@ -1,4 +1,5 @@
 """Packaged sweep configs (YAML). `path("demo")` -> the file's path; `names()` -> what is available."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Shared pytest fixtures. ``benchmarks/`` is on sys.path: the tests share its fault scenarios (``faults``) and the
 lvis-api oracle (``lvis_oracle``)."""
+
 import sys
 from pathlib import Path
 

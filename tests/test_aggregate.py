@@ -1,4 +1,5 @@
 """Per-configuration statistics over seeds (pipelines.analysis.aggregate) against values computed by hand."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,15 @@ def test_describe_is_the_t_interval_of_the_mean():
 
 
 def rec(tid, seed, ap, apr, evals=3, error=None, **config):
-    return TrialSummary(tid, {**config, "seed": seed}, {"AP": ap, "APr": apr, "APc": ap, "APf": ap}, evals, evals,
-                        evals < 3 and error is None, error)
+    return TrialSummary(
+        tid,
+        {**config, "seed": seed},
+        {"AP": ap, "APr": apr, "APc": ap, "APf": ap},
+        evals,
+        evals,
+        evals < 3 and error is None,
+        error,
+    )
 
 
 def summary(trials, baseline=None):
@@ -34,10 +42,17 @@ def summary(trials, baseline=None):
 
 
 def test_configs_group_seeds_and_the_best_is_the_best_full_mean():
-    trials = [rec("a0", 0, 0.30, 0.10, lam=0.7), rec("a1", 1, 0.34, 0.14, lam=0.7), rec("a2", 2, 0.32, 0.12, lam=0.7),
-              rec("b0", 0, 0.28, 0.05, lam=0.0), rec("b1", 1, 0.31, 0.06, lam=0.0), rec("b2", 2, 0.29, 0.07, lam=0.0),
-              # the highest mean, but one run was stopped early: not a full configuration
-              rec("c0", 0, 0.50, 0.20, lam=1.5), rec("c1", 1, 0.40, 0.20, evals=1, lam=1.5)]
+    trials = [
+        rec("a0", 0, 0.30, 0.10, lam=0.7),
+        rec("a1", 1, 0.34, 0.14, lam=0.7),
+        rec("a2", 2, 0.32, 0.12, lam=0.7),
+        rec("b0", 0, 0.28, 0.05, lam=0.0),
+        rec("b1", 1, 0.31, 0.06, lam=0.0),
+        rec("b2", 2, 0.29, 0.07, lam=0.0),
+        # the highest mean, but one run was stopped early: not a full configuration
+        rec("c0", 0, 0.50, 0.20, lam=1.5),
+        rec("c1", 1, 0.40, 0.20, evals=1, lam=1.5),
+    ]
     s = summary(trials, baseline={"lam": 0.0})
     configs = {c.config["lam"]: c for c in s.configs}
     assert {k: c.n for k, c in configs.items()} == {0.7: 3, 0.0: 3, 1.5: 2}
@@ -49,9 +64,12 @@ def test_configs_group_seeds_and_the_best_is_the_best_full_mean():
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     p = aggregate.paired(configs[0.7], configs[0.0], "AP", lambda t, m: t.metrics[m])
     assert (p.n, p.diff) == (3, pytest.approx(mean))
-    assert (p.ci_low, p.ci_high) == (pytest.approx(mean - T975_2 * sd / math.sqrt(3)),
-                                     pytest.approx(mean + T975_2 * sd / math.sqrt(3)))
+    assert (p.ci_low, p.ci_high) == (
+        pytest.approx(mean - T975_2 * sd / math.sqrt(3)),
+        pytest.approx(mean + T975_2 * sd / math.sqrt(3)),
+    )
     from scipy import stats
+
     assert p.p_value == pytest.approx(2 * stats.t.sf(mean / (sd / math.sqrt(3)), 2)) and p.significant()
     sentences = s.comparisons()
     assert any("the baseline" in x and "larger than the seed-to-seed noise" in x for x in sentences)
@@ -60,8 +78,12 @@ def test_configs_group_seeds_and_the_best_is_the_best_full_mean():
 
 
 def test_a_lead_inside_the_noise_is_said_in_words():
-    trials = [rec("a0", 0, 0.30, 0.1, loss="x"), rec("a1", 1, 0.36, 0.1, loss="x"),
-              rec("b0", 0, 0.33, 0.1, loss="y"), rec("b1", 1, 0.32, 0.1, loss="y")]
+    trials = [
+        rec("a0", 0, 0.30, 0.1, loss="x"),
+        rec("a1", 1, 0.36, 0.1, loss="x"),
+        rec("b0", 0, 0.33, 0.1, loss="y"),
+        rec("b1", 1, 0.32, 0.1, loss="y"),
+    ]
     s = summary(trials)
     best = s.best_config
     assert best.config == {"loss": "x"}
@@ -77,8 +99,12 @@ def test_a_lead_inside_the_noise_is_said_in_words():
 
 def test_a_runner_up_stopped_early_is_not_called_beaten():
     # ASHA: only the winner ran the full schedule; the runner-up's numbers come from its first evaluation
-    trials = [rec("a0", 0, 0.30, 0.1, lam=1.0), rec("a1", 1, 0.32, 0.1, lam=1.0),
-              rec("b0", 0, 0.20, 0.1, evals=1, lam=0.5), rec("b1", 1, 0.21, 0.1, evals=1, lam=0.5)]
+    trials = [
+        rec("a0", 0, 0.30, 0.1, lam=1.0),
+        rec("a1", 1, 0.32, 0.1, lam=1.0),
+        rec("b0", 0, 0.20, 0.1, evals=1, lam=0.5),
+        rec("b1", 1, 0.21, 0.1, evals=1, lam=0.5),
+    ]
     (sentence,) = summary(trials).comparisons()
     assert "stopped lam=0.5 early" in sentence and "ltsweep confirm" in sentence
     assert "larger than the seed-to-seed noise" not in sentence

@@ -1,27 +1,47 @@
 """The annotations layer: JSON reading, frequency buckets and the one hierarchy parser / closure."""
+
 import json
 
 import pytest
 
-from lt_models.data.annotations import (category_frequencies, frequency_buckets, hierarchy_ancestors,
-                                   hierarchy_descendants, load_hierarchy, name_to_cat_id, read_json)
+from lt_models.data.annotations import (
+    category_frequencies,
+    frequency_buckets,
+    hierarchy_ancestors,
+    hierarchy_descendants,
+    load_hierarchy,
+    name_to_cat_id,
+    read_json,
+)
 from lt_models.errors import AnnotationError
 
 # Categories as `convert_openimages` writes them: `name` = DisplayName, `mid` = the Open Images LabelName.
-CATS = [{"id": 1, "name": "Fruit", "mid": "/m/fruit"}, {"id": 2, "name": "Apple", "mid": "/m/apple"},
-        {"id": 3, "name": "Banana", "mid": "/m/banana"}, {"id": 4, "name": "Granny Smith", "mid": "/m/granny"},
-        {"id": 5, "name": "Car", "mid": "/m/car"}]
+CATS = [
+    {"id": 1, "name": "Fruit", "mid": "/m/fruit"},
+    {"id": 2, "name": "Apple", "mid": "/m/apple"},
+    {"id": 3, "name": "Banana", "mid": "/m/banana"},
+    {"id": 4, "name": "Granny Smith", "mid": "/m/granny"},
+    {"id": 5, "name": "Car", "mid": "/m/car"},
+]
 
 
 def _tree(key):
     """The same hierarchy keyed by category names or by MIDs; /m/vehicle is not a category (transparent)."""
     k = {c["mid"]: c[key] for c in CATS}
-    return {"LabelName": "/m/0bl9f", "Subcategory": [
-        {"LabelName": k["/m/fruit"], "Subcategory": [
-            {"LabelName": k["/m/apple"], "Subcategory": [{"LabelName": k["/m/granny"]}]},
-            {"LabelName": k["/m/banana"]}]},
-        {"LabelName": "/m/vehicle", "Subcategory": [{"LabelName": k["/m/car"]}]},
-        {"LabelName": k["/m/banana"], "Part": [{"LabelName": k["/m/fruit"]}]}]}   # "Part" is not is-a
+    return {
+        "LabelName": "/m/0bl9f",
+        "Subcategory": [
+            {
+                "LabelName": k["/m/fruit"],
+                "Subcategory": [
+                    {"LabelName": k["/m/apple"], "Subcategory": [{"LabelName": k["/m/granny"]}]},
+                    {"LabelName": k["/m/banana"]},
+                ],
+            },
+            {"LabelName": "/m/vehicle", "Subcategory": [{"LabelName": k["/m/car"]}]},
+            {"LabelName": k["/m/banana"], "Part": [{"LabelName": k["/m/fruit"]}]},
+        ],
+    }  # "Part" is not is-a
 
 
 @pytest.mark.parametrize("key", ["name", "mid"])
@@ -29,7 +49,7 @@ def test_parser_accepts_names_and_mids(tmp_path, key):
     path = tmp_path / "h.json"
     path.write_text(json.dumps(_tree(key)))
     assert load_hierarchy(path, name_to_cat_id(CATS)) == {1: [2, 3], 2: [4]}
-    assert load_hierarchy(_tree(key), name_to_cat_id(CATS)) == {1: [2, 3], 2: [4]}   # a parsed tree works too
+    assert load_hierarchy(_tree(key), name_to_cat_id(CATS)) == {1: [2, 3], 2: [4]}  # a parsed tree works too
 
 
 def test_both_key_styles_give_the_same_parents(tmp_path):
@@ -42,7 +62,7 @@ def test_both_key_styles_give_the_same_parents(tmp_path):
 
 def test_name_to_cat_id_maps_names_and_mids():
     assert name_to_cat_id(CATS[:2]) == {"Fruit": 1, "/m/fruit": 1, "Apple": 2, "/m/apple": 2}
-    assert name_to_cat_id([{"id": 7, "name": "x"}, {"id": 8}]) == {"x": 7}   # no name: nothing to match
+    assert name_to_cat_id([{"id": 7, "name": "x"}, {"id": 8}]) == {"x": 7}  # no name: nothing to match
 
 
 def test_closure_reaches_a_cycle_start():
@@ -55,12 +75,15 @@ def test_parser_errors_name_file_and_field(tmp_path):
     path.write_text(json.dumps({"LabelName": "/m/x", "Subcategory": [{"LabelName": "/m/y"}]}))
     with pytest.raises(AnnotationError, match=r"h.json: no hierarchy LabelName matches a category name or MID"):
         load_hierarchy(path, names)
-    path.write_text(json.dumps({"LabelName": "Fruit", "Subcategory": [{"LabelName": "Apple", "Subcategory": [
-        {"LabelName": "Fruit"}]}]}))
+    path.write_text(
+        json.dumps(
+            {"LabelName": "Fruit", "Subcategory": [{"LabelName": "Apple", "Subcategory": [{"LabelName": "Fruit"}]}]}
+        )
+    )
     with pytest.raises(AnnotationError, match=r"h.json: hierarchy cycle at LabelName 'Fruit'"):
         load_hierarchy(path, names)
     path.write_text(json.dumps({"LabelName": "Fruit", "Subcategory": [{"LabelName": "/m/fruit"}]}))
-    with pytest.raises(AnnotationError, match="hierarchy cycle"):   # the same class under its name and its MID
+    with pytest.raises(AnnotationError, match="hierarchy cycle"):  # the same class under its name and its MID
         load_hierarchy(path, names)
     path.write_text(json.dumps({"LabelName": "Fruit", "Subcategory": {"LabelName": "Apple"}}))
     with pytest.raises(AnnotationError, match="field 'Subcategory' must be a list"):

@@ -1,6 +1,7 @@
 """scheduler.type asha_configs (pipelines.tune.asha.ConfigASHA): successive halving over configurations, each judged on
 its mean over seeds, with paused trials resumed from their checkpoints. Real Tune, a stand-in trainable whose
 metric is known in closed form."""
+
 from __future__ import annotations
 
 import json
@@ -59,16 +60,33 @@ def run_fake_sweep(root: Path, name: str, configs: list[int], max_running: int, 
     # the trainable lives in this test module, which Ray's workers cannot import: ship it by value
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     try:
-        scheduler = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=MAX_T,
-                               grace_period=1, reduction_factor=2, seeds=[0, 1], max_running=max_running,
-                               verbose=False)
+        scheduler = ConfigASHA(
+            metric="AP",
+            mode="max",
+            time_attr="training_iteration",
+            max_t=MAX_T,
+            grace_period=1,
+            reduction_factor=2,
+            seeds=[0, 1],
+            max_running=max_running,
+            verbose=False,
+        )
         results = tune.Tuner(
             tune.with_resources(fake_trial, {"cpu": 1}),
-            param_space={"seed": tune.grid_search([0, 1]), "c": tune.grid_search(configs), "log_dir": str(log_dir),
-                         **extra},
+            param_space={
+                "seed": tune.grid_search([0, 1]),
+                "c": tune.grid_search(configs),
+                "log_dir": str(log_dir),
+                **extra,
+            },
             tune_config=tune.TuneConfig(metric="AP", mode="max", scheduler=scheduler),
-            run_config=tune.RunConfig(name=name, storage_path=str(root / "results"), verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=max_failures))).fit()
+            run_config=tune.RunConfig(
+                name=name,
+                storage_path=str(root / "results"),
+                verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+            ),
+        ).fit()
     finally:
         ray.shutdown()
     logs = {p.stem: [json.loads(line) for line in p.read_text().splitlines()] for p in log_dir.glob("*.jsonl")}
@@ -94,8 +112,7 @@ def test_configurations_are_halved_on_their_mean_over_seeds(swept):
     assert all(r.error is None for r in results) and len(iters) == 8
     # rung 1 (4 configurations): the top ⌊4/2⌋ = 2 means go on, both seeds of each; rung 2 (2): the top 1 runs
     # to max_t. Seed 1's trials are worse than every seed-0 trial, yet c3 and c2 keep them.
-    assert iters == {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1,
-                     (2, 0): 2, (2, 1): 2, (3, 0): MAX_T, (3, 1): MAX_T}
+    assert iters == {(0, 0): 1, (0, 1): 1, (1, 0): 1, (1, 1): 1, (2, 0): 2, (2, 1): 2, (3, 0): MAX_T, (3, 1): MAX_T}
     assert sum(iters.values()) == 4 * 2 + 2 * 2 * 1 + 2 * 2  # 16 of the grid's 32 trial-iterations
 
 
@@ -147,17 +164,27 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
     keeps waiting, one that ran past a rung counts as promoted there, an errored one is left out."""
     from ray.tune.experiment import Trial
 
-    sched = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=4, grace_period=1,
-                       reduction_factor=2, seeds=[0, 1], verbose=False)
-    trials = [FakeTrial("a0", 0, 0, Trial.PAUSED, {"training_iteration": 1, "AP": 0.5}),
-              FakeTrial("a1", 0, 1, Trial.PENDING, {"training_iteration": 1, "AP": 0.3}),
-              FakeTrial("b0", 1, 0, Trial.PENDING, {"training_iteration": 3, "AP": 0.9}),   # past rungs 1 and 2
-              FakeTrial("b1", 1, 1, Trial.ERROR, {"training_iteration": 1, "AP": 0.1}),
-              FakeTrial("c0", 2, 0, Trial.PENDING)]                                           # never started
+    sched = ConfigASHA(
+        metric="AP",
+        mode="max",
+        time_attr="training_iteration",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        seeds=[0, 1],
+        verbose=False,
+    )
+    trials = [
+        FakeTrial("a0", 0, 0, Trial.PAUSED, {"training_iteration": 1, "AP": 0.5}),
+        FakeTrial("a1", 0, 1, Trial.PENDING, {"training_iteration": 1, "AP": 0.3}),
+        FakeTrial("b0", 1, 0, Trial.PENDING, {"training_iteration": 3, "AP": 0.9}),  # past rungs 1 and 2
+        FakeTrial("b1", 1, 1, Trial.ERROR, {"training_iteration": 1, "AP": 0.1}),
+        FakeTrial("c0", 2, 0, Trial.PENDING),
+    ]  # never started
     ctl = FakeController(trials)
     for t in trials:
         sched.on_trial_add(ctl, t)
-    assert sched._held == ["b0", "c0"]                      # may run: past its rungs / not started
+    assert sched._held == ["b0", "c0"]  # may run: past its rungs / not started
     assert [t.status for t in trials[:2]] == [Trial.PAUSED, Trial.PAUSED]  # waiting at rung 1 for a decision
     assert sched._promoted[0] == [config_key({"c": 1})] == sched._promoted[1]
     sched._decide(ctl)  # (the errored trials are read from the controller's statuses when a rung is decided)
@@ -174,8 +201,16 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
 def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_stop():
     from ray.tune.experiment import Trial
 
-    sched = ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", max_t=4, grace_period=1,
-                       reduction_factor=3, seeds=[0], verbose=False)
+    sched = ConfigASHA(
+        metric="AP",
+        mode="max",
+        time_attr="training_iteration",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=3,
+        seeds=[0],
+        verbose=False,
+    )
     trials = [FakeTrial(f"t{c}", c, 0, Trial.PENDING) for c in range(2)]
     ctl = FakeController(trials)
     for t in trials:

@@ -1,4 +1,5 @@
 """Atomic writes: a failure mid-write leaves the previous file/directory intact and no temp debris."""
+
 import pytest
 
 from lt_models.atomic import atomic_dir, atomic_path, write_json_atomic

@@ -14,6 +14,7 @@ Chromium and chromedriver are the Debian packages (``apt-get install chromium ch
 them in CI). Locally the module can be skipped with LTSWEEP_SKIP_BROWSER=1 (ignored when CI=true); otherwise a
 missing browser is a failure that says how to install it.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,9 +27,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-import test_tracking  # noqa: E402  (tests/ is on sys.path: pytest's rootdir-relative import)
-from test_tracking import _free_port, expected_metrics, stop_process_group, synthetic_trial  # noqa: E402
+import test_tracking
+from test_tracking import _free_port, expected_metrics, stop_process_group, synthetic_trial
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +53,19 @@ def chromium_available():
         pytest.skip("LTSWEEP_SKIP_BROWSER=1: the headless-Chromium checks are skipped locally (never in CI)")
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        pytest.fail(f"{' and '.join(missing)} not found: the browser tests need Debian's Chromium and its driver. "
-                    f"Install them with `{INSTALL}` (.ci/run does this in CI), or skip this module locally with "
-                    "LTSWEEP_SKIP_BROWSER=1.", pytrace=False)
+        pytest.fail(
+            f"{' and '.join(missing)} not found: the browser tests need Debian's Chromium and its driver. "
+            f"Install them with `{INSTALL}` (.ci/run does this in CI), or skip this module locally with "
+            "LTSWEEP_SKIP_BROWSER=1.",
+            pytrace=False,
+        )
     try:
         import selenium  # noqa: F401
     except ImportError:
-        pytest.fail("selenium is not installed: `.venv/bin/python -m pip install -e '.[test]'` (or "
-                    "`make install-test`)", pytrace=False)
+        pytest.fail(
+            "selenium is not installed: `.venv/bin/python -m pip install -e '.[test]'` (or `make install-test`)",
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -73,10 +78,21 @@ def browser(tmp_path, monkeypatch):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-extensions", "--disable-default-apps", f"--window-size={WIDTH},{HEIGHT}",
-                f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-default-apps",
+        f"--window-size={WIDTH},{HEIGHT}",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     log = open(tmp_path / "chromedriver.log", "w")
@@ -84,8 +100,10 @@ def browser(tmp_path, monkeypatch):
     try:
         driver.set_page_load_timeout(WAIT_S)
         # the page itself is exactly WIDTH x HEIGHT (a headless window's size includes no-longer-drawn chrome)
-        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                               {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+        driver.execute_cdp_cmd(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
+        )
         yield driver
     finally:
         driver.quit()
@@ -145,22 +163,49 @@ def sweep(tmp_path_factory):
     log = open(server_log, "w")
     # no background job runner (MLflow 3's GenAI jobs: extra Python processes we do not need on 2 cores)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host",
-                             "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=env,
+    )
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         try:
             # the trainable lives in this test module, which Ray's workers cannot import: ship it by value
             ray.cloudpickle.register_pickle_by_value(test_tracking)
-            params = {"name": NAME, "dataset_fingerprint": "d" * 64, "scheduler": {"metric": "AP", "mode": "max"},
-                      "stage2": {"epochs": REPORTS}, "eval": {"every": 1},
-                      "space": {"lam": {"grid": list(LAMS)}, "xi": {"grid": list(XIS)}}}
+            params = {
+                "name": NAME,
+                "dataset_fingerprint": "d" * 64,
+                "scheduler": {"metric": "AP", "mode": "max"},
+                "stage2": {"epochs": REPORTS},
+                "eval": {"every": 1},
+                "space": {"lam": {"grid": list(LAMS)}, "xi": {"grid": list(XIS)}},
+            }
             cb = MLflowSweepCallback(uri, NAME, params, ["lam", "xi"])
             results = tune.Tuner(
                 tune.with_resources(synthetic_trial, {"cpu": 0.5}),
-                param_space={"lam": tune.grid_search(list(LAMS)), "xi": tune.grid_search(list(XIS)),
-                             "reports": REPORTS, "sha": "a" * 64},
+                param_space={
+                    "lam": tune.grid_search(list(LAMS)),
+                    "xi": tune.grid_search(list(XIS)),
+                    "reports": REPORTS,
+                    "sha": "a" * 64,
+                },
                 tune_config=tune.TuneConfig(metric="AP", mode="max"),
                 run_config=tune.RunConfig(name=NAME, storage_path=str(root / "tune"), callbacks=[cb], verbose=0),
             ).fit()
@@ -193,8 +238,16 @@ def sweep(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"mlflow server not healthy after 120 s:\n{server_log.read_text()[-3000:]}")
             time.sleep(0.2)
-        yield {"uri": uri, "url": url, "root": root, "client": client, "experiment": exp, "parent": parent,
-               "trials": {r.data.tags["ltsweep.trial_id"]: r for r in trials}, "server_log": server_log}
+        yield {
+            "uri": uri,
+            "url": url,
+            "root": root,
+            "client": client,
+            "experiment": exp,
+            "parent": parent,
+            "trials": {r.data.tags["ltsweep.trial_id"]: r for r in trials},
+            "server_log": server_log,
+        }
     finally:
         stop_process_group(proc)
         log.close()
@@ -229,9 +282,13 @@ def test_report_renders_self_contained_with_every_trial(sweep, browser, tmp_path
 
     browser.get_log("browser")  # drain anything logged before the page
     browser.get(path.as_uri())
-    wait(browser, lambda d: d.execute_script("return document.readyState === 'complete' && "
-                                             "Array.from(document.images).every(i => i.complete)"),
-         "the report and its images to load")
+    wait(
+        browser,
+        lambda d: d.execute_script(
+            "return document.readyState === 'complete' && Array.from(document.images).every(i => i.complete)"
+        ),
+        "the report and its images to load",
+    )
     assert browser.title == f"ltsweep sweep {NAME}"
 
     # every figure is an embedded PNG, decoded and shown with a non-zero size
@@ -244,8 +301,9 @@ def test_report_renders_self_contained_with_every_trial(sweep, browser, tmp_path
 
     # self-contained: no reference to anything outside the page, and no resource was fetched
     assert browser.execute_script(_EXTERNAL_JS) == []
-    fetched = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"
-                                     ".filter(n => !n.startsWith('data:'))")
+    fetched = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith('data:'))"
+    )
     assert fetched == [], fetched
 
     # the trials table: one row per trial (its Tune trial id), each finished after all its evaluations
@@ -255,11 +313,12 @@ def test_report_renders_self_contained_with_every_trial(sweep, browser, tmp_path
     listed = {r[0]: r for r in rows[1:]}
     assert len(listed) == len(rows) - 1  # no trial listed twice
     assert set(listed) == set(sweep["trials"]), (sorted(listed), sorted(sweep["trials"]))
-    for trial_id, r in listed.items():
+    for _trial_id, r in listed.items():
         assert r[1] == "FINISHED" and r[2] == str(REPORTS), r
     best = max(LAMS), max(XIS)
-    best_id = next(t for t, run in sweep["trials"].items()
-                   if (float(run.data.params["lam"]), float(run.data.params["xi"])) == best)
+    best_id = next(
+        t for t, run in sweep["trials"].items() if (float(run.data.params["lam"]), float(run.data.params["xi"])) == best
+    )
     assert browser.find_element("css selector", "tr.best td").text == best_id  # the best trial is highlighted
 
     severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
@@ -274,8 +333,10 @@ def _prepare_ui(driver, url: str) -> None:
     table. Only the assistant's own keys are set: the UI's workflow type (GenAI / Model training) stays unset, as
     for a first-time user."""
     driver.get(url + "/health")  # same origin as the UI, so its localStorage
-    driver.execute_script("localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
-                          "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');")
+    driver.execute_script(
+        "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
+        "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+    )
 
 
 def _close_assistant(driver) -> None:
@@ -296,8 +357,11 @@ def test_mlflow_ui_opens_experiment_in_model_training_mode(sweep, browser, tmp_p
     url = sweep["url"]
     _prepare_ui(browser, url)
     browser.get(runs_table_url(exp.experiment_id, ui=url))
-    wait(browser, lambda d: d.find_elements("xpath", "//*[@role='columnheader'][normalize-space()='Run Name']"),
-         "the runs table")
+    wait(
+        browser,
+        lambda d: d.find_elements("xpath", "//*[@role='columnheader'][normalize-space()='Run Name']"),
+        "the runs table",
+    )
     landed = browser.current_url
     if f"#/experiments/{exp.experiment_id}/runs" not in landed or "workflowType=genai" in landed:
         shot = tmp_path / "experiment_page.png"
@@ -309,14 +373,20 @@ def test_mlflow_ui_opens_experiment_in_model_training_mode(sweep, browser, tmp_p
 
 
 def _tree_titles(driver) -> list[str]:
-    return driver.execute_script("return Array.from(document.querySelectorAll('[class*=tree-treenode]'))"
-                                 ".map(n => n.innerText.trim())")
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('[class*=tree-treenode]')).map(n => n.innerText.trim())"
+    )
 
 
 def _set_column(driver, title: str, on: bool) -> None:
     """Tick (on) or untick the column selector's entry `title` (the checkbox beside its label), if it is not so."""
-    nodes = [n for n in driver.find_elements(
-        "xpath", f"//span[contains(@class,'tree-node-content-wrapper')][@title='{title}']/..") if n.is_displayed()]
+    nodes = [
+        n
+        for n in driver.find_elements(
+            "xpath", f"//span[contains(@class,'tree-node-content-wrapper')][@title='{title}']/.."
+        )
+        if n.is_displayed()
+    ]
     assert len(nodes) == 1, f"column selector entry {title!r}: {len(nodes)} matches"
     if ("tree-treenode-checkbox-checked" in nodes[0].get_attribute("class")) != on:
         nodes[0].find_element("xpath", "./span[contains(@class,'tree-checkbox')]").click()
@@ -335,22 +405,31 @@ def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, br
     browser.get(runs_table_url(exp.experiment_id, ui=url))
     row = f"div[role=row][row-id='{pid}']"
     name_cell = f"{row} div[col-id='attributes.`Run Name`']"
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f"{name_cell} a[href$='/runs/{pid}']"),
-         "the sweep run in the runs table")
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"{name_cell} a[href$='/runs/{pid}']"),
+        "the sweep run in the runs table",
+    )
     assert browser.find_element(By.CSS_SELECTOR, f"{name_cell} a[href$='/runs/{pid}']").text == NAME
     _close_assistant(browser)
 
     # the sweep run's nested trial runs: collapsed under it by default; expanding it lists all of them
     def trial_rows(d):
-        return [e for e in d.find_elements(By.CSS_SELECTOR, "div[role=row][row-id]")
-                if e.get_attribute("row-id") in {r.info.run_id for r in trials.values()}]
+        return [
+            e
+            for e in d.find_elements(By.CSS_SELECTOR, "div[role=row][row-id]")
+            if e.get_attribute("row-id") in {r.info.run_id for r in trials.values()}
+        ]
 
     if len(trial_rows(browser)) < len(trials):
         expanders = browser.find_elements(By.CSS_SELECTOR, f"{name_cell} button")
         assert len(expanders) == 1, "the sweep run has no expander for its nested runs"
         expanders[0].click()
-    wait(browser, lambda d: {e.get_attribute("row-id") for e in trial_rows(d)} >=
-         {r.info.run_id for r in trials.values()}, "every trial run listed under the expanded sweep run")
+    wait(
+        browser,
+        lambda d: {e.get_attribute("row-id") for e in trial_rows(d)} >= {r.info.run_id for r in trials.values()},
+        "every trial run listed under the expanded sweep run",
+    )
     parent_link = browser.find_element(By.CSS_SELECTOR, f"{name_cell} a[href$='/runs/{pid}']")
     parent_index = int(browser.find_element(By.CSS_SELECTOR, row).get_attribute("row-index"))
     for trial_id, run in trials.items():
@@ -366,9 +445,11 @@ def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, br
     wait(browser, lambda d: any(t.startswith("Metrics (") for t in _tree_titles(d)), "the column selector")
     titles = _tree_titles(browser)
     start = next(i for i, t in enumerate(titles) if t.startswith("Metrics ("))
-    end = next((i for i in range(start + 1, len(titles)) if re.match(r"^(Attributes|Parameters|Tags)\b", titles[i])),
-               len(titles))
-    offered = set(titles[start + 1:end])
+    end = next(
+        (i for i in range(start + 1, len(titles)) if re.match(r"^(Attributes|Parameters|Tags)\b", titles[i])),
+        len(titles),
+    )
+    offered = set(titles[start + 1 : end])
     assert offered >= set(SWEEP_METRICS), sorted(set(SWEEP_METRICS) - offered)
     shown = ("AP", "trials", "stopped_early", "errored", "trial_epochs")
     for title in shown:
@@ -382,17 +463,28 @@ def test_mlflow_runs_table_nests_trials_under_sweep_with_sweep_metrics(sweep, br
         found = d.find_elements(By.CSS_SELECTOR, f"{row} div[col-id='metrics.`{key}`']")
         return found[0].text.strip() if found and found[0].text.strip() else None
 
-    wait(browser, lambda d: all(d.find_elements(By.CSS_SELECTOR, f".ag-header-cell[col-id='metrics.`{k}`']")
-                                for k in shown) and all(cell(d, k) for k in shown),
-         "the metric columns and the sweep run's values")
-    headers = {e.get_attribute("col-id"): e.text.strip()
-               for e in browser.find_elements(By.CSS_SELECTOR, ".ag-header-cell[col-id^='metrics.']")}
+    wait(
+        browser,
+        lambda d: (
+            all(d.find_elements(By.CSS_SELECTOR, f".ag-header-cell[col-id='metrics.`{k}`']") for k in shown)
+            and all(cell(d, k) for k in shown)
+        ),
+        "the metric columns and the sweep run's values",
+    )
+    headers = {
+        e.get_attribute("col-id"): e.text.strip()
+        for e in browser.find_elements(By.CSS_SELECTOR, ".ag-header-cell[col-id^='metrics.']")
+    }
     assert {headers[f"metrics.`{k}`"] for k in shown} == set(shown), headers
     n = len(LAMS) * len(XIS)
     best_ap = expected_metrics({"lam": max(LAMS), "xi": max(XIS)}, REPORTS)["AP"]  # one seed: the best run's AP
     values = {k: cell(browser, k) for k in shown}
     assert math.isclose(float(values["AP"]), best_ap, abs_tol=5e-4), values
-    assert {k: float(values[k]) for k in shown[1:]} == {"trials": n, "stopped_early": 0, "errored": 0,
-                                                      "trial_epochs": n * REPORTS}, values
+    assert {k: float(values[k]) for k in shown[1:]} == {
+        "trials": n,
+        "stopped_early": 0,
+        "errored": 0,
+        "trial_epochs": n * REPORTS,
+    }, values
     _close_assistant(browser)
     save_screenshot(browser, "mlflow_ui.png", tmp_path)

@@ -1,21 +1,28 @@
 """The classifier switch (softmax stage 1 -> sigmoid-type stage 2): the closed form of the background-relative
 conversion, which losses count as sigmoid-type, and that the engine converts only a stage-2 run with a sigmoid-type
 loss that starts from a stage-1 checkpoint (init_checkpoint), never on resume."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from test_engine import small_spec, write_tiny_benchmark  # the tiny benchmark of the engine tests
 from torch import nn
 
-from lt_models.modeling import classifier_switch
-from lt_models.engine import loop as engine
-from lt_models.modeling.classifier_switch import background_relative_classifier, is_sigmoid_loss, needs_switch, switch_classifier
-from lt_models.modeling.detector import build_detector
-from lt_models.losses.registry import LOSSES, LossSpec, RescoredLoss
 from lt_models.data.samplers import SamplerSpec
-from test_engine import small_spec, write_tiny_benchmark  # the tiny benchmark of the engine tests
+from lt_models.engine import loop as engine
+from lt_models.engine import run as engine_run
+from lt_models.losses.registry import LOSSES, LossSpec, RescoredLoss
+from lt_models.modeling import classifier_switch
+from lt_models.modeling.classifier_switch import (
+    background_relative_classifier,
+    is_sigmoid_loss,
+    needs_switch,
+    switch_classifier,
+)
+from lt_models.modeling.detector import build_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,8 +31,7 @@ SOFTMAX_TYPE = ("softmax", "softmax_multihot", "concurrent_softmax", "seesaw")
 C = 4
 RATE = torch.zeros(C + 1, C + 1)
 RATE[1, 4] = RATE[4, 1] = 0.5
-INPUTS = dict(concurrent_rate=RATE, frequency=["f", "c", "r", "c"], class_freq=[0.5, 0.2, 0.05, 0.2],
-              num_classes=C)
+INPUTS = dict(concurrent_rate=RATE, frequency=["f", "c", "r", "c"], class_freq=[0.5, 0.2, 0.05, 0.2], num_classes=C)
 
 
 def _loss(name: str, scores: str = "loss") -> nn.Module:
@@ -91,8 +97,13 @@ def test_needs_switch_only_from_a_stage1_checkpoint_with_a_sigmoid_loss(monkeypa
     acsl = build_detector(C, cls_loss=_loss("acsl"), image_size=64)
     softmax = build_detector(C, cls_loss=_loss("softmax"), image_size=64)
     assert needs_switch(acsl, {"stage": "stage1"})
-    for model, extra in ((softmax, {"stage": "stage1"}), (acsl, {"stage": "stage2"}), (acsl, {"stage": "one_stage"}),
-                         (acsl, {}), (acsl, None)):
+    for model, extra in (
+        (softmax, {"stage": "stage1"}),
+        (acsl, {"stage": "stage2"}),
+        (acsl, {"stage": "one_stage"}),
+        (acsl, {}),
+        (acsl, None),
+    ):
         assert not needs_switch(model, extra)
     w = acsl.roi_heads.box_predictor.cls_score.weight.detach().clone()
     assert not switch_classifier(acsl, {"stage": "stage2"})
@@ -118,21 +129,30 @@ def stage1(tmp_path_factory):
 
 @pytest.fixture
 def classifier_at_start(monkeypatch):
-    """The classifier weight of each run as `_train` hands the model on (right after loading and switching)."""
+    """The classifier weight of each run as `build_run` hands the model on (right after loading and switching)."""
     seen = []
-    original = engine.set_decoupled
+    original = engine_run.set_decoupled
 
     def spy(model, mode):
         seen.append(model.roi_heads.box_predictor.cls_score.weight.detach().clone())
         return original(model, mode)
 
-    monkeypatch.setattr(engine, "set_decoupled", spy)
+    monkeypatch.setattr(engine_run, "set_decoupled", spy)
     return seen
 
 
 def _stage2(bench, loss, **kw):
-    return small_spec(bench, **{"stage": "stage2", "sampler": SamplerSpec("softbalance", lam=0.7), "loss": loss,
-                                "epochs": 1, "eval_every": 1, **kw})
+    return small_spec(
+        bench,
+        **{
+            "stage": "stage2",
+            "sampler": SamplerSpec("softbalance", lam=0.7),
+            "loss": loss,
+            "epochs": 1,
+            "eval_every": 1,
+            **kw,
+        },
+    )
 
 
 @pytest.mark.parametrize("name", ["acsl", "bce"])
@@ -144,8 +164,10 @@ def test_engine_converts_a_sigmoid_stage2_from_the_stage1_checkpoint(stage1, tmp
     torch.testing.assert_close(classifier_at_start[-1], w - w[0:1], rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("loss", [LossSpec("softmax"), LossSpec("concurrent_softmax"), LossSpec("seesaw"),
-                                  LossSpec("softmax", scores="sigmoid")])
+@pytest.mark.parametrize(
+    "loss",
+    [LossSpec("softmax"), LossSpec("concurrent_softmax"), LossSpec("seesaw"), LossSpec("softmax", scores="sigmoid")],
+)
 def test_engine_leaves_a_softmax_type_stage2_alone(stage1, tmp_path, classifier_at_start, loss):
     bench, ckpt_dir, w1 = stage1
     engine.train(_stage2(bench, loss), tmp_path / "s2", init_checkpoint=ckpt_dir)
@@ -160,13 +182,18 @@ def test_engine_does_not_convert_on_resume(stage1, tmp_path, classifier_at_start
     acsl = LossSpec("acsl", xi=0.7)
     calls = []
     original = classifier_switch.background_relative_classifier
-    monkeypatch.setattr(classifier_switch, "background_relative_classifier",
-                        lambda layer: calls.append(1) or original(layer))
+    monkeypatch.setattr(
+        classifier_switch, "background_relative_classifier", lambda layer: calls.append(1) or original(layer)
+    )
     first = engine.train(_stage2(bench, acsl), tmp_path / "s2", init_checkpoint=ckpt_dir)
     assert len(calls) == 1
     trained = torch.load(f"{first['checkpoint_dir']}/checkpoint.pt", weights_only=True)["model"]
-    second = engine.train(_stage2(bench, acsl, epochs=2), tmp_path / "s2", init_checkpoint=ckpt_dir,
-                          resume_checkpoint=first["checkpoint_dir"])
+    second = engine.train(
+        _stage2(bench, acsl, epochs=2),
+        tmp_path / "s2",
+        init_checkpoint=ckpt_dir,
+        resume_checkpoint=first["checkpoint_dir"],
+    )
     assert len(calls) == 1 and second["epoch"] == 2  # resumed: its classifier comes from first's checkpoint
     trained = torch.load(f"{second['checkpoint_dir']}/checkpoint.pt", weights_only=True)["model"]
     engine.train(_stage2(bench, acsl), tmp_path / "from_s2", init_checkpoint=second["checkpoint_dir"])

@@ -1,4 +1,5 @@
 """The `ltsweep` command exposes exactly its documented subcommands, and reports input errors as one line."""
+
 import pytest
 
 from lt_models.errors import AnnotationError
@@ -60,8 +61,7 @@ def test_bad_input_raised_in_a_ray_task_prints_its_own_line(monkeypatch, capsys)
     _subcommands(parser)["sweep"].set_defaults(func=boom)
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     assert cli.main(["sweep", "x.yaml"]) == 2
-    assert capsys.readouterr().err.strip() == \
-        "ltsweep: error: train.json: image id 3: field 'width' is missing; fix it"
+    assert capsys.readouterr().err.strip() == "ltsweep: error: train.json: image id 3: field 'width' is missing; fix it"
     opts = {o for a in _subcommands(parser)["sweep"]._actions for o in a.option_strings}
     opts_train = {o for a in _subcommands(parser)["train"]._actions for o in a.option_strings}
     assert "--skip-invalid" in opts and "--skip-invalid" in opts_train
@@ -78,8 +78,9 @@ def test_errored_trial_options_need_resume(tmp_path, capsys):
     from pipelines.tune.sweep import run_sweep
 
     with pytest.raises(ConfigError, match="--resume-errored needs --resume"):
-        run_sweep(type("Cfg", (), {"name": "x", "run": type("R", (), {"storage_path": tmp_path})()})(),
-                  errored="resume")
+        run_sweep(
+            type("Cfg", (), {"name": "x", "run": type("R", (), {"storage_path": tmp_path})()})(), errored="resume"
+        )
 
 
 def test_every_option_has_help_and_version_and_sweep_set(capsys):

@@ -13,6 +13,7 @@ Teardown stops exactly this cluster: every process whose command line names one 
 plus their descendants (the job's driver). Plain `ray stop` would kill every Ray process on the machine, including other
 users' sessions, so it is only added as a last safety net in CI, where the machine is ours.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,8 @@ def _run(cmd: list[str], env: dict, timeout: float, **kw) -> subprocess.Complete
 
 def _stop_cluster(temp_dir: str) -> None:
     """SIGTERM (then SIGKILL) the processes of this cluster only: those naming temp_dir, and their descendants."""
-    import ray  # noqa: F401  (puts Ray's bundled psutil, the one `ray stop` uses, on sys.path)
     import psutil
+    import ray  # noqa: F401  (puts Ray's bundled psutil, the one `ray stop` uses, on sys.path)
 
     me = os.getpid()
     procs = {}
@@ -123,10 +124,24 @@ def _stop_cluster(temp_dir: str) -> None:
 def _node_ports() -> list[str]:
     """Explicit ports for one node's processes, so two nodes on one host (and other users' Ray) never clash."""
     workers = _free_port_range(100)
-    return ["--node-manager-port", str(_free_port()), "--object-manager-port", str(_free_port()),
-            "--min-worker-port", str(workers), "--max-worker-port", str(workers + 99),
-            "--dashboard-agent-listen-port", str(_free_port()), "--dashboard-agent-grpc-port", str(_free_port()),
-            "--runtime-env-agent-port", str(_free_port()), "--metrics-export-port", str(_free_port())]
+    return [
+        "--node-manager-port",
+        str(_free_port()),
+        "--object-manager-port",
+        str(_free_port()),
+        "--min-worker-port",
+        str(workers),
+        "--max-worker-port",
+        str(workers + 99),
+        "--dashboard-agent-listen-port",
+        str(_free_port()),
+        "--dashboard-agent-grpc-port",
+        str(_free_port()),
+        "--runtime-env-agent-port",
+        str(_free_port()),
+        "--metrics-export-port",
+        str(_free_port()),
+    ]
 
 
 def _get(address: str, token: str, path: str, timeout: float = 30):
@@ -157,12 +172,40 @@ def cluster():
     temp_dir = tempfile.mkdtemp(prefix="ltsray-", dir="/tmp")
     temp_dir2 = tempfile.mkdtemp(prefix="ltsray2-", dir="/tmp")
     dash, gcs = _free_port(), _free_port()
-    start = [ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-             "--dashboard-port", str(dash), "--num-cpus", "1", "--temp-dir", temp_dir,
-             "--ray-client-server-port", str(_free_port()), *_node_ports(), "--disable-usage-stats"]
+    start = [
+        ray,
+        "start",
+        "--head",
+        "--port",
+        str(gcs),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dash),
+        "--num-cpus",
+        "1",
+        "--temp-dir",
+        temp_dir,
+        "--ray-client-server-port",
+        str(_free_port()),
+        *_node_ports(),
+        "--disable-usage-stats",
+    ]
     # 3. the second node on this host: 2 CPUs and the custom resource `node2` that the sweep's trials request
-    start2 = [ray, "start", "--address", f"127.0.0.1:{gcs}", "--num-cpus", "2", "--resources", '{"node2": 1}',
-              "--temp-dir", temp_dir2, *_node_ports(), "--disable-usage-stats"]
+    start2 = [
+        ray,
+        "start",
+        "--address",
+        f"127.0.0.1:{gcs}",
+        "--num-cpus",
+        "2",
+        "--resources",
+        '{"node2": 1}',
+        "--temp-dir",
+        temp_dir2,
+        *_node_ports(),
+        "--disable-usage-stats",
+    ]
     env_token = {**env, "RAY_AUTH_MODE": "token"}
     try:
         for cmd in (start, start2):
@@ -183,8 +226,14 @@ def cluster():
             time.sleep(0.5)
         node2 = [n["node_id"] for n in nodes if "node2" in n["resources_total"]]
         assert len(node2) == 1, nodes
-        yield {"address": address, "env": env_token, "token": token, "ray": ray, "temp_dir": temp_dir,
-               "node2": node2[0]}
+        yield {
+            "address": address,
+            "env": env_token,
+            "token": token,
+            "ray": ray,
+            "temp_dir": temp_dir,
+            "node2": node2[0],
+        }
     finally:
         _stop_cluster(temp_dir2)
         _stop_cluster(temp_dir)
@@ -197,23 +246,49 @@ def cluster():
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """A 2-trial hybrid sweep (1 stage-1 epoch, 2 stage-2 epochs) on a ~50-image synthetic benchmark at 64 px."""
-    from lt_models.data.synthetic.layout import Preset
     from lt_models.data.synthetic.generate import generate_benchmark
+    from lt_models.data.synthetic.layout import Preset
 
     root = tmp_path_factory.mktemp("cluster_job")
-    preset = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25,
-                    val_min=2, objects_per_image=(0.5, 0.5), min_size=14, max_size=30, n_confusable=1, n_two_leaf=1,
-                    swap_rates=((0.3, 0.1, 0.2),), parent_only_rates=(0.1,), workers=1)
+    preset = Preset(
+        "tiny",
+        image_size=64,
+        families=2,
+        appearances=3,
+        t_max=40,
+        t_min=2,
+        q=5,
+        val_ratio=0.25,
+        val_min=2,
+        objects_per_image=(0.5, 0.5),
+        min_size=14,
+        max_size=30,
+        n_confusable=1,
+        n_two_leaf=1,
+        swap_rates=((0.3, 0.1, 0.2),),
+        parent_only_rates=(0.1,),
+        workers=1,
+    )
     generate_benchmark(root / "data", preset=preset, seed=0)
     name = f"cluster-job-{uuid.uuid4().hex[:6]}"
     cfg = {
         "name": name,
-        "data": {"train": str(root / "data/train.json"), "val": str(root / "data/val.json"),
-                 "hierarchy": str(root / "data/hierarchy.json")},
+        "data": {
+            "train": str(root / "data/train.json"),
+            "val": str(root / "data/val.json"),
+            "hierarchy": str(root / "data/hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 64},
         "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
-        "stage2": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 16, "loss": "acsl",
-                   "xi": 0.5},
+        "stage2": {
+            "epochs": 2,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup": 2,
+            "samples_per_epoch": 16,
+            "loss": "acsl",
+            "xi": 0.5,
+        },
         "eval": {"every": 1},
         "resources": {"cpus_per_trial": 1, "custom": {"node2": 0.5}},  # only the second node has `node2`
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": 2},
@@ -236,12 +311,26 @@ def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
     assert exc.value.code == 401
 
     job_id = f"ltsweep-test-{uuid.uuid4().hex[:8]}"
-    submit = [cluster["ray"], "job", "submit", "--submission-id", job_id, "--working-dir", ".", "--",
-              "python", "-m", "pipelines", "sweep", str(tiny_sweep["config"])]
+    submit = [
+        cluster["ray"],
+        "job",
+        "submit",
+        "--submission-id",
+        job_id,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "pipelines",
+        "sweep",
+        str(tiny_sweep["config"]),
+    ]
     out = _run(submit, env, 900, cwd=REPO)  # blocks (tailing the job's logs) until the job ends
     logs = out.stdout[-6000:] + out.stderr[-3000:]
-    req = urllib.request.Request(f"{cluster['address']}/api/jobs/{job_id}",
-                                 headers={"Authorization": f"Bearer {cluster['token']}"})
+    req = urllib.request.Request(
+        f"{cluster['address']}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {cluster['token']}"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         info = json.loads(r.read())
     assert info["status"] == "SUCCEEDED", f"job {job_id}: {info.get('status')} {info.get('message')}\n{logs}"
@@ -275,8 +364,9 @@ def test_ray_job_submit_runs_a_sweep_with_mlflow_runs(cluster, tiny_sweep):
     # every trial actor and the stage-1 task ran on the second node (the only one with `node2`); the trials restored
     # stage 1 from the shared storage_path (one content-addressed checkpoint dir, named by its sha256)
     def listed(kind: str) -> list[dict]:
-        return _get(cluster["address"], cluster["token"], f"/api/v0/{kind}?limit=10000&detail=true"
-                    )["data"]["result"]["result"]
+        return _get(cluster["address"], cluster["token"], f"/api/v0/{kind}?limit=10000&detail=true")["data"]["result"][
+            "result"
+        ]
 
     trial_actors = [a for a in listed("actors") if a["class_name"] == "ImplicitFunc"]  # Tune's function trainable
     trial_tasks = [t for t in listed("tasks") if t["name"].startswith("train_trial.")]

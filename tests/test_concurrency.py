@@ -1,4 +1,5 @@
 """Concurrent-rate matrix from a hand-built annotation set, checked against rates counted by hand."""
+
 import json
 
 import pytest
@@ -15,23 +16,25 @@ NAMES = {10: "a", 20: "b", 30: "c", 40: "d", 50: "e"}
 def annotations() -> dict:
     boxes = [  # (image, category, bbox xywh, iscrowd)
         (1, 10, [0, 0, 10, 10], 0),
-        (1, 20, [0, 0, 10, 10], 0),      # identical box: same object as the first -> {a, b}
+        (1, 20, [0, 0, 10, 10], 0),  # identical box: same object as the first -> {a, b}
         (1, 10, [50, 50, 10, 10], 0),
-        (1, 10, [50, 50, 10, 10], 0),    # duplicate with the same label: one object {a}, counted once
+        (1, 10, [50, 50, 10, 10], 0),  # duplicate with the same label: one object {a}, counted once
         (2, 20, [0, 0, 100, 100], 0),
-        (2, 30, [0, 0, 100, 98], 0),     # IoU 0.98 with the b box
-        (2, 10, [0, 0, 100, 94], 0),     # IoU 0.94 with b (< 0.95) but 0.959 with c: transitively {a, b, c}
+        (2, 30, [0, 0, 100, 98], 0),  # IoU 0.98 with the b box
+        (2, 10, [0, 0, 100, 94], 0),  # IoU 0.94 with b (< 0.95) but 0.959 with c: transitively {a, b, c}
         (2, 30, [200, 200, 20, 20], 0),  # {c}
         (2, 40, [300, 300, 20, 20], 1),  # crowd: ignored
         (3, 20, [0, 0, 10, 10], 0),
-        (3, 30, [0, 0, 10, 9], 0),       # IoU 0.9: separate objects {b}, {c}
+        (3, 30, [0, 0, 10, 9], 0),  # IoU 0.9: separate objects {b}, {c}
         (3, 40, [100, 100, 10, 10], 0),  # {d}
-        (3, 10, [400, 400, 5, 5], 0),    # {a}
+        (3, 10, [400, 400, 5, 5], 0),  # {a}
     ]
     return {
         "images": [{"id": i, "width": 640, "height": 480, "file_name": f"{i}.png"} for i in (1, 2, 3)],
-        "annotations": [{"id": n + 1, "image_id": img, "category_id": cat, "bbox": box, "iscrowd": crowd,
-                         "area": box[2] * box[3]} for n, (img, cat, box, crowd) in enumerate(boxes)],
+        "annotations": [
+            {"id": n + 1, "image_id": img, "category_id": cat, "bbox": box, "iscrowd": crowd, "area": box[2] * box[3]}
+            for n, (img, cat, box, crowd) in enumerate(boxes)
+        ],
         "categories": [{"id": cid, "name": name} for cid, name in NAMES.items()],
     }
 
@@ -75,9 +78,17 @@ def test_hierarchy_pairs_take_hierarchy_rate_both_ways_and_for_ancestors(rate, t
     ann_file = tmp_path / "train.json"
     ann_file.write_text(json.dumps(annotations()))
     hier_file = tmp_path / "hierarchy.json"
-    hier_file.write_text(json.dumps({"LabelName": "root", "Subcategory": [
-        {"LabelName": "d", "Subcategory": [{"LabelName": "b", "Subcategory": [{"LabelName": "a"}]}]},
-        {"LabelName": "c"}]}))
+    hier_file.write_text(
+        json.dumps(
+            {
+                "LabelName": "root",
+                "Subcategory": [
+                    {"LabelName": "d", "Subcategory": [{"LabelName": "b", "Subcategory": [{"LabelName": "a"}]}]},
+                    {"LabelName": "c"},
+                ],
+            }
+        )
+    )
     torch.testing.assert_close(concurrent_rate_matrix(ann_file, hierarchy=hier_file, hierarchy_rate=rate), expected)
 
 

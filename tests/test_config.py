@@ -1,4 +1,5 @@
 """Sweep configs: packaged YAMLs load, YAML maps onto Ray Tune primitives, and bad input gives one clear error."""
+
 import json
 import math
 
@@ -21,8 +22,12 @@ def _write(tmp_path, cfg: dict, name="exp.yaml"):
 def base(tmp_path):
     for f in ("train.json", "val.json"):
         (tmp_path / f).write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    return {"name": "t", "data": {"train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json")},
-            "stage2": {"epochs": 4}, "space": {"lam": {"grid": [0.0, 0.5]}}}
+    return {
+        "name": "t",
+        "data": {"train": str(tmp_path / "train.json"), "val": str(tmp_path / "val.json")},
+        "stage2": {"epochs": 4},
+        "space": {"lam": {"grid": [0.0, 0.5]}},
+    }
 
 
 def _error(tmp_path, cfg, overrides=None) -> str:
@@ -58,12 +63,16 @@ def test_paper_grids_and_demo_size():
     rows = [trial_values(v) for _, v in generate_variants(sb.param_space())]
     assert {r.pop("seed") for r in rows} == {0}
     assert sorted((r["sampler"], r.get("lam")) for r in rows) == sorted(
-        [("nonbalance", None), ("classaware", None)] + [("softbalance", lam) for lam in (0.3, 0.5, 0.7, 1.0, 1.5)])
+        [("nonbalance", None), ("classaware", None)] + [("softbalance", lam) for lam in (0.3, 0.5, 0.7, 1.0, 1.5)]
+    )
     t2 = load_experiment_config(search_spaces.path("concurrent_table2"), check_data=False)
     cells = [trial_values(v) for _, v in generate_variants(t2.param_space())]
     assert len(cells) == 4 and sorted((c["loss"], c["scores"]) for c in cells) == [
-        ("concurrent_softmax", "concurrent"), ("concurrent_softmax", "softmax"), ("softmax", "concurrent"),
-        ("softmax", "softmax")]
+        ("concurrent_softmax", "concurrent"),
+        ("concurrent_softmax", "softmax"),
+        ("softmax", "concurrent"),
+        ("softmax", "softmax"),
+    ]
     assert t2.loss_inputs() == {"concurrent_rate"} and t2.stage1.loss == "softmax"
     ax = load_experiment_config(search_spaces.path("acsl_xi"), check_data=False)
     assert ax.space["xi"].grid == [0.01, 0.1, 0.3, 0.5, 0.7, 0.9]
@@ -80,9 +89,13 @@ def test_primitive_table(tmp_path, base):
     from ray import tune
     from ray.tune.search.sample import Categorical, Float, Integer, Quantized
 
-    base["space"] = {"lam": {"uniform": [0.1, 1.5]}, "lr": {"loguniform": [0.001, 0.1]},
-                     "xi": {"quniform": [0.1, 0.9, 0.1]}, "loss": {"choice": ["acsl", "concurrent_softmax"]},
-                     "batch_size": {"randint": [2, 9]}}
+    base["space"] = {
+        "lam": {"uniform": [0.1, 1.5]},
+        "lr": {"loguniform": [0.001, 0.1]},
+        "xi": {"quniform": [0.1, 0.9, 0.1]},
+        "loss": {"choice": ["acsl", "concurrent_softmax"]},
+        "batch_size": {"randint": [2, 9]},
+    }
     space = load_experiment_config(_write(tmp_path, base)).param_space()
     assert isinstance(space["lam"], Float) and (space["lam"].lower, space["lam"].upper) == (0.1, 1.5)
     assert isinstance(space["lr"], Float) and isinstance(space["lr"].get_sampler(), Float._LogUniform)
@@ -93,8 +106,10 @@ def test_primitive_table(tmp_path, base):
     assert softmax == "concurrent_softmax" and set(acsl) == {"loss", "xi"} and acsl["loss"] == "acsl"
     assert isinstance(acsl["xi"].get_sampler(), Quantized) and acsl["xi"].get_sampler().q == 0.1
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
-    assert load_experiment_config(_write(tmp_path, base)).param_space() == {"lam": tune.grid_search([0.0, 1.0]),
-                                                                            "seed": tune.grid_search([0])}
+    assert load_experiment_config(_write(tmp_path, base)).param_space() == {
+        "lam": tune.grid_search([0.0, 1.0]),
+        "seed": tune.grid_search([0]),
+    }
 
 
 def test_unknown_keys_name_the_path_and_suggest(tmp_path, base):
@@ -166,8 +181,9 @@ def test_other_config_errors(tmp_path, base):
 
 def test_overrides(tmp_path, base):
     p = _write(tmp_path, base)
-    cfg = load_train_config(p, ["stage2.lam=0.3", "stage2.loss=acsl", "stage1=null", "train.stage=stage2",
-                                "stage2.lr_steps=[2, 3]"])
+    cfg = load_train_config(
+        p, ["stage2.lam=0.3", "stage2.loss=acsl", "stage1=null", "train.stage=stage2", "stage2.lr_steps=[2, 3]"]
+    )
     assert cfg.stage2.lam == 0.3 and cfg.stage2.loss == "acsl" and cfg.stage1 is None
     assert cfg.stage2.lr_steps == [2, 3] and cfg.train.stage == "stage2"
     with pytest.raises(ConfigError, match=r"unknown key 'stage2\.lamb'"):
@@ -192,7 +208,7 @@ def test_trial_values_are_applied_and_revalidated(tmp_path, base):
 def test_optuna_search_is_optional(tmp_path, base):
     import importlib.util
 
-    from pipelines.tune import cluster, sweep, tuner
+    from pipelines.tune import cluster, tuner
 
     base["search"] = {"algorithm": "optuna", "seed": 0}
     base["space"] = {"lam": {"grid": [0.0, 1.0]}}
@@ -241,11 +257,16 @@ def test_asha_with_several_seeds_gets_a_note(tmp_path, base):
 
 
 def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
-    from pipelines.tune import cluster, sweep, tuner
+    from pipelines.tune import cluster, tuner
     from pipelines.tune.asha import ConfigASHA
 
-    base["scheduler"] = {"type": "asha_configs", "time_attr": "images", "grace_period": 160, "reduction_factor": 2,
-                         "max_t": 1000}
+    base["scheduler"] = {
+        "type": "asha_configs",
+        "time_attr": "images",
+        "grace_period": 160,
+        "reduction_factor": 2,
+        "max_t": 1000,
+    }
     base["search"] = {"algorithm": "basic", "seed": 0, "max_concurrent_trials": 3, "seeds": [4, 5]}
     cfg = load_experiment_config(_write(tmp_path, base))
     sched = tuner._scheduler(cfg, cluster.max_concurrent(cfg))
@@ -259,9 +280,9 @@ def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
 
 
 def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
-    from lt_models.losses.registry import LossSpec
-    from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER
     from lt_models.data.samplers import SamplerSpec
+    from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER
+    from lt_models.losses.registry import LossSpec
     from pipelines.config.spec import train_spec
 
     base["stage1"] = {"epochs": 2, "lr": 0.03, "lr_steps": [1]}
@@ -269,8 +290,14 @@ def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
     cfg = load_experiment_config(_write(tmp_path, base))
     s1 = train_spec(cfg, "stage1")
     s1.validate()  # the engine's own checks: stage 1 is non-balance + conventional softmax on all layers
-    assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == ("stage1", STAGE1_SAMPLER, STAGE1_LOSS,
-                                                                               2, 0.03, (1,))
+    assert (s1.stage, s1.sampler, s1.loss, s1.epochs, s1.lr, s1.lr_steps) == (
+        "stage1",
+        STAGE1_SAMPLER,
+        STAGE1_LOSS,
+        2,
+        0.03,
+        (1,),
+    )
     base["stage1"]["loss"] = "concurrent_softmax"
     s1c = train_spec(load_experiment_config(_write(tmp_path, base)), "stage1")
     s1c.validate()
@@ -278,7 +305,11 @@ def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
     s2 = train_spec(cfg, "stage2", {"lam": 0.3}, num_threads=2, device="cpu")
     s2.validate()
     assert (s2.stage, s2.sampler, s2.loss, s2.decoupled) == (
-        "stage2", SamplerSpec("softbalance", lam=0.3, num_samples=32), LossSpec("acsl", xi=0.3), "cls")
+        "stage2",
+        SamplerSpec("softbalance", lam=0.3, num_samples=32),
+        LossSpec("acsl", xi=0.3),
+        "cls",
+    )
     assert s2.num_threads == 2 and s2.device == "cpu"
     assert s2.train_ann == str(cfg.data.train) and s2.eval_every == cfg.eval.every
     # a Tune trial config from a conditional space (the chosen loss branch) gives the same typed spec
@@ -300,8 +331,12 @@ def test_a_field_the_sampler_or_loss_does_not_read_is_an_error(tmp_path, base):
     base["space"] = {"sampler": {"grid": ["nonbalance", "softbalance"]}, "lam": {"grid": [0.0, 0.7]}}
     cfg = load_experiment_config(_write(tmp_path, base))
     trials = _variants(cfg)
-    assert sorted(map(str, trials)) == sorted(map(str, [{"sampler": "nonbalance"}, {"sampler": "softbalance", "lam": 0.0},
-                                                        {"sampler": "softbalance", "lam": 0.7}]))
+    assert sorted(map(str, trials)) == sorted(
+        map(
+            str,
+            [{"sampler": "nonbalance"}, {"sampler": "softbalance", "lam": 0.0}, {"sampler": "softbalance", "lam": 0.7}],
+        )
+    )
 
 
 def _variants(cfg) -> list[dict]:
@@ -322,8 +357,11 @@ def _variants(cfg) -> list[dict]:
 
 @pytest.mark.parametrize("xi", [{"choice": [0.3, 0.5, 0.7]}, {"grid": [0.3, 0.5]}, {"uniform": [0.05, 0.95]}])
 def test_conditional_space_never_gives_a_non_acsl_trial_a_xi(tmp_path, base, xi):
-    base["space"] = {"lam": {"grid": [0.0, 0.5, 1.0]}, "loss": {"grid": ["concurrent_softmax", "acsl", "softmax"]},
-                     "xi": xi}
+    base["space"] = {
+        "lam": {"grid": [0.0, 0.5, 1.0]},
+        "loss": {"grid": ["concurrent_softmax", "acsl", "softmax"]},
+        "xi": xi,
+    }
     trials = _variants(load_experiment_config(_write(tmp_path, base)))
     n_xi = len(xi["grid"]) if "grid" in xi else 1
     assert len(trials) == 3 * (2 + n_xi)  # no duplicate trials that differ only in an unread ξ
@@ -354,8 +392,11 @@ def test_optuna_define_by_run_is_conditional_too(tmp_path, base):
             return low
 
     base["search"] = {"algorithm": "optuna"}
-    base["space"] = {"xi": {"uniform": [0.1, 0.9]}, "loss": {"choice": ["acsl", "softmax"]},
-                     "lam": {"uniform": [0.0, 1.5]}}
+    base["space"] = {
+        "xi": {"uniform": [0.1, 0.9]},
+        "loss": {"choice": ["acsl", "softmax"]},
+        "lam": {"uniform": [0.0, 1.5]},
+    }
     define = optuna_space(load_experiment_config(_write(tmp_path, base)).space)
     for loss, asked in (("acsl", ["loss", "lam", "xi"]), ("softmax", ["loss", "lam"])):
         trial = FakeTrial(loss)
@@ -368,8 +409,9 @@ def test_stage1_loss_scores_and_new_loss_parameters(tmp_path, base):
     from pipelines.config.spec import train_spec
 
     base["stage1"] = {"epochs": 1, "loss": "acsl"}
-    with pytest.raises(ConfigError, match="stage1.loss.*unknown stage-1 loss 'acsl'; use one of softmax, "
-                                          "concurrent_softmax"):
+    with pytest.raises(
+        ConfigError, match="stage1.loss.*unknown stage-1 loss 'acsl'; use one of softmax, concurrent_softmax"
+    ):
         load_experiment_config(_write(tmp_path, base))
     base["stage1"] = {"epochs": 1}
     base["stage2"] = {"epochs": 2, "loss": "seesaw", "seesaw_p": 0.5, "scores": "concurrent"}
@@ -393,10 +435,14 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
     from pipelines.config.space import trial_values
 
     base["stage2"] = {"epochs": 2, "sampler": "repeatfactor"}
-    base["space"] = {"loss": {"grid": ["seesaw", "eqlv2", "federated", "eql", "softmax"]},
-                     "seesaw_q": {"grid": [1.0, 2.0]}, "eqlv2_mu": {"grid": [0.6, 0.8]},
-                     "fed_num_classes": {"grid": [10, 50]}, "eql_lambda": {"grid": [1e-3, 1e-2]},
-                     "rfs_threshold": {"grid": [0.001, 0.01]}}
+    base["space"] = {
+        "loss": {"grid": ["seesaw", "eqlv2", "federated", "eql", "softmax"]},
+        "seesaw_q": {"grid": [1.0, 2.0]},
+        "eqlv2_mu": {"grid": [0.6, 0.8]},
+        "fed_num_classes": {"grid": [10, 50]},
+        "eql_lambda": {"grid": [1e-3, 1e-2]},
+        "rfs_threshold": {"grid": [0.001, 0.01]},
+    }
     cfg = load_experiment_config(_write(tmp_path, base))
     trials = [trial_values(v) for _, v in generate_variants(cfg.param_space())]
     assert len(trials) == (2 + 2 + 2 + 2 + 1) * 2
@@ -410,7 +456,7 @@ def test_new_loss_parameters_are_searched_in_their_branches(tmp_path, base):
 
 
 def test_asha_budget_can_count_images_or_iterations(tmp_path, base):
-    from pipelines.tune import cluster, sweep, tuner
+    from pipelines.tune import cluster, tuner
 
     base["scheduler"] = {"type": "asha", "time_attr": "images", "grace_period": 160, "reduction_factor": 2}
     with pytest.raises(ConfigError, match="scheduler.max_t is required with time_attr images"):
@@ -440,7 +486,8 @@ def test_trials_keep_their_best_checkpoints_by_the_sweep_metric(tmp_path, base):
     base["scheduler"] = {"type": "fifo", "metric": "APr", "mode": "max"}
     base["run"] = {"storage_path": str(tmp_path / "results"), "checkpoints_to_keep": 1}
     cfg = load_experiment_config(_write(tmp_path, base))
-    tuner = build_tuner(cfg, None, trainable_fn=lambda config, experiment, stage1=None, shared=None: None,
-                              progress=False)
+    tuner = build_tuner(
+        cfg, None, trainable_fn=lambda config, experiment, stage1=None, shared=None: None, progress=False
+    )
     ckpt = tuner._local_tuner._run_config.checkpoint_config
     assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == (1, "APr", "max")

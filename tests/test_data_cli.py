@@ -1,4 +1,5 @@
 """`ltsweep data synth|stats|convert-openimages` in-process: exit codes and one-line error messages."""
+
 import csv
 import json
 
@@ -29,7 +30,7 @@ def test_stats_on_the_demo(demo, capsys):
     assert main(["data", "stats", str(demo / "train.json"), "--lam", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "imbalance magnitude (Fig 2)" in out and "rare 1" in out.replace("rare 10", "rare 1")
-    assert "most concurrent label pairs" in out and "crimson_circle" in out       # a twin pair is among them
+    assert "most concurrent label pairs" in out and "crimson_circle" in out  # a twin pair is among them
     assert "parent-only labels (Fig 3b)" in out and "n/a" not in out.split("parent-only labels")[1][:40]
     assert "soft-balance λ=0.5" in out and "class-aware (λ=1)" in out
     for name in ("imbalance", "confusion", "parent_only", "soft_balance"):
@@ -45,12 +46,18 @@ def test_stats_no_plots(tmp_path, capsys):
 
 def _small(tmp_path, mutate=None):
     """Two images with files in <dir>/images (so `data stats` checks them), three annotations."""
-    data = {"images": [{"id": 1, "file_name": "1.png", "width": 40, "height": 30},
-                       {"id": 2, "file_name": "2.png", "width": 40, "height": 30}],
-            "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 10, 10]},
-                            {"id": 2, "image_id": 1, "category_id": 6, "bbox": [1, 1, 10, 10]},
-                            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [20, 5, 10, 20]}],
-            "categories": [{"id": 5, "name": "cat"}, {"id": 6, "name": "animal"}]}
+    data = {
+        "images": [
+            {"id": 1, "file_name": "1.png", "width": 40, "height": 30},
+            {"id": 2, "file_name": "2.png", "width": 40, "height": 30},
+        ],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 5, "bbox": [1, 1, 10, 10]},
+            {"id": 2, "image_id": 1, "category_id": 6, "bbox": [1, 1, 10, 10]},
+            {"id": 3, "image_id": 2, "category_id": 5, "bbox": [20, 5, 10, 20]},
+        ],
+        "categories": [{"id": 5, "name": "cat"}, {"id": 6, "name": "animal"}],
+    }
     (tmp_path / "images").mkdir(exist_ok=True)
     for img in data["images"]:
         Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(tmp_path / "images" / img["file_name"])
@@ -63,22 +70,36 @@ def _small(tmp_path, mutate=None):
 
 CASES = {
     # case: (mutation, pieces of the error line, what --skip-invalid reports)
-    "unknown category_id": (lambda t, d: d["annotations"][1].update(category_id=9),
-                            ["annotation id 2", "'category_id' = 9"],
-                            "skipped 1 invalid records: unknown category id 1"),
-    "zero width box": (lambda t, d: d["annotations"][2].update(bbox=[20, 5, 0, 20]),
-                       ["annotation id 3", "'bbox'", "width or height <= 0"], "skipped 1 invalid records: bad box 1"),
-    "box outside image": (lambda t, d: d["annotations"][2].update(bbox=[35, 5, 10, 20]),
-                          ["annotation id 3", "'bbox'", "outside the 40x30 image"],
-                          "skipped 1 invalid records: bad box 1"),
-    "missing image file": (lambda t, d: (t / "images" / "2.png").unlink(),
-                           ["image id 2", "'file_name' = '2.png'", "does not exist"],
-                           "skipped 2 invalid records: annotation of skipped image 1, missing image file 1"),
-    "duplicate image id": (lambda t, d: d["images"].append(dict(d["images"][0])),
-                           ["image id 1", "duplicate 'id'"], "skipped 1 invalid records: duplicate image id 1"),
-    "duplicate annotation id": (lambda t, d: d["annotations"].append(dict(d["annotations"][2])),
-                                ["annotation id 3", "duplicate 'id'"],
-                                "skipped 1 invalid records: duplicate annotation id 1"),
+    "unknown category_id": (
+        lambda t, d: d["annotations"][1].update(category_id=9),
+        ["annotation id 2", "'category_id' = 9"],
+        "skipped 1 invalid records: unknown category id 1",
+    ),
+    "zero width box": (
+        lambda t, d: d["annotations"][2].update(bbox=[20, 5, 0, 20]),
+        ["annotation id 3", "'bbox'", "width or height <= 0"],
+        "skipped 1 invalid records: bad box 1",
+    ),
+    "box outside image": (
+        lambda t, d: d["annotations"][2].update(bbox=[35, 5, 10, 20]),
+        ["annotation id 3", "'bbox'", "outside the 40x30 image"],
+        "skipped 1 invalid records: bad box 1",
+    ),
+    "missing image file": (
+        lambda t, d: (t / "images" / "2.png").unlink(),
+        ["image id 2", "'file_name' = '2.png'", "does not exist"],
+        "skipped 2 invalid records: annotation of skipped image 1, missing image file 1",
+    ),
+    "duplicate image id": (
+        lambda t, d: d["images"].append(dict(d["images"][0])),
+        ["image id 1", "duplicate 'id'"],
+        "skipped 1 invalid records: duplicate image id 1",
+    ),
+    "duplicate annotation id": (
+        lambda t, d: d["annotations"].append(dict(d["annotations"][2])),
+        ["annotation id 3", "duplicate 'id'"],
+        "skipped 1 invalid records: duplicate annotation id 1",
+    ),
 }
 
 
@@ -111,13 +132,24 @@ def test_convert_openimages_cli(tmp_path, capsys):
         w = csv.writer(fh)
         w.writerow(["ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax", "IsGroupOf", "ImageWidth", "ImageHeight"])
         w.writerow(["i1", "/m/a", 0.1, 0.5, 0.1, 0.5, 0, 100, 100])
-        w.writerow(["i1", "/m/b", 0.1, 1.5, 0.1, 0.5, 0, 100, 100])          # XMax > 1
+        w.writerow(["i1", "/m/b", 0.1, 1.5, 0.1, 0.5, 0, 100, 100])  # XMax > 1
     (tmp_path / "labels.csv").write_text("ImageID,LabelName,Confidence\ni1,/m/b,0\n")
     (tmp_path / "classes.csv").write_text("/m/a,A\n/m/b,B\n")
     (tmp_path / "h.json").write_text(json.dumps({"LabelName": "r", "Subcategory": [{"LabelName": "/m/a"}]}))
-    args = ["data", "convert-openimages", "--boxes", str(tmp_path / "boxes.csv"), "--labels",
-            str(tmp_path / "labels.csv"), "--classes", str(tmp_path / "classes.csv"), "--hierarchy",
-            str(tmp_path / "h.json"), "--out", str(tmp_path / "oi.json")]
+    args = [
+        "data",
+        "convert-openimages",
+        "--boxes",
+        str(tmp_path / "boxes.csv"),
+        "--labels",
+        str(tmp_path / "labels.csv"),
+        "--classes",
+        str(tmp_path / "classes.csv"),
+        "--hierarchy",
+        str(tmp_path / "h.json"),
+        "--out",
+        str(tmp_path / "oi.json"),
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "boxes.csv: line 3 (ImageID i1): field 'XMax' = 1.5 is outside [0, 1]" in err
@@ -141,8 +173,20 @@ def _oi_split(d, counts):
     (d / "labels.csv").write_text("ImageID,LabelName,Confidence\n")
     (d / "classes.csv").write_text("/m/a,A\n/m/b,B\n/m/c,C\n")
     (d / "h.json").write_text(json.dumps({"LabelName": "r", "Subcategory": [{"LabelName": "/m/a"}]}))
-    return ["data", "convert-openimages", "--boxes", str(d / "boxes.csv"), "--labels", str(d / "labels.csv"),
-            "--classes", str(d / "classes.csv"), "--hierarchy", str(d / "h.json"), "--out", str(d / "oi.json")]
+    return [
+        "data",
+        "convert-openimages",
+        "--boxes",
+        str(d / "boxes.csv"),
+        "--labels",
+        str(d / "labels.csv"),
+        "--classes",
+        str(d / "classes.csv"),
+        "--hierarchy",
+        str(d / "h.json"),
+        "--out",
+        str(d / "oi.json"),
+    ]
 
 
 def test_convert_openimages_cli_train_ann(tmp_path, capsys):

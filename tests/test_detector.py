@@ -1,4 +1,5 @@
 """Detector: multi-hot RoI targets, box regression, loss-driven scores, decoupled freezing, backbones."""
+
 from __future__ import annotations
 
 import json
@@ -11,12 +12,12 @@ from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
 from lt_models.data.datasets import LVISDetection, collate_detection
-from lt_models.modeling.detector import MultiLabelRoIHeads, TinyBody, build_detector, set_decoupled
 from lt_models.engine.build import build_optimizer
 from lt_models.engine.loop import train_one_epoch
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import build_loss
-
+from lt_models.modeling.detector import MultiLabelRoIHeads, build_detector, set_decoupled
+from lt_models.modeling.backbones import TinyBody
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,8 +39,20 @@ def _write_merge_dataset(root) -> str:
     ]
     for a in anns:
         a["area"] = a["bbox"][2] * a["bbox"][3]
-    data = {"images": [{"id": 1, "file_name": "a.png", "width": 128, "height": 128, "neg_category_ids": [],
-                        "not_exhaustive_category_ids": []}], "annotations": anns, "categories": CATS}
+    data = {
+        "images": [
+            {
+                "id": 1,
+                "file_name": "a.png",
+                "width": 128,
+                "height": 128,
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        ],
+        "annotations": anns,
+        "categories": CATS,
+    }
     path = root / "train.json"
     path.write_text(json.dumps(data))
     return str(path)
@@ -124,7 +137,7 @@ def test_softmax_trains_a_two_label_roi_on_its_primary_label_only(tmp_path):
     model.roi_heads.cls_loss = rec
     model.train()
     losses = model([image], [target])
-    (z, t), = rec.calls
+    ((z, t),) = rec.calls
     assert t.dtype == torch.int64 and t.shape == (z.shape[0],)
     assert set(t.unique().tolist()) == {0} | set(target["labels"].tolist())  # background + the objects' primaries
     assert losses["loss_classifier"].item() == pytest.approx(torch.nn.functional.cross_entropy(z, t).item(), rel=1e-6)
@@ -152,8 +165,10 @@ def test_box_regression_uses_primary_label_like_torchvision():
     torch.testing.assert_close(ours, ref)
     # "all": the extra label adds its own term, same target box
     heads.box_reg_labels = "all"
-    extra = torch.nn.functional.smooth_l1_loss(box_regression.view(n, k, 4)[2, 1], reg_t[0][2], beta=1 / 9,
-                                               reduction="sum") / n
+    extra = (
+        torch.nn.functional.smooth_l1_loss(box_regression.view(n, k, 4)[2, 1], reg_t[0][2], beta=1 / 9, reduction="sum")
+        / n
+    )
     torch.testing.assert_close(heads.box_regression_loss(box_regression, labels, reg_t, mh), ref + extra)
 
 
@@ -172,16 +187,16 @@ def test_inference_scores_come_from_the_loss():
     table = torch.tensor([[0.9, 0.05, 0.7, 0.0], [0.1, 0.3, 0.0, 0.8]])
     heads.cls_loss = FixedScores(table)
     proposals = [torch.tensor([[10.0, 10, 50, 50], [60, 60, 100, 100]])]
-    boxes, scores, labels = heads.postprocess_detections(torch.zeros(2, 4), torch.zeros(2, 16), proposals,
-                                                         [(128, 128)])
+    boxes, scores, labels = heads.postprocess_detections(torch.zeros(2, 4), torch.zeros(2, 16), proposals, [(128, 128)])
     got = sorted(zip(scores[0].tolist(), labels[0].tolist()), reverse=True)
     # column 0 (background) never becomes a detection; every foreground score above the threshold does
     assert [label for _, label in got] == [3, 2, 1, 1]
     assert [s for s, _ in got] == pytest.approx([0.8, 0.7, 0.3, 0.05])
     # the real losses: sigmoid for ACSL / BCE, softmax for CE
     logits = torch.randn(5, 4)
-    torch.testing.assert_close(build_detector(3, cls_loss=build_loss("acsl", xi=0.7)).roi_heads.cls_loss.scores(
-        logits), torch.sigmoid(logits))
+    torch.testing.assert_close(
+        build_detector(3, cls_loss=build_loss("acsl", xi=0.7)).roi_heads.cls_loss.scores(logits), torch.sigmoid(logits)
+    )
 
 
 def _step_batches(ds, n):
@@ -194,8 +209,11 @@ def test_decoupled_step_changes_only_the_classifier(tmp_path, mode):
     ds = LVISDetection(_write_merge_dataset(tmp_path))
     torch.manual_seed(0)
     model = build_detector(ds.num_classes, decoupled=mode)
-    allowed = ("roi_heads.box_predictor.cls_score.",) if mode == "cls" else (
-        "roi_heads.box_head.", "roi_heads.box_predictor.")
+    allowed = (
+        ("roi_heads.box_predictor.cls_score.",)
+        if mode == "cls"
+        else ("roi_heads.box_head.", "roi_heads.box_predictor.")
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = build_optimizer(model, lr=0.05)
     stats = train_one_epoch(model, opt, _step_batches(ds, 2), torch.device("cpu"), 0, progress=False)
@@ -218,8 +236,9 @@ def test_decoupled_off_trains_everything(tmp_path):
     set_decoupled(model, False)
     assert all(p.requires_grad for p in model.parameters())
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    train_one_epoch(model, build_optimizer(model, lr=0.05), _step_batches(ds, 1), torch.device("cpu"), 0,
-                    progress=False)
+    train_one_epoch(
+        model, build_optimizer(model, lr=0.05), _step_batches(ds, 1), torch.device("cpu"), 0, progress=False
+    )
     after = model.state_dict()
     assert not torch.equal(before["backbone.body.stem.0.weight"], after["backbone.body.stem.0.weight"])
     assert not torch.equal(before["backbone.body.stem.1.running_mean"], after["backbone.body.stem.1.running_mean"])

@@ -11,6 +11,7 @@ fails rank 1 once, early in the second epoch (after the first checkpoint), so Tu
   (d) the retried trial resumed from its last checkpoint (epoch 1), and Tune saw each evaluation once;
 plus the `workers_per_trial` MLflow param and Tune checkpoints in the one-process format.
 """
+
 import hashlib
 import json
 import os
@@ -24,18 +25,18 @@ import ray
 import ray.cloudpickle
 import torch
 import yaml
+from test_sweep_e2e import TINY, trial_results
 
+from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.engine.distributed import eval_batches
 from lt_models.errors import ConfigError
-from lt_models.data.synthetic.generate import generate_benchmark
 from pipelines.config import identity
+from pipelines.config.load import load_experiment_config, parse_config
+from pipelines.config.spec import compute
 from pipelines.tune import stage1 as pretrain
 from pipelines.tune import sweep
 from pipelines.tune import workers as train_workers
-from pipelines.config.spec import compute
-from pipelines.config.load import load_experiment_config, parse_config
 from pipelines.tune.cluster import trial_resources
-from test_sweep_e2e import TINY, trial_results
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this module by name
 
@@ -44,9 +45,13 @@ EPOCHS = 2
 
 # ---- config: resources.workers_per_trial / cpus_per_worker / gpus_per_worker (fast) ------------------------------
 
+
 def _cfg(**resources):
-    return parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"}, "resources": resources},
-                        source="x.yaml", check_data=False)
+    return parse_config(
+        {"name": "x", "data": {"train": "t.json", "val": "v.json"}, "resources": resources},
+        source="x.yaml",
+        check_data=False,
+    )
 
 
 def _error(**resources) -> str:
@@ -59,7 +64,8 @@ def test_workers_per_trial_resources_are_checked_once_with_the_field_and_the_fix
     assert _cfg().resources.workers_per_trial == 1 and not _cfg().resources.distributed
     assert _error(workers_per_trial=8, gpus_per_trial=8).startswith(
         "x.yaml: resources: gpus_per_trial = 8 with workers_per_trial = 8: a multi-worker trial's GPUs belong to its "
-        "workers; set gpus_per_worker: 1 and gpus_per_trial: 0")
+        "workers; set gpus_per_worker: 1 and gpus_per_trial: 0"
+    )
     assert "resources: cpus_per_worker is ignored: workers_per_trial is 1" in _error(cpus_per_worker=2)
     assert "resources: gpus_per_worker is ignored" in _error(gpus_per_worker=1)
     msg = _error(workers_per_trial=2, gpus_per_worker=0.5)
@@ -161,8 +167,14 @@ def recording_loop(config):
         def step(*args, **kwargs):
             out = real_step(*args, **kwargs)
             digest = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes() for p in model.parameters()))
-            line = {"stage": stage, "attempt": attempt, "rank": rank, "epoch": epoch, "ids": batch["ids"],
-                    "params": digest.hexdigest()}
+            line = {
+                "stage": stage,
+                "attempt": attempt,
+                "rank": rank,
+                "epoch": epoch,
+                "ids": batch["ids"],
+                "params": digest.hexdigest(),
+            }
             with open(records / f"rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps(line) + "\n")
             if stage == "stage2" and epoch == 1 and rank == 1 and attempt == "first":
@@ -188,8 +200,8 @@ def recording_loop(config):
 
 def recording_trial(config, experiment, stage1=None, shared=None):
     """The production trainable, with the recording loop on its Ray Train workers."""
-    from pipelines.tune import workers as tw
     from pipelines.tune import trainable as tr
+    from pipelines.tune import workers as tw
 
     real = tw.worker_loop
     tw.worker_loop = recording_loop
@@ -205,13 +217,23 @@ def two_worker_sweep(tmp_path_factory):
     generate_benchmark(root / "data", preset=TINY, seed=0)
     (root / "records").mkdir()
     raw = {
-        "name": "ddp", "seed": 0,
-        "data": {"train": str(root / "data/train.json"), "val": str(root / "data/val.json"),
-                 "hierarchy": str(root / "data/hierarchy.json")},
+        "name": "ddp",
+        "seed": 0,
+        "data": {
+            "train": str(root / "data/train.json"),
+            "val": str(root / "data/val.json"),
+            "hierarchy": str(root / "data/hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 64},
         "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
-        "stage2": {"epochs": EPOCHS, "batch_size": 4, "lr": 0.01, "warmup": 2, "sampler": "nonbalance",
-                   "loss": "concurrent_softmax"},
+        "stage2": {
+            "epochs": EPOCHS,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup": 2,
+            "sampler": "nonbalance",
+            "loss": "concurrent_softmax",
+        },
         "resources": {"cpus_per_trial": 1, "workers_per_trial": 2, "cpus_per_worker": 1},
         "scheduler": {"type": "fifo"},
         "search": {"configs": [{"loss": "concurrent_softmax"}]},
@@ -234,8 +256,9 @@ def two_worker_sweep(tmp_path_factory):
         summary = sweep.run_sweep(cfg, trainable_fn=recording_trial, verbose=0, register=False)
     finally:
         ray.shutdown()
-    lines = [json.loads(line) for r in (0, 1)
-             for line in (root / "records" / f"rank{r}.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for r in (0, 1) for line in (root / "records" / f"rank{r}.jsonl").read_text().splitlines()
+    ]
     assert not summary.stage1[0].trained  # the sweep's trials restored the 2-worker stage 1
     return cfg, summary, lines
 
@@ -259,8 +282,10 @@ def test_ranks_train_on_disjoint_shards_of_each_epoch(two_worker_sweep):
     for stage, attempt, epoch in {(x["stage"], x["attempt"], x["epoch"]) for x in lines}:
         if (stage, attempt, epoch) == ("stage2", "first", 1):
             continue  # the epoch the injected fault cut short
-        ids = [Counter(i for x in _steps(lines, stage=stage, attempt=attempt, epoch=epoch, rank=r) for i in x["ids"])
-               for r in (0, 1)]
+        ids = [
+            Counter(i for x in _steps(lines, stage=stage, attempt=attempt, epoch=epoch, rank=r) for i in x["ids"])
+            for r in (0, 1)
+        ]
         assert sum(ids[0].values()) == sum(ids[1].values()) == padded // 2
         assert len(set(ids[0]) & set(ids[1])) <= padded - n  # only the wrap-around padding repeats an image
         assert len(set(ids[0]) | set(ids[1])) >= n - (padded - n)  # non-balance: every image of the epoch is seen
@@ -317,8 +342,14 @@ def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_wo
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as on the workers (cpus_per_worker: 1)
     try:
-        res = engine.evaluate(model, loader, val_ds, spec.val_ann, torch.device("cpu"),
-                              frequency=dict(zip(train_ds.cat_ids, train_ds.frequency)))
+        res = engine.evaluate(
+            model,
+            loader,
+            val_ds,
+            spec.val_ann,
+            torch.device("cpu"),
+            frequency=dict(zip(train_ds.cat_ids, train_ds.frequency)),
+        )
     finally:
         torch.set_num_threads(threads)
     assert reported["AP"] > 0

@@ -11,6 +11,7 @@ trial) in a child process with a time limit, so that a deadlock fails the test i
 finishes; stage 1 of both seeds trained; the losing configuration's trials stopped at the first rung, the winning
 one's were paused there and resumed from their checkpoints to the end; no Ray Train controller outlived its run.
 """
+
 import json
 import subprocess
 import sys
@@ -28,6 +29,7 @@ def _res(**kw) -> ResourcesConfig:
 
 
 # ---- how many multi-worker trials fit at once (fast) --------------------------------------------------------------
+
 
 def test_trials_that_fit_counts_the_driver_and_every_worker_bundle():
     cpu2 = _res(workers_per_trial=2, cpus_per_worker=1, cpus_per_trial=1)  # 3 CPUs a trial
@@ -54,11 +56,23 @@ def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkey
 
     from pipelines.tune import cluster
 
-    cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"},
-                        "resources": {"workers_per_trial": 4, "cpus_per_worker": 1}},
-                       source="x.yaml", check_data=False)
-    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 4.0, "memory": 1e9}},
-                                               {"Alive": False, "Resources": {"CPU": 64.0}}])
+    cfg = parse_config(
+        {
+            "name": "x",
+            "data": {"train": "t.json", "val": "v.json"},
+            "resources": {"workers_per_trial": 4, "cpus_per_worker": 1},
+        },
+        source="x.yaml",
+        check_data=False,
+    )
+    monkeypatch.setattr(
+        ray,
+        "nodes",
+        lambda: [
+            {"Alive": True, "Resources": {"CPU": 4.0, "memory": 1e9}},
+            {"Alive": False, "Resources": {"CPU": 64.0}},
+        ],
+    )
     with pytest.raises(ConfigError) as exc:
         cluster.concurrent_trials_cap(cfg)
     msg = str(exc.value)
@@ -69,20 +83,24 @@ def test_a_cluster_that_fits_no_trial_is_a_config_error_naming_the_fields(monkey
     assert cluster.concurrent_trials_cap(one) is None  # one-process trials: Tune schedules them itself
 
 
-@pytest.mark.parametrize("wanted, fit, expected, noted", [(None, 2, 2, True), (5, 2, 2, True), (1, 2, 1, False),
-                                                          (3, None, 3, False), (None, None, None, False)])
+@pytest.mark.parametrize(
+    "wanted, fit, expected, noted",
+    [(None, 2, 2, True), (5, 2, 2, True), (1, 2, 1, False), (3, None, 3, False), (None, None, None, False)],
+)
 def test_the_cap_lowers_max_concurrent_trials_and_says_so(monkeypatch, capsys, wanted, fit, expected, noted):
     from pipelines.tune import cluster
 
     search = {} if wanted is None else {"max_concurrent_trials": wanted}
-    cfg = parse_config({"name": "x", "data": {"train": "t.json", "val": "v.json"}, "search": search},
-                       source="x.yaml", check_data=False)
+    cfg = parse_config(
+        {"name": "x", "data": {"train": "t.json", "val": "v.json"}, "search": search}, source="x.yaml", check_data=False
+    )
     monkeypatch.setattr(cluster, "concurrent_trials_cap", lambda c: fit)
     assert cluster.max_concurrent(cfg) == expected
     assert ("note: at most" in capsys.readouterr().out) == noted
 
 
 # ---- a real sweep that only fits one multi-worker trial at a time (slow) ------------------------------------------
+
 
 def run_scenario(root: Path) -> dict:
     """The sweep, in this (child) process; returns what the test checks."""
@@ -91,17 +109,20 @@ def run_scenario(root: Path) -> dict:
     import ray
     import yaml
     from ray.util.state import list_actors
+    from test_sweep_e2e import TINY, trial_results
 
     from lt_models.data.synthetic.generate import generate_benchmark
-    from pipelines.tune import sweep
     from pipelines.config.load import load_experiment_config
-    from test_sweep_e2e import TINY, trial_results
+    from pipelines.tune import sweep
 
     generate_benchmark(root / "data", preset=TINY, seed=0)
     raw = {
         "name": "ddp_sched",
-        "data": {"train": str(root / "data/train.json"), "val": str(root / "data/val.json"),
-                 "hierarchy": str(root / "data/hierarchy.json")},
+        "data": {
+            "train": str(root / "data/train.json"),
+            "val": str(root / "data/val.json"),
+            "hierarchy": str(root / "data/hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 64},
         "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
         "stage2": {"epochs": 2, "batch_size": 4, "lr": 0.01, "warmup": 2, "sampler": "nonbalance"},
@@ -125,17 +146,29 @@ def run_scenario(root: Path) -> dict:
     return {
         "interrupted": summary.interrupted,
         "stage1_trained": sorted(seed for seed, c in summary.stage1.items() if c.trained),
-        "trials": [{"loss": t.config["loss"], "seed": t.config["seed"], "error": t.error,
-                    "epochs": [r["epoch"] for r in trial_results(t.path)],
-                    "iterations": [r["iteration"] for r in trial_results(t.path)]} for t in summary.trials],
+        "trials": [
+            {
+                "loss": t.config["loss"],
+                "seed": t.config["seed"],
+                "error": t.error,
+                "epochs": [r["epoch"] for r in trial_results(t.path)],
+                "iterations": [r["iteration"] for r in trial_results(t.path)],
+            }
+            for t in summary.trials
+        ],
         "controllers": controllers,
     }
 
 
 @pytest.mark.slow
 def test_a_sweep_of_multi_worker_trials_runs_them_one_at_a_time_and_pauses_and_resumes_them(tmp_path):
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], capture_output=True, text=True, timeout=900,
-                          cwd=Path(__file__).parent)
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=Path(__file__).parent,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "note: at most 1 trial(s) at a time" in proc.stdout
     out = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
 """Engine: LR schedule, non-finite loss, atomic checkpoints, exact resume, hybrid stage 2, predict, spec checks."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,18 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models.engine import loop as engine
 from lt_models.data.datasets import LVISDetection, collate_detection
-from lt_models.modeling.detector import build_detector
+from lt_models.data.samplers import SamplerSpec
+from lt_models.engine import loop as engine
+from lt_models.engine import run as engine_run
+from lt_models.engine.build import build_lr_scheduler, build_optimizer
 from lt_models.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from lt_models.engine.loop import NonFiniteLossError, train, train_one_epoch
-from lt_models.engine.build import build_lr_scheduler, build_optimizer
-from lt_models.engine.validation import predict
-from lt_models.losses.registry import LossSpec, build_loss
 from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
-from lt_models.data.samplers import SamplerSpec
+from lt_models.engine.validation import predict
 from lt_models.errors import ConfigError
-
+from lt_models.losses.registry import LossSpec, build_loss
+from lt_models.modeling.detector import build_detector
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,8 +37,10 @@ def write_tiny_benchmark(root, n_train=8, n_val=4, seed=0):
     class-1 squares are also annotated as the parent with the identical box (a merged multi-label object)."""
     rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    cats = [{"id": i, "name": n, "frequency": f} for i, n, f in
-            [(1, "red", "f"), (2, "green", "c"), (3, "blue", "r"), (4, "thing", "c")]]
+    cats = [
+        {"id": i, "name": n, "frequency": f}
+        for i, n, f in [(1, "red", "f"), (2, "green", "c"), (3, "blue", "r"), (4, "thing", "c")]
+    ]
     out = {}
     ann_id = 1
     for split, n, offset in (("train", n_train, 0), ("val", n_val, 1000)):
@@ -49,23 +52,37 @@ def write_tiny_benchmark(root, n_train=8, n_val=4, seed=0):
                 cls = int(rng.integers(1, 4)) if k else 1 + i % 3
                 s = int(rng.integers(24, 40))
                 x, y = (8 + 64 * k + int(rng.integers(0, 16)), int(rng.integers(8, 80)))
-                arr[y:y + s, x:x + s] = COLOURS[cls]
-                anns.append({"id": ann_id, "image_id": img_id, "category_id": cls, "bbox": [x, y, s, s],
-                             "area": s * s})
+                arr[y : y + s, x : x + s] = COLOURS[cls]
+                anns.append({"id": ann_id, "image_id": img_id, "category_id": cls, "bbox": [x, y, s, s], "area": s * s})
                 ann_id += 1
                 if cls == 1 and k == 0:
-                    anns.append({"id": ann_id, "image_id": img_id, "category_id": 4, "bbox": [x, y, s, s],
-                                 "area": s * s})
+                    anns.append(
+                        {"id": ann_id, "image_id": img_id, "category_id": 4, "bbox": [x, y, s, s], "area": s * s}
+                    )
                     ann_id += 1
             name = f"{split}_{i}.png"
             Image.fromarray(arr).save(root / "images" / name)
-            images.append({"id": img_id, "file_name": name, "width": 128, "height": 128, "neg_category_ids": [],
-                           "not_exhaustive_category_ids": []})
+            images.append(
+                {
+                    "id": img_id,
+                    "file_name": name,
+                    "width": 128,
+                    "height": 128,
+                    "neg_category_ids": [],
+                    "not_exhaustive_category_ids": [],
+                }
+            )
         path = root / f"{split}.json"
         path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
         out[split] = str(path)
-    hier = {"LabelName": "root", "Subcategory": [{"LabelName": "thing", "Subcategory": [{"LabelName": "red"}]},
-                                                 {"LabelName": "green"}, {"LabelName": "blue"}]}
+    hier = {
+        "LabelName": "root",
+        "Subcategory": [
+            {"LabelName": "thing", "Subcategory": [{"LabelName": "red"}]},
+            {"LabelName": "green"},
+            {"LabelName": "blue"},
+        ],
+    }
     (root / "hierarchy.json").write_text(json.dumps(hier))
     out["hierarchy"] = str(root / "hierarchy.json")
     return out
@@ -77,8 +94,20 @@ def bench(tmp_path_factory):
 
 
 def small_spec(bench, **kw) -> TrainSpec:
-    base = dict(train_ann=bench["train"], val_ann=bench["val"], epochs=2, batch_size=4, lr=0.02, warmup=2,
-                lr_steps=(1,), eval_every=1, seed=3, progress=False, num_threads=1, image_size=64)
+    base = dict(
+        train_ann=bench["train"],
+        val_ann=bench["val"],
+        epochs=2,
+        batch_size=4,
+        lr=0.02,
+        warmup=2,
+        lr_steps=(1,),
+        eval_every=1,
+        seed=3,
+        progress=False,
+        num_threads=1,
+        image_size=64,
+    )
     base.update(kw)
     return TrainSpec(**base)
 
@@ -140,14 +169,14 @@ def test_non_finite_loss_raises_naming_the_iteration_before_any_step(bench):
 
 
 def test_train_writes_no_checkpoint_from_a_non_finite_epoch(bench, tmp_path, monkeypatch):
-    real_build = engine.build_detector
+    real_build = engine_run.build_detector
 
     def build_with_nan(*args, **kwargs):
         model = real_build(*args, **kwargs)
         model.roi_heads.cls_loss = NaNAt(model.roi_heads.cls_loss, at=3)  # epoch 2, first iteration
         return model
 
-    monkeypatch.setattr(engine, "build_detector", build_with_nan)
+    monkeypatch.setattr(engine_run, "build_detector", build_with_nan)
     reports = []
     with pytest.raises(NonFiniteLossError, match="iteration 2 "):
         train(small_spec(bench), tmp_path, on_eval=lambda m, d: reports.append(m["epoch"]))
@@ -190,8 +219,9 @@ def test_save_load_reproduces_the_next_step_exactly(bench, tmp_path):
 
     model, opt, sched = fresh(0)
     train_one_epoch(model, opt, batches[:2], CPU, 0, scheduler=sched, grad_clip=5.0, progress=False)
-    path = save_checkpoint(tmp_path / "ck" / "checkpoint.pt", model, opt, sched, epoch=1, iteration=2,
-                           extra={"note": "x"})
+    path = save_checkpoint(
+        tmp_path / "ck" / "checkpoint.pt", model, opt, sched, epoch=1, iteration=2, extra={"note": "x"}
+    )
     assert sorted(os.listdir(path.parent)) == ["checkpoint.pt"]  # no temp file left behind
     ref = train_one_epoch(model, opt, batches[2:], CPU, 1, scheduler=sched, grad_clip=5.0, progress=False)
     ref_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -279,8 +309,15 @@ def test_train_resume_matches_the_uninterrupted_run(bench, tmp_path):
 
 
 def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp_path):
-    trial = small_spec(bench, stage="stage2", sampler=SamplerSpec("softbalance", lam=0.7), loss=LossSpec("acsl", xi=0.7),
-                       decoupled="cls", epochs=1, hierarchy_file=bench["hierarchy"])
+    trial = small_spec(
+        bench,
+        stage="stage2",
+        sampler=SamplerSpec("softbalance", lam=0.7),
+        loss=LossSpec("acsl", xi=0.7),
+        decoupled="cls",
+        epochs=1,
+        hierarchy_file=bench["hierarchy"],
+    )
     s1 = small_spec(bench, stage="stage1", epochs=1, hierarchy_file=bench["hierarchy"])
     assert (s1.sampler, s1.loss, s1.decoupled) == (STAGE1_SAMPLER, STAGE1_LOSS, False)
     m1 = train(s1, tmp_path / "s1")
@@ -320,18 +357,28 @@ def test_evaluation_buckets_classes_by_training_frequency(bench, tmp_path, monke
     val_path.write_text(json.dumps(val))
     seen = []
     real = evaluation.evaluate_lvis
-    monkeypatch.setattr(evaluation, "evaluate_lvis", lambda gt, dets, frequency=None: seen.append(frequency) or
-                        real(gt, dets, frequency=frequency))
-    train(small_spec(bench, epochs=1, val_ann=str(val_path), val_image_dir=str(Path(bench["val"]).parent / "images")),
-          tmp_path / "run")
+    monkeypatch.setattr(
+        evaluation,
+        "evaluate_lvis",
+        lambda gt, dets, frequency=None: seen.append(frequency) or real(gt, dets, frequency=frequency),
+    )
+    train(
+        small_spec(bench, epochs=1, val_ann=str(val_path), val_image_dir=str(Path(bench["val"]).parent / "images")),
+        tmp_path / "run",
+    )
     train_ds = LVISDetection(bench["train"])
     assert seen == [dict(zip(train_ds.cat_ids, train_ds.frequency))]
     assert set(train_ds.frequency) != {"f"}  # the training buckets really differ from the file's
 
 
 def test_concurrent_softmax_trains_with_the_rate_matrix_from_the_annotations(bench, tmp_path):
-    spec = small_spec(bench, loss=LossSpec("concurrent_softmax"), sampler=SamplerSpec("softbalance", lam=0.5),
-                      epochs=1, hierarchy_file=bench["hierarchy"])
+    spec = small_spec(
+        bench,
+        loss=LossSpec("concurrent_softmax"),
+        sampler=SamplerSpec("softbalance", lam=0.5),
+        epochs=1,
+        hierarchy_file=bench["hierarchy"],
+    )
     metrics = train(spec, tmp_path)
     assert math.isfinite(metrics["loss"]) and metrics["iteration"] == 2
 
@@ -351,6 +398,7 @@ def test_spec_validation_names_the_field():
     with pytest.raises(ConfigError, match="unknown field"):
         TrainSpec.from_dict({"train_ann": "a", "val_ann": "b", "learning_rate": 1})
     assert TrainSpec.from_dict(spec.to_dict()) == spec
-    typed = dataclasses.replace(spec, sampler=SamplerSpec("softbalance", lam=0.7, num_samples=8),
-                                loss=LossSpec("acsl", xi=0.3))
+    typed = dataclasses.replace(
+        spec, sampler=SamplerSpec("softbalance", lam=0.7, num_samples=8), loss=LossSpec("acsl", xi=0.3)
+    )
     assert TrainSpec.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed

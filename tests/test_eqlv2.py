@@ -1,14 +1,22 @@
 """EQLv2 (lt_models.losses.eqlv2): closed forms element by element in float64, the statistics over consecutive steps,
 the background column, state round-trip, no update outside training, low precision, range checks."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models.losses.eqlv2 import (EQLv2Loss, check_eqlv2_alpha, check_eqlv2_gamma, check_eqlv2_mu, eqlv2_loss,
-                             eqlv2_mapping, eqlv2_weights)
 from lt_models.errors import ConfigError
+from lt_models.losses.eqlv2 import (
+    EQLv2Loss,
+    check_eqlv2_alpha,
+    check_eqlv2_gamma,
+    check_eqlv2_mu,
+    eqlv2_loss,
+    eqlv2_mapping,
+    eqlv2_weights,
+)
 
 C = 6
 K = C + 1
@@ -109,7 +117,8 @@ def test_equation_functions():
     z, y = batch(1)
     ones = torch.ones(K, dtype=torch.float64)
     assert eqlv2_loss(z, y, ones, ones).item() == pytest.approx(
-        (F.binary_cross_entropy_with_logits(z, y, reduction="sum") / z.shape[0]).item(), rel=1e-12)
+        (F.binary_cross_entropy_with_logits(z, y, reduction="sum") / z.shape[0]).item(), rel=1e-12
+    )
 
 
 def test_background_column_weight_one_and_no_statistics():

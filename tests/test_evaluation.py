@@ -6,6 +6,7 @@ detections, objects of every area range, `area` fields that differ from the box 
 scores (ties), images without detections, and empty frequency buckets. Beyond the summary numbers, the full
 precision [T, R, K, A] and recall arrays are compared with lvis-api's.
 """
+
 import json
 import logging
 
@@ -13,8 +14,14 @@ import numpy as np
 import pytest
 
 from lt_models.errors import AnnotationError
-from lt_models.evaluation import (evaluate_lvis, format_results, load_detections, per_class_table,
-                                  plot_ap_by_frequency, write_per_class_csv)
+from lt_models.evaluation import (
+    evaluate_lvis,
+    format_results,
+    load_detections,
+    per_class_table,
+    plot_ap_by_frequency,
+    write_per_class_csv,
+)
 from lt_models.evaluation.lvis import _lvis_precision_recall
 from lvis_oracle import lvis_api_evaluate
 
@@ -22,14 +29,26 @@ logging.getLogger("lvis").setLevel(logging.ERROR)
 TOL = 1e-4
 
 
-def make_case(seed=0, n_img=60, n_cat=25, max_obj=12, dets_per_img=(0, 60), freq=None, score_decimals=2,
-              area_field="box", with_ignore=True, first_ann_id=1):
+def make_case(
+    seed=0,
+    n_img=60,
+    n_cat=25,
+    max_obj=12,
+    dets_per_img=(0, 60),
+    freq=None,
+    score_decimals=2,
+    area_field="box",
+    with_ignore=True,
+    first_ann_id=1,
+):
     """A random LVIS-style gt dict and COCO-results detections (see the module docstring)."""
     rng = np.random.default_rng(seed)
     cat_ids = [5 + 3 * k for k in range(n_cat)]
     freq = freq or [["r", "c", "f"][k % 3] for k in range(n_cat)]
-    cats = [{"id": c, "name": f"cat{c}", "frequency": f, "image_count": 3 + 40 * (n_cat - k)}
-            for k, (c, f) in enumerate(zip(cat_ids, freq))]
+    cats = [
+        {"id": c, "name": f"cat{c}", "frequency": f, "image_count": 3 + 40 * (n_cat - k)}
+        for k, (c, f) in enumerate(zip(cat_ids, freq))
+    ]
     p = 1.0 / (np.arange(n_cat) + 1.0)
     p /= p.sum()
     images, anns, dets = [], [], []
@@ -57,8 +76,9 @@ def make_case(seed=0, n_img=60, n_cat=25, max_obj=12, dets_per_img=(0, 60), freq
         absent = [c for c in cat_ids if c not in present]
         neg = sorted(rng.choice(absent, size=min(len(absent), int(rng.integers(0, 6))), replace=False).tolist())
         nel = sorted(c for c in present if rng.random() < 0.2)
-        images.append({"id": img_id, "width": W, "height": H, "neg_category_ids": neg,
-                       "not_exhaustive_category_ids": nel})
+        images.append(
+            {"id": img_id, "width": W, "height": H, "neg_category_ids": neg, "not_exhaustive_category_ids": nel}
+        )
         if rng.random() < 0.1:
             continue  # an image without detections
         for _ in range(int(rng.integers(dets_per_img[0], dets_per_img[1] + 1))):
@@ -73,12 +93,22 @@ def make_case(seed=0, n_img=60, n_cat=25, max_obj=12, dets_per_img=(0, 60), freq
             else:  # background, often on a verified-negative class
                 c = int(rng.choice(neg)) if (neg and rng.random() < 0.5) else int(rng.choice(cat_ids))
                 s = float(rng.choice([10, 30, 60, 150]))
-                box = [rng.uniform(0, W - s), rng.uniform(0, H - s),
-                       s * rng.uniform(0.5, 1.5), s * rng.uniform(0.5, 1.5)]
+                box = [
+                    rng.uniform(0, W - s),
+                    rng.uniform(0, H - s),
+                    s * rng.uniform(0.5, 1.5),
+                    s * rng.uniform(0.5, 1.5),
+                ]
             if rng.random() < 0.01:
                 box[2] = 0.0  # zero area: lvis-api drops it
-            dets.append({"image_id": img_id, "category_id": c, "bbox": [float(v) for v in box],
-                         "score": float(np.round(rng.random(), score_decimals))})
+            dets.append(
+                {
+                    "image_id": img_id,
+                    "category_id": c,
+                    "bbox": [float(v) for v in box],
+                    "score": float(np.round(rng.random(), score_decimals)),
+                }
+            )
     dets = [dets[k] for k in rng.permutation(len(dets))]
     return {"images": images, "annotations": anns, "categories": cats}, dets
 
@@ -102,13 +132,17 @@ def _assert_same_as_lvis(gt, dets, max_dets=300, frequency=None):
     return ours, ref
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(seed=0),
-    dict(seed=1, area_field="mask"),  # area field smaller than the box: area ranges use the field
-    dict(seed=2, score_decimals=1),  # many score ties
-    dict(seed=3, n_cat=3, max_obj=40, dets_per_img=(20, 120)),  # crowded pairs: many gts per (image, class)
-    dict(seed=4, n_img=5, max_obj=3, dets_per_img=(0, 3)),  # tiny, sparse
-], ids=["basic", "mask-area", "ties", "crowded", "sparse"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(seed=0),
+        dict(seed=1, area_field="mask"),  # area field smaller than the box: area ranges use the field
+        dict(seed=2, score_decimals=1),  # many score ties
+        dict(seed=3, n_cat=3, max_obj=40, dets_per_img=(20, 120)),  # crowded pairs: many gts per (image, class)
+        dict(seed=4, n_img=5, max_obj=3, dets_per_img=(0, 3)),  # tiny, sparse
+    ],
+    ids=["basic", "mask-area", "ties", "crowded", "sparse"],
+)
 def test_equals_lvis_api(kwargs):
     gt, dets = make_case(**kwargs)
     ours, _ = _assert_same_as_lvis(gt, dets)
@@ -191,7 +225,7 @@ def test_bad_detections_are_named(tmp_path):
     with pytest.raises(AnnotationError, match="image_id 5"):
         evaluate_lvis(gt, [dict(dets[0], image_id=5)])
     p = tmp_path / "dets.json"
-    p.write_text("[{\"image_id\": 1,")
+    p.write_text('[{"image_id": 1,')
     with pytest.raises(AnnotationError, match="dets.json: malformed JSON"):
         load_detections(p)
     p.write_text(json.dumps([{"image_id": 1000, "category_id": 5, "bbox": [0, 0, 1, 1]}]))

@@ -9,16 +9,23 @@ those not yet in S with probability w_j / Σ w (w = image frequency^0.5). For tw
 Loss given S, for p = sigmoid(z):  L = (1/N) Σ_n Σ_{j∈S} −[y log p + (1 − y) log(1 − p)],
 ∂L/∂z_nj = (p_nj − y_nj)/N for j ∈ S, 0 elsewhere (column 0 included).
 """
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lt_models.losses import federated
 from lt_models.errors import ConfigError
-from lt_models.losses.federated import (FederatedLoss, check_fed_freq_power, check_fed_num_classes, federated_classes,
-                                 federated_loss, present_classes)
+from lt_models.losses import federated
+from lt_models.losses.federated import (
+    FederatedLoss,
+    check_fed_freq_power,
+    check_fed_num_classes,
+    federated_classes,
+    federated_loss,
+    present_classes,
+)
 
 C = 8
 K = C + 1
@@ -57,11 +64,12 @@ def loss_and_grad(fn, z, *args):
 
 # ---- the subset rule ------------------------------------------------------------------------------------------
 
+
 def test_subset_keeps_present_classes_has_num_sampled_classes_and_no_background():
     weight = torch.tensor(FREQ, dtype=torch.float64).sqrt()
     gen = torch.Generator().manual_seed(0)
     for trial in range(200):
-        present = torch.randperm(C, generator=gen)[:trial % 5] + 1
+        present = torch.randperm(C, generator=gen)[: trial % 5] + 1
         m = 1 + trial % C
         s = federated_classes(present, weight, m, gen)
         assert set(present.tolist()) <= set(s.tolist())
@@ -98,8 +106,7 @@ def test_two_draws_without_replacement_match_hand_inclusion_probabilities():
     freq = [0.81, 0.25, 0.04, 0.49]
     w = [math.sqrt(f) for f in freq]  # 0.9, 0.5, 0.2, 0.7
     total = sum(w)
-    inclusion = [w[j] / total + sum(w[i] / total * w[j] / (total - w[i]) for i in range(4) if i != j)
-                 for j in range(4)]
+    inclusion = [w[j] / total + sum(w[i] / total * w[j] / (total - w[i]) for i in range(4) if i != j) for j in range(4)]
     loss = FederatedLoss(freq, num_sampled=2, generator=torch.Generator().manual_seed(2))
     assert torch.allclose(loss.weight, torch.tensor(w, dtype=torch.float64), rtol=0, atol=1e-15)
     trials = 20000
@@ -127,8 +134,9 @@ def test_zero_frequency_classes_are_never_sampled_but_kept_when_present():
     for _ in range(50):
         s = federated_classes(torch.tensor([3]), weight, 6, gen)  # 5 draws wanted, only 2 classes can be drawn
         assert s.tolist() == [2, 3, 5]
-    assert federated_classes(torch.zeros(0, dtype=torch.int64), torch.zeros(C, dtype=torch.float64), 50,
-                             gen).numel() == 0
+    assert (
+        federated_classes(torch.zeros(0, dtype=torch.int64), torch.zeros(C, dtype=torch.float64), 50, gen).numel() == 0
+    )
     # the module with every class at frequency 0 and only background rows: empty S, zero loss and gradient
     z, y = batch()
     y = torch.zeros_like(y)
@@ -147,6 +155,7 @@ def test_present_classes_reads_every_label_of_multi_hot_rows():
 
 
 # ---- the loss -------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("share", [0.0, 1.0])  # force the dense (whole-matrix) path / the gathered-columns path
 def test_loss_and_gradient_match_closed_form_for_a_fixed_subset(share, monkeypatch):
@@ -178,7 +187,8 @@ def test_num_sampled_at_least_c_is_bce_over_all_foreground_columns():
     for m in (C, C + 1, 1000):
         loss, g = loss_and_grad(FederatedLoss(FREQ, num_sampled=m), z, y)
         ref, ref_g = loss_and_grad(
-            lambda x: F.binary_cross_entropy_with_logits(x[:, 1:], y[:, 1:], reduction="sum") / x.shape[0], z)
+            lambda x: F.binary_cross_entropy_with_logits(x[:, 1:], y[:, 1:], reduction="sum") / x.shape[0], z
+        )
         assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
         torch.testing.assert_close(g, ref_g, rtol=1e-12, atol=1e-15)
         assert not g[:, 0].any()
@@ -227,6 +237,7 @@ def test_scores_are_sigmoid():
 
 
 # ---- range checks ---------------------------------------------------------------------------------------------
+
 
 def test_num_sampled_range():
     assert check_fed_num_classes(50) == 50 and check_fed_num_classes(1) == 1 and check_fed_num_classes(7.0) == 7

@@ -6,6 +6,7 @@ those categories. LVIS AP is computed per category and then averaged, so this is
 categories (the only difference from slicing a full evaluation is that the top-300-per-image cap then counts only
 frequent-class detections).
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,13 +17,13 @@ import pytest
 import torch
 
 from lt_models.data.datasets import LVISDetection, collate_detection
-from lt_models.modeling.detector import build_detector
+from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.engine.checkpoint import load_model_weights
-from lt_models.engine.validation import predict
 from lt_models.engine.loop import train
 from lt_models.engine.spec import TrainSpec
+from lt_models.engine.validation import predict
 from lt_models.evaluation import evaluate_lvis
-from lt_models.data.synthetic.generate import generate_benchmark
+from lt_models.modeling.detector import build_detector
 
 
 def frequent_ap50(gt: dict, detections: list[dict]) -> float:
@@ -46,9 +47,20 @@ def test_tiny_detector_learns_the_demo_benchmark(tmp_path):
     # One thread: the step is small and partly serial (torchvision's CPU RoIAlign backward), and one thread is immune
     # to other processes (Ray daemons, other tests) competing for the cores, which slow OpenMP steps several-fold.
     # stage 1 of the demo schedule, shortened: non-balance + softmax CE, 2 epochs at batch 8 (~126 iterations)
-    spec = TrainSpec(train_ann=str(data / "train.json"), val_ann=str(data / "val.json"), backbone="tiny",
-                     epochs=2, batch_size=8, lr=0.02, warmup=50, lr_steps=(), eval_every=2, seed=0,
-                     num_threads=1, progress=False)
+    spec = TrainSpec(
+        train_ann=str(data / "train.json"),
+        val_ann=str(data / "val.json"),
+        backbone="tiny",
+        epochs=2,
+        batch_size=8,
+        lr=0.02,
+        warmup=50,
+        lr_steps=(),
+        eval_every=2,
+        seed=0,
+        num_threads=1,
+        progress=False,
+    )
     metrics = train(spec, tmp_path / "run")
     n_train = len(LVISDetection(data / "train.json"))
     assert metrics["epoch"] == 2 and metrics["iteration"] == 2 * math.ceil(n_train / 8)
@@ -63,6 +75,7 @@ def test_tiny_detector_learns_the_demo_benchmark(tmp_path):
     assert evaluate_lvis(gt, dets)["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
     assert ap50_f >= 0.3, f"frequent-class AP50 {ap50_f:.3f} (overall AP50 {metrics['AP50']:.3f})"
     # an untrained detector is nowhere near: the threshold measures learning
-    untrained = predict(build_detector(val.num_classes, "tiny"), loader, torch.device("cpu"), val.label_to_cat_id,
-                        progress=False)
+    untrained = predict(
+        build_detector(val.num_classes, "tiny"), loader, torch.device("cpu"), val.label_to_cat_id, progress=False
+    )
     assert frequent_ap50(gt, untrained) < 0.1

@@ -14,6 +14,7 @@ below evaluates these formulas element by element in log space, independently of
 
 ACSL eq 5-7 (Wang et al., CVPR 2021): L = −Σ_i w_i log p̂_i, ∂L/∂z_i = w_i (p_i − y_i), w from eq 6.
 """
+
 import math
 
 import pytest
@@ -58,8 +59,9 @@ def eq3_reference(z, y, r):
         labels = [i for i in range(k) if y[n, i] == 1]
         log_d = {}
         for c in labels:
-            w = torch.tensor([1.0 if j == c else (0.0 if j in labels else 1.0 - float(r[c, j])) for j in range(k)],
-                             dtype=z.dtype)
+            w = torch.tensor(
+                [1.0 if j == c else (0.0 if j in labels else 1.0 - float(r[c, j])) for j in range(k)], dtype=z.dtype
+            )
             log_d[c] = torch.logsumexp(z[n] + w.log(), 0)
             loss += float(log_d[c] - z[n, c])
         for i in range(k):
@@ -107,16 +109,21 @@ def test_background_row_is_plain_softmax_and_r0_single_label_is_cross_entropy():
     zb = torch.randn(5, K, dtype=torch.float64, generator=gen)
     yb = F.one_hot(torch.zeros(5, dtype=torch.int64), K).double()
     assert ConcurrentSoftmaxLoss(rate_matrix())(zb, yb).item() == pytest.approx(
-        F.cross_entropy(zb, torch.zeros(5, dtype=torch.int64)).item(), rel=1e-12)
+        F.cross_entropy(zb, torch.zeros(5, dtype=torch.int64)).item(), rel=1e-12
+    )
 
 
 def test_ill_conditioned_denominators_are_exact_in_float32():
     """Denominators that are a tiny share of the row mass (a label at +30 next to one at -30, a class whose
     r = 1 parent takes all the mass, labels at -1e4 and +1e4): the exact log-sum-exp path."""
     r = rate_matrix(torch.float32)
-    z = torch.tensor([[0.0, 30.0, -30.0, -31.0, -29.0, -40.0, -35.0],
-                      [0.0, -2.0, 1.0, 40.0, -40.0, -3.0, -1.0],
-                      [-1e4, -1e4, 1e4, -1e4, -1e4, -1e4, -1e4]])
+    z = torch.tensor(
+        [
+            [0.0, 30.0, -30.0, -31.0, -29.0, -40.0, -35.0],
+            [0.0, -2.0, 1.0, 40.0, -40.0, -3.0, -1.0],
+            [-1e4, -1e4, 1e4, -1e4, -1e4, -1e4, -1e4],
+        ]
+    )
     y = torch.zeros(3, K)
     y[0, [1, 2]] = 1.0  # classes 1 and 2 (rates 0.5 / 0.3 between them): D_2 = e^{z_2} + non-labels
     y[1, [4]] = 1.0  # class 4 whose parent 3 (r = 1) holds all the mass: D_4 = e^{z_4} + the rest
@@ -141,8 +148,10 @@ def test_stability_at_plus_minus_1e4(name):
     y = F.one_hot(labels, K).float()
     y[::4, 3] = 1.0
     y[::4, 0] = 0.0
-    kwargs = {"concurrent_softmax": {"concurrent_rate": rate_matrix(torch.float32)},
-              "acsl": {"xi": 0.7, "frequency": list("rcfrcf")}}.get(name, {})
+    kwargs = {
+        "concurrent_softmax": {"concurrent_rate": rate_matrix(torch.float32)},
+        "acsl": {"xi": 0.7, "frequency": list("rcfrcf")},
+    }.get(name, {})
     loss_fn = build_loss(name, **kwargs)
     x = z.clone().requires_grad_()
     loss = loss_fn(x, y)
@@ -173,11 +182,13 @@ def test_eq5_scores_match_formula_reduce_to_softmax_and_block_path_agrees():
     # many small row blocks, spread over the worker threads
     crow, col, val = losses.rate_to_csr(r)
     threads = torch.get_num_threads()
-    torch.testing.assert_close(losses.concurrent_softmax_scores(z, crow, col, val, block_rows=16), ref,
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        losses.concurrent_softmax_scores(z, crow, col, val, block_rows=16), ref, rtol=1e-12, atol=1e-15
+    )
     assert torch.get_num_threads() == threads  # the single-threaded workers leave the caller's setting alone
-    torch.testing.assert_close(ConcurrentSoftmaxLoss(torch.zeros(K, K)).scores(z), torch.softmax(z, 1),
-                               rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(
+        ConcurrentSoftmaxLoss(torch.zeros(K, K)).scores(z), torch.softmax(z, 1), rtol=1e-12, atol=1e-15
+    )
     torch.testing.assert_close(ConcurrentSoftmaxLoss(None).scores(z), torch.softmax(z, 1))
 
 
@@ -202,6 +213,7 @@ def test_retain_graph_second_backward_and_half_precision(second_backward):
 # ------------------------------------------------------------------------------------------------------------
 # ACSL
 # ------------------------------------------------------------------------------------------------------------
+
 
 def acsl_reference(z, y, xi):
     """(loss, gradient, w) of ACSL eq 5-7 without background sampling, written out element by element."""
@@ -271,8 +283,10 @@ def test_acsl_background_sampling_shares_and_reproducibility():
     # small batches: stochastic rounding keeps the expected share (int(0.01 * 150) = 1 would give 0.67%)
     gen = torch.Generator().manual_seed(1)
     small_y, small_z = y[:150], z[:150]
-    shares = [(~losses.acsl_ignored(small_z, small_y, 0.7, frequency, generator=gen))[:, columns["r"][0]].float()
-              .mean() for _ in range(100)]
+    shares = [
+        (~losses.acsl_ignored(small_z, small_y, 0.7, frequency, generator=gen))[:, columns["r"][0]].float().mean()
+        for _ in range(100)
+    ]
     mean = float(torch.stack(shares).mean())
     assert abs(mean - 0.01) < 4 * math.sqrt(0.5 * 0.5 / 100) / 150  # Bernoulli(0.5) extra row per draw
     # reproducible: same generator seed, or the global RNG after torch.manual_seed
@@ -290,6 +304,7 @@ def test_acsl_background_sampling_shares_and_reproducibility():
 # ------------------------------------------------------------------------------------------------------------
 # Baselines, build_loss, errors
 # ------------------------------------------------------------------------------------------------------------
+
 
 def test_softmax_is_conventional_cross_entropy_on_the_primary_label():
     """A two-label RoI under `softmax`: exactly single-label CE on its primary label t, L = log Σ_j e^{z_j} − z_t,
@@ -332,9 +347,9 @@ def test_softmax_multihot_is_eq1_on_every_label_with_the_eq2_gradient():
     # the labels suppress each other: with m = 2, a label with σ > 1/2 is pushed down
     row = 7  # labels {3, 4}
     assert m[row].item() == 2
-    z2 = z[row:row + 1].clone()
+    z2 = z[row : row + 1].clone()
     z2[0, 3] = 20.0
-    (g2,) = torch.autograd.grad(loss_fn(z2.requires_grad_(), y[row:row + 1]), z2)
+    (g2,) = torch.autograd.grad(loss_fn(z2.requires_grad_(), y[row : row + 1]), z2)
     assert g2[0, 3] > 0  # gradient descent lowers the logit of a true label
 
 

@@ -1,4 +1,5 @@
 """LVIS v1 image paths: no `file_name`, the path comes from `coco_url`, the image folder is the COCO root."""
+
 import json
 
 import numpy as np
@@ -16,19 +17,39 @@ URL = "http://images.cocodataset.org"
 # (image id, COCO split, width, height); LVIS v1 val mixes train2017 and val2017 images
 TRAIN_IMAGES = [(9, "train2017", 24, 16), (25, "train2017", 20, 30)]
 VAL_IMAGES = [(139, "val2017", 18, 12), (30, "train2017", 16, 22), (285, "val2017", 26, 14)]
-CATS = [{"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02", "frequency": "c"},
-        {"id": 3, "name": "apple", "synset": "apple.n.01", "frequency": "f"}]
+CATS = [
+    {"id": 1, "name": "aerosol_can", "synset": "aerosol.n.02", "frequency": "c"},
+    {"id": 3, "name": "apple", "synset": "apple.n.01", "frequency": "f"},
+]
 
 
 def _lvis_v1(images: list[tuple]) -> dict:
     """An LVIS v1-shaped file: images carry `coco_url` / `flickr_url` but no `file_name`."""
     recs, anns = [], []
     for iid, split, w, h in images:
-        recs.append({"id": iid, "coco_url": f"{URL}/{split}/{iid:012d}.jpg", "flickr_url": "http://farm.example/x.jpg",
-                     "width": w, "height": h, "license": 1, "date_captured": "2013-11-14 16:28:13",
-                     "neg_category_ids": [], "not_exhaustive_category_ids": []})
-        anns.append({"id": len(anns) + 1, "image_id": iid, "category_id": 3, "bbox": [1.0, 2.0, 8.0, 6.0],
-                     "area": 48.0, "segmentation": [[1, 2, 9, 2, 9, 8]]})
+        recs.append(
+            {
+                "id": iid,
+                "coco_url": f"{URL}/{split}/{iid:012d}.jpg",
+                "flickr_url": "http://farm.example/x.jpg",
+                "width": w,
+                "height": h,
+                "license": 1,
+                "date_captured": "2013-11-14 16:28:13",
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        )
+        anns.append(
+            {
+                "id": len(anns) + 1,
+                "image_id": iid,
+                "category_id": 3,
+                "bbox": [1.0, 2.0, 8.0, 6.0],
+                "area": 48.0,
+                "segmentation": [[1, 2, 9, 2, 9, 8]],
+            }
+        )
     return {"info": {"version": "1.0"}, "images": recs, "annotations": anns, "categories": CATS}
 
 

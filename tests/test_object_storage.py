@@ -10,12 +10,13 @@ The server (moto's ThreadedMotoServer, a real HTTP endpoint) runs in this proces
   - the sweep's driver (a subprocess with its own local Ray) is killed with SIGKILL once a trial checkpoint is in the
     bucket, and `--resume` finishes every trial from the bucket: one MLflow run per trial, no epoch reported twice.
 """
+
 import hashlib
 import json
-import shutil
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -23,13 +24,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.storage import stage1_cache
-from pipelines.tune import stage1 as pretrain
-from pipelines.storage import location as storage
-
 # the tiny sweep of the fault tests, its bounded wait and its subprocess driver
 from faults.common import REPO, TINY, Workspace, config_dict, wait_for
 from faults.processes import Driver
+from pipelines.storage import location as storage
+from pipelines.storage import stage1_cache
+from pipelines.tune import stage1 as pretrain
 
 BUCKET = "ltsweep-test"
 EPOCHS = 3
@@ -69,7 +69,7 @@ class S3:
             kw = {"ContinuationToken": token} if token else {}
             page = self.client().list_objects_v2(Bucket=BUCKET, Prefix=f"{prefix}/", **kw)
             # (pyarrow also writes empty "folder/" marker objects: not files)
-            out += [o["Key"][len(prefix) + 1:] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+            out += [o["Key"][len(prefix) + 1 :] for o in page.get("Contents", []) if not o["Key"].endswith("/")]
             if not page.get("IsTruncated"):
                 return sorted(out)
             token = page["NextContinuationToken"]
@@ -80,9 +80,13 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true",
-           storage.CACHE_ENV: str(tmp_path_factory.mktemp("node-cache"))}  # the node-local stage-1 copies
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        storage.CACHE_ENV: str(tmp_path_factory.mktemp("node-cache")),
+    }  # the node-local stage-1 copies
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     before = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
@@ -110,15 +114,15 @@ def test_annotation_stores_are_published_and_fetched_once_per_node(s3, tmp_path)
     uri = s3.uri("stores")
     spec = small_spec(bench, annotation_cache=str(annotation_stores.cache_dir(uri)))
     built = annotation_stores.build_and_publish(uri, spec)
-    assert sorted(k.split("/")[0] for k in s3.keys("stores/annotations") if k.endswith("meta.json")) == \
-        sorted(st.path.name for st in built)
-    for st in built:                       # another node: nothing in its cache folder
+    assert sorted(k.split("/")[0] for k in s3.keys("stores/annotations") if k.endswith("meta.json")) == sorted(
+        st.path.name for st in built
+    )
+    for st in built:  # another node: nothing in its cache folder
         shutil.rmtree(st.path)
     annotation_stores.fetch(uri, spec)
     for st in built:
         copy = open_store(st.path, key=st.path.name)
         assert all(np.array_equal(copy[a], st[a]) for a in st.meta["arrays"])
-
 
 
 def test_locations_keep_their_query_and_local_paths_stay_paths(tmp_path):
@@ -222,9 +226,13 @@ def stage1_cfg(s3, tmp_path, monkeypatch):
     (data / "train.json").write_text(json.dumps({"images": [{"id": 1}], "annotations": [], "categories": []}))
     (data / "val.json").write_text("{}")
     (data / "images" / "a.png").write_bytes(b"x" * 10)
-    raw = {"name": "p", "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
-           "stage1": {"epochs": 2}, "stage2": {"epochs": 3},
-           "run": {"storage_path": s3.uri(f"lock-{tmp_path.name}"), "tracking_uri": "sqlite:///unused.db"}}
+    raw = {
+        "name": "p",
+        "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
+        "stage1": {"epochs": 2},
+        "stage2": {"epochs": 3},
+        "run": {"storage_path": s3.uri(f"lock-{tmp_path.name}"), "tracking_uri": "sqlite:///unused.db"},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     calls, contended = [], threading.Event()
 
@@ -265,13 +273,15 @@ def test_two_concurrent_stage1_trainings_on_s3_train_once(stage1_cfg, s3):
     prefix = storage.display(a.path).split(f"{BUCKET}/", 1)[1]
     assert s3.keys(prefix) == ["checkpoint/checkpoint.pt", "meta.json"]
     assert json.loads(s3.read(f"{prefix}/meta.json"))["files"] == {
-        "checkpoint.pt": hashlib.sha256(b"weights").hexdigest()}
+        "checkpoint.pt": hashlib.sha256(b"weights").hexdigest()
+    }
     assert pretrain.verify_stage1(a.path) is None
     local = Path(stage1_cache.local_stage1(str(a.checkpoint_dir)))  # what a trial restores: a verified node-local copy
     assert (local / "checkpoint.pt").read_bytes() == b"weights" and local.is_relative_to(storage.cache_root())
 
 
 # ---- real sweeps -------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
@@ -284,8 +294,13 @@ def ws(tmp_path_factory):
 
 def write_config(ws, s3, name: str, prefix: str, **kw) -> Path:
     raw = config_dict(ws, ws.root, name, epochs=EPOCHS, **kw)
-    raw["run"] = {"storage_path": s3.uri(prefix), "tracking_uri": f"sqlite:///{ws.root / 'mlflow.db'}",
-                  "max_failures": 1, "checkpoints_to_keep": 1, "ray_num_cpus": 2}
+    raw["run"] = {
+        "storage_path": s3.uri(prefix),
+        "tracking_uri": f"sqlite:///{ws.root / 'mlflow.db'}",
+        "max_failures": 1,
+        "checkpoints_to_keep": 1,
+        "ray_num_cpus": 2,
+    }
     path = ws.root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -333,16 +348,24 @@ def killed_and_resumed(ws, s3):
         # Tune's driver uploads the experiment state and the trials' result.json files in one background sync, in no
         # fixed order: wait until both arrived, so the kill does not fall into an unfinished upload (see the README)
         keys = set(s3.keys(exp))
-        return {trial: meta["last_result"]["training_iteration"]
-                for trial, meta in latest_experiment_state(s3, exp).items()
-                if (meta.get("last_result") or {}).get("checkpoint_dir_name")
-                and meta["last_result"]["training_iteration"] < EPOCHS and f"{trial}/result.json" in keys
-                and len(reported_epochs(s3, f"{exp}/{trial}")) >= meta["last_result"]["training_iteration"]}
+        return {
+            trial: meta["last_result"]["training_iteration"]
+            for trial, meta in latest_experiment_state(s3, exp).items()
+            if (meta.get("last_result") or {}).get("checkpoint_dir_name")
+            and meta["last_result"]["training_iteration"] < EPOCHS
+            and f"{trial}/result.json" in keys
+            and len(reported_epochs(s3, f"{exp}/{trial}")) >= meta["last_result"]["training_iteration"]
+        }
 
     driver = Driver([str(path), "--no-register"], ws.root / "driver-1.log")
     try:
-        checkpointed = wait_for(a_recorded_checkpoint_with_epochs_left, 600, "a trial checkpoint recorded in the "
-                                "bucket", poll=0.05, alive=driver.check_alive)
+        checkpointed = wait_for(
+            a_recorded_checkpoint_with_epochs_left,
+            600,
+            "a trial checkpoint recorded in the bucket",
+            poll=0.05,
+            alive=driver.check_alive,
+        )
         driver.kill9()
     finally:
         if driver.proc.poll() is None:
@@ -353,14 +376,22 @@ def killed_and_resumed(ws, s3):
         rc = resumed.wait(600)
     finally:
         leaked += resumed.cleanup()
-    return {"path": path, "exp": exp, "killed_rc": driver.proc.returncode, "checkpointed": checkpointed, "rc": rc,
-            "first": driver.output(), "out": resumed.output(), "leaked": leaked}
+    return {
+        "path": path,
+        "exp": exp,
+        "killed_rc": driver.proc.returncode,
+        "checkpointed": checkpointed,
+        "rc": rc,
+        "first": driver.output(),
+        "out": resumed.output(),
+        "leaked": leaked,
+    }
 
 
 @pytest.mark.slow
 def test_a_sweep_keeps_everything_in_the_bucket(killed_and_resumed, ws, s3):
-    from pipelines.config.load import load_experiment_config
     from pipelines.commands.confirm import load_sweep_config
+    from pipelines.config.load import load_experiment_config
     from pipelines.tune.sweep import SWEEP_RECORD
 
     r = killed_and_resumed
@@ -378,13 +409,14 @@ def test_a_sweep_keeps_everything_in_the_bucket(killed_and_resumed, ws, s3):
     assert not Path("s3:").exists() and not (REPO / "s3:").exists()  # nothing went to a local "s3:" folder
     # the annotation stores the driver built are published, arrays and meta.json, for trials on other nodes
     stores = {k.split("/")[1] for k in keys if re.fullmatch(r"annotations/[0-9a-f]{64}/meta\.json", k)}
-    assert len(stores) == 2                                   # the training and the validation set
+    assert len(stores) == 2  # the training and the validation set
     for key in stores:
         meta = json.loads(s3.read(f"study/annotations/{key}/meta.json"))
         assert meta["key"] == key and all(f"annotations/{key}/{a}.npy" in keys for a in meta["arrays"])
     # the trials restored a node-local copy of stage 1, checked against meta.json
-    copies = [p.parent for p in storage.cache_root().rglob("meta.json")
-              if json.loads(p.read_text()).get("sha256") == sha]  # (the cache holds other files too)
+    copies = [
+        p.parent for p in storage.cache_root().rglob("meta.json") if json.loads(p.read_text()).get("sha256") == sha
+    ]  # (the cache holds other files too)
     assert copies and pretrain.verify_stage1(copies[0]) is None
     # the sweep record is what `ltsweep confirm` reads back
     recorded = load_sweep_config("s3-sweep", s3.uri("study"))
@@ -423,7 +455,7 @@ def test_the_sweep_resumes_from_the_bucket_after_its_driver_is_killed(killed_and
         if trial in r["checkpointed"]:  # MLflow (written by the driver at each report) holds each epoch once;
             # result.json ends with the epochs after the resume, and may miss the lines from before the kill
             # (Tune uploads it in the background; see the README)
-            assert sorted(logged) == every and epochs == every[-len(epochs):], (trial, epochs, logged)
+            assert sorted(logged) == every and epochs == every[-len(epochs) :], (trial, epochs, logged)
             assert len(epochs) >= EPOCHS - r["checkpointed"][trial], (trial, epochs)
         else:
             assert sorted(set(logged)) == every and epochs[-1] == EPOCHS, (trial, epochs, logged)

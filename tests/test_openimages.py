@@ -1,4 +1,5 @@
 """Open Images challenge CSVs -> LVIS-format JSON, on small CSVs written here."""
+
 import csv
 import json
 
@@ -9,23 +10,59 @@ from PIL import Image
 from lt_models.data.annotations import load_hierarchy, name_to_cat_id
 from lt_models.data.datasets import LVISDetection
 from lt_models.data.lvis_json import load_lvis_json
-from lt_models.errors import AnnotationError
 from lt_models.data.openimages.convert import convert_openimages
+from lt_models.errors import AnnotationError
 
-MIDS = {"/m/fruit": "Fruit", "/m/apple": "Apple", "/m/banana": "Banana", "/m/car": "Car", "/m/toy": "Toy",
-        "/m/person": "Person"}
-HIER = {"LabelName": "/m/0bl9f", "Subcategory": [
-    {"LabelName": "/m/fruit", "Subcategory": [{"LabelName": "/m/apple"}, {"LabelName": "/m/banana"}]},
-    {"LabelName": "/m/vehicle", "Subcategory": [{"LabelName": "/m/car"}]},      # not one of our classes
-    {"LabelName": "/m/toy"}, {"LabelName": "/m/person", "Part": [{"LabelName": "/m/hand"}]}]}
-BOX_COLS = ["ImageID", "Source", "LabelName", "Confidence", "XMin", "XMax", "YMin", "YMax", "IsOccluded",
-            "IsTruncated", "IsGroupOf", "IsDepiction", "IsInside"]
+MIDS = {
+    "/m/fruit": "Fruit",
+    "/m/apple": "Apple",
+    "/m/banana": "Banana",
+    "/m/car": "Car",
+    "/m/toy": "Toy",
+    "/m/person": "Person",
+}
+HIER = {
+    "LabelName": "/m/0bl9f",
+    "Subcategory": [
+        {"LabelName": "/m/fruit", "Subcategory": [{"LabelName": "/m/apple"}, {"LabelName": "/m/banana"}]},
+        {"LabelName": "/m/vehicle", "Subcategory": [{"LabelName": "/m/car"}]},  # not one of our classes
+        {"LabelName": "/m/toy"},
+        {"LabelName": "/m/person", "Part": [{"LabelName": "/m/hand"}]},
+    ],
+}
+BOX_COLS = [
+    "ImageID",
+    "Source",
+    "LabelName",
+    "Confidence",
+    "XMin",
+    "XMax",
+    "YMin",
+    "YMax",
+    "IsOccluded",
+    "IsTruncated",
+    "IsGroupOf",
+    "IsDepiction",
+    "IsInside",
+]
 
 
 def _box(image, label, x0, x1, y0, y1, group=0, **extra):
-    row = {"ImageID": image, "Source": "xclick", "LabelName": label, "Confidence": 1, "XMin": x0, "XMax": x1,
-           "YMin": y0, "YMax": y1, "IsOccluded": 0, "IsTruncated": 0, "IsGroupOf": group, "IsDepiction": 0,
-           "IsInside": 0}
+    row = {
+        "ImageID": image,
+        "Source": "xclick",
+        "LabelName": label,
+        "Confidence": 1,
+        "XMin": x0,
+        "XMax": x1,
+        "YMin": y0,
+        "YMax": y1,
+        "IsOccluded": 0,
+        "IsTruncated": 0,
+        "IsGroupOf": group,
+        "IsDepiction": 0,
+        "IsInside": 0,
+    }
     row.update(extra)
     return row
 
@@ -33,7 +70,7 @@ def _box(image, label, x0, x1, y0, y1, group=0, **extra):
 def _rows():
     boxes = [
         _box("img_a", "/m/car", 0.1, 0.5, 0.2, 0.6, ImageWidth=200, ImageHeight=100),
-        _box("img_a", "/m/toy", 0.1, 0.5, 0.2, 0.6, ImageWidth=200, ImageHeight=100),   # a "car toy"
+        _box("img_a", "/m/toy", 0.1, 0.5, 0.2, 0.6, ImageWidth=200, ImageHeight=100),  # a "car toy"
         _box("img_a", "/m/apple", 0.6, 0.9, 0.1, 0.4, ImageWidth=200, ImageHeight=100),
         _box("img_b", "/m/person", 0.0, 1.0, 0.0, 1.0, group=1, ImageWidth=50, ImageHeight=80),
         _box("img_b", "/m/fruit", 0.2, 0.4, 0.2, 0.4, ImageWidth=50, ImageHeight=80),
@@ -43,8 +80,14 @@ def _rows():
         {"ImageID": "img_a", "Source": "verification", "LabelName": "/m/banana", "Confidence": 1},  # no box
         {"ImageID": "img_a", "Source": "verification", "LabelName": "/m/person", "Confidence": 0},
         {"ImageID": "img_b", "Source": "verification", "LabelName": "/m/car", "Confidence": 0},
-        {"ImageID": "img_c", "Source": "verification", "LabelName": "/m/fruit", "Confidence": 0,
-         "ImageWidth": 30, "ImageHeight": 30},                                         # labels-only image
+        {
+            "ImageID": "img_c",
+            "Source": "verification",
+            "LabelName": "/m/fruit",
+            "Confidence": 0,
+            "ImageWidth": 30,
+            "ImageHeight": 30,
+        },  # labels-only image
     ]
     return boxes, labels
 
@@ -75,18 +118,24 @@ def test_convert_small_challenge_files(tmp_path):
     summary = convert_openimages(*files, out)
     d = json.loads(out.read_text())
     cats = {c["mid"]: c for c in d["categories"]}
-    assert [c["name"] for c in d["categories"]] == list(MIDS.values()) and [c["id"] for c in d["categories"]] == \
-        [1, 2, 3, 4, 5, 6]
+    assert [c["name"] for c in d["categories"]] == list(MIDS.values()) and [c["id"] for c in d["categories"]] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     cid = {m: c["id"] for m, c in cats.items()}
     assert cats["/m/car"]["image_count"] == 1 and cats["/m/banana"]["image_count"] == 0
-    assert all(c["frequency"] == "r" for c in d["categories"])          # every count <= 10
+    assert all(c["frequency"] == "r" for c in d["categories"])  # every count <= 10
     imgs = {i["oi_image_id"]: i for i in d["images"]}
     assert set(imgs) == {"img_a", "img_b", "img_c"}
     a, b, c = imgs["img_a"], imgs["img_b"], imgs["img_c"]
     assert (a["width"], a["height"], a["file_name"]) == (200, 100, "img_a.jpg")
     anns = [x for x in d["annotations"] if x["image_id"] == a["id"]]
     assert anns[0]["bbox"] == [20.0, 20.0, 80.0, 40.0] and anns[0]["area"] == 3200.0 and anns[0]["iscrowd"] == 0
-    assert anns[0]["bbox"] == anns[1]["bbox"]                              # car + toy: duplicate box kept
+    assert anns[0]["bbox"] == anns[1]["bbox"]  # car + toy: duplicate box kept
     assert [x["isgroupof"] for x in d["annotations"]] == [0, 0, 0, 1, 0]
     # Confidence 0 -> negatives, expanded to descendants (no fruit => no apple, no banana)
     assert a["neg_category_ids"] == [cid["/m/person"]]
@@ -101,8 +150,9 @@ def test_convert_small_challenge_files(tmp_path):
     # the output passes the data layer's validation, and the original MID hierarchy applies to it
     v = load_lvis_json(out)
     assert v["invalid_skipped"] == 0
-    assert load_hierarchy(files[3], name_to_cat_id(v["categories"])) == {cid["/m/fruit"]: [cid["/m/apple"],
-                                                                                          cid["/m/banana"]]}
+    assert load_hierarchy(files[3], name_to_cat_id(v["categories"])) == {
+        cid["/m/fruit"]: [cid["/m/apple"], cid["/m/banana"]]
+    }
 
 
 def test_sizes_from_image_files_and_dataset_merge(tmp_path):
@@ -137,37 +187,60 @@ def test_missing_image_size_is_an_error_or_skipped(tmp_path):
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(tmp_path / "images" / "img_a.jpg")
     with pytest.raises(AnnotationError, match=r"ImageID img_b: no image size: add 'ImageWidth'/'ImageHeight'"):
         convert_openimages(*files, tmp_path / "oi.json")
-    assert not (tmp_path / "oi.json").exists()                 # nothing half-written
+    assert not (tmp_path / "oi.json").exists()  # nothing half-written
     s = convert_openimages(*files, tmp_path / "oi.json", skip_invalid=True)
     assert s["images"] == 1 and s["invalid_reasons"] == {"box of skipped image": 2, "no image size": 2}
 
 
 BAD = {
-    "unknown LabelName": (lambda b, l: b[2].update(LabelName="/m/zebra"),
-                          r"boxes.csv: line 4 \(ImageID img_a\): field 'LabelName' = '/m/zebra' is not in "
-                          r".*classes.csv",
-                          "unknown LabelName"),
-    "coordinate above 1": (lambda b, l: b[2].update(XMax=1.7),
-                           r"boxes.csv: line 4 \(ImageID img_a\): field 'XMax' = 1.7 is outside \[0, 1\]", "bad box"),
-    "empty box": (lambda b, l: b[2].update(XMax=0.6),
-                  r"boxes.csv: line 4 \(ImageID img_a\): field 'XMax'/'YMax' must exceed .* width or height <= 0",
-                  "bad box"),
-    "non-numeric coordinate": (lambda b, l: b[0].update(YMin="abc"),
-                               r"boxes.csv: line 2 \(ImageID img_a\): fields XMin/XMax/YMin/YMax", "bad box"),
-    "bad IsGroupOf": (lambda b, l: b[3].update(IsGroupOf="yes"),
-                      r"boxes.csv: line 5 \(ImageID img_b\): field 'IsGroupOf' = 'yes'", "bad IsGroupOf"),
-    "confidence not 0/1": (lambda b, l: l[0].update(Confidence=0.5),
-                           r"labels.csv: line 2 \(ImageID img_a\): field 'Confidence' = '0.5'", "bad Confidence"),
-    "negative but boxed": (lambda b, l: l.append({"ImageID": "img_b", "LabelName": "/m/fruit", "Confidence": 0}),
-                           r"labels.csv: line 7 \(ImageID img_b\): field 'Confidence' = 0 \(verified absent\) for "
-                           r"'Fruit', but the image has a box", "negative label of a present class"),
+    "unknown LabelName": (
+        lambda b, l: b[2].update(LabelName="/m/zebra"),
+        r"boxes.csv: line 4 \(ImageID img_a\): field 'LabelName' = '/m/zebra' is not in "
+        r".*classes.csv",
+        "unknown LabelName",
+    ),
+    "coordinate above 1": (
+        lambda b, l: b[2].update(XMax=1.7),
+        r"boxes.csv: line 4 \(ImageID img_a\): field 'XMax' = 1.7 is outside \[0, 1\]",
+        "bad box",
+    ),
+    "empty box": (
+        lambda b, l: b[2].update(XMax=0.6),
+        r"boxes.csv: line 4 \(ImageID img_a\): field 'XMax'/'YMax' must exceed .* width or height <= 0",
+        "bad box",
+    ),
+    "non-numeric coordinate": (
+        lambda b, l: b[0].update(YMin="abc"),
+        r"boxes.csv: line 2 \(ImageID img_a\): fields XMin/XMax/YMin/YMax",
+        "bad box",
+    ),
+    "bad IsGroupOf": (
+        lambda b, l: b[3].update(IsGroupOf="yes"),
+        r"boxes.csv: line 5 \(ImageID img_b\): field 'IsGroupOf' = 'yes'",
+        "bad IsGroupOf",
+    ),
+    "confidence not 0/1": (
+        lambda b, l: l[0].update(Confidence=0.5),
+        r"labels.csv: line 2 \(ImageID img_a\): field 'Confidence' = '0.5'",
+        "bad Confidence",
+    ),
+    "negative but boxed": (
+        lambda b, l: l.append({"ImageID": "img_b", "LabelName": "/m/fruit", "Confidence": 0}),
+        r"labels.csv: line 7 \(ImageID img_b\): field 'Confidence' = 0 \(verified absent\) for "
+        r"'Fruit', but the image has a box",
+        "negative label of a present class",
+    ),
     "negative parent of a boxed leaf": (
         lambda b, l: l.append({"ImageID": "img_a", "LabelName": "/m/fruit", "Confidence": 0}),
         r"labels.csv: line 7 \(ImageID img_a\): .* for 'Fruit', but the image has a box or a Confidence 1 label of "
-        r"'Apple'", "negative label of a present class"),
-    "size disagrees": (lambda b, l: b[1].update(ImageWidth=201),
-                       r"boxes.csv: line 3 \(ImageID img_a\): 'ImageWidth'/'ImageHeight' \(201.0, 100.0\) disagree",
-                       "bad image size"),
+        r"'Apple'",
+        "negative label of a present class",
+    ),
+    "size disagrees": (
+        lambda b, l: b[1].update(ImageWidth=201),
+        r"boxes.csv: line 3 \(ImageID img_a\): 'ImageWidth'/'ImageHeight' \(201.0, 100.0\) disagree",
+        "bad image size",
+    ),
 }
 
 
@@ -182,7 +255,7 @@ def test_bad_rows(tmp_path, case):
     assert "--skip-invalid" in str(exc.value)
     s = convert_openimages(*files, tmp_path / "oi.json", skip_invalid=True)
     assert s["invalid_reasons"] == {reason: 1} and s["invalid_skipped"] == 1
-    assert load_lvis_json(tmp_path / "oi.json")["invalid_skipped"] == 0     # the output itself is clean
+    assert load_lvis_json(tmp_path / "oi.json")["invalid_skipped"] == 0  # the output itself is clean
 
 
 def test_bad_files(tmp_path):
@@ -206,8 +279,11 @@ def _split(tmp_path, name, counts):
     """One split's CSVs in tmp_path/name: class MID -> number of images with one box of it (one class per image)."""
     d = tmp_path / name
     d.mkdir()
-    boxes = [_box(f"{name}_{mid[3:]}_{i}", mid, 0.1, 0.5, 0.1, 0.5, ImageWidth=10, ImageHeight=10)
-             for mid, n in counts.items() for i in range(n)]
+    boxes = [
+        _box(f"{name}_{mid[3:]}_{i}", mid, 0.1, 0.5, 0.1, 0.5, ImageWidth=10, ImageHeight=10)
+        for mid, n in counts.items()
+        for i in range(n)
+    ]
     return _write(d, boxes, []), d / "oi.json"
 
 
@@ -222,23 +298,38 @@ def test_val_takes_training_buckets(tmp_path):
     train = json.loads(train_out.read_text())
     assert train["frequency_source"] == s["frequency_source"] == "self: image_count"
     assert {c["mid"]: c["frequency"] for c in train["categories"]} == {
-        "/m/fruit": "r", "/m/apple": "f", "/m/banana": "r", "/m/car": "c", "/m/toy": "r", "/m/person": "r"}
+        "/m/fruit": "r",
+        "/m/apple": "f",
+        "/m/banana": "r",
+        "/m/car": "c",
+        "/m/toy": "r",
+        "/m/person": "r",
+    }
 
     val_files, val_out = _split(tmp_path, "val", VAL_COUNTS)
-    own = convert_openimages(*val_files, tmp_path / "val_own.json")        # the old behaviour: own buckets
-    assert {c["mid"]: c["frequency"] for c in json.loads((tmp_path / "val_own.json").read_text())["categories"]
-            if c["mid"] in VAL_COUNTS} == {"/m/apple": "r", "/m/car": "r", "/m/toy": "c"}
+    own = convert_openimages(*val_files, tmp_path / "val_own.json")  # the old behaviour: own buckets
+    assert {
+        c["mid"]: c["frequency"]
+        for c in json.loads((tmp_path / "val_own.json").read_text())["categories"]
+        if c["mid"] in VAL_COUNTS
+    } == {"/m/apple": "r", "/m/car": "r", "/m/toy": "c"}
     assert own["buckets"] == {"r": 5, "c": 1, "f": 0}
 
     s = convert_openimages(*val_files, val_out, train_ann=train_out)
     val = json.loads(val_out.read_text())
-    assert [(c["id"], c["mid"], c["name"]) for c in val["categories"]] == \
-        [(c["id"], c["mid"], c["name"]) for c in train["categories"]]
+    assert [(c["id"], c["mid"], c["name"]) for c in val["categories"]] == [
+        (c["id"], c["mid"], c["name"]) for c in train["categories"]
+    ]
     assert [c["frequency"] for c in val["categories"]] == [c["frequency"] for c in train["categories"]]
     # image / instance counts stay the validation file's own
     assert {c["mid"]: (c["image_count"], c["instance_count"]) for c in val["categories"]} == {
-        "/m/fruit": (0, 0), "/m/apple": (3, 3), "/m/banana": (0, 0), "/m/car": (1, 1), "/m/toy": (20, 20),
-        "/m/person": (0, 0)}
+        "/m/fruit": (0, 0),
+        "/m/apple": (3, 3),
+        "/m/banana": (0, 0),
+        "/m/car": (1, 1),
+        "/m/toy": (20, 20),
+        "/m/person": (0, 0),
+    }
     assert val["frequency_source"] == s["frequency_source"] == f"train: {train_out} image_count"
     assert s["buckets"] == {"r": 4, "c": 1, "f": 1}
     assert load_lvis_json(val_out)["invalid_skipped"] == 0
@@ -253,24 +344,32 @@ def test_train_ann_without_image_count_counts_its_annotations(tmp_path):
     train_out.write_text(json.dumps(d))
     val_files, val_out = _split(tmp_path, "val", VAL_COUNTS)
     convert_openimages(*val_files, val_out, train_ann=train_out)
-    assert {c["mid"]: c["frequency"] for c in json.loads(val_out.read_text())["categories"]
-            if c["mid"] in VAL_COUNTS} == {"/m/apple": "f", "/m/car": "c", "/m/toy": "r"}
+    assert {
+        c["mid"]: c["frequency"] for c in json.loads(val_out.read_text())["categories"] if c["mid"] in VAL_COUNTS
+    } == {"/m/apple": "f", "/m/car": "c", "/m/toy": "r"}
 
 
 TRAIN_BAD = {
-    "missing MID": (lambda d: d["categories"].pop(3),
-                    r"train/oi.json: no category with mid '/m/car' \('Car' in .*val/classes.csv\), so "
-                    r".*val/oi.json cannot take its frequency bucket from training counts; convert the training "
-                    r"split with the same classes CSV .* and pass that JSON as --train-ann"),
-    "different id": (lambda d: d["categories"][1].update(id=9),
-                     r"train/oi.json: category mid '/m/apple' has id 9, name 'Apple', but id 2, name 'Apple' here: "
-                     r"it differs from the category list of .*val/oi.json; category ids must be identical"),
-    "extra category": (lambda d: d["categories"].append({"id": 7, "name": "Zebra", "mid": "/m/zebra",
-                                                         "image_count": 4}),
-                       r"train/oi.json: 7 categories \(extra mid '/m/zebra'\) vs 6 in .*val/classes.csv: it differs"),
-    "no mid": (lambda d: d["categories"][0].pop("mid"),
-               r"train/oi.json: category 1 has no 'mid' field; --train-ann must be a training JSON written by "
-               r"convert-openimages"),
+    "missing MID": (
+        lambda d: d["categories"].pop(3),
+        r"train/oi.json: no category with mid '/m/car' \('Car' in .*val/classes.csv\), so "
+        r".*val/oi.json cannot take its frequency bucket from training counts; convert the training "
+        r"split with the same classes CSV .* and pass that JSON as --train-ann",
+    ),
+    "different id": (
+        lambda d: d["categories"][1].update(id=9),
+        r"train/oi.json: category mid '/m/apple' has id 9, name 'Apple', but id 2, name 'Apple' here: "
+        r"it differs from the category list of .*val/oi.json; category ids must be identical",
+    ),
+    "extra category": (
+        lambda d: d["categories"].append({"id": 7, "name": "Zebra", "mid": "/m/zebra", "image_count": 4}),
+        r"train/oi.json: 7 categories \(extra mid '/m/zebra'\) vs 6 in .*val/classes.csv: it differs",
+    ),
+    "no mid": (
+        lambda d: d["categories"][0].pop("mid"),
+        r"train/oi.json: category 1 has no 'mid' field; --train-ann must be a training JSON written by "
+        r"convert-openimages",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Stage-1 checkpoint: content-addressed key, trained once (lock + atomic rename), reused, --force-pretrain."""
+
 import hashlib
 import json
 import threading
@@ -8,8 +9,8 @@ import torch
 import yaml
 
 from pipelines.config import identity
-from pipelines.tune import stage1 as pretrain
 from pipelines.config.load import load_experiment_config
+from pipelines.tune import stage1 as pretrain
 
 
 @pytest.fixture
@@ -21,9 +22,13 @@ def cfg_factory(tmp_path):
     (data / "images" / "a.png").write_bytes(b"x" * 10)
 
     def make(**over):
-        raw = {"name": "p", "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
-               "stage1": {"epochs": 2, "lr": 0.02}, "stage2": {"epochs": 3},
-               "run": {"storage_path": str(tmp_path / "store")}}
+        raw = {
+            "name": "p",
+            "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
+            "stage1": {"epochs": 2, "lr": 0.02},
+            "stage2": {"epochs": 3},
+            "run": {"storage_path": str(tmp_path / "store")},
+        }
         for k, v in over.items():
             if "__" in k:
                 sec, key = k.split("__")
@@ -33,6 +38,7 @@ def cfg_factory(tmp_path):
         p = tmp_path / "c.yaml"
         p.write_text(yaml.safe_dump(raw))
         return load_experiment_config(p)
+
     make.data = data
     return make
 
@@ -62,16 +68,16 @@ def test_key_depends_on_stage1_config_and_data_only(cfg_factory):
     base = pretrain.stage1_key(cfg_factory())
     assert len(base) == 64 and base == pretrain.stage1_key(cfg_factory())
     assert pretrain.stage1_key(cfg_factory(stage2__lam=1.5, stage2__epochs=9)) == base  # stage 2 is irrelevant
-    assert pretrain.stage1_key(cfg_factory(stage1__workers=3)) == base                   # so is the loader
+    assert pretrain.stage1_key(cfg_factory(stage1__workers=3)) == base  # so is the loader
     assert pretrain.stage1_key(cfg_factory(stage1__lr=0.01)) != base
     assert pretrain.stage1_key(cfg_factory(model__backbone="resnet18_fpn")) != base
     assert pretrain.stage1_key(cfg_factory(seed=1)) != base
     identity._FINGERPRINTS.clear()
-    (cfg_factory.data / "images" / "b.png").write_bytes(b"y")                             # image list changed
+    (cfg_factory.data / "images" / "b.png").write_bytes(b"y")  # image list changed
     k2 = pretrain.stage1_key(cfg_factory())
     assert k2 != base
     identity._FINGERPRINTS.clear()
-    (cfg_factory.data / "train.json").write_text(json.dumps({"images": [{"id": 2}]}))     # annotations changed
+    (cfg_factory.data / "train.json").write_text(json.dumps({"images": [{"id": 2}]}))  # annotations changed
     assert pretrain.stage1_key(cfg_factory()) not in (base, k2)
 
 
@@ -89,8 +95,10 @@ def test_fingerprint_covers_images_below_a_coco_root(cfg_factory):
     (coco / "val2017" / "2.jpg").write_bytes(b"x" * 4)
     identity._FINGERPRINTS.clear()
     first = pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco)))
-    assert first == hashlib.sha256((data / "train.json").read_bytes()
-                                   + b"\ntrain2017/1.jpg\t3\nval2017/2.jpg\t4").hexdigest()
+    assert (
+        first
+        == hashlib.sha256((data / "train.json").read_bytes() + b"\ntrain2017/1.jpg\t3\nval2017/2.jpg\t4").hexdigest()
+    )
     (coco / "val2017" / "2.jpg").write_bytes(b"x" * 5)  # an image below the root changed
     identity._FINGERPRINTS.clear()
     assert pretrain.dataset_fingerprint(cfg_factory(data__image_dir=str(coco))) != first

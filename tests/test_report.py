@@ -4,6 +4,7 @@ pipelines/tracking/writer.py), without Ray.
 The callback is driven here by hand with stand-in trials (the real Tune path is tested in test_tracking.py), so
 these tests take seconds; every MLflow read and write is real (a sqlite store shared by the module).
 """
+
 from __future__ import annotations
 
 import json
@@ -14,27 +15,42 @@ import pytest
 from mlflow import MlflowClient
 
 from lt_models.errors import ConfigError
-from pipelines.mlflow_io.client import default_tracking_uri, open_store
-from pipelines.tracking.writer import log_pretrain_run
 from pipelines.analysis.compare import compare_sweeps, format_compare_table
-from pipelines.analysis.report import build_sweep_report
 from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.analysis.report import build_sweep_report
+from pipelines.mlflow_io.client import default_tracking_uri, open_store
 from pipelines.mlflow_io.reads import search_tagged
 from pipelines.tracking.callback import MLflowSweepCallback
+from pipelines.tracking.stage1_run import log_pretrain_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def row(tid, AP, APr, APc, APf, iterations, status="FINISHED", **params):
-    return {"trial_id": tid, "run_id": f"run-{tid}", "name": tid, "status": status, "tune_status": "",
-            "iterations": iterations, "params": {k: str(v) for k, v in params.items()}, "AP": AP, "AP50": None if AP is None else AP + 0.1,
-            "APr": APr, "APc": APc, "APf": APf, "loss": 1.0, "epoch": iterations}
+    return {
+        "trial_id": tid,
+        "run_id": f"run-{tid}",
+        "name": tid,
+        "status": status,
+        "tune_status": "",
+        "iterations": iterations,
+        "params": {k: str(v) for k, v in params.items()},
+        "AP": AP,
+        "AP50": None if AP is None else AP + 0.1,
+        "APr": APr,
+        "APc": APc,
+        "APf": APf,
+        "loss": 1.0,
+        "epoch": iterations,
+    }
 
 
-ROWS = [row("t0", 0.20, 0.05, 0.20, 0.30, 4, lam=0.0, loss="concurrent_softmax", xi=0.3),
-        row("t1", 0.25, 0.15, 0.24, 0.31, 4, lam=1.0, loss="acsl", xi=0.7),
-        row("t2", 0.18, -1.0, 0.17, 0.28, 1, lam=1.5, loss="acsl", xi=0.5),
-        row("t3", None, None, None, None, 0, status="FAILED", lam=0.5, loss="concurrent_softmax", xi=0.3)]
+ROWS = [
+    row("t0", 0.20, 0.05, 0.20, 0.30, 4, lam=0.0, loss="concurrent_softmax", xi=0.3),
+    row("t1", 0.25, 0.15, 0.24, 0.31, 4, lam=1.0, loss="acsl", xi=0.7),
+    row("t2", 0.18, -1.0, 0.17, 0.28, 1, lam=1.5, loss="acsl", xi=0.5),
+    row("t3", None, None, None, None, 0, status="FAILED", lam=0.5, loss="concurrent_softmax", xi=0.3),
+]
 
 
 def images(page: str) -> int:
@@ -42,8 +58,14 @@ def images(page: str) -> int:
 
 
 def test_report_has_every_figure_and_marks_the_best_trial():
-    page = build_sweep_report("s", ROWS, searched_keys=["lam", "loss", "xi"], best_per_class={1: 0.1, 2: 0.3},
-                              stage1_per_class={1: 0.0, 2: 0.2}, max_t=4)
+    page = build_sweep_report(
+        "s",
+        ROWS,
+        searched_keys=["lam", "loss", "xi"],
+        best_per_class={1: 0.1, 2: 0.3},
+        stage1_per_class={1: 0.0, 2: 0.2},
+        max_t=4,
+    )
     assert images(page) == 5
     assert re.search(r"<tr class='best'><td class='l'>t1</td>", page)  # highest AP
     assert "4 trials; 1 stopped early (before 4 evaluations); 1 failed" in page
@@ -71,8 +93,13 @@ class FakeTrial:
     """What the callback reads from a Tune Trial (status, config, last_result, error_file)."""
 
     def __init__(self, trial_id, config):
-        self.trial_id, self.config, self.status, self.last_result, self.error_file = \
-            trial_id, config, "RUNNING", {}, None
+        self.trial_id, self.config, self.status, self.last_result, self.error_file = (
+            trial_id,
+            config,
+            "RUNNING",
+            {},
+            None,
+        )
 
     def __str__(self):
         return f"fake_{self.trial_id}"
@@ -84,21 +111,34 @@ def store(tmp_path_factory):
     return {"root": root, "uri": default_tracking_uri(root)}
 
 
-def fake_sweep(uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metric="AP", mode="max", configs=None,
-               baseline=None):
+def fake_sweep(
+    uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metric="AP", mode="max", configs=None, baseline=None
+):
     """Drive the callback like Tune does: trial i reports len(aps[i]) results with AP = aps[i][step-1]; its
     config is configs[i] (default {"lam": 0.5 * i})."""
-    cb = MLflowSweepCallback(uri, name, {"name": name, "scheduler": {"metric": metric, "mode": mode, "max_t": 3},
-                                         "report": {"baseline": baseline}},
-                             ["lam"] + (["seed"] if configs and "seed" in configs[0] else []))
+    cb = MLflowSweepCallback(
+        uri,
+        name,
+        {"name": name, "scheduler": {"metric": metric, "mode": mode, "max_t": 3}, "report": {"baseline": baseline}},
+        ["lam"] + (["seed"] if configs and "seed" in configs[0] else []),
+    )
     cb.setup()
     trials = [FakeTrial(f"{name}_{i:05d}", configs[i] if configs else {"lam": 0.5 * i}) for i in range(len(aps))]
     for t, series in zip(trials, aps):
         cb.on_trial_start(0, trials, t)
         for step, ap in enumerate(series, 1):
-            res = {"training_iteration": step, "AP": ap, "AP50": ap, "APr": ap / 2, "APc": ap, "APf": ap * 1.5,
-                   "loss": ap, "epoch": step, "pretrain_sha256": sha,
-                   "per_class": {"1": ap / 2, "2": ap, "3": ap * 1.5}}
+            res = {
+                "training_iteration": step,
+                "AP": ap,
+                "AP50": ap,
+                "APr": ap / 2,
+                "APc": ap,
+                "APf": ap * 1.5,
+                "loss": ap,
+                "epoch": step,
+                "pretrain_sha256": sha,
+                "per_class": {"1": ap / 2, "2": ap, "3": ap * 1.5},
+            }
             t.last_result = res
             cb.on_trial_result(0, trials, t, res)
         if t.trial_id.endswith(tuple(f"_{i:05d}" for i in fail)):
@@ -114,15 +154,21 @@ def fake_sweep(uri, name, aps, *, sha="9" * 64, fail=(), leave_running=(), metri
 def test_run_statuses_report_and_stage1_baseline_from_another_experiment(store):
     uri = store["uri"]
     # the stage-1 checkpoint was trained (and logged) by another sweep, then reused by this one
-    log_pretrain_run(uri, "other-sweep", "9" * 64, {"epochs": 1}, {"AP": 0.1, "per_class": {1: 0.0, 2: 0.1, 3: 0.2}},
-                     None)
-    cb = fake_sweep(uri, "statuses", [[0.1, 0.2, 0.3], [0.1, 0.15], [0.2], [0.05, 0.1]], fail=(2,),
-                    leave_running=(3,))
+    log_pretrain_run(
+        uri, "other-sweep", "9" * 64, {"epochs": 1}, {"AP": 0.1, "per_class": {1: 0.0, 2: 0.1, 3: 0.2}}, None
+    )
+    cb = fake_sweep(uri, "statuses", [[0.1, 0.2, 0.3], [0.1, 0.15], [0.2], [0.05, 0.1]], fail=(2,), leave_running=(3,))
     client = MlflowClient(uri)
-    status = {r.data.tags["ltsweep.trial_id"]: r.info.status
-              for r in search_tagged(client, cb.experiment_id, {"ltsweep.role": "trial"})}
-    assert status == {"statuses_00000": "FINISHED", "statuses_00001": "FINISHED", "statuses_00002": "FAILED",
-                      "statuses_00003": "KILLED"}
+    status = {
+        r.data.tags["ltsweep.trial_id"]: r.info.status
+        for r in search_tagged(client, cb.experiment_id, {"ltsweep.role": "trial"})
+    }
+    assert status == {
+        "statuses_00000": "FINISHED",
+        "statuses_00001": "FINISHED",
+        "statuses_00002": "FAILED",
+        "statuses_00003": "KILLED",
+    }
     failed = client.get_run(cb.trial_run_id("statuses_00002"))
     assert "raised an error" in failed.data.tags["ltsweep.error"]
     parent = client.get_run(cb.parent_run_id)
@@ -145,20 +191,30 @@ def test_compare_picks_each_sweeps_best_trial(store, tmp_path, capsys):
     # summary: cmp-a has none, so all count; cmp-b's survivor beats the higher AP of a trial stopped after one
     # evaluation; cmp-loss is mode min (loss = AP here) and ignores the stopped trial's lower loss
     assert [(r["sweep"], r["trial_id"], r["AP"], r["iterations"]) for r in rows] == [
-        ("cmp-a", "cmp-a_00000", 0.4, 2), ("cmp-b", "cmp-b_00001", 0.6, 3), ("cmp-loss", "cmp-loss_00001", 0.2, 3)]
+        ("cmp-a", "cmp-a_00000", 0.4, 2),
+        ("cmp-b", "cmp-b_00001", 0.6, 3),
+        ("cmp-loss", "cmp-loss_00001", 0.2, 3),
+    ]
     assert rows[1]["params"] == {"lam": "0.5"} and rows[1]["APf"] == pytest.approx(0.9)
     assert out.splitlines()[0].split()[:5] == ["sweep", "best", "trial", "n", "AP"]
     assert "cmp-b_00001" in out and "0.600" in out and "0.900" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG_MAGIC
     # a sweep run id names the same sweep as its experiment name
     by_id = compare_sweeps(open_store(uri), [rows[1]["parent_run_id"]], out_png=tmp_path / "d.png", quiet=True)
-    assert by_id[0]["sweep"] == "cmp-b" and by_id[0]["trial_id"] == "cmp-b_00001" and by_id[0]["parent_run_id"] == rows[1]["parent_run_id"]
+    assert (
+        by_id[0]["sweep"] == "cmp-b"
+        and by_id[0]["trial_id"] == "cmp-b_00001"
+        and by_id[0]["parent_run_id"] == rows[1]["parent_run_id"]
+    )
 
 
 def test_compare_errors_name_the_problem(store, tmp_path):
     missing = tmp_path / "nowhere" / "mlflow.db"
-    with pytest.raises(ConfigError, match=r"ltsweep compare: MLflow store .*nowhere/mlflow.db does not exist.*"
-                                          r"--tracking-uri"):
+    with pytest.raises(
+        ConfigError,
+        match=r"ltsweep compare: MLflow store .*nowhere/mlflow.db does not exist.*"
+        r"--tracking-uri",
+    ):
         open_store(f"sqlite:///{missing}")
     assert not missing.parent.exists()  # no empty store was created on the way
     fake_sweep(store["uri"], "known-sweep", [[0.1]])
@@ -170,10 +226,32 @@ def test_compare_errors_name_the_problem(store, tmp_path):
 
 
 def test_compare_table_is_aligned():
-    rows = [{"sweep": "a", "trial_id": "a_1", "AP": 0.5, "AP50": 0.7, "APr": -1, "APc": 0.4, "APf": 0.6,
-             "iterations": 3, "n_trials": 8, "params": {"lam": "1.0"}},
-            {"sweep": "longer-name", "trial_id": "b_2", "AP": 0.25, "AP50": 0.5, "APr": 0.1, "APc": 0.2,
-             "APf": 0.3, "iterations": 1, "n_trials": 2, "params": {"lam": "0.5", "xi": "0.3"}}]
+    rows = [
+        {
+            "sweep": "a",
+            "trial_id": "a_1",
+            "AP": 0.5,
+            "AP50": 0.7,
+            "APr": -1,
+            "APc": 0.4,
+            "APf": 0.6,
+            "iterations": 3,
+            "n_trials": 8,
+            "params": {"lam": "1.0"},
+        },
+        {
+            "sweep": "longer-name",
+            "trial_id": "b_2",
+            "AP": 0.25,
+            "AP50": 0.5,
+            "APr": 0.1,
+            "APc": 0.2,
+            "APf": 0.3,
+            "iterations": 1,
+            "n_trials": 2,
+            "params": {"lam": "0.5", "xi": "0.3"},
+        },
+    ]
     lines = format_compare_table(rows).splitlines()
     assert len({len(l.rstrip()) for l in lines[:2]}) == 1
     assert "n/a" in lines[2] and lines[2].rstrip().endswith("—")  # APr -1 = empty bucket; xi not searched in a
@@ -197,10 +275,12 @@ def test_seeds_are_aggregated_in_the_report_the_run_and_compare(store, tmp_path,
     exp = client.get_experiment(cb.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs table
     import subprocess
+
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
     assert client.get_run(cb.parent_run_id).data.tags["mlflow.source.git.commit"] == head.stdout.strip()
-    table = json.loads(Path(client.download_artifacts(cb.parent_run_id, "config_aggregates.json",
-                                                      str(tmp_path))).read_text())
+    table = json.loads(
+        Path(client.download_artifacts(cb.parent_run_id, "config_aggregates.json", str(tmp_path))).read_text()
+    )
     assert sorted((t["config"]["lam"], t["n"], t["best"]) for t in table) == [("0.0", 3, False), ("0.7", 3, True)]
     trial_params = [r.data.params for r in search_tagged(client, cb.experiment_id, {"ltsweep.role": "trial"})]
     assert sorted(p["seed"] for p in trial_params) == ["0", "0", "1", "1", "2", "2"]

@@ -1,5 +1,6 @@
 """`resources.custom`: Ray custom resources reach every trial (tune.with_resources) and the stage-1 task, and bad
 names or amounts are one-line config errors."""
+
 from __future__ import annotations
 
 from test_config import _error, _write, base  # noqa: F401  (the `base` fixture)

@@ -1,4 +1,5 @@
 """Samplers: eq 8 by hand, chi-square fit of class draws, seeds/epochs, shards, repeat factors by hand."""
+
 import functools
 import math
 
@@ -7,20 +8,20 @@ import pytest
 import torch
 from scipy.stats import binomtest, chisquare
 
-from lt_models.errors import AnnotationError, ConfigError
 from lt_models.data.samplers import (
     SAMPLERS,
     ClassAwareSampler,
     NonBalanceSampler,
     RepeatFactorSampler,
-    SoftBalanceSampler,
     SamplerSpec,
+    SoftBalanceSampler,
     build_sampler,
     class_to_images,
     repeat_factors,
     shard,
     soft_balance_probabilities,
 )
+from lt_models.errors import AnnotationError, ConfigError
 
 
 def csr(rows):
@@ -31,7 +32,7 @@ def csr(rows):
     return indptr, labels
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def long_tail_table(num_images=3000, num_classes=12, seed=0):
     """A small multi-label long-tail table; the last class has no image at all. Cached: do not mutate."""
     rng = np.random.default_rng(seed)
@@ -97,12 +98,15 @@ def test_class_to_images_inverts_and_dedupes():
     assert cimg.tolist() == [0, 2, 2, 0, 3]
 
 
-@pytest.mark.parametrize("indptr,labels,match", [
-    ([0, 2, 1], [0, 1], "indptr"),
-    ([0, 1, 3], [0, 1], "indptr"),
-    ([0, 1, 2], [0, 5], "image 1 has class index 5"),
-    ([0, 1, 2], [-1, 0], "image 0 has class index -1"),
-])
+@pytest.mark.parametrize(
+    "indptr,labels,match",
+    [
+        ([0, 2, 1], [0, 1], "indptr"),
+        ([0, 1, 3], [0, 1], "indptr"),
+        ([0, 1, 2], [0, 5], "image 1 has class index 5"),
+        ([0, 1, 2], [-1, 0], "image 0 has class index -1"),
+    ],
+)
 def test_bad_csr(indptr, labels, match):
     with pytest.raises(AnnotationError, match=match):
         SoftBalanceSampler(np.array(indptr), np.array(labels), 3, lam=0.5)
@@ -157,7 +161,7 @@ def test_images_uniform_within_class():
     s = ClassAwareSampler(indptr, labels, C, num_samples=300_000, seed=2)
     classes, images = s.draw(0)
     c = C - 2  # the rarest class with images: a few dozen of them
-    members = cimg[cptr[c]:cptr[c + 1]]
+    members = cimg[cptr[c] : cptr[c + 1]]
     assert 10 < len(members) < 200
     picked = images[classes == c]
     assert np.isin(picked, members).all()
@@ -229,8 +233,8 @@ def test_shards_disjoint_equal_and_cover_epoch(name, world_size):
     merged = np.empty(per * world_size, dtype=np.int64)
     for rank, x in enumerate(shards):
         merged[rank::world_size] = x
-    np.testing.assert_array_equal(merged[:len(epoch)], epoch)
-    np.testing.assert_array_equal(merged[len(epoch):], epoch[:per * world_size - len(epoch)])
+    np.testing.assert_array_equal(merged[: len(epoch)], epoch)
+    np.testing.assert_array_equal(merged[len(epoch) :], epoch[: per * world_size - len(epoch)])
     if name == "nonbalance":
         assert set(np.concatenate(shards).tolist()) == set(range(1001))
 
@@ -260,8 +264,10 @@ def test_repeat_factors_by_hand():
     # LVIS default t = 0.001 is below every frequency here
     np.testing.assert_allclose(repeat_factors(indptr, labels, C), 1.0)
     # t = 2: class 0 sqrt(2/0.875), class 1 sqrt(8) , class 2 sqrt(16) = 4
-    np.testing.assert_allclose(repeat_factors(indptr, labels, C, threshold=2.0),
-                               [4, math.sqrt(8), math.sqrt(8)] + [math.sqrt(2 / 0.875)] * 4 + [1])
+    np.testing.assert_allclose(
+        repeat_factors(indptr, labels, C, threshold=2.0),
+        [4, math.sqrt(8), math.sqrt(8)] + [math.sqrt(2 / 0.875)] * 4 + [1],
+    )
 
 
 def test_repeat_factor_sampler_stochastic_rounding():

@@ -1,5 +1,6 @@
 """The one best-trial rule (pipelines.names.best_trial), on both kinds of trial records: the sweep's trial summaries
 (pipelines.analysis.summary) and the trial rows read back from MLflow (pipelines.analysis.report)."""
+
 from __future__ import annotations
 
 import math
@@ -7,31 +8,56 @@ from types import SimpleNamespace
 
 import pytest
 
-from pipelines.analysis.report import best_row
 from pipelines.analysis.aggregate import best_trial
-from pipelines.names import per_class_dict
+from pipelines.analysis.report import best_row
 from pipelines.analysis.summary import TrialSummary, summarize
+from pipelines.names import per_class_dict
 
 FAILED = "failed"
 
 
 def as_summaries(trials):
     """(trial_id, AP or None, evaluations, FAILED or None) -> TrialSummary records, as summarize makes them."""
-    return [TrialSummary(trial_id=tid, config={}, metrics={} if ap is None else {"AP": ap, "loss": 1 - ap},
-                         epochs=n, evaluations=n, stopped_early=False, error="RuntimeError: x" if err else None)
-            for tid, ap, n, err in trials]
+    return [
+        TrialSummary(
+            trial_id=tid,
+            config={},
+            metrics={} if ap is None else {"AP": ap, "loss": 1 - ap},
+            epochs=n,
+            evaluations=n,
+            stopped_early=False,
+            error="RuntimeError: x" if err else None,
+        )
+        for tid, ap, n, err in trials
+    ]
 
 
 def as_rows(trials):
     """The same trials as report.trial_rows gives them (MLflow run status, `iterations`, metric or None)."""
-    return [{"trial_id": tid, "run_id": f"run-{tid}", "status": "FAILED" if err else "FINISHED", "iterations": n,
-             "params": {}, "AP": ap, "loss": None if ap is None else 1 - ap} for tid, ap, n, err in trials]
+    return [
+        {
+            "trial_id": tid,
+            "run_id": f"run-{tid}",
+            "status": "FAILED" if err else "FINISHED",
+            "iterations": n,
+            "params": {},
+            "AP": ap,
+            "loss": None if ap is None else 1 - ap,
+        }
+        for tid, ap, n, err in trials
+    ]
 
 
 def best_summary(trials, metric="AP", mode="max", full_length=3):
-    best = best_trial(as_summaries(trials), value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
-                      failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=mode,
-                      full_length=full_length)
+    best = best_trial(
+        as_summaries(trials),
+        value=lambda t: t.metrics.get(metric),
+        evaluations=lambda t: t.evaluations,
+        failed=lambda t: t.error is not None,
+        trial_id=lambda t: t.trial_id,
+        mode=mode,
+        full_length=full_length,
+    )
     return None if best is None else best.trial_id
 
 
@@ -71,12 +97,22 @@ def test_best_trial_is_the_same_on_summaries_and_mlflow_rows(trials, kw, expecte
 
 def test_summarize_uses_the_rule():
     """summarize picks the best trial of a Tune ResultGrid by the rule (stand-ins for Tune's results and the config)."""
-    def result(tid, ap, n, error=None):
-        return SimpleNamespace(metrics={"trial_id": tid, "training_iteration": n, "epoch": n, "AP": ap, "APr": ap / 2,
-                                        "AP75": 0.1}, config={"lam": 0.5}, error=error, path=f"/x/{tid}")
 
-    cfg = SimpleNamespace(name="s", evals_per_trial=3, scheduler=SimpleNamespace(metric="AP", mode="max"),
-                          run=SimpleNamespace(storage_path="/st"), report=SimpleNamespace(baseline=None))
+    def result(tid, ap, n, error=None):
+        return SimpleNamespace(
+            metrics={"trial_id": tid, "training_iteration": n, "epoch": n, "AP": ap, "APr": ap / 2, "AP75": 0.1},
+            config={"lam": 0.5},
+            error=error,
+            path=f"/x/{tid}",
+        )
+
+    cfg = SimpleNamespace(
+        name="s",
+        evals_per_trial=3,
+        scheduler=SimpleNamespace(metric="AP", mode="max"),
+        run=SimpleNamespace(storage_path="/st"),
+        report=SimpleNamespace(baseline=None),
+    )
     results = [result("a", 0.9, 1), result("b", 0.5, 3), result("c", 0.99, 3, error=RuntimeError("boom\nlast line"))]
     summary = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="sqlite:////st/mlflow.db")
     assert summary.best.trial_id == "b"
@@ -87,8 +123,9 @@ def test_summarize_uses_the_rule():
 
 
 def test_per_class_dict_normalises_results_and_json():
-    assert per_class_dict({"1": 0.5, 2: -1, "x": 0.3, "3": None, "4": float("inf")}) == \
-        pytest.approx({1: 0.5, 2: -1.0, 3: math.nan, 4: math.nan}, nan_ok=True)
+    assert per_class_dict({"1": 0.5, 2: -1, "x": 0.3, "3": None, "4": float("inf")}) == pytest.approx(
+        {1: 0.5, 2: -1.0, 3: math.nan, 4: math.nan}, nan_ok=True
+    )
     assert per_class_dict(None) == {} and per_class_dict([1, 2]) == {}
 
 
@@ -103,11 +140,20 @@ def test_a_trial_failing_on_bad_input_is_one_line_and_exit_2():
             self.cause = cause
 
     def result(tid, error=None):
-        return SimpleNamespace(metrics={"trial_id": tid, "training_iteration": 0 if error else 3, "epoch": 3,
-                                        "AP": 0.3}, config={"lam": 0.5}, error=error, path=f"/x/{tid}")
+        return SimpleNamespace(
+            metrics={"trial_id": tid, "training_iteration": 0 if error else 3, "epoch": 3, "AP": 0.3},
+            config={"lam": 0.5},
+            error=error,
+            path=f"/x/{tid}",
+        )
 
-    cfg = SimpleNamespace(name="s", evals_per_trial=3, scheduler=SimpleNamespace(metric="AP", mode="max"),
-                          run=SimpleNamespace(storage_path="/st"), report=SimpleNamespace(baseline=None))
+    cfg = SimpleNamespace(
+        name="s",
+        evals_per_trial=3,
+        scheduler=SimpleNamespace(metric="AP", mode="max"),
+        run=SimpleNamespace(storage_path="/st"),
+        report=SimpleNamespace(baseline=None),
+    )
     bad = Wrapped(AnnotationError("train.json: annotation id 7: field 'bbox' has w <= 0; fix it"))
     s = summarize(cfg, [result("a"), result("b", bad)], None, False, experiment_path="/st/s", tracking_uri="x")
     assert s.trials[1].error == "AnnotationError: train.json: annotation id 7: field 'bbox' has w <= 0; fix it"

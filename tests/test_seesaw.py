@@ -9,6 +9,7 @@ M_ij = (N_j / N_i)^p if N_i > N_j else 1 (eq 7, counts clamped at 1), C_ij = (σ
 (eq 8, σ = softmax over the row). Layout rule of this head: S = 1 on a background row (label 0) and in the
 background column 0 of a foreground row. The reference below uses Python floats only.
 """
+
 import math
 
 import pytest
@@ -16,8 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from lt_models.errors import ConfigError
-from lt_models.losses.seesaw import (SeesawLoss, check_seesaw_p, check_seesaw_q, log_compensation, log_mitigation,
-                              seesaw_log_factors)
+from lt_models.losses.seesaw import (
+    SeesawLoss,
+    check_seesaw_p,
+    check_seesaw_q,
+    log_compensation,
+    log_mitigation,
+    seesaw_log_factors,
+)
 
 C = 6
 K = C + 1

@@ -6,6 +6,7 @@ one Python loop per image with `group_duplicate_boxes`), on random files full of
 parent expansion are exercised). A store whose array file is truncated, whose meta is missing or that was built for
 other inputs is refused by `open_store` and rebuilt by the dataset.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,40 +17,74 @@ import pytest
 import torch
 from PIL import Image
 
-from lt_models.data.annotations import (category_frequencies, category_image_counts, hierarchy_ancestors, load_hierarchy,
-                                   name_to_cat_id)
-from lt_models.data.rate_matrix import concurrent_rate_matrix
+from lt_models.data.annotations import (
+    category_frequencies,
+    category_image_counts,
+    hierarchy_ancestors,
+    load_hierarchy,
+    name_to_cat_id,
+)
 from lt_models.data.datasets import LVISDetection, dataset_store
 from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
+from lt_models.data.rate_matrix import concurrent_rate_matrix
 from lt_models.data.samplers import SamplerSpec, build_sampler
 from lt_models.data.store import StoreError, open_store
 
 CATS = [{"id": 10 * c, "name": f"c{c}"} for c in range(1, 8)]
-HIERARCHY = {"LabelName": "root", "Subcategory": [
-    {"LabelName": "c1", "Subcategory": [{"LabelName": "c2", "Subcategory": [{"LabelName": "c4"}]},
-                                        {"LabelName": "c3"}]},
-    {"LabelName": "c5", "Subcategory": [{"LabelName": "c6"}]}]}
+HIERARCHY = {
+    "LabelName": "root",
+    "Subcategory": [
+        {
+            "LabelName": "c1",
+            "Subcategory": [{"LabelName": "c2", "Subcategory": [{"LabelName": "c4"}]}, {"LabelName": "c3"}],
+        },
+        {"LabelName": "c5", "Subcategory": [{"LabelName": "c6"}]},
+    ],
+}
 
 
 def _random_case(tmp_path, seed: int, n_images: int = 60):
     rng = random.Random(seed)
     images, anns = [], []
     for i in range(1, n_images + 1):
-        images.append({"id": 1000 - 7 * i, "file_name": f"{i}.png", "width": 120, "height": 90,
-                       "neg_category_ids": [], "not_exhaustive_category_ids": []})
+        images.append(
+            {
+                "id": 1000 - 7 * i,
+                "file_name": f"{i}.png",
+                "width": 120,
+                "height": 90,
+                "neg_category_ids": [],
+                "not_exhaustive_category_ids": [],
+            }
+        )
         boxes = []
         for _ in range(rng.choice([0, 1, 3, 6])):
             x, y = rng.uniform(0, 40), rng.uniform(0, 30)
             w, h = rng.choice([50.0, rng.uniform(2, 60)]), rng.uniform(2, 50)
             boxes.append([x, y, w, h])
-            for _ in range(rng.choice([0, 1, 2])):                # near-duplicates of the previous box
+            for _ in range(rng.choice([0, 1, 2])):  # near-duplicates of the previous box
                 bx, by, bw, bh = boxes[-1]
-                boxes.append(rng.choice([[bx, by, bw, bh], [bx, by, bw * 0.95, bh],
-                                         [bx, by, bw * rng.uniform(0.93, 0.97), bh], [bx + bw * 0.01, by, bw, bh]]))
+                boxes.append(
+                    rng.choice(
+                        [
+                            [bx, by, bw, bh],
+                            [bx, by, bw * 0.95, bh],
+                            [bx, by, bw * rng.uniform(0.93, 0.97), bh],
+                            [bx + bw * 0.01, by, bw, bh],
+                        ]
+                    )
+                )
         for b in boxes:
-            anns.append({"id": rng.randrange(1, 10**6) * 1000 + len(anns), "image_id": images[-1]["id"],
-                         "category_id": rng.choice(CATS)["id"], "bbox": b, "iscrowd": int(rng.random() < 0.05)})
+            anns.append(
+                {
+                    "id": rng.randrange(1, 10**6) * 1000 + len(anns),
+                    "image_id": images[-1]["id"],
+                    "category_id": rng.choice(CATS)["id"],
+                    "bbox": b,
+                    "iscrowd": int(rng.random() < 0.05),
+                }
+            )
     rng.shuffle(anns)
     (tmp_path / "images").mkdir(exist_ok=True)
     for img in images:
@@ -78,8 +113,14 @@ def _reference(ann, hier, expand: bool, train: bool = True):
         for k, o in enumerate(objs):
             for c in o[2]:
                 multi_hot[k, label[c]] = 1
-        out.append((img["id"], np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
-                    np.array([label[o[1]] for o in objs]), multi_hot))
+        out.append(
+            (
+                img["id"],
+                np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1),
+                np.array([label[o[1]] for o in objs]),
+                multi_hot,
+            )
+        )
     buckets = category_frequencies(cats, category_image_counts(data)[0])
     return out, buckets
 
@@ -96,7 +137,7 @@ def _assert_same_items(ds: LVISDetection, ref) -> None:
         assert t["labels"].tolist() == primary.tolist()
         assert torch.equal(t["multi_hot"], multi_hot)
         present = sorted(set(np.nonzero(multi_hot.numpy())[1].tolist()))
-        assert (labels[indptr[i]:indptr[i + 1]] + 1).tolist() == present
+        assert (labels[indptr[i] : indptr[i + 1]] + 1).tolist() == present
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -107,7 +148,7 @@ def test_store_items_equal_the_per_image_json_path(tmp_path, seed, expand):
         ref = _reference(ann, hier, expand, train)
         cached = LVISDetection(ann, hierarchy_file=hier, expand_parents=expand, train=train, cache_root=tmp_path / "c")
         _assert_same_items(cached, ref)
-        assert isinstance(cached.store["obj_box"], np.memmap)            # the trial maps the shared store
+        assert isinstance(cached.store["obj_box"], np.memmap)  # the trial maps the shared store
         in_memory = LVISDetection(ann, hierarchy_file=hier, expand_parents=expand, train=train)
         _assert_same_items(in_memory, ref)
     if not expand:
@@ -143,10 +184,10 @@ def test_truncated_or_foreign_store_is_refused_and_rebuilt(tmp_path, capsys):
     path = ds.store.path
     assert "building the annotation store" in capsys.readouterr().err
     LVISDetection(ann, hierarchy_file=hier, cache_root=tmp_path / "c")
-    assert "building" not in capsys.readouterr().err                  # built once, then reused
+    assert "building" not in capsys.readouterr().err  # built once, then reused
 
     box_file = path / "obj_box.npy"
-    box_file.write_bytes(box_file.read_bytes()[:-10])                 # a partly copied store
+    box_file.write_bytes(box_file.read_bytes()[:-10])  # a partly copied store
     with pytest.raises(StoreError, match=r"obj_box\.npy: .* bytes, the store recorded .* \(truncated"):
         open_store(path)
     again = LVISDetection(ann, hierarchy_file=hier, cache_root=tmp_path / "c")
@@ -171,10 +212,11 @@ def test_a_store_directory_can_stand_for_the_json_file(tmp_path):
     direct = LVISDetection(built.path, image_dir=tmp_path / "images", hierarchy_file=hier)
     assert direct.store.path == built.path
     _assert_same_items(direct, _reference(ann, hier, expand=False))
-    expanded = LVISDetection(built.path, image_dir=tmp_path / "images", hierarchy_file=hier, expand_parents=True,
-                             cache_root=tmp_path / "c2")
+    expanded = LVISDetection(
+        built.path, image_dir=tmp_path / "images", hierarchy_file=hier, expand_parents=True, cache_root=tmp_path / "c2"
+    )
     assert expanded.store.meta["raw_store"] == str(built.path.resolve())
-    assert not (expanded.store.path / "ann_bbox.npy").exists()           # raw columns are not copied
+    assert not (expanded.store.path / "ann_bbox.npy").exists()  # raw columns are not copied
     _assert_same_items(expanded, _reference(ann, hier, expand=True))
 
 
@@ -187,13 +229,15 @@ def test_a_run_over_the_shared_store_trains_and_scores_as_the_json_path(tmp_path
     bench = write_tiny_benchmark(tmp_path / "bench")
     torch.set_num_threads(1)
     plain = train(small_spec(bench, epochs=1, loss=_concurrent()), tmp_path / "plain")
-    cached = train(small_spec(bench, epochs=1, loss=_concurrent(), annotation_cache=str(tmp_path / "cache")),
-                   tmp_path / "cached")
-    assert any((tmp_path / "cache").iterdir())                     # the run went through a store
+    cached = train(
+        small_spec(bench, epochs=1, loss=_concurrent(), annotation_cache=str(tmp_path / "cache")), tmp_path / "cached"
+    )
+    assert any((tmp_path / "cache").iterdir())  # the run went through a store
     for key in ("loss", "AP", "AP50", "APr", "APc", "APf"):
         assert plain[key] == cached[key], key
 
 
 def _concurrent():
     from lt_models.losses.registry import LossSpec
+
     return LossSpec("concurrent_softmax")

@@ -7,6 +7,7 @@ the slow imports are done before the race and the store is opened by all of them
 Creating a store's schema takes seconds (MLflow's alembic migrations), so that test is marked slow; the tests with
 stubs below check the lock bookkeeping without MLflow.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,16 @@ def test_new_sqlite_store_opened_by_racing_processes(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     work = tmp_path / "work"
     work.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(work), str(i), str(ROUNDS)], cwd=repo,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(N_PROCS)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(work), str(i), str(ROUNDS)],
+            cwd=repo,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(N_PROCS)
+    ]
     try:
         deadline = time.monotonic() + 120
         while len(list(work.glob("ready-*"))) < N_PROCS:
@@ -86,8 +95,12 @@ def test_new_sqlite_store_opened_by_racing_processes(tmp_path):
                 p.wait()
 
     reports = [[json.loads(line) for line in out.splitlines() if line.startswith("{")] for out, _ in outs]
-    errors = [f"worker {i} round {rep['round']}: {rep['error']}" for i, reps in enumerate(reports) for rep in reps
-              if not rep["ok"]]
+    errors = [
+        f"worker {i} round {rep['round']}: {rep['error']}"
+        for i, reps in enumerate(reports)
+        for rep in reps
+        if not rep["ok"]
+    ]
     assert not errors, "\n".join(errors)
     assert [p.returncode for p in procs] == [0] * N_PROCS, [err[-2000:] for _, err in outs]
     assert all(len(reps) == ROUNDS for reps in reports)

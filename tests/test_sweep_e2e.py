@@ -5,6 +5,7 @@ after its first trial finishes (SIGINT, as Ctrl+C would) and resumed with `resum
 split over several tests. A second one-trial sweep injects a fault from the test (a wrapper around the
 production trainable) to check the retry from the last checkpoint.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -15,23 +16,37 @@ import ray.cloudpickle
 import yaml
 from ray import tune
 
-from lt_models.data.synthetic.layout import Preset
-from lt_models.data.synthetic.generate import generate_benchmark
-from pipelines.tune import stage1 as pretrain
-from pipelines.tune import sweep
-from pipelines.tune import trainable
-from pipelines.config.load import load_experiment_config
-
 from faults.stand_ins import InterruptAfterFirstTrial  # Ctrl+C once the first trial completes
+from lt_models.data.synthetic.generate import generate_benchmark
+from lt_models.data.synthetic.layout import Preset
+from pipelines.config.load import load_experiment_config
+from pipelines.tune import stage1 as pretrain
+from pipelines.tune import sweep, trainable
 
 pytestmark = pytest.mark.slow
 
 # Ray workers cannot import this test module by name: ship its functions/classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-TINY = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25, val_min=2,
-              objects_per_image=(0.5, 0.5), min_size=14, max_size=30, n_confusable=1, n_two_leaf=1,
-              swap_rates=((0.3, 0.1, 0.2),), parent_only_rates=(0.1,), workers=1)
+TINY = Preset(
+    "tiny",
+    image_size=64,
+    families=2,
+    appearances=3,
+    t_max=40,
+    t_min=2,
+    q=5,
+    val_ratio=0.25,
+    val_min=2,
+    objects_per_image=(0.5, 0.5),
+    min_size=14,
+    max_size=30,
+    n_confusable=1,
+    n_two_leaf=1,
+    swap_rates=((0.3, 0.1, 0.2),),
+    parent_only_rates=(0.1,),
+    workers=1,
+)
 STAGE2_EPOCHS = 3
 
 
@@ -53,8 +68,11 @@ def make_cfg(workdir: Path, name: str, **sections):
     raw = {
         "name": name,
         "seed": 0,
-        "data": {"train": str(workdir / "data/train.json"), "val": str(workdir / "data/val.json"),
-                 "hierarchy": str(workdir / "data/hierarchy.json")},
+        "data": {
+            "train": str(workdir / "data/train.json"),
+            "val": str(workdir / "data/val.json"),
+            "hierarchy": str(workdir / "data/hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 64},
         "stage1": {"epochs": 1, "batch_size": 4, "lr": 0.02, "warmup": 5},
         "stage2": {"epochs": STAGE2_EPOCHS, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24},
@@ -62,8 +80,11 @@ def make_cfg(workdir: Path, name: str, **sections):
         "resources": {"cpus_per_trial": 1},
         "scheduler": {"type": "asha", "grace_period": 1, "reduction_factor": 2, "max_t": STAGE2_EPOCHS},
         "search": {"num_samples": 1, "max_concurrent_trials": 2, "seed": 0},
-        "space": {"lam": {"grid": [0.0, 0.5, 1.0]}, "loss": {"grid": ["concurrent_softmax", "acsl"]},
-                  "xi": {"choice": [0.3, 0.7]}},
+        "space": {
+            "lam": {"grid": [0.0, 0.5, 1.0]},
+            "loss": {"grid": ["concurrent_softmax", "acsl"]},
+            "xi": {"choice": [0.3, 0.7]},
+        },
         "run": {"storage_path": str(workdir / "results"), "max_failures": 1, "checkpoints_to_keep": 1},
     }
     raw.update(sections)
@@ -90,8 +111,12 @@ def interrupted_and_resumed(ray_session, workdir):
     client = MlflowClient(first.tracking_uri)
     exp = client.get_experiment_by_name(cfg.name)
     run = client.search_runs([exp.experiment_id], f"tags.`ltsweep.trial_id` = '{finished_id}'")[0]
-    snapshot = {"results": trial_results(finished.path), "meta": (first.stage1[0].path / "meta.json").read_text(),
-                "end_time": run.info.end_time, "run_id": run.info.run_id}
+    snapshot = {
+        "results": trial_results(finished.path),
+        "meta": (first.stage1[0].path / "meta.json").read_text(),
+        "end_time": run.info.end_time,
+        "run_id": run.info.run_id,
+    }
     resumed = sweep.run_sweep(cfg, resume=True, verbose=0)
     return cfg, first, resumed, finished_id, snapshot
 
@@ -115,7 +140,7 @@ def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
 
     cfg, first, resumed, finished_id, snapshot = interrupted_and_resumed
     done = next(t for t in resumed.trials if t.trial_id == finished_id)
-    assert trial_results(done.path) == snapshot["results"]       # not one more report after the resume
+    assert trial_results(done.path) == snapshot["results"]  # not one more report after the resume
     run = MlflowClient(resumed.tracking_uri).get_run(snapshot["run_id"])
     assert run.info.status == "FINISHED" and run.info.end_time == snapshot["end_time"]  # its run is left as it was
     for t in resumed.trials:  # resumed trials continued from their checkpoints: no epoch was reported twice
@@ -181,11 +206,20 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
     """The concurrent-softmax paper's Table 2 (softmax / concurrent softmax in training x in testing) as one
     search space: 4 trials from the shared stage 1; the cells that share a training loss train identically and differ
     only in how detections are scored."""
-    cfg = make_cfg(workdir, "table2", space={"loss": {"grid": ["softmax", "concurrent_softmax"]},
-                                             "scores": {"grid": ["softmax", "concurrent"]}},
-                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24,
-                           "sampler": "classaware"},
-                   scheduler={"type": "fifo"})
+    cfg = make_cfg(
+        workdir,
+        "table2",
+        space={"loss": {"grid": ["softmax", "concurrent_softmax"]}, "scores": {"grid": ["softmax", "concurrent"]}},
+        stage2={
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup": 2,
+            "samples_per_epoch": 24,
+            "sampler": "classaware",
+        },
+        scheduler={"type": "fifo"},
+    )
     result = sweep.run_sweep(cfg, verbose=0)
     assert result.stage1[0].sha256 == interrupted_and_resumed[1].stage1[0].sha256 and not result.stage1[0].trained
     cells = {}
@@ -194,8 +228,12 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
         spec = json.loads(next(Path(t.path).glob("checkpoint_*/spec.json")).read_text())
         assert spec["loss"]["name"] == t.config["loss"] and spec["loss"]["scores"] == t.config["scores"]
         cells[(t.config["loss"], t.config["scores"])] = t.metrics
-    assert sorted(cells) == [("concurrent_softmax", "concurrent"), ("concurrent_softmax", "softmax"),
-                             ("softmax", "concurrent"), ("softmax", "softmax")]
+    assert sorted(cells) == [
+        ("concurrent_softmax", "concurrent"),
+        ("concurrent_softmax", "softmax"),
+        ("softmax", "concurrent"),
+        ("softmax", "softmax"),
+    ]
     for loss in ("softmax", "concurrent_softmax"):
         assert cells[(loss, "softmax")]["loss"] == pytest.approx(cells[(loss, "concurrent")]["loss"], rel=1e-6)
     assert cells[("softmax", "softmax")]["loss"] != pytest.approx(cells[("concurrent_softmax", "softmax")]["loss"])
@@ -206,11 +244,22 @@ def seeded_and_confirmed(interrupted_and_resumed, workdir):
     """A 2-configuration x 2-seed sweep with a baseline, then `ltsweep confirm` of its best configuration."""
     from pipelines.commands.confirm import confirm
 
-    cfg = make_cfg(workdir, "seeded", space={"loss": {"grid": ["softmax", "concurrent_softmax"]}},
-                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24,
-                           "sampler": "classaware"},
-                   scheduler={"type": "fifo"}, report={"baseline": {"loss": "softmax"}},
-                   search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]})
+    cfg = make_cfg(
+        workdir,
+        "seeded",
+        space={"loss": {"grid": ["softmax", "concurrent_softmax"]}},
+        stage2={
+            "epochs": 1,
+            "batch_size": 4,
+            "lr": 0.01,
+            "warmup": 2,
+            "samples_per_epoch": 24,
+            "sampler": "classaware",
+        },
+        scheduler={"type": "fifo"},
+        report={"baseline": {"loss": "softmax"}},
+        search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]},
+    )
     first = sweep.run_sweep(cfg, verbose=0)
     confirmed = confirm("seeded", top=1, seeds=3, storage_path=cfg.run.storage_path)
     return cfg, first, confirmed
@@ -219,7 +268,11 @@ def seeded_and_confirmed(interrupted_and_resumed, workdir):
 def test_seeds_repeat_every_configuration_with_one_stage1_per_seed(seeded_and_confirmed, interrupted_and_resumed):
     cfg, first, _ = seeded_and_confirmed
     assert sorted((t.config["loss"], t.config["seed"]) for t in first.trials) == [
-        ("concurrent_softmax", 0), ("concurrent_softmax", 1), ("softmax", 0), ("softmax", 1)]
+        ("concurrent_softmax", 0),
+        ("concurrent_softmax", 1),
+        ("softmax", 0),
+        ("softmax", 1),
+    ]
     assert sorted(first.stage1) == [0, 1]
     assert first.stage1[0].sha256 == interrupted_and_resumed[1].stage1[0].sha256 and not first.stage1[0].trained
     assert first.stage1[1].sha256 != first.stage1[0].sha256
@@ -229,8 +282,9 @@ def test_seeds_repeat_every_configuration_with_one_stage1_per_seed(seeded_and_co
     configs = first.configs
     assert [c.n for c in configs] == [2, 2] and all(c.stats["AP"].n == 2 for c in configs)
     sentences = first.comparisons()
-    assert any("p = " in x for x in sentences) and any("the baseline" in x or "is itself the best" in x
-                                                       for x in sentences)
+    assert any("p = " in x for x in sentences) and any(
+        "the baseline" in x or "is itself the best" in x for x in sentences
+    )
 
 
 def test_seeded_sweep_aggregates_reach_mlflow_and_the_report(seeded_and_confirmed, tmp_path):
@@ -258,8 +312,12 @@ def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(
     assert sorted(confirmed.stage1) == [0, 1, 2] and not confirmed.stage1[1].trained  # seeds 0, 1 reused
     assert all(c.n == 3 and c.full for c in confirmed.configs)
     client = MlflowClient(confirmed.tracking_uri)
-    runs = {name: client.search_runs([client.get_experiment_by_name(name).experiment_id],
-                                     "tags.`ltsweep.role` = 'sweep'")[0] for name in ("seeded", "seeded-confirm")}
+    runs = {
+        name: client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`ltsweep.role` = 'sweep'")[
+            0
+        ]
+        for name in ("seeded", "seeded-confirm")
+    }
     assert runs["seeded-confirm"].data.tags["ltsweep.confirms"] == runs["seeded"].info.run_id
     assert runs["seeded"].data.tags["ltsweep.confirmed_by"] == runs["seeded-confirm"].info.run_id
 
@@ -284,12 +342,15 @@ def test_best_model_is_logged_registered_and_predicts(interrupted_and_resumed, w
     client = MlflowClient(resumed.tracking_uri)
     tags = client.get_model_version("main", "1").tags
     assert tags["ltsweep.sweep_run_id"] == m.run_id and tags["ltsweep.best_model_checkpoint"] == m.checkpoint
-    assert tags["ltsweep.pretrain_sha256"] == resumed.stage1[0].sha256 and len(tags["ltsweep.dataset_fingerprint"]) == 64
+    assert (
+        tags["ltsweep.pretrain_sha256"] == resumed.stage1[0].sha256 and len(tags["ltsweep.dataset_fingerprint"]) == 64
+    )
     # the checkpoint is the trial's best evaluation by the sweep's metric
     evals = trial_results(next(t.path for t in resumed.trials if t.trial_id == m.trial_id))
     best_epoch = max(evals, key=lambda r: (r["AP"], r["epoch"]))["epoch"]
     assert json.loads(Path(m.checkpoint, "metrics.json").read_text())["epoch"] in {
-        r["epoch"] for r in evals if r["AP"] == evals[best_epoch - 1]["AP"]}
+        r["epoch"] for r in evals if r["AP"] == evals[best_epoch - 1]["AP"]
+    }
 
     mlflow.set_tracking_uri(resumed.tracking_uri)
     try:
@@ -314,9 +375,13 @@ def test_asha_over_configurations_pauses_promotes_and_keeps_one_run_per_trial(se
     there is promoted to the full schedule. Paused trials resume from their checkpoints and keep their MLflow run."""
     from mlflow import MlflowClient
 
-    cfg = make_cfg(workdir, "asha-configs", space={"lam": {"grid": [0.0, 0.5, 1.0]}},
-                   scheduler={"type": "asha_configs", "grace_period": 1, "reduction_factor": 2},
-                   search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]})
+    cfg = make_cfg(
+        workdir,
+        "asha-configs",
+        space={"lam": {"grid": [0.0, 0.5, 1.0]}},
+        scheduler={"type": "asha_configs", "grace_period": 1, "reduction_factor": 2},
+        search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]},
+    )
     s = sweep.run_sweep(cfg, verbose=0)
     assert s.exit_code() == 0 and s.errored == 0 and len(s.trials) == 6
     evals = {(t.config["lam"], t.config["seed"]): t.evaluations for t in s.trials}
@@ -340,13 +405,18 @@ def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_
     from mlflow import MlflowClient
 
     from lt_models.data.datasets import LVISDetection, collate_detection
+    from lt_models.engine.inference import load_detector
     from lt_models.engine.validation import predict
     from lt_models.evaluation import evaluate_lvis, evaluate_openimages
-    from lt_models.engine.inference import load_detector
 
-    cfg = make_cfg(workdir, "oi-metric", space={"lam": {"grid": [0.5]}}, scheduler={"type": "fifo"},
-                   eval={"every": 1, "metric": "openimages"},
-                   stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24})
+    cfg = make_cfg(
+        workdir,
+        "oi-metric",
+        space={"lam": {"grid": [0.5]}},
+        scheduler={"type": "fifo"},
+        eval={"every": 1, "metric": "openimages"},
+        stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 24},
+    )
     s = sweep.run_sweep(cfg, verbose=0, register=False)
     assert s.exit_code() == 0 and len(s.trials) == 1
     trial = s.trials[0]
@@ -357,8 +427,13 @@ def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_
     val = LVISDetection(str(cfg.data.val), None, hierarchy_file=str(cfg.data.hierarchy), train=False)
     loader = torch.utils.data.DataLoader(val, batch_size=4, collate_fn=collate_detection)
     dets = predict(model, loader, torch.device("cpu"), label_to_cat_id, progress=False)
-    train_buckets = dict(zip(*(lambda d: (d.cat_ids, d.frequency))(
-        LVISDetection(str(cfg.data.train), None, hierarchy_file=str(cfg.data.hierarchy), train=True))))
+    train_buckets = dict(
+        zip(
+            *(lambda d: (d.cat_ids, d.frequency))(
+                LVISDetection(str(cfg.data.train), None, hierarchy_file=str(cfg.data.hierarchy), train=True)
+            )
+        )
+    )
     oi = evaluate_openimages(str(cfg.data.val), dets, str(cfg.data.hierarchy), frequency=train_buckets)
     assert reported["AP"] == pytest.approx(oi["AP"], abs=1e-9) and reported["AP50"] == pytest.approx(oi["AP50"])
     assert reported["APr"] == pytest.approx(oi["APr"], abs=1e-9)
@@ -468,8 +543,18 @@ def test_ltsweep_train_runs_one_training_from_the_shared_stage1(interrupted_and_
 
     cfg = interrupted_and_resumed[0]
     out = workdir / "train_out"
-    rc = cli.main(["train", str(workdir / "main.yaml"), "--set", "stage2.epochs=1", "--set", "stage2.loss=acsl",
-                   "--out", str(out)])
+    rc = cli.main(
+        [
+            "train",
+            str(workdir / "main.yaml"),
+            "--set",
+            "stage2.epochs=1",
+            "--set",
+            "stage2.loss=acsl",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["stage"] == "stage2" and summary["metrics"]["epoch"] == 1

@@ -1,4 +1,5 @@
 """The synthetic benchmark reproduces the papers' label problems and is deterministic per seed."""
+
 import dataclasses
 import json
 from collections import defaultdict
@@ -8,10 +9,10 @@ import pytest
 from PIL import Image
 
 from lt_models.data.annotations import frequency_buckets
-from lt_models.data.merge import MERGE_IOU, group_duplicate_boxes
 from lt_models.data.lvis_json import load_lvis_json
-from lt_models.data.synthetic.layout import PRESETS, SHAPES, zipf_targets
+from lt_models.data.merge import MERGE_IOU, group_duplicate_boxes
 from lt_models.data.synthetic.generate import benchmark_spec, generate_benchmark
+from lt_models.data.synthetic.layout import PRESETS, SHAPES, zipf_targets
 from lt_models.data.synthetic.render import shape_mask
 
 
@@ -55,7 +56,7 @@ def test_bench_spec_meets_the_issue(bench_spec):
     counts = np.array(list(_image_counts(train).values()))
     assert len(train["images"]) >= 5000
     assert (counts > 0).all()
-    assert counts.max() / counts.min() >= 100          # imbalance magnitude (paper Fig 2)
+    assert counts.max() / counts.min() >= 100  # imbalance magnitude (paper Fig 2)
     freq = [c["frequency"] for c in train["categories"]]
     assert all(freq.count(b) >= 10 for b in "rcf")
 
@@ -75,7 +76,7 @@ def test_every_multi_label_kind_is_present(demo_spec):
         drawn = [layout.leaf_cat_id(t) for t in tones]
         leaves = [c for c in labels if c not in parents]
         if len(tones) == 2 and labels != [parent_of[drawn[0]]]:
-            assert labels[:2] == drawn                 # a two-tone object is labelled with both of its leaves
+            assert labels[:2] == drawn  # a two-tone object is labelled with both of its leaves
             kinds["two leaves (car toy)"] += 1
         if leaves and parent_of[leaves[0]] in labels:
             kinds["leaf + parent"] += 1
@@ -87,8 +88,9 @@ def test_every_multi_label_kind_is_present(demo_spec):
         if len(tones) == 1 and len(leaves) == 2:
             assert tuple(sorted(leaves)) in {tuple(sorted(p)) for p in twins}
             kinds["both twin labels"] += 1
-    assert set(kinds) == {"two leaves (car toy)", "leaf + parent", "parent only", "swapped twin",
-                          "both twin labels"}, kinds
+    assert set(kinds) == {"two leaves (car toy)", "leaf + parent", "parent only", "swapped twin", "both twin labels"}, (
+        kinds
+    )
     assert min(kinds.values()) >= 3, kinds
 
 
@@ -114,9 +116,9 @@ def test_label_noise_rates_match_the_preset(bench_spec):
 
 def test_val_has_every_category_and_lvis_federated_fields_are_consistent(demo_spec):
     train, val = demo_spec["train"], demo_spec["val"]
-    assert val["categories"] == train["categories"]   # LVIS: val carries train counts / buckets
+    assert val["categories"] == train["categories"]  # LVIS: val carries train counts / buckets
     val_counts = _image_counts(val)
-    assert all(n >= 1 for n in val_counts.values())   # every category verified present in val -> APr defined
+    assert all(n >= 1 for n in val_counts.values())  # every category verified present in val -> APr defined
     rare = [c["id"] for c in train["categories"] if c["frequency"] == "r"]
     assert rare and all(val_counts[c] >= 1 for c in rare)
     all_ids = {c["id"] for c in train["categories"]}
@@ -128,7 +130,7 @@ def test_val_has_every_category_and_lvis_federated_fields_are_consistent(demo_sp
             neg, ne = set(img["neg_category_ids"]), set(img["not_exhaustive_category_ids"])
             assert not neg & pos[img["id"]]
             assert ne <= pos[img["id"]]
-            assert neg <= all_ids and neg   # absence is verified for the categories not drawn
+            assert neg <= all_ids and neg  # absence is verified for the categories not drawn
 
 
 def test_objects_are_separate_and_merge_back_exactly(demo_spec):
@@ -173,7 +175,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_generate_writes_a_valid_lvis_benchmark(tiny_dir):
     out, summary = tiny_dir
-    train = load_lvis_json(out / "train.json", image_dir=out / "images")   # every image file exists
+    train = load_lvis_json(out / "train.json", image_dir=out / "images")  # every image file exists
     val = load_lvis_json(out / "val.json", image_dir=out / "images")
     assert train["invalid_skipped"] == 0 and val["invalid_skipped"] == 0
     assert len(list((out / "images").glob("*.png"))) == len(train["images"]) + len(val["images"])
@@ -181,8 +183,9 @@ def test_generate_writes_a_valid_lvis_benchmark(tiny_dir):
     h = json.loads((out / "hierarchy.json").read_text())
     names = {c["name"] for c in train["categories"]}
     assert h["LabelName"] == "root"
-    assert {n["LabelName"] for n in h["Subcategory"]} | {l["LabelName"] for n in h["Subcategory"]
-                                                          for l in n["Subcategory"]} == names
+    assert {n["LabelName"] for n in h["Subcategory"]} | {
+        l["LabelName"] for n in h["Subcategory"] for l in n["Subcategory"]
+    } == names
     with Image.open(out / "images" / train["images"][0]["file_name"]) as im:
         assert im.size == (train["images"][0]["width"], train["images"][0]["height"]) == (128, 128)
 
@@ -200,7 +203,7 @@ def test_drawn_pixels_match_the_labelled_appearance(tiny_dir, tiny_spec):
                 continue
             x, y, w, h = obj["box"]
             mask = shape_mask(layout.family_names[obj["family"]], w, h)
-            mean = pix[y:y + h, x:x + w][mask].mean(0)
+            mean = pix[y : y + h, x : x + w][mask].mean(0)
             assert np.abs(mean - np.array(leaf.rgb)).max() < 14, (leaf.name, mean)
             checked += 1
     assert checked >= 20

@@ -4,6 +4,7 @@ The trials here are a small test-local function trainable that reports synthetic
 config and the iteration, plus `per_class`), so the callback is exercised through Tune in seconds; the real-engine
 sweep is tested in the pipelines tests. One Ray session and one MLflow server serve the whole module.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,18 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
+from mlflow import MlflowClient  # noqa: E402
 from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
 
 from pipelines import cli  # noqa: E402
+from pipelines.mlflow_io.client import default_tracking_uri
 from pipelines.mlflow_io.reads import search_tagged  # noqa: E402
 from pipelines.names import MLFLOW_TRIAL_METRICS  # noqa: E402
+
 # default_tracking_uri and log_pretrain_run through tracking's re-exports, which pretrain.py and sweep.py use
 from pipelines.tracking.callback import MLflowSweepCallback
-from pipelines.mlflow_io.client import default_tracking_uri
-from pipelines.tracking.writer import log_pretrain_run  # noqa: E402
+from pipelines.tracking.stage1_run import log_pretrain_run  # noqa: E402
 
 CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = common, 1 = rare
 
@@ -40,8 +42,15 @@ CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = com
 def expected_metrics(config: dict, it: int) -> dict:
     """What the synthetic trainable reports at iteration `it` (closed form, so MLflow values can be checked)."""
     ap = round(0.1 + 0.1 * config["lam"] + 0.05 * config["xi"] + 0.01 * it, 6)
-    return {"AP": ap, "AP50": ap + 0.2, "APr": ap * 0.5, "APc": ap * 0.9, "APf": ap * 1.2, "loss": 1.0 / it,
-            "epoch": float(it)}
+    return {
+        "AP": ap,
+        "AP50": ap + 0.2,
+        "APr": ap * 0.5,
+        "APc": ap * 0.9,
+        "APf": ap * 1.2,
+        "loss": 1.0 / it,
+        "epoch": float(it),
+    }
 
 
 def synthetic_trial(config: dict) -> None:
@@ -74,35 +83,68 @@ def synthetic_trial(config: dict) -> None:
 
 def tiny_gt() -> dict:
     """A minimal LVIS-format validation file: 3 categories, one per frequency bucket."""
-    images = [{"id": i, "width": 64, "height": 64, "neg_category_ids": [], "not_exhaustive_category_ids": []}
-              for i in range(1, 5)]
+    images = [
+        {"id": i, "width": 64, "height": 64, "neg_category_ids": [], "not_exhaustive_category_ids": []}
+        for i in range(1, 5)
+    ]
     anns, aid = [], 1
     for cid, n_img in ((3, 4), (2, 2), (1, 1)):
         for i in range(1, n_img + 1):
             anns.append({"id": aid, "image_id": i, "category_id": cid, "bbox": [4, 4, 20, 20], "area": 400})
             aid += 1
-    cats = [{"id": 1, "name": "rare_thing", "frequency": "r", "image_count": 3},
-            {"id": 2, "name": "common_thing", "frequency": "c", "image_count": 50},
-            {"id": 3, "name": "frequent_thing", "frequency": "f", "image_count": 500}]
+    cats = [
+        {"id": 1, "name": "rare_thing", "frequency": "r", "image_count": 3},
+        {"id": 2, "name": "common_thing", "frequency": "c", "image_count": 50},
+        {"id": 3, "name": "frequent_thing", "frequency": "f", "image_count": 500},
+    ]
     return {"images": images, "annotations": anns, "categories": cats}
 
 
 def sweep_params(name: str, keys: list[str]) -> dict:
-    return {"name": name, "dataset_fingerprint": "d" * 64, "scheduler": {"metric": "AP", "mode": "max"},
-            "stage2": {"epochs": 3}, "eval": {"every": 1}, "space": {k: {"grid": [0.0, 1.0]} for k in keys}}
+    return {
+        "name": name,
+        "dataset_fingerprint": "d" * 64,
+        "scheduler": {"metric": "AP", "mode": "max"},
+        "stage2": {"epochs": 3},
+        "eval": {"every": 1},
+        "space": {k: {"grid": [0.0, 1.0]} for k in keys},
+    }
 
 
-def run_tuner(name, storage, uri, param_space, *, resources=1.0, max_concurrent=None, scheduler=None,
-              max_failures=0, val_annotations=None, reuse_actors=True):
-    cb = MLflowSweepCallback(uri, name, sweep_params(name, ["lam", "xi"]), ["lam", "xi"],
-                             val_annotations=val_annotations)
+def run_tuner(
+    name,
+    storage,
+    uri,
+    param_space,
+    *,
+    resources=1.0,
+    max_concurrent=None,
+    scheduler=None,
+    max_failures=0,
+    val_annotations=None,
+    reuse_actors=True,
+):
+    cb = MLflowSweepCallback(
+        uri, name, sweep_params(name, ["lam", "xi"]), ["lam", "xi"], val_annotations=val_annotations
+    )
     tuner = tune.Tuner(
         tune.with_resources(synthetic_trial, {"cpu": resources}),
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric="AP", mode="max", scheduler=scheduler,
-                                    max_concurrent_trials=max_concurrent, reuse_actors=reuse_actors),
-        run_config=tune.RunConfig(name=name, storage_path=str(storage), callbacks=[cb], verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=max_failures)))
+        tune_config=tune.TuneConfig(
+            metric="AP",
+            mode="max",
+            scheduler=scheduler,
+            max_concurrent_trials=max_concurrent,
+            reuse_actors=reuse_actors,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=str(storage),
+            callbacks=[cb],
+            verbose=0,
+            failure_config=tune.FailureConfig(max_failures=max_failures),
+        ),
+    )
     return tuner.fit()
 
 
@@ -121,9 +163,22 @@ def mlflow_server_proc(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow_server")
     port = _free_port()
     log = open(root / "server.log", "w")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'server.db'}",
+        "--artifacts-destination",
+        str(root / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     # no background job runner (MLflow 3's GenAI jobs: 8 extra Python processes we do not need on 2 cores)
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
@@ -200,14 +255,23 @@ def http_sweep(mlflow_server, tmp_path_factory):
     gt = tmp / "val.json"
     gt.write_text(json.dumps(tiny_gt()))
     uri, name, sha = mlflow_server["url"], "http-sweep", "a" * 64
-    log_pretrain_run(uri, name, sha, {"epochs": 2, "sampler": "nonbalance"},
-                     {"AP": 0.1, "APr": 0.0, "iteration": 2, "per_class": {1: 0.0, 2: 0.1, 3: 0.3}},
-                     tmp / "stage1", val_annotations=gt)
-    results = run_tuner(name, tmp / "tune", uri,
-                        {"lam": tune.grid_search([0.0, 1.0]), "xi": tune.grid_search([0.1, 0.7]), "reports": 3,
-                         "sha": sha},
-                        scheduler=ASHAScheduler(grace_period=1, max_t=3, reduction_factor=2),
-                        val_annotations=str(gt))
+    log_pretrain_run(
+        uri,
+        name,
+        sha,
+        {"epochs": 2, "sampler": "nonbalance"},
+        {"AP": 0.1, "APr": 0.0, "iteration": 2, "per_class": {1: 0.0, 2: 0.1, 3: 0.3}},
+        tmp / "stage1",
+        val_annotations=gt,
+    )
+    results = run_tuner(
+        name,
+        tmp / "tune",
+        uri,
+        {"lam": tune.grid_search([0.0, 1.0]), "xi": tune.grid_search([0.1, 0.7]), "reports": 3, "sha": sha},
+        scheduler=ASHAScheduler(grace_period=1, max_t=3, reduction_factor=2),
+        val_annotations=str(gt),
+    )
     return {"uri": uri, "name": name, "results": results, "sha": sha, "tmp": tmp}
 
 
@@ -222,8 +286,10 @@ def test_sweep_logged_over_http_parent_and_nested_runs(http_sweep, mlflow_server
     assert parent.info.status == "FINISHED" and parent.info.run_name == name
     assert parent.data.params["scheduler.metric"] == "AP"
     assert parent.data.tags["ltsweep.dataset_fingerprint"] == "d" * 64
-    assert json.loads(parent.data.tags["ltsweep.search_space"]) == {"lam": {"grid": [0.0, 1.0]},
-                                                                   "xi": {"grid": [0.0, 1.0]}}
+    assert json.loads(parent.data.tags["ltsweep.search_space"]) == {
+        "lam": {"grid": [0.0, 1.0]},
+        "xi": {"grid": [0.0, 1.0]},
+    }
     assert parent.data.tags["ltsweep.code_version"]
 
     trials = runs_of(client, name, "trial")
@@ -241,8 +307,7 @@ def test_sweep_logged_over_http_parent_and_nested_runs(http_sweep, mlflow_server
         assert reported == list(range(1, len(reported) + 1))
         assert_history(client, run.info.run_id, cfg, reported)
         assert int(run.data.tags["ltsweep.iterations"]) == reported[-1]
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"per_class_ap.csv",
-                                                                            "ap_by_frequency.png"}
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"per_class_ap.csv", "ap_by_frequency.png"}
         csv_path = client.download_artifacts(run.info.run_id, "per_class_ap.csv", str(http_sweep["tmp"]))
         text = Path(csv_path).read_text()
         assert "rare_thing" in text and "frequent_thing" in text  # written by lt_models.evaluation with the gt
@@ -259,8 +324,13 @@ def test_sweep_report_logged_on_parent(http_sweep):
     assert "ltsweep.report_error" not in parent.data.tags
     path = client.download_artifacts(parent.info.run_id, "sweep_report.html", str(http_sweep["tmp"]))
     page = Path(path).read_text()
-    for section in ("AP and APr vs λ", "AP and APr vs ξ", "APr / APc / APf per trial",
-                    "How long each trial ran before ASHA stopped it", "best trial vs stage-1 baseline"):
+    for section in (
+        "AP and APr vs λ",
+        "AP and APr vs ξ",
+        "APr / APc / APf per trial",
+        "How long each trial ran before ASHA stopped it",
+        "best trial vs stage-1 baseline",
+    ):
         assert section in page
     assert page.count("data:image/png;base64,") == 5
     assert "No stage-1 per-class AP" not in page  # the pretrain run's per-class AP was found
@@ -279,16 +349,25 @@ def restored_sweep(store, ray_session):
     """A sweep interrupted by a trial failure (max_failures=0), then resumed with Tuner.restore."""
     storage = store["root"]
     flag = storage / "failed_once"
-    space = {"lam": tune.grid_search([0.0, 0.5]), "xi": 0.5, "reports": 3, "sha": "b" * 64,
-             "fail_lam": 0.5, "fail_at": 2, "fail_flag": str(flag)}
+    space = {
+        "lam": tune.grid_search([0.0, 0.5]),
+        "xi": 0.5,
+        "reports": 3,
+        "sha": "b" * 64,
+        "fail_lam": 0.5,
+        "fail_at": 2,
+        "fail_flag": str(flag),
+    }
     first = run_tuner(RESTORE_NAME, storage, store["uri"], space)
     client = MlflowClient(store["uri"])
-    before = {r.data.tags["ltsweep.trial_id"]: (r.info.status, r.info.run_id)
-              for r in runs_of(client, RESTORE_NAME, "trial")}
+    before = {
+        r.data.tags["ltsweep.trial_id"]: (r.info.status, r.info.run_id) for r in runs_of(client, RESTORE_NAME, "trial")
+    }
     exp_dir = storage / RESTORE_NAME
     assert tune.Tuner.can_restore(str(exp_dir))
-    second = tune.Tuner.restore(str(exp_dir), trainable=tune.with_resources(synthetic_trial, {"cpu": 1.0}),
-                                resume_errored=True).fit()
+    second = tune.Tuner.restore(
+        str(exp_dir), trainable=tune.with_resources(synthetic_trial, {"cpu": 1.0}), resume_errored=True
+    ).fit()
     return {"first": first, "second": second, "before": before, "flag": flag}
 
 
@@ -307,8 +386,9 @@ def test_restore_continues_runs_without_duplicates(restored_sweep, store):
     assert len(ids) == len(set(ids)) == 2  # exactly one run per trial
     assert set(ids) == {r.metrics["trial_id"] for r in second}
     # the same runs were continued (same run ids), none left RUNNING, all nested under the one parent
-    assert {r.data.tags["ltsweep.trial_id"]: r.info.run_id for r in trials} == \
-        {k: v[1] for k, v in restored_sweep["before"].items()}
+    assert {r.data.tags["ltsweep.trial_id"]: r.info.run_id for r in trials} == {
+        k: v[1] for k, v in restored_sweep["before"].items()
+    }
     for r in trials:
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -325,11 +405,23 @@ N_CONCURRENT, N_REPORTS = 8, 30
 def concurrent_sweep(store, ray_session):
     barrier = store["root"] / "barrier"
     barrier.mkdir()
-    results = run_tuner(CONCURRENT_NAME, store["root"], store["uri"],
-                        {"lam": tune.grid_search([0.0, 0.25, 0.5, 0.75]), "xi": tune.grid_search([0.2, 0.6]),
-                         "reports": N_REPORTS, "sha": "c" * 64, "checkpoint": False, "barrier_dir": str(barrier),
-                         "barrier_n": N_CONCURRENT},
-                        resources=0.25, max_concurrent=N_CONCURRENT, reuse_actors=False)
+    results = run_tuner(
+        CONCURRENT_NAME,
+        store["root"],
+        store["uri"],
+        {
+            "lam": tune.grid_search([0.0, 0.25, 0.5, 0.75]),
+            "xi": tune.grid_search([0.2, 0.6]),
+            "reports": N_REPORTS,
+            "sha": "c" * 64,
+            "checkpoint": False,
+            "barrier_dir": str(barrier),
+            "barrier_n": N_CONCURRENT,
+        },
+        resources=0.25,
+        max_concurrent=N_CONCURRENT,
+        reuse_actors=False,
+    )
     return {"results": results, "barrier": barrier}
 
 
@@ -358,8 +450,7 @@ def test_compare_two_sweeps_prints_both_and_writes_png(restored_sweep, concurren
     # best trials: the largest λ (and ξ) of each sweep, at its last iteration
     best_restore = expected_metrics({"lam": 0.5, "xi": 0.5}, 3)
     best_conc = expected_metrics({"lam": 0.75, "xi": 0.6}, N_REPORTS)
-    lines = {l.split()[0]: l for l in out.splitlines() if l.split() and l.split()[0] in (RESTORE_NAME,
-                                                                                         CONCURRENT_NAME)}
+    lines = {l.split()[0]: l for l in out.splitlines() if l.split() and l.split()[0] in (RESTORE_NAME, CONCURRENT_NAME)}
     for name, best in ((RESTORE_NAME, best_restore), (CONCURRENT_NAME, best_conc)):
         for key in ("AP", "APr", "APc", "APf"):
             assert f"{best[key]:.3f}" in lines[name], (name, key, lines[name])
@@ -381,10 +472,12 @@ def test_log_pretrain_run_is_idempotent(store, tmp_path):
     uri = store["uri"]
     assert uri == f"sqlite:///{store['root'].resolve()}/mlflow.db"
     pc = {1: 0.0, 2: 0.25, 3: 0.5}
-    a = log_pretrain_run(uri, "pre", "e" * 64, {"epochs": 2, "stage1": {"lr": 0.02}}, {"AP": 0.2, "per_class": pc},
-                         tmp_path / "ck")
-    b = log_pretrain_run(uri, "pre", "e" * 64, {"epochs": 2, "stage1": {"lr": 0.02}}, {"AP": 0.2, "per_class": pc},
-                         tmp_path / "ck")
+    a = log_pretrain_run(
+        uri, "pre", "e" * 64, {"epochs": 2, "stage1": {"lr": 0.02}}, {"AP": 0.2, "per_class": pc}, tmp_path / "ck"
+    )
+    b = log_pretrain_run(
+        uri, "pre", "e" * 64, {"epochs": 2, "stage1": {"lr": 0.02}}, {"AP": 0.2, "per_class": pc}, tmp_path / "ck"
+    )
     c = log_pretrain_run(uri, "pre", "f" * 64, {"epochs": 3}, {"AP": 0.3}, None)
     assert a == b != c
     client = MlflowClient(uri)
@@ -393,8 +486,11 @@ def test_log_pretrain_run_is_idempotent(store, tmp_path):
     run = client.get_run(a)
     assert run.info.status == "FINISHED" and run.data.params["stage1.lr"] == "0.02"
     assert run.data.metrics["AP"] == 0.2
-    assert {x.path for x in client.list_artifacts(a)} == {"per_class_ap.json", "per_class_ap.csv",
-                                                          "ap_by_frequency.png"}
+    assert {x.path for x in client.list_artifacts(a)} == {
+        "per_class_ap.json",
+        "per_class_ap.csv",
+        "ap_by_frequency.png",
+    }
     # artifacts of a local store live beside the database, not in the current directory
     assert (store["root"] / "mlartifacts" / "pre").is_dir() and not Path("mlruns").exists()
 
@@ -445,8 +541,16 @@ def test_callback_pickled_before_the_writer_existed_continues_its_runs(store):
     cb = MLflowSweepCallback(uri, "old-pickle", {"a": 1}, ["lam"])
     cb.setup()
     old = MLflowSweepCallback.__new__(MLflowSweepCallback)
-    old.__setstate__({"tracking_uri": uri, "sweep_name": "old-pickle", "sweep_params": {"a": 1},
-                      "searched_keys": ["lam"], "val_annotations": None, "sweep_uid": cb.writer.sweep_uid})
+    old.__setstate__(
+        {
+            "tracking_uri": uri,
+            "sweep_name": "old-pickle",
+            "sweep_params": {"a": 1},
+            "searched_keys": ["lam"],
+            "val_annotations": None,
+            "sweep_uid": cb.writer.sweep_uid,
+        }
+    )
     restored = pickle.loads(pickle.dumps(old))
     restored.setup()
     assert restored.parent_run_id == cb.parent_run_id

@@ -3,6 +3,7 @@ Ray, exactly as a sweep's trial would, and leaves its last checkpoint in OUT. Be
 a config in one process at the per-worker batch with the total batch's lr.
 
 Run as the user runs it: the CLI in a child process (it starts and ends its own Ray)."""
+
 import json
 import os
 import subprocess
@@ -10,9 +11,9 @@ import sys
 
 import pytest
 import yaml
+from test_sweep_e2e import TINY
 
 from lt_models.data.synthetic.generate import generate_benchmark
-from test_sweep_e2e import TINY
 
 
 @pytest.mark.slow
@@ -21,9 +22,13 @@ def test_ltsweep_train_trains_a_multi_worker_config_on_its_workers(tmp_path):
 
     generate_benchmark(tmp_path / "data", preset=TINY, seed=0)
     raw = {
-        "name": "train_ddp", "seed": 0,
-        "data": {"train": str(tmp_path / "data/train.json"), "val": str(tmp_path / "data/val.json"),
-                 "hierarchy": str(tmp_path / "data/hierarchy.json")},
+        "name": "train_ddp",
+        "seed": 0,
+        "data": {
+            "train": str(tmp_path / "data/train.json"),
+            "val": str(tmp_path / "data/val.json"),
+            "hierarchy": str(tmp_path / "data/hierarchy.json"),
+        },
         "model": {"backbone": "tiny", "image_size": 64},
         "stage1": None,
         "stage2": {"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "sampler": "nonbalance"},
@@ -33,8 +38,13 @@ def test_ltsweep_train_trains_a_multi_worker_config_on_its_workers(tmp_path):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
     env = {**os.environ, "RAY_ADDRESS": ""}  # a local Ray, whatever the caller's environment says
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "train", str(tmp_path / "train.yaml"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "train", str(tmp_path / "train.yaml"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "result.json").read_text())
     m = summary["metrics"]

@@ -22,22 +22,44 @@ a temp dir of its own.
 
 No sleeps synchronise anything: every wait is a bounded poll on a file or a process (:func:`wait_for`).
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
-import ray  # noqa: F401 - also puts Ray's bundled psutil on sys.path
+import ray
 import ray.cloudpickle
 
 # Ray workers cannot import this package by name (benchmarks/ is not on their path): ship the functions and classes
 # of all its modules (faults.*) by value. Registered before the submodules are imported.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-from .common import (DIVERGING_LAM, DRIVER_TIMEOUT_S, KILL_WAIT_S, PYTHON, REPO, SAMPLES_PER_EPOCH,  # noqa: E402
-                     TAG_ENV, TINY, Outcome, Workspace, check_checkpoints, check_mlflow, check_sweep, config_dict,
-                     load_problem, mlflow_runs, prepare, reported_epochs, results, seed_stage1, tune_trials, wait_for,
-                     write_config)
+from .common import (
+    DIVERGING_LAM,
+    DRIVER_TIMEOUT_S,
+    KILL_WAIT_S,
+    PYTHON,
+    REPO,
+    SAMPLES_PER_EPOCH,
+    TAG_ENV,
+    TINY,
+    Outcome,
+    Workspace,
+    check_checkpoints,
+    check_mlflow,
+    check_sweep,
+    config_dict,
+    load_problem,
+    mlflow_runs,
+    prepare,
+    reported_epochs,
+    results,
+    seed_stage1,
+    tune_trials,
+    wait_for,
+    write_config,
+)
 from .process_faults import KILL_POINTS, driver_kill, rotation_kill, two_drivers  # noqa: E402
 from .processes import Driver, LocalRay, own_processes, stop_own_processes  # noqa: E402
 from .stand_ins import InterruptAfterFirstTrial, WorkerKiller, diverging_trial, killable_trial  # noqa: E402
@@ -55,10 +77,45 @@ SCENARIOS: dict[str, tuple[Callable[..., Outcome], bool, bool]] = {
 }
 
 __all__ = [
-    "CORRUPTIONS", "DIVERGING_LAM", "DRIVER_TIMEOUT_S", "KILL_POINTS", "KILL_WAIT_S", "PYTHON", "REPO",
-    "SAMPLES_PER_EPOCH", "SCENARIOS", "TAG_ENV", "TINY", "Driver", "InterruptAfterFirstTrial", "LocalRay", "Outcome",
-    "WorkerKiller", "Workspace", "check_checkpoints", "check_mlflow", "check_sweep", "config_dict", "corrupt_stage1",
-    "diverged_resume", "diverging_trial", "driver_kill", "killable_trial", "load_problem", "mlflow_runs",
-    "own_processes", "prepare", "reported_epochs", "results", "rotation_kill", "seed_stage1", "sigint_resume",
-    "stop_own_processes", "tune_trials", "two_drivers", "wait_for", "worker_kill", "write_config",
+    "CORRUPTIONS",
+    "DIVERGING_LAM",
+    "DRIVER_TIMEOUT_S",
+    "KILL_POINTS",
+    "KILL_WAIT_S",
+    "PYTHON",
+    "REPO",
+    "SAMPLES_PER_EPOCH",
+    "SCENARIOS",
+    "TAG_ENV",
+    "TINY",
+    "Driver",
+    "InterruptAfterFirstTrial",
+    "LocalRay",
+    "Outcome",
+    "WorkerKiller",
+    "Workspace",
+    "check_checkpoints",
+    "check_mlflow",
+    "check_sweep",
+    "config_dict",
+    "corrupt_stage1",
+    "diverged_resume",
+    "diverging_trial",
+    "driver_kill",
+    "killable_trial",
+    "load_problem",
+    "mlflow_runs",
+    "own_processes",
+    "prepare",
+    "reported_epochs",
+    "results",
+    "rotation_kill",
+    "seed_stage1",
+    "sigint_resume",
+    "stop_own_processes",
+    "tune_trials",
+    "two_drivers",
+    "wait_for",
+    "worker_kill",
+    "write_config",
 ]

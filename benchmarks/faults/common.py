@@ -11,6 +11,7 @@ What is counted (over the trials of the scenario's sweeps, after the recovery):
                          diverged or the sweep was interrupted (before the resume), 2 for bad input
   unloadable_checkpoints a checkpoint directory under its final name that lt_models.engine.checkpoint cannot load
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,29 +20,47 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import yaml
 
-from lt_models.data.synthetic.layout import Preset
 from lt_models.data.synthetic.generate import generate_benchmark
+from lt_models.data.synthetic.layout import Preset
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable  # the venv's interpreter
 TAG_ENV = "LTSWEEP_FAULTS_TAG"
 
 # The synthetic benchmark of the e2e tests (64 px, ~50 training and 16 validation images).
-TINY = Preset("tiny", image_size=64, families=2, appearances=3, t_max=40, t_min=2, q=5, val_ratio=0.25, val_min=2,
-              objects_per_image=(0.5, 0.5), min_size=14, max_size=30, n_confusable=1, n_two_leaf=1,
-              swap_rates=((0.3, 0.1, 0.2),), parent_only_rates=(0.1,), workers=1)
-SAMPLES_PER_EPOCH = 8        # 2 iterations of batch 4 per stage-2 epoch
-DIVERGING_LAM = 1.0          # diverging_trial: the configuration whose loss becomes NaN
-KILL_WAIT_S = 120.0          # how long a victim worker waits for its SIGKILL before failing its trial
-DRIVER_TIMEOUT_S = 900.0     # bound on any one driver process
+TINY = Preset(
+    "tiny",
+    image_size=64,
+    families=2,
+    appearances=3,
+    t_max=40,
+    t_min=2,
+    q=5,
+    val_ratio=0.25,
+    val_min=2,
+    objects_per_image=(0.5, 0.5),
+    min_size=14,
+    max_size=30,
+    n_confusable=1,
+    n_two_leaf=1,
+    swap_rates=((0.3, 0.1, 0.2),),
+    parent_only_rates=(0.1,),
+    workers=1,
+)
+SAMPLES_PER_EPOCH = 8  # 2 iterations of batch 4 per stage-2 epoch
+DIVERGING_LAM = 1.0  # diverging_trial: the configuration whose loss becomes NaN
+KILL_WAIT_S = 120.0  # how long a victim worker waits for its SIGKILL before failing its trial
+DRIVER_TIMEOUT_S = 900.0  # bound on any one driver process
 
 
 # ---- outcome -----------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Outcome:
@@ -53,7 +72,7 @@ class Outcome:
     orphan_runs: int = 0
     wrong_exit_codes: int = 0
     unloadable_checkpoints: int = 0
-    problems: list[str] = dataclasses.field(default_factory=list)   # every failed check, in words
+    problems: list[str] = dataclasses.field(default_factory=list)  # every failed check, in words
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     seconds: float = 0.0
 
@@ -67,7 +86,7 @@ class Outcome:
             self.fail(text)
         return ok
 
-    def exit_code(self, label: str, got: Optional[int], want: int) -> None:
+    def exit_code(self, label: str, got: int | None, want: int) -> None:
         """Record a process's (or summary's) exit code and count it if it breaks the rule."""
         self.details.setdefault("exit_codes", {})[label] = got
         if got != want:
@@ -80,11 +99,12 @@ class Outcome:
 
 # ---- workspace: data, configs, stage-1 cache ---------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Workspace:
-    root: Path           # everything of this bench/test lives under it
-    data: Path           # the TINY benchmark (train.json, val.json, hierarchy.json, images/)
-    stage1_store: Path   # a storage_path whose pretrain/ holds the trained stage-1 checkpoint
+    root: Path  # everything of this bench/test lives under it
+    data: Path  # the TINY benchmark (train.json, val.json, hierarchy.json, images/)
+    stage1_store: Path  # a storage_path whose pretrain/ holds the trained stage-1 checkpoint
 
     def store(self, name: str) -> Path:
         """A fresh storage_path for one scenario run."""
@@ -95,8 +115,16 @@ class Workspace:
         return path
 
 
-def config_dict(ws: Workspace, store: Path, name: str, *, lams=(0.0, 1.0), epochs: int = 2,
-                max_concurrent: int = 2, max_failures: int = 1) -> dict[str, Any]:
+def config_dict(
+    ws: Workspace,
+    store: Path,
+    name: str,
+    *,
+    lams=(0.0, 1.0),
+    epochs: int = 2,
+    max_concurrent: int = 2,
+    max_failures: int = 1,
+) -> dict[str, Any]:
     """A hybrid sweep over stage-2 λ (FIFO: every trial runs its whole schedule, one evaluation per epoch)."""
     d = ws.data
     return {
@@ -111,8 +139,7 @@ def config_dict(ws: Workspace, store: Path, name: str, *, lams=(0.0, 1.0), epoch
         "scheduler": {"type": "fifo"},
         "search": {"num_samples": 1, "max_concurrent_trials": max_concurrent, "seed": 0},
         "space": {"lam": {"grid": list(lams)}},
-        "run": {"storage_path": str(store), "max_failures": max_failures, "checkpoints_to_keep": 1,
-                "ray_num_cpus": 2},
+        "run": {"storage_path": str(store), "max_failures": max_failures, "checkpoints_to_keep": 1, "ray_num_cpus": 2},
     }
 
 
@@ -156,8 +183,10 @@ def seed_stage1(ws: Workspace, store: Path) -> Path:
 
 # ---- bounded waiting ---------------------------------------------------------------------------------------------
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, poll: float = 0.1,
-             alive: Optional[Callable[[], None]] = None) -> Any:
+
+def wait_for(
+    cond: Callable[[], Any], timeout: float, what: str, poll: float = 0.1, alive: Callable[[], None] | None = None
+) -> Any:
     """Poll cond() until it returns something truthy (returned) or `timeout` s pass (TimeoutError naming `what`).
     alive(), if given, is called on every round and may raise (a process that died too early)."""
     deadline = time.monotonic() + timeout
@@ -189,17 +218,20 @@ def _claim(path: Path) -> bool:
 
 # ---- timing a scenario -----------------------------------------------------------------------------------------------
 
+
 def _timed(fn):
     def run(*a, **kw):
         t0 = time.monotonic()
         o = fn(*a, **kw)
         o.seconds = round(time.monotonic() - t0, 1)
         return o
+
     run.__name__, run.__doc__ = fn.__name__, fn.__doc__
     return run
 
 
 # ---- reading a sweep back: Tune's trials, result.json, MLflow, checkpoints ---------------------------------------
+
 
 def tune_trials(exp_dir: Path) -> dict[str, dict[str, Any]]:
     """Tune's trials of an experiment from its latest experiment_state-<date>.json (the one `Tuner.restore` would
@@ -211,8 +243,12 @@ def tune_trials(exp_dir: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for trial_json, runtime_json in json.loads(states[-1].read_text())["trial_data"]:
         t, r = json.loads(trial_json), json.loads(runtime_json)
-        out[t["trial_id"]] = {"status": t["status"], "path": exp_dir / t["relative_logdir"],
-                              "config": t["config"], "num_failures": r.get("num_failures", 0)}
+        out[t["trial_id"]] = {
+            "status": t["status"],
+            "path": exp_dir / t["relative_logdir"],
+            "config": t["config"],
+            "num_failures": r.get("num_failures", 0),
+        }
     return out
 
 
@@ -228,7 +264,7 @@ def reported_epochs(trial_dir: Path) -> list[int]:
     return [int(r["epoch"]) for r in results(trial_dir)]
 
 
-def load_problem(ckpt_dir: Path) -> Optional[str]:
+def load_problem(ckpt_dir: Path) -> str | None:
     """None if lt_models can load the checkpoint directory (the detector from spec.json + checkpoint.pt, and the whole
     training state); else why not."""
     from lt_models.engine.checkpoint import load_checkpoint
@@ -238,7 +274,7 @@ def load_problem(ckpt_dir: Path) -> Optional[str]:
         model, _ = load_detector(ckpt_dir)
         load_checkpoint(ckpt_dir, model, restore_rng=False)
         json.loads((Path(ckpt_dir) / "metrics.json").read_text())
-    except Exception as exc:  # noqa: BLE001 - any failure to load is what is counted
+    except Exception as exc:
         return f"{ckpt_dir}: {type(exc).__name__}: {str(exc)[:200]}"
     return None
 
@@ -265,8 +301,9 @@ def mlflow_runs(tracking_uri: str, experiment: str) -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id], max_results=5000)
 
 
-def check_mlflow(o: Outcome, tracking_uri: str, experiment: str, trials: dict[str, dict],
-                 expect_status: dict[str, str]) -> dict[str, list]:
+def check_mlflow(
+    o: Outcome, tracking_uri: str, experiment: str, trials: dict[str, dict], expect_status: dict[str, str]
+) -> dict[str, list]:
     """One sweep run, one stage-1 run per sha256, one trial run per Tune trial (with the expected status), none left
     RUNNING, no trial run without its Tune trial. Returns the runs by role."""
     from pipelines.names import PRETRAIN_SHA_TAG, ROLE_TAG, TRIAL_ID_TAG
@@ -277,8 +314,10 @@ def check_mlflow(o: Outcome, tracking_uri: str, experiment: str, trials: dict[st
         by_role.setdefault(r.data.tags.get(ROLE_TAG, "?"), []).append(r)
     running = [r for r in runs if r.info.status == "RUNNING"]
     for r in running:
-        o.fail(f"MLflow run {r.info.run_id} ({r.data.tags.get(ROLE_TAG)} "
-               f"{r.data.tags.get(TRIAL_ID_TAG, '')}) is left RUNNING")
+        o.fail(
+            f"MLflow run {r.info.run_id} ({r.data.tags.get(ROLE_TAG)} "
+            f"{r.data.tags.get(TRIAL_ID_TAG, '')}) is left RUNNING"
+        )
     orphans = {r.info.run_id for r in running}
     per_trial: dict[str, list] = {}
     for r in by_role.get("trial", []):
@@ -293,8 +332,10 @@ def check_mlflow(o: Outcome, tracking_uri: str, experiment: str, trials: dict[st
     o.orphan_runs += len(orphans)
     for tid, want in expect_status.items():
         got = sorted(r.info.status for r in per_trial.get(tid, []))
-        o.check(got == [want] or (len(got) > 1 and want in got),
-                f"trial {tid}: MLflow run status {got or 'none (no run)'}, expected {want}")
+        o.check(
+            got == [want] or (len(got) > 1 and want in got),
+            f"trial {tid}: MLflow run status {got or 'none (no run)'}, expected {want}",
+        )
     sweeps = by_role.get("sweep", [])
     if len(sweeps) > 1:
         o.duplicate_runs += len(sweeps) - 1
@@ -311,8 +352,16 @@ def check_mlflow(o: Outcome, tracking_uri: str, experiment: str, trials: dict[st
     return by_role
 
 
-def check_sweep(o: Outcome, cfg, *, epochs: int, diverging: tuple = (), expected_exit: Optional[int] = None,
-                exit_code: Optional[int] = None, label: str = "sweep") -> dict[str, dict]:
+def check_sweep(
+    o: Outcome,
+    cfg,
+    *,
+    epochs: int,
+    diverging: tuple = (),
+    expected_exit: int | None = None,
+    exit_code: int | None = None,
+    label: str = "sweep",
+) -> dict[str, dict]:
     """The common checks of a recovered sweep: every grid configuration has a trial that ran epochs 1..E exactly once
     each (TERMINATED), or ended in ERROR without a report when its λ is in `diverging`; MLflow as in check_mlflow;
     every kept checkpoint loads; the exit code follows the rule. Returns Tune's trials."""
@@ -332,8 +381,10 @@ def check_sweep(o: Outcome, cfg, *, epochs: int, diverging: tuple = (), expected
         info[tid] = {"lam": lam, "status": t["status"], "epochs": ep, "num_failures": t["num_failures"]}
         if lam in diverging:
             expect_status[tid] = "FAILED"
-            o.check(t["status"] == "ERROR" and ep == [], f"trial {tid} (lam {lam}, meant to diverge): status "
-                    f"{t['status']}, epochs {ep}")
+            o.check(
+                t["status"] == "ERROR" and ep == [],
+                f"trial {tid} (lam {lam}, meant to diverge): status {t['status']}, epochs {ep}",
+            )
         else:
             expect_status[tid] = "FINISHED"
             o.check(ep == list(range(1, len(ep) + 1)), f"trial {tid}: reported epochs {ep} have a gap or a repeat")
@@ -345,12 +396,17 @@ def check_sweep(o: Outcome, cfg, *, epochs: int, diverging: tuple = (), expected
         if float(lam) in diverging:
             o.check(len(tids) >= 1, f"lam {lam}: no trial")
             continue
-        ok = [tid for tid in tids if info[tid]["status"] == "TERMINATED"
-              and info[tid]["epochs"] == list(range(1, epochs + 1))]
+        ok = [
+            tid
+            for tid in tids
+            if info[tid]["status"] == "TERMINATED" and info[tid]["epochs"] == list(range(1, epochs + 1))
+        ]
         if not ok:
             o.lost_trials += 1
-            o.fail(f"lam {lam}: no trial finished its {epochs} epochs "
-                   f"({[(tid, info[tid]['status'], info[tid]['epochs']) for tid in tids] or 'no trial at all'})")
+            o.fail(
+                f"lam {lam}: no trial finished its {epochs} epochs "
+                f"({[(tid, info[tid]['status'], info[tid]['epochs']) for tid in tids] or 'no trial at all'})"
+            )
     check_mlflow(o, tracking_uri_for(cfg), cfg.name, trials, expect_status)
     check_checkpoints(o, [t["path"] for t in trials.values()])
     return trials

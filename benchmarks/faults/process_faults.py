@@ -4,6 +4,7 @@ on a fresh store, and `ltsweep train` SIGKILLed during checkpoint rotation/writi
 Each driver runs as `python -m pipelines.tune.sweep` with its own local Ray (:class:`faults.processes.Driver`); every
 process of it is accounted for afterwards (and killed, and reported as leaked, if it outlives a bounded wait).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,22 @@ import signal
 import subprocess
 import textwrap
 from pathlib import Path
-from typing import Optional
 
-from .common import (DRIVER_TIMEOUT_S, PYTHON, REPO, Outcome, Workspace, _timed, check_sweep, load_problem,
-                     seed_stage1, wait_for, write_config)
+from .common import (
+    DRIVER_TIMEOUT_S,
+    PYTHON,
+    REPO,
+    Outcome,
+    Workspace,
+    _timed,
+    check_sweep,
+    load_problem,
+    seed_stage1,
+    wait_for,
+    write_config,
+)
 from .processes import Driver
+
 
 def _trial_progress(exp_dir: Path, epochs: int) -> tuple[list[Path], list[Path]]:
     """(finished, mid-training) trial dirs by their result.json on storage: all E epochs reported, or 1..E-1."""
@@ -47,12 +59,18 @@ def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     exp_dir = experiment_path(cfg)
     driver = Driver([str(path), "--no-register"], store / "driver-1.log")
     try:
+
         def one_finished_one_running():
             finished, partial = _trial_progress(exp_dir, epochs)
             return (finished, partial) if finished and partial else None
 
-        finished, partial = wait_for(one_finished_one_running, DRIVER_TIMEOUT_S,
-                                     "a finished and a mid-training trial", poll=0.1, alive=driver.check_alive)
+        finished, partial = wait_for(
+            one_finished_one_running,
+            DRIVER_TIMEOUT_S,
+            "a finished and a mid-training trial",
+            poll=0.1,
+            alive=driver.check_alive,
+        )
         driver.kill9()
     finally:
         if driver.proc.poll() is None:
@@ -75,10 +93,14 @@ def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     if rc != 0:
         o.details["resume_output_tail"] = out[-2000:]
     for p, before in snapshot.items():
-        o.check((p / "result.json").read_bytes() == before, f"finished trial {p.name}: result.json changed by "
-                "the resume")
-    o.check([p.name for p in (store / "pretrain").iterdir() if p.is_dir()] == [sha_dir.name]
-            and (sha_dir / "meta.json").read_bytes() == meta_before, "the stage-1 cache changed")
+        o.check(
+            (p / "result.json").read_bytes() == before, f"finished trial {p.name}: result.json changed by the resume"
+        )
+    o.check(
+        [p.name for p in (store / "pretrain").iterdir() if p.is_dir()] == [sha_dir.name]
+        and (sha_dir / "meta.json").read_bytes() == meta_before,
+        "the stage-1 cache changed",
+    )
     o.check("(reused)" in out and "trained for this sweep" not in out, "the resumed driver trained stage 1 again")
     check_sweep(o, cfg, epochs=epochs, expected_exit=0, exit_code=rc, label="resume")
     return o
@@ -106,8 +128,11 @@ def two_drivers(ws: Workspace, run: int = 0, *, epochs: int = 1) -> Outcome:
     outs = [d.output() for d in drivers]
     trained = sum("trained for this sweep" in out for out in outs)
     reused = sum("(reused)" in out for out in outs)
-    o.details["stage1"] = {"trained": trained, "reused": reused,
-                           "waited_for_the_other": sum("trained by another driver meanwhile" in out for out in outs)}
+    o.details["stage1"] = {
+        "trained": trained,
+        "reused": reused,
+        "waited_for_the_other": sum("trained by another driver meanwhile" in out for out in outs),
+    }
     o.check(trained == 1 and reused == 1, f"stage 1 trained by {trained} driver(s), reused by {reused}")
     caches = [p.name for p in (store / "pretrain").iterdir() if p.is_dir()] if (store / "pretrain").is_dir() else []
     o.check(len(caches) == 1, f"stage-1 cache directories: {caches}")
@@ -176,7 +201,7 @@ def _checkpoint_dirs(folder: Path) -> tuple[list[Path], list[Path]]:
 
 
 @_timed
-def rotation_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, point: Optional[str] = None) -> Outcome:
+def rotation_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, point: str | None = None) -> Outcome:
     """`ltsweep train` (keep 1 checkpoint) killed with SIGKILL at one point of checkpoint writing/rotation (by run:
     right after the old checkpoint was renamed away, half-way through deleting it, or half-way through writing the
     epoch-2 checkpoint; or `point`, one of KILL_POINTS), then run again into the same --out.
@@ -194,8 +219,14 @@ def rotation_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, point: Option
     folder = out / "stage2"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     with open(store / "train-1.log", "w") as log:
-        rc1 = subprocess.run([PYTHON, "-c", _ROTATION_RUNNER, point, str(path), str(out)], cwd=REPO, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, timeout=DRIVER_TIMEOUT_S).returncode
+        rc1 = subprocess.run(
+            [PYTHON, "-c", _ROTATION_RUNNER, point, str(path), str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=DRIVER_TIMEOUT_S,
+        ).returncode
     o.details["exit_codes"] = {"killed run": rc1}
     o.check(rc1 == -signal.SIGKILL, f"the killed run ended with {rc1}, not by SIGKILL (kill point not reached?)")
     visible, hidden = _checkpoint_dirs(folder)
@@ -207,8 +238,14 @@ def rotation_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, point: Option
             o.unloadable_checkpoints += 1
             o.fail(f"after the kill: unloadable checkpoint {problem}")
     with open(store / "train-2.log", "w") as log:
-        rc2 = subprocess.run([PYTHON, "-c", _ROTATION_RUNNER, "none", str(path), str(out)], cwd=REPO, env=env,
-                             stdout=log, stderr=subprocess.STDOUT, timeout=DRIVER_TIMEOUT_S).returncode
+        rc2 = subprocess.run(
+            [PYTHON, "-c", _ROTATION_RUNNER, "none", str(path), str(out)],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=DRIVER_TIMEOUT_S,
+        ).returncode
     o.exit_code("rerun", rc2, 0)
     visible, hidden = _checkpoint_dirs(folder)
     o.details["after_rerun"] = {"visible": [p.name for p in visible], "hidden": [p.name for p in hidden]}
@@ -221,6 +258,8 @@ def rotation_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, point: Option
     if rc2 == 0:
         summary = json.loads((out / "result.json").read_text())
         ckpt = Path(summary["checkpoint"])
-        o.check(ckpt.is_dir() and json.loads((ckpt / "run.json").read_text())["epoch"] == epochs,
-                f"the rerun's result points at {ckpt}")
+        o.check(
+            ckpt.is_dir() and json.loads((ckpt / "run.json").read_text())["epoch"] == epochs,
+            f"the rerun's result points at {ckpt}",
+        )
     return o

@@ -5,6 +5,7 @@ A subprocess driver starts its own local Ray in its own temp dir (RAY_TMPDIR) an
 environment; after it ends (or is killed) every process that names that temp dir or carries the tag is found and, if
 still alive after a bounded wait, killed and reported as leaked. Nothing else on the machine is touched.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,14 +15,13 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Optional
 
 import ray
 
 from .common import DRIVER_TIMEOUT_S, PYTHON, REPO, TAG_ENV, wait_for
 
 
-def own_processes(temp_dir: str, tag: Optional[str] = None) -> list:
+def own_processes(temp_dir: str, tag: str | None = None) -> list:
     """Live processes of one Ray instance of ours: those whose command line names `temp_dir` or whose environment
     carries `tag`, and their descendants (a Ray worker's command line is only `ray::...`)."""
     import psutil
@@ -42,7 +42,7 @@ def own_processes(temp_dir: str, tag: Optional[str] = None) -> list:
     return [p for p in found.values() if p.pid != me and p.is_running()]
 
 
-def stop_own_processes(temp_dir: str, tag: Optional[str] = None, grace: float = 30.0) -> list[str]:
+def stop_own_processes(temp_dir: str, tag: str | None = None, grace: float = 30.0) -> list[str]:
     """Wait (bounded) for the processes of one of our Ray instances to exit by themselves, then SIGKILL whatever is
     left. Returns the leftovers that had to be killed ("pid cmdline"): leaked processes."""
     import psutil
@@ -69,12 +69,17 @@ class LocalRay:
 
     def __init__(self, num_cpus: int = 2):
         self.num_cpus = num_cpus
-        self.temp_dir: Optional[str] = None
+        self.temp_dir: str | None = None
 
     def start(self) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="ltsf-", dir="/tmp")  # short: Ray's socket paths must stay < 108
-        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=self.temp_dir)
+        ray.init(
+            address="local",
+            num_cpus=self.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            _temp_dir=self.temp_dir,
+        )
 
     def stop(self) -> list[str]:
         ray.shutdown()
@@ -102,15 +107,22 @@ class Driver:
         env.update({"RAY_TMPDIR": self.temp_dir, TAG_ENV: self.tag, "PYTHONUNBUFFERED": "1"})
         self.log = log
         with open(log, "w") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "pipelines", "sweep", *args], cwd=REPO, env=env, stdout=out,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "pipelines", "sweep", *args],
+                cwd=REPO,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def check_alive(self) -> None:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"the driver exited early with {self.proc.returncode}; see {self.log}:\n"
-                               + self.output()[-3000:])
+            raise RuntimeError(
+                f"the driver exited early with {self.proc.returncode}; see {self.log}:\n" + self.output()[-3000:]
+            )
 
-    def wait(self, timeout: float = DRIVER_TIMEOUT_S) -> Optional[int]:
+    def wait(self, timeout: float = DRIVER_TIMEOUT_S) -> int | None:
         """Its exit code, or None if it ran past `timeout` (then it is killed)."""
         try:
             return self.proc.wait(timeout)

@@ -5,6 +5,7 @@ Tune callback that sends SIGINT to the driver.
 The trainables run in Ray workers, which cannot import this package by name (benchmarks/ is not on their path):
 the package registers itself with cloudpickle so that they are shipped by value (see faults/__init__.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -12,11 +13,11 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
 from ray import tune
 
 from .common import DIVERGING_LAM, KILL_WAIT_S, _claim, _write_atomic
+
 
 class _DieAfterFirstBatch:
     """A data loader that, once its first batch has been trained on, writes this process's pid to `pid_file` and
@@ -97,14 +98,14 @@ class WorkerKiller(threading.Thread):
         super().__init__(daemon=True)
         self.faults = faults
         self.done = threading.Event()
-        self.killed: dict[str, Optional[int]] = {}
+        self.killed: dict[str, int | None] = {}
 
     def run(self) -> None:
         import psutil
 
         while not self.done.is_set():
             for f in sorted(self.faults.glob("pid-*.txt")):
-                trial_id = f.stem[len("pid-"):]
+                trial_id = f.stem[len("pid-") :]
                 if trial_id in self.killed:
                     continue
                 pid = int(f.read_text())

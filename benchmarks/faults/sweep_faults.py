@@ -3,15 +3,26 @@ killed mid-epoch, a diverged trial resumed with --resume-errored, Ctrl+C then --
 
 Each builds a fresh store, injects its fault, recovers, and returns an :class:`faults.common.Outcome`.
 """
+
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from .common import (DIVERGING_LAM, Outcome, Workspace, _timed, check_sweep, mlflow_runs, results, seed_stage1,
-                     write_config)
+from .common import (
+    DIVERGING_LAM,
+    Outcome,
+    Workspace,
+    _timed,
+    check_sweep,
+    mlflow_runs,
+    results,
+    seed_stage1,
+    write_config,
+)
 from .processes import LocalRay
 from .stand_ins import InterruptAfterFirstTrial, WorkerKiller, diverging_trial, killable_trial
+
 
 @_timed
 def worker_kill(ws: Workspace, run: int = 0, *, epochs: int = 3) -> Outcome:
@@ -21,8 +32,8 @@ def worker_kill(ws: Workspace, run: int = 0, *, epochs: int = 3) -> Outcome:
     continued from the epoch-1 checkpoint, so its result.json reports epochs 1..E once each (also training_iteration
     1..E); the sweep exits 0; every trial finished; one MLflow run per trial, FINISHED, with a retry count; every
     kept checkpoint loads."""
-    from pipelines.tune import sweep
     from pipelines.names import RETRIES_TAG, TRIAL_ID_TAG
+    from pipelines.tune import sweep
 
     o = Outcome("worker_kill")
     store = ws.store(f"worker-kill-{run}")
@@ -38,24 +49,32 @@ def worker_kill(ws: Workspace, run: int = 0, *, epochs: int = 3) -> Outcome:
         killer.stop()
     o.details["killed"] = dict(killer.killed)
     trials = check_sweep(o, cfg, epochs=epochs, expected_exit=0, exit_code=summary.exit_code())
-    if not o.check(len(killer.killed) == 1 and None not in killer.killed.values(),
-                   f"expected one killed worker, got {killer.killed}"):
+    if not o.check(
+        len(killer.killed) == 1 and None not in killer.killed.values(),
+        f"expected one killed worker, got {killer.killed}",
+    ):
         return o
-    (victim, pid), = killer.killed.items()
+    ((victim, pid),) = killer.killed.items()
     attempts = [int(x) for x in (faults / f"attempts-{victim}.txt").read_text().split()]
     o.details["victim"] = {"trial": victim, "pid": pid, "attempt_pids": attempts}
-    o.check(len(attempts) == 2 and attempts[0] == pid and attempts[1] != pid,
-            f"victim {victim}: attempts ran in processes {attempts}; expected the killed {pid}, then another one")
+    o.check(
+        len(attempts) == 2 and attempts[0] == pid and attempts[1] != pid,
+        f"victim {victim}: attempts ran in processes {attempts}; expected the killed {pid}, then another one",
+    )
     t = trials.get(victim)
     if o.check(t is not None, f"the victim {victim} is no Tune trial"):
         rs = results(t["path"])
-        o.check([r["training_iteration"] for r in rs] == list(range(1, epochs + 1)),
-                f"victim {victim}: training_iteration {[r['training_iteration'] for r in rs]}")
+        o.check(
+            [r["training_iteration"] for r in rs] == list(range(1, epochs + 1)),
+            f"victim {victim}: training_iteration {[r['training_iteration'] for r in rs]}",
+        )
         o.check(t["num_failures"] == 1, f"victim {victim}: Tune counted {t['num_failures']} failures, expected 1")
     runs = [r for r in mlflow_runs(summary.tracking_uri, cfg.name) if r.data.tags.get(TRIAL_ID_TAG) == victim]
-    o.check(len(runs) == 1 and runs[0].data.tags.get(RETRIES_TAG) == "1",
-            f"victim {victim}: MLflow runs {[(r.info.status, r.data.tags.get(RETRIES_TAG)) for r in runs]}, expected "
-            "one with ltsweep.retries 1")
+    o.check(
+        len(runs) == 1 and runs[0].data.tags.get(RETRIES_TAG) == "1",
+        f"victim {victim}: MLflow runs {[(r.info.status, r.data.tags.get(RETRIES_TAG)) for r in runs]}, expected "
+        "one with ltsweep.retries 1",
+    )
     return o
 
 
@@ -84,35 +103,54 @@ def diverged_resume(ws: Workspace, local_ray: LocalRay, run: int = 0, *, epochs:
     if not o.check(len(bad) == 1 and bad[0].error is not None, f"diverging trial: {bad}"):
         return o
     bad = bad[0]
-    o.check(bad.error.startswith("TrialDivergedError") and "non-finite training loss" in bad.error,
-            f"first run: the diverged trial's error is {bad.error!r}")
+    o.check(
+        bad.error.startswith("TrialDivergedError") and "non-finite training loss" in bad.error,
+        f"first run: the diverged trial's error is {bad.error!r}",
+    )
     calls_file = faults / f"engine-calls-{bad.trial_id}.txt"
     calls_first = len(calls_file.read_text().split())
     marker = Path(bad.path) / DIVERGED_MARKER
     o.details["engine_calls_first"] = calls_first
     o.details["marker_in_storage"] = marker.is_file()
-    o.check(calls_first == 1, f"first run: the engine ran {calls_first} times for the diverged trial (its retry "
-            "should have stopped at the marker)")
+    o.check(
+        calls_first == 1,
+        f"first run: the engine ran {calls_first} times for the diverged trial (its retry "
+        "should have stopped at the marker)",
+    )
     o.check(marker.is_file(), f"no divergence marker at {marker} (the trial's storage directory)")
     good = {t.trial_id: Path(t.path, "result.json").read_bytes() for t in first.trials if t.error is None}
 
     leaked = local_ray.restart()  # what a new `ltsweep sweep --resume --resume-errored` process gets
     o.check(not leaked, f"Ray processes left after ray.shutdown: {leaked}")
-    second = sweep.run_sweep(cfg, resume=True, errored="resume", trainable_fn=diverging_trial, verbose=0,
-                             progress=False, register=False)
+    second = sweep.run_sweep(
+        cfg, resume=True, errored="resume", trainable_fn=diverging_trial, verbose=0, progress=False, register=False
+    )
     calls_second = len(calls_file.read_text().split())
     o.details["engine_calls_after_resume"] = calls_second
-    o.check(calls_second == calls_first, f"--resume-errored in a new Ray session ran the engine again "
-            f"({calls_first} -> {calls_second} calls)")
+    o.check(
+        calls_second == calls_first,
+        f"--resume-errored in a new Ray session ran the engine again ({calls_first} -> {calls_second} calls)",
+    )
     again = next((t for t in second.trials if t.trial_id == bad.trial_id), None)
-    o.check(again is not None and again.error is not None and again.error.startswith("TrialDivergedError"),
-            f"after --resume-errored the diverged trial reads {again and again.error!r}")
+    o.check(
+        again is not None and again.error is not None and again.error.startswith("TrialDivergedError"),
+        f"after --resume-errored the diverged trial reads {again and again.error!r}",
+    )
     for tid, before in good.items():
         t = next((t for t in second.trials if t.trial_id == tid), None)
-        o.check(t is not None and Path(t.path, "result.json").read_bytes() == before,
-                f"finished trial {tid}: result.json changed by the resume")
-    check_sweep(o, cfg, epochs=epochs, diverging=(DIVERGING_LAM,), expected_exit=1, exit_code=second.exit_code(),
-                label="resume --resume-errored")
+        o.check(
+            t is not None and Path(t.path, "result.json").read_bytes() == before,
+            f"finished trial {tid}: result.json changed by the resume",
+        )
+    check_sweep(
+        o,
+        cfg,
+        epochs=epochs,
+        diverging=(DIVERGING_LAM,),
+        expected_exit=1,
+        exit_code=second.exit_code(),
+        label="resume --resume-errored",
+    )
     return o
 
 
@@ -125,19 +163,19 @@ def sigint_resume(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     reports epochs 1..E once; one MLflow run per trial, FINISHED."""
     from mlflow import MlflowClient
 
-    from pipelines.tune import sweep
     from pipelines.names import TRIAL_ID_TAG
+    from pipelines.tune import sweep
 
     o = Outcome("sigint_resume")
     store = ws.store(f"sigint-{run}")
     seed_stage1(ws, store)
     _, cfg = write_config(ws, store, "sigint", lams=(0.0, 0.5, 1.0), epochs=epochs)
     flag = store / "interrupted.txt"
-    first = sweep.run_sweep(cfg, callbacks=[InterruptAfterFirstTrial(flag)], verbose=0, progress=False,
-                            register=False)
+    first = sweep.run_sweep(cfg, callbacks=[InterruptAfterFirstTrial(flag)], verbose=0, progress=False, register=False)
     o.exit_code("interrupted run", first.exit_code(), 1)
-    o.check(first.interrupted and first.unfinished >= 1, f"interrupted={first.interrupted}, "
-            f"unfinished={first.unfinished}")
+    o.check(
+        first.interrupted and first.unfinished >= 1, f"interrupted={first.interrupted}, unfinished={first.unfinished}"
+    )
     done = flag.read_text() if flag.exists() else None
     t_done = next((t for t in first.trials if t.trial_id == done), None)
     if not o.check(t_done is not None, "no trial completed before the interrupt"):
@@ -148,8 +186,10 @@ def sigint_resume(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
     o.check(Path(t_done.path, "result.json").read_bytes() == before, f"finished trial {done}: result.json changed")
     if run_before:
         after = MlflowClient(first.tracking_uri).get_run(run_before[0].info.run_id)
-        o.check(after.info.end_time == run_before[0].info.end_time and after.info.status == "FINISHED",
-                f"finished trial {done}: its MLflow run was touched by the resume")
+        o.check(
+            after.info.end_time == run_before[0].info.end_time and after.info.status == "FINISHED",
+            f"finished trial {done}: its MLflow run was touched by the resume",
+        )
     check_sweep(o, cfg, epochs=epochs, expected_exit=0, exit_code=second.exit_code(), label="resume")
     return o
 
@@ -163,7 +203,7 @@ def _corrupt(path: Path, how: str) -> None:
         path.write_bytes(data[: len(data) // 2])
     elif how == "flip":
         i = len(data) // 2
-        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1:])
+        path.write_bytes(data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :])
     elif how == "empty":
         path.write_bytes(b"")
     else:
@@ -209,8 +249,10 @@ def corrupt_stage1(ws: Workspace, run: int = 0, *, epochs: int = 1) -> Outcome:
     said = [line for line in records.lines if str(sha_dir) in line]
     # pipelines.tune.stage1 reports a corrupt cache once: the check under the lock passes report=False
     o.details["times_reported"] = len(said)
-    o.check(len(said) == 1 and "\n" not in said[0] and ("is corrupt" in said[0] or "no such file" in said[0]),
-            f"the corrupt cache was reported as {said}")
+    o.check(
+        len(said) == 1 and "\n" not in said[0] and ("is corrupt" in said[0] or "no such file" in said[0]),
+        f"the corrupt cache was reported as {said}",
+    )
     o.check(pretrain.verify_stage1(sha_dir) is None, "the retrained stage-1 cache does not verify")
     check_sweep(o, cfg, epochs=epochs, expected_exit=0, exit_code=summary.exit_code())
     return o

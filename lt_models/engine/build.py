@@ -5,6 +5,7 @@ Optimisation: SGD (momentum 0.9, weight decay 1e-4) over the trainable parameter
 (linear warm-up from ``warmup_factor`` over ``warmup`` iterations, then x``lr_gamma`` at each epoch in
 ``lr_steps``).
 """
+
 from __future__ import annotations
 
 import sys
@@ -63,8 +64,14 @@ def build_lr_scheduler(optimizer, warmup: int, warmup_factor: float, milestones:
 # ----------------------------------------------------------------------------------------------------------------
 # The run's loss
 # ----------------------------------------------------------------------------------------------------------------
-def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rate: float, inputs: Iterable[str],
-                       skip_invalid: bool = False, store=None) -> dict:
+def shared_loss_inputs(
+    train_ann: str,
+    hierarchy_file: str | None,
+    hierarchy_rate: float,
+    inputs: Iterable[str],
+    skip_invalid: bool = False,
+    store=None,
+) -> dict:
     """The costly loss inputs that every run on the same training data shares, computed once: the
     concurrent-rate matrix r_ij (``lt_models.data.rate_matrix``) when ``inputs`` (the union of ``LossSpec.inputs``
     of the runs) names ``concurrent_rate`` (concurrent softmax in training, or eq 5 scores). A sweep computes them
@@ -73,19 +80,34 @@ def shared_loss_inputs(train_ann: str, hierarchy_file: str | None, hierarchy_rat
     ``train_ann`` again."""
     if "concurrent_rate" not in set(inputs):
         return {}
-    return {"concurrent_rate": concurrent_rate_matrix(train_ann if store is None else store, hierarchy=hierarchy_file,
-                                                      hierarchy_rate=hierarchy_rate, skip_invalid=skip_invalid)}
+    return {
+        "concurrent_rate": concurrent_rate_matrix(
+            train_ann if store is None else store,
+            hierarchy=hierarchy_file,
+            hierarchy_rate=hierarchy_rate,
+            skip_invalid=skip_invalid,
+        )
+    }
 
 
 def build_run_loss(spec: TrainSpec, train_ds, shared: dict | None):
     """``spec.loss`` built with the data its equation needs (``LossSpec.build``): r_ij (shared), the r/c/f buckets,
     the class frequencies, the number of classes."""
     if shared is None or ("concurrent_rate" in spec.loss.inputs and "concurrent_rate" not in shared):
-        shared = shared_loss_inputs(spec.train_ann, spec.hierarchy_file, spec.hierarchy_rate, spec.loss.inputs,
-                                    spec.skip_invalid, store=train_ds.store)
-    return spec.loss.build(concurrent_rate=shared.get("concurrent_rate"), frequency=list(train_ds.frequency),
-                           class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist(),
-                           num_classes=train_ds.num_classes)
+        shared = shared_loss_inputs(
+            spec.train_ann,
+            spec.hierarchy_file,
+            spec.hierarchy_rate,
+            spec.loss.inputs,
+            spec.skip_invalid,
+            store=train_ds.store,
+        )
+    return spec.loss.build(
+        concurrent_rate=shared.get("concurrent_rate"),
+        frequency=list(train_ds.frequency),
+        class_freq=(train_ds.image_counts() / max(len(train_ds), 1)).tolist(),
+        num_classes=train_ds.num_classes,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,9 +115,15 @@ def build_run_loss(spec: TrainSpec, train_ds, shared: dict | None):
 # ----------------------------------------------------------------------------------------------------------------
 def train_loader(dataset, batch_size: int, sampler, workers: int, device: torch.device):
     """Batches of ``(images, targets)`` in the order ``sampler`` draws."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                       collate_fn=collate_detection, pin_memory=device.type == "cuda",
-                                       persistent_workers=False)
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_detection,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
 
 
 def val_loader(dataset, spec: TrainSpec, device: torch.device, rank: int, world_size: int):
@@ -105,5 +133,10 @@ def val_loader(dataset, spec: TrainSpec, device: torch.device, rank: int, world_
         sampler = torch.utils.data.SequentialSampler(dataset)
         return train_loader(dataset, spec.batch_size, sampler, spec.workers, device)
     batches = distributed.eval_batches(len(dataset), spec.batch_size, rank, world_size)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=spec.workers,
-                                       collate_fn=collate_detection, pin_memory=device.type == "cuda")
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=spec.workers,
+        collate_fn=collate_detection,
+        pin_memory=device.type == "cuda",
+    )

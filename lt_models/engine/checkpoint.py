@@ -6,6 +6,7 @@ that appears atomically. Resuming from the checkpoint written after epoch e cont
 uninterrupted run would have (bit-identical on CPU): the samplers draw each epoch from (seed, epoch), and the
 torch / CUDA / numpy / python RNG states come back with the weights.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,13 @@ def capture_rng_state() -> dict:
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": np_state[0], "key": torch.from_numpy(np_state[1].astype(np.int64)),
-                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "name": np_state[0],
+            "key": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]},
     }
     if torch.cuda.is_available():
@@ -42,8 +48,7 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"]), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -65,8 +70,17 @@ def _loss_state(model) -> dict:
     return dict(loss.state_dict()) if loss is not None else {}
 
 
-def save_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *, epoch: int,
-                    iteration: int, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    *,
+    epoch: int,
+    iteration: int,
+    extra: dict | None = None,
+) -> Path:
     """Write a training checkpoint atomically (temp file in the same directory, then ``os.replace``).
 
     ``epoch`` = epochs completed, ``iteration`` = optimizer steps done. Of the loss module only the state it
@@ -99,17 +113,23 @@ def _read_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist: give a checkpoint directory (holding "
-                          f"{CHECKPOINT_FILE}) or file written by ltsweep")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} does not exist: give a checkpoint directory (holding "
+            f"{CHECKPOINT_FILE}) or file written by ltsweep"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"checkpoint {str(path)!r} cannot be read ({first}): it is truncated or corrupt; for the "
-                          "shared stage-1 checkpoint rerun the sweep with --force-pretrain") from None
+        raise ConfigError(
+            f"checkpoint {str(path)!r} cannot be read ({first}): it is truncated or corrupt; for the "
+            "shared stage-1 checkpoint rerun the sweep with --force-pretrain"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise ConfigError(f"checkpoint {str(path)!r} is not an ltsweep checkpoint (format {_FORMAT}); "
-                          "pass one written by lt_models.engine.loop.save_checkpoint")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} is not an ltsweep checkpoint (format {_FORMAT}); "
+            "pass one written by lt_models.engine.loop.save_checkpoint"
+        )
     return ckpt
 
 
@@ -123,15 +143,18 @@ def load_model_weights(path: str | Path, model) -> dict:
     unexpected = sorted(set(state) - set(own))
     bad = [k for k in own if k in state and own[k].shape != state[k].shape]
     if missing or unexpected or bad:
-        raise ConfigError(f"checkpoint {str(path)!r} does not fit this detector (missing {missing[:3]}, "
-                          f"unexpected {unexpected[:3]}, shape mismatch {bad[:3]}); stage 1 and stage 2 must use the "
-                          "same backbone, image size and class list")
+        raise ConfigError(
+            f"checkpoint {str(path)!r} does not fit this detector (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]}, shape mismatch {bad[:3]}); stage 1 and stage 2 must use the "
+            "same backbone, image size and class list"
+        )
     model.load_state_dict(state, strict=False)
     return ckpt["extra"]
 
 
-def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *,
-                    restore_rng: bool = True) -> dict:
+def load_checkpoint(
+    path: str | Path, model, optimizer=None, scheduler=None, scaler=None, *, restore_rng: bool = True
+) -> dict:
     """Restore a checkpoint written by ``save_checkpoint`` (``torch.load(weights_only=True)``) into the given
     objects, the loss's accumulated state and (by default) the global RNGs. Returns ``{"epoch", "iteration",
     "extra"}``."""
@@ -142,9 +165,11 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None, sca
         try:
             loss.load_state_dict(ckpt["loss_state"])
         except RuntimeError as exc:
-            raise ConfigError(f"checkpoint {str(path)!r}: its loss state does not fit this run's loss "
-                              f"({type(loss).__name__}): {str(exc).splitlines()[0]}; resume with the spec that "
-                              "wrote it") from None
+            raise ConfigError(
+                f"checkpoint {str(path)!r}: its loss state does not fit this run's loss "
+                f"({type(loss).__name__}): {str(exc).splitlines()[0]}; resume with the spec that "
+                "wrote it"
+            ) from None
     if optimizer is not None and ckpt["optimizer"] is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt["scheduler"] is not None:
@@ -162,15 +187,27 @@ def _json_default(obj):
     return str(obj)
 
 
-def write_checkpoint_dir(out_dir: str | Path, name: str, model, optimizer=None, scheduler=None, scaler=None, *,
-                         epoch: int, iteration: int, metrics: dict | None = None, spec: dict | None = None,
-                         extra: dict | None = None) -> Path:
+def write_checkpoint_dir(
+    out_dir: str | Path,
+    name: str,
+    model,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    *,
+    epoch: int,
+    iteration: int,
+    metrics: dict | None = None,
+    spec: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Write ``out_dir/name/`` = {checkpoint.pt, metrics.json, spec.json} atomically: everything goes into a temp
     directory beside it that is renamed into place, so a reader never sees a half-written checkpoint."""
     final = Path(out_dir) / name
     with atomic_dir(final) as tmp:  # a re-run of the same epoch replaces the old directory
-        save_checkpoint(tmp / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, epoch=epoch,
-                        iteration=iteration, extra=extra)
+        save_checkpoint(
+            tmp / CHECKPOINT_FILE, model, optimizer, scheduler, scaler, epoch=epoch, iteration=iteration, extra=extra
+        )
         run = {"run_id": (extra or {}).get("run_id"), "epoch": int(epoch)}  # which run wrote it, and when
         for fname, obj in (("metrics.json", metrics), ("spec.json", spec), (RUN_FILE, run)):
             if obj is not None:

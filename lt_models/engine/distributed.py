@@ -20,33 +20,51 @@ CPUs, NCCL on GPUs). Then:
 DDP also copies rank 0's buffers to the others at every forward (its default), so the running statistics that some
 losses keep (Seesaw's class counts, EQLv2's gradient statistics) follow rank 0's samples.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from lt_models.errors import ConfigError
 
-__all__ = ["check_process_group", "wrap", "unwrap", "mean_over_ranks", "sum_over_ranks", "sync_buffers",
-           "eval_batches", "gather", "gather_in_order", "on_rank0", "rank_seed"]
+__all__ = [
+    "check_process_group",
+    "wrap",
+    "unwrap",
+    "mean_over_ranks",
+    "sum_over_ranks",
+    "sync_buffers",
+    "eval_batches",
+    "gather",
+    "gather_in_order",
+    "on_rank0",
+    "rank_seed",
+]
 
 
 def check_process_group(rank: int, world_size: int) -> None:
     """Raise ``ConfigError`` unless ``rank`` / ``world_size`` describe this process's default process group (or a
     single process)."""
     if not isinstance(world_size, int) or world_size < 1 or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ConfigError(f"rank = {rank!r}, world_size = {world_size!r}: need an int world_size >= 1 and "
-                          "0 <= rank < world_size")
+        raise ConfigError(
+            f"rank = {rank!r}, world_size = {world_size!r}: need an int world_size >= 1 and 0 <= rank < world_size"
+        )
     if world_size == 1:
         return
     if not (dist.is_available() and dist.is_initialized()):
-        raise ConfigError(f"world_size = {world_size} but torch.distributed is not initialised; launch multi-worker "
-                          "training through Ray Train (resources.workers_per_trial) or init_process_group first")
+        raise ConfigError(
+            f"world_size = {world_size} but torch.distributed is not initialised; launch multi-worker "
+            "training through Ray Train (resources.workers_per_trial) or init_process_group first"
+        )
     if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
-        raise ConfigError(f"rank {rank} of {world_size} does not match the process group (rank "
-                          f"{dist.get_rank()} of {dist.get_world_size()})")
+        raise ConfigError(
+            f"rank {rank} of {world_size} does not match the process group (rank "
+            f"{dist.get_rank()} of {dist.get_world_size()})"
+        )
 
 
 def _device() -> torch.device:
@@ -64,7 +82,8 @@ def wrap(model: torch.nn.Module, device: torch.device, world_size: int) -> torch
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -139,7 +158,7 @@ def on_rank0(fn: Callable[[], Any], world_size: int) -> Any:
     if dist.get_rank() == 0:
         try:
             box[0] = ("ok", fn())
-        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+        except Exception as exc:
             box[0] = ("error", exc)
     dist.broadcast_object_list(box, src=0)
     status, value = box[0]
@@ -152,4 +171,3 @@ def rank_seed(seed: int, rank: int) -> int:
     """The RNG seed of one rank after the (identical) model initialisation: each rank flips and samples RoIs on its
     own stream. Rank 0 keeps ``seed``."""
     return int(seed) + 1_000_003 * int(rank)
-

@@ -7,6 +7,7 @@ whose ``scores`` score the detections: eq 5 of concurrent softmax needs r_ij fro
 the checkpoint's weights are loaded. The backbone weights file is not needed again: the checkpoint holds every
 weight, and only the BatchNorm kind it implied is kept.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,23 @@ def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tup
     if not (d / "spec.json").is_file():
         raise ConfigError(f"{str(d)!r} is not an ltsweep checkpoint directory (no spec.json beside checkpoint.pt)")
     spec = TrainSpec.from_dict(json.loads((d / "spec.json").read_text()))
-    train_ds = LVISDetection(spec.train_ann, spec.train_image_dir, hierarchy_file=spec.hierarchy_file,
-                             expand_parents=spec.expand_parents, train=True, skip_invalid=spec.skip_invalid)
+    train_ds = LVISDetection(
+        spec.train_ann,
+        spec.train_image_dir,
+        hierarchy_file=spec.hierarchy_file,
+        expand_parents=spec.expand_parents,
+        train=True,
+        skip_invalid=spec.skip_invalid,
+    )
     norm = "frozen_bn" if (spec.weights is not None and spec.backbone != "tiny") else "bn"
-    model = build_detector(train_ds.num_classes, spec.backbone, build_run_loss(spec, train_ds, shared),
-                           image_size=spec.image_size, norm=norm, box_reg_labels=spec.box_reg_labels)
+    model = build_detector(
+        train_ds.num_classes,
+        spec.backbone,
+        build_run_loss(spec, train_ds, shared),
+        image_size=spec.image_size,
+        norm=norm,
+        box_reg_labels=spec.box_reg_labels,
+    )
     load_model_weights(d, model)
     return model.eval(), list(train_ds.label_to_cat_id)
 
@@ -54,6 +67,8 @@ def detect(model: torch.nn.Module, label_to_cat_id: list[int], image: np.ndarray
     ``scores`` [n], best first."""
     out = model([image_tensor(image)])[0]
     labels = out["labels"].cpu().numpy()
-    return {"boxes": out["boxes"].float().cpu().numpy(),
-            "category_ids": np.asarray(label_to_cat_id, dtype=np.int64)[labels],
-            "scores": out["scores"].float().cpu().numpy()}
+    return {
+        "boxes": out["boxes"].float().cpu().numpy(),
+        "category_ids": np.asarray(label_to_cat_id, dtype=np.int64)[labels],
+        "scores": out["scores"].float().cpu().numpy(),
+    }

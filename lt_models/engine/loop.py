@@ -1,8 +1,8 @@
 """The training loop: plain functions in the manner of torchvision's ``references/detection``.
 
 ``train(spec, out_dir)`` is the whole training of one run (``lt_models.engine.spec.TrainSpec``: stage 1, stage 2 or
-one stage). It builds the run (``_build``: the datasets, the detector with ``spec.loss``, the sampler
-``spec.sampler``, the loaders and the optimizer), restores a checkpoint when resuming (``_resume``), then runs
+one stage). It builds the run (``build_run``: the datasets, the detector with ``spec.loss``, the sampler
+``spec.sampler``, the loaders and the optimizer), restores a checkpoint when resuming (``resume_run``), then runs
 ``train_one_epoch`` per epoch, evaluates every ``eval_every`` epochs (``lt_models.engine.validation``), writes an
 atomic checkpoint directory (``lt_models.engine.checkpoint``) and then calls ``on_eval(metrics, checkpoint_dir)``
 (the Tune trainable reports from there). With ``rank`` / ``world_size`` (a process group set up by Ray Train) it is
@@ -12,50 +12,33 @@ checkpoints written by rank 0 only (``lt_models.engine.distributed``).
 Gradient-norm clipping and AMP (float16 autocast + GradScaler) on CUDA. A non-finite loss raises
 ``NonFiniteLossError`` before ``backward`` (nothing from that step reaches the weights or a checkpoint).
 """
+
 from __future__ import annotations
 
-import json
 import math
-import random
 import sys
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 import lt_models.engine.distributed as distributed
 from lt_models.atomic import recover_dir
-from lt_models.data.datasets import LVISDetection
-from lt_models.data.samplers import build_sampler
-from lt_models.data.transforms import RandomHorizontalFlip
 from lt_models.engine.build import (
-    build_lr_scheduler,
-    build_optimizer,
-    build_run_loss,
     pick_device,
     progress_enabled,
-    train_loader,
-    val_loader,
 )
 from lt_models.engine.checkpoint import (
     capture_rng_state,
-    load_checkpoint,
-    load_model_weights,
-    restore_rng_state,
     rotate_checkpoints,
     write_checkpoint_dir,
 )
-from lt_models.engine.validation import evaluate
+from lt_models.engine.run import Run, build_run, resume_run
 from lt_models.engine.spec import TrainSpec
-from lt_models.errors import AnnotationError, ConfigError
-from lt_models.modeling.classifier_switch import switch_classifier
-from lt_models.modeling.detector import build_detector, set_decoupled
+from lt_models.engine.validation import evaluate
+from lt_models.errors import ConfigError
 
 OnEval = Callable[[dict, "Path | None"], None]
 
@@ -66,9 +49,11 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, iteration: int, epoch: int, losses: dict[str, float], lr: float):
         self.iteration, self.epoch, self.losses, self.lr = iteration, epoch, losses, lr
         parts = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        super().__init__(f"non-finite training loss at iteration {iteration} (epoch {epoch}, lr {lr:.4g}): {parts}. "
-                         "No optimizer step or checkpoint was made from it; lower lr, lengthen warmup or set "
-                         "grad_clip")
+        super().__init__(
+            f"non-finite training loss at iteration {iteration} (epoch {epoch}, lr {lr:.4g}): {parts}. "
+            "No optimizer step or checkpoint was made from it; lower lr, lengthen warmup or set "
+            "grad_clip"
+        )
 
     def __reduce__(self):  # picklable: a Ray Train worker's divergence travels to the trial as itself
         return type(self), (self.iteration, self.epoch, self.losses, self.lr)
@@ -76,8 +61,9 @@ class NonFiniteLossError(RuntimeError):
 
 def _to_device(images, targets, device):
     images = [img.to(device, non_blocking=True) for img in images]
-    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
-               for t in targets]
+    targets = [
+        {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets
+    ]
     return images, targets
 
 
@@ -99,9 +85,21 @@ def _step(loss, optimizer, scaler, grad_clip: float | None) -> None:
         optimizer.step()
 
 
-def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, scheduler=None, scaler=None,
-                    grad_clip: float | None = None, iteration: int = 0, progress: bool | None = None,
-                    max_iters: int | None = None, world_size: int = 1) -> dict:
+def train_one_epoch(
+    model,
+    optimizer,
+    data_loader,
+    device,
+    epoch: int,
+    *,
+    scheduler=None,
+    scaler=None,
+    grad_clip: float | None = None,
+    iteration: int = 0,
+    progress: bool | None = None,
+    max_iters: int | None = None,
+    world_size: int = 1,
+) -> dict:
     """One pass over ``data_loader`` (batches of ``(images, targets)``).
 
     The optimised loss is the sum of the detector's losses that carry a gradient (in decoupled mode the frozen
@@ -117,8 +115,14 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, schedu
     n_iter = n_img = 0
     data_time = 0.0
     t_start = t_last = time.perf_counter()
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not progress_enabled(progress), leave=False,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        data_loader,
+        desc=f"epoch {epoch}",
+        disable=not progress_enabled(progress),
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     for images, targets in bar:
         data_time += time.perf_counter() - t_last
         images, targets = _to_device(images, targets, device)
@@ -130,8 +134,9 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, schedu
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
         loss_value = distributed.mean_over_ranks(float(loss.detach()), world_size)
         if not math.isfinite(loss_value):
-            raise NonFiniteLossError(iteration + n_iter, epoch, {"loss": loss_value, **values},
-                                     optimizer.param_groups[0]["lr"])
+            raise NonFiniteLossError(
+                iteration + n_iter, epoch, {"loss": loss_value, **values}, optimizer.param_groups[0]["lr"]
+            )
         _step(loss, optimizer, scaler if use_amp else None, grad_clip)
         if scheduler is not None:
             scheduler.step()
@@ -148,18 +153,31 @@ def train_one_epoch(model, optimizer, data_loader, device, epoch: int, *, schedu
     n_img = int(distributed.sum_over_ranks(n_img, world_size))
     elapsed = time.perf_counter() - t_start
     out = {k: v / max(n_iter, 1) for k, v in sums.items()}
-    out.update(iterations=n_iter, images=n_img, time=elapsed, data_time=data_time,
-               loader_wait_fraction=data_time / elapsed if elapsed > 0 else 0.0,
-               img_per_s=n_img / elapsed if elapsed > 0 else 0.0)
+    out.update(
+        iterations=n_iter,
+        images=n_img,
+        time=elapsed,
+        data_time=data_time,
+        loader_wait_fraction=data_time / elapsed if elapsed > 0 else 0.0,
+        img_per_s=n_img / elapsed if elapsed > 0 else 0.0,
+    )
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One training run
 # ----------------------------------------------------------------------------------------------------------------
-def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path | None = None,
-          resume_checkpoint: str | Path | None = None, on_eval: OnEval | None = None,
-          shared: dict | None = None, rank: int = 0, world_size: int = 1) -> dict:
+def train(
+    spec: TrainSpec,
+    out_dir: str | Path,
+    *,
+    init_checkpoint: str | Path | None = None,
+    resume_checkpoint: str | Path | None = None,
+    on_eval: OnEval | None = None,
+    shared: dict | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
     """Train one run per ``spec``; write checkpoints under ``out_dir``; return the last evaluation's metrics.
 
     init_checkpoint: model weights to start from (hybrid stage 2 starts from the stage-1 checkpoint; only the
@@ -197,9 +215,9 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
         torch.set_num_threads(spec.num_threads)
     try:
         init = init_checkpoint if resume_checkpoint is None else None  # a resumed run has its own weights
-        run = _build(spec, out_dir, pick_device(spec.device), init, shared, rank, world_size)
+        run = build_run(spec, out_dir, pick_device(spec.device), init, shared, rank, world_size)
         if resume_checkpoint is not None:
-            finished = _resume(run, resume_checkpoint)
+            finished = resume_run(run, resume_checkpoint)
             if finished is not None:
                 return finished
         return _fit(run, on_eval)
@@ -207,104 +225,7 @@ def train(spec: TrainSpec, out_dir: str | Path, *, init_checkpoint: str | Path |
         torch.set_num_threads(threads_before)
 
 
-@dataclass
-class _Run:
-    """What one training run holds while it trains (built by ``_build``, moved on by ``_resume`` and ``_fit``)."""
-
-    spec: TrainSpec
-    out_dir: Path
-    device: torch.device
-    rank: int
-    world_size: int
-    train_ds: Any
-    val_ds: Any
-    model: torch.nn.Module
-    sampler: Any
-    train_loader: Any
-    val_loader: Any
-    optimizer: Any
-    scheduler: Any
-    scaler: Any
-    start_epoch: int = 0
-    iteration: int = 0
-    images: int = 0
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # rotation never touches another run's
-
-    @property
-    def train_buckets(self) -> dict:
-        """r/c/f of the evaluation: from the training counts."""
-        return dict(zip(self.train_ds.cat_ids, self.train_ds.frequency))
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection]:
-    common = dict(hierarchy_file=spec.hierarchy_file, expand_parents=spec.expand_parents,
-                  skip_invalid=spec.skip_invalid, cache_root=spec.annotation_cache)
-    train_ds = LVISDetection(spec.train_ann, spec.train_image_dir, train=True,
-                             transforms=RandomHorizontalFlip() if spec.hflip else None, **common)
-    val_ds = LVISDetection(spec.val_ann, spec.val_image_dir, train=False, **common)
-    if list(val_ds.cat_ids) != list(train_ds.cat_ids):
-        raise AnnotationError(f"{spec.val_ann}: its categories differ from {spec.train_ann}'s "
-                              f"({len(val_ds.cat_ids)} vs {len(train_ds.cat_ids)} ids); both files must list the same "
-                              "categories")
-    return train_ds, val_ds
-
-
-def _build(spec: TrainSpec, out_dir: Path, device: torch.device, init_checkpoint, shared: dict | None, rank: int,
-           world_size: int) -> _Run:
-    """Seeds, datasets, the detector (from ``init_checkpoint``'s weights when given), sampler, loaders and
-    optimizer, in the order that fixes every random draw of the run."""
-    _seed_all(spec.seed)
-    train_ds, val_ds = _datasets(spec)
-    model = build_detector(train_ds.num_classes, spec.backbone, build_run_loss(spec, train_ds, shared),
-                           image_size=spec.image_size, weights=spec.weights, box_reg_labels=spec.box_reg_labels)
-    if init_checkpoint is not None:
-        switch_classifier(model, load_model_weights(init_checkpoint, model))  # softmax stage 1 -> sigmoid stage 2
-    set_decoupled(model, spec.decoupled)
-    model.to(device)
-    if world_size > 1:  # same initial weights on every rank; then each rank flips and samples on its own stream
-        _seed_all(distributed.rank_seed(spec.seed, rank))
-    indptr, labels = train_ds.label_csr()
-    sampler = build_sampler(spec.sampler, indptr, labels, train_ds.num_classes, seed=spec.seed, rank=rank,
-                            world_size=world_size)
-    loader = train_loader(train_ds, spec.batch_size, sampler, spec.workers, device)
-    val = val_loader(val_ds, spec, device, rank, world_size)
-    if len(loader) == 0:
-        raise ConfigError(f"{spec.train_ann}: no training images to sample")
-    optimizer = build_optimizer(model, spec.lr, spec.momentum, spec.weight_decay)
-    scheduler = build_lr_scheduler(optimizer, spec.warmup, spec.warmup_factor,
-                                   [s * len(loader) for s in spec.lr_steps], spec.lr_gamma)
-    scaler = torch.amp.GradScaler("cuda") if (spec.amp and device.type == "cuda") else None
-    return _Run(spec, out_dir, device, rank, world_size, train_ds, val_ds, model, sampler, loader, val, optimizer,
-                scheduler, scaler)
-
-
-def _resume(run: _Run, resume_checkpoint: str | Path) -> dict | None:
-    """Restore model, optimizer, schedule, RNGs and counters from ``resume_checkpoint``; the checkpoint's own
-    evaluation when nothing is left to train, else None."""
-    state = load_checkpoint(resume_checkpoint, run.model, run.optimizer, run.scheduler, run.scaler)
-    run.start_epoch, run.iteration = state["epoch"], state["iteration"]
-    run.images = int(state["extra"].get("images", 0))
-    run.run_id = state["extra"].get("run_id") or run.run_id
-    rank_rng = state["extra"].get("rank_rng")
-    if run.world_size > 1 and isinstance(rank_rng, list) and len(rank_rng) == run.world_size:
-        restore_rng_state(rank_rng[run.rank])  # each rank continues its own RNG stream
-    if run.start_epoch < run.spec.epochs:
-        return None
-    ckpt_dir = Path(resume_checkpoint)
-    ckpt_dir = ckpt_dir if ckpt_dir.is_dir() else ckpt_dir.parent
-    saved = ckpt_dir / "metrics.json"
-    metrics = json.loads(saved.read_text()) if saved.is_file() else {"epoch": run.start_epoch,
-                                                                      "iteration": run.iteration}
-    return dict(metrics, checkpoint_dir=str(ckpt_dir))
-
-
-def _fit(run: _Run, on_eval: OnEval | None) -> dict:
+def _fit(run: Run, on_eval: OnEval | None) -> dict:
     """The epochs from ``run.start_epoch`` on, with an evaluation and a checkpoint every ``eval_every`` epochs and
     after the last."""
     spec = run.spec
@@ -312,9 +233,19 @@ def _fit(run: _Run, on_eval: OnEval | None) -> dict:
     metrics: dict = {}
     for epoch in range(run.start_epoch, spec.epochs):
         run.sampler.set_epoch(epoch)
-        stats = train_one_epoch(ddp, run.optimizer, run.train_loader, run.device, epoch, scheduler=run.scheduler,
-                                scaler=run.scaler, grad_clip=spec.grad_clip, iteration=run.iteration,
-                                progress=spec.progress, world_size=run.world_size)
+        stats = train_one_epoch(
+            ddp,
+            run.optimizer,
+            run.train_loader,
+            run.device,
+            epoch,
+            scheduler=run.scheduler,
+            scaler=run.scaler,
+            grad_clip=spec.grad_clip,
+            iteration=run.iteration,
+            progress=spec.progress,
+            world_size=run.world_size,
+        )
         run.iteration += stats["iterations"]
         run.images += stats["images"]
         done = epoch + 1
@@ -323,23 +254,57 @@ def _fit(run: _Run, on_eval: OnEval | None) -> dict:
     return metrics
 
 
-def _evaluate_and_checkpoint(run: _Run, done: int, stats: dict, on_eval: OnEval | None) -> dict:
+def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval | None) -> dict:
     """Evaluate after epoch ``done``, write its checkpoint directory (rank 0), call ``on_eval``, rotate."""
     spec, world_size = run.spec, run.world_size
     distributed.sync_buffers(run.model, world_size)  # every rank evaluates rank 0's model, the checkpointed one
-    res = evaluate(run.model, run.val_loader, run.val_ds, spec.val_ann, run.device, progress=spec.progress,
-                   frequency=run.train_buckets, metric=spec.eval_metric, hierarchy=spec.hierarchy_file,
-                   world_size=world_size)
+    res = evaluate(
+        run.model,
+        run.val_loader,
+        run.val_ds,
+        spec.val_ann,
+        run.device,
+        progress=spec.progress,
+        frequency=run.train_buckets,
+        metric=spec.eval_metric,
+        hierarchy=spec.hierarchy_file,
+        world_size=world_size,
+    )
     metrics = dict(res)
-    metrics.update(loss=stats["loss"], epoch=done, iteration=run.iteration, images=run.images,
-                   train_img_per_s=stats["img_per_s"], loader_wait_fraction=stats["loader_wait_fraction"])
-    extra = {"num_classes": run.train_ds.num_classes, "cat_ids": [int(c) for c in run.train_ds.cat_ids],
-             "backbone": spec.backbone, "stage": spec.stage, "images": run.images, "run_id": run.run_id}
+    metrics.update(
+        loss=stats["loss"],
+        epoch=done,
+        iteration=run.iteration,
+        images=run.images,
+        train_img_per_s=stats["img_per_s"],
+        loader_wait_fraction=stats["loader_wait_fraction"],
+    )
+    extra = {
+        "num_classes": run.train_ds.num_classes,
+        "cat_ids": [int(c) for c in run.train_ds.cat_ids],
+        "backbone": spec.backbone,
+        "stage": spec.stage,
+        "images": run.images,
+        "run_id": run.run_id,
+    }
     if world_size > 1:
         extra["rank_rng"] = distributed.gather(capture_rng_state(), world_size)
-    ckpt_dir = distributed.on_rank0(lambda: write_checkpoint_dir(
-        run.out_dir, f"checkpoint_epoch{done:04d}", run.model, run.optimizer, run.scheduler, run.scaler,
-        epoch=done, iteration=run.iteration, metrics=metrics, spec=spec.to_dict(), extra=extra), world_size)
+    ckpt_dir = distributed.on_rank0(
+        lambda: write_checkpoint_dir(
+            run.out_dir,
+            f"checkpoint_epoch{done:04d}",
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.scaler,
+            epoch=done,
+            iteration=run.iteration,
+            metrics=metrics,
+            spec=spec.to_dict(),
+            extra=extra,
+        ),
+        world_size,
+    )
     if on_eval is not None:
         on_eval(metrics, ckpt_dir if run.rank == 0 else None)
     if run.rank == 0:

@@ -12,6 +12,7 @@ Hybrid training schedule (concurrent-softmax paper §4.2 / §5.5; ACSL paper §4
   stage 2  the stage-1 weights (model only: a fresh optimizer, LR schedule and warm-up), then the trial's sampler
            and loss, optionally decoupled (only the classifier trains, as in the official ACSL code).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,7 +21,8 @@ import math
 from lt_models.data.samplers import SamplerSpec
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import LossSpec
-from lt_models.modeling.detector import BACKBONES, DECOUPLED_MODES
+from lt_models.modeling.backbones import BACKBONES
+from lt_models.modeling.detector import DECOUPLED_MODES
 
 STAGES = ("stage1", "stage2", "one_stage")
 EVAL_METRICS = ("lvis", "openimages")  # how a run evaluates: LVIS AP, or the Open Images challenge AP@0.5
@@ -88,7 +90,7 @@ class TrainSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainSpec":
+    def from_dict(cls, d: dict) -> TrainSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -109,26 +111,37 @@ class TrainSpec:
         if self.backbone not in BACKBONES:
             raise ConfigError(f"backbone = {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
         if not isinstance(self.sampler, SamplerSpec) or not isinstance(self.loss, LossSpec):
-            raise ConfigError("sampler and loss must be a SamplerSpec and a LossSpec (e.g. SamplerSpec('softbalance', "
-                              "lam=0.7), LossSpec('acsl', xi=0.7))")
+            raise ConfigError(
+                "sampler and loss must be a SamplerSpec and a LossSpec (e.g. SamplerSpec('softbalance', "
+                "lam=0.7), LossSpec('acsl', xi=0.7))"
+            )
         if self.decoupled is True:
             self.decoupled = "cls"
         if self.decoupled not in DECOUPLED_MODES:
             raise ConfigError(f"decoupled = {self.decoupled!r}: choose false, 'cls' or 'box_head'")
-        if self.stage == "stage1" and (self.sampler != STAGE1_SAMPLER or self.decoupled
-                                       or self.loss.name not in STAGE1_LOSSES or self.loss != LossSpec(self.loss.name)):
-            raise ConfigError(f"stage1 of the hybrid schedule is non-balance sampling + {' or '.join(STAGE1_LOSSES)} "
-                              f"on all layers; got sampler = {self.sampler}, loss = {self.loss}, decoupled = "
-                              f"{self.decoupled!r}; use STAGE1_SAMPLER and a loss of STAGE1_LOSSES for stage 1, or "
-                              "stage = 'one_stage'")
+        if self.stage == "stage1" and (
+            self.sampler != STAGE1_SAMPLER
+            or self.decoupled
+            or self.loss.name not in STAGE1_LOSSES
+            or self.loss != LossSpec(self.loss.name)
+        ):
+            raise ConfigError(
+                f"stage1 of the hybrid schedule is non-balance sampling + {' or '.join(STAGE1_LOSSES)} "
+                f"on all layers; got sampler = {self.sampler}, loss = {self.loss}, decoupled = "
+                f"{self.decoupled!r}; use STAGE1_SAMPLER and a loss of STAGE1_LOSSES for stage 1, or "
+                "stage = 'one_stage'"
+            )
         if self.decoupled and self.stage != "stage2":
-            raise ConfigError(f"decoupled = {self.decoupled!r} needs stage = 'stage2' (it freezes a trained "
-                              f"representation), got stage = {self.stage!r}")
+            raise ConfigError(
+                f"decoupled = {self.decoupled!r} needs stage = 'stage2' (it freezes a trained "
+                f"representation), got stage = {self.stage!r}"
+            )
         if self.eval_metric not in EVAL_METRICS:
             raise ConfigError(f"eval_metric = {self.eval_metric!r}: choose one of {', '.join(EVAL_METRICS)}")
         if self.eval_metric == "openimages" and not self.hierarchy_file:
-            raise ConfigError("eval_metric = 'openimages' expands labels up the class hierarchy: set hierarchy_file "
-                              "(data.hierarchy)")
+            raise ConfigError(
+                "eval_metric = 'openimages' expands labels up the class hierarchy: set hierarchy_file (data.hierarchy)"
+            )
         for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -136,8 +149,10 @@ class TrainSpec:
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr = {self.lr!r}: must be a positive number")
         if self.warmup < 0 or not 0 < self.warmup_factor <= 1:
-            raise ConfigError(f"warmup = {self.warmup!r} / warmup_factor = {self.warmup_factor!r}: need "
-                              "warmup >= 0 iterations and 0 < warmup_factor <= 1")
+            raise ConfigError(
+                f"warmup = {self.warmup!r} / warmup_factor = {self.warmup_factor!r}: need "
+                "warmup >= 0 iterations and 0 < warmup_factor <= 1"
+            )
         if any(not isinstance(s, int) or s < 1 for s in self.lr_steps) or list(self.lr_steps) != sorted(self.lr_steps):
             raise ConfigError(f"lr_steps = {list(self.lr_steps)!r}: need increasing epoch numbers >= 1")
         if self.grad_clip is not None and not self.grad_clip > 0:

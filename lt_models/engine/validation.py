@@ -1,5 +1,6 @@
 """Prediction and scoring of a detector on the validation set: COCO-format detections, then LVIS AP
 (``lt_models.evaluation.evaluate_lvis``) or the Open Images challenge AP@0.5 (``evaluate_openimages``)."""
+
 from __future__ import annotations
 
 import torch
@@ -29,13 +30,29 @@ def predict(model, data_loader, device, label_to_cat_id, *, progress: bool | Non
                 continue
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
             for box, label, score in zip(xywh, out["labels"].tolist(), out["scores"].float().cpu().tolist()):
-                results.append({"image_id": image_id, "category_id": int(label_to_cat_id[label]),
-                                "bbox": [round(c, 2) for c in box], "score": round(score, 5)})
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(label_to_cat_id[label]),
+                        "bbox": [round(c, 2) for c in box],
+                        "score": round(score, 5),
+                    }
+                )
     return results
 
 
-def evaluate(model, val_loader, val_ds, val_ann, device, progress=None, frequency=None, metric: str = "lvis",
-             hierarchy: str | None = None, world_size: int = 1) -> dict:
+def evaluate(
+    model,
+    val_loader,
+    val_ds,
+    val_ann,
+    device,
+    progress=None,
+    frequency=None,
+    metric: str = "lvis",
+    hierarchy: str | None = None,
+    world_size: int = 1,
+) -> dict:
     """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis`` (``metric="lvis"``)
     or ``evaluate_openimages`` (``"openimages"``: the challenge AP@0.5 with the class ``hierarchy``, reported as
     both AP and AP50). ``frequency`` ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets;

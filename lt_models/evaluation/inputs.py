@@ -5,15 +5,17 @@ Shared by `lt_models.evaluation.lvis`, `lt_models.evaluation.openimages` and `lt
 does). Unreadable input gives an `AnnotationError` naming the file, the entry and the fix; the slow `_diagnose_*`
 paths run only on bad input.
 """
+
 from __future__ import annotations
 
 import collections
 import itertools
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from operator import itemgetter, methodcaller
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,21 +40,26 @@ def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
     return data, source
 
 
-def _resolve_frequency(cats: list[dict], cat_ids: list, frequency: Frequency, source: str,
-                       required: bool) -> list[str] | None:
+def _resolve_frequency(
+    cats: list[dict], cat_ids: list, frequency: Frequency, source: str, required: bool
+) -> list[str] | None:
     """'r'/'c'/'f' per sorted category: the override, else each category's `frequency`, else `image_count`."""
     if frequency is not None:
         if isinstance(frequency, Mapping):
             missing = [c for c in cat_ids if c not in frequency]
             if missing:
-                raise AnnotationError(f"frequency override: no bucket for category id(s) {missing[:5]} of {source};"
-                                      f" fix: give one of 'r'/'c'/'f' for every category")
+                raise AnnotationError(
+                    f"frequency override: no bucket for category id(s) {missing[:5]} of {source};"
+                    f" fix: give one of 'r'/'c'/'f' for every category"
+                )
             freq = [frequency[c] for c in cat_ids]
         else:
             freq = list(frequency)
             if len(freq) != len(cat_ids):
-                raise AnnotationError(f"frequency override has {len(freq)} entries but {source} has "
-                                      f"{len(cat_ids)} categories; fix: one 'r'/'c'/'f' per sorted category id")
+                raise AnnotationError(
+                    f"frequency override has {len(freq)} entries but {source} has "
+                    f"{len(cat_ids)} categories; fix: one 'r'/'c'/'f' per sorted category id"
+                )
         where = "frequency override"
     else:
         by_id = {c["id"]: c for c in cats}
@@ -66,7 +73,8 @@ def _resolve_frequency(cats: list[dict], cat_ids: list, frequency: Frequency, so
             raise AnnotationError(
                 f"{source}: categories {lacking} have no 'frequency' (and no 'image_count'), so APr/APc/APf are "
                 f"undefined; fix: pass frequency= to evaluate_lvis (e.g. "
-                f"lt_models.data.annotations.frequency_buckets(training image counts)) or add 'frequency' to categories")
+                f"lt_models.data.annotations.frequency_buckets(training image counts)) or add 'frequency' to categories"
+            )
         else:
             return None
     bad = [(c, f) for c, f in zip(cat_ids, freq) if f not in FREQ_LABELS]
@@ -78,8 +86,7 @@ def _resolve_frequency(cats: list[dict], cat_ids: list, frequency: Frequency, so
 class GroundTruth:
     """Ground truth as flat arrays. Images and categories are indexed in sorted-id order, as lvis-api does."""
 
-    def __init__(self, gt: str | Path | Mapping[str, Any], frequency: Frequency = None,
-                 require_frequency: bool = True):
+    def __init__(self, gt: str | Path | Mapping[str, Any], frequency: Frequency = None, require_frequency: bool = True):
         data, source = _load_gt(gt)
         self.data, self.source = data, source
         try:
@@ -103,8 +110,9 @@ class GroundTruth:
             if all(map(methodcaller("__contains__", "area"), anns)):
                 area = np.fromiter(map(itemgetter("area"), anns), np.float64, n)
             else:  # COCO-style files without area: the box area
-                area = np.fromiter((a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in anns),
-                                   np.float64, n)
+                area = np.fromiter(
+                    (a["area"] if "area" in a else a["bbox"][2] * a["bbox"][3] for a in anns), np.float64, n
+                )
         except (KeyError, TypeError, ValueError) as exc:
             self._diagnose_anns(anns)
             raise AnnotationError(f"{source}: annotations could not be read ({exc})") from exc
@@ -134,15 +142,20 @@ class GroundTruth:
         for j, a in enumerate(anns):
             where = f"{self.source}: annotations[{j}]"
             if not isinstance(a, Mapping):
-                raise AnnotationError(f"{where} is not an object; fix: annotations are {{image_id, category_id, "
-                                      f"bbox, area}} objects")
-            for field, index, kind in (("image_id", self.img_index, "images"),
-                                       ("category_id", self.cat_index, "categories")):
+                raise AnnotationError(
+                    f"{where} is not an object; fix: annotations are {{image_id, category_id, bbox, area}} objects"
+                )
+            for field, index, kind in (
+                ("image_id", self.img_index, "images"),
+                ("category_id", self.cat_index, "categories"),
+            ):
                 if field not in a:
                     raise AnnotationError(f"{where} has no '{field}'; fix: every annotation needs {field}")
                 if a[field] not in index:
-                    raise AnnotationError(f"{where} (id {a.get('id')}) has {field} {a[field]!r}, which is not in "
-                                          f"'{kind}'; fix: add the entry to '{kind}' or drop the annotation")
+                    raise AnnotationError(
+                        f"{where} (id {a.get('id')}) has {field} {a[field]!r}, which is not in "
+                        f"'{kind}'; fix: add the entry to '{kind}' or drop the annotation"
+                    )
             b = a.get("bbox")
             if not isinstance(b, (list, tuple)) or len(b) != 4:
                 raise AnnotationError(f"{where} (id {a.get('id')}) has bbox {b!r}; fix: bbox must be [x, y, w, h]")
@@ -150,8 +163,9 @@ class GroundTruth:
                 float(a["area"] if "area" in a else b[2] * b[3])
                 [float(v) for v in b]
             except (TypeError, ValueError) as exc:
-                raise AnnotationError(f"{where} (id {a.get('id')}) has a non-numeric bbox/area; fix: numbers only"
-                                      ) from exc
+                raise AnnotationError(
+                    f"{where} (id {a.get('id')}) has a non-numeric bbox/area; fix: numbers only"
+                ) from exc
 
 
 def detection_arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, source: str):
@@ -187,29 +201,40 @@ def _diagnose_dets(dets: Sequence[Any], g: GroundTruth | None, source: str) -> N
     for i, d in enumerate(dets):
         where = f"{source}: detection #{i}"
         if not isinstance(d, Mapping):
-            raise AnnotationError(f"{where} is a {type(d).__name__}, not an object; fix: COCO results are a list "
-                                  f"of {{image_id, category_id, bbox, score}}")
+            raise AnnotationError(
+                f"{where} is a {type(d).__name__}, not an object; fix: COCO results are a list "
+                f"of {{image_id, category_id, bbox, score}}"
+            )
         for key in ("image_id", "category_id", "bbox", "score"):
             if key not in d:
-                raise AnnotationError(f"{where} has no '{key}'; fix: COCO results need image_id, category_id, "
-                                      f"bbox [x, y, w, h] and score")
+                raise AnnotationError(
+                    f"{where} has no '{key}'; fix: COCO results need image_id, category_id, bbox [x, y, w, h] and score"
+                )
         b = d["bbox"]
-        if (not isinstance(b, (list, tuple)) or len(b) != 4
-                or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in b)):
+        if (
+            not isinstance(b, (list, tuple))
+            or len(b) != 4
+            or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in b)
+        ):
             raise AnnotationError(f"{where} has bbox {b!r}; fix: bbox must be 4 finite numbers [x, y, w, h]")
         s = d["score"]
         if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
             raise AnnotationError(f"{where} has score {s!r}; fix: score must be a finite number")
         if g is not None:
             if d["image_id"] not in g.img_index:
-                raise AnnotationError(f"{where} has image_id {d['image_id']!r}, which is not an image of "
-                                      f"{g.source}; fix: evaluate against the ground truth the detector ran on")
+                raise AnnotationError(
+                    f"{where} has image_id {d['image_id']!r}, which is not an image of "
+                    f"{g.source}; fix: evaluate against the ground truth the detector ran on"
+                )
             if d["category_id"] not in g.cat_index:
-                raise AnnotationError(f"{where} has category_id {d['category_id']!r}, which is not a category of "
-                                      f"{g.source}; fix: map labels back to dataset category ids "
-                                      f"(label_to_cat_id) before writing results")
-    raise AnnotationError(f"{source}: detections could not be read; fix: COCO results list of "
-                          f"{{image_id, category_id, bbox, score}}")
+                raise AnnotationError(
+                    f"{where} has category_id {d['category_id']!r}, which is not a category of "
+                    f"{g.source}; fix: map labels back to dataset category ids "
+                    f"(label_to_cat_id) before writing results"
+                )
+    raise AnnotationError(
+        f"{source}: detections could not be read; fix: COCO results list of {{image_id, category_id, bbox, score}}"
+    )
 
 
 def load_detections(path: str | Path, gt: str | Path | Mapping[str, Any] | None = None) -> list[dict]:
@@ -222,8 +247,10 @@ def load_detections(path: str | Path, gt: str | Path | Mapping[str, Any] | None 
     if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
         data = data["annotations"]
     if not isinstance(data, list):
-        raise AnnotationError(f"{path}: top level is a {type(data).__name__}; fix: COCO results are a JSON list "
-                              f"of {{image_id, category_id, bbox, score}}")
+        raise AnnotationError(
+            f"{path}: top level is a {type(data).__name__}; fix: COCO results are a JSON list "
+            f"of {{image_id, category_id, bbox, score}}"
+        )
     g = GroundTruth(gt, require_frequency=False) if gt is not None else None
     detection_arrays(data, g, str(path))
     return data

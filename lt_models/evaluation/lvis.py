@@ -23,10 +23,12 @@ and it vectorises across all of them at once. It loops over the rank of the dete
 bucketed by their number of gts, each bucket padded), with the 10 IoU thresholds x 4 area ranges as array axes.
 ``per_class`` is the mean precision of a category over IoU and recall thresholds (area "all"), or -1 with no gt.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
 # Exactly lvis.eval.Params (np.linspace, not np.arange: the values must compare equal to lvis-api's).
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
-AREA_RANGES = ((0 ** 2, 1e5 ** 2), (0 ** 2, 32 ** 2), (32 ** 2, 96 ** 2), (96 ** 2, 1e5 ** 2))
+AREA_RANGES = ((0**2, 1e5**2), (0**2, 32**2), (32**2, 96**2), (96**2, 1e5**2))
 AREA_LABELS = ("all", "small", "medium", "large")
 MAX_DETS = 300
 
@@ -72,8 +74,9 @@ def _iou_xywh(d: np.ndarray, g: np.ndarray) -> np.ndarray:
 _T, _A = len(IOU_THRS), len(AREA_RANGES)
 _ALL = np.uint64((1 << (_T * _A)) - 1)
 _AREA_BITS = np.array([sum(1 << (t * _A + a) for t in range(_T)) for a in range(_A)], np.uint64)
-_LEVEL_BITS = np.array([sum(1 << (t * _A + a) for t in range(lev) for a in range(_A))
-                        for lev in range(_T + 1)], np.uint64)  # thresholds passed -> bits
+_LEVEL_BITS = np.array(
+    [sum(1 << (t * _A + a) for t in range(lev) for a in range(_A)) for lev in range(_T + 1)], np.uint64
+)  # thresholds passed -> bits
 
 
 def _area_bits(flags: np.ndarray) -> np.ndarray:
@@ -90,8 +93,9 @@ def _ragged_arange(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)
 
 
-def _match_pairs(dbox, pd_start, pd_count, gbox, g_ign_bits, g_id0, pg_start, pg_count,
-                 out_matched, out_ignored_gt, out_id0) -> None:
+def _match_pairs(
+    dbox, pd_start, pd_count, gbox, g_ign_bits, g_id0, pg_start, pg_count, out_matched, out_ignored_gt, out_id0
+) -> None:
     """Greedy COCO/LVIS matching of every (image, category) pair that has both detections and gts.
 
     dbox [D, 4]: detections sorted by (pair, score desc, input order); gbox/g_ign_bits/g_id0: gts sorted by
@@ -117,8 +121,8 @@ def _match_pairs(dbox, pd_start, pd_count, gbox, g_ign_bits, g_id0, pg_start, pg
         iou = np.empty((len(rows), mp))
         step = max(1, (1 << 21) // mp)
         for c0 in range(0, len(rows), step):  # bounded memory
-            r, p = rows[c0:c0 + step], pl[c0:c0 + step]
-            iou[c0:c0 + step] = np.where(valid[p], _iou_xywh(dbox[r][:, None, :], gbox[gi[p]]), -1.0)
+            r, p = rows[c0 : c0 + step], pl[c0 : c0 + step]
+            iou[c0 : c0 + step] = np.where(valid[p], _iou_xywh(dbox[r][:, None, :], gbox[gi[p]]), -1.0)
         keep = iou.max(1) >= thr[0]
         if not keep.any():
             continue
@@ -165,12 +169,16 @@ def _match_pairs(dbox, pd_start, pd_count, gbox, g_ign_bits, g_id0, pg_start, pg
 
 def _unpack_bits(bits: np.ndarray) -> np.ndarray:
     """uint64 [n] -> bool-ish uint8 [n, 40] (column t*A + a)."""
-    return np.unpackbits(bits.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1,
-                         bitorder="little")[:, :_T * _A]
+    return np.unpackbits(bits.astype("<u8").view(np.uint8).reshape(-1, 8), axis=1, bitorder="little")[:, : _T * _A]
 
 
-def _lvis_precision_recall(gt: str | Path | Mapping[str, Any] | GroundTruth, detections: Sequence[Mapping[str, Any]],
-                           frequency: Frequency = None, max_dets: int = MAX_DETS, source: str = "detections"):
+def _lvis_precision_recall(
+    gt: str | Path | Mapping[str, Any] | GroundTruth,
+    detections: Sequence[Mapping[str, Any]],
+    frequency: Frequency = None,
+    max_dets: int = MAX_DETS,
+    source: str = "detections",
+):
     """The arrays LVISEval.accumulate builds: precision [T, R, K, A], recall [T, K, A], plus the indexed gt."""
     g = gt if isinstance(gt, GroundTruth) else GroundTruth(gt, frequency, require_frequency=True)
     A, K, nI = _A, g.n_cat, g.n_img
@@ -208,8 +216,19 @@ def _lvis_precision_recall(gt: str | Path | Mapping[str, Any] | GroundTruth, det
         pg_count = np.searchsorted(gpair, upair, side="right") - pg_start
         both = pg_count > 0
         if both.any():
-            _match_pairs(dbox, pd_start[both], pd_count[both], g.ann_box[go], _area_bits(g_ign),
-                         g.ann_id[go] == 0, pg_start[both], pg_count[both], m_bits, mi_bits, z_bits)
+            _match_pairs(
+                dbox,
+                pd_start[both],
+                pd_count[both],
+                g.ann_box[go],
+                _area_bits(g_ign),
+                g.ann_id[go] == 0,
+                pg_start[both],
+                pg_count[both],
+                m_bits,
+                mi_bits,
+                z_bits,
+            )
 
     # tp / fp / ignored bits per detection, as lvis-api's dt_m / dt_ig. lvis-api records the matched gt's id,
     # so a match to a gt with id 0 reads as "unmatched" there; reproduced through z_bits.
@@ -238,8 +257,9 @@ def _segmented_suffix_max(v: np.ndarray, seg: np.ndarray) -> np.ndarray:
     return uniq[run - block]
 
 
-def _accumulate(tp_bits: np.ndarray, fp_bits: np.ndarray, ccat: np.ndarray, c_start: np.ndarray,
-                num_gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _accumulate(
+    tp_bits: np.ndarray, fp_bits: np.ndarray, ccat: np.ndarray, c_start: np.ndarray, num_gt: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """LVISEval.accumulate for all categories at once, one pass per (IoU threshold, area) column.
 
     Detections are in accumulate order (category, score desc, image, input order). lvis-api's precision at
@@ -282,8 +302,13 @@ def _accumulate(tp_bits: np.ndarray, fp_bits: np.ndarray, ccat: np.ndarray, c_st
     return precision, recall
 
 
-def _summarize(arr: np.ndarray, iou_thr: float | None = None, area: str = "all",
-               cats: list[int] | None = None, recall: bool = False) -> float:
+def _summarize(
+    arr: np.ndarray,
+    iou_thr: float | None = None,
+    area: str = "all",
+    cats: list[int] | None = None,
+    recall: bool = False,
+) -> float:
     """LVISEval._summarize: mean of the entries > -1, or -1 when there are none."""
     aidx = [i for i, lbl in enumerate(AREA_LABELS) if lbl == area]
     s = arr
@@ -299,8 +324,12 @@ def _summarize(arr: np.ndarray, iou_thr: float | None = None, area: str = "all",
     return float(np.mean(v)) if v.size else -1.0
 
 
-def evaluate_lvis(gt: str | Path | Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
-                  frequency: Frequency = None, max_dets: int = MAX_DETS) -> dict[str, Any]:
+def evaluate_lvis(
+    gt: str | Path | Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    frequency: Frequency = None,
+    max_dets: int = MAX_DETS,
+) -> dict[str, Any]:
     """LVIS box AP, identical to lvis-api's LVISEval(iou_type="bbox") on the same input.
 
     gt: LVIS-format JSON path or dict. detections: COCO results (image_id, category_id, bbox xywh, score).

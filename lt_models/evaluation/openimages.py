@@ -9,15 +9,22 @@ use: its LabelNames may be category names or Open Images MIDs (kept in each cate
 `lt_models.data.openimages.convert.convert_openimages`), so the official MID-keyed hierarchy file that converted a dataset also
 evaluates it.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from lt_models.data.annotations import (FREQ_LABELS, hierarchy_ancestors, hierarchy_descendants, load_hierarchy,
-                                   name_to_cat_id)
+from lt_models.data.annotations import (
+    FREQ_LABELS,
+    hierarchy_ancestors,
+    hierarchy_descendants,
+    load_hierarchy,
+    name_to_cat_id,
+)
 from lt_models.errors import AnnotationError
 from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
 
@@ -31,8 +38,10 @@ def _closures(hierarchy: str | Path | Mapping, g: GroundTruth) -> tuple[dict[int
     for p, cs in direct.items():
         for c in [p, *cs]:
             if c not in g.cat_index:
-                raise AnnotationError(f"hierarchy: category id {c!r} is not in {g.source}; fix: build the "
-                                      f"hierarchy from the same category list")
+                raise AnnotationError(
+                    f"hierarchy: category id {c!r} is not in {g.source}; fix: build the "
+                    f"hierarchy from the same category list"
+                )
     up, down = hierarchy_ancestors(direct), hierarchy_descendants(direct)
     anc = {k: {g.cat_index[a] for a in up.get(cid, ())} for k, cid in enumerate(g.cat_ids)}
     desc = {k: {g.cat_index[d] for d in down.get(cid, ())} for k, cid in enumerate(g.cat_ids)}
@@ -151,8 +160,9 @@ def _voc_ap(scores: np.ndarray, weights: np.ndarray, num_gt: float) -> float:
     return float(np.sum((recall[idx] - recall[idx - 1]) * precision[idx]))
 
 
-def _summary(g: GroundTruth, per_cls_scores: list[list[np.ndarray]], per_cls_w: list[list[np.ndarray]],
-             num_gt: np.ndarray) -> dict[str, Any]:
+def _summary(
+    g: GroundTruth, per_cls_scores: list[list[np.ndarray]], per_cls_w: list[list[np.ndarray]], num_gt: np.ndarray
+) -> dict[str, Any]:
     """AP per class from its scored (score, TP weight) entries, the mean over classes with gt and per bucket."""
     K = g.n_cat
     per_class, aps = {}, np.full(K, np.nan)
@@ -176,10 +186,15 @@ def _summary(g: GroundTruth, per_cls_scores: list[list[np.ndarray]], per_cls_w: 
     return res
 
 
-def evaluate_openimages(gt: str | Path | Mapping[str, Any], detections: Sequence[Mapping[str, Any]],
-                        hierarchy: str | Path | Mapping, expand_detections: bool = False,
-                        frequency: Frequency = None, iou_thr: float = 0.5,
-                        group_of_weight: float = 1.0) -> dict[str, Any]:
+def evaluate_openimages(
+    gt: str | Path | Mapping[str, Any],
+    detections: Sequence[Mapping[str, Any]],
+    hierarchy: str | Path | Mapping,
+    expand_detections: bool = False,
+    frequency: Frequency = None,
+    iou_thr: float = 0.5,
+    group_of_weight: float = 1.0,
+) -> dict[str, Any]:
     """Open Images challenge-style AP@0.5 (TF Object Detection API ``OpenImagesDetectionChallengeEvaluator``).
 
     gt: LVIS-format JSON/dict. Annotations may carry ``isgroupof``. Images list verified absent classes in
@@ -222,8 +237,14 @@ def evaluate_openimages(gt: str | Path | Mapping[str, Any], detections: Sequence
     for uk, s, n in zip(ukey.tolist(), start.tolist(), count.tolist()):
         i, c = divmod(uk, K)
         js = gt_boxes.get((i, c), [])
-        sc, w = _tp_fp_open_images(score[sel[s:s + n]], xyxy[s:s + n], gxyxy[js].reshape(-1, 4),
-                                   g.ann_group_of[js], iou_thr, group_of_weight)
+        sc, w = _tp_fp_open_images(
+            score[sel[s : s + n]],
+            xyxy[s : s + n],
+            gxyxy[js].reshape(-1, 4),
+            g.ann_group_of[js],
+            iou_thr,
+            group_of_weight,
+        )
         per_cls_scores[c].append(sc)
         per_cls_w[c].append(w)
     return _summary(g, per_cls_scores, per_cls_w, num_gt)

@@ -5,17 +5,18 @@ of the threshold ξ.
 
 Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 
 FREQUENCY_CODES = ("r", "c", "f")
 ACSL_BACKGROUND_SHARE = {"r": 0.01, "c": 0.1, "f": 1.0}
@@ -38,10 +39,11 @@ def _frequency_columns(frequency: Sequence[str]) -> dict[str, Tensor]:
     codes = list(frequency)
     for i, f in enumerate(codes):
         if f not in FREQUENCY_CODES:
-            raise ConfigError(f"frequency[{i}] = {f!r} (class label {i + 1}); expected one of 'r', 'c', 'f' "
-                              "(LVIS rare/common/frequent)")
-    return {f: torch.tensor([i + 1 for i, c in enumerate(codes) if c == f], dtype=torch.int64)
-            for f in FREQUENCY_CODES}
+            raise ConfigError(
+                f"frequency[{i}] = {f!r} (class label {i + 1}); expected one of 'r', 'c', 'f' "
+                "(LVIS rare/common/frequent)"
+            )
+    return {f: torch.tensor([i + 1 for i, c in enumerate(codes) if c == f], dtype=torch.int64) for f in FREQUENCY_CODES}
 
 
 def _random_count(expected: float, generator: torch.Generator | None) -> int:
@@ -50,8 +52,13 @@ def _random_count(expected: float, generator: torch.Generator | None) -> int:
     return base + int(torch.rand((), generator=generator) < expected - base)
 
 
-def acsl_ignored(logits: Tensor, targets: Tensor, xi: float, frequency: Sequence[str] | dict | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+def acsl_ignored(
+    logits: Tensor,
+    targets: Tensor,
+    xi: float,
+    frequency: Sequence[str] | dict | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     r"""ACSL weights, **eq 6** of "Adaptive Class Suppression Loss for Long-Tail Object Detection"
     (Wang et al., CVPR 2021), plus the background rule of §4.2 / the official code.
 
@@ -152,8 +159,7 @@ class ACSLLoss(nn.Module):
     ``generator``: optional CPU ``torch.Generator`` for the background sampling (default: global RNG).
     """
 
-    def __init__(self, xi: float, frequency: Sequence[str] | None = None,
-                 generator: torch.Generator | None = None):
+    def __init__(self, xi: float, frequency: Sequence[str] | None = None, generator: torch.Generator | None = None):
         super().__init__()
         self.xi = check_xi(xi)
         self.frequency = None if frequency is None else list(frequency)
@@ -163,8 +169,10 @@ class ACSLLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         check_inputs(logits, targets)
         if self.frequency is not None and logits.shape[1] != len(self.frequency) + 1:
-            raise ValueError(f"logits have {logits.shape[1]} columns but frequency lists {len(self.frequency)} "
-                             "classes; expected K = len(frequency) + 1")
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns but frequency lists {len(self.frequency)} "
+                "classes; expected K = len(frequency) + 1"
+            )
         ignored = acsl_ignored(logits, targets, self.xi, self._columns, self.generator)
         return acsl_loss(logits, targets, ignored)
 

@@ -2,10 +2,11 @@
 softmax CE on the multi-hot row (eq 1, gradient eq 2), sigmoid BCE, and the Equalization Loss (EQL).
 
 Inputs as in ``lt_models.losses.registry``: ``logits [N, K]`` with column 0 = background."""
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,11 +58,15 @@ def check_labels(logits: Tensor, labels: Tensor) -> None:
     """Raise ValueError unless ``logits`` is floating [N, K] (K >= 2) and ``labels`` int64 [N] in 0..K-1 (the
     inputs of a one-label loss: each RoI's primary label, 0 = background)."""
     if logits.dim() != 2 or logits.shape[1] < 2 or not logits.is_floating_point():
-        raise ValueError(f"logits must be floating [N, K] with K >= 2 (column 0 = background), got "
-                         f"{tuple(logits.shape)} {logits.dtype}")
+        raise ValueError(
+            f"logits must be floating [N, K] with K >= 2 (column 0 = background), got "
+            f"{tuple(logits.shape)} {logits.dtype}"
+        )
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0] or labels.dtype != torch.int64:
-        raise ValueError(f"a one-label loss takes labels int64 [N={logits.shape[0]}] (each RoI's primary label, "
-                         f"0 = background), got {tuple(labels.shape)} {labels.dtype}")
+        raise ValueError(
+            f"a one-label loss takes labels int64 [N={logits.shape[0]}] (each RoI's primary label, "
+            f"0 = background), got {tuple(labels.shape)} {labels.dtype}"
+        )
 
 
 class BCELoss(nn.Module):
@@ -102,8 +107,10 @@ def check_eql_lambda(lambda_: float) -> float:
     except (TypeError, ValueError):
         value = math.nan
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"EQL tail threshold λ (lambda_) must be in the closed interval [0, 1], got {lambda_!r} "
-                          "(the paper uses 1.76e-3)")
+        raise ConfigError(
+            f"EQL tail threshold λ (lambda_) must be in the closed interval [0, 1], got {lambda_!r} "
+            "(the paper uses 1.76e-3)"
+        )
     return value
 
 
@@ -128,8 +135,10 @@ class EQLLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         check_inputs(logits, targets)
         if logits.shape[1] != self.tail.numel():
-            raise ValueError(f"logits have {logits.shape[1]} columns but class_freq lists {self.tail.numel() - 1} "
-                             "classes; expected K = len(class_freq) + 1")
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns but class_freq lists {self.tail.numel() - 1} "
+                "classes; expected K = len(class_freq) + 1"
+            )
         y = targets.to(logits.dtype)
         w = eql_weights(y, self.tail)
         return F.binary_cross_entropy_with_logits(logits, y, weight=w, reduction="sum") / logits.shape[0]

@@ -7,6 +7,7 @@ The concurrent-rate matrix r [K, K] is kept as CSR arrays (:func:`rate_to_csr`);
 labels or on r is done on gathered entries only, and one N×K buffer allocated in forward becomes the gradient in
 backward. Eq 5 runs over row blocks on a pool of single-threaded workers (``kernels.map_row_blocks``).
 """
+
 from __future__ import annotations
 
 import warnings
@@ -15,24 +16,17 @@ import torch
 from torch import Tensor, nn
 
 from lt_models.errors import ConfigError
-from lt_models.losses.kernels import take, check_inputs, compute_dtype, label_pairs, map_row_blocks
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs, map_row_blocks, take
 
 # A concurrent-softmax denominator D_k (normalised by the row's softmax sum) below this value is recomputed exactly
 # with a log-sum-exp over the row instead of "1 - (masses of the excluded classes)", which would lose digits.
 ILL_CONDITIONED = 1.0 / 32.0
 
 
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Concurrent-rate matrix r in CSR form
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def rate_to_csr(rate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Validate a concurrent-rate matrix r [K, K] (dense or sparse) and return its CSR arrays.
@@ -43,8 +37,10 @@ def rate_to_csr(rate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     if not isinstance(rate, Tensor) or rate.dim() != 2 or rate.shape[0] != rate.shape[1]:
         shape = tuple(rate.shape) if isinstance(rate, Tensor) else type(rate).__name__
-        raise ConfigError(f"concurrent_rate must be a square [K, K] tensor (K = classes + 1), got {shape}; "
-                          "build it with lt_models.data.rate_matrix.concurrent_rate_matrix")
+        raise ConfigError(
+            f"concurrent_rate must be a square [K, K] tensor (K = classes + 1), got {shape}; "
+            "build it with lt_models.data.rate_matrix.concurrent_rate_matrix"
+        )
     k = rate.shape[0]
     sp = rate.detach().to("cpu")
     sp = sp.coalesce() if sp.layout == torch.sparse_coo else sp.to_dense().to_sparse()
@@ -55,14 +51,20 @@ def rate_to_csr(rate: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rows, cols, vals = rows[keep], cols[keep], vals[keep]
     if not bool(torch.isfinite(vals).all()) or bool((vals < 0).any()) or bool((vals > 1).any()):
         bad = int(torch.nonzero(~(torch.isfinite(vals) & (vals >= 0) & (vals <= 1)))[0])
-        raise ConfigError(f"concurrent_rate[{int(rows[bad])}, {int(cols[bad])}] = {float(vals[bad])} is not a "
-                          "rate in [0, 1]")
-    for what, mask in (("row 0 (background)", rows == 0), ("column 0 (background)", cols == 0),
-                       ("the diagonal", rows == cols)):
+        raise ConfigError(
+            f"concurrent_rate[{int(rows[bad])}, {int(cols[bad])}] = {float(vals[bad])} is not a rate in [0, 1]"
+        )
+    for what, mask in (
+        ("row 0 (background)", rows == 0),
+        ("column 0 (background)", cols == 0),
+        ("the diagonal", rows == cols),
+    ):
         if bool(mask.any()):
             i = int(torch.nonzero(mask)[0])
-            raise ConfigError(f"concurrent_rate must be 0 on {what}, but r[{int(rows[i])}, {int(cols[i])}] = "
-                              f"{float(vals[i])}; set it to 0")
+            raise ConfigError(
+                f"concurrent_rate must be 0 on {what}, but r[{int(rows[i])}, {int(cols[i])}] = "
+                f"{float(vals[i])}; set it to 0"
+            )
     crow = torch.zeros(k + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(torch.bincount(rows, minlength=k), 0)
     return crow, cols.to(torch.int64), vals
@@ -73,8 +75,7 @@ def _expand_rows(classes: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> tup
     start = crow.index_select(0, classes)
     count = crow.index_select(0, classes + 1) - start
     total = int(count.sum())
-    entry = torch.repeat_interleave(torch.arange(classes.numel(), device=classes.device), count,
-                                    output_size=total)
+    entry = torch.repeat_interleave(torch.arange(classes.numel(), device=classes.device), count, output_size=total)
     first = torch.cumsum(count, 0) - count
     pos = torch.arange(total, device=classes.device) + (start - first).index_select(0, entry)
     return entry, col.index_select(0, pos), val.index_select(0, pos)
@@ -84,8 +85,10 @@ def _expand_rows(classes: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> tup
 # Concurrent softmax, training: eq 3 (forward) and its gradient (backward)
 # ----------------------------------------------------------------------------------------------------------------
 
-def _exact_denominators(z_rows: Tensor, free: Tensor, ks: Tensor, crow: Tensor, col: Tensor, val: Tensor,
-                        shares: bool = False) -> tuple[Tensor, Tensor | None]:
+
+def _exact_denominators(
+    z_rows: Tensor, free: Tensor, ks: Tensor, crow: Tensor, col: Tensor, val: Tensor, shares: bool = False
+) -> tuple[Tensor, Tensor | None]:
     """log D = log Σ_j w_kj e^{z_j} by a log-sum-exp over whole rows, for a few (row, class k) entries.
 
     ``z_rows`` [F, K] are the rows' logits, ``free`` [F, K] the factors (1 − y_j) (ones for eq 5); the weights are
@@ -133,8 +136,9 @@ class _ConcurrentSoftmaxFunction(torch.autograd.Function):
         if exact.numel():
             ex_rows, ex_ks = rows.index_select(0, exact), ks.index_select(0, exact)
             z_rows = z.index_select(0, ex_rows)
-            logd, weights = _exact_denominators(z_rows, 1.0 - y.index_select(0, ex_rows), ex_ks, crow, col, val,
-                                                shares=True)  # weights: w_kj e^{z_j} / D_k
+            logd, weights = _exact_denominators(
+                z_rows, 1.0 - y.index_select(0, ex_rows), ex_ks, crow, col, val, shares=True
+            )  # weights: w_kj e^{z_j} / D_k
             log_sigma.index_copy_(0, exact, take(z, flat.index_select(0, exact)) - logd)
             weights[torch.arange(exact.numel(), device=z.device), ex_ks] = 0.0  # the label entry is set apart
         ctx.buffer = logp  # becomes the gradient in backward (no second N×K allocation)
@@ -202,6 +206,7 @@ def concurrent_softmax_loss(logits: Tensor, targets: Tensor, crow: Tensor, col: 
 # Concurrent softmax, inference: eq 5
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _rate_sparse(crow: Tensor, col: Tensor, val: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
     """r as a torch sparse CSR matrix (for eq 5)."""
     k = crow.numel() - 1
@@ -219,18 +224,14 @@ def _eq5_rows(z: Tensor, out: Tensor, rate: Tensor) -> Tensor | None:
     return bad
 
 
-
-
-
-
-
-
-
-
-
-
-def concurrent_softmax_scores(logits: Tensor, crow: Tensor, col: Tensor, val: Tensor,
-                              block_rows: int | None = None, rate_cache: dict | None = None) -> Tensor:
+def concurrent_softmax_scores(
+    logits: Tensor,
+    crow: Tensor,
+    col: Tensor,
+    val: Tensor,
+    block_rows: int | None = None,
+    rate_cache: dict | None = None,
+) -> Tensor:
     r"""Concurrent softmax at inference, **eq 5** of
     "Large-Scale Object Detection in the Wild from Imbalanced Multi-Labels" (Peng et al., CVPR 2020); no gradient.
 
@@ -266,8 +267,9 @@ def concurrent_softmax_scores(logits: Tensor, crow: Tensor, col: Tensor, val: Te
         if bad:
             rows, cls = torch.cat(bad).to(z.device).unbind(1)
             z_rows = z.index_select(0, rows)
-            logd, _ = _exact_denominators(z_rows, torch.ones_like(z_rows), cls, crow.to(z.device),
-                                          col.to(z.device), val.to(z.device))
+            logd, _ = _exact_denominators(
+                z_rows, torch.ones_like(z_rows), cls, crow.to(z.device), col.to(z.device), val.to(z.device)
+            )
             out[rows, cls] = (z[rows, cls] - logd).exp()
         return out
 
@@ -299,8 +301,10 @@ class ConcurrentSoftmaxLoss(nn.Module):
         if self.num_columns is None:
             return torch.zeros(k + 1, dtype=torch.int64, device=self.crow.device), self.col, self.val
         if k != self.num_columns:
-            raise ValueError(f"logits have {k} columns but concurrent_rate is {self.num_columns}x{self.num_columns}; "
-                             "both must be K = number of classes + 1")
+            raise ValueError(
+                f"logits have {k} columns but concurrent_rate is {self.num_columns}x{self.num_columns}; "
+                "both must be K = number of classes + 1"
+            )
         return self.crow, self.col, self.val
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -310,4 +314,3 @@ class ConcurrentSoftmaxLoss(nn.Module):
     def scores(self, logits: Tensor) -> Tensor:
         crow, col, val = self._csr(logits.shape[1])
         return concurrent_softmax_scores(logits, crow, col, val, rate_cache=self._rate_cache)
-

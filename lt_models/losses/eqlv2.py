@@ -13,6 +13,7 @@ defaults were checked against the official code (tztztztztz/eqlv2, ``mmdet/model
 Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background
 (the reference keeps background last). The background column always has weight 1 and collects no statistics.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 
 EQLV2_DEFAULTS = {"gamma": 12.0, "mu": 0.8, "alpha": 4.0}
 RATIO_EPS = 1e-10  # added to the accumulated negative gradient in g_j = pos_j / (neg_j + eps), as in the reference
@@ -32,6 +33,7 @@ RATIO_EPS = 1e-10  # added to the accumulated negative gradient in g_j = pos_j /
 # ----------------------------------------------------------------------------------------------------------------
 # Range checks
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _number(value) -> float | None:
     """``value`` as a finite float, or None if it is not a finite real number (bools are not numbers here)."""
@@ -77,6 +79,7 @@ def check_eqlv2_alpha(alpha: float) -> float:
 # The equations
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def eqlv2_mapping(x: Tensor, gamma: float, mu: float) -> Tensor:
     r"""The mapping function of "Equalization Loss v2: A New Gradient Balance Approach for Long-tailed Object
     Detection" (Tan et al., CVPR 2021), gradient guided reweighing (method section; equation number unconfirmed):
@@ -87,8 +90,9 @@ def eqlv2_mapping(x: Tensor, gamma: float, mu: float) -> Tensor:
     return torch.sigmoid(gamma * (x - mu))
 
 
-def eqlv2_weights(pos_grad: Tensor, neg_grad: Tensor, gamma: float, mu: float, alpha: float,
-                  eps: float = RATIO_EPS) -> tuple[Tensor, Tensor]:
+def eqlv2_weights(
+    pos_grad: Tensor, neg_grad: Tensor, gamma: float, mu: float, alpha: float, eps: float = RATIO_EPS
+) -> tuple[Tensor, Tensor]:
     r"""Per-class weights of "Equalization Loss v2: A New Gradient Balance Approach for Long-tailed Object
     Detection" (Tan et al., CVPR 2021), gradient guided reweighing (method section; equation number unconfirmed):
 
@@ -102,8 +106,9 @@ def eqlv2_weights(pos_grad: Tensor, neg_grad: Tensor, gamma: float, mu: float, a
     return neg_w, 1.0 + alpha * (1.0 - neg_w)
 
 
-def eqlv2_gradient_statistics(pos_sum_p: Tensor, neg_sum_p: Tensor, neg_w: Tensor, pos_w: Tensor
-                              ) -> tuple[Tensor, Tensor]:
+def eqlv2_gradient_statistics(
+    pos_sum_p: Tensor, neg_sum_p: Tensor, neg_w: Tensor, pos_w: Tensor
+) -> tuple[Tensor, Tensor]:
     r"""One batch's increment of the gradient statistics of "Equalization Loss v2: A New Gradient Balance Approach
     for Long-tailed Object Detection" (Tan et al., CVPR 2021), the accumulated positive / negative gradients of the
     gradient guided reweighing (method section; equation number unconfirmed):
@@ -192,6 +197,7 @@ def eqlv2_loss(logits: Tensor, targets: Tensor, neg_w: Tensor, pos_w: Tensor) ->
 # The module
 # ----------------------------------------------------------------------------------------------------------------
 
+
 class EQLv2Loss(nn.Module):
     """Equalization Loss v2, "Equalization Loss v2: A New Gradient Balance Approach for Long-tailed Object Detection"
     (Tan et al., CVPR 2021): :func:`eqlv2_loss` with the weights of :func:`eqlv2_weights`. ``scores`` = sigmoid.
@@ -206,12 +212,19 @@ class EQLv2Loss(nn.Module):
     the state after computing the loss, with this batch's weights, only in training mode with grad enabled.
     """
 
-    def __init__(self, num_classes: int, gamma: float = EQLV2_DEFAULTS["gamma"], mu: float = EQLV2_DEFAULTS["mu"],
-                 alpha: float = EQLV2_DEFAULTS["alpha"]):
+    def __init__(
+        self,
+        num_classes: int,
+        gamma: float = EQLV2_DEFAULTS["gamma"],
+        mu: float = EQLV2_DEFAULTS["mu"],
+        alpha: float = EQLV2_DEFAULTS["alpha"],
+    ):
         super().__init__()
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-            raise ConfigError(f"EQLv2 num_classes must be an integer >= 1 (the number of classes C, without "
-                              f"background), got {num_classes!r}")
+            raise ConfigError(
+                f"EQLv2 num_classes must be an integer >= 1 (the number of classes C, without "
+                f"background), got {num_classes!r}"
+            )
         self.num_classes = num_classes
         self.gamma = check_eqlv2_gamma(gamma)
         self.mu = check_eqlv2_mu(mu)
@@ -235,15 +248,18 @@ class EQLv2Loss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         check_inputs(logits, targets)
         if logits.shape[1] != self.num_classes + 1:
-            raise ValueError(f"logits have {logits.shape[1]} columns but EQLv2Loss was built for num_classes = "
-                             f"{self.num_classes}; expected K = num_classes + 1 = {self.num_classes + 1}")
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns but EQLv2Loss was built for num_classes = "
+                f"{self.num_classes}; expected K = num_classes + 1 = {self.num_classes + 1}"
+            )
         neg_w, pos_w = self.class_weights()
         collect = self.training and torch.is_grad_enabled()
         loss, pos_sum, neg_sum = _EQLv2Function.apply(logits, targets, neg_w, pos_w, collect)
         if collect:
             with torch.no_grad():
-                d_pos, d_neg = eqlv2_gradient_statistics(pos_sum, neg_sum, neg_w.to(pos_sum.device),
-                                                         pos_w.to(pos_sum.device))
+                d_pos, d_neg = eqlv2_gradient_statistics(
+                    pos_sum, neg_sum, neg_w.to(pos_sum.device), pos_w.to(pos_sum.device)
+                )
                 self.pos_grad += d_pos[1:].to(self.pos_grad.device)
                 self.neg_grad += d_neg[1:].to(self.neg_grad.device)
                 self.steps += 1

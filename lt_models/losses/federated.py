@@ -28,18 +28,19 @@ with image frequency 0), all of them are taken and S is smaller than ``num_sampl
 ``torch.multinomial`` raises. (3) S is taken from the targets' labels, so a multi-label row contributes all its
 classes (the reference has one label per RoI).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 from lt_models.errors import ConfigError
+from lt_models.losses.kernels import check_inputs, compute_dtype, label_pairs
 
 FED_NUM_SAMPLED = 50  # detectron2 FED_LOSS_NUM_CLASSES / CenterNet2 FED_LOSS_NUM_CAT
 FED_FREQ_POWER = 0.5  # detectron2 FED_LOSS_FREQ_WEIGHT_POWER / CenterNet2 FED_LOSS_FREQ_WEIGHT
@@ -55,8 +56,10 @@ def check_fed_num_classes(value) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         ok, value = True, int(value)
     if not ok or value < 1:
-        raise ConfigError(f"federated loss num_sampled (number of classes |S| per batch) must be an integer >= 1, "
-                          f"got {value!r} (the reference default is {FED_NUM_SAMPLED})")
+        raise ConfigError(
+            f"federated loss num_sampled (number of classes |S| per batch) must be an integer >= 1, "
+            f"got {value!r} (the reference default is {FED_NUM_SAMPLED})"
+        )
     return int(value)
 
 
@@ -64,27 +67,33 @@ def check_fed_freq_power(value) -> float:
     """The exponent of the sampling weight (image frequency)^power of the federated loss as a float; ConfigError
     unless it is a finite number >= 0 (the reference default is 0.5; 0 samples the negatives uniformly)."""
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"federated loss freq_power must be a finite number >= 0, got {value!r} "
-                          f"(the reference default is {FED_FREQ_POWER})")
+        raise ConfigError(
+            f"federated loss freq_power must be a finite number >= 0, got {value!r} "
+            f"(the reference default is {FED_FREQ_POWER})"
+        )
     return float(value)
 
 
 def _check_class_freq(class_freq) -> Tensor:
     """class_freq as a float64 [C] tensor; ConfigError unless it is a non-empty 1-D list of numbers in [0, 1]."""
     try:
-        freq = torch.as_tensor(class_freq.tolist() if isinstance(class_freq, Tensor) else list(class_freq),
-                               dtype=torch.float64)
+        freq = torch.as_tensor(
+            class_freq.tolist() if isinstance(class_freq, Tensor) else list(class_freq), dtype=torch.float64
+        )
     except (TypeError, ValueError, RuntimeError):
         freq = None
     if freq is None or freq.dim() != 1 or freq.numel() == 0 or not bool(((freq >= 0) & (freq <= 1)).all()):
-        raise ConfigError("federated loss class_freq must be a non-empty list of per-class image frequencies in "
-                          "[0, 1] (len C, contiguous label order 1..C; no default: images containing the class / "
-                          "all training images)")
+        raise ConfigError(
+            "federated loss class_freq must be a non-empty list of per-class image frequencies in "
+            "[0, 1] (len C, contiguous label order 1..C; no default: images containing the class / "
+            "all training images)"
+        )
     return freq
 
 
-def federated_classes(present: Tensor, weight: Tensor, num_sampled: int,
-                      generator: torch.Generator | None = None) -> Tensor:
+def federated_classes(
+    present: Tensor, weight: Tensor, num_sampled: int, generator: torch.Generator | None = None
+) -> Tensor:
     r"""The class subset S of the federated loss (Zhou, Koltun, Krähenbühl, "Probabilistic two-stage detection",
     arXiv 2021, and their LVIS Challenge 2020 report; no equation number confirmed, see the module docstring).
 
@@ -191,8 +200,9 @@ def federated_loss(logits: Tensor, targets: Tensor, classes: Tensor) -> Tensor:
     n, k = logits.shape
     cols = classes.to(device=logits.device, dtype=torch.int64)
     if cols.dim() != 1 or (cols.numel() and not bool(((cols >= 1) & (cols < k)).all())):
-        raise ValueError(f"classes must be a 1-D tensor of foreground columns in 1..{k - 1} (column 0, background, "
-                         "is not trained)")
+        raise ValueError(
+            f"classes must be a 1-D tensor of foreground columns in 1..{k - 1} (column 0, background, is not trained)"
+        )
     return _FederatedBCEFunction.apply(logits, targets, torch.unique(cols))
 
 
@@ -218,8 +228,13 @@ class FederatedLoss(nn.Module):
     ``torch.Generator`` for the sampling (default: torch's global RNG). The loss keeps no training state.
     """
 
-    def __init__(self, class_freq: Sequence[float], num_sampled: int = FED_NUM_SAMPLED,
-                 freq_power: float = FED_FREQ_POWER, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        class_freq: Sequence[float],
+        num_sampled: int = FED_NUM_SAMPLED,
+        freq_power: float = FED_FREQ_POWER,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         freq = _check_class_freq(class_freq)
         self.num_sampled = check_fed_num_classes(num_sampled)
@@ -230,8 +245,10 @@ class FederatedLoss(nn.Module):
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         check_inputs(logits, targets)
         if logits.shape[1] != self.weight.numel() + 1:
-            raise ValueError(f"logits have {logits.shape[1]} columns but class_freq lists {self.weight.numel()} "
-                             "classes; expected K = len(class_freq) + 1")
+            raise ValueError(
+                f"logits have {logits.shape[1]} columns but class_freq lists {self.weight.numel()} "
+                "classes; expected K = len(class_freq) + 1"
+            )
         with torch.no_grad():
             classes = federated_classes(present_classes(targets), self.weight, self.num_sampled, self.generator)
         return federated_loss(logits, targets, classes)

@@ -1,11 +1,12 @@
 """The kernels every loss shares: input checks, the compute dtype, the (row, class) pairs of a multi-hot target, and
 row blocks mapped over a pool of single-threaded workers (eq 5 of concurrent softmax and Seesaw use it)."""
+
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -16,8 +17,9 @@ def check_inputs(logits: Tensor, targets: Tensor) -> None:
     if logits.dim() != 2 or logits.shape[1] < 2:
         raise ValueError(f"logits must be [N, K] with K >= 2 (column 0 = background), got {tuple(logits.shape)}")
     if targets.shape != logits.shape:
-        raise ValueError(f"targets must be multi-hot [N, K] like logits {tuple(logits.shape)}, got "
-                         f"{tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be multi-hot [N, K] like logits {tuple(logits.shape)}, got {tuple(targets.shape)}"
+        )
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
 
@@ -113,6 +115,6 @@ def map_row_blocks(fn: Callable[[int, int], Tensor | None], n_rows: int, block: 
             return [(s, fn(s, min(s + block, n_rows))) for s in group]
 
         pool = _row_pool(n_threads)
-        futures = [pool.submit(task, starts[i:i + per_task]) for i in range(0, len(starts), per_task)]
+        futures = [pool.submit(task, starts[i : i + per_task]) for i in range(0, len(starts), per_task)]
         results = [item for f in futures for item in f.result()]
     return [(s, r) for s, r in results if r is not None]

@@ -26,6 +26,7 @@ Softmax-type losses are means over N; sigmoid-type losses are sums over the entr
 loss table names each paper. ``benchmarks/bench_losses.py`` times every custom loss against ``F.cross_entropy`` /
 ``F.binary_cross_entropy_with_logits``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,22 +44,19 @@ from lt_models.losses.eqlv2 import EQLv2Loss, check_eqlv2_alpha, check_eqlv2_gam
 from lt_models.losses.federated import FederatedLoss, check_fed_num_classes
 from lt_models.losses.seesaw import SeesawLoss, check_seesaw_p, check_seesaw_q
 
-__all__ = ["LOSSES", "LOSS_ARGS", "LOSS_INPUTS", "LOSS_PARAMS", "SCORES", "LossSpec", "RescoredLoss", "build_loss",
-           "check_loss_param", "check_scores", "loss_inputs"]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+__all__ = [
+    "LOSSES",
+    "LOSS_ARGS",
+    "LOSS_INPUTS",
+    "LOSS_PARAMS",
+    "SCORES",
+    "LossSpec",
+    "RescoredLoss",
+    "build_loss",
+    "check_loss_param",
+    "check_scores",
+    "loss_inputs",
+]
 
 
 LOSSES = {
@@ -109,8 +107,10 @@ def check_scores(value) -> str:
     """The inference scores of a run: ``loss`` (the training loss's own), ``softmax``, ``concurrent`` (eq 5 of the
     concurrent-softmax paper) or ``sigmoid``; ConfigError otherwise."""
     if value not in SCORES:
-        raise ConfigError(f"scores = {value!r}: choose one of {', '.join(SCORES)} (loss = the training loss's own "
-                          "scores; concurrent = eq 5 of the concurrent-softmax paper)")
+        raise ConfigError(
+            f"scores = {value!r}: choose one of {', '.join(SCORES)} (loss = the training loss's own "
+            "scores; concurrent = eq 5 of the concurrent-softmax paper)"
+        )
     return value
 
 
@@ -126,8 +126,10 @@ class RescoredLoss(nn.Module):
         self.rule = check_scores(scores)
         if self.rule == "concurrent":
             if concurrent_rate is None:
-                raise ConfigError("scores 'concurrent' (eq 5) needs the concurrent-rate matrix r_ij of the training "
-                                  "data; pass concurrent_rate")
+                raise ConfigError(
+                    "scores 'concurrent' (eq 5) needs the concurrent-rate matrix r_ij of the training "
+                    "data; pass concurrent_rate"
+                )
             self.eq5 = ConcurrentSoftmaxLoss(concurrent_rate)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -149,18 +151,45 @@ class RescoredLoss(nn.Module):
 # The hyperparameters each loss reads (LossSpec fields besides `name` and `scores`), and the data-derived inputs it
 # is built with.
 LOSS_PARAMS = {
-    "softmax": (), "softmax_multihot": (), "concurrent_softmax": (), "bce": (), "acsl": ("xi",),
-    "eql": ("eql_lambda",), "seesaw": ("seesaw_p", "seesaw_q"), "eqlv2": ("eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha"),
+    "softmax": (),
+    "softmax_multihot": (),
+    "concurrent_softmax": (),
+    "bce": (),
+    "acsl": ("xi",),
+    "eql": ("eql_lambda",),
+    "seesaw": ("seesaw_p", "seesaw_q"),
+    "eqlv2": ("eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha"),
     "federated": ("fed_num_classes",),
 }
-LOSS_INPUTS = {"concurrent_softmax": ("concurrent_rate",), "acsl": ("frequency",), "eql": ("class_freq",),
-               "seesaw": ("num_classes",), "eqlv2": ("num_classes",), "federated": ("class_freq",)}
-_PARAM_CHECKS = {"xi": check_xi, "eql_lambda": check_eql_lambda, "seesaw_p": check_seesaw_p,
-                 "seesaw_q": check_seesaw_q, "eqlv2_gamma": check_eqlv2_gamma, "eqlv2_mu": check_eqlv2_mu,
-                 "eqlv2_alpha": check_eqlv2_alpha, "fed_num_classes": check_fed_num_classes}
+LOSS_INPUTS = {
+    "concurrent_softmax": ("concurrent_rate",),
+    "acsl": ("frequency",),
+    "eql": ("class_freq",),
+    "seesaw": ("num_classes",),
+    "eqlv2": ("num_classes",),
+    "federated": ("class_freq",),
+}
+_PARAM_CHECKS = {
+    "xi": check_xi,
+    "eql_lambda": check_eql_lambda,
+    "seesaw_p": check_seesaw_p,
+    "seesaw_q": check_seesaw_q,
+    "eqlv2_gamma": check_eqlv2_gamma,
+    "eqlv2_mu": check_eqlv2_mu,
+    "eqlv2_alpha": check_eqlv2_alpha,
+    "fed_num_classes": check_fed_num_classes,
+}
 # LossSpec field -> the loss class's argument
-_PARAM_ARGS = {"xi": "xi", "eql_lambda": "lambda_", "seesaw_p": "p", "seesaw_q": "q", "eqlv2_gamma": "gamma",
-               "eqlv2_mu": "mu", "eqlv2_alpha": "alpha", "fed_num_classes": "num_sampled"}
+_PARAM_ARGS = {
+    "xi": "xi",
+    "eql_lambda": "lambda_",
+    "seesaw_p": "p",
+    "seesaw_q": "q",
+    "eqlv2_gamma": "gamma",
+    "eqlv2_mu": "mu",
+    "eqlv2_alpha": "alpha",
+    "fed_num_classes": "num_sampled",
+}
 
 
 def check_loss_param(param: str, value):

@@ -31,6 +31,7 @@ code; the ratio σ_j / σ_i = e^{z_j − z_i} does not depend on that.
 Inputs are validated here (one-label interface); half / bfloat16 logits are computed in float32
 (``compute_dtype``) and the gradient is cast back.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from lt_models.losses.kernels import compute_dtype, map_row_blocks
 from lt_models.errors import ConfigError
+from lt_models.losses.kernels import compute_dtype, map_row_blocks
 
 DEFAULT_P = 0.8  # paper §4.1 ("hyper-parameter p = 0.8, q = 2") and mmdetection SeesawLoss(p=0.8, q=2.0)
 DEFAULT_Q = 2.0
@@ -49,8 +50,10 @@ DEFAULT_Q = 2.0
 def _check_exponent(value, name: str, role: str, default: float) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not math.isfinite(float(value)) or float(value) < 0.0:
-        raise ConfigError(f"Seesaw {role} exponent {name} must be a finite number >= 0, got {value!r} "
-                          f"(the paper's default is {default})")
+        raise ConfigError(
+            f"Seesaw {role} exponent {name} must be a finite number >= 0, got {value!r} "
+            f"(the paper's default is {default})"
+        )
     return float(value)
 
 
@@ -71,6 +74,7 @@ def check_seesaw_q(value) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 # The factors: eq 7, eq 8, eq 6 (log space, for the foreground rows only)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def log_mitigation(log_counts: Tensor, labels: Tensor, p: float) -> Tensor:
     r"""log of the mitigation factor, **eq 7** of "Seesaw Loss for Long-Tailed Instance Segmentation"
@@ -119,6 +123,7 @@ def seesaw_log_factors(z: Tensor, labels: Tensor, log_counts: Tensor, p: float, 
 # ----------------------------------------------------------------------------------------------------------------
 # The loss: eq 4 (forward) and eq 5 (backward)
 # ----------------------------------------------------------------------------------------------------------------
+
 
 def _seesaw_log_probs(z: Tensor, labels: Tensor, log_counts: Tensor, p: float, q: float) -> Tensor:
     """log_softmax(z + log S) row by row [N, K]: plain log_softmax on background rows (S = 1), eq 6 factors on the
@@ -217,8 +222,10 @@ class SeesawLoss(nn.Module):
     def __init__(self, num_classes: int, p: float = DEFAULT_P, q: float = DEFAULT_Q):
         super().__init__()
         if not isinstance(num_classes, numbers.Integral) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ConfigError(f"Seesaw num_classes must be an integer >= 1 (C foreground classes; the logits have "
-                              f"C + 1 columns), got {num_classes!r}")
+            raise ConfigError(
+                f"Seesaw num_classes must be an integer >= 1 (C foreground classes; the logits have "
+                f"C + 1 columns), got {num_classes!r}"
+            )
         self.num_classes = int(num_classes)
         self.p = check_seesaw_p(p)
         self.q = check_seesaw_q(q)
@@ -227,14 +234,19 @@ class SeesawLoss(nn.Module):
     def _check(self, logits: Tensor, labels: Tensor) -> None:
         k = self.num_classes + 1
         if logits.dim() != 2 or logits.shape[1] != k or not logits.is_floating_point():
-            raise ValueError(f"logits must be floating [N, {k}] (num_classes + 1 columns, column 0 = background), "
-                             f"got {logits.dtype} {tuple(logits.shape)}")
+            raise ValueError(
+                f"logits must be floating [N, {k}] (num_classes + 1 columns, column 0 = background), "
+                f"got {logits.dtype} {tuple(logits.shape)}"
+            )
         if labels.dtype != torch.int64 or labels.shape != logits.shape[:1]:
-            raise ValueError(f"labels must be int64 [{logits.shape[0]}] (one primary label per row), got "
-                             f"{labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be int64 [{logits.shape[0]}] (one primary label per row), got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(f"labels must be in 0..{k - 1} (0 = background), got "
-                             f"{int(labels.min())}..{int(labels.max())}")
+            raise ValueError(
+                f"labels must be in 0..{k - 1} (0 = background), got {int(labels.min())}..{int(labels.max())}"
+            )
 
     def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
         self._check(logits, labels)

@@ -21,6 +21,7 @@ N(0, 0.01²)), which the official ACSL code uses to initialise its sigmoid class
 stage-1 classifier); the decoupled classifier-only stage 2 of the ACSL paper (§4.2) without conversion 0.160 (seed
 0). The decoupled mode stays a choice of the run (``decoupled``); the conversion applies to it as well.
 """
+
 from __future__ import annotations
 
 import torch
@@ -93,4 +94,3 @@ def switch_classifier(model: nn.Module, checkpoint_extra: dict | None) -> bool:
         return False
     background_relative_classifier(model.roi_heads.box_predictor.cls_score)
     return True
-

@@ -30,144 +30,36 @@ top-n and 128 sampled RoIs per image), ``resnet18_fpn`` and ``resnet50_fpn`` (th
 torchvision's ResNet + FPN, 512 RoIs per image). From scratch, every BatchNorm trains (``norm="bn"``); with a
 weights file the ResNets default to ``FrozenBatchNorm2d`` as torchvision does for pretrained backbones.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
-from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import build_loss
+from lt_models.modeling.backbones import PRESETS, build_backbone, check_backbone
 
 __all__ = [
-    "BACKBONES",
     "DECOUPLED_MODES",
-    "TinyBody",
     "MultiLabelRoIHeads",
     "LTFasterRCNN",
     "build_detector",
     "set_decoupled",
-    "default_image_size",
 ]
 
-BACKBONES = ("tiny", "resnet18_fpn", "resnet50_fpn")
 DECOUPLED_MODES = (False, "cls", "box_head")
 
-# Per-backbone defaults: input size and the knobs that make `tiny` fast on a CPU.
-_PRESETS = {
-    # ~3.8M parameters; 64-channel FPN and 1 RoIAlign sample per bin keep the CPU step cheap
-    # (torchvision's CPU RoIAlign backward is a serial loop: its cost scales with channels x samples x RoIs).
-    "tiny": dict(image_size=128, fpn_channels=64, representation_size=256, sampling_ratio=1,
-                 rpn_pre_nms_top_n_train=600, rpn_post_nms_top_n_train=300,
-                 rpn_pre_nms_top_n_test=300, rpn_post_nms_top_n_test=100,
-                 rpn_batch_size_per_image=128, box_batch_size_per_image=128),
-    # torchvision / Detectron defaults (the papers' setting)
-    "resnet18_fpn": dict(image_size=800, fpn_channels=256, representation_size=1024, sampling_ratio=2,
-                         rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=2000,
-                         rpn_pre_nms_top_n_test=1000, rpn_post_nms_top_n_test=1000,
-                         rpn_batch_size_per_image=256, box_batch_size_per_image=512),
-}
-_PRESETS["resnet50_fpn"] = dict(_PRESETS["resnet18_fpn"])
-
-
-def default_image_size(backbone: str) -> int:
-    """Shorter-edge input size of a backbone preset (128 for tiny, 800 for the ResNet-FPN presets)."""
-    _check_backbone(backbone)
-    return _PRESETS[backbone]["image_size"]
-
-
-def _check_backbone(backbone: str) -> None:
-    if backbone not in _PRESETS:
-        raise ConfigError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Backbones
-# ----------------------------------------------------------------------------------------------------------------
-class TinyBody(nn.Module):
-    """A small ResNet-style body for CPU training at ~128 px: a stride-2 stem and four stages of torchvision
-    ``BasicBlock``s at strides 4, 8, 16, 32 (channels 32, 64, 128, 256). ``layer2..layer4`` feed the FPN."""
-
-    def __init__(self, channels=(32, 64, 128, 256), blocks=(1, 1, 2, 2), norm_layer=nn.BatchNorm2d):
-        super().__init__()
-        self.stem = Conv2dNormActivation(3, channels[0], kernel_size=3, stride=2, norm_layer=norm_layer)
-        in_ch = channels[0]
-        for i, (ch, n) in enumerate(zip(channels, blocks), start=1):
-            layers = []
-            for b in range(n):
-                stride = 2 if b == 0 else 1
-                downsample = None
-                if stride != 1 or in_ch != ch:
-                    downsample = nn.Sequential(nn.Conv2d(in_ch, ch, 1, stride=stride, bias=False), norm_layer(ch))
-                layers.append(torchvision.models.resnet.BasicBlock(in_ch, ch, stride, downsample,
-                                                                   norm_layer=norm_layer))
-                in_ch = ch
-            setattr(self, f"layer{i}", nn.Sequential(*layers))
-        self.channels = tuple(channels)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # used only as a classifier body; the FPN wraps children
-        x = self.stem(x)
-        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-def _load_backbone_weights(module: nn.Module, weights: str | Path) -> None:
-    """Load a local state dict (e.g. ImageNet ResNet weights) into a backbone body; never downloads."""
-    path = Path(weights)
-    if not path.is_file():
-        raise ConfigError(f"backbone weights file {str(path)!r} does not exist: give a local .pt/.pth state dict "
-                          "or leave `weights` empty to train from scratch (nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ConfigError(f"backbone weights file {str(path)!r} does not hold a state dict "
-                          f"(got {type(state).__name__})")
-    own = module.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
-    if missing:  # a partial load would silently train a half-random backbone
-        raise ConfigError(f"backbone weights file {str(path)!r}: {len(missing)} of the backbone's {len(own)} tensors "
-                          f"are missing or have another shape (e.g. {missing[0]!r}); give a state dict of this "
-                          f"backbone architecture (a classification model's extra 'fc.*' tensors are ignored)")
-    module.load_state_dict(usable, strict=False)
-
-
-def _backbone(name: str, weights, fpn_channels: int, norm: str) -> BackboneWithFPN:
-    if norm == "bn":
-        norm_layer = nn.BatchNorm2d
-    elif norm == "frozen_bn":
-        norm_layer = FrozenBatchNorm2d
-    else:
-        raise ConfigError(f"unknown norm {norm!r}: choose 'bn' (trainable BatchNorm, from scratch) or 'frozen_bn' "
-                          "(pretrained weights)")
-    if name == "tiny":
-        body = TinyBody(norm_layer=norm_layer)
-        in_channels = list(body.channels[1:])
-    else:
-        body = getattr(torchvision.models, name.removesuffix("_fpn"))(weights=None, norm_layer=norm_layer)
-        c = 64 if name == "resnet18_fpn" else 256
-        in_channels = [c, 2 * c, 4 * c, 8 * c]
-    if weights is not None:
-        _load_backbone_weights(body, weights)
-    if name == "tiny":
-        return_layers = {"layer2": "0", "layer3": "1", "layer4": "2"}
-    else:
-        return_layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
-    return BackboneWithFPN(body, return_layers, in_channels, fpn_channels, extra_blocks=LastLevelMaxPool())
+PRESETS["resnet50_fpn"] = dict(PRESETS["resnet18_fpn"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,8 +92,10 @@ class MultiLabelRoIHeads(RoIHeads):
             return F.one_hot(labels, num_columns).to(torch.float32)
         mh = target["multi_hot"]
         if mh.dim() != 2 or mh.shape[0] != labels.shape[0] or mh.shape[1] != num_columns:
-            raise ValueError(f"target['multi_hot'] must be [n_objects={labels.shape[0]}, K={num_columns}] "
-                             f"(K = num_classes + 1, column 0 background), got {list(mh.shape)}")
+            raise ValueError(
+                f"target['multi_hot'] must be [n_objects={labels.shape[0]}, K={num_columns}] "
+                f"(K = num_classes + 1, column 0 background), got {list(mh.shape)}"
+            )
         if labels.numel() and not bool((mh.gather(1, labels[:, None]) > 0).all()):
             raise ValueError("target['multi_hot'] must have a 1 at each object's primary label target['labels']")
         return mh.to(torch.float32)
@@ -252,8 +146,9 @@ class MultiLabelRoIHeads(RoIHeads):
         pred_scores = self.cls_loss.scores(class_logits.float())
 
         all_boxes, all_scores, all_labels = [], [], []
-        for boxes, scores, image_shape in zip(pred_boxes.split(boxes_per_image, 0),
-                                              pred_scores.split(boxes_per_image, 0), image_shapes):
+        for boxes, scores, image_shape in zip(
+            pred_boxes.split(boxes_per_image, 0), pred_scores.split(boxes_per_image, 0), image_shapes
+        ):
             boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
             labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
             boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
@@ -275,7 +170,8 @@ class MultiLabelRoIHeads(RoIHeads):
             if targets is None:
                 raise ValueError("targets are required in training mode")
             proposals, labels, regression_targets, multi_hot = self.select_multilabel_training_samples(
-                proposals, targets, num_columns)
+                proposals, targets, num_columns
+            )
 
         box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
         class_logits, box_regression = self.box_predictor(box_features)
@@ -285,8 +181,7 @@ class MultiLabelRoIHeads(RoIHeads):
             cls_targets = torch.cat(labels) if getattr(self.cls_loss, "one_label", False) else torch.cat(multi_hot)
             losses = {
                 "loss_classifier": self.cls_loss(class_logits.float(), cls_targets),
-                "loss_box_reg": self.box_regression_loss(box_regression.float(), labels, regression_targets,
-                                                         multi_hot),
+                "loss_box_reg": self.box_regression_loss(box_regression.float(), labels, regression_targets, multi_hot),
             }
             return [], losses
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
@@ -307,7 +202,8 @@ class LTFasterRCNN(FasterRCNN):
         if mode and self.decoupled:
             for m in self.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                        p.requires_grad for p in m.parameters(recurse=False)):
+                    p.requires_grad for p in m.parameters(recurse=False)
+                ):
                     m.eval()
         return self
 
@@ -335,10 +231,20 @@ def set_decoupled(model: LTFasterRCNN, mode: str | bool) -> LTFasterRCNN:
     return model
 
 
-def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module | None = None,
-                   image_size: int | None = None, weights: str | Path | None = None, decoupled: str | bool = False,
-                   *, norm: str | None = None, box_reg_labels: str = "primary", score_thresh: float = 1e-4,
-                   detections_per_img: int = 300, **overrides) -> LTFasterRCNN:
+def build_detector(
+    num_classes: int,
+    backbone: str = "tiny",
+    cls_loss: nn.Module | None = None,
+    image_size: int | None = None,
+    weights: str | Path | None = None,
+    decoupled: str | bool = False,
+    *,
+    norm: str | None = None,
+    box_reg_labels: str = "primary",
+    score_thresh: float = 1e-4,
+    detections_per_img: int = 300,
+    **overrides,
+) -> LTFasterRCNN:
     """Build a Faster R-CNN for ``num_classes`` foreground classes (K = num_classes + 1 logits, column 0 background).
 
     Args:
@@ -357,10 +263,10 @@ def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module
         score_thresh / detections_per_img: inference filtering (LVIS practice: 1e-4 and 300).
         **overrides: any other ``torchvision FasterRCNN`` keyword (e.g. ``rpn_post_nms_top_n_test``).
     """
-    _check_backbone(backbone)
+    check_backbone(backbone)
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
-    preset = dict(_PRESETS[backbone])
+    preset = dict(PRESETS[backbone])
     image_size = int(image_size or preset.pop("image_size"))
     preset.pop("image_size", None)
     fpn_channels = preset.pop("fpn_channels")
@@ -369,7 +275,36 @@ def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module
     if norm is None:
         norm = "frozen_bn" if (weights is not None and backbone != "tiny") else "bn"
 
-    body = _backbone(backbone, weights, fpn_channels, norm)
+    body = build_backbone(backbone, weights, fpn_channels, norm)
+    anchor_gen, roi_pool = _anchors_and_pool(backbone, image_size, sampling_ratio)
+    box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
+    box_predictor = FastRCNNPredictor(representation_size, num_classes + 1)
+
+    kwargs = dict(
+        preset,
+        min_size=image_size,
+        max_size=round(image_size * 1333 / 800),
+        rpn_anchor_generator=anchor_gen,
+        box_roi_pool=roi_pool,
+        box_head=box_head,
+        box_predictor=box_predictor,
+        box_score_thresh=score_thresh,
+        box_detections_per_img=detections_per_img,
+    )
+    kwargs.update(overrides)
+    model = LTFasterRCNN(body, num_classes=None, **kwargs)
+
+    if cls_loss is None:
+        cls_loss = build_loss("softmax")
+    model.roi_heads = _multilabel_heads(model.roi_heads, kwargs, cls_loss, box_reg_labels)
+    model.num_classes = num_classes
+    model.backbone_name = backbone
+    set_decoupled(model, decoupled)
+    return model
+
+
+def _anchors_and_pool(backbone: str, image_size: int, sampling_ratio: int):
+    """The anchor generator and the RoIAlign pooler of a backbone at ``image_size``."""
     scale = image_size / 800.0
     if backbone == "tiny":
         # strides 8, 16, 32, 64 (max-pool level) at 128 px: two sizes per level cover objects of ~8 to ~128 px
@@ -380,28 +315,26 @@ def build_detector(num_classes: int, backbone: str = "tiny", cls_loss: nn.Module
         featmaps = ["0", "1", "2", "3"]
     anchor_gen = AnchorGenerator(anchor_sizes, ((0.5, 1.0, 2.0),) * len(anchor_sizes))
     # The canonical RoI-to-level mapping (224 px -> level 4) is defined at 800 px; scale it with the input size.
-    roi_pool = MultiScaleRoIAlign(featmaps, output_size=7, sampling_ratio=sampling_ratio,
-                                  canonical_scale=max(1, round(224 * scale)))
-    box_head = TwoMLPHead(fpn_channels * 7 * 7, representation_size)
-    box_predictor = FastRCNNPredictor(representation_size, num_classes + 1)
+    roi_pool = MultiScaleRoIAlign(
+        featmaps, output_size=7, sampling_ratio=sampling_ratio, canonical_scale=max(1, round(224 * scale))
+    )
+    return anchor_gen, roi_pool
 
-    kwargs = dict(preset, min_size=image_size, max_size=round(image_size * 1333 / 800),
-                  rpn_anchor_generator=anchor_gen, box_roi_pool=roi_pool, box_head=box_head,
-                  box_predictor=box_predictor, box_score_thresh=score_thresh,
-                  box_detections_per_img=detections_per_img)
-    kwargs.update(overrides)
-    model = LTFasterRCNN(body, num_classes=None, **kwargs)
 
-    if cls_loss is None:
-        cls_loss = build_loss("softmax")
-    old = model.roi_heads
-    model.roi_heads = MultiLabelRoIHeads(
-        old.box_roi_pool, old.box_head, old.box_predictor,
-        kwargs.get("box_fg_iou_thresh", 0.5), kwargs.get("box_bg_iou_thresh", 0.5),
-        kwargs["box_batch_size_per_image"], kwargs.get("box_positive_fraction", 0.25), kwargs.get("bbox_reg_weights"),
-        old.score_thresh, old.nms_thresh, old.detections_per_img,
-        cls_loss=cls_loss, box_reg_labels=box_reg_labels)
-    model.num_classes = num_classes
-    model.backbone_name = backbone
-    set_decoupled(model, decoupled)
-    return model
+def _multilabel_heads(old: RoIHeads, kwargs: dict, cls_loss: nn.Module, box_reg_labels: str) -> MultiLabelRoIHeads:
+    """torchvision's RoI heads of ``old`` (the same pooler, box head and predictor) as ``MultiLabelRoIHeads``."""
+    return MultiLabelRoIHeads(
+        old.box_roi_pool,
+        old.box_head,
+        old.box_predictor,
+        kwargs.get("box_fg_iou_thresh", 0.5),
+        kwargs.get("box_bg_iou_thresh", 0.5),
+        kwargs["box_batch_size_per_image"],
+        kwargs.get("box_positive_fraction", 0.25),
+        kwargs.get("bbox_reg_weights"),
+        old.score_thresh,
+        old.nms_thresh,
+        old.detections_per_img,
+        cls_loss=cls_loss,
+        box_reg_labels=box_reg_labels,
+    )

@@ -14,11 +14,13 @@ Statistics come from scipy.stats:
 The best configuration is the best *mean* of the metric among configurations whose every run reached the full
 schedule (ASHA's survivors); when none did, among all configurations. This module imports neither Ray nor MLflow.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from pipelines.names import BUCKET_METRICS, finite_number
 
@@ -67,10 +69,10 @@ def describe(values: Iterable[Any]) -> Stat:
 class ConfigResult:
     """One configuration and its runs (one per seed)."""
 
-    config: dict[str, Any]                  # the searched values without the seed
-    runs: dict[Any, Any]                     # seed -> the run's record
-    full: bool                               # every run reached the full schedule
-    stats: dict[str, Stat]                   # metric -> Stat over the runs
+    config: dict[str, Any]  # the searched values without the seed
+    runs: dict[Any, Any]  # seed -> the run's record
+    full: bool  # every run reached the full schedule
+    stats: dict[str, Stat]  # metric -> Stat over the runs
 
     @property
     def n(self) -> int:
@@ -80,9 +82,15 @@ class ConfigResult:
         return ", ".join(f"{k}={v}" for k, v in sorted(self.config.items())) or "(fixed config)"
 
 
-def aggregate(records: Iterable[T], *, config: Callable[[T], Mapping[str, Any]], metric: Callable[[T, str], Any],
-              full: Callable[[T], bool], failed: Callable[[T], bool],
-              metrics: Sequence[str] = BUCKET_METRICS) -> list[ConfigResult]:
+def aggregate(
+    records: Iterable[T],
+    *,
+    config: Callable[[T], Mapping[str, Any]],
+    metric: Callable[[T, str], Any],
+    full: Callable[[T], bool],
+    failed: Callable[[T], bool],
+    metrics: Sequence[str] = BUCKET_METRICS,
+) -> list[ConfigResult]:
     """Group trial records (summary trials, MLflow rows) by configuration. ``config(r)`` is a record's searched
     values including ``seed``; ``metric(r, name)`` its final value of a metric; ``full(r)`` whether it ran the full
     schedule; failed records count as runs that did not finish (no values)."""
@@ -117,8 +125,16 @@ def best_config(configs: Sequence[ConfigResult], metric: str = "AP", mode: str =
 
 def table(configs: Sequence[ConfigResult], best: ConfigResult | None) -> list[dict[str, Any]]:
     """The configurations as JSON-able rows (config, n, full, best, and n / mean / sd / CI per metric)."""
-    return [{"config": c.config, "n": c.n, "full": c.full, "best": c is best,
-             **{m: dataclasses.asdict(st) for m, st in c.stats.items()}} for c in configs]
+    return [
+        {
+            "config": c.config,
+            "n": c.n,
+            "full": c.full,
+            "best": c is best,
+            **{m: dataclasses.asdict(st) for m, st in c.stats.items()},
+        }
+        for c in configs
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +154,10 @@ class Paired:
     def text(self, digits: int = 3) -> str:
         if self.n < 2:
             return f"{self.diff:+.{digits}f} (n={self.n}: no CI)"
-        return (f"{self.diff:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], p = "
-                f"{self.p_value:.3g} (n={self.n})")
+        return (
+            f"{self.diff:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], p = "
+            f"{self.p_value:.3g} (n={self.n})"
+        )
 
 
 def paired(a: ConfigResult, b: ConfigResult, metric: str, value: Callable[[Any, str], Any]) -> Paired:
@@ -157,8 +175,14 @@ def paired(a: ConfigResult, b: ConfigResult, metric: str, value: Callable[[Any, 
     diffs = [x - y for x, y in pairs]
     mean = sum(diffs) / n
     if n < 2 or all(d == diffs[0] for d in diffs):
-        return Paired(metric, n, mean, mean if n >= 2 else math.nan, mean if n >= 2 else math.nan,
-                      0.0 if n >= 2 and mean != 0 else math.nan)
+        return Paired(
+            metric,
+            n,
+            mean,
+            mean if n >= 2 else math.nan,
+            mean if n >= 2 else math.nan,
+            0.0 if n >= 2 and mean != 0 else math.nan,
+        )
     res = stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs])
     ci = res.confidence_interval(CONFIDENCE)
     return Paired(metric, n, mean, float(ci.low), float(ci.high), float(res.pvalue))
@@ -168,29 +192,40 @@ def lead_sentence(best: ConfigResult, other: ConfigResult, comparison: Paired, w
     """In words: is the best configuration's lead over ``other`` larger than the seed-to-seed noise?"""
     m = comparison.metric
     if best.full and not other.full:  # ASHA stopped it: its numbers come from a shorter schedule
-        return (f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}, but the scheduler "
-                f"stopped {other.label()} early, so this compares a full schedule with a shorter one; `ltsweep "
-                "confirm SWEEP --top K` reruns the top configurations to the full schedule.")
+        return (
+            f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}, but the scheduler "
+            f"stopped {other.label()} early, so this compares a full schedule with a shorter one; `ltsweep "
+            "confirm SWEEP --top K` reruns the top configurations to the full schedule."
+        )
     if comparison.n < 2:
-        return (f"The lead of {best.label()} over {what} ({other.label()}) in {m} is {comparison.diff:+.3f} on "
-                f"{comparison.n} common seed(s): with fewer than 2 seeds the noise is unknown; rerun with "
-                "search.seeds (or `ltsweep confirm`).")
+        return (
+            f"The lead of {best.label()} over {what} ({other.label()}) in {m} is {comparison.diff:+.3f} on "
+            f"{comparison.n} common seed(s): with fewer than 2 seeds the noise is unknown; rerun with "
+            "search.seeds (or `ltsweep confirm`)."
+        )
     if comparison.significant():
-        return (f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the lead is larger "
-                "than the seed-to-seed noise.")
-    return (f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the CI contains 0, so "
-            "the lead is inside the noise - the two are tied on this evidence.")
+        return (
+            f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the lead is larger "
+            "than the seed-to-seed noise."
+        )
+    return (
+        f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the CI contains 0, so "
+        "the lead is inside the noise - the two are tied on this evidence."
+    )
 
 
-def comparisons(ranked_configs: Sequence[ConfigResult], metric: str, baseline: Mapping[str, Any] | None,
-                value: Callable[[Any, str], Any]) -> list[str]:
+def comparisons(
+    ranked_configs: Sequence[ConfigResult],
+    metric: str,
+    baseline: Mapping[str, Any] | None,
+    value: Callable[[Any, str], Any],
+) -> list[str]:
     """Sentences on the best configuration's lead: over the runner-up and over the baseline configuration(s)."""
     if not ranked_configs:
         return []
     best, out = ranked_configs[0], []
     if len(ranked_configs) > 1:
-        out.append(lead_sentence(best, ranked_configs[1],
-                                 paired(best, ranked_configs[1], metric, value)))
+        out.append(lead_sentence(best, ranked_configs[1], paired(best, ranked_configs[1], metric, value)))
     if baseline:
         bases = [c for c in ranked_configs if matches(c.config, baseline) and c is not best]
         if not bases and matches(best.config, baseline):
@@ -208,8 +243,9 @@ def matches(config: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
     return all(str(config.get(k)) == str(v) for k, v in selector.items())
 
 
-def format_table(configs: Sequence[ConfigResult], metrics: Sequence[str] = BUCKET_METRICS,
-                 best: ConfigResult | None = None) -> str:
+def format_table(
+    configs: Sequence[ConfigResult], metrics: Sequence[str] = BUCKET_METRICS, best: ConfigResult | None = None
+) -> str:
     """Fixed-width table: one line per configuration with n, then mean [95% CI] and sd of each metric."""
     keys = sorted({k for c in configs for k in c.config})
     head = keys + ["n"] + [f"{m} mean [95% CI]" for m in metrics] + [f"{metrics[0]} sd", "full"]
@@ -217,9 +253,12 @@ def format_table(configs: Sequence[ConfigResult], metrics: Sequence[str] = BUCKE
     for c in configs:
         mark = " *best*" if best is not None and c is best else ""
         sd = c.stats[metrics[0]].sd if metrics[0] in c.stats else math.nan
-        rows.append([str(c.config.get(k, "-")) for k in keys] + [str(c.n)]
-                    + [c.stats[m].text() if m in c.stats else "-" for m in metrics]
-                    + ["-" if not math.isfinite(sd) else f"{sd:.3f}", ("yes" if c.full else "no") + mark])
+        rows.append(
+            [str(c.config.get(k, "-")) for k in keys]
+            + [str(c.n)]
+            + [c.stats[m].text() if m in c.stats else "-" for m in metrics]
+            + ["-" if not math.isfinite(sd) else f"{sd:.3f}", ("yes" if c.full else "no") + mark]
+        )
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -228,10 +267,16 @@ def format_table(configs: Sequence[ConfigResult], metrics: Sequence[str] = BUCKE
 # ---- the best-trial rule -----------------------------------------------------------------------------------------
 
 
-
-def best_trial(records: Iterable[T], *, value: Callable[[T], Any], evaluations: Callable[[T], int],
-               failed: Callable[[T], bool], trial_id: Callable[[T], str], mode: str = "max",
-               full_length: int | None = None) -> T | None:
+def best_trial(
+    records: Iterable[T],
+    *,
+    value: Callable[[T], Any],
+    evaluations: Callable[[T], int],
+    failed: Callable[[T], bool],
+    trial_id: Callable[[T], str],
+    mode: str = "max",
+    full_length: int | None = None,
+) -> T | None:
     """The best trial of a sweep, from any kind of trial record (the sweep's trial summaries, MLflow run rows).
 
     The accessors read one record: ``value`` its last reported metric (None if it reported none), ``evaluations``

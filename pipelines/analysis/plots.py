@@ -1,13 +1,15 @@
 """The figures of the sweep report and of `ltsweep compare`: matplotlib's object API on the Agg canvas (no pyplot
 state, no display needed), returned as PNG bytes. AP values of -1 mean "no category in this frequency bucket"
 (LVIS convention) and are shown as missing."""
+
 from __future__ import annotations
 
 import io
 import os
 import tempfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from lt_models.atomic import write_bytes_atomic
 from pipelines.names import (
@@ -46,14 +48,19 @@ def png_bytes(fig) -> bytes:
 
 
 def _short(name: str, n: int = 18) -> str:
-    return name if len(name) <= n else "…" + name[-(n - 1):]
+    return name if len(name) <= n else "…" + name[-(n - 1) :]
 
 
 # --------------------------------------------------------------------------------------------------------------
 # plots
-def plot_ap_by_rank(runs: Mapping[str, Mapping[int, float]], path: str | os.PathLike | None = None, *,
-                    order: Sequence[int] | None = None, xlabel: str = "category (id order)",
-                    title: str = "per-class AP") -> bytes:
+def plot_ap_by_rank(
+    runs: Mapping[str, Mapping[int, float]],
+    path: str | os.PathLike | None = None,
+    *,
+    order: Sequence[int] | None = None,
+    xlabel: str = "category (id order)",
+    title: str = "per-class AP",
+) -> bytes:
     """Per-class AP of several runs over the same category order (lines). Writes ``path`` if given; returns PNG."""
     fig = new_figure(7.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
@@ -92,8 +99,13 @@ def plot_vs_param(rows, key: str, others: Sequence[str], title: str, xlabel: str
             xs = sorted(pts)
             name = ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in label) or metric
             line = ax.plot(xs, [sum(pts[x]) / len(pts[x]) for x in xs], marker="o", linewidth=1.2, label=name)
-            ax.scatter([x for x in xs for _ in pts[x]], [y for x in xs for y in pts[x]], s=10, alpha=0.5,
-                       color=line[0].get_color())
+            ax.scatter(
+                [x for x in xs for _ in pts[x]],
+                [y for x in xs for y in pts[x]],
+                s=10,
+                alpha=0.5,
+                color=line[0].get_color(),
+            )
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"final {metric}")
         ax.set_title(f"{title}: {metric}")
@@ -152,9 +164,12 @@ def plot_rank(best_label: str, best_pc, base_pc, val_annotations) -> bytes:
 
         with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
             p = Path(tmp) / AP_BY_FREQUENCY_PNG
-            plot_ap_by_frequency(runs, val_annotations, p, title="per-class AP by frequency rank: "
-                                 "best trial vs stage 1")
+            plot_ap_by_frequency(
+                runs, val_annotations, p, title="per-class AP by frequency rank: best trial vs stage 1"
+            )
             return p.read_bytes()
-    return plot_ap_by_rank({k: v["per_class"] for k, v in runs.items()},
-                           xlabel="category id (no annotations given to rank by frequency)",
-                           title="per-class AP: best trial vs stage 1")
+    return plot_ap_by_rank(
+        {k: v["per_class"] for k, v in runs.items()},
+        xlabel="category id (no annotations given to rank by frequency)",
+        title="per-class AP: best trial vs stage 1",
+    )

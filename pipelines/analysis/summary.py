@@ -7,18 +7,19 @@ configuration by mean (:func:`pipelines.analysis.aggregate.best_config`), compar
 of the best configuration gives the sweep's best model (:mod:`pipelines.tracking.best_model`). :func:`print_summary` prints
 it all.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 from pipelines.analysis import aggregate
-from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS
 from pipelines.analysis.aggregate import best_trial
 from pipelines.config.space import trial_values
+from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS
 
 if TYPE_CHECKING:
     from pipelines.config.experiment import ExperimentConfig
@@ -29,14 +30,14 @@ if TYPE_CHECKING:
 class TrialSummary:
     trial_id: str
     config: dict[str, Any]
-    metrics: dict[str, float]          # last reported AP, AP50, APr, APc, APf, loss
-    epochs: int                        # stage-2 epochs the trial trained
-    evaluations: int                   # results reported (Tune's training_iteration)
-    stopped_early: bool                # ended without error before max evaluations (ASHA)
-    error: Optional[str] = None
-    path: Optional[str] = None
-    interrupted: bool = False          # the sweep was interrupted before this trial finished (--resume continues it)
-    bad_input: bool = False            # it failed on bad input (AnnotationError, ConfigError): exit code 2
+    metrics: dict[str, float]  # last reported AP, AP50, APr, APc, APf, loss
+    epochs: int  # stage-2 epochs the trial trained
+    evaluations: int  # results reported (Tune's training_iteration)
+    stopped_early: bool  # ended without error before max evaluations (ASHA)
+    error: str | None = None
+    path: str | None = None
+    interrupted: bool = False  # the sweep was interrupted before this trial finished (--resume continues it)
+    bad_input: bool = False  # it failed on bad input (AnnotationError, ConfigError): exit code 2
 
     @property
     def status(self) -> str:
@@ -57,30 +58,38 @@ class SweepSummary:
     mode: str
     max_evaluations: int
     trials: list[TrialSummary]
-    best: Optional[TrialSummary]
-    stage1: Optional[dict[int, Stage1Checkpoint]]   # the stage-1 checkpoint of each training seed
+    best: TrialSummary | None
+    stage1: dict[int, Stage1Checkpoint] | None  # the stage-1 checkpoint of each training seed
     resumed: bool = False
-    baseline: Optional[dict[str, Any]] = None       # report.baseline: the configuration the others are compared with
-    interrupted: bool = False                       # Ctrl+C (SIGINT) ended the sweep before every trial finished
-    model: Any = None                               # pipelines.tracking.best_model.RegisteredModel, once logged
-    experiment_id: Optional[str] = None             # the sweep's MLflow experiment
+    baseline: dict[str, Any] | None = None  # report.baseline: the configuration the others are compared with
+    interrupted: bool = False  # Ctrl+C (SIGINT) ended the sweep before every trial finished
+    model: Any = None  # pipelines.tracking.best_model.RegisteredModel, once logged
+    experiment_id: str | None = None  # the sweep's MLflow experiment
 
     @functools.cached_property
     def configs(self) -> list[aggregate.ConfigResult]:
         """Trials grouped by configuration (their seeds are the repeats), with n, mean, sd and 95% CI."""
-        return aggregate.aggregate(self.trials, config=lambda t: t.config, metric=lambda t, m: t.metrics.get(m),
-                                   full=lambda t: t.evaluations >= self.max_evaluations,
-                                   failed=lambda t: t.error is not None,
-                                   metrics=tuple(dict.fromkeys(BUCKET_METRICS + (self.metric,))))
+        return aggregate.aggregate(
+            self.trials,
+            config=lambda t: t.config,
+            metric=lambda t, m: t.metrics.get(m),
+            full=lambda t: t.evaluations >= self.max_evaluations,
+            failed=lambda t: t.error is not None,
+            metrics=tuple(dict.fromkeys(BUCKET_METRICS + (self.metric,))),
+        )
 
     @property
-    def best_config(self) -> Optional[aggregate.ConfigResult]:
+    def best_config(self) -> aggregate.ConfigResult | None:
         return aggregate.best_config(self.configs, self.metric, self.mode)
 
     def comparisons(self) -> list[str]:
         """In words: the best configuration against the runner-up and against the baseline, paired over seeds."""
-        return aggregate.comparisons(aggregate.ranked(self.configs, self.metric, self.mode), self.metric,
-                                     self.baseline, value=lambda t, m: t.metrics.get(m))
+        return aggregate.comparisons(
+            aggregate.ranked(self.configs, self.metric, self.mode),
+            self.metric,
+            self.baseline,
+            value=lambda t, m: t.metrics.get(m),
+        )
 
     @property
     def trial_epochs(self) -> int:
@@ -109,13 +118,17 @@ class SweepSummary:
     def outcome(self) -> str:
         """One line on how the sweep ended, for the console and the CLI's exit message."""
         if self.interrupted:
-            return (f"sweep '{self.name}' was interrupted: {self.unfinished} trial(s) unfinished and the rest not "
-                    f"started; continue it with `ltsweep sweep CONFIG --resume`")
+            return (
+                f"sweep '{self.name}' was interrupted: {self.unfinished} trial(s) unfinished and the rest not "
+                f"started; continue it with `ltsweep sweep CONFIG --resume`"
+            )
         if not self.trials:
             return f"sweep '{self.name}' ran no trial"
         if self.errored:
-            return (f"{self.errored} of {len(self.trials)} trials of sweep '{self.name}' failed (reasons in the "
-                    "table above; details in the Ray dashboard and each trial's error.txt)")
+            return (
+                f"{self.errored} of {len(self.trials)} trials of sweep '{self.name}' failed (reasons in the "
+                "table above; details in the Ray dashboard and each trial's error.txt)"
+            )
         return f"every trial of sweep '{self.name}' finished"
 
     def table(self) -> str:
@@ -127,8 +140,12 @@ class SweepSummary:
             status = t.status
             if self.best is not None and t.trial_id == self.best.trial_id:
                 status += " *best*"
-            rows.append([t.trial_id] + [format_value(t.config.get(k)) for k in keys]
-                        + [format_value(t.metrics.get(m)) for m in BUCKET_METRICS] + [str(t.epochs), status])
+            rows.append(
+                [t.trial_id]
+                + [format_value(t.config.get(k)) for k in keys]
+                + [format_value(t.metrics.get(m)) for m in BUCKET_METRICS]
+                + [str(t.epochs), status]
+            )
         widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
         line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
@@ -137,11 +154,20 @@ class SweepSummary:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["trials"] = [dataclasses.asdict(t) for t in self.trials]
         d["best"] = None if self.best is None else dataclasses.asdict(self.best)
-        d["stage1"] = None if self.stage1 is None else {
-            str(seed): {"sha256": c.sha256, "path": str(c.path), "trained": c.trained}
-            for seed, c in self.stage1.items()}
-        d.update(trial_epochs=self.trial_epochs, stopped_early=self.stopped_early, errored=self.errored,
-                 unfinished=self.unfinished)
+        d["stage1"] = (
+            None
+            if self.stage1 is None
+            else {
+                str(seed): {"sha256": c.sha256, "path": str(c.path), "trained": c.trained}
+                for seed, c in self.stage1.items()
+            }
+        )
+        d.update(
+            trial_epochs=self.trial_epochs,
+            stopped_early=self.stopped_early,
+            errored=self.errored,
+            unfinished=self.unfinished,
+        )
         d["configs"] = aggregate.table(self.configs, self.best_config)
         return d
 
@@ -154,7 +180,7 @@ def format_value(v: Any) -> str:
     return str(v)
 
 
-def _error_line(error: Optional[BaseException]) -> tuple[Optional[str], bool]:
+def _error_line(error: BaseException | None) -> tuple[str | None, bool]:
     """A failed trial's reason in one line, and whether it is bad input. Tune hands back a RayTaskError whose
     ``cause`` is the trial's own exception; ltsweep's input errors (AnnotationError, ConfigError) are one line."""
     from lt_models.errors import LtsweepInputError
@@ -167,9 +193,17 @@ def _error_line(error: Optional[BaseException]) -> tuple[Optional[str], bool]:
     return f"{type(cause).__name__}: {text[:300]}", isinstance(cause, LtsweepInputError)
 
 
-def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1Checkpoint]], resumed: bool, *,
-              experiment_path: str | Path, tracking_uri: str, interrupted: bool = False,
-              completed: Optional[set[str]] = None) -> SweepSummary:
+def summarize(
+    cfg: ExperimentConfig,
+    results,
+    stage1: dict[int, Stage1Checkpoint] | None,
+    resumed: bool,
+    *,
+    experiment_path: str | Path,
+    tracking_uri: str,
+    interrupted: bool = False,
+    completed: set[str] | None = None,
+) -> SweepSummary:
     """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
     ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them. ``interrupted``: the
     fit ended on Ctrl+C; then a trial short of its schedule that Tune did not complete (``completed``: the trial ids
@@ -182,50 +216,90 @@ def summarize(cfg: ExperimentConfig, results, stage1: Optional[dict[int, Stage1C
         err, bad_input = _error_line(r.error)
         trial_id = str(m.get("trial_id") or Path(r.path).name)
         unfinished = interrupted and err is None and evaluations < max_evals and trial_id not in (completed or ())
-        trials.append(TrialSummary(
-            trial_id=trial_id, config=trial_values(r.config or {}),
-            metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
-            epochs=int(m.get("epoch") or 0), evaluations=evaluations,
-            stopped_early=err is None and evaluations < max_evals and not unfinished, error=err, path=r.path,
-            interrupted=unfinished, bad_input=bad_input))
+        trials.append(
+            TrialSummary(
+                trial_id=trial_id,
+                config=trial_values(r.config or {}),
+                metrics={k: float(m[k]) for k in SCHEDULER_METRICS if k in m},
+                epochs=int(m.get("epoch") or 0),
+                evaluations=evaluations,
+                stopped_early=err is None and evaluations < max_evals and not unfinished,
+                error=err,
+                path=r.path,
+                interrupted=unfinished,
+                bad_input=bad_input,
+            )
+        )
     metric = cfg.scheduler.metric
-    best = best_trial(trials, value=lambda t: t.metrics.get(metric), evaluations=lambda t: t.evaluations,
-                      failed=lambda t: t.error is not None, trial_id=lambda t: t.trial_id, mode=cfg.scheduler.mode,
-                      full_length=max_evals)
-    return SweepSummary(name=cfg.name, experiment_path=str(experiment_path),
-                        storage_path=str(cfg.run.storage_path), tracking_uri=tracking_uri,
-                        metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, max_evaluations=max_evals,
-                        trials=trials, best=best, stage1=stage1, resumed=resumed, baseline=cfg.report.baseline,
-                        interrupted=interrupted)
+    best = best_trial(
+        trials,
+        value=lambda t: t.metrics.get(metric),
+        evaluations=lambda t: t.evaluations,
+        failed=lambda t: t.error is not None,
+        trial_id=lambda t: t.trial_id,
+        mode=cfg.scheduler.mode,
+        full_length=max_evals,
+    )
+    return SweepSummary(
+        name=cfg.name,
+        experiment_path=str(experiment_path),
+        storage_path=str(cfg.run.storage_path),
+        tracking_uri=tracking_uri,
+        metric=cfg.scheduler.metric,
+        mode=cfg.scheduler.mode,
+        max_evaluations=max_evals,
+        trials=trials,
+        best=best,
+        stage1=stage1,
+        resumed=resumed,
+        baseline=cfg.report.baseline,
+        interrupted=interrupted,
+    )
 
 
 def print_summary(summary: SweepSummary, file=None) -> None:
     file = file or sys.stdout
-    print(f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
-          f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored"
-          + (f", {summary.unfinished} interrupted" if summary.interrupted else ""), file=file)
+    print(
+        f"\nsweep {summary.name!r}: {len(summary.trials)} trials, {summary.trial_epochs} trial-epochs, "
+        f"{summary.stopped_early} stopped early by the scheduler, {summary.errored} errored"
+        + (f", {summary.unfinished} interrupted" if summary.interrupted else ""),
+        file=file,
+    )
     for seed, ckpt in (summary.stage1 or {}).items():
         how = "trained for this sweep" if ckpt.trained else "reused"
         print(f"stage 1 (seed {seed}): {ckpt.sha256[:12]} ({how}) at {ckpt.path}", file=file)
     print(summary.table(), file=file)
     configs = summary.configs
     best = aggregate.best_config(configs, summary.metric, summary.mode)
-    print(f"\nper configuration over its seeds (mean [95% CI]; best = best mean {summary.metric} among "
-          f"configurations that ran the full schedule):", file=file)
+    print(
+        f"\nper configuration over its seeds (mean [95% CI]; best = best mean {summary.metric} among "
+        f"configurations that ran the full schedule):",
+        file=file,
+    )
     print(aggregate.format_table(configs, best=best), file=file)
     if best is not None:
-        print(f"best configuration ({summary.metric}, {summary.mode}): {best.label()} -> "
-              + ", ".join(f"{m} {best.stats[m].text()}" for m in BUCKET_METRICS) + f" over n={best.n}", file=file)
+        print(
+            f"best configuration ({summary.metric}, {summary.mode}): {best.label()} -> "
+            + ", ".join(f"{m} {best.stats[m].text()}" for m in BUCKET_METRICS)
+            + f" over n={best.n}",
+            file=file,
+        )
         for sentence in summary.comparisons():
             print(sentence, file=file)
     if summary.best is not None:
         b = summary.best
-        print(f"best single trial: {b.trial_id} {b.config} -> "
-              + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics), file=file)
+        print(
+            f"best single trial: {b.trial_id} {b.config} -> "
+            + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics),
+            file=file,
+        )
     if summary.model is not None:
         m = summary.model
-        print(f"best model: {m.uri} (trial {m.trial_id}, checkpoint {m.checkpoint}); load it with "
-              f"mlflow.pyfunc.load_model({m.uri!r}).predict(image_hwc_uint8)", file=file)
+        print(
+            f"best model: {m.uri} (trial {m.trial_id}, checkpoint {m.checkpoint}); load it with "
+            f"mlflow.pyfunc.load_model({m.uri!r}).predict(image_hwc_uint8)",
+            file=file,
+        )
     print(f"\n{summary.outcome()}", file=file)
     print(f"TensorBoard:  tensorboard --logdir {summary.experiment_path} --host 127.0.0.1", file=file)
     print(f"MLflow:       mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1", file=file)

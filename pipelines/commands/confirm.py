@@ -13,19 +13,28 @@ An ASHA sweep ranks configurations on a few evaluations of one seed each, so its
    summary: n, mean and 95% CI per configuration, and the paired comparisons of the winner with the runner-up and
    with the baseline (scipy.stats.ttest_rel), in words.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lt_models.errors import ConfigError
 from pipelines.analysis import aggregate
-from pipelines.config.experiment import SEARCHABLE, ExperimentConfig, Stage2Config
-from pipelines.names import (CONFIRMED_BY_TAG, CONFIRMS_TAG, MAX_T_TAG, METRIC_TAG, MODE_TAG, SEARCHED_KEYS_TAG,
-                              SEED_PARAM)
 from pipelines.analysis.summary import SweepSummary
+from pipelines.config.experiment import SEARCHABLE, ExperimentConfig
+from pipelines.config.sections import Stage2Config
+from pipelines.names import (
+    CONFIRMED_BY_TAG,
+    CONFIRMS_TAG,
+    MAX_T_TAG,
+    METRIC_TAG,
+    MODE_TAG,
+    SEARCHED_KEYS_TAG,
+    SEED_PARAM,
+)
 
 CONFIRM_SUFFIX = "-confirm"
 
@@ -39,12 +48,16 @@ def load_sweep_config(name: str, storage_path: os.PathLike | str) -> ExperimentC
     record = storage.join(storage.as_location(storage_path), name, SWEEP_RECORD)
     shown = storage.display(record)
     if not storage.is_file(record):
-        raise ConfigError(f"ltsweep confirm: no sweep {name!r} under {storage.display(storage_path)} ({shown} is "
-                          "missing); pass the sweep's name and its --storage-path")
+        raise ConfigError(
+            f"ltsweep confirm: no sweep {name!r} under {storage.display(storage_path)} ({shown} is "
+            "missing); pass the sweep's name and its --storage-path"
+        )
     data = storage.read_json(record)
     if "config" not in data:
-        raise ConfigError(f"ltsweep confirm: {shown} was written by an older ltsweep and holds no config; rerun "
-                          "the sweep, or run the configurations with search.configs in a new YAML")
+        raise ConfigError(
+            f"ltsweep confirm: {shown} was written by an older ltsweep and holds no config; rerun "
+            "the sweep, or run the configurations with search.configs in a new YAML"
+        )
     return ExperimentConfig.model_validate(data["config"])
 
 
@@ -66,19 +79,24 @@ def confirm_seeds(cfg: ExperimentConfig, n: int) -> list[int]:
     return seeds
 
 
-def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[ExperimentConfig, list[aggregate.ConfigResult],
-                                                                        str]:
+def plan(
+    cfg: ExperimentConfig, client, top: int, seeds: int
+) -> tuple[ExperimentConfig, list[aggregate.ConfigResult], str]:
     """The confirmation sweep's config, the first sweep's ranked configurations and its parent run id."""
-    from pipelines.mlflow_io.reads import latest_sweep_run, trial_rows
     from pipelines.analysis.report import row_configs
+    from pipelines.mlflow_io.reads import latest_sweep_run, trial_rows
 
     if top < 1 or seeds < 2:
-        raise ConfigError(f"ltsweep confirm: --top must be >= 1 and --seeds >= 2 (a CI needs 2 seeds); got --top "
-                          f"{top} --seeds {seeds}")
+        raise ConfigError(
+            f"ltsweep confirm: --top must be >= 1 and --seeds >= 2 (a CI needs 2 seeds); got --top "
+            f"{top} --seeds {seeds}"
+        )
     parent = latest_sweep_run(client, cfg.name)
     if parent is None:
-        raise ConfigError(f"ltsweep confirm: sweep {cfg.name!r} has no MLflow sweep run in {client.tracking_uri}; "
-                          "pass the --tracking-uri the sweep logged to")
+        raise ConfigError(
+            f"ltsweep confirm: sweep {cfg.name!r} has no MLflow sweep run in {client.tracking_uri}; "
+            "pass the --tracking-uri the sweep logged to"
+        )
     tags = parent.data.tags
     metric, mode = tags.get(METRIC_TAG, cfg.scheduler.metric), tags.get(MODE_TAG, cfg.scheduler.mode)
     max_t = int(tags.get(MAX_T_TAG) or cfg.evals_per_trial)
@@ -94,17 +112,25 @@ def plan(cfg: ExperimentConfig, client, top: int, seeds: int) -> tuple[Experimen
     configs = [_typed(cfg, {k: v for k, v in c.config.items() if k != SEED_PARAM}) for c in chosen]
     new = cfg.model_copy(deep=True, update={"name": cfg.name + CONFIRM_SUFFIX, "space": {}})
     new.scheduler.type = "fifo"
-    new.search = new.search.model_copy(update={"algorithm": "basic", "configs": configs, "num_samples": 1,
-                                              "seeds": confirm_seeds(cfg, seeds)})
+    new.search = new.search.model_copy(
+        update={"algorithm": "basic", "configs": configs, "num_samples": 1, "seeds": confirm_seeds(cfg, seeds)}
+    )
     return ExperimentConfig.model_validate(new.model_dump()), ranking, parent.info.run_id
 
 
-def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLike | str = Path("results"),
-            tracking_uri: Optional[str] = None, verbose: int = 0) -> SweepSummary:
+def confirm(
+    name: str,
+    *,
+    top: int = 3,
+    seeds: int = 3,
+    storage_path: os.PathLike | str = Path("results"),
+    tracking_uri: str | None = None,
+    verbose: int = 0,
+) -> SweepSummary:
     """Run the confirmation of sweep ``name`` (see the module docstring); returns its summary."""
+    from pipelines.analysis.summary import print_summary
     from pipelines.mlflow_io.client import open_store
     from pipelines.mlflow_io.reads import latest_sweep_run
-    from pipelines.analysis.summary import print_summary
     from pipelines.tune.sweep import apply_run_overrides, run_sweep
     from pipelines.tune.tuner import tracking_uri_for
 
@@ -112,8 +138,10 @@ def confirm(name: str, *, top: int = 3, seeds: int = 3, storage_path: os.PathLik
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
     client = open_store(tracking_uri_for(cfg))
     new, ranking, first_run = plan(cfg, client, top, seeds)
-    print(f"confirming {len(new.search.configs)} configuration(s) of sweep {name!r} with seeds {new.seeds} "
-          f"(full schedule) as sweep {new.name!r}:")
+    print(
+        f"confirming {len(new.search.configs)} configuration(s) of sweep {name!r} with seeds {new.seeds} "
+        f"(full schedule) as sweep {new.name!r}:"
+    )
     for c in new.search.configs:
         print(f"  {c}")
     summary = run_sweep(new, verbose=verbose)

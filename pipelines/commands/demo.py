@@ -8,6 +8,7 @@
    early, and the commands that open MLflow and TensorBoard.
 Each demo run is its own sweep (demo-<timestamp>) under results/, so runs can be compared in MLflow.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,36 +49,50 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
     hierarchy = data_dir / "hierarchy.json"
     overrides.append(f"data.hierarchy={hierarchy}" if hierarchy.is_file() else "data.hierarchy=null")
     cfg = load_experiment_config(search_spaces.path("demo"), overrides)
-    print(f"\n== sweep {name}: stage 1 once, then {_n_trials(cfg)} stage-2 trials under ASHA "
-          f"(storage {cfg.run.storage_path})", flush=True)
+    print(
+        f"\n== sweep {name}: stage 1 once, then {_n_trials(cfg)} stage-2 trials under ASHA "
+        f"(storage {cfg.run.storage_path})",
+        flush=True,
+    )
     summary = run_sweep(cfg, include_dashboard=False)
 
     print(f"\n== demo summary ({time.time() - t0:.0f} s)")
-    hdr = f"{'trial':<28}{'lam':>6}  {'loss':<20}{'xi':>5}" + "".join(f"{m:>8}" for m in BUCKET_METRICS) + \
-        f"{'epochs':>8}  status"
+    hdr = (
+        f"{'trial':<28}{'lam':>6}  {'loss':<20}{'xi':>5}"
+        + "".join(f"{m:>8}" for m in BUCKET_METRICS)
+        + f"{'epochs':>8}  status"
+    )
     print(hdr)
     for t in sorted(summary.trials, key=lambda t: t.trial_id):
         c = t.config
         status = "ERROR" if t.error else ("stopped early" if t.stopped_early else "ran to the end")
-        print(f"{t.trial_id:<28}{c.get('lam', '-'):>6}  {str(c.get('loss', '-')):<20}{c.get('xi', '-'):>5}"
-              + "".join(f"{t.metrics.get(m, float('nan')):>8.3f}" for m in BUCKET_METRICS)
-              + f"{t.epochs:>8}  {status}")
+        print(
+            f"{t.trial_id:<28}{c.get('lam', '-'):>6}  {str(c.get('loss', '-')):<20}{c.get('xi', '-'):>5}"
+            + "".join(f"{t.metrics.get(m, float('nan')):>8.3f}" for m in BUCKET_METRICS)
+            + f"{t.epochs:>8}  {status}"
+        )
     best = summary.best_config
     print("\nper configuration over its seeds (mean [95% CI]):")
     print(aggregate.format_table(summary.configs, best=best))
     if best is not None:
-        print(f"best configuration: {best.label()} (AP {best.stats['AP'].text()}, APr {best.stats['APr'].text()}, "
-              f"n={best.n})")
+        print(
+            f"best configuration: {best.label()} (AP {best.stats['AP'].text()}, APr {best.stats['APr'].text()}, "
+            f"n={best.n})"
+        )
         for sentence in summary.comparisons():
             print(sentence)
-    print(f"ASHA stopped {summary.stopped_early} of {len(summary.trials)} trials early; "
-          f"{summary.trial_epochs} trial-epochs instead of {len(summary.trials) * cfg.stage2.epochs} for the "
-          "full grid")
+    print(
+        f"ASHA stopped {summary.stopped_early} of {len(summary.trials)} trials early; "
+        f"{summary.trial_epochs} trial-epochs instead of {len(summary.trials) * cfg.stage2.epochs} for the "
+        "full grid"
+    )
     for seed, ckpt in (summary.stage1 or {}).items():
         print(f"stage 1 ({ckpt.sha256[:12]}, seed {seed}) was trained once and restored by every trial of that seed")
     if summary.model is not None:
-        print(f"best model: {summary.model.uri} (load: mlflow.pyfunc.load_model({summary.model.uri!r})"
-              ".predict(image_hwc_uint8); see the README)")
+        print(
+            f"best model: {summary.model.uri} (load: mlflow.pyfunc.load_model({summary.model.uri!r})"
+            ".predict(image_hwc_uint8); see the README)"
+        )
     print("\nopen the dashboards:")
     print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1")
     if summary.experiment_id is not None:

@@ -15,23 +15,24 @@ With `resources.workers_per_trial` > 1 the run trains on that many Ray Train wor
 would (`pipelines.tune.workers`; `batch_size` per worker, `lr` for the total batch), on the Ray cluster in
 RAY_ADDRESS (`ray job submit`) or a local one; OUT then holds its last checkpoint as `<stage>/checkpoint`.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
 from pipelines.config.experiment import ExperimentConfig
 from pipelines.config.spec import compute, train_spec
-from pipelines.tune.stage1 import ensure_stage1
-from pipelines.storage.stage1_cache import local_stage1
 from pipelines.names import TRAIN_SUMMARY_METRICS
 from pipelines.storage.location import node_local_dir  # object storage: `ltsweep train` writes to a node-local dir
+from pipelines.storage.stage1_cache import local_stage1
+from pipelines.tune.stage1 import ensure_stage1
 
 
-def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> dict[str, Any]:
+def run_train(cfg: ExperimentConfig, out_dir: os.PathLike | None = None) -> dict[str, Any]:
     """Run the training `cfg.train.stage` asks for; return {stage, out_dir, checkpoint, metrics, ...}."""
     out = Path(out_dir) if out_dir is not None else node_local_dir(cfg.run.storage_path) / "train" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
@@ -49,11 +50,17 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
             ck = ensure_stage1(cfg, use_ray=False)
             # several workers (maybe on other nodes) read stage 1 where it is stored; one process, a local copy
             init = str(ck.checkpoint_dir) if cfg.resources.distributed else local_stage1(str(ck.checkpoint_dir))
-            summary["stage1"] = {"sha256": ck.sha256, "checkpoint": str(ck.checkpoint_dir), "trained": ck.trained,
-                                 "AP": ck.metrics.get("AP")}
+            summary["stage1"] = {
+                "sha256": ck.sha256,
+                "checkpoint": str(ck.checkpoint_dir),
+                "trained": ck.trained,
+                "AP": ck.metrics.get("AP"),
+            }
         if init is None and stage == "stage2":
-            raise ConfigError(f"{cfg.name}: train.stage is stage2 but there is no stage-1 checkpoint (stage1 is null); "
-                              "set train.init_checkpoint or train.stage: hybrid")
+            raise ConfigError(
+                f"{cfg.name}: train.stage is stage2 but there is no stage-1 checkpoint (stage1 is null); "
+                "set train.init_checkpoint or train.stage: hybrid"
+            )
         which = "stage2" if init is not None else "one_stage"
         spec = train_spec(cfg, which, device=device, num_threads=threads, progress=None)
         metrics = _train(cfg, spec, out / which, init)
@@ -70,7 +77,7 @@ def run_train(cfg: ExperimentConfig, out_dir: Optional[os.PathLike] = None) -> d
     return summary
 
 
-def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = None) -> dict[str, Any]:
+def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: str | None = None) -> dict[str, Any]:
     """`engine.train(spec, out_dir)`, or with several workers the same run as a Ray Train run whose last checkpoint
     is copied to out_dir/checkpoint (its uploads go to a scratch dir on `run.storage_path`, which every node of a
     cluster reaches, removed at the end)."""
@@ -83,6 +90,11 @@ def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: Optional[str] = Non
     from pipelines.tune.workers import train_into
 
     ensure_ray()
-    metrics = train_into(cfg, spec, out_dir / "checkpoint", init_checkpoint=init,
-                         scratch_under=str(storage.join(cfg.run.storage_path, "train")))
+    metrics = train_into(
+        cfg,
+        spec,
+        out_dir / "checkpoint",
+        init_checkpoint=init,
+        scratch_under=str(storage.join(cfg.run.storage_path, "train")),
+    )
     return {**metrics, "checkpoint_dir": str(out_dir / "checkpoint")}

@@ -1,5 +1,6 @@
 """What identifies a run's inputs: the dataset fingerprint (training annotation bytes and image list), the training
 code's fingerprint, and the stage-1 identity whose sha256 keys the shared stage-1 checkpoint."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,7 @@ def dataset_fingerprint(cfg: ExperimentConfig) -> str:
 def _fingerprint(cfg: ExperimentConfig) -> str:
     h = hashlib.sha256()
     train = Path(cfg.data.train)
-    with open(train / "meta.json" if train.is_dir() else train, "rb") as f:   # an annotation store: its meta
+    with open(train / "meta.json" if train.is_dir() else train, "rb") as f:  # an annotation store: its meta
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     image_dir = Path(cfg.data.image_dir) if cfg.data.image_dir else train.parent / "images"

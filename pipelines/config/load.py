@@ -6,21 +6,29 @@ Relative paths (data files, storage path, weights) are resolved against the curr
 file is loaded (the repository root for `ray job submit --working-dir .`), so trials that Ray runs in their own
 directories see absolute paths.
 """
+
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from lt_models.errors import ConfigError
-from pipelines.config.experiment import ExperimentConfig, strip_value_error, unread_field
+from pipelines.config.experiment import ExperimentConfig, unread_field
+from pipelines.config.sections import strip_value_error
 from pipelines.storage.location import is_uri
 
-__all__ = ["apply_overrides", "check_dataset", "load_experiment_config", "load_train_config", "parse_config",
-           "read_yaml"]
+__all__ = [
+    "apply_overrides",
+    "check_dataset",
+    "load_experiment_config",
+    "load_train_config",
+    "parse_config",
+    "read_yaml",
+]
 
 
 def _fmt_loc(loc: tuple) -> str:
@@ -30,7 +38,7 @@ def _fmt_loc(loc: tuple) -> str:
     return out
 
 
-def _model_at(loc: tuple) -> Optional[type[BaseModel]]:
+def _model_at(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model class that owns the key at `loc` (for listing allowed keys)."""
     model: Any = ExperimentConfig
     for part in loc[:-1]:
@@ -60,9 +68,11 @@ def _format_errors(exc: ValidationError) -> str:
             model = _model_at(loc)
             allowed = list(model.model_fields) if model else []
             hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            parts.append(f"unknown key '{where}'"
-                         + (f" (did you mean '{_fmt_loc(loc[:-1] + (hint[0],))}'?)" if hint else "")
-                         + (f"; allowed here: {', '.join(allowed)}" if allowed else "; remove it"))
+            parts.append(
+                f"unknown key '{where}'"
+                + (f" (did you mean '{_fmt_loc(loc[:-1] + (hint[0],))}'?)" if hint else "")
+                + (f"; allowed here: {', '.join(allowed)}" if allowed else "; remove it")
+            )
         elif err["type"] == "missing":
             parts.append(f"'{where}' is required; add it")
         else:
@@ -87,7 +97,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any, source: str) -> None:
     node[keys[-1]] = value
 
 
-def apply_overrides(raw: dict, overrides: Optional[list[str]], source: str = "--set") -> dict:
+def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "--set") -> dict:
     """Apply `a.b=value` overrides (value parsed as YAML: numbers, bools, null, lists) to the raw dict."""
     for item in overrides or []:
         if "=" not in item:
@@ -102,16 +112,22 @@ def apply_overrides(raw: dict, overrides: Optional[list[str]], source: str = "--
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
-    def res(p: Optional[Path]) -> Optional[Path]:
+    def res(p: Path | None) -> Path | None:
         if p is None or is_uri(p):  # an object-store URI (run.storage_path, pipelines.storage.location) stays as it is
             return p
         p = Path(p).expanduser()
         return p if p.is_absolute() else (base / p).resolve()
 
     data = cfg.data
-    data = data.model_copy(update=dict(
-        train=res(data.train), val=res(data.val), image_dir=res(data.image_dir),
-        val_image_dir=res(data.val_image_dir), hierarchy=res(data.hierarchy)))
+    data = data.model_copy(
+        update=dict(
+            train=res(data.train),
+            val=res(data.val),
+            image_dir=res(data.image_dir),
+            val_image_dir=res(data.val_image_dir),
+            hierarchy=res(data.hierarchy),
+        )
+    )
     model = cfg.model.model_copy(update=dict(weights=res(cfg.model.weights)))
     run = cfg.run.model_copy(update=dict(storage_path=res(cfg.run.storage_path)))
     train = cfg.train.model_copy(update=dict(init_checkpoint=res(cfg.train.init_checkpoint)))
@@ -121,26 +137,33 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
 def check_dataset(cfg: ExperimentConfig, source: str = "config") -> None:
     """Raise ConfigError if a data file the config names is missing (unless it will be synthesised)."""
     d = cfg.data
-    fix = ("put the dataset there or fix the path (LVIS-format JSON; for the synthetic benchmark run "
-           "`ltsweep data synth --out DIR` or set data.synthetic: demo)")
+    fix = (
+        "put the dataset there or fix the path (LVIS-format JSON; for the synthetic benchmark run "
+        "`ltsweep data synth --out DIR` or set data.synthetic: demo)"
+    )
     for key in ("train", "val"):
         p = getattr(d, key)
         if not (p.is_file() or (key == "train" and (p / "meta.json").is_file())) and d.synthetic is None:  # or a store
             raise ConfigError(f"{source}: data.{key}: dataset file not found: {p}; {fix}")
-    for key, ann in (("image_dir", d.train), ("val_image_dir", d.val)):
+    for key, _ann in (("image_dir", d.train), ("val_image_dir", d.val)):
         p = getattr(d, key)
         if p is not None and not p.is_dir() and d.synthetic is None:
-            raise ConfigError(f"{source}: data.{key}: image directory not found: {p}; fix the path "
-                              f"(default is <dir of data.{'train' if key == 'image_dir' else 'val'}>/images)")
+            raise ConfigError(
+                f"{source}: data.{key}: image directory not found: {p}; fix the path "
+                f"(default is <dir of data.{'train' if key == 'image_dir' else 'val'}>/images)"
+            )
     if d.hierarchy is not None and not d.hierarchy.is_file() and d.synthetic is None:
         raise ConfigError(f"{source}: data.hierarchy: file not found: {d.hierarchy}; fix the path or remove the key")
     if cfg.model.weights is not None and not cfg.model.weights.is_file():
-        raise ConfigError(f"{source}: model.weights: file not found: {cfg.model.weights}; give a local weights "
-                          "file (nothing is downloaded) or remove the key to train from scratch")
+        raise ConfigError(
+            f"{source}: model.weights: file not found: {cfg.model.weights}; give a local weights "
+            "file (nothing is downloaded) or remove the key to train from scratch"
+        )
 
 
-def parse_config(raw: Any, source: str = "config", base_dir: Optional[Path] = None,
-                 check_data: bool = True) -> ExperimentConfig:
+def parse_config(
+    raw: Any, source: str = "config", base_dir: Path | None = None, check_data: bool = True
+) -> ExperimentConfig:
     """Validate a raw dict (already YAML-parsed) into an ExperimentConfig; errors become ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}")
@@ -153,26 +176,34 @@ def parse_config(raw: Any, source: str = "config", base_dir: Optional[Path] = No
     unread = unread_field(cfg, list(stage2) if isinstance(stage2, dict) else [])
     if unread:
         raise ConfigError(f"{source}: {unread}")
-    decoupled = [cfg.stage2.decoupled] + list(cfg.space["decoupled"].values_to_check() if "decoupled" in cfg.space
-                                              and cfg.space["decoupled"].kind in ("grid", "choice") else [])
+    decoupled = [cfg.stage2.decoupled] + list(
+        cfg.space["decoupled"].values_to_check()
+        if "decoupled" in cfg.space and cfg.space["decoupled"].kind in ("grid", "choice")
+        else []
+    )
     if cfg.stage1 is None and any(decoupled):
-        raise ConfigError(f"{source}: stage2.decoupled needs a trained representation to freeze, but stage1 is null; "
-                          "add a stage1 section or set decoupled: false")
+        raise ConfigError(
+            f"{source}: stage2.decoupled needs a trained representation to freeze, but stage1 is null; "
+            "add a stage1 section or set decoupled: false"
+        )
     if cfg.stage1 is None and cfg.train.stage == "stage1":
         raise ConfigError(f"{source}: train.stage is 'stage1' but stage1 is null; add a stage1 section")
     if cfg.search.algorithm == "optuna" and any(p.kind in ("grid", "qloguniform") for p in cfg.space.values()):
-        raise ConfigError(f"{source}: search.algorithm optuna cannot take 'grid' or 'qloguniform' entries in space; "
-                          "use choice/uniform/loguniform/quniform/randint/qrandint or search.algorithm: basic")
+        raise ConfigError(
+            f"{source}: search.algorithm optuna cannot take 'grid' or 'qloguniform' entries in space; "
+            "use choice/uniform/loguniform/quniform/randint/qrandint or search.algorithm: basic"
+        )
     if check_data:
         check_dataset(cfg, source)
     return cfg
 
 
-def read_yaml(path: Union[str, Path]) -> dict:
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; give a path to a YAML file "
-                          "(packaged examples live in search_spaces/)")
+        raise ConfigError(
+            f"{path}: config file not found; give a path to a YAML file (packaged examples live in search_spaces/)"
+        )
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -182,19 +213,14 @@ def read_yaml(path: Union[str, Path]) -> dict:
     return raw if raw is not None else {}
 
 
-def load_experiment_config(path: Union[str, Path], overrides: Optional[list[str]] = None,
-                           check_data: bool = True) -> ExperimentConfig:
+def load_experiment_config(
+    path: str | Path, overrides: list[str] | None = None, check_data: bool = True
+) -> ExperimentConfig:
     """Read a sweep YAML (optionally with `a.b=value` overrides) into a validated ExperimentConfig."""
     raw = apply_overrides(read_yaml(path), overrides)
     return parse_config(raw, source=str(path), check_data=check_data)
 
 
-def load_train_config(path: Union[str, Path], overrides: Optional[list[str]] = None) -> ExperimentConfig:
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
     """Config for `ltsweep train`: the same schema as a sweep; `space` is ignored (stage2 values are used)."""
     return load_experiment_config(path, overrides)
-
-
-
-
-
-

@@ -11,6 +11,7 @@ Batch and learning rate: ``batch_size`` is per worker, so the total batch of one
 ``workers_per_trial x batch_size``; ``lr`` is the learning rate of that total batch (linear scaling rule: the
 papers' 0.02 for 16 images, i.e. 0.00125 per image).
 """
+
 from __future__ import annotations
 
 import math
@@ -21,21 +22,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 class ResourcesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    cpus_per_trial: float = Field(1.0, gt=0.0, description="CPUs of one trial; with workers_per_trial > 1 the CPUs "
-                                  "of its Ray Train driver (the Tune trial process, which only launches and watches "
-                                  "the workers; 0.5 is enough)")
-    gpus_per_trial: float = Field(0.0, ge=0.0, description="GPUs of a one-process trial (workers_per_trial: 1); "
-                                  "multi-worker trials give GPUs to their workers (gpus_per_worker)")
-    workers_per_trial: int = Field(1, ge=1, description="data-parallel Ray Train workers per trial (DDP; NCCL on "
-                                   "GPUs, gloo on CPUs). batch_size is per worker: total batch = workers_per_trial x "
-                                   "batch_size, and lr is the lr of that total batch (papers: 16 images, lr 0.02). "
-                                   "Stage 1 trains with the same workers. 1 = the trial trains in its own process")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs (torch threads) of each worker "
-                                   "(workers_per_trial > 1)")
-    gpus_per_worker: float = Field(0.0, ge=0.0, description="0 (CPU workers, gloo) or 1 (one GPU per worker, NCCL) "
-                                   "(workers_per_trial > 1)")
-    custom: dict[str, float] = Field({}, description="Ray custom resources each trial, each worker and stage 1 also "
-                                     "request")
+    cpus_per_trial: float = Field(
+        1.0,
+        gt=0.0,
+        description="CPUs of one trial; with workers_per_trial > 1 the CPUs "
+        "of its Ray Train driver (the Tune trial process, which only launches and watches "
+        "the workers; 0.5 is enough)",
+    )
+    gpus_per_trial: float = Field(
+        0.0,
+        ge=0.0,
+        description="GPUs of a one-process trial (workers_per_trial: 1); "
+        "multi-worker trials give GPUs to their workers (gpus_per_worker)",
+    )
+    workers_per_trial: int = Field(
+        1,
+        ge=1,
+        description="data-parallel Ray Train workers per trial (DDP; NCCL on "
+        "GPUs, gloo on CPUs). batch_size is per worker: total batch = workers_per_trial x "
+        "batch_size, and lr is the lr of that total batch (papers: 16 images, lr 0.02). "
+        "Stage 1 trains with the same workers. 1 = the trial trains in its own process",
+    )
+    cpus_per_worker: float = Field(
+        1.0, gt=0.0, description="CPUs (torch threads) of each worker (workers_per_trial > 1)"
+    )
+    gpus_per_worker: float = Field(
+        0.0, ge=0.0, description="0 (CPU workers, gloo) or 1 (one GPU per worker, NCCL) (workers_per_trial > 1)"
+    )
+    custom: dict[str, float] = Field(
+        {}, description="Ray custom resources each trial, each worker and stage 1 also request"
+    )
 
     @field_validator("custom")
     def _custom_resources(cls, v):
@@ -46,24 +62,31 @@ class ResourcesConfig(BaseModel):
     @field_validator("gpus_per_worker")
     def _whole_gpu(cls, v):
         if v not in (0, 1):
-            raise ValueError(f"each worker drives exactly one GPU (NCCL cannot share one between ranks, and a worker "
-                             f"uses one device); got {v}: set 0 (CPU workers) or 1, and scale with workers_per_trial")
+            raise ValueError(
+                f"each worker drives exactly one GPU (NCCL cannot share one between ranks, and a worker "
+                f"uses one device); got {v}: set 0 (CPU workers) or 1, and scale with workers_per_trial"
+            )
         return v
 
     @model_validator(mode="after")
     def _workers_fit(self):
         n = self.workers_per_trial
         if n > 1 and self.gpus_per_trial > 0:
-            raise ValueError(f"gpus_per_trial = {self.gpus_per_trial:g} with workers_per_trial = {n}: a "
-                             "multi-worker trial's GPUs belong to its workers; set gpus_per_worker: 1 and "
-                             "gpus_per_trial: 0")
+            raise ValueError(
+                f"gpus_per_trial = {self.gpus_per_trial:g} with workers_per_trial = {n}: a "
+                "multi-worker trial's GPUs belong to its workers; set gpus_per_worker: 1 and "
+                "gpus_per_trial: 0"
+            )
         # values, not `model_fields_set`: a dumped and re-read config (the stage-1 task, Tune) sets every field
-        unread = [k for k in ("cpus_per_worker", "gpus_per_worker")
-                  if getattr(self, k) != type(self).model_fields[k].default]
+        unread = [
+            k for k in ("cpus_per_worker", "gpus_per_worker") if getattr(self, k) != type(self).model_fields[k].default
+        ]
         if n == 1 and unread:
-            raise ValueError(f"{unread[0]} is ignored: workers_per_trial is 1, so the trial trains in its "
-                             "own process with cpus_per_trial / gpus_per_trial; remove it or set workers_per_trial "
-                             ">= 2")
+            raise ValueError(
+                f"{unread[0]} is ignored: workers_per_trial is 1, so the trial trains in its "
+                "own process with cpus_per_trial / gpus_per_trial; remove it or set workers_per_trial "
+                ">= 2"
+            )
         return self
 
     @property

@@ -11,14 +11,16 @@ branches: the plain name for a loss that reads none of the searched fields, `{"l
 for one that does. Tune resolves the nested primitive inside the chosen branch. With Optuna the same rule is a
 define-by-run function (`optuna_space`). `trial_values` turns either trial config into flat stage-2 values.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lt_models.losses.registry import LOSS_PARAMS
 from lt_models.data.samplers import SAMPLER_OPTIONS
+from lt_models.losses.registry import LOSS_PARAMS
 
 # YAML key -> (ray.tune function name, unpack the argument list?). The only way YAML reaches Tune.
 SPACE_PRIMITIVES: dict[str, tuple[str, bool]] = {
@@ -34,12 +36,14 @@ SPACE_PRIMITIVES: dict[str, tuple[str, bool]] = {
 
 # Stage-2 fields owned by the sampler or the loss: YAML field -> the SamplerSpec / LossSpec field it sets.
 SAMPLER_FIELDS = {"lam": "lam", "samples_per_epoch": "num_samples", "rfs_threshold": "threshold"}
-LOSS_FIELDS = {k: k for k in ("xi", "eql_lambda", "seesaw_p", "seesaw_q", "eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha",
-                               "fed_num_classes")}
+LOSS_FIELDS = {
+    k: k
+    for k in ("xi", "eql_lambda", "seesaw_p", "seesaw_q", "eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha", "fed_num_classes")
+}
 SELECTORS = {"sampler": (SAMPLER_FIELDS, SAMPLER_OPTIONS), "loss": (LOSS_FIELDS, LOSS_PARAMS)}
 
 
-def owner_of(field: str) -> Optional[str]:
+def owner_of(field: str) -> str | None:
     """'sampler' or 'loss' for a field that only some samplers / losses read, else None."""
     return next((sel for sel, (fields, _) in SELECTORS.items() if field in fields), None)
 
@@ -60,14 +64,14 @@ class SpaceParam(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    grid: Optional[list[Any]] = None
-    choice: Optional[list[Any]] = None
-    uniform: Optional[tuple[float, float]] = None
-    loguniform: Optional[tuple[float, float]] = None
-    quniform: Optional[tuple[float, float, float]] = None
-    qloguniform: Optional[tuple[float, float, float]] = None
-    randint: Optional[tuple[int, int]] = None
-    qrandint: Optional[tuple[int, int, int]] = None
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+    quniform: tuple[float, float, float] | None = None
+    qloguniform: tuple[float, float, float] | None = None
+    randint: tuple[int, int] | None = None
+    qrandint: tuple[int, int, int] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self):
@@ -105,7 +109,7 @@ class SpaceParam(BaseModel):
         """Values a trial can receive (list kinds) or the bounds of the range (continuous kinds)."""
         return list(self.args) if self.is_list else list(self.args[:2])
 
-    def to_tune(self, values: Optional[list[Any]] = None):
+    def to_tune(self, values: list[Any] | None = None):
         """The Tune primitive; `values` replaces the list of a grid / choice (the branches of a selector)."""
         from ray import tune
 

@@ -2,11 +2,12 @@
 the engine's typed `TrainSpec` (with its `SamplerSpec` and `LossSpec`, which `Stage2Config.sampler_spec()` and
 `loss_spec()` build) for stage 1, for a trial's stage 2, or for a one-stage run; `compute(cfg)` is the one choice
 of device and CPU threads for a run."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
 from lt_models.errors import ConfigError
@@ -32,9 +33,16 @@ def compute(cfg: ExperimentConfig, *, whole_machine: bool = False, worker: bool 
     return ("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"), threads
 
 
-def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_stage"],
-               trial_config: Optional[dict[str, Any]] = None, *, device: str = "auto", num_threads: int = 1,
-               eval_every: Optional[int] = None, progress: Optional[bool] = False) -> TrainSpec:
+def train_spec(
+    cfg: ExperimentConfig,
+    stage: Literal["stage1", "stage2", "one_stage"],
+    trial_config: dict[str, Any] | None = None,
+    *,
+    device: str = "auto",
+    num_threads: int = 1,
+    eval_every: int | None = None,
+    progress: bool | None = False,
+) -> TrainSpec:
     """The engine's TrainSpec for one stage. Stage 1 is the shared recipe (non-balance + `stage1.loss`, all layers);
     stage 2 and one-stage runs train `cfg.stage2` with the trial's sampled values applied (a Tune trial config).
     progress: tqdm bars (None = only on a terminal; False in trials, whose output goes to Ray's logs)."""
@@ -47,16 +55,37 @@ def train_spec(cfg: ExperimentConfig, stage: Literal["stage1", "stage2", "one_st
         sampler, loss, decoupled = s.sampler_spec(), s.loss_spec(), s.decoupled
     d = cfg.data
     return TrainSpec(
-        train_ann=str(d.train), val_ann=str(d.val), train_image_dir=_str(d.image_dir),
-        val_image_dir=_str(d.val_image_dir), hierarchy_file=_str(d.hierarchy), expand_parents=d.expand_parents,
-        hierarchy_rate=d.hierarchy_rate, skip_invalid=d.skip_invalid, annotation_cache=str(annotation_stores.cache_dir(cfg.run.storage_path)),
-        stage=stage, backbone=cfg.model.backbone, image_size=cfg.model.image_size,
-        weights=_str(cfg.model.weights), sampler=sampler, loss=loss, decoupled=decoupled, epochs=s.epochs,
-        batch_size=s.batch_size, lr=s.lr, warmup=s.warmup, lr_steps=tuple(s.lr_steps), grad_clip=s.grad_clip,
-        eval_every=eval_every or cfg.eval.every, seed=cfg.trial_seed(trial_config), num_threads=num_threads,
+        train_ann=str(d.train),
+        val_ann=str(d.val),
+        train_image_dir=_str(d.image_dir),
+        val_image_dir=_str(d.val_image_dir),
+        hierarchy_file=_str(d.hierarchy),
+        expand_parents=d.expand_parents,
+        hierarchy_rate=d.hierarchy_rate,
+        skip_invalid=d.skip_invalid,
+        annotation_cache=str(annotation_stores.cache_dir(cfg.run.storage_path)),
+        stage=stage,
+        backbone=cfg.model.backbone,
+        image_size=cfg.model.image_size,
+        weights=_str(cfg.model.weights),
+        sampler=sampler,
+        loss=loss,
+        decoupled=decoupled,
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        warmup=s.warmup,
+        lr_steps=tuple(s.lr_steps),
+        grad_clip=s.grad_clip,
+        eval_every=eval_every or cfg.eval.every,
+        seed=cfg.trial_seed(trial_config),
+        num_threads=num_threads,
         device=device,
-        workers=s.workers, progress=progress, eval_metric=cfg.eval.metric)
+        workers=s.workers,
+        progress=progress,
+        eval_metric=cfg.eval.metric,
+    )
 
 
-def _str(p: Optional[Path]) -> Optional[str]:
+def _str(p: Path | None) -> str | None:
     return None if p is None else str(p)

@@ -13,6 +13,7 @@ one ``storage_path``, ``ltsweep compare`` while a sweep starts). Once the schema
 itself, but MLflow creates the schema of a new database without any cross-process guard, so :func:`make_client` and
 :func:`open_store` create (or finish creating) it under a file lock first; see :func:`_client`.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,9 @@ import logging
 import os
 import subprocess
 import threading
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from lt_models.errors import ConfigError
 
@@ -56,17 +58,19 @@ def default_tracking_uri(storage_path: str | os.PathLike) -> str:
     from pipelines.storage.location import display, is_uri
 
     if is_uri(storage_path):
-        raise ConfigError(f"run.tracking_uri is required when run.storage_path is object storage "
-                          f"({display(storage_path)}): MLflow's default store sqlite:///<storage_path>/mlflow.db "
-                          "cannot live in a bucket; set run.tracking_uri (or --tracking-uri) to an MLflow server "
-                          "(http://HOST:5000) or a local sqlite:////abs/path/mlflow.db")
+        raise ConfigError(
+            f"run.tracking_uri is required when run.storage_path is object storage "
+            f"({display(storage_path)}): MLflow's default store sqlite:///<storage_path>/mlflow.db "
+            "cannot live in a bucket; set run.tracking_uri (or --tracking-uri) to an MLflow server "
+            "(http://HOST:5000) or a local sqlite:////abs/path/mlflow.db"
+        )
     return f"sqlite:///{Path(storage_path).expanduser().resolve() / 'mlflow.db'}"
 
 
 def sqlite_path(tracking_uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` tracking URI; None for any other store."""
     if tracking_uri.startswith("sqlite:///"):
-        return Path(tracking_uri[len("sqlite:///"):])
+        return Path(tracking_uri[len("sqlite:///") :])
     return None
 
 
@@ -144,8 +148,10 @@ def open_store(tracking_uri: str | None = None, command: str = "ltsweep compare"
     uri = tracking_uri or default_tracking_uri(DEFAULT_STORAGE_PATH)
     db = sqlite_path(uri)
     if db is not None and not db.is_file():
-        raise ConfigError(f"{command}: MLflow store {db} does not exist; run a sweep first or pass "
-                          f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)")
+        raise ConfigError(
+            f"{command}: MLflow store {db} does not exist; run a sweep first or pass "
+            f"--tracking-uri (e.g. sqlite:///path/to/results/mlflow.db or http://127.0.0.1:5000)"
+        )
     return _client(uri, reader=True)
 
 
@@ -166,8 +172,11 @@ def get_or_create_experiment(client, name: str, tracking_uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            return client.create_experiment(name, artifact_location=_artifact_location(tracking_uri, name),
-                                            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+            return client.create_experiment(
+                name,
+                artifact_location=_artifact_location(tracking_uri, name),
+                tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+            )
         except MlflowException:  # created meanwhile by another driver
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -220,8 +229,13 @@ def to_str(v: Any, limit: int) -> str:
 def git_commit() -> str | None:
     """The commit of the git checkout this module runs from (``mlflow.source.git.commit`` on every run), or None."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
@@ -231,8 +245,9 @@ def code_version() -> str:
     """``git describe --always --dirty --tags`` of the checkout this module runs from, else the package version."""
     here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"], cwd=here, capture_output=True, text=True, timeout=10
+        )
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -241,7 +256,7 @@ def code_version() -> str:
         from importlib.metadata import version
 
         return f"ltsweep {version('ltsweep')}"
-    except Exception:  # noqa: BLE001 - not installed as a distribution
+    except Exception:
         return "unknown"
 
 
@@ -258,12 +273,13 @@ def log_params(client, run_id: str, params: Mapping[str, Any], existing: Mapping
         key = str(k)[:MAX_KEY_LEN]
         if key in existing:
             if existing[key] != s:
-                logger.warning("MLflow run %s already has param %s=%r; keeping it (new value %r)", run_id, key,
-                               existing[key], s)
+                logger.warning(
+                    "MLflow run %s already has param %s=%r; keeping it (new value %r)", run_id, key, existing[key], s
+                )
             continue
         items.append(Param(key, s))
     for i in range(0, len(items), _BATCH):
-        client.log_batch(run_id, params=items[i:i + _BATCH])
+        client.log_batch(run_id, params=items[i : i + _BATCH])
 
 
 def log_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
@@ -272,4 +288,4 @@ def log_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
 
     items = [RunTag(str(k)[:MAX_KEY_LEN], to_str(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
     for i in range(0, len(items), _BATCH):
-        client.log_batch(run_id, tags=items[i:i + _BATCH])
+        client.log_batch(run_id, tags=items[i : i + _BATCH])

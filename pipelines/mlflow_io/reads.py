@@ -1,11 +1,13 @@
 """Reading sweeps back from MLflow: runs by their tags (`pipelines.names`), the newest sweep run of an experiment,
 a sweep's trial rows, and the per-class AP of a trial or of the stage-1 run."""
+
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipelines.names import (
     ITERATIONS_TAG,
@@ -36,9 +38,16 @@ def search_tagged(client, experiment_id: str, tags: Mapping[str, str]) -> list:
 
     flt = " and ".join(f"tags.`{k}` = {q(v)}" for k, v in tags.items())
     return get_results_from_paginated_fn(
-        lambda n, token: client.search_runs([experiment_id], filter_string=flt, run_view_type=ViewType.ACTIVE_ONLY,
-                                            max_results=n, order_by=["attributes.start_time ASC"], page_token=token),
-        1000)
+        lambda n, token: client.search_runs(
+            [experiment_id],
+            filter_string=flt,
+            run_view_type=ViewType.ACTIVE_ONLY,
+            max_results=n,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        ),
+        1000,
+    )
 
 
 def latest_sweep_run(client, experiment_name: str):
@@ -57,9 +66,15 @@ def trial_rows(client, experiment_id: str, parent_run_id: str) -> list[dict[str,
         if iters is None:  # still running, or ended without our tag: the last step logged
             hist = client.get_metric_history(r.info.run_id, "epoch") or client.get_metric_history(r.info.run_id, "AP")
             iters = max((m.step for m in hist), default=0)
-        row = {"trial_id": tags.get(TRIAL_ID_TAG, ""), "run_id": r.info.run_id, "name": r.info.run_name or "",
-               "status": r.info.status, "tune_status": tags.get(TRIAL_STATUS_TAG, ""), "iterations": int(iters),
-               "params": dict(r.data.params)}
+        row = {
+            "trial_id": tags.get(TRIAL_ID_TAG, ""),
+            "run_id": r.info.run_id,
+            "name": r.info.run_name or "",
+            "status": r.info.status,
+            "tune_status": tags.get(TRIAL_STATUS_TAG, ""),
+            "iterations": int(iters),
+            "params": dict(r.data.params),
+        }
         for k in MLFLOW_TRIAL_METRICS:
             row[k] = metrics.get(k)
         rows.append(row)
@@ -72,7 +87,7 @@ def download_per_class(client, run_id: str) -> dict[int, float]:
         with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
             p = client.download_artifacts(run_id, PER_CLASS_JSON, tmp)
             return per_class_dict(json.loads(Path(p).read_text()))
-    except Exception:  # noqa: BLE001 - the artifact is optional (trial without per-class AP)
+    except Exception:
         return {}
 
 

@@ -11,6 +11,7 @@ under the same file lock as `lt_models.data.store.ensure_store`, into a temp fol
 parsing the JSON again. A store that is not published (an older sweep, a failed upload) is simply built on the node
 from the JSON, which gives the same arrays.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,16 +29,22 @@ def cache_dir(storage_path: Any) -> Path:
 
 def _datasets(data) -> list[dict[str, Any]]:
     """`LVISDetection`'s arguments for the training and the validation set of a TrainSpec or of `cfg.data`."""
+
     def field(*names):
         return next(getattr(data, n) for n in names if hasattr(data, n))
 
     def opt(value):
         return None if value is None else str(value)
 
-    common = dict(hierarchy_file=opt(field("hierarchy_file", "hierarchy")), expand_parents=data.expand_parents,
-                  skip_invalid=data.skip_invalid)
-    return [dict(common, ann_file=str(field("train_ann", "train")), image_dir=opt(field("train_image_dir", "image_dir"))),
-            dict(common, ann_file=str(field("val_ann", "val")), image_dir=opt(field("val_image_dir")))]
+    common = dict(
+        hierarchy_file=opt(field("hierarchy_file", "hierarchy")),
+        expand_parents=data.expand_parents,
+        skip_invalid=data.skip_invalid,
+    )
+    return [
+        dict(common, ann_file=str(field("train_ann", "train")), image_dir=opt(field("train_image_dir", "image_dir"))),
+        dict(common, ann_file=str(field("val_ann", "val")), image_dir=opt(field("val_image_dir"))),
+    ]
 
 
 def build_and_publish(storage_path: Any, data) -> list:
@@ -45,13 +52,20 @@ def build_and_publish(storage_path: Any, data) -> list:
     and copy them to object storage when storage_path is a URI; returns the opened stores (train, val)."""
     from lt_models.data.datasets import dataset_store, default_image_dir
 
-    stores = [dataset_store(d["ann_file"], image_dir=default_image_dir(d["ann_file"], d["image_dir"]),
-                            hierarchy_file=d["hierarchy_file"], expand_parents=d["expand_parents"],
-                            skip_invalid=d["skip_invalid"], cache_root=cache_dir(storage_path))
-              for d in _datasets(data)]
+    stores = [
+        dataset_store(
+            d["ann_file"],
+            image_dir=default_image_dir(d["ann_file"], d["image_dir"]),
+            hierarchy_file=d["hierarchy_file"],
+            expand_parents=d["expand_parents"],
+            skip_invalid=d["skip_invalid"],
+            cache_root=cache_dir(storage_path),
+        )
+        for d in _datasets(data)
+    ]
     if storage.is_uri(storage_path):
         for store in stores:
-            if store.path.parent == cache_dir(storage_path):     # not a store directory given as data.train
+            if store.path.parent == cache_dir(storage_path):  # not a store directory given as data.train
                 _publish(store.path, storage.join(storage_path, SUBDIR, store.path.name))
     return stores
 
@@ -67,8 +81,9 @@ def _publish(local: Path, remote) -> None:
     fs.create_dir(path, recursive=True)
     for f in sorted(local.iterdir()):
         if f.name != META:
-            pafs.copy_files(str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(),
-                            destination_filesystem=fs)
+            pafs.copy_files(
+                str(f), f"{path}/{f.name}", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+            )
     storage.write_text(storage.join(remote, META), (local / META).read_text())
 
 

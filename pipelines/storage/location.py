@@ -30,6 +30,7 @@ back off once. (A named detached Ray actor would only serialise drivers of one R
 is neither in pyarrow nor in every S3-compatible store.) On local storage the lock is a plain ``filelock`` file
 ``<location>.lock``, as before.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -42,9 +43,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Union
 
 from lt_models.errors import ConfigError
 
@@ -53,8 +55,8 @@ log = logging.getLogger(__name__)
 Location = Union[Path, str]  # a local directory/file (Path) or a URI (str)
 
 CACHE_ENV = "LTSWEEP_CACHE_DIR"  # the node-local cache of object-storage files (default <tmp>/ltsweep-cache)
-LOCK_STALE_S = 120.0             # a lock marker unchanged this long belongs to a crashed holder
-LOCK_HEARTBEAT_S = 15.0          # how often the holder rewrites its marker (well below LOCK_STALE_S)
+LOCK_STALE_S = 120.0  # a lock marker unchanged this long belongs to a crashed holder
+LOCK_HEARTBEAT_S = 15.0  # how often the holder rewrites its marker (well below LOCK_STALE_S)
 
 
 def is_uri(location: Any) -> bool:
@@ -123,9 +125,11 @@ def resolve(location: Location) -> tuple[Any, str]:
         try:
             _FILESYSTEMS[fs_key] = pafs.FileSystem.from_uri(fs_key)
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"run.storage_path: cannot open {display(location)}: {exc}; give a directory or a "
-                              "URI pyarrow understands, e.g. s3://bucket/prefix?endpoint_override=HOST:PORT"
-                              "&scheme=http") from None
+            raise ConfigError(
+                f"run.storage_path: cannot open {display(location)}: {exc}; give a directory or a "
+                "URI pyarrow understands, e.g. s3://bucket/prefix?endpoint_override=HOST:PORT"
+                "&scheme=http"
+            ) from None
     fs, bucket_path = _FILESYSTEMS[fs_key]
     return fs, bucket_path.rstrip("/") + (f"/{key}" if key else "")
 
@@ -151,12 +155,16 @@ def check_storage(storage_path: Location) -> None:
     try:
         info = fs.get_file_info(bucket)
     except OSError as exc:
-        raise ConfigError(f"run.storage_path {display(storage_path)}: the object store does not answer ({exc}); "
-                          "check the endpoint (?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL) and the "
-                          "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)") from None
+        raise ConfigError(
+            f"run.storage_path {display(storage_path)}: the object store does not answer ({exc}); "
+            "check the endpoint (?endpoint_override=HOST:PORT&scheme=http or AWS_ENDPOINT_URL) and the "
+            "credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        ) from None
     if info.type != pafs.FileType.Directory:
-        raise ConfigError(f"run.storage_path {display(storage_path)}: bucket {bucket!r} does not exist; create it "
-                          f"first (e.g. `aws s3 mb s3://{bucket}`) or fix the URI")
+        raise ConfigError(
+            f"run.storage_path {display(storage_path)}: bucket {bucket!r} does not exist; create it "
+            f"first (e.g. `aws s3 mb s3://{bucket}`) or fix the URI"
+        )
 
 
 def is_file(location: Location) -> bool:
@@ -228,7 +236,7 @@ def list_files(location: Location) -> list[str]:
 
     fs, path = resolve(location)
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    return sorted(i.path[len(path):].lstrip("/") for i in infos if i.type == pafs.FileType.File)
+    return sorted(i.path[len(path) :].lstrip("/") for i in infos if i.type == pafs.FileType.File)
 
 
 def open_input(location: Location, relative: str = ""):
@@ -242,8 +250,9 @@ def upload_dir(local_dir: os.PathLike, location: Location) -> None:
     from pyarrow import fs as pafs
 
     fs, path = resolve(location)
-    pafs.copy_files(str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)
+    pafs.copy_files(
+        str(Path(local_dir).resolve()), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
 
 
 def download_dir(location: Location, local_dir: os.PathLike) -> None:
@@ -252,11 +261,13 @@ def download_dir(location: Location, local_dir: os.PathLike) -> None:
 
     fs, path = resolve(location)
     Path(local_dir).mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(Path(local_dir).resolve()), source_filesystem=fs,
-                    destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        path, str(Path(local_dir).resolve()), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
 
 
 # ---- node-local copies -------------------------------------------------------------------------------------------
+
 
 def cache_root() -> Path:
     """This node's cache of object-storage files: ``$LTSWEEP_CACHE_DIR``, else ``<tmp>/ltsweep-cache``."""
@@ -273,7 +284,7 @@ def node_local_dir(location: Location) -> Path:
     return out
 
 
-def local_copy(location: Location, verify: Optional[Callable[[Path], Optional[str]]] = None) -> Path:
+def local_copy(location: Location, verify: Callable[[Path], str | None] | None = None) -> Path:
     """A directory on this node with the contents of ``location``: the directory itself when local, else a copy in
     :func:`node_local_dir` downloaded once per node (under a file lock, into a temp dir renamed into place, so
     concurrent trials on one node download it once and never see half of it). ``verify(dir)`` returns None when a
@@ -303,9 +314,16 @@ def local_copy(location: Location, verify: Optional[Callable[[Path], Optional[st
 
 # ---- the lock ----------------------------------------------------------------------------------------------------
 
+
 @contextmanager
-def lock(location: Location, timeout: float = -1, *, stale_s: float = LOCK_STALE_S,
-         heartbeat_s: float = LOCK_HEARTBEAT_S, poll_s: float = 1.0) -> Iterator[None]:
+def lock(
+    location: Location,
+    timeout: float = -1,
+    *,
+    stale_s: float = LOCK_STALE_S,
+    heartbeat_s: float = LOCK_HEARTBEAT_S,
+    poll_s: float = 1.0,
+) -> Iterator[None]:
     """Hold the lock named ``<location>.lock`` (see the module docstring): a ``filelock`` file on local storage, owner
     markers on an object store. ``timeout`` < 0 waits forever; else :class:`TimeoutError` after that many seconds."""
     if not is_uri(location):
@@ -334,7 +352,7 @@ class _ObjectLock:
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self._seen: dict[tuple[str, Any], float] = {}  # (marker, its mtime) -> when this process first saw it
         self._stop = threading.Event()
-        self._beat: Optional[threading.Thread] = None
+        self._beat: threading.Thread | None = None
 
     def _put(self) -> None:
         with self.fs.open_output_stream(self.path) as f:
@@ -343,8 +361,11 @@ class _ObjectLock:
     def _markers(self) -> list[Any]:
         from pyarrow import fs as pafs
 
-        return [i for i in self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
-                if i.type == pafs.FileType.File]
+        return [
+            i
+            for i in self.fs.get_file_info(pafs.FileSelector(self.dir, allow_not_found=True))
+            if i.type == pafs.FileType.File
+        ]
 
     def acquire(self, timeout: float, poll_s: float) -> None:
         start = time.monotonic()
@@ -358,8 +379,9 @@ class _ObjectLock:
             self.fs.delete_file(self.path)  # back off: whoever is alone with its marker holds the lock
             self._break_stale(others)
             if 0 <= timeout < time.monotonic() - start:
-                raise TimeoutError(f"the lock {self.dir} is held by {[i.base_name for i in others]} (waited "
-                                   f"{timeout:.0f}s)")
+                raise TimeoutError(
+                    f"the lock {self.dir} is held by {[i.base_name for i in others]} (waited {timeout:.0f}s)"
+                )
             time.sleep(poll_s * random.uniform(0.5, 1.5))  # random: two contenders do not retry in lockstep
 
     def _break_stale(self, others: list[Any]) -> None:
@@ -367,8 +389,9 @@ class _ObjectLock:
         for info in others:
             first = self._seen.setdefault((info.path, info.mtime), now)
             if now - first > self.stale_s:
-                log.warning("lock marker %s did not change for %.0fs: its holder is gone; removing it", info.path,
-                            now - first)
+                log.warning(
+                    "lock marker %s did not change for %.0fs: its holder is gone; removing it", info.path, now - first
+                )
                 try:
                     self.fs.delete_file(info.path)
                 except FileNotFoundError:

@@ -1,10 +1,11 @@
 """The stage-1 cache on storage: `<storage_path>/pretrain/<sha256>/` with `checkpoint/` and `meta.json` (the file
 digests of the checkpoint, written last), verified before use, and a node-local copy on object storage."""
+
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from pipelines.storage import location as storage
 
@@ -12,8 +13,8 @@ from pipelines.storage import location as storage
 @dataclass
 class Stage1Checkpoint:
     sha256: str
-    path: storage.Location      # <storage>/pretrain/<sha256> (a Path, or a URI on object storage)
-    trained: bool               # True if this call trained it, False if it was reused
+    path: storage.Location  # <storage>/pretrain/<sha256> (a Path, or a URI on object storage)
+    trained: bool  # True if this call trained it, False if it was reused
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -39,7 +40,7 @@ def file_digests(checkpoint_dir: storage.Location) -> dict[str, str]:
     return out
 
 
-def verify_stage1(path: storage.Location) -> Optional[str]:
+def verify_stage1(path: storage.Location) -> str | None:
     """None when the stage-1 cache at ``path`` is complete and its files match the digests its meta.json recorded;
     else one line saying what is wrong (path, expected and found)."""
     info = storage.read_json(storage.join(path, "meta.json"))
@@ -50,8 +51,10 @@ def verify_stage1(path: storage.Location) -> Optional[str]:
     for name, digest in expected.items():
         got = found.get(name)
         if got != digest:
-            return (f"stage-1 cache {storage.display(storage.join(path, 'checkpoint', name))} is corrupt: expected "
-                    f"sha256 {digest[:12]}…, found " + (f"{got[:12]}…" if got else "no such file"))
+            return (
+                f"stage-1 cache {storage.display(storage.join(path, 'checkpoint', name))} is corrupt: expected "
+                f"sha256 {digest[:12]}…, found " + (f"{got[:12]}…" if got else "no such file")
+            )
     return None
 
 

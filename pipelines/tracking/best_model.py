@@ -13,6 +13,7 @@ model (artifact ``best_model``) and registered in the model registry under the s
   sha256 and the dataset fingerprint. Registering the same checkpoint again (``--resume`` of a finished sweep) adds
   no version.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,14 +23,23 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from pipelines.names import FINGERPRINT_TAG, MODEL_ARTIFACT, MODEL_CHECKPOINT_TAG, MODEL_ERROR_TAG, MODEL_TRIAL_TAG, MODEL_VERSION_TAG, PRETRAIN_SHA_TAG, SWEEP_TAG
 from pipelines.analysis.aggregate import best_trial
+from pipelines.names import (
+    FINGERPRINT_TAG,
+    MODEL_ARTIFACT,
+    MODEL_CHECKPOINT_TAG,
+    MODEL_ERROR_TAG,
+    MODEL_TRIAL_TAG,
+    MODEL_VERSION_TAG,
+    PRETRAIN_SHA_TAG,
+    SWEEP_TAG,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +53,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         saved = torch.load(context.artifacts["detector"], map_location="cpu", weights_only=False)
         self.detector, self.label_to_cat_id = saved["model"].eval(), list(saved["label_to_cat_id"])
 
-    def predict(self, context, model_input: np.ndarray,
-                params: Optional[dict[str, Any]] = None) -> dict[str, np.ndarray]:
+    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         from lt_models.engine.inference import detect
 
         if isinstance(model_input, dict):  # {"image": array}, as a serving request names it
@@ -54,9 +63,9 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
 @dataclass
 class RegisteredModel:
-    name: Optional[str]        # None when not registered (--no-register)
-    version: Optional[str]
-    run_id: str                # the sweep run that holds the artifact
+    name: str | None  # None when not registered (--no-register)
+    version: str | None
+    run_id: str  # the sweep run that holds the artifact
     trial_id: str
     checkpoint: str
 
@@ -70,9 +79,15 @@ def model_trial(summary):
     best = summary.best_config
     if best is None:
         return summary.best
-    return best_trial(best.runs.values(), value=lambda t: t.metrics.get(summary.metric),
-                      evaluations=lambda t: t.evaluations, failed=lambda t: t.error is not None,
-                      trial_id=lambda t: t.trial_id, mode=summary.mode, full_length=summary.max_evaluations)
+    return best_trial(
+        best.runs.values(),
+        value=lambda t: t.metrics.get(summary.metric),
+        evaluations=lambda t: t.evaluations,
+        failed=lambda t: t.error is not None,
+        trial_id=lambda t: t.trial_id,
+        mode=summary.mode,
+        full_length=summary.max_evaluations,
+    )
 
 
 def best_checkpoint(results, trial_id: str, metric: str, mode: str):
@@ -89,9 +104,14 @@ def _signature():
 
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, 3))]),  # one RGB image
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
-                        TensorSpec(np.dtype(np.int64), (-1,), "category_ids"),
-                        TensorSpec(np.dtype(np.float32), (-1,), "scores")]))
+        outputs=Schema(
+            [
+                TensorSpec(np.dtype(np.float32), (-1, 4), "boxes"),
+                TensorSpec(np.dtype(np.int64), (-1,), "category_ids"),
+                TensorSpec(np.dtype(np.float32), (-1,), "scores"),
+            ]
+        ),
+    )
 
 
 def _requirements() -> list[str]:
@@ -119,7 +139,7 @@ def _quiet(*loggers: str):
             logging.getLogger(name).setLevel(level)
 
 
-def _existing_version(client, name: str, run_id: str, checkpoint: str) -> Optional[str]:
+def _existing_version(client, name: str, run_id: str, checkpoint: str) -> str | None:
     for mv in client.search_model_versions(f"name = '{name}'"):
         tags = mv.tags or {}
         if mv.run_id == run_id and tags.get(MODEL_CHECKPOINT_TAG) == checkpoint:
@@ -127,8 +147,15 @@ def _existing_version(client, name: str, run_id: str, checkpoint: str) -> Option
     return None
 
 
-def log_best_model(client, summary, results, *, register: bool = True, name: Optional[str] = None,
-                   tags: Optional[dict[str, str]] = None) -> Optional[RegisteredModel]:
+def log_best_model(
+    client,
+    summary,
+    results,
+    *,
+    register: bool = True,
+    name: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> RegisteredModel | None:
     """Log the best checkpoint of ``summary``'s sweep (Tune ``results``) on its MLflow sweep run and register it as
     ``name`` (default the sweep's name). None when no trial qualifies. ``tags``: added to the model version (the
     stage-1 sha256, the dataset fingerprint)."""
@@ -157,10 +184,14 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
             # it out of the sweep's output
             with warnings.catch_warnings(), _quiet("mlflow.pyfunc", "mlflow.models"):
                 warnings.simplefilter("ignore", UserWarning)
-                mlflow.pyfunc.save_model(str(Path(tmp, MODEL_ARTIFACT)), python_model=DetectorModel(),
-                                         artifacts={"detector": str(Path(tmp, "detector.pt"))},
-                                         signature=_signature(), input_example=example,
-                                         pip_requirements=_requirements())
+                mlflow.pyfunc.save_model(
+                    str(Path(tmp, MODEL_ARTIFACT)),
+                    python_model=DetectorModel(),
+                    artifacts={"detector": str(Path(tmp, "detector.pt"))},
+                    signature=_signature(),
+                    input_example=example,
+                    pip_requirements=_requirements(),
+                )
             client.log_artifacts(run_id, str(Path(tmp, MODEL_ARTIFACT)), MODEL_ARTIFACT)
         client.set_tag(run_id, MODEL_TRIAL_TAG, trial.trial_id)
         client.set_tag(run_id, MODEL_CHECKPOINT_TAG, checkpoint)
@@ -171,23 +202,31 @@ def log_best_model(client, summary, results, *, register: bool = True, name: Opt
             try:
                 client.get_registered_model(name)
             except mlflow.exceptions.MlflowException:
-                client.create_registered_model(name, tags={SWEEP_TAG: summary.name},
-                                               description=f"best model of ltsweep sweep {summary.name!r}")
-            vtags = {SWEEP_TAG: summary.name, "ltsweep.sweep_run_id": run_id, MODEL_TRIAL_TAG: trial.trial_id,
-                     MODEL_CHECKPOINT_TAG: checkpoint, "ltsweep.config": json.dumps(trial.config, default=str),
-                     summary.metric: f"{trial.metrics.get(summary.metric, float('nan')):.4f}", **(tags or {})}
-            mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}",
-                                             run_id=run_id, tags=vtags)
+                client.create_registered_model(
+                    name, tags={SWEEP_TAG: summary.name}, description=f"best model of ltsweep sweep {summary.name!r}"
+                )
+            vtags = {
+                SWEEP_TAG: summary.name,
+                "ltsweep.sweep_run_id": run_id,
+                MODEL_TRIAL_TAG: trial.trial_id,
+                MODEL_CHECKPOINT_TAG: checkpoint,
+                "ltsweep.config": json.dumps(trial.config, default=str),
+                summary.metric: f"{trial.metrics.get(summary.metric, float('nan')):.4f}",
+                **(tags or {}),
+            }
+            mv = client.create_model_version(
+                name, source=f"{run.info.artifact_uri}/{MODEL_ARTIFACT}", run_id=run_id, tags=vtags
+            )
             version = str(mv.version)
         client.set_tag(run_id, MODEL_VERSION_TAG, f"{name}/{version}")
     return RegisteredModel(name if register else None, version, run_id, trial.trial_id, checkpoint)
 
 
-def log_best_model_safely(cfg, summary, results, *, register: bool, name: Optional[str]) -> Optional[RegisteredModel]:
+def log_best_model_safely(cfg, summary, results, *, register: bool, name: str | None) -> RegisteredModel | None:
     """:func:`log_best_model` for the end of a sweep: a failure is printed and tagged on the sweep run
     (``ltsweep.model_error``), never lost and never fatal to the sweep's results."""
-    from pipelines.mlflow_io.client import open_store
     from pipelines.config.identity import dataset_fingerprint
+    from pipelines.mlflow_io.client import open_store
     from pipelines.mlflow_io.reads import latest_sweep_run
 
     client = open_store(summary.tracking_uri)
@@ -198,7 +237,7 @@ def log_best_model_safely(cfg, summary, results, *, register: bool, name: Option
         sha = sha.sha256 if sha is not None else None
         tags = {FINGERPRINT_TAG: dataset_fingerprint(cfg), **({PRETRAIN_SHA_TAG: sha} if sha else {})}
         return log_best_model(client, summary, results, register=register, name=name, tags=tags)
-    except Exception as exc:  # noqa: BLE001 - the sweep's results stand; say loudly that the model is missing
+    except Exception as exc:
         logger.exception("logging the best model of sweep %s failed", summary.name)
         print(f"the best model of sweep {summary.name!r} was not logged: {type(exc).__name__}: {exc}", flush=True)
         run = latest_sweep_run(client, summary.name)

@@ -8,6 +8,7 @@ tracking -> mlflow_writer -> report -> schema.
 ``default_tracking_uri`` and ``log_pretrain_run`` are re-exported here for the modules that import them from
 ``pipelines.tracking.callback``.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,17 +16,23 @@ from pathlib import Path
 
 from ray.tune import Callback
 
-from pipelines.mlflow_io.client import default_tracking_uri
-from pipelines.tracking.writer import SweepWriter, TrialInfo, log_pretrain_run
 from pipelines.config.space import trial_values
+from pipelines.mlflow_io.client import default_tracking_uri
+from pipelines.tracking.writer import SweepWriter, TrialInfo
+from pipelines.tracking.stage1_run import log_pretrain_run
 
 __all__ = ["MLflowSweepCallback", "default_tracking_uri", "log_pretrain_run"]
 
 
 def _info(trial) -> TrialInfo:
     """What the writer needs of a Tune ``Trial``."""
-    return TrialInfo(trial_id=trial.trial_id, name=str(trial), config=trial_values(trial.config or {}),
-                     status=getattr(trial, "status", ""), last_result=getattr(trial, "last_result", None) or {})
+    return TrialInfo(
+        trial_id=trial.trial_id,
+        name=str(trial),
+        config=trial_values(trial.config or {}),
+        status=getattr(trial, "status", ""),
+        last_result=getattr(trial, "last_result", None) or {},
+    )
 
 
 def _error_text(trial) -> str | None:
@@ -51,14 +58,25 @@ class MLflowSweepCallback(Callback):
     ``Tuner.restore`` the same parent run and trial runs (found by ``ltsweep.trial_id``) are continued.
     """
 
-    def __init__(self, tracking_uri: str, sweep_name: str, sweep_params: dict, searched_keys: list[str],
-                 val_annotations: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        sweep_name: str,
+        sweep_params: dict,
+        searched_keys: list[str],
+        val_annotations: str | None = None,
+    ):
         self.writer = SweepWriter(tracking_uri, sweep_name, sweep_params, searched_keys, val_annotations)
 
     def __setstate__(self, state: dict) -> None:
         if "writer" not in state:  # pickled before the writer existed: the callback held the writer's fields
-            writer = SweepWriter(state["tracking_uri"], state["sweep_name"], state["sweep_params"],
-                                 state["searched_keys"], state.get("val_annotations"))
+            writer = SweepWriter(
+                state["tracking_uri"],
+                state["sweep_name"],
+                state["sweep_params"],
+                state["searched_keys"],
+                state.get("val_annotations"),
+            )
             writer.sweep_uid = state["sweep_uid"]
             state = {"writer": writer}
         self.__dict__.update(state)

@@ -10,6 +10,7 @@ shared stage-1 (pretrain) run and the sweep and trial runs that start from it.
   ``ltsweep.pretrain_run_id`` names the pretrain run it restored; a pretrain run's ``ltsweep.sweep_runs`` lists the
   sweep runs that used it (their trial runs are nested under them).
 """
+
 from __future__ import annotations
 
 import functools
@@ -17,23 +18,27 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from pipelines.mlflow_io.client import git_commit
 from pipelines.names import PRETRAIN_SHA_TAG, ROLE_PRETRAIN, ROLE_TAG
 
-PRETRAIN_RUNS_TAG = "ltsweep.pretrain_runs"      # sweep run: {seed: pretrain run id}
-PRETRAIN_RUN_TAG = "ltsweep.pretrain_run_id"     # trial run: the pretrain run whose checkpoint it restored
-SWEEP_RUNS_TAG = "ltsweep.sweep_runs"            # pretrain run: the sweep runs that started from it
-DIGEST_LEN = 16                                  # MLflow's dataset digest column is short
+PRETRAIN_RUNS_TAG = "ltsweep.pretrain_runs"  # sweep run: {seed: pretrain run id}
+PRETRAIN_RUN_TAG = "ltsweep.pretrain_run_id"  # trial run: the pretrain run whose checkpoint it restored
+SWEEP_RUNS_TAG = "ltsweep.sweep_runs"  # pretrain run: the sweep runs that started from it
+DIGEST_LEN = 16  # MLflow's dataset digest column is short
 
 
 def source_tags() -> dict[str, str]:
     """MLflow's own source tags: the program, and the git commit of the code that ran (in a git checkout)."""
     commit = git_commit()
-    return {"mlflow.source.name": "ltsweep", "mlflow.source.type": "LOCAL",
-            **({"mlflow.source.git.commit": commit} if commit else {})}
+    return {
+        "mlflow.source.name": "ltsweep",
+        "mlflow.source.type": "LOCAL",
+        **({"mlflow.source.git.commit": commit} if commit else {}),
+    }
 
 
 @functools.lru_cache(maxsize=16)
@@ -54,7 +59,7 @@ def file_digest(path: str | os.PathLike) -> str:
     return _file_sha256(str(p.resolve()), st.st_size, st.st_mtime)
 
 
-def dataset_inputs(train: Optional[str], val: Optional[str], train_digest: Optional[str] = None) -> list:
+def dataset_inputs(train: str | None, val: str | None, train_digest: str | None = None) -> list:
     """The MLflow DatasetInput entities of a run's training and validation annotation files."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
@@ -74,8 +79,7 @@ def dataset_inputs(train: Optional[str], val: Optional[str], train_digest: Optio
     return out
 
 
-def log_datasets(client, run_id: str, train: Optional[str], val: Optional[str],
-                 train_digest: Optional[str] = None) -> None:
+def log_datasets(client, run_id: str, train: str | None, val: str | None, train_digest: str | None = None) -> None:
     """Log the run's dataset inputs once (a resumed run already has them)."""
     run = client.get_run(run_id)
     if run.inputs is not None and run.inputs.dataset_inputs:

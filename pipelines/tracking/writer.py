@@ -9,72 +9,68 @@ Runs are found again by their tags, which makes the writer idempotent after ``Tu
 found by sweep name + role (+ the sweep's uid, which Tune pickles with the callback in ``tuner.pkl``) and each trial's
 run by ``ltsweep.trial_id``; found runs are continued, never duplicated.
 """
+
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
-from pipelines.mlflow_io.client import (MAX_KEY_LEN, MAX_TAG_LEN, code_version, find_key, flatten,
-                                    get_or_create_experiment, log_params, log_tags, make_client,
-                                    to_str)
-from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
 from pipelines.analysis.report import log_sweep_report
-from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.mlflow_io.client import (
+    MAX_TAG_LEN,
+    code_version,
+    find_key,
+    flatten,
+    get_or_create_experiment,
+    log_params,
+    log_tags,
+    make_client,
+    to_str,
+)
 from pipelines.mlflow_io.reads import search_tagged
-from pipelines.names import (AP_BY_FREQUENCY_PNG, ARTIFACT_ERROR_TAG, CHECKPOINT_TAG, CODE_VERSION_TAG,
-                              ERROR_TAG, ERRORED_TRIALS_TAG, FINGERPRINT_TAG, FREQUENCY_SOURCE_TAG, ITERATIONS_TAG,
-                              MAX_T_TAG, METRIC_TAG, MLFLOW_TRIAL_METRICS, MODE_TAG, PARENT_TAG, PER_CLASS_CSV,
-                              PER_CLASS_JSON, PRETRAIN_SHA_PARAM, PRETRAIN_SHA_TAG, REPORT_ERROR_TAG, RETRIES_TAG,
-                              ROLE_PRETRAIN, ROLE_SWEEP, ROLE_TAG, ROLE_TRIAL, SEARCH_SPACE_TAG, SEARCHED_KEYS_TAG,
-                              SEED_PARAM, SWEEP_TAG, SWEEP_UID_TAG, TRIAL_ID_TAG, TRIAL_STATUS_TAG, TRIALS_TAG,
-                              UNFINISHED_TRIALS_TAG, WORKERS_PARAM, finite_number, per_class_dict)
+from pipelines.names import (
+    ARTIFACT_ERROR_TAG,
+    CODE_VERSION_TAG,
+    ERROR_TAG,
+    ERRORED_TRIALS_TAG,
+    FINGERPRINT_TAG,
+    FREQUENCY_SOURCE_TAG,
+    ITERATIONS_TAG,
+    MAX_T_TAG,
+    METRIC_TAG,
+    MLFLOW_TRIAL_METRICS,
+    MODE_TAG,
+    PARENT_TAG,
+    PRETRAIN_SHA_PARAM,
+    REPORT_ERROR_TAG,
+    RETRIES_TAG,
+    ROLE_SWEEP,
+    ROLE_TAG,
+    ROLE_TRIAL,
+    SEARCH_SPACE_TAG,
+    SEARCHED_KEYS_TAG,
+    SEED_PARAM,
+    SWEEP_TAG,
+    SWEEP_UID_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_STATUS_TAG,
+    TRIALS_TAG,
+    UNFINISHED_TRIALS_TAG,
+    WORKERS_PARAM,
+    per_class_dict,
+)
+from pipelines.tracking.artifacts import log_per_class_artifacts
+from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
 
 logger = logging.getLogger(__name__)
 
 _TERMINAL = {"FINISHED", "FAILED", "KILLED"}
-
-
-def _write_per_class_artifacts(per_class: Mapping[int, float], res: Mapping[str, Any], val_annotations: str | None,
-                              out_dir: Path, label: str) -> list[Path]:
-    """Write per_class_ap.json, per_class_ap.csv and ap_by_frequency.png into ``out_dir``.
-
-    With the validation annotations, the CSV and the plot come from ``lt_models.evaluation`` (category names,
-    frequency buckets, image counts; categories ranked by frequency). Without them: a plain ``category_id,AP`` CSV
-    and per-class AP in category-id order. The JSON ({category_id: AP}) is what the sweep report reads back.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    p_json, p_csv, p_png = out_dir / PER_CLASS_JSON, out_dir / PER_CLASS_CSV, out_dir / AP_BY_FREQUENCY_PNG
-    p_json.write_text(json.dumps({str(k): v for k, v in sorted(per_class.items())}))
-    result = {**res, "per_class": dict(per_class)}
-    if val_annotations:
-        from lt_models.evaluation import plot_ap_by_frequency, write_per_class_csv
-
-        write_per_class_csv(result, val_annotations, p_csv)
-        plot_ap_by_frequency({label: result}, val_annotations, p_png)
-    else:
-        import csv
-
-        with open(p_csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["category_id", "AP"])
-            w.writerows(sorted(per_class.items()))
-        plot_ap_by_rank({label: per_class}, p_png, title=f"per-class AP ({label})")
-    return [p_json, p_csv, p_png]
-
-
-def _log_per_class_artifacts(client, run_id: str, per_class: Mapping[int, float], res: Mapping[str, Any],
-                             val_annotations: str | None, label: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="ltsweep-mlflow-") as tmp:
-        for p in _write_per_class_artifacts(per_class, res, val_annotations, Path(tmp), label=label):
-            client.log_artifact(run_id, str(p))
 
 
 @dataclass
@@ -107,8 +103,14 @@ class SweepWriter:
             in ``per_class_ap.csv`` / ``ap_by_frequency.png`` and the report.
     """
 
-    def __init__(self, tracking_uri: str, sweep_name: str, sweep_params: dict, searched_keys: list[str],
-                 val_annotations: str | None = None):
+    def __init__(
+        self,
+        tracking_uri: str,
+        sweep_name: str,
+        sweep_params: dict,
+        searched_keys: list[str],
+        val_annotations: str | None = None,
+    ):
         self.tracking_uri = str(tracking_uri)
         self.sweep_name = str(sweep_name)
         self.sweep_params = dict(sweep_params or {})
@@ -119,8 +121,17 @@ class SweepWriter:
         self._reset()
 
     # state that must not be pickled (Tune pickles the callback, and this writer with it, into tuner.pkl)
-    _UNPICKLED = ("_client", "_experiment_id", "_parent_run_id", "_trial_runs", "_open_runs", "_last_results",
-                  "_sha_logged", "_fingerprint_tagged", "_stage1_runs")
+    _UNPICKLED = (
+        "_client",
+        "_experiment_id",
+        "_parent_run_id",
+        "_trial_runs",
+        "_open_runs",
+        "_last_results",
+        "_sha_logged",
+        "_fingerprint_tagged",
+        "_stage1_runs",
+    )
 
     def _reset(self) -> None:
         self._client = None
@@ -163,8 +174,11 @@ class SweepWriter:
         """The MLflow run id of a Tune trial, looked up by its ``ltsweep.trial_id`` tag (None if not logged)."""
         if trial_id in self._trial_runs:
             return self._trial_runs[trial_id]
-        runs = search_tagged(self.client, self.experiment_id,
-                             {ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id})
+        runs = search_tagged(
+            self.client,
+            self.experiment_id,
+            {ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id},
+        )
         if len(runs) > 1:
             logger.warning("MLflow: %d runs tagged %s=%s; continuing the oldest", len(runs), TRIAL_ID_TAG, trial_id)
         if runs:
@@ -263,9 +277,17 @@ class SweepWriter:
         run_id = self.trial_run_id(trial.trial_id)
         client = self.client
         if run_id is None:
-            run = client.create_run(self.experiment_id, run_name=trial.name, tags={
-                ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial.trial_id, PARENT_TAG: self.parent_run_id,
-                SWEEP_TAG: self.sweep_name, **source_tags()})
+            run = client.create_run(
+                self.experiment_id,
+                run_name=trial.name,
+                tags={
+                    ROLE_TAG: ROLE_TRIAL,
+                    TRIAL_ID_TAG: trial.trial_id,
+                    PARENT_TAG: self.parent_run_id,
+                    SWEEP_TAG: self.sweep_name,
+                    **source_tags(),
+                },
+            )
             run_id = run.info.run_id
             self._trial_runs[trial.trial_id] = run_id
             existing = {}
@@ -345,8 +367,8 @@ class SweepWriter:
         per_class = per_class_dict(res.get("per_class"))
         if per_class:
             try:
-                _log_per_class_artifacts(self.client, run_id, per_class, res, self.val_annotations, trial.name)
-            except Exception as exc:  # noqa: BLE001 - never lose the run status because a plot failed
+                log_per_class_artifacts(self.client, run_id, per_class, res, self.val_annotations, trial.name)
+            except Exception as exc:
                 logger.exception("MLflow: per-class artifacts of trial %s failed", trial.trial_id)
                 self.client.set_tag(run_id, ARTIFACT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
         self.client.set_terminated(run_id, status=status)
@@ -370,79 +392,39 @@ class SweepWriter:
                 continue
             run = client.get_run(run_id)
             if run.info.status not in _TERMINAL:
-                log_tags(client, run_id, {TRIAL_STATUS_TAG: trial.status,
-                                          ITERATIONS_TAG: int(self._last_result(trial).get("training_iteration")
-                                                                or 0)})
+                log_tags(
+                    client,
+                    run_id,
+                    {
+                        TRIAL_STATUS_TAG: trial.status,
+                        ITERATIONS_TAG: int(self._last_result(trial).get("training_iteration") or 0),
+                    },
+                )
                 client.set_terminated(run_id, status="KILLED")
                 self._open_runs.pop(trial.trial_id, None)
                 n_killed += 1
         try:
-            log_sweep_report(client, self.experiment_id, self.parent_run_id, sweep_name=self.sweep_name,
-                             searched_keys=self.searched_keys, val_annotations=self.val_annotations,
-                             metric=str(self._sweep_setting("metric", "AP")),
-                             mode=str(self._sweep_setting("mode", "max")), max_t=self._max_t(),
-                             last_results={t.trial_id: self._last_result(t) for t in trials},
-                             baseline=(self.sweep_params.get("report") or {}).get("baseline"))
-        except Exception as exc:  # noqa: BLE001 - the sweep's results are logged; say loudly the report is not
+            log_sweep_report(
+                client,
+                self.experiment_id,
+                self.parent_run_id,
+                sweep_name=self.sweep_name,
+                searched_keys=self.searched_keys,
+                val_annotations=self.val_annotations,
+                metric=str(self._sweep_setting("metric", "AP")),
+                mode=str(self._sweep_setting("mode", "max")),
+                max_t=self._max_t(),
+                last_results={t.trial_id: self._last_result(t) for t in trials},
+                baseline=(self.sweep_params.get("report") or {}).get("baseline"),
+            )
+        except Exception as exc:
             logger.exception("MLflow: writing the sweep report failed")
             client.set_tag(self.parent_run_id, REPORT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
-        log_tags(client, self.parent_run_id, {TRIALS_TAG: len(trials), ERRORED_TRIALS_TAG: errored,
-                                              UNFINISHED_TRIALS_TAG: n_killed})
+        log_tags(
+            client,
+            self.parent_run_id,
+            {TRIALS_TAG: len(trials), ERRORED_TRIALS_TAG: errored, UNFINISHED_TRIALS_TAG: n_killed},
+        )
         # FAILED: some trial errored; KILLED: the sweep ended with trials unfinished (resume continues both)
         status = "FAILED" if errored else "KILLED" if n_killed else "FINISHED"
         client.set_terminated(self.parent_run_id, status=status)
-
-
-# --------------------------------------------------------------------------------------------------------------
-def log_pretrain_run(tracking_uri: str, sweep_name: str, sha256: str, params: Mapping[str, Any],
-                     metrics: Mapping[str, Any], checkpoint_path: str | os.PathLike | None, *,
-                     val_annotations: str | os.PathLike | None = None) -> str:
-    """Record the shared stage-1 training as a run (``ltsweep.role=pretrain``, ``ltsweep.pretrain_sha256``) in the
-    sweep's experiment and return its run id.
-
-    Idempotent: if the experiment already holds a pretrain run with this sha256, that run is reused (finished if a
-    previous driver died half-way), never duplicated. ``metrics``: numeric values are logged (step =
-    ``metrics["iteration"]`` or ``metrics["epoch"]``); a ``per_class`` dict {category_id: AP} becomes the artifacts
-    ``per_class_ap.json``/``.csv`` and ``ap_by_frequency.png``, which the sweep report uses as the stage-1 baseline.
-    The checkpoint itself is not uploaded; its path is the tag ``ltsweep.checkpoint``. ``val_annotations`` (optional)
-    names categories and frequency buckets in those artifacts, as for trial runs.
-    """
-    from mlflow.entities import Metric
-
-    client = make_client(tracking_uri)
-    exp_id = get_or_create_experiment(client, sweep_name, tracking_uri)
-    runs = search_tagged(client, exp_id, {ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256})
-    finished = [r for r in runs if r.info.status == "FINISHED"]
-    if finished:
-        return finished[0].info.run_id
-    if runs:
-        run = runs[0]
-        if run.info.status != "RUNNING":
-            client.update_run(run.info.run_id, status="RUNNING")
-    else:
-        run = client.create_run(exp_id, run_name=f"pretrain-{sha256[:12]}", tags={
-            ROLE_TAG: ROLE_PRETRAIN, PRETRAIN_SHA_TAG: sha256, SWEEP_TAG: sweep_name, **source_tags()})
-    run_id = run.info.run_id
-    log_params(client, run_id, flatten(dict(params or {})), run.data.params)
-    log_datasets(client, run_id, (params or {}).get("train_annotations"),
-                 os.fspath(val_annotations) if val_annotations else None, (params or {}).get("dataset_fingerprint"))
-    log_tags(client, run_id, {CHECKPOINT_TAG: os.fspath(checkpoint_path) if checkpoint_path else None,
-                              CODE_VERSION_TAG: code_version()})
-    metrics = dict(metrics or {})
-    step = int(finite_number(metrics.get("iteration", metrics.get("epoch", 0))) or 0)
-    ts = int(time.time() * 1000)
-    ms = []
-    for k, v in metrics.items():
-        if k == "per_class":
-            continue
-        f = finite_number(v)
-        if f is not None or (isinstance(v, float) and math.isnan(v)):
-            ms.append(Metric(str(k)[:MAX_KEY_LEN], float(v), ts, step))
-    for i in range(0, len(ms), 1000):
-        client.log_batch(run_id, metrics=ms[i:i + 1000])
-    per_class = per_class_dict(metrics.get("per_class"))
-    if per_class:
-        _log_per_class_artifacts(client, run_id, per_class, metrics,
-                                 os.fspath(val_annotations) if val_annotations else None, "stage 1")
-    client.set_terminated(run_id, status="FINISHED")
-    return run_id

@@ -26,12 +26,13 @@ promoted yet, where n is the rung's size), with the unit changed from a trial to
 With one seed a configuration is a trial, and this is promotion-based ASHA. It needs ``search.algorithm: basic``
 (the whole grid is known). ``search.max_concurrent_trials`` counts running trials; paused ones take no slot.
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
-from typing import Any, Optional
+from typing import Any
 
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -60,24 +61,35 @@ class ConfigASHA(FIFOScheduler):
     """See the module docstring. ``seeds``: every configuration's training seeds (``ExperimentConfig.seeds``);
     ``max_running``: at most this many trials run at once (None: as many as the resources allow)."""
 
-    def __init__(self, *, metric: str, mode: str, time_attr: str, max_t: float, grace_period: float,
-                 reduction_factor: float, seeds: list[int], max_running: Optional[int] = None,
-                 default_seed: int = 0, verbose: bool = True):
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        time_attr: str,
+        max_t: float,
+        grace_period: float,
+        reduction_factor: float,
+        seeds: list[int],
+        max_running: int | None = None,
+        default_seed: int = 0,
+        verbose: bool = True,
+    ):
         super().__init__()
         self._metric, self._mode, self._time_attr = metric, mode, time_attr
         self.max_t, self.eta = float(max_t), float(reduction_factor)
         self.milestones = rung_milestones(grace_period, reduction_factor, max_t)
         self.seeds, self.default_seed = [int(s) for s in seeds], int(default_seed)
         self.max_running, self.verbose = max_running, verbose
-        self._key: dict[str, str] = {}                  # trial id -> configuration
-        self._by_seed: dict[str, dict[int, str]] = {}   # configuration -> {seed: trial id}
-        self._dead: set[str] = set()                    # errored trials (left out of their configuration's mean)
+        self._key: dict[str, str] = {}  # trial id -> configuration
+        self._by_seed: dict[str, dict[int, str]] = {}  # configuration -> {seed: trial id}
+        self._dead: set[str] = set()  # errored trials (left out of their configuration's mean)
         self._values: list[dict[str, float]] = [{} for _ in self.milestones]  # per rung: trial id -> metric
-        self._promoted: list[list[str]] = [[] for _ in self.milestones]      # per rung: configurations, in order
-        self._held: list[str] = []                      # trials added but not started yet
-        self._full: set[str] = set()                    # configurations with a trial that reached max_t
+        self._promoted: list[list[str]] = [[] for _ in self.milestones]  # per rung: configurations, in order
+        self._held: list[str] = []  # trials added but not started yet
+        self._full: set[str] = set()  # configurations with a trial that reached max_t
 
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec) -> bool:
         """Tune passes TuneConfig's metric and mode: they must be the ones this scheduler ranks by."""
         return metric in (None, self._metric) and mode in (None, self._mode)
 
@@ -104,8 +116,9 @@ class ConfigASHA(FIFOScheduler):
     def _record(self, trial_id: str, result: dict, restored: bool = False) -> None:
         t, value = float(result[self._time_attr]), result.get(self._metric)
         if value is None:
-            raise ValueError(f"trial {trial_id} reported no {self._metric!r}: scheduler.metric must be a reported "
-                             "metric")
+            raise ValueError(
+                f"trial {trial_id} reported no {self._metric!r}: scheduler.metric must be a reported metric"
+            )
         key = self._key[trial_id]
         for k, m in enumerate(self.milestones):
             if t >= m and trial_id not in self._values[k]:
@@ -118,7 +131,7 @@ class ConfigASHA(FIFOScheduler):
             self._held.remove(trial.trial_id)
 
     # ---- the rule -----------------------------------------------------------------------------------------------
-    def _rung_mean(self, k: int, key: str) -> Optional[float]:
+    def _rung_mean(self, k: int, key: str) -> float | None:
         """The configuration's mean at rung k, or None while one of its seeds has not reported there."""
         ids = self._by_seed.get(key, {})
         vals = []
@@ -140,9 +153,12 @@ class ConfigASHA(FIFOScheduler):
         self._promoted[k].append(key)
         if self.verbose:
             name = " ".join(f"{f}={v}" for f, v in json.loads(key).items())
-            print(f"ASHA: promoted {name} from rung {k + 1} ({self._time_attr} {self.milestones[k]:g}): mean "
-                  f"{self._metric} {mean:.4f} over its seeds; promoted {len(self._promoted[k])} of the {n} "
-                  "configurations there", flush=True)
+            print(
+                f"ASHA: promoted {name} from rung {k + 1} ({self._time_attr} {self.milestones[k]:g}): mean "
+                f"{self._metric} {mean:.4f} over its seeds; promoted {len(self._promoted[k])} of the {n} "
+                "configurations there",
+                flush=True,
+            )
 
     def _next_rung(self, trial_id: str) -> int:
         return sum(trial_id in values for values in self._values)
@@ -154,16 +170,20 @@ class ConfigASHA(FIFOScheduler):
         trials = tune_controller.get_trials()
         # errored for good (Tune also calls on_trial_error before a retry, so the status is what tells)
         self._dead = {t.trial_id for t in trials if t.status == Trial.ERROR}
-        waiting = {self._next_rung(t.trial_id) for t in trials
-                   if t.status in (Trial.RUNNING, Trial.PENDING, Trial.PAUSED) and t.trial_id in self._key
-                   and self._cleared(t.trial_id)}
+        waiting = {
+            self._next_rung(t.trial_id)
+            for t in trials
+            if t.status in (Trial.RUNNING, Trial.PENDING, Trial.PAUSED)
+            and t.trial_id in self._key
+            and self._cleared(t.trial_id)
+        }
         if not tune_controller.search_alg.is_finished():
             waiting.add(0)
         for k in range(len(self.milestones)):
             if k in waiting:
                 continue
             ranked = self._ranked(k)
-            for key, mean in ranked[:math.floor(len(ranked) / self.eta)]:
+            for key, mean in ranked[: math.floor(len(ranked) / self.eta)]:
                 if key not in self._promoted[k]:
                     self._promote(k, key, mean, len(ranked))
 
@@ -183,7 +203,7 @@ class ConfigASHA(FIFOScheduler):
             self._decide(tune_controller)
         return TrialScheduler.CONTINUE if self._cleared(trial.trial_id) else TrialScheduler.PAUSE
 
-    def choose_trial_to_run(self, tune_controller) -> Optional[Trial]:
+    def choose_trial_to_run(self, tune_controller) -> Trial | None:
         trials = {t.trial_id: t for t in tune_controller.get_trials()}
         active = [t for t in trials.values() if t.status in (Trial.RUNNING, Trial.PENDING)]
         if self.max_running is not None and len(active) >= self.max_running:
@@ -209,6 +229,8 @@ class ConfigASHA(FIFOScheduler):
         return None
 
     def debug_string(self) -> str:
-        rungs = ", ".join(f"rung {k + 1} ({m:g}): {len(self._ranked(k))} configurations, "
-                          f"{len(self._promoted[k])} promoted" for k, m in enumerate(self.milestones))
+        rungs = ", ".join(
+            f"rung {k + 1} ({m:g}): {len(self._ranked(k))} configurations, {len(self._promoted[k])} promoted"
+            for k, m in enumerate(self.milestones)
+        )
         return f"ASHA over configurations (η = {self.eta:g}): {rungs}"

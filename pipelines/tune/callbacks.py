@@ -1,14 +1,15 @@
 """The sweep's Tune callbacks besides MLflow: TensorBoard and CSV loggers, and one progress line per evaluation."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
 
-from pipelines.names import BUCKET_METRICS
-from pipelines.config.space import trial_values
 from pipelines.analysis.summary import format_value
+from pipelines.config.space import trial_values
+from pipelines.names import BUCKET_METRICS
 
 
 def _without_per_class(result: dict) -> dict:
@@ -44,8 +45,11 @@ class ProgressPrinter(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self._ran.add(trial.trial_id)
         vals = "  ".join(f"{m} {format_value(result.get(m))}" for m in (*BUCKET_METRICS, "loss"))
-        print(f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
-              f"(epoch {result.get('epoch')}): {vals}", flush=True)
+        print(
+            f"{self._tag(trial)} evaluation {result.get('training_iteration')}/{self.max_evals} "
+            f"(epoch {result.get('epoch')}): {vals}",
+            flush=True,
+        )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if trial.trial_id not in self._ran:  # restored as finished by --resume: it said so in its own session
@@ -87,4 +91,5 @@ def tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool,
     """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
     line per report."""
     return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
-        [ProgressPrinter(max_evals, searched_keys)] if progress else [])
+        [ProgressPrinter(max_evals, searched_keys)] if progress else []
+    )

@@ -18,18 +18,20 @@ dir and uploads `checkpoint/`; the driver then reads the upload back for its dig
 so a cache without `meta.json` is incomplete and never used. The lock is `pipelines.storage.location.lock`'s owner markers
 (`<sha256>.lock/<token>`, a heartbeat and a stale timeout). Trials restore a node-local copy (`local_stage1`).
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from lt_models.atomic import atomic_dir, write_json_atomic
-from pipelines.config.identity import dataset_fingerprint, frequency_source, stage1_identity, stage1_key
 from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.identity import dataset_fingerprint, frequency_source, stage1_identity, stage1_key
 from pipelines.config.spec import compute, train_spec
 from pipelines.names import PRETRAIN_METRICS
 from pipelines.storage import annotation_stores
@@ -39,34 +41,7 @@ from pipelines.storage.stage1_cache import Stage1Checkpoint, file_digests, pretr
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Checkpoint]:
+def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Stage1Checkpoint | None:
     """The finished, verified stage-1 checkpoint for this config, or None. A cache whose files do not match their
     recorded digests (a truncated or edited checkpoint) is never trusted: it is reported in one line (unless
     ``report`` is False: the caller reported it already) and treated as absent, so it is trained again and replaced
@@ -82,8 +57,9 @@ def find_stage1(cfg: ExperimentConfig, report: bool = True) -> Optional[Stage1Ch
             log.warning("%s; training it again (as --force-pretrain would)", problem)
         return None
     info = storage.read_json(meta)
-    return Stage1Checkpoint(sha, final, trained=False, metrics=info.get("metrics", {}),
-                            seconds=float(info.get("seconds", 0.0)))
+    return Stage1Checkpoint(
+        sha, final, trained=False, metrics=info.get("metrics", {}), seconds=float(info.get("seconds", 0.0))
+    )
 
 
 def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
@@ -97,9 +73,10 @@ def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
 
     distributed = cfg.resources.distributed and _ray_is_up()
     device, threads = compute(cfg, worker=distributed)
-    spec = train_spec(cfg, "stage1", device=device, num_threads=threads,
-                      eval_every=cfg.stage1.epochs)  # evaluate once, at the end of stage 1
-    annotation_stores.fetch(cfg.run.storage_path, spec)   # object storage: this node's copy of the stores
+    spec = train_spec(
+        cfg, "stage1", device=device, num_threads=threads, eval_every=cfg.stage1.epochs
+    )  # evaluate once, at the end of stage 1
+    annotation_stores.fetch(cfg.run.storage_path, spec)  # object storage: this node's copy of the stores
     if distributed:
         from pipelines.tune.workers import train_into
 
@@ -128,7 +105,7 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_stage1_to(cfg: ExperimentConfig, location: str, train: Optional[Callable] = None) -> dict[str, Any]:
+def train_stage1_to(cfg: ExperimentConfig, location: str, train: Callable | None = None) -> dict[str, Any]:
     """Train stage 1 on this node into a local temp dir (``train(cfg, tmp)``, default :func:`train_stage1_into`)
     and upload its checkpoint/ to ``<location>/checkpoint`` (object storage); returns the final metrics."""
     import tempfile
@@ -145,9 +122,15 @@ def _train_stage1_task(cfg_json: str, out_dir: str) -> dict[str, Any]:
     return train_stage1_to(cfg, out_dir) if storage.is_uri(out_dir) else train_stage1_into(cfg, Path(out_dir))
 
 
-def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Optional[bool] = None,
-                  tracking_uri: Optional[str] = None, sweep_name: Optional[str] = None,
-                  lock_timeout: float = -1) -> Optional[Stage1Checkpoint]:
+def ensure_stage1(
+    cfg: ExperimentConfig,
+    *,
+    force: bool = False,
+    use_ray: bool | None = None,
+    tracking_uri: str | None = None,
+    sweep_name: str | None = None,
+    lock_timeout: float = -1,
+) -> Stage1Checkpoint | None:
     """Return the shared stage-1 checkpoint for cfg, training it first if it is absent (or if force).
 
     use_ray: run the training as a Ray task with the trial's resources (default: when Ray is initialised).
@@ -166,8 +149,9 @@ def ensure_stage1(cfg: ExperimentConfig, *, force: bool = False, use_ray: Option
     return ckpt
 
 
-def ensure_stage1_per_seed(cfg: ExperimentConfig, *, force: bool = False, tracking_uri: Optional[str] = None,
-                           sweep_name: Optional[str] = None) -> Optional[dict[int, Stage1Checkpoint]]:
+def ensure_stage1_per_seed(
+    cfg: ExperimentConfig, *, force: bool = False, tracking_uri: str | None = None, sweep_name: str | None = None
+) -> dict[int, Stage1Checkpoint] | None:
     """The stage-1 checkpoint of every training seed of the sweep (`cfg.seeds`): each seed's trials restore their
     own seed's stage 1. The missing ones train at the same time (as Ray tasks when Ray is up; multi-worker ones as
     many as the cluster holds together, `train_workers.concurrent_trials_cap`); each stays
@@ -191,16 +175,22 @@ def ensure_stage1_per_seed(cfg: ExperimentConfig, *, force: bool = False, tracki
     return ckpts
 
 
-def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str, sweep_name: Optional[str]) -> None:
+def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str, sweep_name: str | None) -> None:
     from pipelines.tracking import callback as tracking
 
     metrics = {k: v for k, v in ckpt.metrics.items() if k in PRETRAIN_METRICS}
-    tracking.log_pretrain_run(tracking_uri, sweep_name or cfg.name, ckpt.sha256, _pretrain_params(cfg),
-                              metrics, str(ckpt.checkpoint_dir), val_annotations=str(cfg.data.val))
+    tracking.log_pretrain_run(
+        tracking_uri,
+        sweep_name or cfg.name,
+        ckpt.sha256,
+        _pretrain_params(cfg),
+        metrics,
+        str(ckpt.checkpoint_dir),
+        val_annotations=str(cfg.data.val),
+    )
 
 
-def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], lock_timeout: float
-                  ) -> Stage1Checkpoint:
+def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: bool | None, lock_timeout: float) -> Stage1Checkpoint:
     sha = stage1_key(cfg)
     final = storage.join(pretrain_root(cfg.run.storage_path), sha)
     # local/NFS: the file lock <sha>.lock; object storage: owner markers <sha>.lock/<token> (pipelines.storage.location.lock)
@@ -233,14 +223,21 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: Optional[bool], l
     return Stage1Checkpoint(sha, final, trained=True, metrics=metrics, seconds=seconds)
 
 
-def _meta(cfg: ExperimentConfig, sha: str, metrics: dict[str, Any], seconds: float, files: dict[str, str]
-          ) -> dict[str, Any]:
+def _meta(
+    cfg: ExperimentConfig, sha: str, metrics: dict[str, Any], seconds: float, files: dict[str, str]
+) -> dict[str, Any]:
     """meta.json of a stage-1 cache."""
-    return {"sha256": sha, "identity": stage1_identity(cfg), "metrics": metrics,
-            "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 2), "files": files}
+    return {
+        "sha256": sha,
+        "identity": stage1_identity(cfg),
+        "metrics": metrics,
+        "trained_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "seconds": round(seconds, 2),
+        "files": files,
+    }
 
 
-def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> dict[str, Any]:
+def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: bool | None) -> dict[str, Any]:
     if use_ray is None:
         import ray
 
@@ -256,8 +253,9 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
     from pipelines.tune.cluster import trial_resources
 
     res = trial_resources(cfg)
-    task = ray.remote(num_cpus=res.pop("cpu"), num_gpus=res.pop("gpu"), resources=res or None,
-                      max_retries=0)(_train_stage1_task)
+    task = ray.remote(num_cpus=res.pop("cpu"), num_gpus=res.pop("gpu"), resources=res or None, max_retries=0)(
+        _train_stage1_task
+    )
     try:
         return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
     except ray.exceptions.RayTaskError as exc:  # bad input inside the task: the original one-line error
@@ -269,9 +267,13 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: Optional[bool]) -> di
 
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
-    return {"model": cfg.model.model_dump(mode="json"), "stage1": cfg.stage1.model_dump(mode="json"),
-            "sampler": "nonbalance", "loss": cfg.stage1.loss, "seed": cfg.seed,
-            "train_annotations": str(cfg.data.train),
-            "dataset_fingerprint": dataset_fingerprint(cfg), "frequency_source": frequency_source(cfg)}
-
-
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "stage1": cfg.stage1.model_dump(mode="json"),
+        "sampler": "nonbalance",
+        "loss": cfg.stage1.loss,
+        "seed": cfg.seed,
+        "train_annotations": str(cfg.data.train),
+        "dataset_fingerprint": dataset_fingerprint(cfg),
+        "frequency_source": frequency_source(cfg),
+    }

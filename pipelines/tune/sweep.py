@@ -22,13 +22,15 @@ Layout under `run.storage_path` (shared storage on a multi-node cluster: NFS, or
 are, unfinished ones continue from their last checkpoints, errored ones stay errored unless `--resume-errored`
 (continue them from their last checkpoint) or `--restart-errored` (train them again) says otherwise.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import signal
 import threading
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from filelock import FileLock
 from ray import tune
@@ -45,9 +47,9 @@ from pipelines.tune.cluster import init_ray
 from pipelines.tune.stage1 import ensure_stage1_per_seed
 from pipelines.tune.tuner import (
     Stage1Set,
-    stage1_shas,
     build_tuner,
     experiment_path,
+    stage1_shas,
     tracking_uri_for,
     tune_experiment_path,
 )
@@ -58,11 +60,6 @@ RESERVED_NAMES = {"pretrain", "train", "mlartifacts", "mlruns"}
 
 
 # ---- setup helpers -----------------------------------------------------------------------------------------------
-
-
-
-
-
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> None:
@@ -79,47 +76,41 @@ def ensure_dataset(cfg: ExperimentConfig) -> None:
                 generate_benchmark(out, preset=d.synthetic, seed=d.synthetic_seed)
         for key in ("train", "val"):
             if not getattr(d, key).is_file():
-                raise ConfigError(f"data.{key}: {getattr(d, key)} is still missing after generating the synthetic "
-                                  f"benchmark in {out} (it writes train.json and val.json); point data.{key} there")
+                raise ConfigError(
+                    f"data.{key}: {getattr(d, key)} is still missing after generating the synthetic "
+                    f"benchmark in {out} (it writes train.json and val.json); point data.{key} there"
+                )
     check_dataset(cfg.model_copy(update={"data": d.model_copy(update={"synthetic": None})}), cfg.name)
 
 
-
-
-def scheduler_advice(cfg: ExperimentConfig) -> Optional[str]:
+def scheduler_advice(cfg: ExperimentConfig) -> str | None:
     """A line for the user when the scheduler and the seeds work against each other, else None."""
     if cfg.scheduler.type == "asha" and len(cfg.seeds) > 1:
-        return (f"note: scheduler.type asha judges each trial alone, against other seeds' trials too, so a weak seed "
-                f"loses its trials and few configurations keep all {len(cfg.seeds)} seeds to the end; "
-                "scheduler.type: asha_configs judges configurations on their mean over seeds (see the README)")
+        return (
+            f"note: scheduler.type asha judges each trial alone, against other seeds' trials too, so a weak seed "
+            f"loses its trials and few configurations keep all {len(cfg.seeds)} seeds to the end; "
+            "scheduler.type: asha_configs judges configurations on their mean over seeds (see the README)"
+        )
     return None
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 # ---- entry points ------------------------------------------------------------------------------------------------
 
-def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[str] = None,
-              force_pretrain: bool = False,
-              trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
-              progress: bool = True, include_dashboard: Optional[bool] = None, register: bool = True,
-              model_name: Optional[str] = None) -> SweepSummary:
+
+def run_sweep(
+    cfg: ExperimentConfig,
+    *,
+    resume: bool = False,
+    errored: str | None = None,
+    force_pretrain: bool = False,
+    trainable_fn: Callable | None = None,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 0,
+    progress: bool = True,
+    include_dashboard: bool | None = None,
+    register: bool = True,
+    model_name: str | None = None,
+) -> SweepSummary:
     """Run (or, with resume, continue) the sweep described by cfg and return its summary.
 
     At the end the best checkpoint is logged on the sweep's MLflow run and registered as ``model_name`` (default
@@ -129,25 +120,7 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     trainable_fn: a stand-in for pipelines.tune.trainable.train_trial with the same signature (tests wrap it to inject
     faults); callbacks: extra Tune callbacks (a resumed sweep gets back the original ones from tuner.pkl);
     verbose: Tune's own output (0 = quiet); progress: one line per evaluation from ProgressPrinter."""
-    if cfg.name in RESERVED_NAMES:
-        raise ConfigError(f"name: {cfg.name!r} is reserved (it is a directory under run.storage_path); rename the sweep")
-    if errored is not None and not resume:
-        raise ConfigError(f"--{errored}-errored needs --resume (it says what a resumed sweep does with its errored "
-                          "trials)")
-    tracking_uri_for(cfg)  # object storage without run.tracking_uri: say so before anything starts
-    storage.check_storage(cfg.run.storage_path)  # creates a local one; an unreachable store or bucket: one line
-    path, fs = tune_experiment_path(cfg)
-    shown = storage.display(experiment_path(cfg))
-    if resume:
-        if force_pretrain:
-            raise ConfigError("--force-pretrain cannot be combined with --resume: the sweep's trials already started "
-                              "from its stage-1 checkpoint; start a new sweep to retrain stage 1")
-        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise ConfigError(f"--resume: there is no restorable sweep at {shown}; run without --resume to start "
-                              f"sweep {cfg.name!r} (or check run.storage_path / --storage-path)")
-    elif tune.Tuner.can_restore(path, storage_filesystem=fs):
-        raise ConfigError(f"sweep {cfg.name!r} already exists at {shown}; pass --resume to continue it, or give it "
-                          "a new name (name: in the YAML) or another --storage-path")
+    shown = _check_start(cfg, resume, errored, force_pretrain)
     ensure_dataset(cfg)
     # num_to_keep forces an experiment snapshot per checkpoint; on toy data that is every few seconds, and Tune
     # would warn about it at each one
@@ -159,17 +132,33 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     if resume:
         stage1 = _stage1_of_existing_sweep(cfg)
     else:
-        stage1 = ensure_stage1_per_seed(cfg, force=force_pretrain, tracking_uri=tracking_uri_for(cfg),
-                                        sweep_name=cfg.name)
+        stage1 = ensure_stage1_per_seed(
+            cfg, force=force_pretrain, tracking_uri=tracking_uri_for(cfg), sweep_name=cfg.name
+        )
         _write_sweep_record(cfg, stage1)
-    tuner = build_tuner(cfg, stage1, resume=resume, errored=errored, trainable_fn=trainable_fn, callbacks=callbacks,
-                        verbose=verbose, progress=progress)
+    tuner = build_tuner(
+        cfg,
+        stage1,
+        resume=resume,
+        errored=errored,
+        trainable_fn=trainable_fn,
+        callbacks=callbacks,
+        verbose=verbose,
+        progress=progress,
+    )
     handler_before = signal.getsignal(signal.SIGINT)
     results = tuner.fit()
     interrupted = _tune_was_interrupted(handler_before)
-    summary = summarize(cfg, results, stage1, resumed=resume, experiment_path=shown,
-                        tracking_uri=tracking_uri_for(cfg), interrupted=interrupted,
-                        completed=completed_trials(cfg.name) if interrupted else None)
+    summary = summarize(
+        cfg,
+        results,
+        stage1,
+        resumed=resume,
+        experiment_path=shown,
+        tracking_uri=tracking_uri_for(cfg),
+        interrupted=interrupted,
+        completed=completed_trials(cfg.name) if interrupted else None,
+    )
     summary.experiment_id = _experiment_id(summary)
     if not interrupted:
         from pipelines.tracking.best_model import log_best_model_safely
@@ -178,13 +167,47 @@ def run_sweep(cfg: ExperimentConfig, *, resume: bool = False, errored: Optional[
     return summary
 
 
-def _experiment_id(summary: SweepSummary) -> Optional[str]:
+def _check_start(cfg: ExperimentConfig, resume: bool, errored: str | None, force_pretrain: bool) -> str:
+    """Refuse a sweep that cannot start (a reserved name, bad flags, an existing sweep without --resume or a missing
+    one with it) before anything runs; returns where the sweep lives, for messages."""
+    if cfg.name in RESERVED_NAMES:
+        raise ConfigError(
+            f"name: {cfg.name!r} is reserved (it is a directory under run.storage_path); rename the sweep"
+        )
+    if errored is not None and not resume:
+        raise ConfigError(
+            f"--{errored}-errored needs --resume (it says what a resumed sweep does with its errored trials)"
+        )
+    tracking_uri_for(cfg)  # object storage without run.tracking_uri: say so before anything starts
+    storage.check_storage(cfg.run.storage_path)  # creates a local one; an unreachable store or bucket: one line
+    path, fs = tune_experiment_path(cfg)
+    shown = storage.display(experiment_path(cfg))
+    if resume:
+        if force_pretrain:
+            raise ConfigError(
+                "--force-pretrain cannot be combined with --resume: the sweep's trials already started "
+                "from its stage-1 checkpoint; start a new sweep to retrain stage 1"
+            )
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise ConfigError(
+                f"--resume: there is no restorable sweep at {shown}; run without --resume to start "
+                f"sweep {cfg.name!r} (or check run.storage_path / --storage-path)"
+            )
+    elif tune.Tuner.can_restore(path, storage_filesystem=fs):
+        raise ConfigError(
+            f"sweep {cfg.name!r} already exists at {shown}; pass --resume to continue it, or give it "
+            "a new name (name: in the YAML) or another --storage-path"
+        )
+    return shown
+
+
+def _experiment_id(summary: SweepSummary) -> str | None:
     """The sweep's MLflow experiment id (for the UI link the summary prints), or None if the store cannot say."""
     from pipelines.mlflow_io.client import open_store
 
     try:
         exp = open_store(summary.tracking_uri).get_experiment_by_name(summary.name)
-    except Exception:  # noqa: BLE001 - only a link in the printout depends on it
+    except Exception:
         return None
     return None if exp is None else exp.experiment_id
 
@@ -210,9 +233,15 @@ SWEEP_RECORD = "ltsweep_sweep.json"
 def _write_sweep_record(cfg: ExperimentConfig, stage1: Stage1Set) -> None:
     """<storage>/<name>/ltsweep_sweep.json (whole or not at all, also on object storage): read by --resume and
     `ltsweep confirm`."""
-    storage.write_json(storage.join(experiment_path(cfg), SWEEP_RECORD),
-                       {"config_fingerprint": cfg.fingerprint(), "stage1_sha256": stage1_shas(stage1),
-                        "config": cfg.model_dump(mode="json")}, indent=2)
+    storage.write_json(
+        storage.join(experiment_path(cfg), SWEEP_RECORD),
+        {
+            "config_fingerprint": cfg.fingerprint(),
+            "stage1_sha256": stage1_shas(stage1),
+            "config": cfg.model_dump(mode="json"),
+        },
+        indent=2,
+    )
 
 
 def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
@@ -220,12 +249,16 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
     share them, even if the training code or data changed meanwhile (then their keys would differ)."""
     record_file = storage.join(experiment_path(cfg), SWEEP_RECORD)
     if not storage.is_file(record_file):
-        raise ConfigError(f"--resume: {storage.display(record_file)} is missing, so the stage-1 checkpoint this sweep "
-                          "started from is unknown; start a new sweep instead")
+        raise ConfigError(
+            f"--resume: {storage.display(record_file)} is missing, so the stage-1 checkpoint this sweep "
+            "started from is unknown; start a new sweep instead"
+        )
     record = storage.read_json(record_file)
     if record["config_fingerprint"] != cfg.fingerprint():
-        raise ConfigError(f"--resume: the config of sweep {cfg.name!r} changed since it started (only run.* may "
-                          "differ); resume with the original YAML or start a new sweep under another name")
+        raise ConfigError(
+            f"--resume: the config of sweep {cfg.name!r} changed since it started (only run.* may "
+            "differ); resume with the original YAML or start a new sweep under another name"
+        )
     shas = record["stage1_sha256"]
     if shas is None:
         return None
@@ -235,19 +268,28 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
     for seed, sha in shas.items():
         ckpt_path = storage.join(pretrain_root(cfg.run.storage_path), sha)
         if not storage.is_file(storage.join(ckpt_path, "meta.json")):
-            raise ConfigError(f"--resume: the sweep's stage-1 checkpoint {storage.display(ckpt_path)} (seed {seed}) is "
-                              "gone; start a new sweep")
+            raise ConfigError(
+                f"--resume: the sweep's stage-1 checkpoint {storage.display(ckpt_path)} (seed {seed}) is "
+                "gone; start a new sweep"
+            )
         if sha != stage1_key(cfg.with_seed(int(seed))):
-            log.warning("the training code or data changed since sweep %r started; its trials keep using its "
-                        "stage-1 checkpoint %s (seed %s)", cfg.name, sha[:12], seed)
+            log.warning(
+                "the training code or data changed since sweep %r started; its trials keep using its "
+                "stage-1 checkpoint %s (seed %s)",
+                cfg.name,
+                sha[:12],
+                seed,
+            )
         meta = storage.read_json(storage.join(ckpt_path, "meta.json"))
-        out[int(seed)] = Stage1Checkpoint(sha, ckpt_path, trained=False, metrics=meta.get("metrics", {}),
-                                          seconds=float(meta.get("seconds", 0.0)))
+        out[int(seed)] = Stage1Checkpoint(
+            sha, ckpt_path, trained=False, metrics=meta.get("metrics", {}), seconds=float(meta.get("seconds", 0.0))
+        )
     return out
 
 
-def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLike] = None,
-                        tracking_uri: Optional[str] = None) -> ExperimentConfig:
+def apply_run_overrides(
+    cfg: ExperimentConfig, storage_path: os.PathLike | None = None, tracking_uri: str | None = None
+) -> ExperimentConfig:
     update = {}
     if storage_path is not None:  # a directory (made absolute) or an object-store URI (as it is)
         loc = storage.as_location(storage_path)
@@ -257,15 +299,22 @@ def apply_run_overrides(cfg: ExperimentConfig, storage_path: Optional[os.PathLik
     return cfg.model_copy(update={"run": cfg.run.model_copy(update=update)}) if update else cfg
 
 
-def run_sweep_from_file(config: os.PathLike, resume: bool = False, force_pretrain: bool = False,
-                        storage_path: Optional[os.PathLike] = None, tracking_uri: Optional[str] = None,
-                        overrides: Optional[list[str]] = None, errored: Optional[str] = None,
-                        register: bool = True, model_name: Optional[str] = None) -> SweepSummary:
-    """`ltsweep sweep` / `python -m pipelines.tune.sweep`: load (with `a.b=value` overrides), run, print the summary."""
+def run_sweep_from_file(
+    config: os.PathLike,
+    resume: bool = False,
+    force_pretrain: bool = False,
+    storage_path: os.PathLike | None = None,
+    tracking_uri: str | None = None,
+    overrides: list[str] | None = None,
+    errored: str | None = None,
+    register: bool = True,
+    model_name: str | None = None,
+) -> SweepSummary:
+    """`ltsweep sweep` / `python -m pipelines sweep`: load (with `a.b=value` overrides), run, print the summary."""
     cfg = load_experiment_config(config, overrides)
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
-    summary = run_sweep(cfg, resume=resume, errored=errored, force_pretrain=force_pretrain, register=register,
-                        model_name=model_name)
+    summary = run_sweep(
+        cfg, resume=resume, errored=errored, force_pretrain=force_pretrain, register=register, model_name=model_name
+    )
     print_summary(summary)
     return summary
-

@@ -19,12 +19,13 @@ its checkpoints and result.json) makes every later attempt of that trial fail at
 divergence: Tune's retries (on any node), `--resume` and `--resume-errored` in a new Ray session. `--restart-errored`
 trains it again: Tune gives a restarted trial a new id, hence a new trial directory without the marker.
 """
+
 from __future__ import annotations
 
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 
@@ -38,8 +39,6 @@ DIVERGED_MARKER = "DIVERGED.txt"
 
 class TrialDivergedError(RuntimeError):
     """The trial's training loss became NaN/inf (lt_models.engine.loop.NonFiniteLossError)."""
-
-
 
 
 def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> dict[str, Any]:
@@ -64,7 +63,7 @@ def _marker_location() -> tuple[Any, str]:
     return storage.storage_filesystem, f"{storage.trial_fs_path.rstrip('/')}/{DIVERGED_MARKER}"
 
 
-def read_diverged_marker(fs, path: str) -> Optional[str]:
+def read_diverged_marker(fs, path: str) -> str | None:
     """The marker's text if the trial diverged in an earlier attempt, else None."""
     from pyarrow import fs as pafs
 
@@ -85,8 +84,12 @@ def write_diverged_marker(fs, path: str, text: str) -> None:
     fs.move(tmp, path)
 
 
-def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Optional[dict[str, str]] = None,
-                shared: Optional[dict[str, Any]] = None) -> None:
+def train_trial(
+    config: dict[str, Any],
+    experiment: ExperimentConfig,
+    stage1: dict[str, str] | None = None,
+    shared: dict[str, Any] | None = None,
+) -> None:
     """Tune function trainable. `config`: the trial's sampled stage-2 values and its training `seed` (a Tune trial
     config); the rest comes through `tune.with_parameters`: `experiment` (the validated config), `stage1`
     ({seed: {"sha256", "checkpoint_dir"}}: the shared stage-1 checkpoint of each seed, or None for one-stage
@@ -104,9 +107,10 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
 
     workers = experiment.resources.distributed
     device, threads = compute(experiment, worker=workers)
-    spec = train_spec(experiment, "stage2" if stage1 is not None else "one_stage", config, device=device,
-                      num_threads=threads)
-    annotation_stores.fetch(experiment.run.storage_path, spec)   # object storage: this node's copy of the stores
+    spec = train_spec(
+        experiment, "stage2" if stage1 is not None else "one_stage", config, device=device, num_threads=threads
+    )
+    annotation_stores.fetch(experiment.run.storage_path, spec)  # object storage: this node's copy of the stores
     seed = experiment.trial_seed(config)
     mine = stage1[str(seed)] if stage1 is not None else None  # this seed's own stage 1
     sha = mine["sha256"] if mine is not None else ""
@@ -125,10 +129,16 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
             from pipelines.tune.workers import train_on_workers
 
             storage = tune.get_context().get_storage()
-            train_on_workers(experiment, spec, storage_path=storage.trial_fs_path,
-                             storage_filesystem=storage.storage_filesystem, resume=own, shared=shared,
-                             init_checkpoint=mine["checkpoint_dir"] if mine is not None and own is None else None,
-                             on_eval=report)
+            train_on_workers(
+                experiment,
+                spec,
+                storage_path=storage.trial_fs_path,
+                storage_filesystem=storage.storage_filesystem,
+                resume=own,
+                shared=shared,
+                init_checkpoint=mine["checkpoint_dir"] if mine is not None and own is None else None,
+                on_eval=report,
+            )
         elif own is not None:  # a retry (FailureConfig) or a resumed sweep: continue exactly where it left off
             with own.as_directory() as ckpt_dir:
                 engine.train(spec, out_dir, resume_checkpoint=ckpt_dir, on_eval=on_eval, shared=shared)
@@ -138,7 +148,9 @@ def train_trial(config: dict[str, Any], experiment: ExperimentConfig, stage1: Op
             init = local_stage1(mine["checkpoint_dir"]) if mine is not None else None
             engine.train(spec, out_dir, init_checkpoint=init, on_eval=on_eval, shared=shared)
     except engine.NonFiniteLossError as exc:
-        msg = (f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "
-               "without it; to keep such settings, lower stage2.lr or raise stage2.warmup.")
+        msg = (
+            f"trial {tune.get_context().get_trial_name()} with {config} diverged: {exc}. The sweep goes on "
+            "without it; to keep such settings, lower stage2.lr or raise stage2.warmup."
+        )
         write_diverged_marker(marker_fs, marker, msg)
         raise TrialDivergedError(msg) from None

@@ -1,14 +1,17 @@
 """The Tuner of a sweep: the trainable bound to the experiment, its stage-1 checkpoints and the shared objects;
 the scheduler (ASHA, asha_configs or FIFO), the search algorithm, the callbacks and the run config."""
+
 from __future__ import annotations
 
 import importlib.util
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
 
 from ray import tune
 
 from lt_models.errors import ConfigError
-from pipelines.config.experiment import TIME_ATTRS, ExperimentConfig
+from pipelines.config.sections import TIME_ATTRS
+from pipelines.config.experiment import ExperimentConfig
 from pipelines.config.identity import dataset_fingerprint, frequency_source
 from pipelines.storage import location as storage
 from pipelines.storage.stage1_cache import Stage1Checkpoint
@@ -32,7 +35,7 @@ def tracking_uri_for(cfg: ExperimentConfig) -> str:
     return cfg.run.tracking_uri or default_tracking_uri(cfg.run.storage_path)
 
 
-def _scheduler(cfg: ExperimentConfig, limit: Optional[int]):
+def _scheduler(cfg: ExperimentConfig, limit: int | None):
     """The trial scheduler; `limit`: trials running at once (`max_concurrent`), which asha_configs applies."""
     if cfg.scheduler.type == "fifo":
         return None
@@ -40,29 +43,43 @@ def _scheduler(cfg: ExperimentConfig, limit: Optional[int]):
     if s.type == "asha_configs":
         from pipelines.tune.asha import ConfigASHA
 
-        return ConfigASHA(metric=s.metric, mode=s.mode, time_attr=TIME_ATTRS[s.time_attr],
-                          max_t=s.max_t or cfg.evals_per_trial, grace_period=s.grace_period,
-                          reduction_factor=s.reduction_factor, seeds=cfg.seeds,
-                          max_running=limit, default_seed=cfg.seed)
+        return ConfigASHA(
+            metric=s.metric,
+            mode=s.mode,
+            time_attr=TIME_ATTRS[s.time_attr],
+            max_t=s.max_t or cfg.evals_per_trial,
+            grace_period=s.grace_period,
+            reduction_factor=s.reduction_factor,
+            seeds=cfg.seeds,
+            max_running=limit,
+            default_seed=cfg.seed,
+        )
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=TIME_ATTRS[s.time_attr], max_t=s.max_t or cfg.evals_per_trial,
-                         grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr=TIME_ATTRS[s.time_attr],
+        max_t=s.max_t or cfg.evals_per_trial,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
+    )
 
 
-def _search_alg(cfg: ExperimentConfig, limit: Optional[int]):
+def _search_alg(cfg: ExperimentConfig, limit: int | None):
     """The search algorithm; `limit`: trials running at once (`max_concurrent`)."""
     if cfg.search.algorithm == "optuna":
         if importlib.util.find_spec("optuna") is None:
-            raise ConfigError(f"{cfg.name}: search.algorithm is 'optuna' but the optuna package is not installed; "
-                              "`pip install optuna` or set search.algorithm: basic")
+            raise ConfigError(
+                f"{cfg.name}: search.algorithm is 'optuna' but the optuna package is not installed; "
+                "`pip install optuna` or set search.algorithm: basic"
+            )
         from ray.tune.search.optuna import OptunaSearch
 
         from pipelines.config.space import optuna_space
 
         # define-by-run: the conditional space (ξ only for ACSL, ...) as Optuna suggestions; no Tune param_space
-        return OptunaSearch(space=optuna_space(cfg.space), metric=cfg.scheduler.metric, mode=cfg.scheduler.mode,
-                            seed=cfg.search.seed)
+        return OptunaSearch(
+            space=optuna_space(cfg.space), metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, seed=cfg.search.seed
+        )
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     # Tune ignores TuneConfig.max_concurrent_trials for a variant generator: it takes the limit itself. It counts
@@ -81,14 +98,20 @@ def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
 
     d = cfg.data
     stores = build_and_publish(cfg.run.storage_path, d)
-    return shared_loss_inputs(str(d.train), None if d.hierarchy is None else str(d.hierarchy), d.hierarchy_rate,
-                              cfg.loss_inputs(), d.skip_invalid, store=stores[0])
+    return shared_loss_inputs(
+        str(d.train),
+        None if d.hierarchy is None else str(d.hierarchy),
+        d.hierarchy_rate,
+        cfg.loss_inputs(),
+        d.skip_invalid,
+        store=stores[0],
+    )
 
 
 Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
 
 
-def stage1_shas(stage1: Stage1Set) -> Optional[dict[str, str]]:
+def stage1_shas(stage1: Stage1Set) -> dict[str, str] | None:
     return None if stage1 is None else {str(seed): ckpt.sha256 for seed, ckpt in stage1.items()}
 
 
@@ -104,22 +127,34 @@ def sweep_params(cfg: ExperimentConfig, stage1: Stage1Set) -> dict[str, Any]:
     return d
 
 
-def build_trainable(cfg: ExperimentConfig, stage1: Stage1Set, trainable_fn: Optional[Callable] = None):
+def build_trainable(cfg: ExperimentConfig, stage1: Stage1Set, trainable_fn: Callable | None = None):
     """`train_trial` (or a stand-in with its signature) bound to the experiment, the stage-1 checkpoint of each
     seed and the shared objects with tune.with_parameters, and given a trial's resources with tune.with_resources."""
-    from pipelines.tune.trainable import train_trial
     from pipelines.tune.cluster import trial_resources
+    from pipelines.tune.trainable import train_trial
 
-    stage1_ref = None if stage1 is None else {
-        str(seed): {"sha256": c.sha256, "checkpoint_dir": str(c.checkpoint_dir)} for seed, c in stage1.items()}
-    fn = tune.with_parameters(trainable_fn or train_trial, experiment=cfg, stage1=stage1_ref,
-                              shared=_shared_objects(cfg))
+    stage1_ref = (
+        None
+        if stage1 is None
+        else {str(seed): {"sha256": c.sha256, "checkpoint_dir": str(c.checkpoint_dir)} for seed, c in stage1.items()}
+    )
+    fn = tune.with_parameters(
+        trainable_fn or train_trial, experiment=cfg, stage1=stage1_ref, shared=_shared_objects(cfg)
+    )
     return tune.with_resources(fn, trial_resources(cfg))
 
 
-def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = False, errored: Optional[str] = None,
-                trainable_fn: Optional[Callable] = None, callbacks: Sequence[Any] = (), verbose: int = 0,
-                progress: bool = True):
+def build_tuner(
+    cfg: ExperimentConfig,
+    stage1: Stage1Set,
+    *,
+    resume: bool = False,
+    errored: str | None = None,
+    trainable_fn: Callable | None = None,
+    callbacks: Sequence[Any] = (),
+    verbose: int = 0,
+    progress: bool = True,
+):
     from pipelines.tracking.callback import MLflowSweepCallback
 
     trainable = build_trainable(cfg, stage1, trainable_fn)
@@ -129,31 +164,54 @@ def build_tuner(cfg: ExperimentConfig, stage1: Stage1Set, *, resume: bool = Fals
         # errored: None = keep errored trials as they are; "resume" = continue them from their last checkpoint;
         # "restart" = train them again from scratch
         path, fs = tune_experiment_path(cfg)
-        return tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, storage_filesystem=fs,
-                                  resume_errored=errored == "resume", restart_errored=errored == "restart")
+        return tune.Tuner.restore(
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            storage_filesystem=fs,
+            resume_errored=errored == "resume",
+            restart_errored=errored == "restart",
+        )
     storage_path, fs = storage.tune_storage(cfg.run.storage_path)
     limit = max_concurrent(cfg)
-    mlflow_cb = MLflowSweepCallback(tracking_uri_for(cfg), cfg.name, sweep_params(cfg, stage1), cfg.searched_keys(),
-                                    val_annotations=str(cfg.data.val))
+    mlflow_cb = MLflowSweepCallback(
+        tracking_uri_for(cfg),
+        cfg.name,
+        sweep_params(cfg, stage1),
+        cfg.searched_keys(),
+        val_annotations=str(cfg.data.val),
+    )
     return tune.Tuner(
         trainable,
         param_space=cfg.param_space() if cfg.search.algorithm == "basic" else None,
         tune_config=tune.TuneConfig(
-            metric=cfg.scheduler.metric, mode=cfg.scheduler.mode, scheduler=_scheduler(cfg, limit),
-            search_alg=_search_alg(cfg, limit), num_samples=cfg.search.num_samples,
+            metric=cfg.scheduler.metric,
+            mode=cfg.scheduler.mode,
+            scheduler=_scheduler(cfg, limit),
+            search_alg=_search_alg(cfg, limit),
+            num_samples=cfg.search.num_samples,
             max_concurrent_trials=limit if cfg.search.algorithm == "optuna" else None,
             # a finished trial's worker process (torch already imported) runs the next one; not for multi-worker
             # trials, whose process must end with the trial so that its Ray Train run goes down with it
-            reuse_actors=not cfg.resources.distributed),
+            reuse_actors=not cfg.resources.distributed,
+        ),
         run_config=tune.RunConfig(
-            name=cfg.name, storage_path=storage_path, storage_filesystem=fs,
+            name=cfg.name,
+            storage_path=storage_path,
+            storage_filesystem=fs,
             failure_config=tune.FailureConfig(max_failures=cfg.run.max_failures),
             # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
             # retry resumes from), so the best epoch survives num_to_keep
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep,
-                                                    checkpoint_score_attribute=cfg.scheduler.metric,
-                                                    checkpoint_score_order=cfg.scheduler.mode),
-            callbacks=[mlflow_cb, *tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
-                       *callbacks],
-            verbose=verbose),
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=cfg.run.checkpoints_to_keep,
+                checkpoint_score_attribute=cfg.scheduler.metric,
+                checkpoint_score_order=cfg.scheduler.mode,
+            ),
+            callbacks=[
+                mlflow_cb,
+                *tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
+                *callbacks,
+            ],
+            verbose=verbose,
+        ),
     )

@@ -21,13 +21,15 @@ again here as itself, so divergence markers and exit code 2 work as for one-proc
 `fit()` runs in a Ray task (no CPU, on this node) that owns the Train controller, so leaving early (Tune stops or
 pauses the trial, or `on_eval` raises) cancels that task, and with it the controller and its workers.
 """
+
 from __future__ import annotations
 
 import posixpath
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from lt_models.engine.spec import TrainSpec
 from lt_models.errors import LtsweepInputError
@@ -63,14 +65,14 @@ def worker_loop(config: dict[str, Any]) -> None:
     if spec.device != "cpu":
         spec.device = str(ray.train.torch.get_device())  # this worker's own GPU
 
-    annotation_stores.fetch(config["storage_path"], spec)   # object storage: this node's copy of the stores
+    annotation_stores.fetch(config["storage_path"], spec)  # object storage: this node's copy of the stores
     init = config.get("init_checkpoint")
     if init is not None:
         from pipelines.storage.stage1_cache import local_stage1  # object storage: a node-local copy of stage 1
 
         init = local_stage1(init)
 
-    def on_eval(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
+    def on_eval(metrics: dict, checkpoint_dir: Path | None) -> None:
         ckpt = None if checkpoint_dir is None else ray.train.Checkpoint.from_directory(str(checkpoint_dir))
         ray.train.report(metrics, checkpoint=ckpt)
 
@@ -107,13 +109,19 @@ def _fit(loop: Callable, loop_config: dict, cfg_json: str, storage_path: str, st
 
     cfg = ExperimentConfig.model_validate_json(cfg_json)
     trainer = TorchTrainer(
-        loop, train_loop_config=loop_config,
+        loop,
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.resources.gpus_per_worker > 0 else "gloo"),
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=RUN_DIR, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                             failure_config=FailureConfig(max_failures=0),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             callbacks=[_forward_reports_callback(queue)]))
+        run_config=RunConfig(
+            name=RUN_DIR,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=FailureConfig(max_failures=0),
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
+            callbacks=[_forward_reports_callback(queue)],
+        ),
+    )
     trainer.fit()
 
 
@@ -137,10 +145,18 @@ def remove_storage(storage_path: str) -> None:
     _delete_dir(fs, posixpath.dirname(run_dir))
 
 
-def train_on_workers(cfg: ExperimentConfig, spec: TrainSpec, *, storage_path: str, storage_filesystem=None,
-                     init_checkpoint: Optional[str] = None, resume=None, shared: Optional[dict] = None,
-                     on_eval: Optional[Callable[[dict, Any], None]] = None, keep_last: bool = False
-                     ) -> tuple[dict, Any]:
+def train_on_workers(
+    cfg: ExperimentConfig,
+    spec: TrainSpec,
+    *,
+    storage_path: str,
+    storage_filesystem=None,
+    init_checkpoint: str | None = None,
+    resume=None,
+    shared: dict | None = None,
+    on_eval: Callable[[dict, Any], None] | None = None,
+    keep_last: bool = False,
+) -> tuple[dict, Any]:
     """Train `spec` on `cfg.resources.workers_per_trial` Ray Train workers; return the last report's (metrics,
     checkpoint).
 
@@ -159,19 +175,25 @@ def train_on_workers(cfg: ExperimentConfig, spec: TrainSpec, *, storage_path: st
 
     from pipelines.tune import workers as train_workers  # the loop is looked up when the run starts (tests wrap it)
 
-    if storage_filesystem is None and storage.is_uri(storage_path):   # its endpoint, as the sweep's storage has it
+    if storage_filesystem is None and storage.is_uri(storage_path):  # its endpoint, as the sweep's storage has it
         storage_filesystem, storage_path = storage.resolve(storage_path)
     fs, run_dir = _run_fs(storage_path, storage_filesystem)
     _delete_dir(fs, run_dir)  # an earlier attempt's leftovers: a Train run of that name would restore from them
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0, "scheduling_strategy": here})
-    loop_config = {"spec": spec.to_dict(), "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
-                   "resume": resume, "shared": shared, "storage_path": str(cfg.run.storage_path)}
+    loop_config = {
+        "spec": spec.to_dict(),
+        "init_checkpoint": None if init_checkpoint is None else str(init_checkpoint),
+        "resume": resume,
+        "shared": shared,
+        "storage_path": str(cfg.run.storage_path),
+    }
     # max_calls=1: the task's process exits when fit() returns, and the Train controller it owns (with the actors
     # the controller owns) goes with it; in a reused process the controller outlived its run (held by reference
     # cycles), one idle process per finished trial
     fit = ray.remote(num_cpus=0, max_retries=0, max_calls=1, scheduling_strategy=here)(_fit).remote(
-        train_workers.worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue)
+        train_workers.worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue
+    )
     last: tuple[dict, Any] = ({}, None)
     try:
         while True:
@@ -215,8 +237,14 @@ def _worker_error(exc: BaseException) -> BaseException:
     return getattr(exc, "cause", None) or exc
 
 
-def train_into(cfg: ExperimentConfig, spec: TrainSpec, checkpoint_dir: Path, *, scratch_under: str,
-               init_checkpoint: Optional[str] = None) -> dict:
+def train_into(
+    cfg: ExperimentConfig,
+    spec: TrainSpec,
+    checkpoint_dir: Path,
+    *,
+    scratch_under: str,
+    init_checkpoint: str | None = None,
+) -> dict:
     """Train `spec` on the workers outside Tune (stage 1, `ltsweep train`) and copy the run's last checkpoint into
     `checkpoint_dir`; return rank 0's last metrics. The run's uploads go to a fresh scratch dir under
     `scratch_under` (on storage every node reaches), removed at the end."""
@@ -224,15 +252,12 @@ def train_into(cfg: ExperimentConfig, spec: TrainSpec, checkpoint_dir: Path, *, 
 
     scratch = str(storage.join(scratch_under, f".ray_train-{uuid.uuid4().hex}"))
     try:
-        metrics, ckpt = train_on_workers(cfg, spec, storage_path=scratch, init_checkpoint=init_checkpoint,
-                                         keep_last=True)
+        metrics, ckpt = train_on_workers(
+            cfg, spec, storage_path=scratch, init_checkpoint=init_checkpoint, keep_last=True
+        )
         if ckpt is None:
             raise RuntimeError(f"the Ray Train run of {cfg.name} reported no checkpoint")
         ckpt.to_directory(str(checkpoint_dir))
     finally:
         remove_storage(scratch)
     return metrics
-
-
-
-
