@@ -2,11 +2,8 @@
 
 Tune calls :class:`MLflowSweepCallback` on the driver; the callback only translates each event (a trial started,
 reported, ended, was retried; the experiment ended) into a call of :class:`pipelines.tracking.writer.SweepWriter`,
-which does all MLflow work and, at the end, has :mod:`pipelines.analysis.report` log the sweep report. The chain is one-way:
-tracking -> mlflow_writer -> report -> schema.
-
-``default_tracking_uri`` and ``log_pretrain_run`` are re-exported here for the modules that import them from
-``pipelines.tracking.callback``.
+which does all MLflow work and, at the end, has :mod:`pipelines.analysis.report` log the sweep report. The chain
+is one-way: callback -> writer -> analysis.report -> names.
 """
 
 from __future__ import annotations
@@ -17,11 +14,9 @@ from pathlib import Path
 from ray.tune import Callback
 
 from pipelines.config.space import trial_values
-from pipelines.mlflow_io.client import default_tracking_uri
 from pipelines.tracking.writer import SweepWriter, TrialInfo
-from pipelines.tracking.stage1_run import log_pretrain_run
 
-__all__ = ["MLflowSweepCallback", "default_tracking_uri", "log_pretrain_run"]
+__all__ = ["MLflowSweepCallback"]
 
 
 def _info(trial) -> TrialInfo:

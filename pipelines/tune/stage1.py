@@ -176,10 +176,10 @@ def ensure_stage1_per_seed(
 
 
 def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str, sweep_name: str | None) -> None:
-    from pipelines.tracking import callback as tracking
+    from pipelines.tracking.stage1_run import log_pretrain_run
 
     metrics = {k: v for k, v in ckpt.metrics.items() if k in PRETRAIN_METRICS}
-    tracking.log_pretrain_run(
+    log_pretrain_run(
         tracking_uri,
         sweep_name or cfg.name,
         ckpt.sha256,
