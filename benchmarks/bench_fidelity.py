@@ -32,8 +32,8 @@ on the paper's side of the threshold. A CI that contains the threshold (0, or -0
 benchmark cannot tell the direction at this number of seeds.
 
 Schedule (tiny backbone, 128 px, batch 8): stage 1 6 epochs (lr 0.02, x0.1 for the last epoch); every stage 2
-4 epochs (a fresh lr 0.02, x0.1 for the last epoch; soft-balance draws as many images per epoch as the dataset has); the one-stage
-run 10 epochs (lr 0.02, x0.1 for the last one). Runs evaluate once, at their end.
+4 epochs (a fresh lr 0.02, x0.1 for the last epoch; soft-balance draws as many images per epoch as the dataset has); the
+one-stage run 10 epochs (lr 0.02, x0.1 for the last one). Runs evaluate once, at their end.
 
 Cost: 11 runs per seed (stage 1, 5 study-1 arms, 4 decoupled study-2 arms, the one-stage run), 36 full-network
 epochs and 16 classifier-only epochs per seed. About 50-60 minutes for 3 seeds on 2 CPU cores (--workers 2, one

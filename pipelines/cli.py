@@ -12,12 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_DEMO_DATA = Path("data/demo")
-
-
 from lt_models.data.synthetic.layout import PRESETS
 from lt_models.errors import LtsweepInputError
 from pipelines.storage.location import as_location
+
+DEFAULT_DEMO_DATA = Path("data/demo")
 
 
 class UserError(LtsweepInputError):

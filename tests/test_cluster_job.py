@@ -2,7 +2,7 @@
 
 The test starts a head node and a second node (`ray start --address=<head>`, its own ports, worker-port range and
 --temp-dir, and the only node with the custom resource `node2`) from this venv's `ray` (so the cluster's, and the
-job's, Python is the venv's), submits `python -m pipelines.tune.sweep <tiny config>` with `--working-dir .` (the
+job's, Python is the venv's), submits `python -m pipelines sweep <tiny config>` with `--working-dir .` (the
 repository root) and `resources.custom: {node2: 0.5}`, waits for the job, and checks that it SUCCEEDED, that its
 MLflow runs exist, and (from Ray's state API) that every trial actor and the stage-1 task ran on the second node, the
 trials restoring the stage-1 checkpoint from the shared storage_path. The cluster is always stopped afterwards.

@@ -16,8 +16,8 @@ from lt_models.engine.build import build_optimizer
 from lt_models.engine.loop import train_one_epoch
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import build_loss
-from lt_models.modeling.detector import MultiLabelRoIHeads, build_detector, set_decoupled
 from lt_models.modeling.backbones import TinyBody
+from lt_models.modeling.detector import MultiLabelRoIHeads, build_detector, set_decoupled
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -338,7 +338,7 @@ def latest_experiment_state(s3, exp: str) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(ws, s3):
-    """A 2-trial sweep on the bucket run by a `python -m pipelines.tune.sweep` subprocess (its own local Ray), killed with
+    """A 2-trial sweep on the bucket run by a `python -m pipelines sweep` subprocess (its own local Ray), killed with
     SIGKILL once Tune recorded a trial checkpoint in the bucket while that trial had epochs left, then `--resume`d by
     a new process."""
     path = write_config(ws, s3, "s3-sweep", "study", lams=(0.0, 1.0), max_concurrent=2)

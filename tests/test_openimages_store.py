@@ -1,11 +1,12 @@
 """The streaming Open Images converter gives exactly what the JSON path gives: the same store, JSON, errors, counts.
 
-The reference is the row-by-row converter `lt_models.data.openimages.convert.convert_openimages` followed by the dataset's own
-JSON reader (`lt_models.data.datasets.dataset_store`: `load_lvis_json`, its clipping, `raw_columns_from_lvis`,
-`derive_arrays`). Inputs are random challenge-style CSVs (several seeds) with images in shuffled row order, sizes from
-the boxes CSV, the labels CSV, a sizes CSV and image headers, group-of boxes, near-duplicate and identical boxes of
-different classes, boxes reaching the image edge (clipped after rounding), positive and negative image-level labels
-with hierarchy descendants, duplicate label rows, and a tiny ``block_size`` so that every CSV comes in many batches.
+The reference is the row-by-row converter `lt_models.data.openimages.convert.convert_openimages` followed by the
+dataset's own JSON reader (`lt_models.data.datasets.dataset_store`: `load_lvis_json`, its clipping,
+`raw_columns_from_lvis`, `derive_arrays`). Inputs are random challenge-style CSVs (several seeds) with images in
+shuffled row order, sizes from the boxes CSV, the labels CSV, a sizes CSV and image headers, group-of boxes,
+near-duplicate and identical boxes of different classes, boxes reaching the image edge (clipped after rounding),
+positive and negative image-level labels with hierarchy descendants, duplicate label rows, and a tiny ``block_size`` so
+that every CSV comes in many batches.
 """
 
 from __future__ import annotations

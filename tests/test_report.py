@@ -1,5 +1,5 @@
-"""Sweep report and `compare` (pipelines/analysis/report.py), plus the callback's run statuses (pipelines/tracking/callback.py ->
-pipelines/tracking/writer.py), without Ray.
+"""Sweep report and `compare` (pipelines/analysis/report.py), plus the callback's run statuses
+(pipelines/tracking/callback.py -> pipelines/tracking/writer.py), without Ray.
 
 The callback is driven here by hand with stand-in trials (the real Tune path is tested in test_tracking.py), so
 these tests take seconds; every MLflow read and write is real (a sqlite store shared by the module).

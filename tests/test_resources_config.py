@@ -8,7 +8,7 @@ from test_config import _error, _write, base  # noqa: F401  (the `base` fixture)
 from pipelines.config.load import load_experiment_config
 
 
-def test_custom_resources_reach_every_trial_and_stage1(tmp_path, base, monkeypatch):
+def test_custom_resources_reach_every_trial_and_stage1(tmp_path, base, monkeypatch):  # noqa: F811  (the fixture)
     import sys
 
     from pipelines.tune import stage1 as pretrain

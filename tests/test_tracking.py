@@ -1,4 +1,5 @@
-"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking/callback.py -> mlflow_writer.py -> report.py).
+"""MLflow tracking of sweeps, through Ray Tune for real (pipelines/tracking/callback.py -> mlflow_writer.py ->
+report.py).
 
 The trials here are a small test-local function trainable that reports synthetic metrics (a closed form of the
 config and the iteration, plus `per_class`), so the callback is exercised through Tune in seconds; the real-engine
@@ -19,20 +20,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import ray
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
 
-ray = pytest.importorskip("ray")
-from mlflow import MlflowClient  # noqa: E402
-from ray import tune  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
-
-from pipelines import cli  # noqa: E402
+from pipelines import cli
 from pipelines.mlflow_io.client import default_tracking_uri
-from pipelines.mlflow_io.reads import search_tagged  # noqa: E402
-from pipelines.names import MLFLOW_TRIAL_METRICS  # noqa: E402
-
-# default_tracking_uri and log_pretrain_run through tracking's re-exports, which pretrain.py and sweep.py use
+from pipelines.mlflow_io.reads import search_tagged
+from pipelines.names import MLFLOW_TRIAL_METRICS
 from pipelines.tracking.callback import MLflowSweepCallback
-from pipelines.tracking.stage1_run import log_pretrain_run  # noqa: E402
+from pipelines.tracking.stage1_run import log_pretrain_run
 
 CATS = (1, 2, 3)  # category ids of the tiny ground truth: 3 = frequent, 2 = common, 1 = rare
 

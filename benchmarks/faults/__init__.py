@@ -35,7 +35,7 @@ import ray.cloudpickle
 # of all its modules (faults.*) by value. Registered before the submodules are imported.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-from .common import (
+from .common import (  # noqa: E402  (after register_pickle_by_value, which must see the package first)
     DIVERGING_LAM,
     DRIVER_TIMEOUT_S,
     KILL_WAIT_S,

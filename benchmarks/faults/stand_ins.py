@@ -41,8 +41,8 @@ class _DieAfterFirstBatch:
 
 
 def killable_trial(config, experiment, stage1=None, shared=None):
-    """The production trainable (pipelines.tune.trainable.train_trial). The first trial to start its second epoch, on its
-    first attempt only, becomes the victim: half-way through that epoch it writes its pid to
+    """The production trainable (pipelines.tune.trainable.train_trial). The first trial to start its second epoch, on
+    its first attempt only, becomes the victim: half-way through that epoch it writes its pid to
     <storage>/faults/pid-<trial_id>.txt and waits to be SIGKILLed by :class:`WorkerKiller`. Every attempt appends its
     pid to attempts-<trial_id>.txt."""
     from lt_models.engine import loop as engine

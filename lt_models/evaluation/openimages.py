@@ -6,8 +6,8 @@ of classes not verified in the image ignored, group-of boxes matched by IoA.
 
 The hierarchy is read by `lt_models.data.annotations.load_hierarchy`, the same parser the converter and the dataset
 use: its LabelNames may be category names or Open Images MIDs (kept in each category's `mid` by
-`lt_models.data.openimages.convert.convert_openimages`), so the official MID-keyed hierarchy file that converted a dataset also
-evaluates it.
+`lt_models.data.openimages.convert.convert_openimages`), so the official MID-keyed hierarchy file that converted a
+dataset also evaluates it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _expanded_ground_truth(g: GroundTruth, anc: dict[int, set], desc: dict[int, 
         c, i = divmod(int(key), g.n_img)
         neg.update((i, d) for d in (c, *desc[c]))
     num_gt = np.zeros(g.n_cat)
-    for (i, c), js in gt_boxes.items():
+    for (_, c), js in gt_boxes.items():
         grp = g.ann_group_of[js]
         num_gt[c] += np.sum(~grp) + group_of_weight * np.sum(grp)
     return gt_boxes, pos | neg, num_gt

@@ -3,7 +3,8 @@ CVPR 2021): eq 6 (the weights, :func:`acsl_ignored`, with the background samplin
 :func:`acsl_loss`) and eq 7 (its gradient, ``_WeightedBCEFunction.backward``). :func:`check_xi` owns the valid range
 of the threshold ξ.
 
-Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background.
+Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 =
+background.
 """
 
 from __future__ import annotations

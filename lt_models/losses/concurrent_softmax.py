@@ -2,9 +2,9 @@
 CVPR 2020): eq 3 (training loss) with its closed-form gradient (eq 4, generalised to several labels per row), and
 eq 5 (scores at inference).
 
-Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background.
-The concurrent-rate matrix r [K, K] is kept as CSR arrays (:func:`rate_to_csr`); everything that depends on the
-labels or on r is done on gathered entries only, and one N×K buffer allocated in forward becomes the gradient in
+Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 =
+background. The concurrent-rate matrix r [K, K] is kept as CSR arrays (:func:`rate_to_csr`); everything that depends on
+the labels or on r is done on gathered entries only, and one N×K buffer allocated in forward becomes the gradient in
 backward. Eq 5 runs over row blocks on a pool of single-threaded workers (``kernels.map_row_blocks``).
 """
 

@@ -10,8 +10,8 @@ Equation numbers: the paper text was not available to us, so the formulas are ci
 they belong to (the gradient guided reweighing mechanism); their equation numbers are unconfirmed. The formulas and
 defaults were checked against the official code (tztztztztz/eqlv2, ``mmdet/models/losses/eqlv2.py``).
 
-Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background
-(the reference keeps background last). The background column always has weight 1 and collects no statistics.
+Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 =
+background (the reference keeps background last). The background column always has weight 1 and collects no statistics.
 """
 
 from __future__ import annotations

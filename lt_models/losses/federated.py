@@ -17,9 +17,9 @@ detectron2 ``FastRCNNOutputLayers.get_fed_loss_classes`` with ``FED_LOSS_NUM_CLA
 ``FED_LOSS_FREQ_WEIGHT_POWER = 0.5`` (weight = image_count ** 0.5; a frequency is proportional to the count, so
 the sampling probabilities are the same).
 
-Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 = background.
-Classes are columns here: class label c (1..C) is column c. Column 0 is never trained (the reference drops the
-background logit from the sigmoid loss), so a background RoI has all-zero targets over S.
+Inputs follow ``lt_models.losses.registry``: ``logits [N, K]`` and multi-hot ``targets [N, K]`` with column 0 =
+background. Classes are columns here: class label c (1..C) is column c. Column 0 is never trained (the reference drops
+the background logit from the sigmoid loss), so a background RoI has all-zero targets over S.
 
 Deviations from the reference code: (1) only foreground classes count towards ``num_sampled``; the reference takes
 ``unique(gt_classes)`` including the background label when the batch has background RoIs, so it keeps one foreground

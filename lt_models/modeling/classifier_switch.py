@@ -1,9 +1,9 @@
 """The classifier at the switch from a softmax-type stage 1 to a sigmoid-type stage 2 (hybrid schedule).
 
-Stage 1 always trains with a softmax-type loss (``run_spec.STAGE1_LOSSES``: conventional softmax CE or concurrent
-softmax). A softmax classifier's logits are only defined up to a common shift per row: softmax(z + c) = softmax(z),
-so training never pins their absolute level, and sigmoid(z_j) of a stage-1 classifier is arbitrary (on the demo
-benchmark about 0.4 on the negative entries of training RoIs, where a sigmoid classifier should say ~0). A
+Stage 1 always trains with a softmax-type loss (``lt_models.engine.spec.STAGE1_LOSSES``: conventional softmax CE or
+concurrent softmax). A softmax classifier's logits are only defined up to a common shift per row: softmax(z + c) =
+softmax(z), so training never pins their absolute level, and sigmoid(z_j) of a stage-1 classifier is arbitrary (on the
+demo benchmark about 0.4 on the negative entries of training RoIs, where a sigmoid classifier should say ~0). A
 sigmoid-type stage 2 (bce, acsl, eql, eqlv2, federated: the losses whose ``scores`` is the elementwise sigmoid)
 that starts from those weights begins with a BCE about 5x that of a well-initialised sigmoid classifier and a
 gradient into the backbone 10-30x that of the stage-1 loss, and a short all-layer stage 2 does not recover from it
@@ -12,7 +12,7 @@ gradient into the backbone 10-30x that of the stage-1 loss, and a short all-laye
 :func:`background_relative_classifier` converts the stage-1 classifier in closed form so that its sigmoid scores are
 what the softmax model already says (see its docstring); :func:`switch_classifier` applies it exactly where it is
 needed: a run that starts from a stage-1 checkpoint (``init_checkpoint``, never on resume) with a sigmoid-type loss.
-``lt_models.engine.loop._train`` calls it right after loading the stage-1 weights.
+``lt_models.engine.run.build_run`` calls it right after loading the stage-1 weights.
 
 Alternatives measured on the demo study (seeds 0 and 1, ACSL ξ = 0.7, all layers; softmax 0.219 / 0.250 AP): no
 conversion 0.124 / 0.095; this conversion 0.204 / 0.224; a fresh sigmoid classifier with the prior-probability
@@ -61,8 +61,8 @@ def background_relative_classifier(cls_score: nn.Linear) -> None:
 
 def is_sigmoid_loss(loss: nn.Module, num_columns: int = 3) -> bool:
     """True when the loss that *trains* the classifier is sigmoid-type: its ``scores`` is the elementwise sigmoid
-    (bce, acsl, eql, eqlv2, federated in ``lt_models.losses.registry.LOSSES``). A ``RescoredLoss`` is judged by the loss it
-    wraps (its training loss), not by its inference scores. Decided by evaluating ``scores`` on a fixed probe of
+    (bce, acsl, eql, eqlv2, federated in ``lt_models.losses.registry.LOSSES``). A ``RescoredLoss`` is judged by the loss
+    it wraps (its training loss), not by its inference scores. Decided by evaluating ``scores`` on a fixed probe of
     ``num_columns`` columns (pass the classifier's K: a loss with a fixed class count checks it)."""
     from lt_models.losses.registry import RescoredLoss
 
@@ -77,9 +77,9 @@ def is_sigmoid_loss(loss: nn.Module, num_columns: int = 3) -> bool:
 
 def needs_switch(model: nn.Module, checkpoint_extra: dict | None) -> bool:
     """Whether a run that has just loaded ``init_checkpoint`` weights (``checkpoint_extra``: the checkpoint's
-    ``extra``, returned by ``lt_models.engine.checkpoint.load_model_weights``) must convert its classifier: the checkpoint
-    is a stage-1 checkpoint (always softmax-type, ``run_spec.STAGE1_LOSSES``) and the run's classification loss is
-    sigmoid-type. Checkpoints of other stages are left alone (their classifier may already be a sigmoid one)."""
+    ``extra``, returned by ``lt_models.engine.checkpoint.load_model_weights``) must convert its classifier: the
+    checkpoint is a stage-1 checkpoint (always softmax-type, ``engine.spec.STAGE1_LOSSES``) and the run's classification
+    loss is sigmoid-type. Checkpoints of other stages are left alone (their classifier may already be a sigmoid one)."""
     if not AUTO_SWITCH or (checkpoint_extra or {}).get("stage") != "stage1":
         return False
     cls_score = model.roi_heads.box_predictor.cls_score

@@ -1,9 +1,10 @@
 """``ltsweep compare``: the answer of several sweeps side by side, read back from MLflow.
 
-For each sweep, its best configuration by the sweep's own metric and mode (:func:`pipelines.analysis.aggregate.best_config`:
-the best mean over seeds among configurations that ran the full schedule), with n and the mean [95% CI] of AP, APr,
-APc and APf: a printed table and a PNG of grouped bars with the CIs as error bars. Identical studies run with
-different seeds then show overlapping CIs instead of seemingly different numbers.
+For each sweep, its best configuration by the sweep's own metric and mode
+(:func:`pipelines.analysis.aggregate.best_config`: the best mean over seeds among configurations that ran the full
+schedule), with n and the mean [95% CI] of AP, APr, APc and APf: a printed table and a PNG of grouped bars with the CIs
+as error bars. Identical studies run with different seeds then show overlapping CIs instead of seemingly different
+numbers.
 """
 
 from __future__ import annotations

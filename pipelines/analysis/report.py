@@ -6,9 +6,9 @@
   per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial
   against the stage-1 baseline (the pretrain run's per-class AP, when that run logged one).
 - :func:`row_configs` groups a sweep's trial rows by configuration (their seeds are repeats,
-  :mod:`pipelines.analysis.aggregate`); the report shows n, mean and 95% CI per configuration, the best configuration's lead over the runner-up and over
-  the baseline in words, and one line per value of the other searched factors in its "vs λ" / "vs ξ" plots.
-  ``ltsweep compare`` (:mod:`pipelines.analysis.compare`) reads sweeps back the same way.
+  :mod:`pipelines.analysis.aggregate`); the report shows n, mean and 95% CI per configuration, the best configuration's
+  lead over the runner-up and over the baseline in words, and one line per value of the other searched factors in its
+  "vs λ" / "vs ξ" plots. ``ltsweep compare`` (:mod:`pipelines.analysis.compare`) reads sweeps back the same way.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot state, no display needed). AP values of -1 mean
 "no category in this frequency bucket" (LVIS convention) and are shown as missing.
@@ -53,7 +53,7 @@ def best_row(
     rows: Sequence[Mapping[str, Any]], metric: str = "AP", mode: str = "max", max_t: int | None = None
 ) -> Mapping[str, Any] | None:
     """The best of :func:`trial_rows` by final ``metric`` (``mode`` max or min), by the sweep's one best-trial rule
-    (:func:`pipelines.names.best_trial`; ``max_t``: evaluations of a full-length trial)."""
+    (:func:`pipelines.analysis.aggregate.best_trial`; ``max_t``: evaluations of a full-length trial)."""
     return best_trial(
         rows,
         value=lambda r: r.get(metric),

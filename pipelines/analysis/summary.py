@@ -3,9 +3,9 @@
 :func:`summarize` turns Tune's ``ResultGrid`` into a :class:`SweepSummary`. Trials of the same configuration with
 different seeds are aggregated (:mod:`pipelines.analysis.aggregate`: n, mean, sd, 95% CI); the answer is the best
 configuration by mean (:func:`pipelines.analysis.aggregate.best_config`), compared with the runner-up and with the
-``report.baseline`` configuration (paired over seeds). The best single trial (:func:`pipelines.names.best_trial`)
-of the best configuration gives the sweep's best model (:mod:`pipelines.tracking.best_model`). :func:`print_summary` prints
-it all.
+``report.baseline`` configuration (paired over seeds). The best single trial
+(:func:`pipelines.analysis.aggregate.best_trial`) of the best configuration gives the sweep's best model
+(:mod:`pipelines.tracking.best_model`). :func:`print_summary` prints it all.
 """
 
 from __future__ import annotations

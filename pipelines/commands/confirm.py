@@ -5,7 +5,8 @@ is larger than the seed-to-seed noise.
 An ASHA sweep ranks configurations on a few evaluations of one seed each, so its winner may be noise. Confirming:
 
 1. reads the finished sweep back: its config from ``<storage>/<SWEEP>/ltsweep_sweep.json`` (written when it
-   started) and its trial runs from MLflow, ranked by the sweep's own rule (:func:`pipelines.analysis.aggregate.ranked`);
+   started) and its trial runs from MLflow, ranked by the sweep's own rule
+   (:func:`pipelines.analysis.aggregate.ranked`);
 2. runs the top K configurations, plus the best configuration matching ``report.baseline`` when the top K miss
    it, as the sweep ``<SWEEP>-confirm`` (``search.configs``, FIFO: every trial runs the full schedule) with the
    seeds of the first sweep extended to N (so their stage-1 checkpoints are reused);

@@ -23,8 +23,8 @@ defaults; see search_spaces/*.yaml):
     report: {baseline}              # the configuration every other is compared with (paired over seeds)
 
 Sampler fields (lam, samples_per_epoch, rfs_threshold) and loss fields (xi, eql_lambda, seesaw_*, eqlv2_*,
-fed_num_classes) are read only by some samplers / losses: the space samples them only for those (pipelines.config.space),
-and setting one that no trial reads is an error.
+fed_num_classes) are read only by some samplers / losses: the space samples them only for those
+(pipelines.config.space), and setting one that no trial reads is an error.
 """
 
 from __future__ import annotations

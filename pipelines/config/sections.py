@@ -122,8 +122,8 @@ class Stage1Config(ScheduleConfig):
 class Stage2Config(ScheduleConfig):
     """What every trial trains: a sampler + a loss, from stage 1 (or from scratch when stage1 is null). These are
     the fields a search space may vary. The sampler and loss fields are checked by the modules that own their
-    equations (lt_models.data.samplers / lt_models.losses.registry); a field that the chosen sampler or loss does not read is an
-    error at the experiment level."""
+    equations (lt_models.data.samplers / lt_models.losses.registry); a field that the chosen sampler or loss does not
+    read is an error at the experiment level."""
 
     epochs: int = Field(6, ge=1)
     lr: float = Field(0.01, gt=0.0)
@@ -205,8 +205,8 @@ TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "i
 class SchedulerConfig(StrictModel):
     type: Literal["asha", "asha_configs", "fifo"] = Field(
         "asha",
-        description="asha = Tune's ASHA (trials judged "
-        "alone); asha_configs = halving over configurations on their mean over seeds (pipelines.tune.asha); fifo = none",
+        description="asha = Tune's ASHA (trials judged alone); asha_configs = halving over configurations on "
+        "their mean over seeds (pipelines.tune.asha); fifo = none",
     )
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"

@@ -1,5 +1,5 @@
-"""The one road from a config (and a trial's sampled values) to the engine: `train_spec(cfg, stage, trial_config)` builds
-the engine's typed `TrainSpec` (with its `SamplerSpec` and `LossSpec`, which `Stage2Config.sampler_spec()` and
+"""The one road from a config (and a trial's sampled values) to the engine: `train_spec(cfg, stage, trial_config)`
+builds the engine's typed `TrainSpec` (with its `SamplerSpec` and `LossSpec`, which `Stage2Config.sampler_spec()` and
 `loss_spec()` build) for stage 1, for a trial's stage 2, or for a one-stage run; `compute(cfg)` is the one choice
 of device and CPU threads for a run."""
 

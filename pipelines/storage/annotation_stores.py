@@ -2,7 +2,8 @@
 
 Memory maps need a file system, so a trial always maps a node-local folder, `cache_dir`:
 ``<run.storage_path>/annotations`` itself when storage_path is a directory (shared storage on a cluster: one build
-serves every node), else this node's cache folder of ``<storage URI>/annotations`` (`pipelines.storage.location.node_local_dir`).
+serves every node), else this node's cache folder of ``<storage URI>/annotations``
+(`pipelines.storage.location.node_local_dir`).
 
 With an object-storage URI the driver publishes what it built (`build_and_publish`): each store is copied to
 ``<storage_path>/annotations/<key>/``, its arrays first and ``meta.json`` last, so a store with ``meta.json`` there is

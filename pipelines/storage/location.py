@@ -46,13 +46,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from lt_models.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Location = Union[Path, str]  # a local directory/file (Path) or a URI (str)
+Location = Path | str  # a local directory/file (Path) or a URI (str)
 
 CACHE_ENV = "LTSWEEP_CACHE_DIR"  # the node-local cache of object-storage files (default <tmp>/ltsweep-cache)
 LOCK_STALE_S = 120.0  # a lock marker unchanged this long belongs to a crashed holder

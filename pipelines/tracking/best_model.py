@@ -1,8 +1,8 @@
 """The sweep's answer as a model: the best checkpoint of the best trial, logged on the sweep's MLflow run as a pyfunc
 model (artifact ``best_model``) and registered in the model registry under the sweep's name.
 
-- The trial: the best trial (:func:`pipelines.names.best_trial`) among the runs of the best configuration (the
-  best mean over seeds among the configurations that ran the full schedule), else the sweep's best trial.
+- The trial: the best trial (:func:`pipelines.analysis.aggregate.best_trial`) among the runs of the best configuration
+  (the best mean over seeds among the configurations that ran the full schedule), else the sweep's best trial.
 - The checkpoint: that trial's best evaluation by ``scheduler.metric``. Tune keeps it whatever ``num_to_keep`` is
   (``CheckpointConfig.checkpoint_score_attribute``).
 - The model: :class:`DetectorModel`. ``mlflow.pyfunc.load_model("models:/<name>/latest").predict(image)`` takes

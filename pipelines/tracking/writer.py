@@ -1,8 +1,8 @@
 """The MLflow writer of a sweep: the parent run, one nested run per trial, and the shared stage-1 (pretrain) run.
 
 The layout and every tag, metric and artifact name are in :mod:`pipelines.names`. :class:`SweepWriter` is driven by
-the Tune callback (:class:`pipelines.tracking.callback.MLflowSweepCallback`) on the Tune driver only, so a sqlite store never
-sees two writers; :func:`log_pretrain_run` records the stage-1 training. When the sweep ends the writer has
+the Tune callback (:class:`pipelines.tracking.callback.MLflowSweepCallback`) on the Tune driver only, so a sqlite store
+never sees two writers; :func:`log_pretrain_run` records the stage-1 training. When the sweep ends the writer has
 :mod:`pipelines.analysis.report` build the HTML sweep report.
 
 Runs are found again by their tags, which makes the writer idempotent after ``Tuner.restore``: the parent run is

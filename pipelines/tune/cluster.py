@@ -29,7 +29,7 @@ def init_ray(cfg: ExperimentConfig, include_dashboard: bool | None = None) -> No
 def max_concurrent(cfg: ExperimentConfig) -> int | None:
     """How many trials run at once (None: as many as Tune can start): ``search.max_concurrent_trials``, capped for
     multi-worker trials at the number whose drivers and workers the Ray cluster holds together
-    (`train_workers.concurrent_trials_cap`, counted on the nodes alive now; on an autoscaling cluster start the
+    (`concurrent_trials_cap`, counted on the nodes alive now; on an autoscaling cluster start the
     nodes first). Without the cap Tune starts a driver for every CPU and the drivers starve the workers."""
     wanted, fit = cfg.search.max_concurrent_trials, concurrent_trials_cap(cfg)
     if fit is None or (wanted is not None and wanted <= fit):
@@ -79,5 +79,6 @@ def concurrent_trials_cap(cfg: ExperimentConfig) -> int | None:
 def trial_resources(cfg: ExperimentConfig) -> dict[str, float]:
     """Resources of one trial (and of the stage-1 task), for `tune.with_resources`: CPUs, GPUs and the Ray custom
     resources of `resources.custom` (which pin trials to the nodes that have them). A multi-worker trial asks only
-    for its Ray Train driver; Ray Train reserves its workers (`pipelines.config.resources.ResourcesConfig.trial_bundle`)."""
+    for its Ray Train driver; Ray Train reserves its workers
+    (`pipelines.config.resources.ResourcesConfig.trial_bundle`)."""
     return cfg.resources.trial_bundle()

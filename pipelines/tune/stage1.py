@@ -3,7 +3,8 @@
 The checkpoint is content-addressed: its key is the sha256 of the canonical stage-1 config (sorted JSON of the
 model, the stage-1 schedule and the seed) plus the dataset fingerprint (sha256 of the training annotation bytes
 and the training image list) and a fingerprint of the training code (every lt_models module, and the
-torch/torchvision versions), so an edited detector never restores an incompatible checkpoint. It lives in `<storage_path>/pretrain/<sha256>/`:
+torch/torchvision versions), so an edited detector never restores an incompatible checkpoint. It lives in
+`<storage_path>/pretrain/<sha256>/`:
 
     checkpoint/   the engine's checkpoint dir (what `engine.train(init_checkpoint=...)` takes)
     meta.json     sha256, the canonical config, the dataset fingerprint, final stage-1 metrics
@@ -13,10 +14,11 @@ a temp dir that is renamed into place when complete (atomic). A lock file (`<sha
 stops two drivers training the same key at once: the second waits and then reuses the first one's result.
 Sweeps with the same key reuse it; `force=True` (`--force-pretrain`) retrains and replaces it.
 On a multi-node cluster `storage_path` must be shared storage (NFS) so trials on other nodes can read it, or an
-object store (`s3://bucket/prefix`, :mod:`pipelines.storage.location`). There the training node trains into a local temp
-dir and uploads `checkpoint/`; the driver then reads the upload back for its digests and writes `meta.json` last,
-so a cache without `meta.json` is incomplete and never used. The lock is `pipelines.storage.location.lock`'s owner markers
-(`<sha256>.lock/<token>`, a heartbeat and a stale timeout). Trials restore a node-local copy (`local_stage1`).
+object store (`s3://bucket/prefix`, :mod:`pipelines.storage.location`). There the training node trains into a local
+temp dir and uploads `checkpoint/`; the driver then reads the upload back for its digests and writes `meta.json`
+last, so a cache without `meta.json` is incomplete and never used. The lock is `pipelines.storage.location.lock`'s
+owner markers (`<sha256>.lock/<token>`, a heartbeat and a stale timeout). Trials restore a node-local copy
+(`pipelines.storage.stage1_cache.local_stage1`).
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def ensure_stage1_per_seed(
 ) -> dict[int, Stage1Checkpoint] | None:
     """The stage-1 checkpoint of every training seed of the sweep (`cfg.seeds`): each seed's trials restore their
     own seed's stage 1. The missing ones train at the same time (as Ray tasks when Ray is up; multi-worker ones as
-    many as the cluster holds together, `train_workers.concurrent_trials_cap`); each stays
+    many as the cluster holds together, `pipelines.tune.cluster.concurrent_trials_cap`); each stays
     content-addressed (the seed is part of its key), so a later sweep with the same seeds reuses them. MLflow gets
     one pretrain run per seed, written one after the other (a single writer). None for one-stage trials."""
     if cfg.stage1 is None:
@@ -193,7 +195,7 @@ def _log_stage1(cfg: ExperimentConfig, ckpt: Stage1Checkpoint, tracking_uri: str
 def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: bool | None, lock_timeout: float) -> Stage1Checkpoint:
     sha = stage1_key(cfg)
     final = storage.join(pretrain_root(cfg.run.storage_path), sha)
-    # local/NFS: the file lock <sha>.lock; object storage: owner markers <sha>.lock/<token> (pipelines.storage.location.lock)
+    # local/NFS: the file lock <sha>.lock; object storage: owner markers <sha>.lock/<token> (storage.lock)
     with storage.lock(final, timeout=lock_timeout):
         if not force:  # another driver may have finished it while we waited for the lock
             found = find_stage1(cfg, report=False)  # ensure_stage1 reported a corrupt cache already

@@ -1,15 +1,16 @@
 """A whole hybrid-schedule study as one Ray Tune sweep.
 
-    python -m pipelines.tune.sweep search_spaces/demo.yaml [--resume] [--force-pretrain] [--storage-path DIR]
-    ltsweep sweep search_spaces/demo.yaml ...                       (the same)
-    ray job submit --working-dir . -- python -m pipelines.tune.sweep search_spaces/demo.yaml   (on a cluster)
+    ltsweep sweep search_spaces/demo.yaml [--resume] [--force-pretrain] [--storage-path DIR]
+    python -m pipelines sweep search_spaces/demo.yaml ...           (the same)
+    ray job submit --working-dir . -- python -m pipelines sweep search_spaces/demo.yaml   (on a cluster)
 
 Steps: validate the YAML (pipelines.config.load) -> generate the synthetic benchmark if the config asks for it and it
 is absent -> join the Ray cluster (RAY_ADDRESS, as set by `ray job submit`) or start a local Ray -> make sure the
 shared stage-1 checkpoint exists (pipelines.tune.stage1: trained once, as a Ray task with a trial's resources) ->
-`Tuner` over `pipelines.tune.trainable.train_trial` (each configuration once per training seed, `search.seeds`) with ASHA (or FIFO), the search space, `max_concurrent_trials`,
-`with_resources`, `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep)`; MLflow (one driver-side
-callback) and TensorBoard (Tune's TBX logger) -> a summary table.
+`Tuner` over `pipelines.tune.trainable.train_trial` (each configuration once per training seed, `search.seeds`) with
+ASHA (or FIFO), the search space, `max_concurrent_trials`, `with_resources`, `FailureConfig(max_failures)`,
+`CheckpointConfig(num_to_keep)`; MLflow (one driver-side callback) and TensorBoard (Tune's TBX logger) -> a summary
+table.
 
 Layout under `run.storage_path` (shared storage on a multi-node cluster: NFS, or an object store such as
 `s3://bucket/prefix`, which Tune reaches through the same pyarrow filesystem, see pipelines.storage.location):

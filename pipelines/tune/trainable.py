@@ -5,8 +5,8 @@ A trial
   2. starts from its own last checkpoint when Tune retries or resumes it (`tune.get_checkpoint()`), else from
      its seed's shared stage-1 checkpoint (hybrid schedule), else from scratch (one-stage, `stage1: null`);
   3. runs `lt_models.engine.loop.train`, whose `on_eval` hook reports AP, AP50, APr, APc, APf, loss, epoch,
-     iteration, images (seen in training so far), seed, pretrain_sha256 and per_class to Tune at every evaluation, with the engine's checkpoint dir as
-     the Tune checkpoint (Tune copies it to storage before `report` returns).
+     iteration, images (seen in training so far), seed, pretrain_sha256 and per_class to Tune at every evaluation, with
+     the engine's checkpoint dir as the Tune checkpoint (Tune copies it to storage before `report` returns).
 
 With `resources.workers_per_trial` > 1 the trial is the driver of a Ray Train run (`pipelines.tune.workers`):
 the engine runs on the workers, each report and checkpoint comes back to this function, which reports it to Tune

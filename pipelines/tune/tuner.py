@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 from ray import tune
 
 from lt_models.errors import ConfigError
-from pipelines.config.sections import TIME_ATTRS
 from pipelines.config.experiment import ExperimentConfig
 from pipelines.config.identity import dataset_fingerprint, frequency_source
+from pipelines.config.sections import TIME_ATTRS
 from pipelines.storage import location as storage
 from pipelines.storage.stage1_cache import Stage1Checkpoint
 from pipelines.tune.callbacks import tune_callbacks
@@ -108,7 +108,7 @@ def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
     )
 
 
-Stage1Set = Optional[dict[int, Stage1Checkpoint]]  # a sweep's stage-1 checkpoint of each training seed
+Stage1Set = dict[int, Stage1Checkpoint] | None  # a sweep's stage-1 checkpoint of each training seed
 
 
 def stage1_shas(stage1: Stage1Set) -> dict[str, str] | None:

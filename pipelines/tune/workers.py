@@ -173,8 +173,6 @@ def train_on_workers(
     from ray.util.queue import Empty, Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipelines.tune import workers as train_workers  # the loop is looked up when the run starts (tests wrap it)
-
     if storage_filesystem is None and storage.is_uri(storage_path):  # its endpoint, as the sweep's storage has it
         storage_filesystem, storage_path = storage.resolve(storage_path)
     fs, run_dir = _run_fs(storage_path, storage_filesystem)
@@ -188,11 +186,11 @@ def train_on_workers(
         "shared": shared,
         "storage_path": str(cfg.run.storage_path),
     }
-    # max_calls=1: the task's process exits when fit() returns, and the Train controller it owns (with the actors
-    # the controller owns) goes with it; in a reused process the controller outlived its run (held by reference
-    # cycles), one idle process per finished trial
+    # `worker_loop` is looked up now, when the run starts (tests replace it). max_calls=1: the task's process exits
+    # when fit() returns, and the Train controller it owns (with the actors the controller owns) goes with it; in a
+    # reused process the controller outlived its run (held by reference cycles), one idle process per finished trial
     fit = ray.remote(num_cpus=0, max_retries=0, max_calls=1, scheduling_strategy=here)(_fit).remote(
-        train_workers.worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue
+        worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue
     )
     last: tuple[dict, Any] = ({}, None)
     try:

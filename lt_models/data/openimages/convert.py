@@ -26,7 +26,7 @@ Output, with the same conventions as `lt_models.data.datasets`:
   ignores unmatched detections instead of counting them as false positives, which is close to Open Images' own
   group-of rule. `pos_category_ids`: the classes whose image-level label has Confidence 1, for the Open
   Images evaluator.
-- annotations: pixel `bbox` xywh and `area`, rounded to 2 decimals (`openimages_csv.pixel_boxes`, shared with the
+- annotations: pixel `bbox` xywh and `area`, rounded to 2 decimals (`common.pixel_boxes`, shared with the
   streaming converter `lt_models.data.openimages.streaming`), `iscrowd` = 0, and `isgroupof` (0/1) for the Open Images
   evaluator.
 
