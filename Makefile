@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # (torch's CUDA build); --no-cache-dir keeps pip from storing a second copy of every download.
 PIP    := $(BIN)/python -m pip --disable-pip-version-check --no-cache-dir
 
-.PHONY: demo test install install-test bench clean
+.PHONY: demo test lint install install-test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(PIP) install --quiet -e '.[test]'
 	touch $@ $(VENV)/.installed
 
+$(VENV)/.installed-lint: pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[test,lint]'
+	touch $@ $(VENV)/.installed-test $(VENV)/.installed
+
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
@@ -28,6 +32,13 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff (lint rules and formatting), the import layers of docs/architecture.md (import-linter) and mypy
+lint: $(VENV)/.installed-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -44,7 +44,7 @@ METRICS = ("AP", "APr", "APc", "APf")
 
 
 def _spec(data: Path, stage: str, seed: int, loss: str):
-    from lt_models.data.samplers import SamplerSpec
+    from lt_models.data.sampler_spec import SamplerSpec
     from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
     from lt_models.losses.registry import LossSpec
 

@@ -71,7 +71,7 @@ import numpy as np
 from scipy import stats
 
 from lt_models.atomic import write_json_atomic
-from lt_models.data.samplers import SamplerSpec
+from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.data.synthetic.layout import PRESETS
 from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec

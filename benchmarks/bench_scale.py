@@ -255,7 +255,7 @@ def child(task: str, a: dict) -> dict:
         import torch  # noqa: F401  (a trial process has torch loaded before its dataset)
 
         from lt_models.data.datasets import LVISDetection
-        from lt_models.data.samplers import SamplerSpec, build_sampler
+        from lt_models.data.sampler_spec import SamplerSpec, build_sampler
 
         t0 = time.perf_counter()
         ds = LVISDetection(

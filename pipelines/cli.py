@@ -251,7 +251,7 @@ def _add_convert_openimages(data) -> None:
         default=None,
         metavar="DIR",
         help="write the annotation store (memory-mapped columns, streaming conversion; give it as "
-        "data.train_ann / LVISDetection's file); the JSON is written only when --out is given too",
+        "data.train / LVISDetection's file); the JSON is written only when --out is given too",
     )
     s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
     s.add_argument(

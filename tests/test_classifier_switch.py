@@ -11,7 +11,7 @@ import torch
 from test_engine import small_spec, write_tiny_benchmark  # the tiny benchmark of the engine tests
 from torch import nn
 
-from lt_models.data.samplers import SamplerSpec
+from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.engine import loop as engine
 from lt_models.engine import run as engine_run
 from lt_models.losses.registry import LOSSES, LossSpec, RescoredLoss

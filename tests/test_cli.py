@@ -1,5 +1,9 @@
 """The `ltsweep` command exposes exactly its documented subcommands, and reports input errors as one line."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from lt_models.errors import AnnotationError
@@ -103,3 +107,18 @@ def test_every_option_has_help_and_version_and_sweep_set(capsys):
     args = parser.parse_args(["sweep", "x.yaml", "--set", "search.seeds=[0,1]"])
     assert args.set == ["search.seeds=[0,1]"]
     assert parser.parse_args(["compare", "a", "b", "--json"]).json
+
+
+@pytest.mark.parametrize(
+    "command", [[sys.executable, "-m", "pipelines"], [str(Path(sys.executable).parent / "ltsweep")]]
+)
+def test_python_m_pipelines_and_the_ltsweep_script_are_one_cli(command, tmp_path):
+    """`python -m pipelines sweep X.yaml` and `ltsweep sweep X.yaml` run the same command: bad input is one line
+    naming the file, exit code 2."""
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run([*command, "sweep", str(missing)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        f"ltsweep: error: {missing}: config file not found; give a path to a "
+        "YAML file (packaged examples live in search_spaces/)"
+    ]

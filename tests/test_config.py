@@ -194,6 +194,9 @@ def test_overrides(tmp_path, base):
         load_train_config(p, ["stage2.lam=-3"])
     raw = apply_overrides({"a": {"b": 1}}, ["a.c=x", "d.e=2"])
     assert raw == {"a": {"b": 1, "c": "x"}, "d": {"e": 2}}
+    for bad in ("a.b=[1, 2", "a.b=x\x07y"):  # a parser error; a control character (a ReaderError, no `problem`)
+        with pytest.raises(ConfigError, match=r"--set .*: value is not valid YAML \("):
+            apply_overrides({}, [bad])
 
 
 def test_trial_values_are_applied_and_revalidated(tmp_path, base):
@@ -280,7 +283,7 @@ def test_asha_over_configurations_is_built_from_the_config(tmp_path, base):
 
 
 def test_train_spec_mapping_satisfies_the_engine(tmp_path, base):
-    from lt_models.data.samplers import SamplerSpec
+    from lt_models.data.sampler_spec import SamplerSpec
     from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER
     from lt_models.losses.registry import LossSpec
     from pipelines.config.spec import train_spec

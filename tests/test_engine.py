@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from lt_models.data.datasets import LVISDetection, collate_detection
-from lt_models.data.samplers import SamplerSpec
+from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.engine import loop as engine
 from lt_models.engine import run as engine_run
 from lt_models.engine.build import build_lr_scheduler, build_optimizer

@@ -83,7 +83,7 @@ def test_diverged_trial_fails_at_once_when_resumed_in_a_new_ray_session(ws, loca
 
 
 def test_driver_kill9_then_resume_in_a_new_process(ws):
-    """`python -m pipelines.tune.sweep` (its own local Ray, own session) is SIGKILLed with its process group once one
+    """`python -m pipelines sweep` (its own local Ray, own session) is SIGKILLed with its process group once one
     trial finished and another is mid-training; none of its processes survives; `--resume` in a new process exits
     0, keeps the finished trials' result.json byte for byte, reuses stage 1, and leaves one FINISHED MLflow run per
     trial (3), none RUNNING."""

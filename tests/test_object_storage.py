@@ -346,7 +346,8 @@ def killed_and_resumed(ws, s3):
 
     def a_recorded_checkpoint_with_epochs_left():
         # Tune's driver uploads the experiment state and the trials' result.json files in one background sync, in no
-        # fixed order: wait until both arrived, so the kill does not fall into an unfinished upload (see the README)
+        # fixed order: wait until both arrived, so the kill does not fall into an unfinished upload (see
+        # docs/reliability.md)
         keys = set(s3.keys(exp))
         return {
             trial: meta["last_result"]["training_iteration"]
@@ -428,7 +429,8 @@ def test_a_sweep_keeps_everything_in_the_bucket(killed_and_resumed, ws, s3):
 def test_the_sweep_resumes_from_the_bucket_after_its_driver_is_killed(killed_and_resumed, ws, s3):
     """The trials whose checkpoint Tune had recorded in the bucket continue from it: no epoch is reported again
     (progress lines, MLflow, result.json). Any other trial restarts from its last recorded state (Tune uploads the
-    experiment state in the background, see the README), so it may report epochs again, but it ends complete too."""
+    experiment state in the background, see docs/reliability.md), so it may report epochs again, but it ends complete
+    too."""
     from mlflow import MlflowClient
 
     r = killed_and_resumed
@@ -454,7 +456,7 @@ def test_the_sweep_resumes_from_the_bucket_after_its_driver_is_killed(killed_and
         logged = [int(m.value) for m in client.get_metric_history(run.info.run_id, "epoch")]
         if trial in r["checkpointed"]:  # MLflow (written by the driver at each report) holds each epoch once;
             # result.json ends with the epochs after the resume, and may miss the lines from before the kill
-            # (Tune uploads it in the background; see the README)
+            # (Tune uploads it in the background; see docs/reliability.md)
             assert sorted(logged) == every and epochs == every[-len(epochs) :], (trial, epochs, logged)
             assert len(epochs) >= EPOCHS - r["checkpointed"][trial], (trial, epochs)
         else:

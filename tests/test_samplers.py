@@ -8,14 +8,12 @@ import pytest
 import torch
 from scipy.stats import binomtest, chisquare
 
+from lt_models.data.sampler_spec import SAMPLERS, SamplerSpec, build_sampler
 from lt_models.data.samplers import (
-    SAMPLERS,
     ClassAwareSampler,
     NonBalanceSampler,
     RepeatFactorSampler,
-    SamplerSpec,
     SoftBalanceSampler,
-    build_sampler,
     class_to_images,
     repeat_factors,
     shard,

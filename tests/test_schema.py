@@ -1,5 +1,5 @@
-"""The one best-trial rule (pipelines.names.best_trial), on both kinds of trial records: the sweep's trial summaries
-(pipelines.analysis.summary) and the trial rows read back from MLflow (pipelines.analysis.report)."""
+"""The one best-trial rule (pipelines.analysis.aggregate.best_trial), on both kinds of trial records: the sweep's trial
+summaries (pipelines.analysis.summary) and the trial rows read back from MLflow (pipelines.analysis.report)."""
 
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from lt_models.data.datasets import LVISDetection, dataset_store
 from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
 from lt_models.data.rate_matrix import concurrent_rate_matrix
-from lt_models.data.samplers import SamplerSpec, build_sampler
+from lt_models.data.sampler_spec import SamplerSpec, build_sampler
 from lt_models.data.store import StoreError, open_store
 
 CATS = [{"id": 10 * c, "name": f"c{c}"} for c in range(1, 8)]

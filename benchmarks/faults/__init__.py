@@ -14,7 +14,7 @@ Modules:
   sweep_faults    in-process scenarios: worker_kill, diverged_resume, sigint_resume, corrupt_stage1
   process_faults  subprocess scenarios: driver_kill, two_drivers, rotation_kill
 
-Processes: a sweep driver run as a subprocess (`python -m pipelines.tune.sweep`) starts its own local Ray in its own
+Processes: a sweep driver run as a subprocess (`python -m pipelines sweep`) starts its own local Ray in its own
 temp dir (RAY_TMPDIR) and session, with a tag in its environment; after it ends (or is killed) every process that
 names that temp dir or carries the tag is found and, if still alive after a bounded wait, killed and reported as
 leaked. Nothing else on the machine is touched. In-process sweeps share one Ray session (:class:`LocalRay`), also in

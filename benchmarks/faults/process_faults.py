@@ -1,7 +1,7 @@
 """The subprocess scenarios: the sweep driver's process group killed with SIGKILL then resumed, two drivers racing
 on a fresh store, and `ltsweep train` SIGKILLed during checkpoint rotation/writing then rerun.
 
-Each driver runs as `python -m pipelines.tune.sweep` with its own local Ray (:class:`faults.processes.Driver`); every
+Each driver runs as `python -m pipelines sweep` with its own local Ray (:class:`faults.processes.Driver`); every
 process of it is accounted for afterwards (and killed, and reported as leaked, if it outlives a bounded wait).
 """
 

@@ -1,5 +1,5 @@
 """Processes of our own Ray instances: :class:`LocalRay` (the in-process Ray session of the in-process sweeps) and
-:class:`Driver` (one `python -m pipelines.tune.sweep` subprocess with its own local Ray, session and process group).
+:class:`Driver` (one `python -m pipelines sweep` subprocess with its own local Ray, session and process group).
 
 A subprocess driver starts its own local Ray in its own temp dir (RAY_TMPDIR) and session, with a tag in its
 environment; after it ends (or is killed) every process that names that temp dir or carries the tag is found and, if
@@ -97,7 +97,7 @@ class LocalRay:
 
 
 class Driver:
-    """One `python -m pipelines.tune.sweep ARGS` process: its own local Ray (RAY_TMPDIR, and a tag in its environment),
+    """One `python -m pipelines sweep ARGS` process: its own local Ray (RAY_TMPDIR, and a tag in its environment),
     its own session and process group, output to `log`."""
 
     def __init__(self, args: list[str], log: Path):

@@ -9,26 +9,28 @@ and frequent with more than 100. Buckets always come from the training set.
 
 Hierarchy: an Open Images hierarchy JSON, {"LabelName": ..., "Subcategory": [{"LabelName": ..., ...}, ...]}.
 A LabelName is either a category `name` (the synthetic benchmark) or an Open Images MID such as "/m/0bl9f" (the
-official ``bbox_labels_600_hierarchy.json``); `lt_models.data.openimages.convert.convert_openimages` keeps each class's MID in
-its category's `mid` field, so `name_to_cat_id` maps both. Parsed, a hierarchy is {parent category id: [direct
+official ``bbox_labels_600_hierarchy.json``); `lt_models.data.openimages.convert.convert_openimages` keeps each class's
+MID in its category's `mid` field, so `name_to_cat_id` maps both. Parsed, a hierarchy is {parent category id: [direct
 child category ids]}; `hierarchy_ancestors` / `hierarchy_descendants` close it transitively.
 
 numpy only (no torch), so light commands can import it.
 """
+
 from __future__ import annotations
 
 import json
 import os
 from collections import defaultdict
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Hashable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from lt_models.errors import AnnotationError
 
-RARE_MAX = 10        # LVIS: rare = 1-10 training images
-COMMON_MAX = 100     # LVIS: common = 11-100, frequent > 100
+RARE_MAX = 10  # LVIS: rare = 1-10 training images
+COMMON_MAX = 100  # LVIS: common = 11-100, frequent > 100
 FREQ_LABELS = ("r", "c", "f")
 
 
@@ -46,8 +48,10 @@ def read_json(path: str | os.PathLike, what: str = "annotations") -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); "
-                              f"fix the file (truncated or hand-edited?)") from None
+        raise AnnotationError(
+            f"{path}: malformed JSON at line {e.lineno} column {e.colno} ({e.msg}); "
+            f"fix the file (truncated or hand-edited?)"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -55,8 +59,9 @@ def read_json(path: str | os.PathLike, what: str = "annotations") -> Any:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def frequency_buckets(image_counts: Sequence[int] | np.ndarray, rare_max: int = RARE_MAX,
-                      common_max: int = COMMON_MAX) -> list[str]:
+def frequency_buckets(
+    image_counts: Sequence[int] | np.ndarray, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX
+) -> list[str]:
     """LVIS buckets from training image counts: 'r' (<= rare_max, including 0), 'c' (<= common_max), else 'f'."""
     if not 0 <= rare_max < common_max:
         raise ValueError(f"frequency thresholds need 0 <= rare_max < common_max, got {rare_max}, {common_max}")
@@ -75,15 +80,17 @@ def category_image_counts(data: dict) -> tuple[dict[int, int], dict[int, int]]:
     return {k: len(v) for k, v in imgs.items()}, inst
 
 
-def category_frequencies(categories: Sequence[dict], image_counts: Mapping[int, int], rare_max: int = RARE_MAX,
-                         common_max: int = COMMON_MAX) -> list[str]:
+def category_frequencies(
+    categories: Sequence[dict], image_counts: Mapping[int, int], rare_max: int = RARE_MAX, common_max: int = COMMON_MAX
+) -> list[str]:
     """Bucket of each category: its own `frequency` field when valid, else from `image_counts` (id -> images)."""
     own = frequency_buckets([image_counts.get(c["id"], 0) for c in categories], rare_max, common_max)
     return [c["frequency"] if c.get("frequency") in FREQ_LABELS else b for c, b in zip(categories, own)]
 
 
-def fill_frequency(data: dict, image_counts: dict[int, int] | None = None, rare_max: int = RARE_MAX,
-                   common_max: int = COMMON_MAX) -> int:
+def fill_frequency(
+    data: dict, image_counts: dict[int, int] | None = None, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX
+) -> int:
     """Write `frequency` (and missing `image_count`/`instance_count`) into categories that lack it, in place.
 
     `image_counts` (category id -> training images) defaults to this file's own counts: right for a training
@@ -134,13 +141,17 @@ def load_hierarchy(hierarchy: str | os.PathLike | Mapping, name_to_cat_id: Mappi
 
     def walk(node: object, cat_trail: tuple, trail: tuple) -> None:
         if not isinstance(node, Mapping) or not isinstance(node.get("LabelName"), str):
-            raise AnnotationError(f"{source}: hierarchy node {str(node)[:80]!r} under {'/'.join(trail) or 'top'} "
-                                  f"needs a string 'LabelName'")
+            raise AnnotationError(
+                f"{source}: hierarchy node {str(node)[:80]!r} under {'/'.join(trail) or 'top'} "
+                f"needs a string 'LabelName'"
+            )
         name = node["LabelName"]
         cid = name_to_cat_id.get(name)
         if name in trail or (cid is not None and cid in cat_trail):
-            raise AnnotationError(f"{source}: hierarchy cycle at LabelName {name!r} ({'/'.join(trail)}); "
-                                  f"a class cannot be its own ancestor")
+            raise AnnotationError(
+                f"{source}: hierarchy cycle at LabelName {name!r} ({'/'.join(trail)}); "
+                f"a class cannot be its own ancestor"
+            )
         if cid is not None:
             matched.add(cid)
             if cat_trail:
@@ -154,9 +165,11 @@ def load_hierarchy(hierarchy: str | os.PathLike | Mapping, name_to_cat_id: Mappi
 
     walk(tree, (), ())
     if not matched:
-        raise AnnotationError(f"{source}: no hierarchy LabelName matches a category name or MID of the dataset; "
-                              f"fix: LabelNames must be category names or the Open Images MIDs kept in category "
-                              f"'mid' (as `ltsweep data convert-openimages` writes them)")
+        raise AnnotationError(
+            f"{source}: no hierarchy LabelName matches a category name or MID of the dataset; "
+            f"fix: LabelNames must be category names or the Open Images MIDs kept in category "
+            f"'mid' (as `ltsweep data convert-openimages` writes them)"
+        )
     return {p: sorted(c) for p, c in sorted(children.items())}
 
 

@@ -19,11 +19,13 @@ annotation store (`lt_models.data.store`) is built; the dataset then maps the st
 Frequency buckets and the class hierarchy follow `lt_models.data.annotations`; the long-tail statistics of a file
 (`ltsweep data stats`) are in `lt_models.data.stats`.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,10 +58,16 @@ def default_image_dir(ann_file: str | os.PathLike, image_dir: str | os.PathLike 
     return Path(image_dir) if image_dir is not None else Path(ann_file).parent / "images"
 
 
-def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                  hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False,
-                  skip_invalid: bool = False, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX,
-                  cache_root: str | os.PathLike | None = None) -> AnnotationStore:
+def dataset_store(
+    ann_file: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    hierarchy_file: str | os.PathLike | None = None,
+    expand_parents: bool = False,
+    skip_invalid: bool = False,
+    rare_max: int = RARE_MAX,
+    common_max: int = COMMON_MAX,
+    cache_root: str | os.PathLike | None = None,
+) -> AnnotationStore:
     """The annotation store (`lt_models.data.store`) of a dataset: read, validated and merged once.
 
     ``ann_file`` is an LVIS/COCO JSON file or a store directory (``ltsweep data convert-openimages --store``).
@@ -73,22 +81,32 @@ def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
     options = dataset_options(image_dir, skip_invalid, expand_parents, hier, rare_max, common_max)
     if (ann_file / STORE_META).is_file():
         given = open_store(ann_file)
-        if all(given.meta.get("options", {}).get(k) == v for k, v in options.items() if k not in ("image_dir",
-                                                                                                 "skip_invalid")):
+        if all(
+            given.meta.get("options", {}).get(k) == v
+            for k, v in options.items()
+            if k not in ("image_dir", "skip_invalid")
+        ):
             return given
 
         def build() -> tuple[dict, dict]:
             return _derived_store(given, hier, options, raw_store=str(ann_file.resolve()))
     else:
+
         def build() -> tuple[dict, dict]:
             data = load_lvis_json(ann_file, image_dir=image_dir, skip_invalid=skip_invalid)
             skipped, reasons = data.pop("invalid_skipped"), data.pop("invalid_reasons")
             raw, categories, extra = raw_columns_from_lvis(data)
-            meta = {"categories": categories, "extra": extra, "invalid_skipped": skipped, "invalid_reasons": reasons,
-                    "source": [str(ann_file.resolve()), ann_file.stat().st_size, ann_file.stat().st_mtime_ns]}
+            meta = {
+                "categories": categories,
+                "extra": extra,
+                "invalid_skipped": skipped,
+                "invalid_reasons": reasons,
+                "source": [str(ann_file.resolve()), ann_file.stat().st_size, ann_file.stat().st_mtime_ns],
+            }
             del data
             arrays, derived_meta = _derived_store(AnnotationStore(ann_file, raw, meta), hier, options, raw_store=None)
             return dict(raw, **arrays), dict(meta, **derived_meta)
+
     if cache_root is None:
         arrays, meta = build()
         if meta.get("raw_store"):
@@ -98,25 +116,44 @@ def dataset_store(ann_file: str | os.PathLike, image_dir: str | os.PathLike | No
     return ensure_store(Path(cache_root) / key, key, build)
 
 
-def dataset_store_key(ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                      hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False,
-                      skip_invalid: bool = False, rare_max: int = RARE_MAX, common_max: int = COMMON_MAX) -> str:
+def dataset_store_key(
+    ann_file: str | os.PathLike,
+    image_dir: str | os.PathLike | None = None,
+    hierarchy_file: str | os.PathLike | None = None,
+    expand_parents: bool = False,
+    skip_invalid: bool = False,
+    rare_max: int = RARE_MAX,
+    common_max: int = COMMON_MAX,
+) -> str:
     """The folder name (`lt_models.data.store.store_key`) under a cache root of the store that `LVISDetection` with
     these arguments maps (``image_dir`` None: its default folder)."""
-    return store_key(ann_file, **dataset_options(default_image_dir(ann_file, image_dir), skip_invalid, expand_parents,
-                                                 hierarchy_file, rare_max, common_max))
+    return store_key(
+        ann_file,
+        **dataset_options(
+            default_image_dir(ann_file, image_dir), skip_invalid, expand_parents, hierarchy_file, rare_max, common_max
+        ),
+    )
 
 
 def _derived_store(raw: AnnotationStore, hier: Path | None, options: dict, raw_store: str | None):
     """(derived arrays, their meta) over a raw store's columns with these options."""
     categories = raw.meta["categories"]
     hierarchy = load_hierarchy(hier, name_to_cat_id(categories)) if hier is not None else {}
-    arrays, frequency = derive_arrays(raw.arrays, categories, hierarchy, options["expand_parents"], options["iou_thr"],
-                                      options["rare_max"], options["common_max"])
-    meta = {k: raw.meta[k] for k in ("categories", "extra", "invalid_skipped", "invalid_reasons", "source")
-            if k in raw.meta}
-    meta.update(frequency=frequency, hierarchy=[[p, cs] for p, cs in hierarchy.items()], options=options,
-                raw_store=raw_store)
+    arrays, frequency = derive_arrays(
+        raw.arrays,
+        categories,
+        hierarchy,
+        options["expand_parents"],
+        options["iou_thr"],
+        options["rare_max"],
+        options["common_max"],
+    )
+    meta: dict[str, Any] = {
+        k: raw.meta[k] for k in ("categories", "extra", "invalid_skipped", "invalid_reasons", "source") if k in raw.meta
+    }
+    meta.update(
+        frequency=frequency, hierarchy=[[p, cs] for p, cs in hierarchy.items()], options=options, raw_store=raw_store
+    )
     return arrays, meta
 
 
@@ -131,17 +168,33 @@ class LVISDetection(Dataset):
     only the index of its images). The JSON reader and its validation run when the store is built.
     """
 
-    def __init__(self, ann_file: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                 hierarchy_file: str | os.PathLike | None = None, expand_parents: bool = False, train: bool = True,
-                 skip_invalid: bool = False, transforms: Callable | None = None, rare_max: int = RARE_MAX,
-                 common_max: int = COMMON_MAX, cache_root: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike | None = None,
+        hierarchy_file: str | os.PathLike | None = None,
+        expand_parents: bool = False,
+        train: bool = True,
+        skip_invalid: bool = False,
+        transforms: Callable | None = None,
+        rare_max: int = RARE_MAX,
+        common_max: int = COMMON_MAX,
+        cache_root: str | os.PathLike | None = None,
+    ):
         self.ann_file = Path(ann_file)
         self.image_dir = default_image_dir(ann_file, image_dir)
         if expand_parents and hierarchy_file is None:
             raise ValueError("expand_parents=True needs hierarchy_file")
-        self.store = dataset_store(ann_file, image_dir=self.image_dir, hierarchy_file=hierarchy_file,
-                                   expand_parents=expand_parents, skip_invalid=skip_invalid, rare_max=rare_max,
-                                   common_max=common_max, cache_root=cache_root)
+        self.store = dataset_store(
+            ann_file,
+            image_dir=self.image_dir,
+            hierarchy_file=hierarchy_file,
+            expand_parents=expand_parents,
+            skip_invalid=skip_invalid,
+            rare_max=rare_max,
+            common_max=common_max,
+            cache_root=cache_root,
+        )
         meta = self.store.meta
         self.num_skipped: int = int(meta.get("invalid_skipped", 0))
         self.skipped_reasons: dict = dict(meta.get("invalid_reasons", {}))
@@ -165,7 +218,7 @@ class LVISDetection(Dataset):
         if self._rows is None:
             self.image_ids: np.ndarray = a["image_id"]
             self._indptr, self._csr_labels = a["label_indptr"], a["label_ids"]
-        else:          # the samplers' CSR over this dataset's images
+        else:  # the samplers' CSR over this dataset's images
             self.image_ids = np.asarray(a["image_id"][self._rows])
             lp = a["label_indptr"]
             sizes = (lp[1:] - lp[:-1])[self._rows]
@@ -185,8 +238,12 @@ class LVISDetection(Dataset):
         """{id, file_name, width, height} of item i."""
         row = self._row(i)
         a = self.store.arrays
-        return {"id": int(a["image_id"][row]), "file_name": self.store.file_name(row), "width": float(a["width"][row]),
-                "height": float(a["height"][row])}
+        return {
+            "id": int(a["image_id"][row]),
+            "file_name": self.store.file_name(row),
+            "width": float(a["width"][row]),
+            "height": float(a["height"][row]),
+        }
 
     def label_csr(self) -> tuple[np.ndarray, np.ndarray]:
         """(indptr int64 [n_images+1], labels int64 [nnz]): 0-based classes (label-1) present in each image.
@@ -203,32 +260,41 @@ class LVISDetection(Dataset):
         o0, o1 = int(self._obj_indptr[row]), int(self._obj_indptr[row + 1])
         p0, p1 = int(self._pair_indptr[o0]), int(self._pair_indptr[o1])
         a = self.store.arrays
-        obj_rows = np.repeat(np.arange(o1 - o0), np.diff(self._pair_indptr[o0:o1 + 1]))
+        obj_rows = np.repeat(np.arange(o1 - o0), np.diff(self._pair_indptr[o0 : o1 + 1]))
         multi_hot = torch.zeros(o1 - o0, self.num_classes + 1, dtype=torch.float32)
         multi_hot[torch.from_numpy(obj_rows), torch.from_numpy(np.array(a["pair_label"][p0:p1]))] = 1.0
-        return {"boxes": torch.from_numpy(np.array(a["obj_box"][o0:o1])),
-                "labels": torch.from_numpy(np.array(a["obj_primary"][o0:o1])),
-                "multi_hot": multi_hot, "image_id": torch.tensor(int(self.image_ids[i]), dtype=torch.int64)}
+        return {
+            "boxes": torch.from_numpy(np.array(a["obj_box"][o0:o1])),
+            "labels": torch.from_numpy(np.array(a["obj_primary"][o0:o1])),
+            "multi_hot": multi_hot,
+            "image_id": torch.tensor(int(self.image_ids[i]), dtype=torch.int64),
+        }
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
         img = self.image_info(i)
         if not img["file_name"]:
-            raise AnnotationError(f"{self.ann_file}: image id {img['id']}: no 'file_name' (or 'coco_url') field; "
-                                  "fix the annotation file")
+            raise AnnotationError(
+                f"{self.ann_file}: image id {img['id']}: no 'file_name' (or 'coco_url') field; fix the annotation file"
+            )
         path = self.image_dir / img["file_name"]
         try:
             with Image.open(path) as pil:
-                pixels = np.array(pil.convert("RGB"))        # uint8 [H, W, 3], writable copy
-        except FileNotFoundError:                            # removed after the dataset was built
-            raise AnnotationError(f"{self.ann_file}: image id {img['id']}: image file {path} does not exist; "
-                                  f"restore it or fix the image folder ({self.image_dir})") from None
+                pixels = np.array(pil.convert("RGB"))  # uint8 [H, W, 3], writable copy
+        except FileNotFoundError:  # removed after the dataset was built
+            raise AnnotationError(
+                f"{self.ann_file}: image id {img['id']}: image file {path} does not exist; "
+                f"restore it or fix the image folder ({self.image_dir})"
+            ) from None
         if pixels.shape[:2] != (int(img["height"]), int(img["width"])):
-            raise AnnotationError(f"{self.ann_file}: image id {img['id']}: fields 'width'/'height' = "
-                                  f"{img['width']:g}x{img['height']:g} but {path} is "
-                                  f"{pixels.shape[1]}x{pixels.shape[0]}; fix the annotation file")
+            raise AnnotationError(
+                f"{self.ann_file}: image id {img['id']}: fields 'width'/'height' = "
+                f"{img['width']:g}x{img['height']:g} but {path} is "
+                f"{pixels.shape[1]}x{pixels.shape[0]}; fix the annotation file"
+            )
         # numpy, not torch ops: torch's intra-op thread pool makes this tiny conversion slow in loader workers
-        image = torch.from_numpy(np.ascontiguousarray(np.divide(pixels, np.float32(255), dtype=np.float32)
-                                                      .transpose(2, 0, 1)))
+        image = torch.from_numpy(
+            np.ascontiguousarray(np.divide(pixels, np.float32(255), dtype=np.float32).transpose(2, 0, 1))
+        )
         target = self.target(i)
         if self.transforms is not None:
             image, target = self.transforms(image, target)

@@ -6,6 +6,7 @@ its image, a missing image file, duplicate image/annotation ids, a category that
 ``skip_invalid=True`` the offending record is skipped instead and counted in ``data["invalid_skipped"]`` /
 ``data["invalid_reasons"]``. This reader runs once per dataset, when its annotation store is built.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,6 +34,8 @@ def _is_num(x: object) -> bool:
 
 class _Problems:
     """Where a bad record goes: an `AnnotationError` naming the file, or (``skip_invalid``) a count per reason."""
+
+    reasons: Counter[str]
 
     def __init__(self, path: Path, skip_invalid: bool):
         self.path, self.skip_invalid, self.reasons = path, skip_invalid, Counter()
@@ -78,8 +81,9 @@ def _image_source(img: dict, fname: str) -> str:
     return f"field 'coco_url' = {str(img['coco_url'])!r} (-> {fname!r})"
 
 
-def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                   skip_invalid: bool = False) -> dict:
+def load_lvis_json(
+    path: str | os.PathLike, image_dir: str | os.PathLike | None = None, skip_invalid: bool = False
+) -> dict:
     """Read and validate an LVIS/COCO-format file; returns a new dict with clean records.
 
     `image_dir`: when given, every image file must exist there. Boxes up to `BOX_TOLERANCE` px outside the image
@@ -96,8 +100,13 @@ def load_lvis_json(path: str | os.PathLike, image_dir: str | os.PathLike | None 
     anns = _annotations(data["annotations"], images, dropped, cats, bad)
     _drop_annotated_negatives(images, anns, bad)
     out = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
-    out.update(images=list(images.values()), annotations=anns, categories=list(cats.values()),
-               invalid_skipped=int(sum(bad.reasons.values())), invalid_reasons=dict(sorted(bad.reasons.items())))
+    out.update(
+        images=list(images.values()),
+        annotations=anns,
+        categories=list(cats.values()),
+        invalid_skipped=int(sum(bad.reasons.values())),
+        invalid_reasons=dict(sorted(bad.reasons.items())),
+    )
     return out
 
 
@@ -106,8 +115,10 @@ def _check_layout(path: Path, data: object) -> None:
         raise AnnotationError(f"{path}: top level must be a JSON object with images/annotations/categories")
     for key in ("images", "annotations", "categories"):
         if not isinstance(data.get(key), list):
-            raise AnnotationError(f"{path}: missing or non-list field '{key}'; an LVIS/COCO file needs "
-                                  f"'images', 'annotations' and 'categories' lists")
+            raise AnnotationError(
+                f"{path}: missing or non-list field '{key}'; an LVIS/COCO file needs "
+                f"'images', 'annotations' and 'categories' lists"
+            )
 
 
 def _categories(path: Path, records: list) -> dict[int, dict]:
@@ -118,8 +129,10 @@ def _categories(path: Path, records: list) -> dict[int, dict]:
         if c["id"] in cats:
             raise AnnotationError(f"{path}: category id {c['id']}: duplicate 'id'; category ids must be unique")
         if "frequency" in c and c["frequency"] not in FREQ_LABELS:
-            raise AnnotationError(f"{path}: category id {c['id']}: field 'frequency' = {c['frequency']!r}, "
-                                  f"expected 'r', 'c' or 'f' (or leave it out to compute it)")
+            raise AnnotationError(
+                f"{path}: category id {c['id']}: field 'frequency' = {c['frequency']!r}, "
+                f"expected 'r', 'c' or 'f' (or leave it out to compute it)"
+            )
         cats[int(c["id"])] = dict(c, name=str(c.get("name", c["id"])))
     return cats
 
@@ -162,11 +175,16 @@ def _image_file_exists(img: dict, iid: int, fname: str | None, idir: Path, bad: 
         bad("image file", f"image id {iid}: no 'file_name' (or 'coco_url') field")
         return False
     if not (idir / fname).is_file():
-        where = ("wrong --images dir? For LVIS v1 (coco_url) the image dir (--images, data.image_dir, "
-                 "data.val_image_dir) is the COCO root holding train2017/ and val2017/"
-                 if not img.get("file_name") else "wrong --images dir?")
-        bad("missing image file", f"image id {iid}: {_image_source(img, fname)}: image file "
-                                  f"{idir / fname} does not exist ({where})")
+        where = (
+            "wrong --images dir? For LVIS v1 (coco_url) the image dir (--images, data.image_dir, "
+            "data.val_image_dir) is the COCO root holding train2017/ and val2017/"
+            if not img.get("file_name")
+            else "wrong --images dir?"
+        )
+        bad(
+            "missing image file",
+            f"image id {iid}: {_image_source(img, fname)}: image file {idir / fname} does not exist ({where})",
+        )
         return False
     return True
 
@@ -187,8 +205,10 @@ def _annotations(records: list, images: dict, dropped: set, cats: dict, bad: _Pr
             bad("unknown image id", f"annotation id {aid}: field 'image_id' = {iid!r} is not an image id in this file")
             continue
         if cid not in cats:
-            bad("unknown category id", f"annotation id {aid}: field 'category_id' = {cid!r} is not a category id "
-                                       f"in this file")
+            bad(
+                "unknown category id",
+                f"annotation id {aid}: field 'category_id' = {cid!r} is not a category id in this file",
+            )
             continue
         box = _clipped_box(a.get("bbox"), aid, images[iid], bad)
         if box is None:
@@ -209,14 +229,15 @@ def _clipped_box(box: object, aid: int, image: dict, bad: _Problems) -> list | N
         return None
     x, y, w, h = (float(v) for v in box)
     if w <= 0 or h <= 0:
-        bad("bad box", f"annotation id {aid} (image id {iid}): field 'bbox' = {list(box)} has width or "
-                       f"height <= 0")
+        bad("bad box", f"annotation id {aid} (image id {iid}): field 'bbox' = {list(box)} has width or height <= 0")
         return None
     W, H = float(image["width"]), float(image["height"])
     t = BOX_TOLERANCE
     if x < -t or y < -t or x + w > W + t or y + h > H + t:
-        bad("bad box", f"annotation id {aid} (image id {iid}): field 'bbox' = {list(box)} lies outside the "
-                       f"{W:g}x{H:g} image")
+        bad(
+            "bad box",
+            f"annotation id {aid} (image id {iid}): field 'bbox' = {list(box)} lies outside the {W:g}x{H:g} image",
+        )
         return None
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
     return [x0, y0, x1 - x0, y1 - y0] if (x0, y0, x1, y1) != (x, y, x + w, y + h) else list(box)
@@ -230,6 +251,8 @@ def _drop_annotated_negatives(images: dict, anns: list[dict], bad: _Problems) ->
     for iid, rec in images.items():
         clash = sorted(set(rec["neg_category_ids"]) & pos.get(iid, set()))
         if clash:
-            bad("negative and annotated", f"image id {iid}: field 'neg_category_ids' lists category id {clash[0]} "
-                                          f"that is annotated in the image")
+            bad(
+                "negative and annotated",
+                f"image id {iid}: field 'neg_category_ids' lists category id {clash[0]} that is annotated in the image",
+            )
             rec["neg_category_ids"] = [c for c in rec["neg_category_ids"] if c not in clash]

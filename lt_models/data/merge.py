@@ -8,6 +8,7 @@ Boxes of one image whose IoU is >= ``MERGE_IOU`` (0.95), or that are identical, 
 
 numpy and scipy only.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -81,15 +82,15 @@ def object_ids(images: np.ndarray, xyxy: np.ndarray, iou_thr: float) -> np.ndarr
     boxes, image = xyxy[order], images[order]
     starts = np.flatnonzero(np.r_[True, image[1:] != image[:-1]])
     sizes = np.diff(np.r_[starts, n])
-    end = np.repeat(starts + sizes, sizes)                  # one past the last box of each box's image
+    end = np.repeat(starts + sizes, sizes)  # one past the last box of each box's image
     if iou_thr > 0:
         # (image, x) as one exact, sorted integer key: image index * (2n) + rank of x among all x0 and right edges
         right = np.maximum(boxes[:, 0], boxes[:, 2])
         _, rank = np.unique(np.concatenate([boxes[:, 0], right]), return_inverse=True)
         key = image * (2 * n) + rank[:n]
         end = np.searchsorted(key, image * (2 * n) + rank[n:], side="right")
-    partners = end - np.arange(n) - 1                       # later boxes in each box's window
-    first_pair = np.r_[0, np.cumsum(partners)]              # pairs of boxes < k, for each k
+    partners = end - np.arange(n) - 1  # later boxes in each box's window
+    first_pair = np.r_[0, np.cumsum(partners)]  # pairs of boxes < k, for each k
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     src: list[np.ndarray] = []
     dst: list[np.ndarray] = []
@@ -120,31 +121,33 @@ def runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return starts, np.diff(np.r_[starts, len(values)])
 
 
-def co_label_counts(objects: np.ndarray, labels: np.ndarray,
-                     k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def co_label_counts(
+    objects: np.ndarray, labels: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(objects per label int64 [k]; and i, j, count for every ordered pair i != j of labels sharing objects).
 
     Sorting and runs of equal keys rather than ``np.unique``, whose hashing is several times slower here.
     """
     keys = np.sort(objects * k + labels)
-    keys = keys[runs(keys)[0]]                             # each (object, label) once, sorted by object
+    keys = keys[runs(keys)[0]]  # each (object, label) once, sorted by object
     obj, lab = keys // k, keys % k
     per_label = np.bincount(lab, minlength=k).astype(np.int64)
     starts, sizes = runs(obj)
-    entry = np.flatnonzero(np.repeat(sizes > 1, sizes))    # (object, label) entries of multi-label objects
-    size = np.repeat(sizes, sizes)[entry]                   # per entry: its object's label count
-    first = np.repeat(starts, sizes)[entry]                 # per entry: its object's first entry
-    left = np.repeat(entry, size)                           # each entry with every entry of its object ...
+    entry = np.flatnonzero(np.repeat(sizes > 1, sizes))  # (object, label) entries of multi-label objects
+    size = np.repeat(sizes, sizes)[entry]  # per entry: its object's label count
+    first = np.repeat(starts, sizes)[entry]  # per entry: its object's first entry
+    left = np.repeat(entry, size)  # each entry with every entry of its object ...
     right = np.repeat(first, size) + np.arange(len(left)) - np.repeat(np.cumsum(size) - size, size)
-    keep = left != right                                    # ... but itself
+    keep = left != right  # ... but itself
     pairs = np.sort(lab[left[keep]] * k + lab[right[keep]])
     starts, counts = runs(pairs)
     pairs = pairs[starts]
     return per_label, pairs // k, pairs % k, counts
 
 
-def merged_objects(data: dict, ancestors: dict[int, set[int]], expand_parents: bool,
-                   iou_thr: float = MERGE_IOU) -> dict[int, list[tuple[list[float], int, list[int]]]]:
+def merged_objects(
+    data: dict, ancestors: dict[int, set[int]], expand_parents: bool, iou_thr: float = MERGE_IOU
+) -> dict[int, list[tuple[list[float], int, list[int]]]]:
     """image id -> [(box xywh, primary category id, sorted category ids of the object)] (crowd boxes dropped).
 
     The per-image statement of the dataset's rules (one Python loop per image; `lt_models.data.stats` and the
@@ -163,7 +166,7 @@ def merged_objects(data: dict, ancestors: dict[int, set[int]], expand_parents: b
         groups = group_duplicate_boxes(xyxy, iou_thr)
         objs = []
         for g in range(int(groups.max()) + 1 if len(groups) else 0):
-            members = [anns[i] for i in np.nonzero(groups == g)[0]]   # ascending annotation id
+            members = [anns[i] for i in np.nonzero(groups == g)[0]]  # ascending annotation id
             cats = {a["category_id"] for a in members}
             # most specific: drop labels that are an ancestor of another label of the object
             specific = [a for a in members if not any(a["category_id"] in ancestors.get(c, ()) for c in cats)]

@@ -25,12 +25,14 @@ training annotations. Here, precisely:
 * Row 0, column 0 (background) and the diagonal are 0.
 
 Implementation: numpy over all boxes at once, with no Python loop per image, per object or per box pair.
-`lt_models.data.merge.object_ids` applies ``group_duplicate_boxes``' rule (the same IoU arithmetic, so the same float comparisons) to
-the pairs of boxes of an image that can merge (after a sort by x0, only boxes starting before the earlier box's
-right edge), in bounded chunks, and merges them with scipy's connected components; `lt_models.data.merge.co_label_counts` counts
-objects per label and co-labels per label pair by sorting (object, label) and (label, label) keys.
-tests/test_concurrency_vectorised.py checks the result against the per-image ``group_duplicate_boxes`` loop.
+`lt_models.data.merge.object_ids` applies ``group_duplicate_boxes``' rule (the same IoU arithmetic, so the same float
+comparisons) to the pairs of boxes of an image that can merge (after a sort by x0, only boxes starting before the
+earlier box's right edge), in bounded chunks, and merges them with scipy's connected components;
+`lt_models.data.merge.co_label_counts` counts objects per label and co-labels per label pair by sorting (object, label)
+and (label, label) keys. tests/test_concurrency_vectorised.py checks the result against the per-image
+``group_duplicate_boxes`` loop.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,17 +43,24 @@ import torch
 
 from lt_models.data.annotations import hierarchy_ancestors, load_hierarchy, name_to_cat_id
 from lt_models.data.lvis_json import load_lvis_json
-from lt_models.data.store import META as STORE_META, AnnotationStore, open_store
-from lt_models.errors import AnnotationError, ConfigError
 from lt_models.data.merge import MERGE_IOU, co_label_counts, object_ids
+from lt_models.data.store import META as STORE_META
+from lt_models.data.store import AnnotationStore, open_store
+from lt_models.errors import AnnotationError, ConfigError
+
 
 def _annotations(ann: dict | str | os.PathLike, skip_invalid: bool) -> tuple[dict, str]:
     if isinstance(ann, (str, os.PathLike)):
         return load_lvis_json(ann, skip_invalid=skip_invalid), str(ann)
-    if not isinstance(ann, dict) or not isinstance(ann.get("categories"), list) \
-            or not isinstance(ann.get("annotations"), list):
-        raise AnnotationError("concurrent_rate_matrix: annotations must be an LVIS/COCO dict (or a path to one) "
-                              "with 'categories' and 'annotations' lists")
+    if (
+        not isinstance(ann, dict)
+        or not isinstance(ann.get("categories"), list)
+        or not isinstance(ann.get("annotations"), list)
+    ):
+        raise AnnotationError(
+            "concurrent_rate_matrix: annotations must be an LVIS/COCO dict (or a path to one) "
+            "with 'categories' and 'annotations' lists"
+        )
     return ann, "<annotations dict>"
 
 
@@ -59,15 +68,19 @@ def _hierarchy_dict(hierarchy, data: dict, source: str, cat_ids: set[int]) -> di
     if isinstance(hierarchy, (str, os.PathLike)):
         return load_hierarchy(Path(hierarchy), name_to_cat_id(data["categories"]))
     if not isinstance(hierarchy, dict):
-        raise ConfigError(f"hierarchy must be a dict parent category id -> [child category ids] or a path to an "
-                          f"Open Images hierarchy JSON, got {type(hierarchy).__name__}")
+        raise ConfigError(
+            f"hierarchy must be a dict parent category id -> [child category ids] or a path to an "
+            f"Open Images hierarchy JSON, got {type(hierarchy).__name__}"
+        )
     for parent, children in hierarchy.items():
         if not isinstance(children, (list, tuple, set)):
             raise ConfigError(f"hierarchy[{parent!r}] must be a list of child category ids")
         for cid in (parent, *children):
             if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)) or int(cid) not in cat_ids:
-                raise ConfigError(f"hierarchy mentions category id {cid!r} (parent {parent!r}), which is not a "
-                                  f"category of {source}; use the dataset's integer category ids")
+                raise ConfigError(
+                    f"hierarchy mentions category id {cid!r} (parent {parent!r}), which is not a "
+                    f"category of {source}; use the dataset's integer category ids"
+                )
     return {int(p): [int(c) for c in cs] for p, cs in hierarchy.items()}
 
 
@@ -77,11 +90,14 @@ def _box_table(data: dict, label: dict, source: str) -> tuple[np.ndarray, np.nda
     labels = np.fromiter((label.get(a.get("category_id"), 0) for a in anns), dtype=np.int64, count=len(anns))
     if (labels == 0).any():
         a = anns[int(np.argmax(labels == 0))]
-        raise AnnotationError(f"{source}: annotation id {a.get('id')!r} has category_id "
-                              f"{a.get('category_id')!r}, which is not in 'categories'; fix the file")
+        raise AnnotationError(
+            f"{source}: annotation id {a.get('id')!r} has category_id "
+            f"{a.get('category_id')!r}, which is not in 'categories'; fix the file"
+        )
     image_index: dict = {}
-    images = np.fromiter((image_index.setdefault(a["image_id"], len(image_index)) for a in anns), dtype=np.int64,
-                         count=len(anns))
+    images = np.fromiter(
+        (image_index.setdefault(a["image_id"], len(image_index)) for a in anns), dtype=np.int64, count=len(anns)
+    )
     xywh = np.asarray([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
     return images, labels, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
 
@@ -94,24 +110,36 @@ def _store_objects(store: AnnotationStore, cat_ids: np.ndarray, iou_thr: float) 
     if store.meta.get("options", {}).get("iou_thr") == iou_thr:
         return np.asarray(store["ann_object"])[keep], labels
     xywh = np.asarray(store["ann_bbox"])[keep]
-    return object_ids(np.asarray(store["ann_image"])[keep], np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]],
-                                                                            axis=1), iou_thr), labels
+    return object_ids(
+        np.asarray(store["ann_image"])[keep], np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), iou_thr
+    ), labels
 
 
-def concurrent_rate_matrix(ann: dict | str | os.PathLike | AnnotationStore, hierarchy: dict | str | os.PathLike | None = None,
-                           hierarchy_rate: float = 1.0, min_rate: float = 0.0, iou_thr: float = MERGE_IOU,
-                           sparse: bool = False, *, skip_invalid: bool = False) -> torch.Tensor:
+def concurrent_rate_matrix(
+    ann: dict | str | os.PathLike | AnnotationStore,
+    hierarchy: dict | str | os.PathLike | None = None,
+    hierarchy_rate: float = 1.0,
+    min_rate: float = 0.0,
+    iou_thr: float = MERGE_IOU,
+    sparse: bool = False,
+    *,
+    skip_invalid: bool = False,
+) -> torch.Tensor:
     """r [K, K] (float32, K = C + 1 in sorted-category-id order, column 0 = background); see the module docstring.
 
     ``ann``: LVIS/COCO training annotations, a dict or a JSON path (read with ``load_lvis_json``; ``skip_invalid``
-    as there), or an annotation store (`lt_models.data.store`, opened or its directory): its merged objects are used. ``hierarchy``: {parent category id: [child category ids]} (``LVISDetection.hierarchy``) or an
-    Open Images hierarchy JSON path (``load_hierarchy``). ``hierarchy_rate``: r for every descendant/ancestor pair,
-    both directions (1.0 = no suppression inside a hierarchy, 0.0 = the paper's literal text). ``min_rate``: drop
+    as there), or an annotation store (`lt_models.data.store`, opened or its directory): its merged objects are
+    used. ``hierarchy``: {parent category id: [child category ids]} (``LVISDetection.hierarchy``) or an Open Images
+    hierarchy JSON path (``load_hierarchy``). ``hierarchy_rate``: r for every descendant/ancestor pair, both
+    directions (1.0 = no suppression inside a hierarchy, 0.0 = the paper's literal text). ``min_rate``: drop
     estimated rates below it. ``sparse=True`` returns a coalesced sparse COO tensor (``ConcurrentSoftmaxLoss``
     takes either).
     """
-    for name, value, low, high in (("hierarchy_rate", hierarchy_rate, 0.0, 1.0), ("min_rate", min_rate, 0.0, 1.0),
-                                   ("iou_thr", iou_thr, 0.0, 1.0)):
+    for name, value, low, high in (
+        ("hierarchy_rate", hierarchy_rate, 0.0, 1.0),
+        ("min_rate", min_rate, 0.0, 1.0),
+        ("iou_thr", iou_thr, 0.0, 1.0),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= float(value) <= high:
             raise ConfigError(f"concurrent_rate_matrix: {name} = {value!r} must be a number in [{low}, {high}]")
     if isinstance(ann, AnnotationStore) or (isinstance(ann, (str, os.PathLike)) and (Path(ann) / STORE_META).is_file()):
@@ -128,16 +156,18 @@ def concurrent_rate_matrix(ann: dict | str | os.PathLike | AnnotationStore, hier
     else:
         obj, labels = _store_objects(store, np.asarray(cat_ids), iou_thr)
     objects, rows, cols, both = co_label_counts(obj, labels, k)
-    estimate = both / objects[rows]                         # share of class-i objects also labelled j
+    estimate = both / objects[rows]  # share of class-i objects also labelled j
     keep = estimate >= min_rate
-    rates: dict[tuple[int, int], float] = dict(zip(zip(rows[keep].tolist(), cols[keep].tolist()),
-                                                   estimate[keep].tolist()))
+    rates: dict[tuple[int, int], float] = dict(
+        zip(zip(rows[keep].tolist(), cols[keep].tolist()), estimate[keep].tolist())
+    )
     if hierarchy is not None:
         tree = _hierarchy_dict(hierarchy, data, source, set(cat_ids))
         for cid, ancestors in hierarchy_ancestors(tree).items():
             if cid in ancestors:
-                raise ConfigError(f"hierarchy has a cycle through category id {cid}; a category cannot be its own "
-                                  "ancestor")
+                raise ConfigError(
+                    f"hierarchy has a cycle through category id {cid}; a category cannot be its own ancestor"
+                )
             for anc in ancestors:
                 for pair in ((label[cid], label[anc]), (label[anc], label[cid])):
                     rates[pair] = float(hierarchy_rate)

@@ -22,19 +22,26 @@ keeps positions ``rank, rank + world_size, ...`` of it (``shard``). When the epo
 (``ceil(len / world_size)``), and together they are the whole epoch plus at most ``world_size - 1`` repeated
 draws. Padding instead of dropping keeps the non-balance guarantee that every image is seen each epoch.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np
 import torch.utils.data
 
-from lt_models.errors import AnnotationError, ConfigError, check_spec_options
+from lt_models.errors import AnnotationError, ConfigError
 
-__all__ = ["soft_balance_probabilities", "class_to_images", "repeat_factors", "shard", "NonBalanceSampler",
-           "SoftBalanceSampler", "ClassAwareSampler", "RepeatFactorSampler", "SAMPLERS", "SAMPLER_OPTIONS",
-           "SamplerSpec", "check_sampler_option", "build_sampler"]
+__all__ = [
+    "soft_balance_probabilities",
+    "class_to_images",
+    "repeat_factors",
+    "shard",
+    "NonBalanceSampler",
+    "SoftBalanceSampler",
+    "ClassAwareSampler",
+    "RepeatFactorSampler",
+]
 
 _CSR_FIX = "build them with LVISDetection.label_csr() (indptr [n_images+1], labels = 0-based class indices)"
 
@@ -69,21 +76,27 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
     Returns:
         float64 [C], summing to 1.
     Raises:
-        ConfigError: λ negative or not a finite number.  AnnotationError: counts negative/not 1-D, or no class has images.
+        ConfigError: λ negative or not a finite number.  AnnotationError: counts negative/not 1-D, or no class has
+        images.
     """
-    lam = _check_lam(lam)
+    lam = check_lam(lam)
     counts = np.asarray(image_counts, dtype=np.float64)
     if counts.ndim != 1 or counts.size == 0:
-        raise AnnotationError(f"image_counts: expected a non-empty 1-D array of per-class image counts, got shape "
-                              f"{counts.shape}; pass LVISDetection.image_counts()")
+        raise AnnotationError(
+            f"image_counts: expected a non-empty 1-D array of per-class image counts, got shape "
+            f"{counts.shape}; pass LVISDetection.image_counts()"
+        )
     if not np.all(np.isfinite(counts)) or np.any(counts < 0):
         bad = int(np.flatnonzero(~np.isfinite(counts) | (counts < 0))[0])
-        raise AnnotationError(f"image_counts[{bad}] = {counts[bad]}: counts must be finite and >= 0; "
-                              f"pass LVISDetection.image_counts()")
+        raise AnnotationError(
+            f"image_counts[{bad}] = {counts[bad]}: counts must be finite and >= 0; pass LVISDetection.image_counts()"
+        )
     present = counts > 0
     if not present.any():
-        raise AnnotationError("image_counts: no class has any image, so there is nothing to sample; "
-                              "check that the annotation file has annotations")
+        raise AnnotationError(
+            "image_counts: no class has any image, so there is nothing to sample; "
+            "check that the annotation file has annotations"
+        )
     # log P_s(i) = (1-λ) log n_i + const; the constants (Σ n_j, C^-λ) cancel in eq 8.
     log_ps = (1.0 - lam) * np.log(counts[present])
     ps = np.exp(log_ps - log_ps.max())
@@ -95,7 +108,7 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # Label-table helpers
 # ----------------------------------------------------------------------------------------------------------------
-def _check_lam(lam) -> float:
+def check_lam(lam) -> float:
     """The one range check of soft-balance λ (eq 8): a finite number >= 0."""
     fix = "the soft-balance λ must be a finite number >= 0 (0 = P_n, 1 = class-aware, > 1 favours the tail further)"
     try:
@@ -107,7 +120,7 @@ def _check_lam(lam) -> float:
     return lam_f
 
 
-def _check_csr(indptr, labels, num_classes) -> tuple[np.ndarray, np.ndarray, int]:
+def check_csr(indptr, labels, num_classes) -> tuple[np.ndarray, np.ndarray, int]:
     """Validate the image -> classes CSR and return (indptr int64, labels int64, num_classes)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
         raise ConfigError(f"num_classes = {num_classes!r}: must be a positive int (the dataset's C)")
@@ -115,26 +128,35 @@ def _check_csr(indptr, labels, num_classes) -> tuple[np.ndarray, np.ndarray, int
     indptr = np.asarray(indptr)
     labels = np.asarray(labels)
     if indptr.ndim != 1 or indptr.size < 1 or not np.issubdtype(indptr.dtype, np.integer):
-        raise AnnotationError(f"indptr: expected a 1-D integer array of length n_images+1, got "
-                              f"shape {indptr.shape} dtype {indptr.dtype}; {_CSR_FIX}")
+        raise AnnotationError(
+            f"indptr: expected a 1-D integer array of length n_images+1, got "
+            f"shape {indptr.shape} dtype {indptr.dtype}; {_CSR_FIX}"
+        )
     if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or labels.size == 0):
-        raise AnnotationError(f"labels: expected a 1-D integer array, got shape {labels.shape} dtype "
-                              f"{labels.dtype}; {_CSR_FIX}")
+        raise AnnotationError(
+            f"labels: expected a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}; {_CSR_FIX}"
+        )
     indptr = indptr.astype(np.int64, copy=False)
     labels = labels.astype(np.int64, copy=False)
     if indptr[0] != 0 or indptr[-1] != labels.size:
-        raise AnnotationError(f"indptr: must start at 0 and end at len(labels) = {labels.size}, got "
-                              f"{int(indptr[0])} .. {int(indptr[-1])}; {_CSR_FIX}")
+        raise AnnotationError(
+            f"indptr: must start at 0 and end at len(labels) = {labels.size}, got "
+            f"{int(indptr[0])} .. {int(indptr[-1])}; {_CSR_FIX}"
+        )
     steps = np.diff(indptr)
     if steps.size and steps.min() < 0:
         i = int(np.argmin(steps))
-        raise AnnotationError(f"indptr: decreases at image {i} ({int(indptr[i])} -> {int(indptr[i + 1])}); "
-                              f"it must be non-decreasing; {_CSR_FIX}")
+        raise AnnotationError(
+            f"indptr: decreases at image {i} ({int(indptr[i])} -> {int(indptr[i + 1])}); "
+            f"it must be non-decreasing; {_CSR_FIX}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         k = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
         img = int(np.searchsorted(indptr, k, side="right") - 1)
-        raise AnnotationError(f"labels: image {img} has class index {int(labels[k])}, outside 0..{num_classes - 1}; "
-                              f"labels are 0-based (contiguous label - 1); {_CSR_FIX}")
+        raise AnnotationError(
+            f"labels: image {img} has class index {int(labels[k])}, outside 0..{num_classes - 1}; "
+            f"labels are 0-based (contiguous label - 1); {_CSR_FIX}"
+        )
     return indptr, labels, num_classes
 
 
@@ -146,7 +168,7 @@ def class_to_images(indptr, labels, num_classes: int) -> tuple[np.ndarray, np.nd
     once (an image either contains the class or not), so ``np.diff(class_indptr)`` is the per-class image
     count n_i of eq 8.
     """
-    indptr, labels, num_classes = _check_csr(indptr, labels, num_classes)
+    indptr, labels, num_classes = check_csr(indptr, labels, num_classes)
     num_images = indptr.size - 1
     if num_images >= 2**32:
         raise AnnotationError(f"indptr: {num_images} images; the class index supports fewer than 2**32 images")
@@ -180,8 +202,8 @@ def repeat_factors(indptr, labels, num_classes: int, threshold: float = 0.001) -
 
     Returns float64 [n_images].
     """
-    t = _check_threshold(threshold)
-    indptr, labels, num_classes = _check_csr(indptr, labels, num_classes)
+    t = check_threshold(threshold)
+    indptr, labels, num_classes = check_csr(indptr, labels, num_classes)
     num_images = indptr.size - 1
     class_indptr, _ = class_to_images(indptr, labels, num_classes)
     freq = np.diff(class_indptr) / max(num_images, 1)
@@ -196,15 +218,25 @@ def repeat_factors(indptr, labels, num_classes: int, threshold: float = 0.001) -
     return factors
 
 
-def _check_threshold(threshold) -> float:
+def check_num_samples(num_samples) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+        raise ConfigError(
+            f"num_samples = {num_samples!r}: the epoch length must be an int >= 1 (default: the number of images)"
+        )
+    return int(num_samples)
+
+
+def check_threshold(threshold) -> float:
     try:
         t = float(threshold)
     except (TypeError, ValueError):
-        raise ConfigError(f"threshold = {threshold!r}: the repeat-factor threshold t must be a number >= 0 "
-                          f"(LVIS uses 0.001)") from None
+        raise ConfigError(
+            f"threshold = {threshold!r}: the repeat-factor threshold t must be a number >= 0 (LVIS uses 0.001)"
+        ) from None
     if not math.isfinite(t) or t < 0:
-        raise ConfigError(f"threshold = {threshold!r}: the repeat-factor threshold t must be a finite number >= 0 "
-                          f"(LVIS uses 0.001)")
+        raise ConfigError(
+            f"threshold = {threshold!r}: the repeat-factor threshold t must be a finite number >= 0 (LVIS uses 0.001)"
+        )
     return t
 
 
@@ -294,10 +326,19 @@ class SoftBalanceSampler(_EpochSampler):
     (``ClassAwareSampler``); λ > 1 is allowed.
     """
 
-    def __init__(self, indptr, labels, num_classes: int, lam: float, num_samples: int | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        indptr,
+        labels,
+        num_classes: int,
+        lam: float,
+        num_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(seed, rank, world_size)
-        self.lam = _check_lam(lam)
+        self.lam = check_lam(lam)
         self.class_indptr, self.class_images = class_to_images(indptr, labels, num_classes)
         self.num_classes = int(num_classes)
         self.num_images = len(indptr) - 1
@@ -305,7 +346,7 @@ class SoftBalanceSampler(_EpochSampler):
         self.probabilities = soft_balance_probabilities(self.class_counts, self.lam)
         if num_samples is None:
             num_samples = self.num_images
-        self.num_samples = _check_num_samples(num_samples)
+        self.num_samples = check_num_samples(num_samples)
 
     def draw(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One epoch's draws over all ranks: ``(classes int64 [num_samples], images int32 [num_samples])``, where
@@ -334,10 +375,19 @@ class ClassAwareSampler(SoftBalanceSampler):
     """Class-aware sampling (Shen et al., ECCV 2016): soft-balance with λ = 1, every class with images equally
     likely, then an image uniformly within the class."""
 
-    def __init__(self, indptr, labels, num_classes: int, num_samples: int | None = None,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
-        super().__init__(indptr, labels, num_classes, lam=1.0, num_samples=num_samples,
-                         seed=seed, rank=rank, world_size=world_size)
+    def __init__(
+        self,
+        indptr,
+        labels,
+        num_classes: int,
+        num_samples: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(
+            indptr, labels, num_classes, lam=1.0, num_samples=num_samples, seed=seed, rank=rank, world_size=world_size
+        )
 
 
 class RepeatFactorSampler(_EpochSampler):
@@ -348,10 +398,18 @@ class RepeatFactorSampler(_EpochSampler):
     therefore varies around Σ r_i from epoch to epoch; ``len()`` is that of the current epoch.
     """
 
-    def __init__(self, indptr, labels, num_classes: int, threshold: float = 0.001,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        indptr,
+        labels,
+        num_classes: int,
+        threshold: float = 0.001,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         super().__init__(seed, rank, world_size)
-        self.threshold = _check_threshold(threshold)
+        self.threshold = check_threshold(threshold)
         self.factors = repeat_factors(indptr, labels, num_classes, self.threshold)
         self._int_part = np.floor(self.factors).astype(np.int64)
         self._frac_part = self.factors - self._int_part
@@ -369,73 +427,3 @@ class RepeatFactorSampler(_EpochSampler):
 
     def __len__(self) -> int:
         return -(-len(self.epoch_indices()) // self.world_size)
-
-
-SAMPLERS = {
-    "nonbalance": NonBalanceSampler,
-    "softbalance": SoftBalanceSampler,
-    "classaware": ClassAwareSampler,
-    "repeatfactor": RepeatFactorSampler,
-}
-
-# The options each sampler reads (SamplerSpec fields besides `name`).
-SAMPLER_OPTIONS = {
-    "nonbalance": (),
-    "softbalance": ("lam", "num_samples"),
-    "classaware": ("num_samples",),
-    "repeatfactor": ("threshold",),
-}
-
-
-def _check_num_samples(num_samples) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
-        raise ConfigError(f"num_samples = {num_samples!r}: the epoch length must be an int >= 1 "
-                          f"(default: the number of images)")
-    return int(num_samples)
-
-
-_CHECKS = {"lam": _check_lam, "num_samples": _check_num_samples, "threshold": _check_threshold}
-
-
-def check_sampler_option(option: str, value):
-    """The range check of a sampler option (``lam``, ``num_samples``, ``threshold``), by its owner."""
-    return _CHECKS[option](value)
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSpec:
-    """How a run draws its training images: the sampler's name and the options that sampler reads.
-
-    ``lam``: soft-balance λ of eq 8 (softbalance only, required there). ``num_samples``: images drawn per epoch
-    (softbalance, classaware; default the number of images). ``threshold``: repeat-factor t (repeatfactor only;
-    default 0.001, as LVIS). An option the named sampler does not read is an error, never silently ignored.
-    Building a spec checks it, so a ``SamplerSpec`` that exists is valid.
-    """
-
-    name: str = "nonbalance"
-    lam: float | None = None
-    num_samples: int | None = None
-    threshold: float | None = None
-
-    def __post_init__(self):
-        check_spec_options(self, "sampler", SAMPLER_OPTIONS, _CHECKS)
-        if self.name == "softbalance" and self.lam is None:
-            raise ConfigError("sampler 'softbalance' needs lam (λ >= 0, e.g. 0.7)")
-
-    def options(self) -> dict:
-        """The options that are set, as keyword arguments of the sampler class."""
-        return {k: getattr(self, k) for k in SAMPLER_OPTIONS[self.name] if getattr(self, k) is not None}
-
-
-def build_sampler(spec: SamplerSpec, indptr, labels, num_classes: int, *, seed: int = 0, rank: int = 0,
-                  world_size: int = 1) -> torch.utils.data.Sampler:
-    """The sampler ``spec`` describes, over the ``label_csr()`` arrays, drawing from (seed, epoch), sharded to
-    ``rank`` of ``world_size``."""
-    if not isinstance(spec, SamplerSpec):
-        raise ConfigError(f"build_sampler takes a SamplerSpec, got {type(spec).__name__}; e.g. "
-                          "SamplerSpec('softbalance', lam=0.7)")
-    common = dict(seed=seed, rank=rank, world_size=world_size)
-    if spec.name == "nonbalance":
-        _check_csr(indptr, labels, num_classes)
-        return NonBalanceSampler(len(indptr) - 1, **common)
-    return SAMPLERS[spec.name](indptr, labels, num_classes, **spec.options(), **common)

@@ -11,6 +11,7 @@ Multi-Labels", Peng et al., CVPR 2020):
 - for a soft-balance λ: the expected views per image of the head and tail class in one epoch (its eq 8, computed
   by `lt_models.data.samplers.soft_balance_probabilities`).
 """
+
 from __future__ import annotations
 
 import os
@@ -19,21 +20,30 @@ from pathlib import Path
 
 import numpy as np
 
-from lt_models.data.annotations import (COMMON_MAX, FREQ_LABELS, RARE_MAX, category_frequencies, category_image_counts,
-                                   hierarchy_ancestors, load_hierarchy, name_to_cat_id)
 from lt_models.atomic import atomic_path
+from lt_models.data.annotations import (
+    COMMON_MAX,
+    FREQ_LABELS,
+    RARE_MAX,
+    category_frequencies,
+    category_image_counts,
+    hierarchy_ancestors,
+    load_hierarchy,
+    name_to_cat_id,
+)
 from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
 from lt_models.data.samplers import soft_balance_probabilities
 
 
-def _class_views(counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], num_images: int,
-                 lam: float) -> tuple[np.ndarray, np.ndarray]:
+def _class_views(
+    counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], num_images: int, lam: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Per class: (mean views of its images, share of its images never drawn) in one soft-balance epoch.
 
     `pairs` = (image index, class index) for every class present in every image; an epoch is `num_images` draws.
-    The sampler draws class i with P*_s(i) (paper eq 8, `lt_models.data.samplers.soft_balance_probabilities`), then one of
-    the n_i images containing i uniformly, so image j is drawn v_j = num_images * sum_{i in L_j} P*_s(i) / n_i times
+    The sampler draws class i with P*_s(i) (paper eq 8, `lt_models.data.samplers.soft_balance_probabilities`), then one
+    of the n_i images containing i uniformly, so image j is drawn v_j = num_images * sum_{i in L_j} P*_s(i) / n_i times
     on average; draws are with replacement, so it is missed with probability ~exp(-v_j).
     """
     img, cls = pairs
@@ -49,12 +59,12 @@ def _class_views(counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], num_i
 
 def _label_statistics(objects: dict, ancestors: dict[int, set[int]], names: dict[int, str], top_k: int) -> dict:
     """Object counts, the `top_k` most concurrent unrelated label pairs (Fig 3a) and parent-only counts (Fig 3b)."""
-    n_obj = Counter()
-    n_pair = Counter()
+    n_obj: Counter[int] = Counter()
+    n_pair: Counter[tuple[int, int]] = Counter()
     n_multi = 0
     n_objects = 0
-    parent_only = Counter()
-    parent_any = Counter()
+    parent_only: Counter[int] = Counter()
+    parent_any: Counter[int] = Counter()
     descendants: dict[int, set[int]] = defaultdict(set)
     for c, ancs in ancestors.items():
         for a in ancs:
@@ -74,15 +84,22 @@ def _label_statistics(objects: dict, ancestors: dict[int, set[int]], names: dict
                 if p in ls and not ls & descendants[p]:
                     parent_only[p] += 1
     pairs = sorted(((n / n_obj[i], n, i, j) for (i, j), n in n_pair.items()), key=lambda t: (-t[0], -t[1], t[2], t[3]))
-    confused = [{"label": names[i], "also_labelled": names[j], "rate": round(r, 4), "objects": int(n),
-                 "of": int(n_obj[i])} for r, n, i, j in pairs[:top_k]]
+    confused = [
+        {"label": names[i], "also_labelled": names[j], "rate": round(r, 4), "objects": int(n), "of": int(n_obj[i])}
+        for r, n, i, j in pairs[:top_k]
+    ]
     out: dict = {"objects": n_objects, "multi_label_objects": n_multi, "confused_pairs": confused}
     if ancestors:
         tot_any = sum(parent_any.values())
         out["parent_only_share"] = (sum(parent_only.values()) / tot_any) if tot_any else 0.0
-        out["parent_only"] = {names[p]: {"objects": int(parent_any[p]), "parent_only": int(parent_only[p]),
-                                         "share": round(parent_only[p] / parent_any[p], 4) if parent_any[p] else 0.0}
-                              for p in sorted(descendants)}
+        out["parent_only"] = {
+            names[p]: {
+                "objects": int(parent_any[p]),
+                "parent_only": int(parent_only[p]),
+                "share": round(parent_only[p] / parent_any[p], 4) if parent_any[p] else 0.0,
+            }
+            for p in sorted(descendants)
+        }
     else:
         out["parent_only_share"] = None
     return out
@@ -92,27 +109,50 @@ def _image_class_pairs(objects: dict, cats: list[dict]) -> tuple[int, tuple[np.n
     """(images with an object, (image index, class index) for every class present in each of them)."""
     cat_index = {c["id"]: k for k, c in enumerate(cats)}
     present = [sorted({cat_index[c] for o in objs for c in o[2]}) for objs in objects.values() if objs]
-    pairs = (np.repeat(np.arange(len(present)), [len(p) for p in present]),
-             np.array([c for p in present for c in p], dtype=np.int64))
+    pairs = (
+        np.repeat(np.arange(len(present)), [len(p) for p in present]),
+        np.array([c for p in present for c in p], dtype=np.int64),
+    )
     return len(present), pairs
 
 
-def _sampling_rows(counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], n_images: int, lam: float,
-                   head: int, tail: int) -> dict:
+def _sampling_rows(
+    counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], n_images: int, lam: float, head: int, tail: int
+) -> dict:
     """Head/tail views and never-drawn shares for non-balance, soft-balance λ and class-aware sampling."""
-    rows = {"non-balance (each image once)": {"lam": None, "head_views": 1.0, "tail_views": 1.0,
-                                              "head_unseen": 0.0, "tail_unseen": 0.0}}
+    rows = {
+        "non-balance (each image once)": {
+            "lam": None,
+            "head_views": 1.0,
+            "tail_views": 1.0,
+            "head_unseen": 0.0,
+            "tail_unseen": 0.0,
+        }
+    }
     for name, lv in ((f"soft-balance λ={lam:g}", float(lam)), ("class-aware (λ=1)", 1.0)):
         mean, unseen = _class_views(counts.astype(np.float64), pairs, n_images, lv)
-        rows[name] = {"lam": lv, "head_views": float(mean[head]), "tail_views": float(mean[tail]),
-                      "head_unseen": float(unseen[head]), "tail_unseen": float(unseen[tail])}
+        rows[name] = {
+            "lam": lv,
+            "head_views": float(mean[head]),
+            "tail_views": float(mean[tail]),
+            "head_unseen": float(unseen[head]),
+            "tail_unseen": float(unseen[tail]),
+        }
     return rows
 
 
-def dataset_stats(ann_file: str | os.PathLike, lam: float | None = None,
-                  hierarchy_file: str | os.PathLike | None = None, plot_dir: str | os.PathLike | None = None, *,
-                  image_dir: str | os.PathLike | None = None, skip_invalid: bool = False, rare_max: int = RARE_MAX,
-                  common_max: int = COMMON_MAX, top_k: int = 10) -> dict:
+def dataset_stats(
+    ann_file: str | os.PathLike,
+    lam: float | None = None,
+    hierarchy_file: str | os.PathLike | None = None,
+    plot_dir: str | os.PathLike | None = None,
+    *,
+    image_dir: str | os.PathLike | None = None,
+    skip_invalid: bool = False,
+    rare_max: int = RARE_MAX,
+    common_max: int = COMMON_MAX,
+    top_k: int = 10,
+) -> dict:
     """Long-tail and multi-label statistics of an LVIS-format file (the paper's Fig 2, Fig 3a/3b, §3 sampling).
 
     - imbalance: images of the largest category / images of the smallest non-empty one (Fig 2);
@@ -146,19 +186,24 @@ def dataset_stats(ann_file: str | os.PathLike, lam: float | None = None,
     labels = _label_statistics(objects, ancestors, names, top_k)
 
     stats: dict = {
-        "file": str(ann_file), "images": len(data["images"]), "annotations": len(data["annotations"]),
-        "objects": labels["objects"], "multi_label_objects": labels["multi_label_objects"], "categories": len(cats),
+        "file": str(ann_file),
+        "images": len(data["images"]),
+        "annotations": len(data["annotations"]),
+        "objects": labels["objects"],
+        "multi_label_objects": labels["multi_label_objects"],
+        "categories": len(cats),
         "empty_categories": int((counts == 0).sum()),
         "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
         "head": {"name": names[cats[head]["id"]], "images": int(counts[head])} if head is not None else None,
         "tail": {"name": names[cats[tail]["id"]], "images": int(counts[tail])} if tail is not None else None,
-        "buckets": {b: freq.count(b) for b in "rcf"}, "bucket_source": (
-            "file" if all(c.get("frequency") in FREQ_LABELS for c in cats) else "image counts"),
+        "buckets": {b: freq.count(b) for b in "rcf"},
+        "bucket_source": ("file" if all(c.get("frequency") in FREQ_LABELS for c in cats) else "image counts"),
         "thresholds": {"rare_max": rare_max, "common_max": common_max},
         "confused_pairs": labels["confused_pairs"],
         "hierarchy": str(hierarchy_file) if hierarchy_file is not None else None,
         "images_checked": str(image_dir) if image_dir is not None else None,
-        "invalid_skipped": data["invalid_skipped"], "invalid_reasons": data["invalid_reasons"],
+        "invalid_skipped": data["invalid_skipped"],
+        "invalid_reasons": data["invalid_reasons"],
         "image_counts": {names[c["id"]]: int(n) for c, n in zip(cats, counts)},
         "instance_counts": {names[c["id"]]: int(inst_counts[c["id"]]) for c in cats},
         "frequency": {names[c["id"]]: f for c, f in zip(cats, freq)},
@@ -168,9 +213,9 @@ def dataset_stats(ann_file: str | os.PathLike, lam: float | None = None,
         stats["parent_only"] = labels["parent_only"]
     pairs = (np.zeros(0, np.int64), np.zeros(0, np.int64))
     if lam is not None and len(nz):
+        assert head is not None and tail is not None  # some category has images, so both are set
         n_images, pairs = _image_class_pairs(objects, cats)
-        stats["sampling"] = {"epoch_draws": n_images,
-                             "rows": _sampling_rows(counts, pairs, n_images, lam, head, tail)}
+        stats["sampling"] = {"epoch_draws": n_images, "rows": _sampling_rows(counts, pairs, n_images, lam, head, tail)}
     if plot_dir is not None:
         stats["plots"] = _plot_stats(stats, counts, freq, lam, pairs, Path(plot_dir), ann_file.stem)
     return stats
@@ -184,8 +229,15 @@ def _save(fig, plt, path: Path, written: list[str]) -> None:
     written.append(str(path))
 
 
-def _plot_stats(stats: dict, counts: np.ndarray, freq: list[str], lam: float | None,
-                pairs: tuple[np.ndarray, np.ndarray], plot_dir: Path, stem: str) -> list[str]:
+def _plot_stats(
+    stats: dict,
+    counts: np.ndarray,
+    freq: list[str],
+    lam: float | None,
+    pairs: tuple[np.ndarray, np.ndarray],
+    plot_dir: Path,
+    stem: str,
+) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,10 +253,15 @@ def _plot_stats(stats: dict, counts: np.ndarray, freq: list[str], lam: float | N
     ax.set_yscale("log")
     ax.set_xlabel("category (sorted by training images)")
     ax.set_ylabel("images")
-    ax.set_title(f"imbalance magnitude {stats['imbalance']:.0f} (Fig 2); "
-                 + ", ".join(f"{b}={stats['buckets'][b]}" for b in "rcf"))
-    ax.legend(handles=[Patch(color=c, label={"r": "rare", "c": "common", "f": "frequent"}[b])
-                       for b, c in colours.items()], loc="upper right", fontsize=8)
+    ax.set_title(
+        f"imbalance magnitude {stats['imbalance']:.0f} (Fig 2); "
+        + ", ".join(f"{b}={stats['buckets'][b]}" for b in "rcf")
+    )
+    ax.legend(
+        handles=[Patch(color=c, label={"r": "rare", "c": "common", "f": "frequent"}[b]) for b, c in colours.items()],
+        loc="upper right",
+        fontsize=8,
+    )
     _save(fig, plt, plot_dir / f"{stem}_imbalance.png", written)
 
     if stats["confused_pairs"]:
@@ -248,19 +305,27 @@ def _plot_stats(stats: dict, counts: np.ndarray, freq: list[str], lam: float | N
 
 def format_stats(stats: dict) -> str:
     """Human-readable table of `dataset_stats` output."""
-    lines = [f"{stats['file']}: {stats['images']} images, {stats['annotations']} annotations, "
-             f"{stats['objects']} objects after merging duplicate boxes ({stats['multi_label_objects']} multi-label), "
-             f"{stats['categories']} categories ({stats['empty_categories']} without images)"]
+    lines = [
+        f"{stats['file']}: {stats['images']} images, {stats['annotations']} annotations, "
+        f"{stats['objects']} objects after merging duplicate boxes ({stats['multi_label_objects']} multi-label), "
+        f"{stats['categories']} categories ({stats['empty_categories']} without images)"
+    ]
     if stats.get("invalid_skipped"):
-        lines.append(f"skipped {stats['invalid_skipped']} invalid records: "
-                     + ", ".join(f"{k} {v}" for k, v in stats["invalid_reasons"].items()))
+        lines.append(
+            f"skipped {stats['invalid_skipped']} invalid records: "
+            + ", ".join(f"{k} {v}" for k, v in stats["invalid_reasons"].items())
+        )
     if stats["head"]:
-        lines.append(f"imbalance magnitude (Fig 2): {stats['imbalance']:.1f}  "
-                     f"(head {stats['head']['name']}: {stats['head']['images']} images, "
-                     f"tail {stats['tail']['name']}: {stats['tail']['images']})")
+        lines.append(
+            f"imbalance magnitude (Fig 2): {stats['imbalance']:.1f}  "
+            f"(head {stats['head']['name']}: {stats['head']['images']} images, "
+            f"tail {stats['tail']['name']}: {stats['tail']['images']})"
+        )
     b, t = stats["buckets"], stats["thresholds"]
-    lines.append(f"buckets ({stats['bucket_source']}; rare <= {t['rare_max']} < common <= {t['common_max']} < "
-                 f"frequent images): rare {b['r']}  common {b['c']}  frequent {b['f']}")
+    lines.append(
+        f"buckets ({stats['bucket_source']}; rare <= {t['rare_max']} < common <= {t['common_max']} < "
+        f"frequent images): rare {b['r']}  common {b['c']}  frequent {b['f']}"
+    )
     lines.append("")
     lines.append("most concurrent label pairs, excluding parent/child (Fig 3a):")
     if stats["confused_pairs"]:
@@ -268,16 +333,19 @@ def format_stats(stats: dict) -> str:
         w2 = max(len(p["also_labelled"]) for p in stats["confused_pairs"])
         lines.append(f"  {'label i':<{w}}  {'also labelled j':<{w2}}  {'rate':>6}  objects")
         for p in stats["confused_pairs"]:
-            lines.append(f"  {p['label']:<{w}}  {p['also_labelled']:<{w2}}  {p['rate']:>6.3f}  "
-                         f"{p['objects']}/{p['of']}")
+            lines.append(
+                f"  {p['label']:<{w}}  {p['also_labelled']:<{w2}}  {p['rate']:>6.3f}  {p['objects']}/{p['of']}"
+            )
     else:
         lines.append("  (no object carries two unrelated labels)")
     lines.append("")
     if stats["parent_only_share"] is None:
         lines.append("parent-only labels (Fig 3b): n/a (no hierarchy; pass --hierarchy)")
     else:
-        lines.append(f"parent-only labels (Fig 3b): {stats['parent_only_share']:.1%} of objects in a hierarchy "
-                     f"family carry the parent label only ({stats['hierarchy']})")
+        lines.append(
+            f"parent-only labels (Fig 3b): {stats['parent_only_share']:.1%} of objects in a hierarchy "
+            f"family carry the parent label only ({stats['hierarchy']})"
+        )
         po = stats["parent_only"]
         w = max([len(n) for n in po] + [6])
         lines.append(f"  {'parent':<{w}}  objects  parent-only  share")
@@ -286,12 +354,16 @@ def format_stats(stats: dict) -> str:
     if "sampling" in stats:
         s = stats["sampling"]
         lines.append("")
-        lines.append(f"expected views per image in one epoch of {s['epoch_draws']} draws "
-                     f"(head {stats['head']['name']}, tail {stats['tail']['name']}):")
+        lines.append(
+            f"expected views per image in one epoch of {s['epoch_draws']} draws "
+            f"(head {stats['head']['name']}, tail {stats['tail']['name']}):"
+        )
         lines.append(f"  {'sampler':<30} {'head views':>10} {'head unseen':>11} {'tail views':>10} {'tail unseen':>11}")
         for name, r in s["rows"].items():
-            lines.append(f"  {name:<30} {r['head_views']:>10.3f} {r['head_unseen']:>11.1%} "
-                         f"{r['tail_views']:>10.2f} {r['tail_unseen']:>11.1%}")
+            lines.append(
+                f"  {name:<30} {r['head_views']:>10.3f} {r['head_unseen']:>11.1%} "
+                f"{r['tail_views']:>10.2f} {r['tail_unseen']:>11.1%}"
+            )
     if stats.get("plots"):
         lines.append("")
         lines.append("plots: " + ", ".join(stats["plots"]))

@@ -1,4 +1,5 @@
 """Training-time image transforms (the papers' only augmentation is a random horizontal flip)."""
+
 from __future__ import annotations
 
 import torch

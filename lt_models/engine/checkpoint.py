@@ -27,7 +27,8 @@ _FORMAT = "ltsweep-checkpoint-v1"
 
 def capture_rng_state() -> dict:
     """torch / CUDA / numpy / python RNG states, as tensors and plain python (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default; numpy's stubs type only an explicit True as the tuple
+    assert isinstance(np_state, tuple)  # the global RandomState is MT19937: the legacy 5-tuple
     py_state = random.getstate()
     state = {
         "torch": torch.get_rng_state(),

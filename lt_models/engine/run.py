@@ -16,7 +16,7 @@ import torch
 
 import lt_models.engine.distributed as distributed
 from lt_models.data.datasets import LVISDetection
-from lt_models.data.samplers import build_sampler
+from lt_models.data.sampler_spec import build_sampler
 from lt_models.data.transforms import RandomHorizontalFlip
 from lt_models.engine.build import (
     build_lr_scheduler,
@@ -72,7 +72,7 @@ def _seed_all(seed: int) -> None:
 
 
 def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection]:
-    common = dict(
+    common: dict[str, Any] = dict(
         hierarchy_file=spec.hierarchy_file,
         expand_parents=spec.expand_parents,
         skip_invalid=spec.skip_invalid,

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from lt_models.data.samplers import SamplerSpec
+from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import LossSpec
 from lt_models.modeling.backbones import BACKBONES

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from tqdm.auto import tqdm
 
@@ -59,14 +61,17 @@ def evaluate(
     ``train`` passes the training set's, so APr/APc/APf always bucket classes by their training frequency.
     With ``world_size`` > 1 every rank predicts its share of the batches (``build.val_loader``), rank 0 scores all
     detections in single-process order and every rank returns its metrics."""
-    dets = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
+    preds = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
+    dets: list[dict] | None = preds  # None on the ranks > 0 after the gather
     if world_size > 1:
         position = {int(i): k for k, i in enumerate(val_ds.image_ids)}
-        dets = distributed.gather_in_order(dets, lambda d: position[d["image_id"]], world_size)
+        dets = distributed.gather_in_order(preds, lambda d: position[d["image_id"]], world_size)
 
     def score() -> dict:
+        assert dets is not None  # score runs on rank 0 only, which holds the gathered detections
         if metric == "openimages":
-            return evaluate_openimages(val_ann, dets, hierarchy, frequency=frequency)
+            # TrainSpec requires hierarchy_file for "openimages"; a None here fails inside evaluate_openimages as before
+            return evaluate_openimages(val_ann, dets, cast("str", hierarchy), frequency=frequency)
         return evaluate_lvis(val_ann, dets, frequency=frequency)
 
     return distributed.on_rank0(score, world_size)

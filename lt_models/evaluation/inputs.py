@@ -25,7 +25,7 @@ from lt_models.errors import AnnotationError
 Frequency = Mapping[Any, str] | Sequence[str] | None
 
 
-def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[dict, str]:
+def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     if isinstance(gt, (str, Path)):
         data, source = read_json(gt, "ground-truth annotations"), str(gt)
     elif isinstance(gt, Mapping):
@@ -177,6 +177,8 @@ def detection_arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, s
     try:  # C-level iteration (map/itemgetter): ~1.5 M detections in about a second
         ids = map(itemgetter("image_id"), dets)
         cids = map(itemgetter("category_id"), dets)
+        img: np.ndarray | None
+        cat: np.ndarray | None
         if g is not None:
             img = np.fromiter(map(g.img_index.__getitem__, ids), np.int64, n)
             cat = np.fromiter(map(g.cat_index.__getitem__, cids), np.int64, n)

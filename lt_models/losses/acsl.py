@@ -164,7 +164,7 @@ class ACSLLoss(nn.Module):
         super().__init__()
         self.xi = check_xi(xi)
         self.frequency = None if frequency is None else list(frequency)
-        self._columns = None if frequency is None else _frequency_columns(self.frequency)
+        self._columns = None if self.frequency is None else _frequency_columns(self.frequency)
         self.generator = generator
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:

@@ -123,6 +123,8 @@ class EQLLoss(nn.Module):
     :func:`check_eql_lambda` (paper: 1.76e-3 on LVIS v0.5).
     """
 
+    tail: Tensor
+
     def __init__(self, class_freq: Sequence[float], lambda_: float = 1.76e-3):
         super().__init__()
         freq = torch.as_tensor(list(class_freq), dtype=torch.float64)

@@ -140,6 +140,7 @@ class _ConcurrentSoftmaxFunction(torch.autograd.Function):
                 z_rows, 1.0 - y.index_select(0, ex_rows), ex_ks, crow, col, val, shares=True
             )  # weights: w_kj e^{z_j} / D_k
             log_sigma.index_copy_(0, exact, take(z, flat.index_select(0, exact)) - logd)
+            assert weights is not None  # shares=True: the weights are formed
             weights[torch.arange(exact.numel(), device=z.device), ex_ks] = 0.0  # the label entry is set apart
         ctx.buffer = logp  # becomes the gradient in backward (no second N×K allocation)
         ctx.logits_dtype = logits.dtype
@@ -256,11 +257,12 @@ def concurrent_softmax_scores(
             cache[key] = _rate_sparse(crow, col, val, z.device, dtype)
         rate = cache[key]
         out = torch.empty_like(z)
+        bad: list[Tensor]
         if z.device.type == "cpu":
             if block_rows is None:
                 block_rows = max(16, (1 << 16) // k)  # ~64 rows for K = 1231: measured best
-            bad = map_row_blocks(lambda s, e: _eq5_rows(z[s:e], out[s:e], rate), n, block_rows)
-            bad = [b + torch.tensor([s, 0]) for s, b in bad]
+            blocks = map_row_blocks(lambda s, e: _eq5_rows(z[s:e], out[s:e], rate), n, block_rows)
+            bad = [b + torch.tensor([s, 0]) for s, b in blocks]
         else:
             b = _eq5_rows(z, out, rate)
             bad = [] if b is None else [b]
@@ -283,6 +285,11 @@ class ConcurrentSoftmaxLoss(nn.Module):
     r_ij = share of objects of class i also labelled j; row 0, column 0 and the diagonal are 0. ``None`` means r = 0:
     only the explicit multi-label term (1 − y_j) of eq 3 remains and ``scores`` is plain softmax.
     """
+
+    num_columns: int | None
+    crow: Tensor
+    col: Tensor
+    val: Tensor
 
     def __init__(self, concurrent_rate: Tensor | None):
         super().__init__()

@@ -212,6 +212,10 @@ class EQLv2Loss(nn.Module):
     the state after computing the loss, with this batch's weights, only in training mode with grad enabled.
     """
 
+    pos_grad: Tensor
+    neg_grad: Tensor
+    steps: Tensor
+
     def __init__(
         self,
         num_classes: int,

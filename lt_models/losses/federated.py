@@ -228,6 +228,8 @@ class FederatedLoss(nn.Module):
     ``torch.Generator`` for the sampling (default: torch's global RNG). The loss keeps no training state.
     """
 
+    weight: Tensor
+
     def __init__(
         self,
         class_freq: Sequence[float],

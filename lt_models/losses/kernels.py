@@ -44,7 +44,8 @@ def label_pairs(y: Tensor) -> tuple[Tensor, Tensor]:
     """
     n, k = y.shape
     if y.dtype != torch.float64 and k * (k + 1) // 2 >= 1 << 24:  # codes would not be exact in float32
-        return torch.nonzero(y, as_tuple=True)
+        rows, cols = torch.nonzero(y, as_tuple=True)  # y is 2-D: exactly (rows, columns)
+        return rows, cols
     code = torch.mv(y, torch.arange(1, k + 1, dtype=y.dtype, device=y.device))
     cand = code.round().clamp(1, k).to(torch.int64) - 1
     rows_all = torch.arange(n, device=y.device)

@@ -30,6 +30,8 @@ loss table names each paper. ``benchmarks/bench_losses.py`` times every custom l
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -142,7 +144,8 @@ class RescoredLoss(nn.Module):
             return torch.sigmoid(logits)
         if self.rule == "softmax":
             return torch.softmax(logits, dim=1)
-        return self.loss.scores(logits)
+        # every loss of the registry has scores(); nn.Module types an undeclared attribute as Tensor | Module
+        return cast("Callable[[Tensor], Tensor]", self.loss.scores)(logits)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -218,6 +218,10 @@ class SeesawLoss(nn.Module):
     """
 
     one_label = True
+    num_classes: int
+    p: float
+    q: float
+    cum_samples: Tensor
 
     def __init__(self, num_classes: int, p: float = DEFAULT_P, q: float = DEFAULT_Q):
         super().__init__()

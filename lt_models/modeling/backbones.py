@@ -69,6 +69,11 @@ class TinyBody(nn.Module):
     """A small ResNet-style body for CPU training at ~128 px: a stride-2 stem and four stages of torchvision
     ``BasicBlock``s at strides 4, 8, 16, 32 (channels 32, 64, 128, 256). ``layer2..layer4`` feed the FPN."""
 
+    layer1: nn.Sequential  # the stages, set with setattr in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, channels=(32, 64, 128, 256), blocks=(1, 1, 2, 2), norm_layer=nn.BatchNorm2d):
         super().__init__()
         self.stem = Conv2dNormActivation(3, channels[0], kernel_size=3, stride=2, norm_layer=norm_layer)

@@ -24,8 +24,13 @@ stage-1 classifier); the decoupled classifier-only stage 2 of the ACSL paper (§
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from lt_models.modeling.detector import LTFasterRCNN
 
 __all__ = ["AUTO_SWITCH", "background_relative_classifier", "is_sigmoid_loss", "needs_switch", "switch_classifier"]
 
@@ -71,11 +76,12 @@ def is_sigmoid_loss(loss: nn.Module, num_columns: int = 3) -> bool:
     device = buffers[0].device if buffers else torch.device("cpu")
     probe = torch.linspace(-3.0, 3.0, 2 * num_columns, device=device).reshape(2, num_columns)
     with torch.no_grad():
-        scores = inner.scores(probe)
+        # every classification loss has scores(); nn.Module types an undeclared attribute as Tensor | Module
+        scores = cast("Callable[[Tensor], Tensor]", inner.scores)(probe)
     return tuple(scores.shape) == tuple(probe.shape) and bool(torch.allclose(scores, torch.sigmoid(probe)))
 
 
-def needs_switch(model: nn.Module, checkpoint_extra: dict | None) -> bool:
+def needs_switch(model: LTFasterRCNN, checkpoint_extra: dict | None) -> bool:
     """Whether a run that has just loaded ``init_checkpoint`` weights (``checkpoint_extra``: the checkpoint's
     ``extra``, returned by ``lt_models.engine.checkpoint.load_model_weights``) must convert its classifier: the
     checkpoint is a stage-1 checkpoint (always softmax-type, ``engine.spec.STAGE1_LOSSES``) and the run's classification
@@ -86,7 +92,7 @@ def needs_switch(model: nn.Module, checkpoint_extra: dict | None) -> bool:
     return is_sigmoid_loss(model.roi_heads.cls_loss, cls_score.out_features)
 
 
-def switch_classifier(model: nn.Module, checkpoint_extra: dict | None) -> bool:
+def switch_classifier(model: LTFasterRCNN, checkpoint_extra: dict | None) -> bool:
     """Convert ``model.roi_heads.box_predictor.cls_score`` with :func:`background_relative_classifier` when
     :func:`needs_switch` says so; return whether it did. Call it only after loading ``init_checkpoint`` weights,
     never after a resume (a resumed checkpoint's classifier is already the stage-2 one)."""

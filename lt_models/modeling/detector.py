@@ -79,6 +79,9 @@ class MultiLabelRoIHeads(RoIHeads):
     ``multi_hot`` float [n,K]; without it the one-hot of ``labels`` is used (single-label data).
     """
 
+    box_predictor: FastRCNNPredictor
+    cls_loss: nn.Module
+
     def __init__(self, *args, cls_loss: nn.Module, box_reg_labels: str = "primary", **kwargs):
         super().__init__(*args, **kwargs)
         if box_reg_labels not in ("primary", "all"):
@@ -196,6 +199,7 @@ class LTFasterRCNN(FasterRCNN):
     mode under ``train()`` (their running statistics are part of the frozen representation)."""
 
     decoupled: str | bool = False
+    roi_heads: MultiLabelRoIHeads  # build_detector replaces torchvision's RoIHeads
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -218,6 +222,7 @@ def set_decoupled(model: LTFasterRCNN, mode: str | bool) -> LTFasterRCNN:
         mode = "cls"
     if mode not in DECOUPLED_MODES:
         raise ConfigError(f"decoupled must be one of false, 'cls', 'box_head'; got {mode!r}")
+    prefixes: tuple[str, ...]
     if mode == "cls":
         prefixes = ("roi_heads.box_predictor.cls_score.",)
     elif mode == "box_head":
@@ -306,6 +311,7 @@ def build_detector(
 def _anchors_and_pool(backbone: str, image_size: int, sampling_ratio: int):
     """The anchor generator and the RoIAlign pooler of a backbone at ``image_size``."""
     scale = image_size / 800.0
+    anchor_sizes: tuple[tuple[int, ...], ...]
     if backbone == "tiny":
         # strides 8, 16, 32, 64 (max-pool level) at 128 px: two sizes per level cover objects of ~8 to ~128 px
         anchor_sizes = ((8, 16), (24, 32), (48, 64), (96, 128))

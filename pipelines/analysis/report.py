@@ -1,6 +1,5 @@
-"""Reading sweeps back from MLflow, and pictures of them: the HTML sweep report and ``ltsweep compare``.
+"""The HTML sweep report, from the sweep's runs read back from MLflow (:mod:`pipelines.mlflow_io.reads`).
 
-- :func:`search_tagged` finds runs by their tags (:mod:`pipelines.names`), for the report and for the MLflow writer.
 - :func:`log_sweep_report` (called by the MLflow writer when the sweep ends) writes ``sweep_report.html``
   on the sweep's parent run: a table of trials and, embedded as base64 PNGs, AP/APr vs λ, AP/APr vs ξ, APr/APc/APf
   per trial, how many evaluations each trial ran before ASHA stopped it, and AP by frequency rank of the best trial

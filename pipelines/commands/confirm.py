@@ -18,7 +18,6 @@ An ASHA sweep ranks configurations on a few evaluations of one seed each, so its
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from pipelines.names import (
 CONFIRM_SUFFIX = "-confirm"
 
 
-def load_sweep_config(name: str, storage_path: os.PathLike | str) -> ExperimentConfig:
+def load_sweep_config(name: str, storage_path: str | Path) -> ExperimentConfig:
     """The config a sweep ran with, from the record it wrote at its start (a directory or an object-store URI,
     :mod:`pipelines.storage.location`)."""
     from pipelines.storage import location as storage
@@ -124,7 +123,7 @@ def confirm(
     *,
     top: int = 3,
     seeds: int = 3,
-    storage_path: os.PathLike | str = Path("results"),
+    storage_path: str | Path = Path("results"),
     tracking_uri: str | None = None,
     verbose: int = 0,
 ) -> SweepSummary:
@@ -139,6 +138,7 @@ def confirm(
     cfg = apply_run_overrides(cfg, storage_path, tracking_uri)
     client = open_store(tracking_uri_for(cfg))
     new, ranking, first_run = plan(cfg, client, top, seeds)
+    assert new.search.configs is not None  # plan() sets the chosen configurations
     print(
         f"confirming {len(new.search.configs)} configuration(s) of sweep {name!r} with seeds {new.seeds} "
         f"(full schedule) as sweep {new.name!r}:"

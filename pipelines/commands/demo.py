@@ -91,7 +91,7 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
     if summary.model is not None:
         print(
             f"best model: {summary.model.uri} (load: mlflow.pyfunc.load_model({summary.model.uri!r})"
-            ".predict(image_hwc_uint8); see the README)"
+            ".predict(image_hwc_uint8); see docs/dashboards.md)"
         )
     print("\nopen the dashboards:")
     print(f"  mlflow ui --backend-store-uri {summary.tracking_uri} --host 127.0.0.1")

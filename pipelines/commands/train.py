@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from lt_models.atomic import write_json_atomic
 from lt_models.errors import ConfigError
@@ -45,9 +45,10 @@ def run_train(cfg: ExperimentConfig, out_dir: os.PathLike | None = None) -> dict
         spec = train_spec(cfg, "stage1", device=device, num_threads=threads, progress=None)
         metrics = _train(cfg, spec, out / "stage1")
     else:
-        init = cfg.train.init_checkpoint if stage == "stage2" else None
+        init: str | Path | None = cfg.train.init_checkpoint if stage == "stage2" else None
         if init is None and cfg.stage1 is not None:
             ck = ensure_stage1(cfg, use_ray=False)
+            assert ck is not None  # cfg.stage1 is set, so ensure_stage1 returns a checkpoint
             # several workers (maybe on other nodes) read stage 1 where it is stored; one process, a local copy
             init = str(ck.checkpoint_dir) if cfg.resources.distributed else local_stage1(str(ck.checkpoint_dir))
             summary["stage1"] = {
@@ -61,7 +62,7 @@ def run_train(cfg: ExperimentConfig, out_dir: os.PathLike | None = None) -> dict
                 f"{cfg.name}: train.stage is stage2 but there is no stage-1 checkpoint (stage1 is null); "
                 "set train.init_checkpoint or train.stage: hybrid"
             )
-        which = "stage2" if init is not None else "one_stage"
+        which: Literal["stage2", "one_stage"] = "stage2" if init is not None else "one_stage"
         spec = train_spec(cfg, which, device=device, num_threads=threads, progress=None)
         metrics = _train(cfg, spec, out / which, init)
         summary["stage"] = which if stage == "hybrid" else stage
@@ -77,7 +78,7 @@ def run_train(cfg: ExperimentConfig, out_dir: os.PathLike | None = None) -> dict
     return summary
 
 
-def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: str | None = None) -> dict[str, Any]:
+def _train(cfg: ExperimentConfig, spec, out_dir: Path, init: str | Path | None = None) -> dict[str, Any]:
     """`engine.train(spec, out_dir)`, or with several workers the same run as a Ray Train run whose last checkpoint
     is copied to out_dir/checkpoint (its uploads go to a scratch dir on `run.storage_path`, which every node of a
     cluster reaches, removed at the end)."""

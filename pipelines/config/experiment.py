@@ -255,6 +255,7 @@ def unread_field(cfg: ExperimentConfig, stage2_keys) -> str | None:
     for key in [k for k in stage2_keys if owner_of(k)] + [k for k in cfg.space if owner_of(k)]:
         where = f"space.{key}" if key in cfg.space else f"stage2.{key}"
         owner = owner_of(key)
+        assert owner is not None  # the loop only visits keys with an owner
         used = cfg.choices(owner)
         if not any(is_read(key, name) for name in used):
             return (

@@ -106,13 +106,16 @@ def apply_overrides(raw: dict, overrides: list[str] | None, source: str = "--set
         try:
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc.problem})") from None
+            # scanner / parser errors (MarkedYAMLError) say what is wrong in `problem`; a ReaderError (a control
+            # character) only in its message
+            problem = getattr(exc, "problem", None) or exc
+            raise ConfigError(f"--set {item!r}: value is not valid YAML ({problem})") from None
         _set_dotted(raw, key.strip(), value, f"--set {item}")
     return raw
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
-    def res(p: Path | None) -> Path | None:
+    def res(p: Path | str | None) -> Path | str | None:
         if p is None or is_uri(p):  # an object-store URI (run.storage_path, pipelines.storage.location) stays as it is
             return p
         p = Path(p).expanduser()

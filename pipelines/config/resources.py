@@ -23,20 +23,20 @@ class ResourcesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     cpus_per_trial: float = Field(
-        1.0,
+        default=1.0,
         gt=0.0,
         description="CPUs of one trial; with workers_per_trial > 1 the CPUs "
         "of its Ray Train driver (the Tune trial process, which only launches and watches "
         "the workers; 0.5 is enough)",
     )
     gpus_per_trial: float = Field(
-        0.0,
+        default=0.0,
         ge=0.0,
         description="GPUs of a one-process trial (workers_per_trial: 1); "
         "multi-worker trials give GPUs to their workers (gpus_per_worker)",
     )
     workers_per_trial: int = Field(
-        1,
+        default=1,
         ge=1,
         description="data-parallel Ray Train workers per trial (DDP; NCCL on "
         "GPUs, gloo on CPUs). batch_size is per worker: total batch = workers_per_trial x "
@@ -44,13 +44,13 @@ class ResourcesConfig(BaseModel):
         "Stage 1 trains with the same workers. 1 = the trial trains in its own process",
     )
     cpus_per_worker: float = Field(
-        1.0, gt=0.0, description="CPUs (torch threads) of each worker (workers_per_trial > 1)"
+        default=1.0, gt=0.0, description="CPUs (torch threads) of each worker (workers_per_trial > 1)"
     )
     gpus_per_worker: float = Field(
-        0.0, ge=0.0, description="0 (CPU workers, gloo) or 1 (one GPU per worker, NCCL) (workers_per_trial > 1)"
+        default=0.0, ge=0.0, description="0 (CPU workers, gloo) or 1 (one GPU per worker, NCCL) (workers_per_trial > 1)"
     )
     custom: dict[str, float] = Field(
-        {}, description="Ray custom resources each trial, each worker and stage 1 also request"
+        default={}, description="Ray custom resources each trial, each worker and stage 1 also request"
     )
 
     @field_validator("custom")

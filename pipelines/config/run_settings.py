@@ -19,12 +19,12 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)  # as pipelines.config.experiment's sections
 
     storage_path: StoragePath = Field(
-        Path("results"),
+        default=Path("results"),
         description="Tune results, checkpoints, stage-1 cache, "
         "mlflow.db: a directory, or s3://bucket/prefix[?endpoint_override=HOST:PORT"
         "&scheme=http] (then run.tracking_uri is required)",
     )
-    tracking_uri: str | None = Field(None, description="MLflow URI; default sqlite:///<storage_path>/mlflow.db")
-    max_failures: int = Field(2, ge=0, description="retries of a failed trial (from its last checkpoint)")
-    checkpoints_to_keep: int = Field(2, ge=1)
-    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (default: all)")
+    tracking_uri: str | None = Field(default=None, description="MLflow URI; default sqlite:///<storage_path>/mlflow.db")
+    max_failures: int = Field(default=2, ge=0, description="retries of a failed trial (from its last checkpoint)")
+    checkpoints_to_keep: int = Field(default=2, ge=1)
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray instance (default: all)")

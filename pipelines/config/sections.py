@@ -1,7 +1,7 @@
 """The sections of an experiment config (`pipelines.config.experiment.ExperimentConfig`): data, model, the stage-1
 and stage-2 schedules, evaluation, scheduler, search, report and the `ltsweep train` settings, each a pydantic model
 with unknown keys forbidden. A sampler or loss field is range-checked by the module that owns its equation
-(`lt_models.data.samplers.check_sampler_option`, `lt_models.losses.registry.check_loss_param`)."""
+(`lt_models.data.sampler_spec.check_sampler_option`, `lt_models.losses.registry.check_loss_param`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from lt_models.data.samplers import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
+from lt_models.data.sampler_spec import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
 from lt_models.engine.spec import STAGE1_LOSSES
 from lt_models.losses.registry import LOSS_PARAMS, LOSSES, SCORES, LossSpec, check_loss_param
 from lt_models.modeling.backbones import BACKBONES
@@ -27,6 +27,8 @@ def one_of(value: str, known, what: str) -> str:
     return value
 
 
+# Field defaults are given as `default=...`: type checkers (dataclass_transform) ignore a positional default and
+# would take the field as required.
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -34,25 +36,25 @@ class StrictModel(BaseModel):
 class DataConfig(StrictModel):
     train: Path = Field(description="training annotations (LVIS-format JSON)")
     val: Path = Field(description="validation annotations (LVIS-format JSON)")
-    image_dir: Path | None = Field(None, description="train images; default <train dir>/images")
-    val_image_dir: Path | None = Field(None, description="val images; default <val dir>/images")
-    hierarchy: Path | None = Field(None, description="class hierarchy JSON (Open Images style)")
-    expand_parents: bool = Field(False, description="also label every object with its hierarchy parents")
+    image_dir: Path | None = Field(default=None, description="train images; default <train dir>/images")
+    val_image_dir: Path | None = Field(default=None, description="val images; default <val dir>/images")
+    hierarchy: Path | None = Field(default=None, description="class hierarchy JSON (Open Images style)")
+    expand_parents: bool = Field(default=False, description="also label every object with its hierarchy parents")
     hierarchy_rate: float = Field(
-        1.0,
+        default=1.0,
         ge=0.0,
         le=1.0,
         description="r_ij of leaf/parent pairs: 1.0 = a parent "
         "never suppresses its leaf (eq 5 reading), 0.0 = the paper's literal r_ij = 0",
     )
     synthetic: str | None = Field(
-        None,
+        default=None,
         description="if the annotation files are absent, generate this "
         "synthetic preset there first (lt_models.data.synthetic.layout.PRESETS)",
     )
     synthetic_seed: int = 0
     skip_invalid: bool = Field(
-        False, description="skip malformed annotation records (counted) instead of stopping with an error"
+        default=False, description="skip malformed annotation records (counted) instead of stopping with an error"
     )
 
     @field_validator("synthetic")
@@ -64,13 +66,13 @@ class DataConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    backbone: str = Field("tiny", description="tiny (CPU), resnet18_fpn, resnet50_fpn (the papers')")
+    backbone: str = Field(default="tiny", description="tiny (CPU), resnet18_fpn, resnet50_fpn (the papers')")
     image_size: int | None = Field(
-        None,
+        default=None,
         ge=32,
         description="shorter image side in pixels; null = the backbone's default (tiny: 128, resnet50_fpn: 800)",
     )
-    weights: Path | None = Field(None, description="local backbone weights file (never downloaded)")
+    weights: Path | None = Field(default=None, description="local backbone weights file (never downloaded)")
 
     _backbone_name = field_validator("backbone")(lambda v: one_of(v, BACKBONES, "backbone"))
 
@@ -80,20 +82,20 @@ class ScheduleConfig(StrictModel):
 
     epochs: int = Field(ge=1)
     batch_size: int = Field(
-        4,
+        default=4,
         ge=1,
         description="images per optimizer step, per worker: the total batch is "
         "resources.workers_per_trial x batch_size",
     )
     lr: float = Field(
-        0.02,
+        default=0.02,
         gt=0.0,
         description="base LR for the total batch (linear scaling, papers: 0.00125 x total batch size, 0.02 at 16)",
     )
-    warmup: int = Field(100, ge=0, description="linear warm-up iterations")
+    warmup: int = Field(default=100, ge=0, description="linear warm-up iterations")
     lr_steps: list[int] = Field(default_factory=list, description="epochs after which lr is divided by 10")
-    grad_clip: float | None = Field(10.0, gt=0.0, description="max gradient norm; null disables clipping")
-    workers: int = Field(0, ge=0, description="data loader worker processes")
+    grad_clip: float | None = Field(default=10.0, gt=0.0, description="max gradient norm; null disables clipping")
+    workers: int = Field(default=0, ge=0, description="data loader worker processes")
 
     @model_validator(mode="after")
     def _steps_within_schedule(self):
@@ -110,8 +112,8 @@ class Stage1Config(ScheduleConfig):
     softmax CE (or concurrent softmax) on all layers, trained once per (config, dataset) and restored by every
     trial."""
 
-    epochs: int = Field(4, ge=1)
-    loss: str = Field("softmax", description="softmax (conventional: one label per RoI) or concurrent_softmax")
+    epochs: int = Field(default=4, ge=1)
+    loss: str = Field(default="softmax", description="softmax (conventional: one label per RoI) or concurrent_softmax")
 
     _loss_name = field_validator("loss")(lambda v: one_of(v, STAGE1_LOSSES, "stage-1 loss"))
 
@@ -125,32 +127,39 @@ class Stage2Config(ScheduleConfig):
     equations (lt_models.data.samplers / lt_models.losses.registry); a field that the chosen sampler or loss does not
     read is an error at the experiment level."""
 
-    epochs: int = Field(6, ge=1)
-    lr: float = Field(0.01, gt=0.0)
+    epochs: int = Field(default=6, ge=1)
+    lr: float = Field(default=0.01, gt=0.0)
     sampler: str = "softbalance"
-    lam: float = Field(0.7, description="soft-balance λ >= 0 (sampler softbalance)")
+    lam: float = Field(default=0.7, description="soft-balance λ >= 0 (sampler softbalance)")
     samples_per_epoch: int | None = Field(
-        None, description="images drawn per epoch by softbalance/classaware (default: the training set size)"
+        default=None, description="images drawn per epoch by softbalance/classaware (default: the training set size)"
     )
     rfs_threshold: float | None = Field(
-        None, description="repeat-factor threshold t (sampler repeatfactor; default 0.001)"
+        default=None, description="repeat-factor threshold t (sampler repeatfactor; default 0.001)"
     )
     loss: str = "concurrent_softmax"
     scores: str = Field(
-        "loss", description="inference scores: loss (the loss's own), softmax, concurrent (eq 5) or sigmoid"
+        default="loss", description="inference scores: loss (the loss's own), softmax, concurrent (eq 5) or sigmoid"
     )
-    xi: float = Field(0.7, description="ACSL threshold ξ in (0, 1) (loss acsl)")
-    eql_lambda: float | None = Field(None, description="EQL tail threshold λ in [0, 1] (loss eql; default 1.76e-3)")
-    seesaw_p: float | None = Field(None, description="Seesaw mitigation exponent p (loss seesaw; default 0.8)")
-    seesaw_q: float | None = Field(None, description="Seesaw compensation exponent q (loss seesaw; default 2.0)")
-    eqlv2_gamma: float | None = Field(None, description="EQLv2 mapping steepness γ (loss eqlv2; default 12)")
-    eqlv2_mu: float | None = Field(None, description="EQLv2 mapping centre μ (loss eqlv2; default 0.8)")
-    eqlv2_alpha: float | None = Field(None, description="EQLv2 positive-weight factor α (loss eqlv2; default 4)")
+    xi: float = Field(default=0.7, description="ACSL threshold ξ in (0, 1) (loss acsl)")
+    eql_lambda: float | None = Field(
+        default=None, description="EQL tail threshold λ in [0, 1] (loss eql; default 1.76e-3)"
+    )
+    seesaw_p: float | None = Field(default=None, description="Seesaw mitigation exponent p (loss seesaw; default 0.8)")
+    seesaw_q: float | None = Field(
+        default=None, description="Seesaw compensation exponent q (loss seesaw; default 2.0)"
+    )
+    eqlv2_gamma: float | None = Field(default=None, description="EQLv2 mapping steepness γ (loss eqlv2; default 12)")
+    eqlv2_mu: float | None = Field(default=None, description="EQLv2 mapping centre μ (loss eqlv2; default 0.8)")
+    eqlv2_alpha: float | None = Field(
+        default=None, description="EQLv2 positive-weight factor α (loss eqlv2; default 4)"
+    )
     fed_num_classes: int | None = Field(
-        None, description="federated loss: classes per batch (loss federated; default 50)"
+        default=None, description="federated loss: classes per batch (loss federated; default 50)"
     )
     decoupled: bool | Literal["cls", "box_head"] = Field(
-        False, description="true/cls = train only the classifier (ACSL's decoupled stage 2); box_head = whole box head"
+        default=False,
+        description="true/cls = train only the classifier (ACSL's decoupled stage 2); box_head = whole box head",
     )
 
     _sampler_name = field_validator("sampler")(lambda v: one_of(v, SAMPLERS, "sampler"))
@@ -190,9 +199,9 @@ def _read_by(values: Stage2Config, fields: dict[str, str], reads: tuple[str, ...
 
 
 class EvalConfig(StrictModel):
-    every: int = Field(1, ge=1, description="evaluate and report to Tune every N epochs")
+    every: int = Field(default=1, ge=1, description="evaluate and report to Tune every N epochs")
     metric: Literal["lvis", "openimages"] = Field(
-        "lvis",
+        default="lvis",
         description="lvis = LVIS AP; openimages = the Open Images challenge AP@0.5 (hierarchy expansion, "
         "image-level labels, group-of; needs data.hierarchy), reported as AP and AP50",
     )
@@ -204,21 +213,21 @@ TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "i
 
 class SchedulerConfig(StrictModel):
     type: Literal["asha", "asha_configs", "fifo"] = Field(
-        "asha",
+        default="asha",
         description="asha = Tune's ASHA (trials judged alone); asha_configs = halving over configurations on "
         "their mean over seeds (pipelines.tune.asha); fifo = none",
     )
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
     time_attr: Literal["evaluations", "iterations", "images"] = Field(
-        "evaluations",
+        default="evaluations",
         description="ASHA's budget unit: evaluations, optimizer iterations or training images seen "
         "(equal cost for samplers with different epoch lengths)",
     )
-    grace_period: int = Field(1, ge=1, description="budget (in time_attr units) before ASHA may stop a trial")
-    reduction_factor: float = Field(2.0, gt=1.0)
+    grace_period: int = Field(default=1, ge=1, description="budget (in time_attr units) before ASHA may stop a trial")
+    reduction_factor: float = Field(default=2.0, gt=1.0)
     max_t: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="a full trial's budget in time_attr units; default "
         "stage2.epochs / eval.every evaluations (required for iterations / images)",
@@ -229,18 +238,19 @@ class SchedulerConfig(StrictModel):
 
 class SearchConfig(StrictModel):
     algorithm: Literal["basic", "optuna"] = Field(
-        "basic", description="basic = Tune's grid/random variant generator; optuna = TPE (needs `pip install optuna`)"
+        default="basic",
+        description="basic = Tune's grid/random variant generator; optuna = TPE (needs `pip install optuna`)",
     )
-    num_samples: int = Field(1, ge=1, description="samples per grid point (basic) / trials (optuna)")
-    max_concurrent_trials: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, description="the search algorithm's random state (not the training seed)")
+    num_samples: int = Field(default=1, ge=1, description="samples per grid point (basic) / trials (optuna)")
+    max_concurrent_trials: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, description="the search algorithm's random state (not the training seed)")
     seeds: list[int] | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="training seeds: every configuration runs once per seed (its repeats); default [seed]",
     )
     configs: list[dict[str, Any]] | None = Field(
-        None,
+        default=None,
         min_length=1,
         description="run exactly these configurations (stage-2 values each) instead of a space; confirm writes them",
     )
@@ -255,7 +265,7 @@ class SearchConfig(StrictModel):
 
 class ReportConfig(StrictModel):
     baseline: dict[str, Any] | None = Field(
-        None,
+        default=None,
         description="the configuration every other is compared with, "
         "paired over the same seeds, e.g. {loss: softmax, sampler: nonbalance}",
     )
@@ -263,9 +273,9 @@ class ReportConfig(StrictModel):
 
 class TrainSettings(StrictModel):
     stage: Literal["hybrid", "stage1", "stage2"] = Field(
-        "hybrid", description="`ltsweep train`: hybrid = stage 1 (cached) then stage 2; or one stage only"
+        default="hybrid", description="`ltsweep train`: hybrid = stage 1 (cached) then stage 2; or one stage only"
     )
-    init_checkpoint: Path | None = Field(None, description="stage2: start here instead of the stage-1 cache")
+    init_checkpoint: Path | None = Field(default=None, description="stage2: start here instead of the stage-1 cache")
 
 
 def strip_value_error(msg: str) -> str:

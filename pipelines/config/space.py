@@ -15,11 +15,11 @@ define-by-run function (`optuna_space`). `trial_values` turns either trial confi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from lt_models.data.samplers import SAMPLER_OPTIONS
+from lt_models.data.sampler_spec import SAMPLER_OPTIONS
 from lt_models.losses.registry import LOSS_PARAMS
 
 # YAML key -> (ray.tune function name, unpack the argument list?). The only way YAML reaches Tune.
@@ -50,7 +50,8 @@ def owner_of(field: str) -> str | None:
 
 def readers(field: str) -> list[str]:
     """The samplers or losses that read a conditional stage-2 field (e.g. lam -> ['softbalance'])."""
-    fields, reads = SELECTORS[owner_of(field)]
+    # defined for conditional fields only: for any other, owner_of is None and the lookup raises KeyError
+    fields, reads = SELECTORS[cast(str, owner_of(field))]
     return [name for name, options in reads.items() if fields[field] in options]
 
 

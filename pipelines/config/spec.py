@@ -12,6 +12,7 @@ from typing import Any, Literal
 from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
 from lt_models.errors import ConfigError
 from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.sections import ScheduleConfig
 from pipelines.storage import annotation_stores
 
 
@@ -46,6 +47,8 @@ def train_spec(
     """The engine's TrainSpec for one stage. Stage 1 is the shared recipe (non-balance + `stage1.loss`, all layers);
     stage 2 and one-stage runs train `cfg.stage2` with the trial's sampled values applied (a Tune trial config).
     progress: tqdm bars (None = only on a terminal; False in trials, whose output goes to Ray's logs)."""
+    s: ScheduleConfig
+    decoupled: bool | Literal["cls", "box_head"]
     if stage == "stage1":
         if cfg.stage1 is None:
             raise ConfigError("stage1 is null in this config; there is no stage-1 schedule to train")

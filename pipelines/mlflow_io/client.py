@@ -52,7 +52,7 @@ _BATCH = 100  # params/tags per log_batch (MAX_PARAMS_TAGS_PER_BATCH)
 
 # --------------------------------------------------------------------------------------------------------------
 # the store
-def default_tracking_uri(storage_path: str | os.PathLike) -> str:
+def default_tracking_uri(storage_path: str | Path) -> str:
     """The default MLflow store of a sweep: ``sqlite:///<absolute storage_path>/mlflow.db``. An object-store
     ``storage_path`` (``s3://...``) has none: sqlite needs a real file, so ``run.tracking_uri`` must name the store."""
     from pipelines.storage.location import display, is_uri

@@ -28,6 +28,7 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+from mlflow.pyfunc import PythonModel
 
 from pipelines.analysis.aggregate import best_trial
 from pipelines.names import (
@@ -44,7 +45,7 @@ from pipelines.names import (
 logger = logging.getLogger(__name__)
 
 
-class DetectorModel(mlflow.pyfunc.PythonModel):
+class DetectorModel(PythonModel):  # by name: mypy sees mlflow.pyfunc as mlflow's LazyLoader attribute
     """pyfunc wrapper of an ltsweep detector: ``predict(image)`` on one H x W x 3 RGB array."""
 
     def load_context(self, context):

@@ -74,7 +74,8 @@ def dataset_inputs(train: str | None, val: str | None, train_digest: str | None 
         with warnings.catch_warnings():  # "can be interpreted in multiple ways": MLflow picks the local file
             warnings.simplefilter("ignore")
             source = resolve_dataset_source(str(path))
-        ds = MetaDataset(source, name=f"{context}:{Path(str(path)).name}", digest=digest)
+        # mlflow.data.Dataset marks `profile` abstract, but MetaDataset (documented as instantiable) omits it
+        ds = MetaDataset(source, name=f"{context}:{Path(str(path)).name}", digest=digest)  # type: ignore[abstract]
         out.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]))
     return out
 

@@ -358,7 +358,7 @@ class SweepWriter:
             run_id = self.open_trial(trial)
         elif trial.trial_id not in self._open_runs and self.client.get_run(run_id).info.status == status:
             return  # restored as already finished by --resume: keep its run (and its end time) as it was
-        tags = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
+        tags: dict[str, int | str] = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
         if error:
             tags[ERROR_TAG] = error[-MAX_TAG_LEN:]
         log_tags(self.client, run_id, tags)

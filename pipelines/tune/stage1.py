@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lt_models.atomic import atomic_dir, write_json_atomic
 from pipelines.config.experiment import ExperimentConfig
@@ -75,6 +75,7 @@ def train_stage1_into(cfg: ExperimentConfig, out_dir: Path) -> dict[str, Any]:
 
     distributed = cfg.resources.distributed and _ray_is_up()
     device, threads = compute(cfg, worker=distributed)
+    assert cfg.stage1 is not None  # reached only through ensure_stage1, which returns first for `stage1: null`
     spec = train_spec(
         cfg, "stage1", device=device, num_threads=threads, eval_every=cfg.stage1.epochs
     )  # evaluate once, at the end of stage 1
@@ -107,7 +108,7 @@ def _jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def train_stage1_to(cfg: ExperimentConfig, location: str, train: Callable | None = None) -> dict[str, Any]:
+def train_stage1_to(cfg: ExperimentConfig, location: storage.Location, train: Callable | None = None) -> dict[str, Any]:
     """Train stage 1 on this node into a local temp dir (``train(cfg, tmp)``, default :func:`train_stage1_into`)
     and upload its checkpoint/ to ``<location>/checkpoint`` (object storage); returns the final metrics."""
     import tempfile
@@ -167,10 +168,13 @@ def ensure_stage1_per_seed(
     if cfg.resources.distributed and _ray_is_up():  # as many multi-worker runs as the cluster holds together
         from pipelines.tune.cluster import concurrent_trials_cap
 
-        at_once = min(at_once, concurrent_trials_cap(cfg))
+        cap = concurrent_trials_cap(cfg)
+        assert cap is not None  # a count for multi-worker trials (None only for one-process ones)
+        at_once = min(at_once, cap)
     with ThreadPoolExecutor(max_workers=at_once) as pool:
         futures = {s: pool.submit(ensure_stage1, cfg.with_seed(s), force=force) for s in seeds}
-        ckpts = {s: f.result() for s, f in futures.items()}
+        # cfg.stage1 is set (checked above), so ensure_stage1 returns a checkpoint for every seed
+        ckpts = {s: cast(Stage1Checkpoint, f.result()) for s, f in futures.items()}
     if tracking_uri is not None:
         for s, ckpt in ckpts.items():
             _log_stage1(cfg.with_seed(s), ckpt, tracking_uri, sweep_name)
@@ -203,6 +207,7 @@ def _train_locked(cfg: ExperimentConfig, force: bool, use_ray: bool | None, lock
                 log.info("stage 1: %s was trained by another driver meanwhile; reusing it", found.path)
                 return found  # (a corrupt cache is not "found": it is trained again and swapped out below)
         t0 = time.time()
+        assert cfg.stage1 is not None  # ensure_stage1 returns before training a config without a stage 1
         log.info("stage 1: training %s (non-balance + %s, %d epochs)", sha[:12], cfg.stage1.loss, cfg.stage1.epochs)
         if storage.is_uri(final):
             # no rename on object storage: meta.json goes first and comes back last, when checkpoint/ is complete
@@ -239,7 +244,8 @@ def _meta(
     }
 
 
-def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: bool | None) -> dict[str, Any]:
+def _run_stage1(cfg: ExperimentConfig, tmp: storage.Location, use_ray: bool | None) -> dict[str, Any]:
+    """`tmp`: a local dir, or an object-store URI (only with use_ray=True: the Ray task trains and uploads)."""
     if use_ray is None:
         import ray
 
@@ -249,15 +255,19 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: bool | None) -> dict[
             from pipelines.tune.cluster import ensure_ray
 
             ensure_ray()
+        assert isinstance(tmp, Path)  # a URI comes only with use_ray=True (_train_locked)
         return train_stage1_into(cfg, tmp)
     import ray
 
     from pipelines.tune.cluster import trial_resources
 
     res = trial_resources(cfg)
-    task = ray.remote(num_cpus=res.pop("cpu"), num_gpus=res.pop("gpu"), resources=res or None, max_retries=0)(
-        _train_stage1_task
-    )
+    task = ray.remote(
+        num_cpus=res.pop("cpu"),
+        num_gpus=res.pop("gpu"),
+        resources=res or None,  # type: ignore[arg-type]  # Ray's stubs leave out None, the parameter's default
+        max_retries=0,
+    )(_train_stage1_task)
     try:
         return ray.get(task.remote(cfg.model_dump_json(), str(tmp)))
     except ray.exceptions.RayTaskError as exc:  # bad input inside the task: the original one-line error
@@ -269,6 +279,7 @@ def _run_stage1(cfg: ExperimentConfig, tmp: Path, use_ray: bool | None) -> dict[
 
 
 def _pretrain_params(cfg: ExperimentConfig) -> dict[str, Any]:
+    assert cfg.stage1 is not None  # called only for configs with a stage 1 (ensure_stage1 / _per_seed check it)
     return {
         "model": cfg.model.model_dump(mode="json"),
         "stage1": cfg.stage1.model_dump(mode="json"),

@@ -31,7 +31,8 @@ import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 from filelock import FileLock
 from ray import tune
@@ -90,7 +91,7 @@ def scheduler_advice(cfg: ExperimentConfig) -> str | None:
         return (
             f"note: scheduler.type asha judges each trial alone, against other seeds' trials too, so a weak seed "
             f"loses its trials and few configurations keep all {len(cfg.seeds)} seeds to the end; "
-            "scheduler.type: asha_configs judges configurations on their mean over seeds (see the README)"
+            "scheduler.type: asha_configs judges configurations on their mean over seeds (see docs/sweeps.md)"
         )
     return None
 
@@ -289,22 +290,22 @@ def _stage1_of_existing_sweep(cfg: ExperimentConfig) -> Stage1Set:
 
 
 def apply_run_overrides(
-    cfg: ExperimentConfig, storage_path: os.PathLike | None = None, tracking_uri: str | None = None
+    cfg: ExperimentConfig, storage_path: str | os.PathLike | None = None, tracking_uri: str | None = None
 ) -> ExperimentConfig:
     update = {}
     if storage_path is not None:  # a directory (made absolute) or an object-store URI (as it is)
-        loc = storage.as_location(storage_path)
-        update["storage_path"] = loc if storage.is_uri(loc) else loc.expanduser().resolve()
+        loc = storage.as_location(storage_path)  # a str only for a URI, else a Path
+        update["storage_path"] = loc if storage.is_uri(loc) else cast(Path, loc).expanduser().resolve()
     if tracking_uri is not None:
         update["tracking_uri"] = tracking_uri
     return cfg.model_copy(update={"run": cfg.run.model_copy(update=update)}) if update else cfg
 
 
 def run_sweep_from_file(
-    config: os.PathLike,
+    config: str | Path,
     resume: bool = False,
     force_pretrain: bool = False,
-    storage_path: os.PathLike | None = None,
+    storage_path: str | os.PathLike | None = None,
     tracking_uri: str | None = None,
     overrides: list[str] | None = None,
     errored: str | None = None,

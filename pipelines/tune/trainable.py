@@ -1,7 +1,7 @@
 """The Tune function trainable: one stage-2 (or one-stage) trial of a sweep.
 
 A trial
-  1. builds its typed run spec from the experiment and its sampled values (`pipelines.config.load.train_spec`);
+  1. builds its typed run spec from the experiment and its sampled values (`pipelines.config.spec.train_spec`);
   2. starts from its own last checkpoint when Tune retries or resumes it (`tune.get_checkpoint()`), else from
      its seed's shared stage-1 checkpoint (hybrid schedule), else from scratch (one-stage, `stage1: null`);
   3. runs `lt_models.engine.loop.train`, whose `on_eval` hook reports AP, AP50, APr, APc, APf, loss, epoch,
@@ -87,7 +87,7 @@ def write_diverged_marker(fs, path: str, text: str) -> None:
 def train_trial(
     config: dict[str, Any],
     experiment: ExperimentConfig,
-    stage1: dict[str, str] | None = None,
+    stage1: dict[str, dict[str, str]] | None = None,
     shared: dict[str, Any] | None = None,
 ) -> None:
     """Tune function trainable. `config`: the trial's sampled stage-2 values and its training `seed` (a Tune trial
@@ -118,8 +118,9 @@ def train_trial(
     def report(metrics: dict[str, Any], checkpoint: tune.Checkpoint) -> None:
         tune.report(build_result(metrics, sha, seed), checkpoint=checkpoint)
 
-    def on_eval(metrics: dict[str, Any], checkpoint_dir: Path) -> None:
-        report(metrics, tune.Checkpoint.from_directory(str(checkpoint_dir)))
+    def on_eval(metrics: dict[str, Any], checkpoint_dir: Path | None) -> None:  # a Path: this process is rank 0
+        # ignore: Ray annotates from_directory as returning ray.train's Checkpoint; it returns cls, a tune.Checkpoint
+        report(metrics, tune.Checkpoint.from_directory(str(checkpoint_dir)))  # type: ignore[arg-type]
 
     out_dir = workdir / "ltsweep_train"
     shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of a failed attempt; Tune holds the real checkpoints

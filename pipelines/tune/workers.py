@@ -151,7 +151,7 @@ def train_on_workers(
     *,
     storage_path: str,
     storage_filesystem=None,
-    init_checkpoint: str | None = None,
+    init_checkpoint: str | Path | None = None,
     resume=None,
     shared: dict | None = None,
     on_eval: Callable[[dict, Any], None] | None = None,
@@ -189,9 +189,10 @@ def train_on_workers(
     # `worker_loop` is looked up now, when the run starts (tests replace it). max_calls=1: the task's process exits
     # when fit() returns, and the Train controller it owns (with the actors the controller owns) goes with it; in a
     # reused process the controller outlived its run (held by reference cycles), one idle process per finished trial
-    fit = ray.remote(num_cpus=0, max_retries=0, max_calls=1, scheduling_strategy=here)(_fit).remote(
-        worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue
-    )
+    # ignore: Ray's stubs leave NodeAffinitySchedulingStrategy out of ray.remote's scheduling_strategy (Ray takes it)
+    fit = ray.remote(  # type: ignore[call-overload]
+        num_cpus=0, max_retries=0, max_calls=1, scheduling_strategy=here
+    )(_fit).remote(worker_loop, loop_config, cfg.model_dump_json(), storage_path, storage_filesystem, queue)
     last: tuple[dict, Any] = ({}, None)
     try:
         while True:
@@ -212,7 +213,7 @@ def train_on_workers(
             raise _worker_error(exc) from None
     finally:
         ray.cancel(fit, force=True)  # no-op once it ended; else takes the controller and the workers down with it
-        ray.kill(queue.actor)
+        ray.kill(queue.actor)  # type: ignore[arg-type]  # Ray types Queue.actor as handle | class; it is the handle
         if not keep_last:
             _delete_dir(fs, run_dir)
     return last
@@ -223,7 +224,8 @@ def _worker_error(exc: BaseException) -> BaseException:
     (ltsweep's input errors, `NonFiniteLossError`); else the Train error itself."""
     from lt_models.engine.loop import NonFiniteLossError
 
-    seen, todo = set(), [exc]
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:
@@ -241,7 +243,7 @@ def train_into(
     checkpoint_dir: Path,
     *,
     scratch_under: str,
-    init_checkpoint: str | None = None,
+    init_checkpoint: str | Path | None = None,
 ) -> dict:
     """Train `spec` on the workers outside Tune (stage 1, `ltsweep train`) and copy the run's last checkpoint into
     `checkpoint_dir`; return rank 0's last metrics. The run's uploads go to a fresh scratch dir under

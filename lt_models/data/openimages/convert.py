@@ -43,35 +43,37 @@ An image without a size is an error that names the ImageID and the file it looke
 header cannot be read. With ``skip_invalid`` the image is skipped and counted. There is no guessed default size,
 because boxes in a made-up frame would silently disagree with the detector's predictions.
 """
+
 from __future__ import annotations
 
 import csv
 import os
 from collections import Counter, defaultdict
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, TextIO
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from lt_models.data.openimages import common as m
-from lt_models.data.annotations import fill_frequency, hierarchy_descendants
 from lt_models.atomic import write_json_atomic
-from lt_models.errors import AnnotationError
+from lt_models.data.annotations import fill_frequency, hierarchy_descendants
+from lt_models.data.openimages import common as m
 from lt_models.data.openimages.common import pixel_boxes
+from lt_models.errors import AnnotationError
 
 _BOX_REQUIRED = ("ImageID", "LabelName", "XMin", "XMax", "YMin", "YMax")
 _LABEL_REQUIRED = ("ImageID", "LabelName", "Confidence")
 _SIZES_REQUIRED = ("ImageID", "ImageWidth", "ImageHeight")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-_HEADER_CHUNK = 256          # images per thread-pool task when reading headers
+_HEADER_CHUNK = 256  # images per thread-pool task when reading headers
 
 
-def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, object]:
+def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader[str], TextIO]:
     try:
         fh = open(path, newline="")
     except FileNotFoundError:
@@ -81,8 +83,10 @@ def _open_csv(path: Path, required: tuple[str, ...]) -> tuple[csv.DictReader, ob
     missing = [c for c in required if c not in cols]
     if missing:
         fh.close()
-        raise AnnotationError(f"{path}: missing column '{missing[0]}' (header has {cols}); an Open Images CSV "
-                              f"needs columns {list(required)}")
+        raise AnnotationError(
+            f"{path}: missing column '{missing[0]}' (header has {cols}); an Open Images CSV "
+            f"needs columns {list(required)}"
+        )
     return reader, fh
 
 
@@ -91,7 +95,7 @@ def _header_sizes(image_dir: Path, image_ids: list[str]) -> list[tuple[str, Path
 
     `Image.open` parses the header only; `.size` needs no pixel decoding.
     """
-    out = []
+    out: list[tuple[str, Path | None, tuple[int, int] | str]] = []
     for iid in image_ids:
         path = next((p for p in (image_dir / f"{iid}{ext}" for ext in IMAGE_SUFFIXES) if p.is_file()), None)
         if path is None:
@@ -100,7 +104,7 @@ def _header_sizes(image_dir: Path, image_ids: list[str]) -> list[tuple[str, Path
         try:
             with Image.open(path) as im:
                 out.append((iid, path, im.size))
-        except (OSError, ValueError, SyntaxError) as e:   # UnidentifiedImageError is an OSError
+        except (OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
             out.append((iid, path, f"{type(e).__name__}: {e}"))
     return out
 
@@ -108,13 +112,14 @@ def _header_sizes(image_dir: Path, image_ids: list[str]) -> list[tuple[str, Path
 @dataclass
 class _Conversion:
     """What one conversion has read so far, and its policy for invalid rows (raise, or skip and count)."""
+
     classes_csv: Path
     mid_to_cat: dict[str, int]
     skip_invalid: bool
     reasons: Counter = field(default_factory=Counter)
-    image_index: dict[str, int] = field(default_factory=dict)      # ImageID -> image id, in order of appearance
+    image_index: dict[str, int] = field(default_factory=dict)  # ImageID -> image id, in order of appearance
     sizes: dict[str, tuple[float, float]] = field(default_factory=dict)
-    size_line: dict[str, str] = field(default_factory=dict)          # where each size was first given
+    size_line: dict[str, str] = field(default_factory=dict)  # where each size was first given
 
     def bad(self, reason: str, msg: str) -> None:
         if not self.skip_invalid:
@@ -130,7 +135,8 @@ def _note_image(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
 
 def _note_size(conv: _Conversion, iid: str, row: dict, where: str) -> bool:
     """Record the size a row gives (if any); False if that size is invalid or contradicts an earlier one."""
-    w, h = row.get("ImageWidth"), row.get("ImageHeight")
+    w: Any = row.get("ImageWidth")  # a string, or None: float() below rejects a bad one
+    h: Any = row.get("ImageHeight")
     if w in (None, "") and h in (None, ""):
         return True
     try:
@@ -175,8 +181,9 @@ def _read_boxes(conv: _Conversion, boxes_csv: Path) -> list[tuple[str, int, floa
         except (TypeError, ValueError):
             conv.bad("bad box", m.msg_not_numbers(where, iid, [row[k] for k in m.COORDS]))
             continue
-        outside = next((k for k, v in (("XMin", x0), ("XMax", x1), ("YMin", y0), ("YMax", y1))
-                        if not 0.0 <= v <= 1.0), None)
+        outside = next(
+            (k for k, v in (("XMin", x0), ("XMax", x1), ("YMin", y0), ("YMax", y1)) if not 0.0 <= v <= 1.0), None
+        )
         if outside is not None:
             conv.bad("bad box", m.msg_outside(where, iid, outside, row[outside]))
             continue
@@ -220,12 +227,12 @@ def _read_sizes_csv(conv: _Conversion, sizes_csv: Path) -> None:
                 _note_size(conv, iid, row, f"{sizes_csv}: line {line}")
 
 
-def read_header_sizes(image_dir: Path, todo: list[str]) -> Iterator[tuple[str, Path | None, tuple | str]]:
+def read_header_sizes(image_dir: Path, todo: list[str]) -> Generator[tuple[str, Path | None, tuple | str], None, None]:
     """Yield `_header_sizes` results for the ImageIDs `todo`, read `_HEADER_CHUNK` at a time in a thread pool with
     a tqdm bar; closing the generator (an error in the caller) stops the reading of the remaining headers."""
     if not todo:
         return
-    chunks = [todo[i:i + _HEADER_CHUNK] for i in range(0, len(todo), _HEADER_CHUNK)]
+    chunks = [todo[i : i + _HEADER_CHUNK] for i in range(0, len(todo), _HEADER_CHUNK)]
     pool = ThreadPoolExecutor(thread_name_prefix="image-size")
     try:
         with tqdm(total=len(todo), desc="image sizes", unit="img", disable=None) as bar:
@@ -236,8 +243,9 @@ def read_header_sizes(image_dir: Path, todo: list[str]) -> Iterator[tuple[str, P
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def header_problem(iid: str, path: Path | None, size, image_dir: Path, boxes_csv: Path,
-                   labels_csv: Path) -> tuple[str, str] | None:
+def header_problem(
+    iid: str, path: Path | None, size, image_dir: Path, boxes_csv: Path, labels_csv: Path
+) -> tuple[str, str] | None:
     """(reason, message) of a `read_header_sizes` result that gives no size; None when it gives one."""
     if path is None:
         return "no image size", m.msg_no_size(iid, image_dir, boxes_csv, labels_csv)
@@ -267,17 +275,35 @@ def _annotations(conv: _Conversion, boxes: list[tuple], dropped: set[str]) -> li
         conv.reasons["box of skipped image"] += len(boxes) - len(kept)
     corners = np.array([b[2:6] for b in kept], dtype=np.float64).reshape(-1, 4)
     size = np.array([conv.sizes[b[0]] for b in kept], dtype=np.float64).reshape(-1, 2)
-    bbox, area = pixel_boxes(*corners.T, size[:, 0], size[:, 1])
-    return [{"id": k + 1, "image_id": conv.image_index[b[0]], "category_id": b[1], "bbox": bb, "area": ar,
-             "iscrowd": 0, "isgroupof": b[6]} for k, (b, bb, ar) in enumerate(zip(kept, bbox.tolist(), area.tolist()))]
+    x0, x1, y0, y1 = corners.T  # [4, n]: the rows XMin, XMax, YMin, YMax
+    bbox, area = pixel_boxes(x0, x1, y0, y1, size[:, 0], size[:, 1])
+    return [
+        {
+            "id": k + 1,
+            "image_id": conv.image_index[b[0]],
+            "category_id": b[1],
+            "bbox": bb,
+            "area": ar,
+            "iscrowd": 0,
+            "isgroupof": b[6],
+        }
+        for k, (b, bb, ar) in enumerate(zip(kept, bbox.tolist(), area.tolist()))
+    ]
 
 
-def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: dict[str, set[int]],
-            neg_labels: dict[str, dict[int, str]], descendants: dict[int, set[int]], categories: list[dict]) -> list:
+def _images(
+    conv: _Conversion,
+    anns: list[dict],
+    dropped: set[str],
+    pos_labels: dict[str, set[int]],
+    neg_labels: dict[str, dict[int, str]],
+    descendants: dict[int, set[int]],
+    categories: list[dict],
+) -> list:
     """Image records with the federated lists: negatives (expanded down the hierarchy), not exhaustive, positives."""
     boxed: dict[int, set[int]] = defaultdict(set)
-    grouped: dict[int, set[int]] = defaultdict(set)     # classes with a group-of box in the image
-    single: dict[int, set[int]] = defaultdict(set)      # classes with an individual box in the image
+    grouped: dict[int, set[int]] = defaultdict(set)  # classes with a group-of box in the image
+    single: dict[int, set[int]] = defaultdict(set)  # classes with an individual box in the image
     for a in anns:
         boxed[a["image_id"]].add(a["category_id"])
         (grouped if a["isgroupof"] else single)[a["image_id"]].add(a["category_id"])
@@ -292,25 +318,41 @@ def _images(conv: _Conversion, anns: list[dict], dropped: set[str], pos_labels: 
             expanded = {cid} | descendants.get(cid, set())
             clash = sorted(expanded & present)
             if clash:
-                conv.bad("negative label of a present class", m.msg_negative_present(
-                    where, iid, categories[cid - 1]["name"], categories[clash[0] - 1]["name"]))
+                conv.bad(
+                    "negative label of a present class",
+                    m.msg_negative_present(where, iid, categories[cid - 1]["name"], categories[clash[0] - 1]["name"]),
+                )
                 expanded -= present
             neg |= expanded
         not_exhaustive = (pos - boxed[num]) | (grouped[num] - single[num])
         W, H = conv.sizes[iid]
-        images.append({"id": num, "oi_image_id": iid, "file_name": f"{iid}.jpg",
-                       "width": int(W) if float(W).is_integer() else W,
-                       "height": int(H) if float(H).is_integer() else H,
-                       "neg_category_ids": sorted(neg), "not_exhaustive_category_ids": sorted(not_exhaustive),
-                       "pos_category_ids": sorted(pos)})
+        images.append(
+            {
+                "id": num,
+                "oi_image_id": iid,
+                "file_name": f"{iid}.jpg",
+                "width": int(W) if float(W).is_integer() else W,
+                "height": int(H) if float(H).is_integer() else H,
+                "neg_category_ids": sorted(neg),
+                "not_exhaustive_category_ids": sorted(not_exhaustive),
+                "pos_category_ids": sorted(pos),
+            }
+        )
     return images
 
 
-def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLike, classes_csv: str | os.PathLike,
-                       hierarchy_json: str | os.PathLike, out_json: str | os.PathLike,
-                       skip_invalid: bool = False, *, train_ann: str | os.PathLike | None = None,
-                       image_dir: str | os.PathLike | None = None,
-                       image_sizes: str | os.PathLike | None = None) -> dict:
+def convert_openimages(
+    boxes_csv: str | os.PathLike,
+    labels_csv: str | os.PathLike,
+    classes_csv: str | os.PathLike,
+    hierarchy_json: str | os.PathLike,
+    out_json: str | os.PathLike,
+    skip_invalid: bool = False,
+    *,
+    train_ann: str | os.PathLike | None = None,
+    image_dir: str | os.PathLike | None = None,
+    image_sizes: str | os.PathLike | None = None,
+) -> dict:
     """Convert Open Images challenge files into one LVIS-format JSON (see the module docstring); returns a summary.
 
     `image_sizes`: a CSV ImageID,ImageWidth,ImageHeight; `image_dir`: the folder of ``<ImageID>.jpg`` files whose
@@ -338,13 +380,28 @@ def convert_openimages(boxes_csv: str | os.PathLike, labels_csv: str | os.PathLi
     anns = _annotations(conv, boxes, dropped)
     images = _images(conv, anns, dropped, pos_labels, neg_labels, hierarchy_descendants(hierarchy), categories)
     if not images:
-        raise AnnotationError(f"{boxes_csv}: no valid image left after conversion "
-                              f"({sum(conv.reasons.values())} invalid records skipped); check the inputs")
+        raise AnnotationError(
+            f"{boxes_csv}: no valid image left after conversion "
+            f"({sum(conv.reasons.values())} invalid records skipped); check the inputs"
+        )
 
-    out = {"info": inp.info, "frequency_source": inp.frequency_source, "images": images, "annotations": anns,
-           "categories": categories}
-    fill_frequency(out, inp.train_counts)   # own image_count/instance_count; LVIS bucket from train (or own) counts
+    out = {
+        "info": inp.info,
+        "frequency_source": inp.frequency_source,
+        "images": images,
+        "annotations": anns,
+        "categories": categories,
+    }
+    fill_frequency(out, inp.train_counts)  # own image_count/instance_count; LVIS bucket from train (or own) counts
     write_json_atomic(out_json, out)
-    return m.summary(str(out_json), len(images), len(anns), categories, sum(a["isgroupof"] for a in anns),
-                     sum(len(i["neg_category_ids"]) for i in images), len(hierarchy), inp.frequency_source,
-                     conv.reasons)
+    return m.summary(
+        str(out_json),
+        len(images),
+        len(anns),
+        categories,
+        sum(a["isgroupof"] for a in anns),
+        sum(len(i["neg_category_ids"]) for i in images),
+        len(hierarchy),
+        inp.frequency_source,
+        conv.reasons,
+    )

@@ -41,6 +41,7 @@ Modules: the class layout (shapes, colours, presets, leaf frequencies) is ``lt_m
 pixels ``lt_models.data.synthetic.render``; this one draws each split's objects and labels, writes the LVIS JSON and
 runs `generate_benchmark`.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,12 +54,21 @@ from pathlib import Path
 
 import numpy as np
 
-from lt_models.data.annotations import frequency_buckets
 from lt_models.atomic import write_json_atomic
-from lt_models.data.synthetic.layout import (COLOURS, PRESETS, SHAPES, TWINS, Layout, Leaf, Preset, build_layout,
-                                        get_preset, zipf_targets)
+from lt_models.data.annotations import frequency_buckets
+from lt_models.data.synthetic.layout import (
+    COLOURS,
+    PRESETS,
+    SHAPES,
+    TWINS,
+    Layout,
+    Leaf,
+    Preset,
+    build_layout,
+    get_preset,
+    zipf_targets,
+)
 from lt_models.data.synthetic.render import render_chunk, render_image, shape_mask
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Split specification: which objects go where and which labels they get (no pixels yet)
@@ -71,8 +81,9 @@ def _place_boxes(rng: random.Random, n: int, p: Preset) -> list[list[int]]:
     boxes: list[list[int]] = []
 
     def free(x: int, y: int, w: int, h: int) -> bool:
-        return all(x + w + 2 <= bx or bx + bw + 2 <= x or y + h + 2 <= by or by + bh + 2 <= y
-                   for bx, by, bw, bh in boxes)
+        return all(
+            x + w + 2 <= bx or bx + bw + 2 <= x or y + h + 2 <= by or by + bh + 2 <= y for bx, by, bw, bh in boxes
+        )
 
     for _ in range(n):
         size = rng.uniform(p.min_size, p.max_size)
@@ -119,9 +130,9 @@ def _split_spec(layout: Layout, split: str, seed: int) -> list[dict]:
     for idx, k in enumerate(sizes):
         boxes = _place_boxes(random.Random(f"ltsweep-synthetic/{seed}/{split}/{idx}"), k, p)
         objects = []
-        for leaf_idx, box in zip(slots[pos:pos + k], boxes):
+        for leaf_idx, box in zip(slots[pos : pos + k], boxes):
             leaf = layout.leaves[leaf_idx]
-            clean = leaf_idx not in seen          # first object of a leaf keeps its own label
+            clean = leaf_idx not in seen  # first object of a leaf keeps its own label
             seen.add(leaf_idx)
             u_two, u_swap, u_parent = rng.random(), rng.random(), rng.random()
             tones = [leaf_idx]
@@ -130,16 +141,16 @@ def _split_spec(layout: Layout, split: str, seed: int) -> list[dict]:
             labels = [layout.leaf_cat_id(x) for x in tones]
             if leaf_idx in twin_rates and not clean:
                 partner, p_swap, p_both = twin_rates[leaf_idx]
-                if u_swap < p_swap:               # implicit: annotator used the twin's name
+                if u_swap < p_swap:  # implicit: annotator used the twin's name
                     labels = [layout.leaf_cat_id(partner)]
-                elif u_swap < p_swap + p_both:    # annotators disagreed; both boxes kept
+                elif u_swap < p_swap + p_both:  # annotators disagreed; both boxes kept
                     labels = [layout.leaf_cat_id(leaf_idx), layout.leaf_cat_id(partner)]
             parent = layout.parent_cat_id(leaf.family)
             po = p.parent_only_rates[leaf.family % len(p.parent_only_rates)]
             if u_parent < po and not clean:
-                labels = [parent]                 # implicit: parent-only (apple -> fruit)
+                labels = [parent]  # implicit: parent-only (apple -> fruit)
             elif u_parent < po + p.leaf_parent_rate:
-                labels = labels + [parent]        # explicit: leaf + parent, identical box
+                labels = labels + [parent]  # explicit: leaf + parent, identical box
             objects.append({"box": box, "family": leaf.family, "tones": tones, "labels": labels})
         pos += k
         images.append({"index": idx, "objects": objects})
@@ -161,15 +172,19 @@ def _categories(layout: Layout) -> list[dict]:
     cats = []
     for leaf in layout.leaves:
         tex = "" if leaf.texture == "solid" else f" {leaf.texture}"
-        cats.append({"id": layout.leaf_cat_id(leaf.index), "name": leaf.name,
-                     "def": f"a{tex} {leaf.colour} {layout.family_names[leaf.family]} shape"})
+        cats.append(
+            {
+                "id": layout.leaf_cat_id(leaf.index),
+                "name": leaf.name,
+                "def": f"a{tex} {leaf.colour} {layout.family_names[leaf.family]} shape",
+            }
+        )
     for f, fam in enumerate(layout.family_names):
         cats.append({"id": layout.parent_cat_id(f), "name": fam, "def": f"any {fam} shape (parent class)"})
     return cats
 
 
-def _lvis_json(layout: Layout, split: str, images: list[dict], id_offset: int, ann_offset: int,
-               seed: int) -> dict:
+def _lvis_json(layout: Layout, split: str, images: list[dict], id_offset: int, ann_offset: int, seed: int) -> dict:
     p = layout.preset
     all_ids = set(range(1, layout.num_categories + 1))
     img_recs, anns = [], []
@@ -181,21 +196,45 @@ def _lvis_json(layout: Layout, split: str, images: list[dict], id_offset: int, a
         for obj in img["objects"]:
             present |= _plausible(layout, obj)
             positives |= set(obj["labels"])
-        not_exhaustive = {c for c in positives
-                          for obj in img["objects"] if c in _plausible(layout, obj) and c not in obj["labels"]}
-        img_recs.append({"id": image_id, "file_name": f"{split}_{img['index']:06d}.png",
-                         "width": p.image_size, "height": p.image_size,
-                         "neg_category_ids": sorted(all_ids - present),
-                         "not_exhaustive_category_ids": sorted(not_exhaustive)})
+        not_exhaustive = {
+            c for c in positives for obj in img["objects"] if c in _plausible(layout, obj) and c not in obj["labels"]
+        }
+        img_recs.append(
+            {
+                "id": image_id,
+                "file_name": f"{split}_{img['index']:06d}.png",
+                "width": p.image_size,
+                "height": p.image_size,
+                "neg_category_ids": sorted(all_ids - present),
+                "not_exhaustive_category_ids": sorted(not_exhaustive),
+            }
+        )
         for obj in img["objects"]:
             x, y, w, h = obj["box"]
             for cat in obj["labels"]:
                 ann_id += 1
-                anns.append({"id": ann_id, "image_id": image_id, "category_id": cat, "bbox": [x, y, w, h],
-                             "area": w * h, "iscrowd": 0})
-    return {"info": {"description": "ltsweep synthetic long-tail multi-label benchmark", "preset": p.name,
-                     "seed": seed, "split": split, "version": 1},
-            "images": img_recs, "annotations": anns, "categories": _categories(layout)}
+                anns.append(
+                    {
+                        "id": ann_id,
+                        "image_id": image_id,
+                        "category_id": cat,
+                        "bbox": [x, y, w, h],
+                        "area": w * h,
+                        "iscrowd": 0,
+                    }
+                )
+    return {
+        "info": {
+            "description": "ltsweep synthetic long-tail multi-label benchmark",
+            "preset": p.name,
+            "seed": seed,
+            "split": split,
+            "version": 1,
+        },
+        "images": img_recs,
+        "annotations": anns,
+        "categories": _categories(layout),
+    }
 
 
 def _fill_category_counts(train: dict, *others: dict) -> None:
@@ -215,9 +254,13 @@ def _fill_category_counts(train: dict, *others: dict) -> None:
 
 
 def _hierarchy(layout: Layout) -> dict:
-    return {"LabelName": "root", "Subcategory": [
-        {"LabelName": fam, "Subcategory": [{"LabelName": leaf.name} for leaf in layout.leaves if leaf.family == f]}
-        for f, fam in enumerate(layout.family_names)]}
+    return {
+        "LabelName": "root",
+        "Subcategory": [
+            {"LabelName": fam, "Subcategory": [{"LabelName": leaf.name} for leaf in layout.leaves if leaf.family == f]}
+            for f, fam in enumerate(layout.family_names)
+        ],
+    }
 
 
 def benchmark_spec(preset: str | Preset = "demo", seed: int = 0) -> dict:
@@ -257,22 +300,33 @@ def summarize(train: dict, val: dict, layout: Layout) -> dict:
     nz = counts[counts > 0]
     return {
         "preset": layout.preset.name,
-        "train_images": len(train["images"]), "val_images": len(val["images"]),
-        "train_annotations": len(train["annotations"]), "val_annotations": len(val["annotations"]),
-        "categories": len(train["categories"]), "leaf_classes": len(layout.leaves),
+        "train_images": len(train["images"]),
+        "val_images": len(val["images"]),
+        "train_annotations": len(train["annotations"]),
+        "val_annotations": len(val["annotations"]),
+        "categories": len(train["categories"]),
+        "leaf_classes": len(layout.leaves),
         "parent_classes": len(layout.family_names),
         "buckets": {b: freq.count(b) for b in "rcf"},
         "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
         "leaf_image_count_range": [int(leaf_counts.min()), int(leaf_counts.max())],
-        "confusable_pairs": [{"base": layout.leaves[b].name, "twin": layout.leaves[t].name,
-                              "p_twin_as_base": r[0], "p_base_as_twin": r[1], "p_both": r[2]}
-                             for b, t, r in layout.confusable],
+        "confusable_pairs": [
+            {
+                "base": layout.leaves[b].name,
+                "twin": layout.leaves[t].name,
+                "p_twin_as_base": r[0],
+                "p_base_as_twin": r[1],
+                "p_both": r[2],
+            }
+            for b, t, r in layout.confusable
+        ],
         "two_leaf_pairs": [[layout.leaves[a].name, layout.leaves[b].name] for a, b in layout.two_leaf],
     }
 
 
-def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo", seed: int = 0,
-                       workers: int | None = None) -> dict:
+def generate_benchmark(
+    out_dir: str | os.PathLike, preset: str | Preset = "demo", seed: int = 0, workers: int | None = None
+) -> dict:
     """Write DIR/train.json, DIR/val.json, DIR/hierarchy.json and DIR/images/*.png; return a summary.
 
     `workers` render processes (default: 1 for demo, up to 8 for bench); the bytes written do not depend on
@@ -296,10 +350,28 @@ def generate_benchmark(out_dir: str | os.PathLike, preset: str | Preset = "demo"
     write_json_atomic(out / "hierarchy.json", spec["hierarchy"])
     write_json_atomic(out / "val.json", spec["val"])
     write_json_atomic(out / "train.json", spec["train"])
-    summary = {"out_dir": str(out), "seed": seed, **summarize(spec["train"], spec["val"], spec["layout"]),
-               "seconds": round(time.perf_counter() - t0, 2)}
+    summary = {
+        "out_dir": str(out),
+        "seed": seed,
+        **summarize(spec["train"], spec["val"], spec["layout"]),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     return summary
 
 
-__all__ = ["COLOURS", "PRESETS", "SHAPES", "TWINS", "Layout", "Leaf", "Preset", "benchmark_spec", "build_layout",
-           "generate_benchmark", "render_image", "shape_mask", "summarize", "zipf_targets"]
+__all__ = [
+    "COLOURS",
+    "PRESETS",
+    "SHAPES",
+    "TWINS",
+    "Layout",
+    "Leaf",
+    "Preset",
+    "benchmark_spec",
+    "build_layout",
+    "generate_benchmark",
+    "render_image",
+    "shape_mask",
+    "summarize",
+    "zipf_targets",
+]

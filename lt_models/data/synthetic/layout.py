@@ -1,7 +1,8 @@
-"""Class layout of the synthetic benchmark (see ``lt_models.data.synthetic.generate``): shapes, colours, presets, and which leaf
-class has which shape family, appearance and frequency rank. Independent of the seed, and free of pixels and
+"""Class layout of the synthetic benchmark (see ``lt_models.data.synthetic.generate``): shapes, colours, presets, and
+which leaf class has which shape family, appearance and frequency rank. Independent of the seed, and free of pixels and
 labels: `red_star` is the same class with the same frequency for every seed.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,35 +32,63 @@ def _star(n: int = 5, inner: float = 0.45) -> tuple[tuple[float, float], ...]:
 
 
 _ARM = 0.34  # half-width (normalised) of the cross arms: 0.5 +- 0.17
-SHAPES: dict[str, object] = {
+SHAPES: dict[str, str | tuple[tuple[float, float], ...]] = {  # a named kind or a polygon outline
     "circle": "ellipse",
     "square": _normalise([(0, 0), (1, 0), (1, 1), (0, 1)]),
     "triangle": _normalise([(0.5, 0), (1, 1), (0, 1)]),
     "star": _star(),
     "ring": "ring",
-    "cross": _normalise([(0.33, 0), (0.67, 0), (0.67, 0.33), (1, 0.33), (1, 0.67), (0.67, 0.67), (0.67, 1),
-                         (0.33, 1), (0.33, 0.67), (0, 0.67), (0, 0.33), (0.33, 0.33)]),
+    "cross": _normalise(
+        [
+            (0.33, 0),
+            (0.67, 0),
+            (0.67, 0.33),
+            (1, 0.33),
+            (1, 0.67),
+            (0.67, 0.67),
+            (0.67, 1),
+            (0.33, 1),
+            (0.33, 0.67),
+            (0, 0.67),
+            (0, 0.33),
+            (0.33, 0.33),
+        ]
+    ),
     "diamond": _normalise([(0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)]),
     "hexagon": _normalise([(0.25, 0), (0.75, 0), (1, 0.5), (0.75, 1), (0.25, 1), (0, 0.5)]),
     "arrow": _normalise([(0, 0.3), (0.55, 0.3), (0.55, 0), (1, 0.5), (0.55, 1), (0.55, 0.7), (0, 0.7)]),
     "trapezoid": _normalise([(0.25, 0), (0.75, 0), (1, 1), (0, 1)]),
     "chevron": _normalise([(0, 0), (0.45, 0), (1, 0.5), (0.45, 1), (0, 1), (0.55, 0.5)]),
-    "pentagon": _normalise([(math.cos(-math.pi / 2 + k * 2 * math.pi / 5),
-                             math.sin(-math.pi / 2 + k * 2 * math.pi / 5)) for k in range(5)]),
+    "pentagon": _normalise(
+        [(math.cos(-math.pi / 2 + k * 2 * math.pi / 5), math.sin(-math.pi / 2 + k * 2 * math.pi / 5)) for k in range(5)]
+    ),
 }
 FAMILY_ORDER = list(SHAPES)
 
 # Saturated colours that stand out from the light background, each with a near-identical twin for the
 # confusable (implicit multi-label) leaf pairs.
 COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (210, 45, 45), "blue": (45, 80, 210), "green": (40, 160, 60), "yellow": (225, 200, 30),
-    "purple": (140, 60, 180), "orange": (235, 130, 30), "cyan": (30, 180, 200), "pink": (230, 90, 170),
-    "brown": (130, 80, 40), "black": (35, 35, 35),
+    "red": (210, 45, 45),
+    "blue": (45, 80, 210),
+    "green": (40, 160, 60),
+    "yellow": (225, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (235, 130, 30),
+    "cyan": (30, 180, 200),
+    "pink": (230, 90, 170),
+    "brown": (130, 80, 40),
+    "black": (35, 35, 35),
 }
 TWINS: dict[str, tuple[str, tuple[int, int, int]]] = {
-    "red": ("crimson", (196, 40, 62)), "blue": ("cobalt", (40, 68, 196)), "green": ("jade", (38, 150, 78)),
-    "yellow": ("gold", (218, 186, 36)), "purple": ("violet", (152, 66, 190)), "orange": ("amber", (228, 146, 34)),
-    "cyan": ("teal", (30, 166, 186)), "pink": ("rose", (218, 80, 156)), "brown": ("umber", (118, 74, 44)),
+    "red": ("crimson", (196, 40, 62)),
+    "blue": ("cobalt", (40, 68, 196)),
+    "green": ("jade", (38, 150, 78)),
+    "yellow": ("gold", (218, 186, 36)),
+    "purple": ("violet", (152, 66, 190)),
+    "orange": ("amber", (228, 146, 34)),
+    "cyan": ("teal", (30, 166, 186)),
+    "pink": ("rose", (218, 80, 156)),
+    "brown": ("umber", (118, 74, 44)),
     "black": ("charcoal", (50, 50, 54)),
 }
 COLOUR_ORDER = list(COLOURS)
@@ -72,26 +101,25 @@ class Preset:
 
     name: str
     image_size: int
-    families: int                 # shape families = parent categories
-    appearances: int              # leaves per family
-    t_max: int                    # training objects of the most frequent leaf
-    t_min: int                    # training objects of the rarest leaf
-    q: float                      # Zipf-Mandelbrot offset: larger q flattens the head
-    val_ratio: float              # val objects per leaf = max(val_min, round(val_ratio * t))
+    families: int  # shape families = parent categories
+    appearances: int  # leaves per family
+    t_max: int  # training objects of the most frequent leaf
+    t_min: int  # training objects of the rarest leaf
+    q: float  # Zipf-Mandelbrot offset: larger q flattens the head
+    val_ratio: float  # val objects per leaf = max(val_min, round(val_ratio * t))
     val_min: int
     objects_per_image: tuple[float, ...] = (0.35, 0.30, 0.20, 0.15)  # P(1..4 objects)
     min_size: int = 20
     max_size: int = 56
-    n_confusable: int = 3         # twin leaf pairs (implicit multi-label)
-    n_two_leaf: int = 2           # two-tone leaf pairs (explicit "car toy")
+    n_confusable: int = 3  # twin leaf pairs (implicit multi-label)
+    n_two_leaf: int = 2  # two-tone leaf pairs (explicit "car toy")
     # per confusable pair: P(twin labelled as base), P(base labelled as twin), P(labelled with both)
-    swap_rates: tuple[tuple[float, float, float], ...] = ((0.35, 0.10, 0.20), (0.25, 0.08, 0.15),
-                                                          (0.45, 0.12, 0.25))
-    two_leaf_rate: float = 0.3    # P(object of the pair's first leaf is drawn two-tone with the second)
+    swap_rates: tuple[tuple[float, float, float], ...] = ((0.35, 0.10, 0.20), (0.25, 0.08, 0.15), (0.45, 0.12, 0.25))
+    two_leaf_rate: float = 0.3  # P(object of the pair's first leaf is drawn two-tone with the second)
     leaf_parent_rate: float = 0.2  # P(an object also carries its parent label)
     parent_only_rates: tuple[float, ...] = (0.05, 0.12, 0.2, 0.3)  # P(parent label only), cycled per family
     noise_std: float = 6.0
-    workers: int = 1              # default render processes, 0 = one per CPU (at most 8); output does not depend on it
+    workers: int = 1  # default render processes, 0 = one per CPU (at most 8); output does not depend on it
 
     @property
     def num_leaves(self) -> int:
@@ -100,17 +128,50 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     # 6 families x 4 appearances = 24 leaves + 6 parents; ~490 train / ~110 val images of 128 px.
-    "demo": Preset("demo", image_size=128, families=6, appearances=4, t_max=260, t_min=2, q=40,
-                   val_ratio=0.2, val_min=4, objects_per_image=(0.25, 0.30, 0.25, 0.20)),
+    "demo": Preset(
+        "demo",
+        image_size=128,
+        families=6,
+        appearances=4,
+        t_max=260,
+        t_min=2,
+        q=40,
+        val_ratio=0.2,
+        val_min=4,
+        objects_per_image=(0.25, 0.30, 0.25, 0.20),
+    ),
     # 10 families x 8 appearances = 80 leaves + 10 parents; ~6k train / ~700 val images of 128 px.
-    "bench": Preset("bench", image_size=128, families=10, appearances=8, t_max=2000, t_min=3, q=15,
-                    val_ratio=0.1, val_min=3, n_confusable=8, n_two_leaf=5, workers=0),
+    "bench": Preset(
+        "bench",
+        image_size=128,
+        families=10,
+        appearances=8,
+        t_max=2000,
+        t_min=3,
+        q=15,
+        val_ratio=0.1,
+        val_min=3,
+        n_confusable=8,
+        n_two_leaf=5,
+        workers=0,
+    ),
     # 8 families x 5 appearances = 40 leaves + 8 parents (18 r / 18 c / 12 f); ~1k train / ~390 val images of 128 px.
     # For benchmarks/bench_fidelity.py (do the papers' findings hold, over seeds): small enough for 3 seeds x 11
     # runs in about an hour on 2 CPU cores, and val_min = 20 val objects per leaf, so that APr rests on ~17
     # validation instances per rare class (10-32; common ~21, frequent ~38).
-    "study": Preset("study", image_size=128, families=8, appearances=5, t_max=450, t_min=2, q=20,
-                    val_ratio=0.15, val_min=20, objects_per_image=(0.25, 0.30, 0.25, 0.20), workers=0),
+    "study": Preset(
+        "study",
+        image_size=128,
+        families=8,
+        appearances=5,
+        t_max=450,
+        t_min=2,
+        q=20,
+        val_ratio=0.15,
+        val_min=20,
+        objects_per_image=(0.25, 0.30, 0.25, 0.20),
+        workers=0,
+    ),
 }
 
 
@@ -130,14 +191,14 @@ def get_preset(preset: str | Preset) -> Preset:
 
 @dataclass
 class Leaf:
-    index: int                    # 0..L-1 in (family, slot) order; category id = index + 1
+    index: int  # 0..L-1 in (family, slot) order; category id = index + 1
     family: int
-    rank: int                     # 0 = most frequent
+    rank: int  # 0 = most frequent
     colour: str
     rgb: tuple[int, int, int]
     texture: str
     name: str
-    twin_of: int | None = None    # leaf index of the confusable partner (set on both leaves of a pair)
+    twin_of: int | None = None  # leaf index of the confusable partner (set on both leaves of a pair)
     two_leaf_with: int | None = None  # partner of a two-tone pair (set on the first leaf only)
 
 
@@ -176,12 +237,21 @@ def build_layout(preset: str | Preset) -> Layout:
     level_of: dict[tuple[int, int], int] = {}
     for f in range(F):
         for a in range(A):
-            j = (a - f) % A                    # frequency level inside the family (0 = head)
+            j = (a - f) % A  # frequency level inside the family (0 = head)
             level_of[(f, j)] = f * A + a
             colour = COLOUR_ORDER[(a + 3 * f) % len(COLOUR_ORDER)]
             texture = TEXTURES[(a + f) % len(TEXTURES)]
-            leaves.append(Leaf(index=f * A + a, family=f, rank=F * j + f, colour=colour, rgb=COLOURS[colour],
-                               texture=texture, name=""))
+            leaves.append(
+                Leaf(
+                    index=f * A + a,
+                    family=f,
+                    rank=F * j + f,
+                    colour=colour,
+                    rgb=COLOURS[colour],
+                    texture=texture,
+                    name="",
+                )
+            )
     layout = Layout(p, leaves, FAMILY_ORDER[:F])
     # Confusable twins: family f_k, levels (j, j+1); the rarer leaf takes the twin colour of the commoner one.
     for k in range(p.n_confusable):
@@ -189,7 +259,7 @@ def build_layout(preset: str | Preset) -> Layout:
         j = round(k * (A - 2) / max(1, p.n_confusable - 1))
         base, twin = leaves[level_of[(f, j)]], leaves[level_of[(f, j + 1)]]
         if base.twin_of is not None or twin.twin_of is not None:
-            continue                       # custom presets with more pairs than free leaf slots
+            continue  # custom presets with more pairs than free leaf slots
         twin.colour, twin.rgb = TWINS[base.colour]
         twin.texture = base.texture
         base.twin_of, twin.twin_of = twin.index, base.index

@@ -1,7 +1,8 @@
-"""Pixels of the synthetic benchmark (see ``lt_models.data.synthetic.generate``): shape masks, textures, one image per spec, and
-the PNG writer the render processes run. Each image is drawn from its own seeded RNG, so the bytes do not depend on
-how many processes render them.
+"""Pixels of the synthetic benchmark (see ``lt_models.data.synthetic.generate``): shape masks, textures, one image per
+spec, and the PNG writer the render processes run. Each image is drawn from its own seeded RNG, so the bytes do not
+depend on how many processes render them.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,6 +27,7 @@ def shape_mask(family: str, w: int, h: int) -> np.ndarray:
         d.ellipse([0, 0, w - 1, h - 1], fill=255)
         d.ellipse([w * 0.27, h * 0.27, (w - 1) * 0.73, (h - 1) * 0.73], fill=0)
     else:
+        assert not isinstance(kind, str)  # "ellipse" and "ring" are the only named kinds: the rest are outlines
         d.polygon([(u * (w - 1), v * (h - 1)) for u, v in kind], fill=255)
     return np.asarray(m) > 0
 
@@ -48,26 +50,29 @@ def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarr
     S = p.image_size
     rng = np.random.default_rng([seed, SPLIT_CODE[split], image["index"], 1])
     base = rng.uniform(175, 235) + rng.uniform(-12, 12, size=3)
-    cell = 16                                     # soft colour blotches of 16 x 16 px
+    cell = 16  # soft colour blotches of 16 x 16 px
     low = rng.normal(0, 6, (S // cell + 1, S // cell + 1, 3)).repeat(cell, 0).repeat(cell, 1)[:S, :S]
     canvas = Image.fromarray(np.clip(base + low, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(int(rng.integers(0, 4))):     # distractor lines (not objects)
+    for _ in range(int(rng.integers(0, 4))):  # distractor lines (not objects)
         g = int(rng.uniform(110, 170))
-        draw.line([tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=(g, g, g),
-                  width=int(rng.integers(1, 3)))
+        draw.line(
+            [tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=(g, g, g), width=int(rng.integers(1, 3))
+        )
     arr = np.asarray(canvas).astype(np.float32)
     for obj in image["objects"]:
         x, y, w, h = obj["box"]
         mask = shape_mask(layout.family_names[obj["family"]], w, h)
         jitter = rng.uniform(-10, 10, size=3)
         phase = int(rng.integers(0, 6))
-        fills = [_texture(np.clip(np.array(layout.leaves[t].rgb) + jitter, 0, 255), layout.leaves[t].texture,
-                          w, h, phase) for t in obj["tones"]]
+        fills = [
+            _texture(np.clip(np.array(layout.leaves[t].rgb) + jitter, 0, 255), layout.leaves[t].texture, w, h, phase)
+            for t in obj["tones"]
+        ]
         fill = fills[0]
-        if len(fills) == 2:                      # two-tone: right half in the second leaf's appearance
-            fill[:, w // 2:] = fills[1][:, w // 2:]
-        region = arr[y:y + h, x:x + w]
+        if len(fills) == 2:  # two-tone: right half in the second leaf's appearance
+            fill[:, w // 2 :] = fills[1][:, w // 2 :]
+        region = arr[y : y + h, x : x + w]
         region[mask] = fill[mask]
     arr += rng.standard_normal((S, S, 1), dtype=np.float32) * np.float32(p.noise_std)  # luminance noise
     np.clip(arr, 0, 255, out=arr)
