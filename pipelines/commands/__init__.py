@@ -1,1 +1,1 @@
-"""pipelines.commands."""
+"""`ltsweep confirm`, `ltsweep demo` and `ltsweep train`: commands built on the sweep."""

@@ -1,1 +1,1 @@
-"""pipelines.mlflow_io."""
+"""The MLflow store: opening a client, and reading sweeps back from it."""

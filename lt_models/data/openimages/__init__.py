@@ -1,1 +1,1 @@
-"""lt_models.data.openimages."""
+"""Open Images challenge CSVs + class hierarchy -> LVIS-format JSON (row by row) or an annotation store (streaming)."""

@@ -1,1 +1,1 @@
-"""lt_models.data.synthetic."""
+"""The synthetic long-tail multi-label benchmark: a class layout, rendered PNGs and LVIS-format JSON."""
