@@ -37,11 +37,17 @@ N_RARE, N_COMMON, N_FREQ = 454, 461, 315
 
 
 def make_lvis_val_case(
-    n_images: int = 5000, seed: int = 0, objects_per_image: float = 10.0, dets_per_image: int = 300
+    n_images: int = 5000,
+    seed: int = 0,
+    objects_per_image: float = 10.0,
+    dets_per_image: int = 300,
+    buckets: tuple[int, int, int] = (N_RARE, N_COMMON, N_FREQ),
 ) -> tuple[dict, list[dict]]:
+    """The generated case (see the module docstring); ``buckets``: the numbers of rare, common and frequent
+    categories (LVIS v0.5 by default)."""
     rng = np.random.default_rng(seed)
-    n_cat = N_RARE + N_COMMON + N_FREQ
-    freq = np.array(["r"] * N_RARE + ["c"] * N_COMMON + ["f"] * N_FREQ)
+    n_cat = sum(buckets)
+    freq = np.array(["r"] * buckets[0] + ["c"] * buckets[1] + ["f"] * buckets[2])
     rng.shuffle(freq)
     cat_ids = np.arange(1, n_cat + 1)
     # sampling weight of a category in an image: frequent >> common >> rare

@@ -82,11 +82,14 @@ METRIC_TAG = "ltsweep.metric"  # what the best trial is chosen by ...
 MODE_TAG = "ltsweep.mode"  # ... and whether larger (max) or smaller (min) is better
 CONFIRMS_TAG = "ltsweep.confirms"  # a confirmation sweep's run: the run id of the sweep it confirms
 CONFIRMED_BY_TAG = "ltsweep.confirmed_by"  # a sweep's run: the run id of its confirmation sweep
+CONFIRM_SEEDS_TAG = "ltsweep.confirm_seeds"  # the fresh training seeds of a confirmation sweep
+CONFIRM_IMAGES_TAG = "ltsweep.confirm_images"  # the images it evaluated on, in words
 MAX_T_TAG = "ltsweep.max_t"  # evaluations a full-length trial reports (ASHA's max_t)
 TRIALS_TAG = "ltsweep.trials"
 ERRORED_TRIALS_TAG = "ltsweep.errored_trials"
 UNFINISHED_TRIALS_TAG = "ltsweep.unfinished_trials"
 REPORT_ERROR_TAG = "ltsweep.report_error"  # writing the sweep report failed
+INTERVALS_TAG = "ltsweep.intervals"  # how the sweep run's intervals (AP_ci_low, ...) were computed
 
 #: trial-run param naming the stage-1 checkpoint the trial started from
 PRETRAIN_SHA_PARAM = "pretrain_sha256"

@@ -63,16 +63,18 @@ def test_configs_group_seeds_and_the_best_is_the_best_full_mean():
     mean = sum(d) / 3
     sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
     p = aggregate.paired(configs[0.7], configs[0.0], "AP", lambda t, m: t.metrics[m])
-    assert (p.n, p.diff) == (3, pytest.approx(mean))
-    assert (p.ci_low, p.ci_high) == (
+    d_iv = p.difference
+    assert (p.n, d_iv.estimate, d_iv.method) == (3, pytest.approx(mean), "seeds only")
+    assert (d_iv.low, d_iv.high) == (
         pytest.approx(mean - T975_2 * sd / math.sqrt(3)),
         pytest.approx(mean + T975_2 * sd / math.sqrt(3)),
     )
     from scipy import stats
 
-    assert p.p_value == pytest.approx(2 * stats.t.sf(mean / (sd / math.sqrt(3)), 2)) and p.significant()
+    # without image replicates the interval is the paired t-test's
+    assert d_iv.p_value() == pytest.approx(2 * stats.t.sf(mean / (sd / math.sqrt(3)), 2))
     sentences = s.comparisons()
-    assert any("the baseline" in x and "larger than the seed-to-seed noise" in x for x in sentences)
+    assert any("the baseline" in x and "in AP" in x and ": better (p = " in x for x in sentences), sentences
     table = aggregate.format_table(s.configs, best=s.best_config)
     assert "*best*" in table and "0.320 [" in table
 
@@ -88,13 +90,14 @@ def test_a_lead_inside_the_noise_is_said_in_words():
     best = s.best_config
     assert best.config == {"loss": "x"}
     (sentence,) = s.comparisons()
-    assert "inside the noise" in sentence and "tied" in sentence
+    assert ": cannot tell (p = " in sentence
     # one seed: the noise is unknown, and the sentence says so
     (single,) = summary([rec("a0", 0, 0.30, 0.1, loss="x"), rec("b0", 0, 0.20, 0.1, loss="y")]).comparisons()
-    assert "noise is unknown" in single
+    assert "cannot tell" in single and "noise is unknown" in single
     p = aggregate.paired(*summary(trials).configs, "AP", lambda t, m: t.metrics[m])
     sd = abs(0.04 - (-0.03)) / math.sqrt(2)  # differences -0.03 and +0.04
-    assert p.n == 2 and p.ci_high - p.ci_low == pytest.approx(2 * T975_1 * sd / math.sqrt(2))
+    iv = p.difference
+    assert p.n == 2 and iv.high - iv.low == pytest.approx(2 * T975_1 * sd / math.sqrt(2))
 
 
 def test_a_runner_up_stopped_early_is_not_called_beaten():
@@ -107,7 +110,7 @@ def test_a_runner_up_stopped_early_is_not_called_beaten():
     ]
     (sentence,) = summary(trials).comparisons()
     assert "stopped lam=0.5 early" in sentence and "ltsweep confirm" in sentence
-    assert "larger than the seed-to-seed noise" not in sentence
+    assert "no verdict" in sentence and "better" not in sentence
 
 
 def test_failed_runs_do_not_count_and_make_a_configuration_partial():
@@ -115,3 +118,38 @@ def test_failed_runs_do_not_count_and_make_a_configuration_partial():
     (c,) = summary(trials).configs
     assert c.n == 2 and c.stats["AP"].n == 1 and not c.full
     assert SimpleNamespace(**{"ok": aggregate.matches({"loss": "softmax", "lam": 0.7}, {"loss": "softmax"})}).ok
+
+
+def test_with_image_replicates_the_intervals_are_seeds_x_images_and_paired_by_draw():
+    """Runs that carry replicates (one per image draw, the same draws for every run) get the seeds x images
+    interval; a comparison subtracts the two runs' replicates draw by draw."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    draws = {("a", s): 0.30 + 0.01 * s + rng.normal(0, 0.01, 200) for s in range(3)}
+    draws |= {("b", s): draws[("a", s)] - 0.02 + rng.normal(0, 0.002, 200) for s in range(3)}
+    trials = [rec(f"{c}{s}", s, float(draws[(c, s)].mean()), 0.1, loss=c) for c in "ab" for s in range(3)]
+    by_id = {t.trial_id: draws[(t.config["loss"], t.config["seed"])] for t in trials}
+    reps = lambda t, m: by_id[t.trial_id] if m == "AP" else None  # noqa: E731
+    configs = aggregate.aggregate(
+        trials,
+        config=lambda t: t.config,
+        metric=lambda t, m: t.metrics.get(m),
+        full=lambda t: True,
+        failed=lambda t: False,
+        replicates=reps,
+    )
+    a, b = sorted(configs, key=lambda c: c.config["loss"])
+    assert (a.stats["AP"].method, a.stats["AP"].replicates) == ("seeds x images", 200)
+    assert a.stats["APr"].method == "seeds only"  # no replicates of APr: said so
+    p = aggregate.paired(a, b, "AP", lambda t, m: t.metrics[m], reps)
+    diff_draws = np.stack([by_id[f"a{s}"] - by_id[f"b{s}"] for s in range(3)])
+    expected = evidence_interval([by_id[f"a{s}"].mean() - by_id[f"b{s}"].mean() for s in range(3)], diff_draws)
+    assert (p.difference.low, p.difference.high) == (pytest.approx(expected.low), pytest.approx(expected.high))
+    assert "seeds x images, n=3, 200 image draws" in p.text()
+
+
+def evidence_interval(full, draws):
+    from pipelines.analysis.evidence import interval
+
+    return interval(full, draws)

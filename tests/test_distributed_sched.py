@@ -186,6 +186,7 @@ def test_a_sweep_of_multi_worker_trials_runs_them_one_at_a_time_and_pauses_and_r
     assert out["controllers"] and "ALIVE" not in out["controllers"]  # each Train run's controller went with it
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run as a script: the tests' and benchmarks' modules as conftest.py puts them
     sys.path.insert(0, str(Path(__file__).parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     print(json.dumps(run_scenario(Path(sys.argv[1]))), flush=True)

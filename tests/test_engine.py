@@ -360,7 +360,7 @@ def test_evaluation_buckets_classes_by_training_frequency(bench, tmp_path, monke
     monkeypatch.setattr(
         evaluation,
         "evaluate_lvis",
-        lambda gt, dets, frequency=None: seen.append(frequency) or real(gt, dets, frequency=frequency),
+        lambda gt, dets, frequency=None, **kw: seen.append(frequency) or real(gt, dets, frequency=frequency, **kw),
     )
     train(
         small_spec(bench, epochs=1, val_ann=str(val_path), val_image_dir=str(Path(bench["val"]).parent / "images")),

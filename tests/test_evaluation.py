@@ -126,7 +126,7 @@ def _assert_same_as_lvis(gt, dets, max_dets=300, frequency=None):
     assert ours["per_class"].keys() == ref["per_class"].keys()
     for c, v in ref["per_class"].items():
         assert abs(ours["per_class"][c] - v) <= TOL, (c, ours["per_class"][c], v)
-    precision, recall, _ = _lvis_precision_recall(gt, dets, frequency=frequency, max_dets=max_dets)
+    precision, recall, *_ = _lvis_precision_recall(gt, dets, frequency=frequency, max_dets=max_dets)
     np.testing.assert_array_equal(precision, ev.eval["precision"])
     np.testing.assert_array_equal(recall, ev.eval["recall"])
     return ours, ref

@@ -8,6 +8,7 @@ production trainable) to check the retry from the last checkpoint.
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -241,12 +242,20 @@ def test_table2_grid_of_training_loss_by_test_scores_runs_as_one_sweep(interrupt
 
 @pytest.fixture(scope="module")
 def seeded_and_confirmed(interrupted_and_resumed, workdir):
-    """A 2-configuration x 2-seed sweep with a baseline, then `ltsweep confirm` of its best configuration."""
+    """A 2-configuration x 2-seed sweep with a baseline and half the validation images held out, then `ltsweep
+    confirm` of its best configuration."""
     from pipelines.commands.confirm import confirm
 
+    data = {
+        "train": str(workdir / "data/train.json"),
+        "val": str(workdir / "data/val.json"),
+        "hierarchy": str(workdir / "data/hierarchy.json"),
+        "holdout": 0.5,
+    }
     cfg = make_cfg(
         workdir,
         "seeded",
+        data=data,
         space={"loss": {"grid": ["softmax", "concurrent_softmax"]}},
         stage2={
             "epochs": 1,
@@ -281,10 +290,16 @@ def test_seeds_repeat_every_configuration_with_one_stage1_per_seed(seeded_and_co
         assert {r["seed"] for r in trial_results(t.path)} == {t.config["seed"]}
     configs = first.configs
     assert [c.n for c in configs] == [2, 2] and all(c.stats["AP"].n == 2 for c in configs)
+    # every interval counts the seeds and the validation images: each trial's checkpoint holds its replicates
+    shown = [c.stats[m] for c in configs for m in ("AP", "APr", "APc", "APf") if c.stats[m].n]  # -1: empty bucket
+    assert shown and all(st.method == "seeds x images" for st in shown)
+    # 1000 draws of the images; a draw that leaves a bucket without ground truth does not count for that bucket
+    assert all(c.stats["AP"].replicates == 1000 for c in configs) and all(900 < st.replicates for st in shown)
     sentences = first.comparisons()
     assert any("p = " in x for x in sentences) and any(
         "the baseline" in x or "is itself the best" in x for x in sentences
     )
+    assert all(any(w in x for w in (": better (", ": worse (", ": cannot tell (")) for x in sentences if " vs " in x)
 
 
 def test_seeded_sweep_aggregates_reach_mlflow_and_the_report(seeded_and_confirmed, tmp_path):
@@ -297,8 +312,11 @@ def test_seeded_sweep_aggregates_reach_mlflow_and_the_report(seeded_and_confirme
     assert parent.data.metrics["best_n"] == 2 and "AP_ci_low" in parent.data.metrics
     trials = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'trial'")
     assert sorted(r.data.params["seed"] for r in trials) == ["0", "0", "1", "1"]
+    for r in trials:  # the image-bootstrap replicates of each trial's last evaluation, for `ltsweep compare`
+        assert "replicates.npz" in {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert parent.data.tags["ltsweep.intervals"].startswith("95% intervals: seeds x images")
     page = Path(client.download_artifacts(parent.info.run_id, "sweep_report.html", str(tmp_path))).read_text()
-    assert "Per configuration over its seeds" in page and "p = " in page
+    assert "Per configuration over its seeds" in page and "p = " in page and "seeds x images" in page
 
 
 def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(seeded_and_confirmed):
@@ -309,8 +327,13 @@ def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(
     expected = sorted({best, "softmax"})  # the top-1 configuration plus the baseline when it is not the best
     assert confirmed.name == "seeded-confirm" and confirmed.errored == 0
     assert sorted({t.config["loss"] for t in confirmed.trials}) == expected
-    assert sorted(confirmed.stage1) == [0, 1, 2] and not confirmed.stage1[1].trained  # seeds 0, 1 reused
+    # fresh seeds, never used by the sweep: new stage-1 checkpoints, new runs
+    assert sorted(confirmed.stage1) == [2, 3, 4] and all(c.trained for c in confirmed.stage1.values())
     assert all(c.n == 3 and c.full for c in confirmed.configs)
+    # the sweep chose on the selection images; the confirmation evaluated on the held-out ones
+    selection = {tuple(_matches(t.path).img_ids) for t in first.trials}
+    held_out = {tuple(_matches(t.path).img_ids) for t in confirmed.trials}
+    assert len(selection) == len(held_out) == 1 and not set(selection.pop()) & set(held_out.pop())
     client = MlflowClient(confirmed.tracking_uri)
     runs = {
         name: client.search_runs([client.get_experiment_by_name(name).experiment_id], "tags.`ltsweep.role` = 'sweep'")[
@@ -320,6 +343,25 @@ def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(
     }
     assert runs["seeded-confirm"].data.tags["ltsweep.confirms"] == runs["seeded"].info.run_id
     assert runs["seeded"].data.tags["ltsweep.confirmed_by"] == runs["seeded-confirm"].info.run_id
+    assert json.loads(runs["seeded-confirm"].data.tags["ltsweep.confirm_seeds"]) == [2, 3, 4]
+    assert "held-out" in runs["seeded-confirm"].data.tags["ltsweep.confirm_images"]
+    trials = client.search_runs([runs["seeded-confirm"].info.experiment_id], "tags.`ltsweep.role` = 'trial'")
+    assert {r.data.params["seed"] for r in trials} == {"2", "3", "4"}  # visible in MLflow params
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = json.loads(
+            Path(client.download_artifacts(runs["seeded-confirm"].info.run_id, "confirmation.json", tmp)).read_text()
+        )
+    assert {r["metric"] for r in rows} == {"AP", "APr", "APc", "APf"} and {r["config"] for r in rows} == {
+        f"loss={loss}" for loss in expected
+    }
+    assert all(r["selection"] and r["independent"] and r["difference"] for r in rows)
+
+
+def _matches(trial_path: str):
+    """The matching of a trial's last evaluation (the newest checkpoint Tune kept)."""
+    from lt_models.evaluation.matches import Matches
+
+    return Matches.load(max(Path(trial_path).glob("checkpoint_*/matches.npz")))
 
 
 def test_best_model_is_logged_registered_and_predicts(interrupted_and_resumed, workdir):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -201,9 +203,11 @@ def write_checkpoint_dir(
     metrics: dict | None = None,
     spec: dict | None = None,
     extra: dict | None = None,
+    files: dict[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
     """Write ``out_dir/name/`` = {checkpoint.pt, metrics.json, spec.json} atomically: everything goes into a temp
-    directory beside it that is renamed into place, so a reader never sees a half-written checkpoint."""
+    directory beside it that is renamed into place, so a reader never sees a half-written checkpoint. ``files``:
+    more files of the directory, {name: a function that writes it to the path it is given}."""
     final = Path(out_dir) / name
     with atomic_dir(final) as tmp:  # a re-run of the same epoch replaces the old directory
         save_checkpoint(
@@ -213,6 +217,8 @@ def write_checkpoint_dir(
         for fname, obj in (("metrics.json", metrics), ("spec.json", spec), (RUN_FILE, run)):
             if obj is not None:
                 (tmp / fname).write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+        for fname, write in (files or {}).items():
+            write(tmp / fname)
     return final
 
 

@@ -39,6 +39,8 @@ from lt_models.engine.run import Run, build_run, resume_run
 from lt_models.engine.spec import TrainSpec
 from lt_models.engine.validation import evaluate
 from lt_models.errors import ConfigError
+from lt_models.evaluation.bootstrap import REPLICATES_FILE, save_replicates
+from lt_models.evaluation.matches import MATCHES_FILE, Matches
 
 OnEval = Callable[[dict, "Path | None"], None]
 
@@ -262,14 +264,16 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
         run.model,
         run.val_loader,
         run.val_ds,
-        spec.val_ann,
+        run.val_ann,
         run.device,
         progress=spec.progress,
         frequency=run.train_buckets,
         metric=spec.eval_metric,
         hierarchy=spec.hierarchy_file,
         world_size=world_size,
+        keep_matches=spec.eval_metric == "lvis",
     )
+    matches = res.pop("matches", None)  # rank 0: the matching, kept beside the checkpoint for the bootstrap
     metrics = dict(res)
     metrics.update(
         loss=stats["loss"],
@@ -302,6 +306,7 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
             metrics=metrics,
             spec=spec.to_dict(),
             extra=extra,
+            files=_evaluation_files(matches, spec.replicates),
         ),
         world_size,
     )
@@ -310,3 +315,13 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
     if run.rank == 0:
         rotate_checkpoints(run.out_dir, run.run_id, spec.keep_checkpoints)
     return dict(metrics, checkpoint_dir=str(ckpt_dir) if run.rank == 0 else None)
+
+
+def _evaluation_files(matches: Matches | None, replicates: int) -> dict | None:
+    """The checkpoint's evaluation files: the matching and (``replicates`` > 0) the bootstrap replicates."""
+    if matches is None:
+        return None
+    files: dict[str, Callable[[Path], object]] = {MATCHES_FILE: matches.save}
+    if replicates > 0:
+        files[REPLICATES_FILE] = lambda path: save_replicates(path, matches, replicates)
+    return files

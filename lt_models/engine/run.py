@@ -5,7 +5,9 @@ checkpoint when resuming (`resume_run`: weights, optimizer, schedule, RNGs and c
 from __future__ import annotations
 
 import json
+import os
 import random
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,8 @@ import numpy as np
 import torch
 
 import lt_models.engine.distributed as distributed
-from lt_models.data.datasets import LVISDetection
+from lt_models.data.datasets import LVISDetection, default_image_dir
+from lt_models.data.holdout import split_file
 from lt_models.data.sampler_spec import build_sampler
 from lt_models.data.transforms import RandomHorizontalFlip
 from lt_models.engine.build import (
@@ -58,6 +61,7 @@ class Run:
     iteration: int = 0
     images: int = 0
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # rotation never touches another run's
+    val_ann: str = ""  # the annotation file it evaluates on (the validation file, or its part with val_holdout)
 
     @property
     def train_buckets(self) -> dict:
@@ -71,7 +75,7 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection]:
+def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection, str]:
     common: dict[str, Any] = dict(
         hierarchy_file=spec.hierarchy_file,
         expand_parents=spec.expand_parents,
@@ -85,14 +89,25 @@ def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection]:
         transforms=RandomHorizontalFlip() if spec.hflip else None,
         **common,
     )
-    val_ds = LVISDetection(spec.val_ann, spec.val_image_dir, train=False, **common)
+    val_ann, val_images = validation_source(spec)
+    val_ds = LVISDetection(val_ann, val_images, train=False, **common)
     if list(val_ds.cat_ids) != list(train_ds.cat_ids):
         raise AnnotationError(
             f"{spec.val_ann}: its categories differ from {spec.train_ann}'s "
             f"({len(val_ds.cat_ids)} vs {len(train_ds.cat_ids)} ids); both files must list the same "
             "categories"
         )
-    return train_ds, val_ds
+    return train_ds, val_ds, val_ann
+
+
+def validation_source(spec: TrainSpec) -> tuple[str, str]:
+    """(annotation file, image folder) the run evaluates on: ``val_ann``, or with ``val_holdout`` its part
+    ``val_part`` (``lt_models.data.holdout.split_file``, cached beside the annotation stores)."""
+    image_dir = str(default_image_dir(spec.val_ann, spec.val_image_dir))
+    if spec.val_holdout is None:
+        return spec.val_ann, image_dir
+    cache = spec.annotation_cache or os.path.join(tempfile.gettempdir(), "ltsweep-holdout")
+    return str(split_file(spec.val_ann, spec.val_holdout, spec.holdout_seed, cache)[spec.val_part]), image_dir
 
 
 def build_run(
@@ -107,7 +122,7 @@ def build_run(
     """Seeds, datasets, the detector (from ``init_checkpoint``'s weights when given), sampler, loaders and
     optimizer, in the order that fixes every random draw of the run."""
     _seed_all(spec.seed)
-    train_ds, val_ds = _datasets(spec)
+    train_ds, val_ds, val_ann = _datasets(spec)
     model = build_detector(
         train_ds.num_classes,
         spec.backbone,
@@ -150,6 +165,7 @@ def build_run(
         optimizer,
         scheduler,
         scaler,
+        val_ann=val_ann,
     )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from lt_models.data.holdout import PARTS, check_fraction
 from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.errors import ConfigError
 from lt_models.losses.registry import LossSpec
@@ -43,7 +44,11 @@ class TrainSpec:
     malformed annotation records (counted) instead of raising AnnotationError. ``eval_metric``: ``lvis`` (LVIS
     AP, the default) or ``openimages`` (the Open Images challenge AP@0.5 with hierarchy expansion, needs
     ``hierarchy_file``), reported as AP. ``annotation_cache``: folder of the shared annotation stores
-    (``lt_models.data.store``; None builds the dataset's arrays in memory).
+    (``lt_models.data.store``; None builds the dataset's arrays in memory). ``replicates``: with LVIS AP, every
+    checkpoint also holds the AP, AP50, APr, APc and APf of that many bootstrap draws of the validation images
+    (``lt_models.evaluation.bootstrap``; 0: none, only the matching is kept). ``val_holdout``: the share of the
+    validation images held out (``lt_models.data.holdout``, split by ``holdout_seed``); the run evaluates on the
+    ``val_part`` ("select": the rest, or "heldout").
     """
 
     train_ann: str
@@ -83,6 +88,10 @@ class TrainSpec:
     progress: bool | None = None
     keep_checkpoints: int = 1
     eval_metric: str = "lvis"
+    replicates: int = 0
+    val_holdout: float | None = None
+    val_part: str = "select"
+    holdout_seed: int = 0
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -142,6 +151,12 @@ class TrainSpec:
             raise ConfigError(
                 "eval_metric = 'openimages' expands labels up the class hierarchy: set hierarchy_file (data.hierarchy)"
             )
+        if self.val_holdout is not None:
+            check_fraction(self.val_holdout)
+        if self.val_part not in PARTS:
+            raise ConfigError(f"val_part = {self.val_part!r}: choose one of {', '.join(PARTS)}")
+        if not isinstance(self.replicates, int) or isinstance(self.replicates, bool) or self.replicates < 0:
+            raise ConfigError(f"replicates = {self.replicates!r}: must be an integer >= 0 (0: no bootstrap)")
         for name in ("epochs", "batch_size", "eval_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:

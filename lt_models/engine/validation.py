@@ -54,24 +54,32 @@ def evaluate(
     metric: str = "lvis",
     hierarchy: str | None = None,
     world_size: int = 1,
+    keep_matches: bool = False,
 ) -> dict:
     """Predict on the validation loader and score with ``lt_models.evaluation.evaluate_lvis`` (``metric="lvis"``)
     or ``evaluate_openimages`` (``"openimages"``: the challenge AP@0.5 with the class ``hierarchy``, reported as
     both AP and AP50). ``frequency`` ({category id: 'r'/'c'/'f'}) overrides the validation file's buckets;
     ``train`` passes the training set's, so APr/APc/APf always bucket classes by their training frequency.
     With ``world_size`` > 1 every rank predicts its share of the batches (``build.val_loader``), rank 0 scores all
-    detections in single-process order and every rank returns its metrics."""
+    detections in single-process order and every rank returns its metrics. ``keep_matches`` (LVIS AP): rank 0's
+    result also holds ``matches``, the matching (``lt_models.evaluation.matches.Matches``) that the bootstrap over
+    validation images recomputes AP from; it is not sent to the other ranks."""
     preds = predict(model, val_loader, device, val_ds.label_to_cat_id, progress=progress)
     dets: list[dict] | None = preds  # None on the ranks > 0 after the gather
     if world_size > 1:
         position = {int(i): k for k, i in enumerate(val_ds.image_ids)}
         dets = distributed.gather_in_order(preds, lambda d: position[d["image_id"]], world_size)
 
+    held: dict = {}
+
     def score() -> dict:
         assert dets is not None  # score runs on rank 0 only, which holds the gathered detections
         if metric == "openimages":
             # TrainSpec requires hierarchy_file for "openimages"; a None here fails inside evaluate_openimages as before
             return evaluate_openimages(val_ann, dets, cast("str", hierarchy), frequency=frequency)
-        return evaluate_lvis(val_ann, dets, frequency=frequency)
+        res = evaluate_lvis(val_ann, dets, frequency=frequency, keep_matches=keep_matches)
+        if "matches" in res:
+            held["matches"] = res.pop("matches")
+        return res
 
-    return distributed.on_rank0(score, world_size)
+    return {**distributed.on_rank0(score, world_size), **held}

@@ -34,6 +34,7 @@ import numpy as np
 
 from lt_models.data.annotations import FREQ_LABELS
 from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
+from lt_models.evaluation.matches import Matches
 
 # Exactly lvis.eval.Params (np.linspace, not np.arange: the values must compare equal to lvis-api's).
 IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoint=True)
@@ -178,8 +179,10 @@ def _lvis_precision_recall(
     frequency: Frequency = None,
     max_dets: int = MAX_DETS,
     source: str = "detections",
+    keep_matches: bool = False,
 ):
-    """The arrays LVISEval.accumulate builds: precision [T, R, K, A], recall [T, K, A], plus the indexed gt."""
+    """The arrays LVISEval.accumulate builds: precision [T, R, K, A], recall [T, K, A], plus the indexed gt and
+    (``keep_matches``) the matching of area "all" as ``Matches``."""
     g = gt if isinstance(gt, GroundTruth) else GroundTruth(gt, frequency, require_frequency=True)
     A, K, nI = _A, g.n_cat, g.n_img
     lo = np.array([r[0] for r in AREA_RANGES])
@@ -243,7 +246,36 @@ def _lvis_precision_recall(
     tp_bits, fp_bits, ccat = tp_bits[acc], fp_bits[acc], dcat[acc]
     c_start = np.searchsorted(ccat, np.arange(K), side="left")
     precision, recall = _accumulate(tp_bits, fp_bits, ccat, c_start, num_gt)
-    return precision, recall, g
+    matches = None
+    if keep_matches:
+        gpair_all = gpair[~g_ign[:, 0]]
+        matches = _area_all_matches(g, tp_bits, fp_bits, ccat, dpair[acc] % nI, gpair_all)
+    return precision, recall, g, matches
+
+
+def _area_all_matches(g: GroundTruth, tp_bits, fp_bits, ccat, cimg, gpair_all) -> Matches:
+    """The matching of area "all" (bit t of a 10-bit mask: IoU threshold t), without the detections that are
+    ignored at every threshold."""
+    tp = np.zeros(len(tp_bits), np.uint16)
+    fp = np.zeros(len(fp_bits), np.uint16)
+    for t in range(_T):
+        col = np.uint64(t * _A)
+        tp |= (((tp_bits >> col) & np.uint64(1)).astype(np.uint16)) << np.uint16(t)
+        fp |= (((fp_bits >> col) & np.uint64(1)).astype(np.uint16)) << np.uint16(t)
+    counts = (tp | fp) != 0
+    pairs, n = np.unique(gpair_all, return_counts=True)
+    return Matches(
+        img_ids=np.asarray(g.img_ids, np.int64),
+        cat_ids=np.asarray(g.cat_ids, np.int64),
+        frequency=np.asarray(g.frequency if g.frequency is not None else ["f"] * g.n_cat),
+        det_cat=ccat[counts].astype(np.int32),
+        det_img=cimg[counts].astype(np.int32),
+        tp=tp[counts],
+        fp=fp[counts],
+        gt_cat=(pairs // g.n_img).astype(np.int32),
+        gt_img=(pairs % g.n_img).astype(np.int32),
+        gt_n=n.astype(np.int32),
+    )
 
 
 def _segmented_suffix_max(v: np.ndarray, seg: np.ndarray) -> np.ndarray:
@@ -329,6 +361,8 @@ def evaluate_lvis(
     detections: Sequence[Mapping[str, Any]],
     frequency: Frequency = None,
     max_dets: int = MAX_DETS,
+    *,
+    keep_matches: bool = False,
 ) -> dict[str, Any]:
     """LVIS box AP, identical to lvis-api's LVISEval(iou_type="bbox") on the same input.
 
@@ -338,9 +372,12 @@ def evaluate_lvis(
     without the field). Without both, a category `image_count` field is bucketed (<=10 r, <=100 c, else f).
 
     Returns AP, AP50, AP75, APs, APm, APl, APr, APc, APf, AR@300, ARs@300, ARm@300, ARl@300 (floats in [0, 1],
-    -1 where undefined) and per_class {category_id: AP or -1 when the category has no gt}.
+    -1 where undefined) and per_class {category_id: AP or -1 when the category has no gt}. ``keep_matches``: also
+    ``matches``, the matching (``lt_models.evaluation.matches.Matches``) that recomputes AP under image weights.
     """
-    precision, recall, g = _lvis_precision_recall(gt, detections, frequency, max_dets)
+    precision, recall, g, matches = _lvis_precision_recall(
+        gt, detections, frequency, max_dets, keep_matches=keep_matches
+    )
     groups = [[k for k, f in enumerate(g.frequency) if f == lbl] for lbl in FREQ_LABELS]
     res: dict[str, Any] = {
         "AP": _summarize(precision),
@@ -362,4 +399,6 @@ def evaluate_lvis(
         p = precision[:, :, k, 0]
         per_class[cid] = float(p.mean()) if p[0, 0] > -1 else -1.0
     res["per_class"] = per_class
+    if matches is not None:
+        res["matches"] = matches
     return res

@@ -1,15 +1,13 @@
-"""Results over repeated seeds: per-configuration n, mean, standard deviation and 95% confidence interval, the
-best configuration, and paired comparisons. Every place that shows a sweep's answer (the summary table,
+"""Results over repeated seeds: per-configuration n, mean, standard deviation and 95% interval, the best
+configuration, and paired comparisons with verdicts. Every place that shows a sweep's answer (the summary table,
 ``ltsweep compare``, the HTML report, the MLflow sweep run, ``ltsweep confirm``) goes through here.
 
 A *configuration* is a trial's searched values without its ``seed``; its trials are its repeats (``search.seeds``).
-Statistics come from scipy.stats:
-
-- the 95% CI of a mean is Student's t interval, mean ± t(0.975, n − 1) · sd / √n (``scipy.stats.t.interval``);
-  with one run there is no spread, and the CI is undefined (NaN, shown as "-");
-- a paired comparison of two configurations uses the seeds both ran (same seed = same stage-1 checkpoint and the
-  same sampler draws), ``scipy.stats.ttest_rel`` for the p-value and its ``confidence_interval`` for the CI of
-  the mean difference.
+Every interval is :mod:`pipelines.analysis.evidence`'s: seeds x images when the runs carry bootstrap replicates of
+the validation images (each trial's checkpoint holds them), else seeds only; the method is named beside the numbers.
+A paired comparison of two configurations uses the seeds both ran (same seed = same stage-1 checkpoint and the
+same sampler draws) and the same image draws. The comparisons shown together get their verdicts ("better",
+"worse", "cannot tell") together, with Holm's correction.
 
 The best configuration is the best *mean* of the metric among configurations whose every run reached the full
 schedule (ASHA's survivors); when none did, among all configurations. This module imports neither Ray nor MLflow.
@@ -18,51 +16,88 @@ schedule (ASHA's survivors); when none did, among all configurations. This modul
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
+from pipelines.analysis import evidence
+from pipelines.analysis.evidence import CONFIDENCE, Interval, Verdict
 from pipelines.names import BUCKET_METRICS, finite_number
 
 T = TypeVar("T")
 SEED_KEY = "seed"
-CONFIDENCE = 0.95
+Replicates = Callable[[Any, str], "np.ndarray | None"]  # (run record, metric) -> its image-bootstrap values [R]
+
+__all__ = [
+    "CONFIDENCE",
+    "Comparison",
+    "ConfigResult",
+    "Stat",
+    "aggregate",
+    "best_config",
+    "best_trial",
+    "comparisons",
+    "describe",
+    "format_table",
+    "matches",
+    "paired",
+    "ranked",
+    "table",
+]
 
 
 @dataclasses.dataclass(frozen=True)
 class Stat:
-    """n finite values: their mean, sample standard deviation and the 95% t interval of the mean (NaN if n < 2)."""
+    """n finite values: their mean, sample standard deviation and 95% interval of the mean (NaN when undefined),
+    and how the interval was computed (``method``; ``replicates``: image draws, 0 for seeds only)."""
 
     n: int
     mean: float
     sd: float
     ci_low: float
     ci_high: float
+    method: str = evidence.SEEDS_ONLY
+    replicates: int = 0
+    seed_var: float = math.nan  # the interval's parts (pipelines.analysis.evidence.Interval)
+    image_var: float = math.nan
+
+    def interval(self) -> Interval:
+        return Interval(
+            self.mean, self.ci_low, self.ci_high, self.seed_var, self.image_var, self.n, self.method, self.replicates
+        )
 
     def text(self, digits: int = 3) -> str:
         if self.n == 0:
             return "-"
-        if self.n == 1 or not math.isfinite(self.ci_low):
+        if not math.isfinite(self.ci_low):
             return f"{self.mean:.{digits}f}"
         return f"{self.mean:.{digits}f} [{self.ci_low:.{digits}f}, {self.ci_high:.{digits}f}]"
 
 
-def describe(values: Iterable[Any]) -> Stat:
-    """n, mean, sd and the 95% CI of the finite values (an empty frequency bucket, -1, is not a value)."""
-    from scipy import stats
-
-    xs = [f for f in (finite_number(v) for v in values) if f is not None and f >= 0]
+def describe(values: Iterable[Any], replicates: Sequence[np.ndarray | None] | None = None) -> Stat:
+    """n, mean, sd and the 95% interval of the finite values (an empty frequency bucket, -1, is not a value);
+    ``replicates``: each value's image-bootstrap values (aligned with ``values``), for the seeds x images
+    interval."""
+    pairs = [(finite_number(v), r) for v, r in zip(values, replicates or itertools.repeat(None))]
+    kept = [(v, r) for v, r in pairs if v is not None and v >= 0]
+    xs = [v for v, _ in kept]
     n = len(xs)
     if n == 0:
         return Stat(0, math.nan, math.nan, math.nan, math.nan)
-    mean = sum(xs) / n
-    if n == 1:
-        return Stat(1, mean, math.nan, math.nan, math.nan)
-    sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    if sd == 0:
-        return Stat(n, mean, 0.0, mean, mean)
-    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sd / math.sqrt(n))
-    return Stat(n, mean, sd, float(low), float(high))
+    reps = [r for _, r in kept]
+    iv = evidence.interval(xs, _stack(reps))
+    sd = float(np.std(xs, ddof=1)) if n > 1 else math.nan
+    return Stat(n, iv.estimate, sd, iv.low, iv.high, iv.method, iv.replicates, iv.seed_var, iv.image_var)
+
+
+def _stack(reps: Sequence[np.ndarray | None]) -> np.ndarray | None:
+    """[n, R] when every run has replicates of one length, else None (the interval counts the seeds only)."""
+    if not reps or any(r is None for r in reps) or len({len(r) for r in reps if r is not None}) != 1:
+        return None
+    return np.stack([np.asarray(r, np.float64) for r in reps if r is not None])
 
 
 @dataclasses.dataclass
@@ -90,10 +125,12 @@ def aggregate(
     full: Callable[[T], bool],
     failed: Callable[[T], bool],
     metrics: Sequence[str] = BUCKET_METRICS,
+    replicates: Replicates | None = None,
 ) -> list[ConfigResult]:
     """Group trial records (summary trials, MLflow rows) by configuration. ``config(r)`` is a record's searched
     values including ``seed``; ``metric(r, name)`` its final value of a metric; ``full(r)`` whether it ran the full
-    schedule; failed records count as runs that did not finish (no values)."""
+    schedule; failed records count as runs that did not finish (no values). ``replicates(r, name)``: the record's
+    image-bootstrap values of the metric, or None."""
     groups: dict[tuple, ConfigResult] = {}
     for r in records:
         values = dict(config(r))
@@ -102,9 +139,10 @@ def aggregate(
         g = groups.setdefault(key, ConfigResult(values, {}, True, {}))
         g.runs[seed if seed is not None else len(g.runs)] = r
         g.full = g.full and full(r) and not failed(r)
+    reps = replicates or (lambda r, m: None)
     for g in groups.values():
         ok = [r for r in g.runs.values() if not failed(r)]
-        g.stats = {m: describe(metric(r, m) for r in ok) for m in metrics}
+        g.stats = {m: describe([metric(r, m) for r in ok], [reps(r, m) for r in ok]) for m in metrics}
     return sorted(groups.values(), key=lambda g: g.label())
 
 
@@ -124,7 +162,7 @@ def best_config(configs: Sequence[ConfigResult], metric: str = "AP", mode: str =
 
 
 def table(configs: Sequence[ConfigResult], best: ConfigResult | None) -> list[dict[str, Any]]:
-    """The configurations as JSON-able rows (config, n, full, best, and n / mean / sd / CI per metric)."""
+    """The configurations as JSON-able rows (config, n, full, best, and n / mean / sd / interval per metric)."""
     return [
         {
             "config": c.config,
@@ -138,80 +176,54 @@ def table(configs: Sequence[ConfigResult], best: ConfigResult | None) -> list[di
 
 
 @dataclasses.dataclass(frozen=True)
-class Paired:
-    """a − b over the seeds both configurations ran: mean difference, its 95% CI and the paired t-test p-value."""
+class Comparison:
+    """a - b in ``metric`` over the seeds both configurations ran (and the same image draws): the interval of the
+    mean difference, and (once its family is judged) the verdict."""
 
     metric: str
     n: int
-    diff: float
-    ci_low: float
-    ci_high: float
-    p_value: float
-
-    def significant(self, alpha: float = 1 - CONFIDENCE) -> bool:
-        return self.n >= 2 and math.isfinite(self.p_value) and self.p_value < alpha
+    difference: Interval
+    verdict: Verdict | None = None
 
     def text(self, digits: int = 3) -> str:
-        if self.n < 2:
-            return f"{self.diff:+.{digits}f} (n={self.n}: no CI)"
-        return (
-            f"{self.diff:+.{digits}f} [{self.ci_low:+.{digits}f}, {self.ci_high:+.{digits}f}], p = "
-            f"{self.p_value:.3g} (n={self.n})"
-        )
+        d = self.difference
+        how = f"{d.method}, n={self.n}" + (f", {d.replicates} image draws" if d.replicates else "")
+        return f"{d.text(digits, signed=True)} ({how})"
 
 
-def paired(a: ConfigResult, b: ConfigResult, metric: str, value: Callable[[Any, str], Any]) -> Paired:
-    """Paired comparison of ``metric`` between two configurations over their common seeds (scipy.stats.ttest_rel)."""
-    from scipy import stats
-
-    pairs = []
+def paired(
+    a: ConfigResult,
+    b: ConfigResult,
+    metric: str,
+    value: Callable[[Any, str], Any],
+    replicates: Replicates | None = None,
+) -> Comparison:
+    """``a - b`` in ``metric`` over their common seeds, paired image by image when both have replicates."""
+    reps = replicates or (lambda r, m: None)
+    diffs, draws = [], []
     for seed in sorted(set(a.runs) & set(b.runs), key=str):
         x, y = finite_number(value(a.runs[seed], metric)), finite_number(value(b.runs[seed], metric))
-        if x is not None and y is not None and x >= 0 and y >= 0:
-            pairs.append((x, y))
-    n = len(pairs)
-    if n == 0:
-        return Paired(metric, 0, math.nan, math.nan, math.nan, math.nan)
-    diffs = [x - y for x, y in pairs]
-    mean = sum(diffs) / n
-    if n < 2 or all(d == diffs[0] for d in diffs):
-        return Paired(
-            metric,
-            n,
-            mean,
-            mean if n >= 2 else math.nan,
-            mean if n >= 2 else math.nan,
-            0.0 if n >= 2 and mean != 0 else math.nan,
-        )
-    res = stats.ttest_rel([x for x, _ in pairs], [y for _, y in pairs])
-    ci = res.confidence_interval(CONFIDENCE)
-    return Paired(metric, n, mean, float(ci.low), float(ci.high), float(res.pvalue))
+        if x is None or y is None or x < 0 or y < 0:
+            continue
+        diffs.append(x - y)
+        ra, rb = reps(a.runs[seed], metric), reps(b.runs[seed], metric)
+        same = ra is not None and rb is not None and len(ra) == len(rb)
+        draws.append(np.asarray(ra, np.float64) - np.asarray(rb, np.float64) if same else None)
+    return Comparison(metric, len(diffs), evidence.interval(diffs, _stack(draws)))
 
 
-def lead_sentence(best: ConfigResult, other: ConfigResult, comparison: Paired, what: str = "the runner-up") -> str:
-    """In words: is the best configuration's lead over ``other`` larger than the seed-to-seed noise?"""
+def lead_sentence(best: ConfigResult, other: ConfigResult, comparison: Comparison, what: str = "the runner-up") -> str:
+    """In words: the best configuration against ``other``, with the comparison's verdict."""
     m = comparison.metric
+    head = f"{best.label()} vs {what} ({other.label()}) in {m}: {comparison.text()}"
     if best.full and not other.full:  # ASHA stopped it: its numbers come from a shorter schedule
         return (
-            f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}, but the scheduler "
-            f"stopped {other.label()} early, so this compares a full schedule with a shorter one; `ltsweep "
-            "confirm SWEEP --top K` reruns the top configurations to the full schedule."
+            f"{head}; the scheduler stopped {other.label()} early, so this compares a full schedule with a shorter "
+            "one and gets no verdict; `ltsweep confirm SWEEP --top K` reruns the top configurations to the full "
+            "schedule."
         )
-    if comparison.n < 2:
-        return (
-            f"The lead of {best.label()} over {what} ({other.label()}) in {m} is {comparison.diff:+.3f} on "
-            f"{comparison.n} common seed(s): with fewer than 2 seeds the noise is unknown; rerun with "
-            "search.seeds (or `ltsweep confirm`)."
-        )
-    if comparison.significant():
-        return (
-            f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the lead is larger "
-            "than the seed-to-seed noise."
-        )
-    return (
-        f"{best.label()} leads {what} ({other.label()}) in {m} by {comparison.text()}: the CI contains 0, so "
-        "the lead is inside the noise - the two are tied on this evidence."
-    )
+    v = comparison.verdict
+    return f"{head}: {v.text() if v is not None else 'cannot tell'}."
 
 
 def comparisons(
@@ -219,28 +231,54 @@ def comparisons(
     metric: str,
     baseline: Mapping[str, Any] | None,
     value: Callable[[Any, str], Any],
+    replicates: Replicates | None = None,
+    mode: str = "max",
 ) -> list[str]:
-    """Sentences on the best configuration's lead: over the runner-up and over the baseline configuration(s)."""
+    """Sentences on the best configuration against the runner-up and against the baseline configuration(s). The
+    comparisons are one family: their verdicts are corrected together (Holm)."""
     if not ranked_configs:
         return []
-    best, out = ranked_configs[0], []
+    best = ranked_configs[0]
+    items: list[tuple[ConfigResult, Comparison, str]] = []
+    notes: list[str] = []
     if len(ranked_configs) > 1:
-        out.append(lead_sentence(best, ranked_configs[1], paired(best, ranked_configs[1], metric, value)))
+        other = ranked_configs[1]
+        items.append((other, paired(best, other, metric, value, replicates), "the runner-up"))
     if baseline:
         bases = [c for c in ranked_configs if matches(c.config, baseline) and c is not best]
         if not bases and matches(best.config, baseline):
-            out.append(f"The baseline ({baseline}) is itself the best configuration.")
+            notes.append(f"The baseline ({baseline}) is itself the best configuration.")
         for b in bases:
             for m in dict.fromkeys([metric, "APr"]):
-                out.append(lead_sentence(best, b, paired(best, b, m, value), what="the baseline"))
+                items.append((b, paired(best, b, m, value, replicates), "the baseline"))
         if not bases and not matches(best.config, baseline):
-            out.append(f"No configuration of this sweep matches the baseline {baseline}.")
-    return out
+            notes.append(f"No configuration of this sweep matches the baseline {baseline}.")
+    judged = [i for i, (o, _, _) in enumerate(items) if not (best.full and not o.full)]
+    ups = [items[i][1].metric != metric or mode == "max" for i in judged]  # APr: higher is better in any mode
+    words = dict(zip(judged, evidence.verdicts([items[i][1].difference for i in judged], ups)))
+    out = []
+    for i, (other, comp, what) in enumerate(items):
+        comp = dataclasses.replace(comp, verdict=words.get(i))
+        out.append(lead_sentence(best, other, comp, what))
+    return out + notes
 
 
 def matches(config: Mapping[str, Any], selector: Mapping[str, Any]) -> bool:
     """Does a configuration have every value of ``selector`` (e.g. the report's baseline {loss: softmax})?"""
     return all(str(config.get(k)) == str(v) for k, v in selector.items())
+
+
+def method_line(configs: Sequence[ConfigResult]) -> str:
+    """How the intervals of these configurations were computed, in one line."""
+    used = sorted({(st.method, st.replicates) for c in configs for st in c.stats.values() if st.n > 0})
+    text = {
+        evidence.SEEDS_X_IMAGES: "seeds x images (Student's t over the seeds and a bootstrap over the validation "
+        "images, {r} draws, the seed x image interaction counted once)",
+        evidence.SEEDS_ONLY: "seeds only (Student's t over the seeds; no image replicates)",
+        evidence.IMAGES_ONLY: "images only ({r} bootstrap draws; one seed, so the seed noise is not counted)",
+    }
+    parts = [text[m].format(r=r) for m, r in used if m in text]
+    return "95% intervals: " + ("; ".join(parts) if parts else "none (no values)")
 
 
 def format_table(

@@ -2,9 +2,10 @@
 
 For each sweep, its best configuration by the sweep's own metric and mode
 (:func:`pipelines.analysis.aggregate.best_config`: the best mean over seeds among configurations that ran the full
-schedule), with n and the mean [95% CI] of AP, APr, APc and APf: a printed table and a PNG of grouped bars with the CIs
-as error bars. Identical studies run with different seeds then show overlapping CIs instead of seemingly different
-numbers.
+schedule), with n and the mean [95% interval] of AP, APr, APc and APf (seeds x images when its trial runs logged
+image-bootstrap replicates, :mod:`pipelines.analysis.evidence`): a printed table and a PNG of grouped bars with the
+intervals as error bars. Identical studies run with different seeds then show overlapping intervals instead of
+seemingly different numbers.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 
 from lt_models.atomic import write_bytes_atomic
 from lt_models.errors import ConfigError
-from pipelines.analysis import aggregate
+from pipelines.analysis import aggregate, replicates
 from pipelines.analysis.plots import fmt_metric, metric_or_none, new_figure, png_bytes
 from pipelines.analysis.report import row_configs
-from pipelines.mlflow_io.reads import latest_sweep_run, trial_rows
+from pipelines.mlflow_io.reads import latest_sweep_run, trial_replicates_file, trial_rows
 from pipelines.names import (
     BUCKET_METRICS,
     MAX_T_TAG,
@@ -123,11 +124,23 @@ def plot_compare(rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike) 
     ax.set_xticks(x)
     ax.set_xticklabels(BUCKET_METRICS)
     ax.set_ylabel("mean AP of the best configuration")
-    ax.set_title("best configuration of each sweep: AP by frequency bucket (95% CI over seeds)")
+    ax.set_title("best configuration of each sweep: AP by frequency bucket (95% intervals)")
     ax.legend(fontsize=8)
     out = Path(out_png)
     write_bytes_atomic(out, png_bytes(fig))
     return out
+
+
+def _best_with_replicates(client, rows, searched, max_t, metric: str, mode: str) -> aggregate.ConfigResult | None:
+    """The best configuration, with the image-bootstrap replicates of its runs (downloaded from their trial runs)
+    behind its intervals."""
+    best = aggregate.best_config(row_configs(rows, searched, max_t, metric), metric, mode)
+    if best is None:
+        return None
+    for r in best.runs.values():
+        data = trial_replicates_file(client, r["run_id"])
+        r["replicates"] = None if data is None else replicates.from_bytes(data)
+    return aggregate.best_config(row_configs(rows, searched, max_t, metric), metric, mode)
 
 
 def compare_sweeps(
@@ -162,8 +175,7 @@ def compare_sweeps(
         rows = trial_rows(client, exp.experiment_id, parent.info.run_id)
         max_t = parent.data.tags.get(MAX_T_TAG)
         max_t = int(max_t) if max_t else max((r["iterations"] for r in rows), default=0)
-        configs = row_configs(rows, searched, max_t, metric)
-        best = aggregate.best_config(configs, metric, mode)
+        best = _best_with_replicates(client, rows, searched, max_t, metric, mode)
         if best is None:
             raise ConfigError(f"ltsweep compare: sweep {name!r} has no trial that reported {metric} yet")
         sign = 1.0 if mode == "max" else -1.0
@@ -182,6 +194,7 @@ def compare_sweeps(
                 "n": best.n,
                 **{m: best.stats[m].mean if m in best.stats else top.get(m) for m in REPORT_TABLE_METRICS},
                 "stats": best.stats,
+                "intervals": aggregate.method_line([best]),
                 "iterations": top["iterations"],
                 "n_trials": len(rows),
                 "params": {k: str(v) for k, v in best.config.items()},
@@ -193,5 +206,7 @@ def compare_sweeps(
     png = plot_compare(out, out_png)
     if not quiet:  # `ltsweep compare --json` prints the rows instead
         print(format_compare_table(out))
+        for r in out:
+            print(f"{r['sweep']}: {r['intervals']}")
         print(f"wrote {png}")
     return out

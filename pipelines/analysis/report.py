@@ -26,9 +26,11 @@ from typing import Any
 from pipelines.analysis import aggregate
 from pipelines.analysis.aggregate import best_trial
 from pipelines.analysis.plots import fmt_metric, plot_buckets, plot_iterations, plot_rank, plot_vs_param
+from pipelines.analysis.replicates import metric_of
 from pipelines.mlflow_io.reads import download_per_class, stage1_per_class, trial_rows
 from pipelines.names import (
     CONFIG_AGGREGATES_JSON,
+    INTERVALS_TAG,
     PRETRAIN_SHA_PARAM,
     REPORT_HTML,
     REPORT_TABLE_METRICS,
@@ -68,7 +70,8 @@ def row_configs(
     rows: Sequence[Mapping[str, Any]], searched_keys: Sequence[str], max_t: int | None, metric: str = "AP"
 ) -> list[aggregate.ConfigResult]:
     """:func:`trial_rows` grouped by configuration: the searched params without ``seed`` (a run's ``seed`` param
-    tells its repeat), with n, mean, sd and 95% CI of each table metric and of the sweep's ``metric``."""
+    tells its repeat), with n, mean, sd and 95% interval of each table metric and of the sweep's ``metric`` (seeds
+    x images for rows that carry ``replicates``)."""
     keys = [k for k in searched_keys if k != PRETRAIN_SHA_PARAM] or sorted(
         {k for r in rows for k in r["params"] if k != PRETRAIN_SHA_PARAM}
     )
@@ -80,7 +83,13 @@ def row_configs(
         full=lambda r: not max_t or r["iterations"] >= max_t,
         failed=lambda r: r.get("status") == "FAILED",
         metrics=tuple(dict.fromkeys(REPORT_TABLE_METRICS + (metric,))),
+        replicates=row_replicates,
     )
+
+
+def row_replicates(row: Mapping[str, Any], metric: str):
+    """A trial row's image-bootstrap replicates of ``metric`` (``row["replicates"]``), or None."""
+    return metric_of(row.get("replicates"), metric)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -121,7 +130,10 @@ def _config_section(rows, keys, metric: str, mode: str, max_t: int, baseline) ->
             + f"<td>{'yes' if c.full else 'no'}</td></tr>"
         )
     out.append("</table>")
-    sentences = aggregate.comparisons(ranking, metric, baseline, value=lambda r, m: r.get(m))
+    sentences = aggregate.comparisons(
+        ranking, metric, baseline, value=lambda r, m: r.get(m), replicates=row_replicates, mode=mode
+    )
+    out.append(f"<p class='note'>{e(aggregate.method_line(configs))}</p>")
     out.extend(f"<p class='verdict'>{e(x)}</p>" for x in sentences)
     return out
 
@@ -274,6 +286,7 @@ def _log_aggregates(client, parent_run_id: str, rows, searched_keys, metric: str
                 if finite_number(v) is not None:
                     metrics.append(Metric(f"{m}{suffix}", float(v), ts, 0))
     client.log_batch(parent_run_id, metrics=metrics)
+    client.set_tag(parent_run_id, INTERVALS_TAG, aggregate.method_line(configs))
 
 
 def log_sweep_report(
@@ -289,14 +302,18 @@ def log_sweep_report(
     last_results: Mapping[str, Mapping[str, Any]] | None = None,
     max_t: int | None = None,
     baseline: Mapping[str, Any] | None = None,
+    replicates: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
     """Build the sweep report from MLflow (plus Tune's last results, for per-class AP) and log it as
     ``sweep_report.html`` on the parent run, with ``config_aggregates.json`` (n, mean, sd, 95% CI per configuration)
     and the sweep-level metrics of the parent run: the best configuration's means (``AP``, ``AP50``, ``APr``,
     ``APc``, ``APf``) with ``<metric>_ci_low`` / ``_ci_high`` and ``best_n`` (its runs), and ``trials``,
     ``stopped_early``, ``errored``, ``trial_epochs``, so sweeps sort and compare in the MLflow runs table.
-    ``max_t``: evaluations of a full-length trial (default: the longest trial's). Returns the HTML."""
+    ``max_t``: evaluations of a full-length trial (default: the longest trial's). ``replicates``: each trial's
+    image-bootstrap replicates by trial id, for the seeds x images intervals. Returns the HTML."""
     rows = trial_rows(client, experiment_id, parent_run_id)
+    for r in rows:
+        r["replicates"] = (replicates or {}).get(r["trial_id"])
     _log_aggregates(
         client,
         parent_run_id,

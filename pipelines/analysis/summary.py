@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.analysis import aggregate
 from pipelines.analysis.aggregate import best_trial
+from pipelines.analysis.replicates import from_checkpoint, metric_of
 from pipelines.config.space import trial_values
 from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS
 
@@ -38,6 +39,8 @@ class TrialSummary:
     path: str | None = None
     interrupted: bool = False  # the sweep was interrupted before this trial finished (--resume continues it)
     bad_input: bool = False  # it failed on bad input (AnnotationError, ConfigError): exit code 2
+    # its last evaluation's image-bootstrap replicates ({metric: [R]}, seed, n_images), when it has them
+    replicates: dict[str, Any] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def status(self) -> str:
@@ -76,6 +79,7 @@ class SweepSummary:
             full=lambda t: t.evaluations >= self.max_evaluations,
             failed=lambda t: t.error is not None,
             metrics=tuple(dict.fromkeys(BUCKET_METRICS + (self.metric,))),
+            replicates=_replicates,
         )
 
     @property
@@ -89,6 +93,8 @@ class SweepSummary:
             self.metric,
             self.baseline,
             value=lambda t, m: t.metrics.get(m),
+            replicates=_replicates,
+            mode=self.mode,
         )
 
     @property
@@ -152,8 +158,8 @@ class SweepSummary:
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d["trials"] = [dataclasses.asdict(t) for t in self.trials]
-        d["best"] = None if self.best is None else dataclasses.asdict(self.best)
+        d["trials"] = [_trial_dict(t) for t in self.trials]
+        d["best"] = None if self.best is None else _trial_dict(self.best)
         d["stage1"] = (
             None
             if self.stage1 is None
@@ -170,6 +176,14 @@ class SweepSummary:
         )
         d["configs"] = aggregate.table(self.configs, self.best_config)
         return d
+
+
+def _replicates(t: TrialSummary, metric: str):
+    return metric_of(t.replicates, metric)
+
+
+def _trial_dict(t: TrialSummary) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(t).items() if k != "replicates"}
 
 
 def format_value(v: Any) -> str:
@@ -228,6 +242,7 @@ def summarize(
                 path=r.path,
                 interrupted=unfinished,
                 bad_input=bad_input,
+                replicates=from_checkpoint(getattr(r, "checkpoint", None)),
             )
         )
     metric = cfg.scheduler.metric
@@ -272,11 +287,12 @@ def print_summary(summary: SweepSummary, file=None) -> None:
     configs = summary.configs
     best = aggregate.best_config(configs, summary.metric, summary.mode)
     print(
-        f"\nper configuration over its seeds (mean [95% CI]; best = best mean {summary.metric} among "
+        f"\nper configuration over its seeds (mean [95% interval]; best = best mean {summary.metric} among "
         f"configurations that ran the full schedule):",
         file=file,
     )
     print(aggregate.format_table(configs, best=best), file=file)
+    print(aggregate.method_line(configs), file=file)
     if best is not None:
         print(
             f"best configuration ({summary.metric}, {summary.mode}): {best.label()} -> "

@@ -72,8 +72,9 @@ def run_demo(data_dir: os.PathLike = Path("data/demo"), seed: int = 0) -> int:
             + f"{t.epochs:>8}  {status}"
         )
     best = summary.best_config
-    print("\nper configuration over its seeds (mean [95% CI]):")
+    print("\nper configuration over its seeds (mean [95% interval]):")
     print(aggregate.format_table(summary.configs, best=best))
+    print(aggregate.method_line(summary.configs))
     if best is not None:
         print(
             f"best configuration: {best.label()} (AP {best.stats['AP'].text()}, APr {best.stats['APr'].text()}, "

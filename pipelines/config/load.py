@@ -129,6 +129,8 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
             image_dir=res(data.image_dir),
             val_image_dir=res(data.val_image_dir),
             hierarchy=res(data.hierarchy),
+            test=res(data.test),
+            test_image_dir=res(data.test_image_dir),
         )
     )
     model = cfg.model.model_copy(update=dict(weights=res(cfg.model.weights)))
@@ -155,6 +157,8 @@ def check_dataset(cfg: ExperimentConfig, source: str = "config") -> None:
                 f"{source}: data.{key}: image directory not found: {p}; fix the path "
                 f"(default is <dir of data.{'train' if key == 'image_dir' else 'val'}>/images)"
             )
+    if d.test is not None and not d.test.is_file():
+        raise ConfigError(f"{source}: data.test: file not found: {d.test}; fix the path or remove the key")
     if d.hierarchy is not None and not d.hierarchy.is_file() and d.synthetic is None:
         raise ConfigError(f"{source}: data.hierarchy: file not found: {d.hierarchy}; fix the path or remove the key")
     if cfg.model.weights is not None and not cfg.model.weights.is_file():

@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from lt_models.data.holdout import check_fraction
 from lt_models.data.sampler_spec import SAMPLER_OPTIONS, SAMPLERS, SamplerSpec, check_sampler_option
 from lt_models.engine.spec import STAGE1_LOSSES
 from lt_models.losses.registry import LOSS_PARAMS, LOSSES, SCORES, LossSpec, check_loss_param
@@ -56,6 +57,34 @@ class DataConfig(StrictModel):
     skip_invalid: bool = Field(
         default=False, description="skip malformed annotation records (counted) instead of stopping with an error"
     )
+    holdout: float | None = Field(
+        default=None,
+        description="share of the validation images held out: the sweep chooses on the rest, `ltsweep confirm` "
+        "reports on these (split by image, seeded, stratified; lt_models.data.holdout)",
+    )
+    holdout_seed: int = Field(default=0, description="the seed of the held-out split")
+    test: Path | None = Field(
+        default=None, description="a test file that `ltsweep confirm` reports on (the sweep never sees it)"
+    )
+    test_image_dir: Path | None = Field(default=None, description="test images; default <test dir>/images")
+    evaluate_on: Literal["selection", "holdout"] = Field(
+        default="selection",
+        description="which part of the validation file runs evaluate on with data.holdout (`ltsweep confirm` "
+        "sets holdout)",
+    )
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_share(cls, v):
+        return v if v is None else check_fraction(v)
+
+    @model_validator(mode="after")
+    def _one_independent_set(self):
+        if self.holdout is not None and self.test is not None:
+            raise ValueError("data.holdout and data.test both give confirmation images; set one of them")
+        if self.evaluate_on == "holdout" and self.holdout is None:
+            raise ValueError("data.evaluate_on = holdout needs data.holdout (the share of validation images held out)")
+        return self
 
     @field_validator("synthetic")
     @classmethod
@@ -268,6 +297,12 @@ class ReportConfig(StrictModel):
         default=None,
         description="the configuration every other is compared with, "
         "paired over the same seeds, e.g. {loss: softmax, sampler: nonbalance}",
+    )
+    replicates: int = Field(
+        default=1000,
+        ge=0,
+        description="bootstrap draws of the validation images behind every interval (0: the intervals count the "
+        "seeds only); each trial computes them at each evaluation from its matched detections",
     )
 
 

@@ -87,6 +87,10 @@ def train_spec(
         workers=s.workers,
         progress=progress,
         eval_metric=cfg.eval.metric,
+        replicates=0 if stage == "stage1" else cfg.report.replicates,
+        val_holdout=d.holdout,
+        holdout_seed=d.holdout_seed,
+        val_part="heldout" if d.evaluate_on == "holdout" else "select",
     )
 
 

@@ -289,3 +289,13 @@ def log_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
     items = [RunTag(str(k)[:MAX_KEY_LEN], to_str(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
     for i in range(0, len(items), _BATCH):
         client.log_batch(run_id, tags=items[i : i + _BATCH])
+
+
+def log_bytes_artifact(client, run_id: str, name: str, data: bytes) -> None:
+    """Log ``data`` as the artifact file ``name`` of the run (through a temporary folder)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ltsweep-artifact-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path))

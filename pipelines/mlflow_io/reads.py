@@ -1,5 +1,5 @@
 """Reading sweeps back from MLflow: runs by their tags (`pipelines.names`), the newest sweep run of an experiment,
-a sweep's trial rows, and the per-class AP of a trial or of the stage-1 run."""
+a sweep's trial rows, the per-class AP of a trial or of the stage-1 run, and a trial's image-bootstrap replicates."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lt_models.evaluation.bootstrap import REPLICATES_FILE
 from pipelines.names import (
     ITERATIONS_TAG,
     MLFLOW_TRIAL_METRICS,
@@ -25,8 +26,6 @@ from pipelines.names import (
 )
 
 
-# --------------------------------------------------------------------------------------------------------------
-# reading a sweep back from MLflow
 def search_tagged(client, experiment_id: str, tags: Mapping[str, str]) -> list:
     """Active runs whose tags equal ``tags`` (keys given verbatim, e.g. ``{"ltsweep.role": "trial"}``), oldest
     first."""
@@ -89,6 +88,15 @@ def download_per_class(client, run_id: str) -> dict[int, float]:
             return per_class_dict(json.loads(Path(p).read_text()))
     except Exception:
         return {}
+
+
+def trial_replicates_file(client, run_id: str) -> bytes | None:
+    """The image-bootstrap replicates file logged on a trial run (``replicates.npz``), or None."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="ltsweep-reps-") as tmp:
+            return Path(client.download_artifacts(run_id, REPLICATES_FILE, tmp)).read_bytes()
+    except Exception:
+        return None
 
 
 def stage1_per_class(client, experiment_id: str, sha256: str | None) -> tuple[dict[int, float], str | None]:

@@ -1,5 +1,6 @@
-"""The per-class artifacts of an MLflow run (trial or stage 1): `per_class_ap.csv`, `per_class_ap.json` and
-`ap_by_frequency.png`, written to a temp folder and logged."""
+"""The artifacts of an MLflow run: the per-class ones of a trial or stage-1 run (`per_class_ap.csv`,
+`per_class_ap.json` and `ap_by_frequency.png`, written to a temp folder and logged), and a trial's image-bootstrap
+replicates (`replicates.npz`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from lt_models.evaluation.bootstrap import REPLICATES_FILE
+from pipelines.analysis import replicates
 from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.mlflow_io.client import log_bytes_artifact
 from pipelines.names import (
     AP_BY_FREQUENCY_PNG,
     PER_CLASS_CSV,
@@ -52,3 +56,13 @@ def log_per_class_artifacts(
     with tempfile.TemporaryDirectory(prefix="ltsweep-mlflow-") as tmp:
         for p in write_per_class_artifacts(per_class, res, val_annotations, Path(tmp), label=label):
             client.log_artifact(run_id, str(p))
+
+
+def log_replicates(client, run_id: str, checkpoint) -> dict[str, Any] | None:
+    """Log the image-bootstrap replicates beside a trial's last Tune checkpoint as the artifact ``replicates.npz``;
+    returns them (None when the checkpoint has none)."""
+    data = replicates.file_of(checkpoint)
+    if data is None:
+        return None
+    log_bytes_artifact(client, run_id, REPLICATES_FILE, data)
+    return replicates.from_bytes(data)

@@ -27,6 +27,7 @@ def _info(trial) -> TrialInfo:
         config=trial_values(trial.config or {}),
         status=getattr(trial, "status", ""),
         last_result=getattr(trial, "last_result", None) or {},
+        checkpoint=getattr(trial, "checkpoint", None),
     )
 
 

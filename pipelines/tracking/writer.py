@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipelines.analysis import replicates
 from pipelines.analysis.report import log_sweep_report
 from pipelines.mlflow_io.client import (
     MAX_TAG_LEN,
@@ -65,7 +66,7 @@ from pipelines.names import (
     WORKERS_PARAM,
     per_class_dict,
 )
-from pipelines.tracking.artifacts import log_per_class_artifacts
+from pipelines.tracking.artifacts import log_per_class_artifacts, log_replicates
 from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class TrialInfo:
     config: Mapping[str, Any]
     status: str = ""  # Tune's status; recorded on a run the sweep leaves unfinished
     last_result: Mapping[str, Any] = field(default_factory=dict)  # Tune's, for trials the writer saw no result of
+    checkpoint: Any = None  # Tune's latest checkpoint of the trial (its last evaluation), if any
 
 
 class SweepWriter:
@@ -131,6 +133,7 @@ class SweepWriter:
         "_sha_logged",
         "_fingerprint_tagged",
         "_stage1_runs",
+        "replicates",
     )
 
     def _reset(self) -> None:
@@ -142,6 +145,7 @@ class SweepWriter:
         self._last_results: dict[str, dict] = {}
         self._sha_logged: set[str] = set()
         self._stage1_runs: dict[str, str] = {}
+        self.replicates: dict[str, dict] = {}  # trial id -> its last evaluation's image-bootstrap replicates
         self._fingerprint_tagged = find_key(flatten(self.sweep_params), "dataset_fingerprint") is not None
 
     def __getstate__(self) -> dict:
@@ -365,12 +369,15 @@ class SweepWriter:
         if TRIAL_STATUS_TAG in self.client.get_run(run_id).data.tags:  # an interrupted trial that --resume finished
             self.client.delete_tag(run_id, TRIAL_STATUS_TAG)
         per_class = per_class_dict(res.get("per_class"))
-        if per_class:
-            try:
+        try:
+            if per_class:
                 log_per_class_artifacts(self.client, run_id, per_class, res, self.val_annotations, trial.name)
-            except Exception as exc:
-                logger.exception("MLflow: per-class artifacts of trial %s failed", trial.trial_id)
-                self.client.set_tag(run_id, ARTIFACT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
+            reps = log_replicates(self.client, run_id, trial.checkpoint)
+            if reps is not None:
+                self.replicates[trial.trial_id] = reps
+        except Exception as exc:
+            logger.exception("MLflow: artifacts of trial %s failed", trial.trial_id)
+            self.client.set_tag(run_id, ARTIFACT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
         self.client.set_terminated(run_id, status=status)
         self._open_runs.pop(trial.trial_id, None)
 
@@ -403,6 +410,11 @@ class SweepWriter:
                 client.set_terminated(run_id, status="KILLED")
                 self._open_runs.pop(trial.trial_id, None)
                 n_killed += 1
+        for trial in trials:  # a trial finished before a --resume: its replicates are beside its checkpoint
+            if trial.trial_id not in self.replicates:
+                reps = replicates.from_checkpoint(trial.checkpoint)
+                if reps is not None:
+                    self.replicates[trial.trial_id] = reps
         try:
             log_sweep_report(
                 client,
@@ -416,6 +428,7 @@ class SweepWriter:
                 max_t=self._max_t(),
                 last_results={t.trial_id: self._last_result(t) for t in trials},
                 baseline=(self.sweep_params.get("report") or {}).get("baseline"),
+                replicates=self.replicates,
             )
         except Exception as exc:
             logger.exception("MLflow: writing the sweep report failed")

@@ -1,0 +1,92 @@
+"""The matched detections of one LVIS evaluation, kept so that AP can be recomputed under image weights.
+
+LVIS AP is a function of the matching: per category, the detections in score order, each a true positive (TP), a
+false positive (FP) or ignored at each of the 10 IoU thresholds, and the number of non-ignored ground-truth boxes
+per (category, image). ``Matches`` holds exactly that for area "all" (what AP, APr, APc and APf use), so that
+``lt_models.evaluation.bootstrap`` recomputes AP on resampled validation images without running the evaluator
+again. ``evaluate_lvis(..., keep_matches=True)`` returns it; the engine writes it beside each checkpoint
+(``matches.npz``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from lt_models.atomic import write_bytes_atomic
+from lt_models.errors import AnnotationError
+
+MATCHES_FILE = "matches.npz"
+_ARRAYS = ("img_ids", "cat_ids", "frequency", "det_cat", "det_img", "tp", "fp", "gt_cat", "gt_img", "gt_n")
+
+
+@dataclasses.dataclass
+class Matches:
+    """The matching of one evaluation, area "all".
+
+    ``img_ids`` [I] and ``cat_ids`` [K]: the sorted ids (image index i, category index k); ``frequency`` [K]: the
+    r/c/f bucket of each category. Detections [D], in the evaluator's accumulate order (category, score
+    descending, image, input order), only those that count at some threshold: ``det_cat``, ``det_img`` (indices),
+    ``tp`` / ``fp`` (bit t set: TP / FP at IoU threshold t; neither: ignored at t). Ground truth: ``gt_n`` [P]
+    non-ignored boxes of category ``gt_cat`` in image ``gt_img`` (one entry per pair with at least one)."""
+
+    img_ids: np.ndarray
+    cat_ids: np.ndarray
+    frequency: np.ndarray
+    det_cat: np.ndarray
+    det_img: np.ndarray
+    tp: np.ndarray
+    fp: np.ndarray
+    gt_cat: np.ndarray
+    gt_img: np.ndarray
+    gt_n: np.ndarray
+
+    @property
+    def n_images(self) -> int:
+        return len(self.img_ids)
+
+    @property
+    def n_categories(self) -> int:
+        return len(self.cat_ids)
+
+    def num_gt(self) -> np.ndarray:
+        """Non-ignored ground-truth boxes per category [K]."""
+        return np.bincount(self.gt_cat, weights=self.gt_n, minlength=self.n_categories).astype(np.int64)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the arrays as one .npz file, atomically."""
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{k: getattr(self, k) for k in _ARRAYS})
+        path = Path(path)
+        write_bytes_atomic(path, buf.getvalue())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Matches:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in _ARRAYS}
+        except (OSError, KeyError, ValueError) as exc:
+            raise AnnotationError(
+                f"{path}: not a matches file written by ltsweep ({exc}); rerun the evaluation that wrote it"
+            ) from None
+        return cls(**arrays)
+
+
+def same_images(matches: list[Matches]) -> None:
+    """Raise unless every evaluation scored the same validation images and categories (the bootstrap resamples
+    images jointly across them)."""
+    if not matches:
+        return
+    first = matches[0]
+    for m in matches[1:]:
+        if not (np.array_equal(m.img_ids, first.img_ids) and np.array_equal(m.cat_ids, first.cat_ids)):
+            raise AnnotationError(
+                f"evaluations on different validation sets ({m.n_images} vs {first.n_images} images, "
+                f"{m.n_categories} vs {first.n_categories} categories) cannot be compared image by image; "
+                "compare runs that evaluated the same data.val"
+            )
