@@ -16,6 +16,7 @@ Gradient-norm clipping and AMP (float16 autocast + GradScaler) on CUDA. A non-fi
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -306,7 +307,7 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
             metrics=metrics,
             spec=spec.to_dict(),
             extra=extra,
-            files=_evaluation_files(matches, spec.replicates),
+            files=_evaluation_files(matches, spec.replicates, spec.num_threads or os.cpu_count() or 1),
         ),
         world_size,
     )
@@ -317,11 +318,12 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
     return dict(metrics, checkpoint_dir=str(ckpt_dir) if run.rank == 0 else None)
 
 
-def _evaluation_files(matches: Matches | None, replicates: int) -> dict | None:
-    """The checkpoint's evaluation files: the matching and (``replicates`` > 0) the bootstrap replicates."""
+def _evaluation_files(matches: Matches | None, replicates: int, threads: int) -> dict | None:
+    """The checkpoint's evaluation files: the matching and (``replicates`` > 0) the bootstrap replicates, computed
+    with the run's CPU threads."""
     if matches is None:
         return None
     files: dict[str, Callable[[Path], object]] = {MATCHES_FILE: matches.save}
     if replicates > 0:
-        files[REPLICATES_FILE] = lambda path: save_replicates(path, matches, replicates)
+        files[REPLICATES_FILE] = lambda path: save_replicates(path, matches, replicates, threads=threads)
     return files

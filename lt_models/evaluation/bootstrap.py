@@ -64,7 +64,30 @@ class _Prepared:
         self.base = sparse.csr_matrix((np.ones(len(bi)), (nxt, m.det_img[bi])), shape=(len(cpos), I), dtype=np.float64)
         self.gt = sparse.csr_matrix((m.gt_n.astype(np.float64), (m.gt_cat, m.gt_img)), shape=(K, I))
         self.cand_starts = _segment_starts(self.cand_cat)
+        self.plans = [_plan(self, np.uint16(1 << t)) for t in range(_T)]
         self.buckets = {key: m.frequency == f for key, f in BUCKET_KEYS.items()}
+
+
+class _Plan:
+    """What one IoU threshold needs, independent of the weights: its TP events (rows of the candidates), their
+    categories and category starts, the suffix-max offsets, and the candidates ignored at it."""
+
+    def __init__(self, rows, cat, starts, offset, ignored):
+        self.rows, self.cat, self.starts, self.offset, self.ignored = rows, cat, starts, offset, ignored
+
+
+def _plan(p: _Prepared, bit: np.uint16) -> _Plan:
+    rows = np.flatnonzero((p.tp & bit) != 0)
+    cat = p.cand_cat[rows]
+    offset = (cat[-1] - cat) * 2.0 if len(cat) else np.zeros(0)  # later categories get smaller offsets
+    i_rows = np.flatnonzero(((p.tp | p.fp) & bit) == 0)  # matched to an ignored box at this threshold
+    ignored = None
+    if len(i_rows) and len(rows):
+        last = np.searchsorted(i_rows, rows, side="right") - 1  # the last ignored candidate above each event
+        last0 = np.maximum(last, 0)
+        same = (last >= 0) & (p.cand_cat[i_rows[last0]] == cat)
+        ignored = (i_rows, _segment_starts(p.cand_cat[i_rows]), last0, same)
+    return _Plan(rows, cat, _segment_starts(cat), offset, ignored)
 
 
 def _segmented_cumsum(x: np.ndarray, starts: np.ndarray) -> np.ndarray:
@@ -81,11 +104,13 @@ def _segment_starts(seg: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.r_[True, seg[1:] != seg[:-1]]) if len(seg) else np.zeros(0, np.int64)
 
 
-def _segmented_suffix_max(v: np.ndarray, seg: np.ndarray) -> np.ndarray:
-    """out[:, j] = max(v[:, j:end of j's segment]) for values in [0, 1] and non-decreasing segment ids ``seg``."""
-    offset = (seg[-1] - seg) * 2.0  # later segments get smaller offsets: the reversed running max resets
-    run = np.maximum.accumulate((v + offset)[:, ::-1], axis=1)[:, ::-1]
-    return run - offset
+def _segmented_suffix_max(v: np.ndarray, offset: np.ndarray) -> np.ndarray:
+    """out[:, j] = max(v[:, j:end of j's segment]) for values in [0, 1]; ``offset``: 2 x (last segment id - the
+    column's), so that the reversed running max resets at every segment."""
+    v += offset
+    run = np.maximum.accumulate(v[:, ::-1], axis=1)[:, ::-1]
+    run -= offset
+    return run
 
 
 def _class_ap(p: _Prepared, wt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,25 +123,22 @@ def _class_ap(p: _Prepared, wt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     if len(p.cand_cat) == 0:
         return ap, ap50, npos
     wc = wt[:, p.cand_img]  # [R, M]
-    base_cum = _segmented_cumsum(np.asarray(p.base @ wt.T).T, p.cand_starts)
-    for t in range(_T):
-        bit = np.uint16(1 << t)
-        rows = np.flatnonzero((p.tp & bit) != 0)  # the TP events of threshold t
-        if len(rows) == 0:
+    # every detection at or above each candidate in its category (base FPs and candidates of any status)
+    above = _segmented_cumsum(np.asarray(p.base @ wt.T).T + wc, p.cand_starts)
+    for t, plan in enumerate(p.plans):
+        if len(plan.rows) == 0:
             continue
-        cat = p.cand_cat[rows]
-        starts = _segment_starts(cat)
-        tps = _segmented_cumsum(np.take(wc, rows, axis=1), starts)
-        fps = np.take(base_cum, rows, axis=1)
-        fps += _mixed_fp_before(p, wc, rows, bit)
-        fps += tps
-        fps += _EPS
-        prec = _segmented_suffix_max(tps / fps, cat)  # 0 before the first weighted TP
+        cat, starts = plan.cat, plan.starts
+        tps = _segmented_cumsum(np.take(wc, plan.rows, axis=1), starts)
+        seen = np.take(above, plan.rows, axis=1)  # = TP + FP at t, once the ignored ones are taken out
+        if plan.ignored is not None:
+            seen -= _ignored_before(wc, plan.ignored)
+        seen += _EPS  # lvis-api: tp / (fp + tp + eps)
+        prec = _segmented_suffix_max(tps / seen, plan.offset)  # 0 before the first weighted TP
         # a category without weighted ground truth has no weighted TP either: its recall is 0 (and it is left out)
         rc = tps / np.maximum(np.take(npos, cat, axis=1), 1e-300)
-        # recall points r that first reach event j: thresholds <= rc_j minus those <= rc of the previous event
-        below = np.searchsorted(REC_THRS, rc.ravel(), side="right").reshape(rc.shape)
-        gain = np.diff(below, axis=1, prepend=0)
+        below = _thresholds_reached(rc)
+        gain = np.diff(below, axis=1, prepend=0)  # recall points first reached at each event
         gain[:, starts] = below[:, starts]
         ap_t = np.add.reduceat(prec * gain, starts, axis=1) / len(REC_THRS)
         ap[:, cat[starts]] += ap_t
@@ -125,24 +147,36 @@ def _class_ap(p: _Prepared, wt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     return ap, ap50, npos
 
 
-def _mixed_fp_before(p: _Prepared, wc: np.ndarray, rows: np.ndarray, bit: np.uint16) -> np.ndarray:
-    """Weighted false positives at this threshold among the candidates (not the base FPs) ranked at or above each
-    TP event ``rows`` of its category [R, len(rows)]."""
-    f_rows = np.flatnonzero((p.fp & bit) != 0)
-    if len(f_rows) == 0:
-        return np.zeros((wc.shape[0], len(rows)))
-    f_cum = _segmented_cumsum(wc[:, f_rows], _segment_starts(p.cand_cat[f_rows]))
-    last = np.searchsorted(f_rows, rows, side="right") - 1  # the last FP candidate above each event
-    same = (last >= 0) & (p.cand_cat[f_rows[np.maximum(last, 0)]] == p.cand_cat[rows])
-    return np.where(same, f_cum[:, np.maximum(last, 0)], 0.0)
+_THR = np.append(REC_THRS, np.inf)
 
 
-def weighted_ap(m: Matches, weights: np.ndarray, batch: int = 32, threads: int = 2) -> dict[str, np.ndarray]:
+def _thresholds_reached(rc: np.ndarray) -> np.ndarray:
+    """How many recall points are <= each recall (``searchsorted(REC_THRS, rc, "right")``, by arithmetic: the
+    points are about k/100, and the two candidates next to floor(100 rc) settle the float rounding)."""
+    k = np.minimum((rc * 100.0).astype(np.int64), 100)
+    return k + (_THR[k] <= rc) + (_THR[k + 1] <= rc)
+
+
+def _ignored_before(wc: np.ndarray, ignored) -> np.ndarray:
+    """Weighted candidates ignored at the threshold (matched to an ignored box) ranked above each TP event of its
+    category [R, events] (``ignored``: the plan's ignored rows, their category starts and, per event, the last
+    ignored row above it and whether it is of the same category)."""
+    i_rows, i_starts, last0, same = ignored
+    i_cum = _segmented_cumsum(wc[:, i_rows], i_starts)
+    return np.where(same, i_cum[:, last0], 0.0)
+
+
+def weighted_ap(
+    m: Matches, weights: np.ndarray, batch: int | None = None, threads: int = 2
+) -> dict[str, np.ndarray]:
     """AP, AP50, APr, APc and APf [R] of the evaluation ``m`` with image weights [I, R] (column r: replicate r).
 
     A category counts in a replicate when it has ground truth there (as in LVIS: no box, no AP); a mean over no
-    category is NaN (LVIS's -1)."""
+    category is NaN (LVIS's -1). ``batch``: replicates computed together (default: as many as keep an array near
+    2^17 values: one row at LVIS size, the fastest measured there, and hundreds on small sets, where per-call
+    overhead would dominate); ``threads``: batches computed at once (numpy releases the GIL in the array work)."""
     p = _Prepared(m)
+    batch = batch or int(np.clip((1 << 17) // max(len(p.cand_cat), 1), 1, 256))
     wt = np.ascontiguousarray(weights.T)
     out = {key: np.empty(wt.shape[0]) for key in ("AP", "AP50", *BUCKET_KEYS)}
 
@@ -171,10 +205,10 @@ def replicate_weights(n_images: int, replicates: int, seed: int = BOOTSTRAP_SEED
     return image_weights(n_images, replicates, np.random.default_rng(seed))
 
 
-def save_replicates(path, m: Matches, replicates: int, seed: int = BOOTSTRAP_SEED) -> None:
+def save_replicates(path, m: Matches, replicates: int, seed: int = BOOTSTRAP_SEED, threads: int = 2) -> None:
     """Write AP, AP50, APr, APc and APf of ``replicates`` bootstrap draws of the images (``replicate_weights``) as .npz,
     atomically, with the draw's seed and the number of images."""
-    reps = weighted_ap(m, replicate_weights(m.n_images, replicates, seed))
+    reps = weighted_ap(m, replicate_weights(m.n_images, replicates, seed), threads=threads)
     buf = io.BytesIO()
     arrays: dict[str, Any] = {"seed": np.int64(seed), "n_images": np.int64(m.n_images), **reps}
     np.savez(buf, **arrays)
