@@ -24,12 +24,12 @@ Per seed, one shared stage 1 (non-balance sampling + conventional softmax CE, al
           training loses mAP. Equal total epochs here removes that question. Table 4 reports mAP only; APr is our
           addition.
 
-Statistics (scipy.stats): per arm, the mean over seeds with the Student t 95% CI (stats.t.interval with
-stats.sem). Per finding, the paired differences d_s = arm(s) - baseline(s) over seeds (same seed = same stage 1 and
-the same sampler draws): effect = mean(d), its 95% CI and the two-sided p-value of stats.ttest_1samp(d,
-popmean=threshold) (= stats.ttest_rel(arm, baseline) for threshold 0). paper_direction_holds = the mean effect is
-on the paper's side of the threshold. A CI that contains the threshold (0, or -0.01 for the APf drop) means the
-benchmark cannot tell the direction at this number of seeds.
+Statistics (pipelines.analysis.evidence, the product's): every run keeps the AP, APr, APc and APf of 1000 bootstrap
+draws of the validation images (the same draws for every run). Per arm, the mean over seeds with its seeds x images
+95% interval. Per finding, the paired differences d_s = arm(s) - baseline(s) over seeds (same seed = same stage 1
+and the same sampler draws) and over the same image draws: effect = mean(d) with its 95% interval, and the two-sided
+p-value of "no effect beyond the threshold" (0, or -0.01 for the APf drop). The 12 findings are one family: Holm's
+correction at family-wise 5% gives each its verdict, "holds" (the paper's direction), "contradicts" or "cannot tell".
 
 Schedule (tiny backbone, 128 px, batch 8): stage 1 6 epochs (lr 0.02, x0.1 for the last epoch); every stage 2
 4 epochs (a fresh lr 0.02, x0.1 for the last epoch; soft-balance draws as many images per epoch as the dataset has); the
@@ -48,8 +48,9 @@ stage-1 checkpoints stay on disk.
 --quick: a tiny preset and a 1-epoch schedule in a temp dir (unless --data), to test the script in minutes; it
 writes no JSON file unless --out is given.
 Progress lines (run, minutes, AP) go to stderr. Last stdout line:
-  {"benchmark": "fidelity", "seeds": n, "findings": [{"name", "metric", "effect", "ci_low", "ci_high",
-   "paper_direction_holds", "p_value", "threshold", "paper"}, ...]}
+  {"benchmark": "fidelity", "commit", "seeds": [...], "intervals", "correction", "findings": [{"name", "metric",
+   "effect", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "why", "threshold", "method", "paper"}, ...],
+   "ablations": []}
 """
 
 from __future__ import annotations
@@ -68,19 +69,23 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from lt_models.atomic import write_json_atomic
 from lt_models.data.sampler_spec import SamplerSpec
 from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.data.synthetic.layout import PRESETS
 from lt_models.engine.spec import STAGE1_SAMPLER, TrainSpec
+from lt_models.evaluation.bootstrap import REPLICATES_FILE, read_replicates
 from lt_models.losses.registry import LossSpec
+from pipelines.analysis import evidence
 
 LAMBDAS = (0.5, 0.7, 1.0, 1.5)
+VERDICT_WORDS = {"better": "holds", "worse": "contradicts", "cannot tell": "cannot tell"}
+CORRECTION = "Holm over the findings, family-wise 5%: holds / contradicts when the corrected test rejects no effect"
 HYBRID_LAM = 0.7
 XIS = (0.3, 0.7)
 METRICS = ("AP", "APr", "APc", "APf")
+REPLICATES = 1000  # bootstrap draws of the validation images per run (lt_models.evaluation.bootstrap)
 KEEP = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "train_img_per_s")
 # (schedule of stage 1, of every stage 2; the one-stage run trains stage1 + stage2 epochs from scratch)
 FULL = {
@@ -155,6 +160,7 @@ def make_spec(name: str, seed: int, data: Path, sched: dict, device: str) -> Tra
         device=device,
         progress=False,
         keep_checkpoints=1,
+        replicates=0 if stage == "stage1" else REPLICATES,
         **hp,
     )
 
@@ -184,8 +190,10 @@ def run_one(job: dict) -> dict:
     }
     if job["name"] == "stage1":
         record["checkpoint_dir"] = metrics["checkpoint_dir"]
-    else:
-        shutil.rmtree(out_dir, ignore_errors=True)  # only the metrics are needed
+    else:  # only the metrics and their image-bootstrap replicates are needed
+        reps = read_replicates((Path(metrics["checkpoint_dir"]) / REPLICATES_FILE).read_bytes())
+        record["replicates"] = {m: [float(v) for v in reps[m]] for m in METRICS}
+        shutil.rmtree(out_dir, ignore_errors=True)
     write_json_atomic(job["cache_file"], record, indent=1)
     return record
 
@@ -279,32 +287,27 @@ def _num(x) -> float | None:
     return round(float(x), 6) if x is not None and math.isfinite(float(x)) else None
 
 
-def arm_stat(values: list[float]) -> tuple[float, float | None, float | None]:
-    """Mean and Student t 95% CI of the mean (None with fewer than 2 values)."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2:
-        return float(x.mean()), None, None
-    lo, hi = stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=stats.sem(x))
-    return float(x.mean()), _num(lo), _num(hi)
+def _reps(arm: dict, metric: str):
+    """[seeds, R] image-bootstrap replicates of an arm's metric (the same image draws for every run)."""
+    return np.asarray(arm["reps"][metric], dtype=np.float64)
 
 
-def paired(a: list[float], b: list[float], threshold: float = 0.0) -> dict:
-    """Mean of the paired differences a - b, its 95% CI and the two-sided p of H0: mean difference = threshold."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    res = stats.ttest_1samp(d, popmean=threshold)
-    ci = res.confidence_interval(0.95)
-    return {
-        "effect": _num(d.mean()),
-        "ci_low": _num(ci.low),
-        "ci_high": _num(ci.high),
-        "p_value": _num(res.pvalue),
-        "paper_direction_holds": bool(d.mean() > threshold),
-    }
+def arm_stat(arm: dict, metric: str) -> evidence.Interval:
+    """The arm's mean over the seeds with its seeds x images 95% interval."""
+    return evidence.interval(arm["values"][metric], _reps(arm, metric))
 
 
-def findings(table: dict[str, dict[str, list[float]]]) -> list[dict]:
-    """table[arm][metric] = values over the seeds (same order for every arm)."""
-    best = max(LAMBDAS, key=lambda lam: np.mean(table[f"softbalance_{lam}"]["AP"]))
+def paired(a: dict, b: dict, metric: str, threshold: float = 0.0) -> evidence.Interval:
+    """a - b over the seeds (same seed = same stage 1 and sampler draws) and the same image draws, minus the
+    finding's ``threshold`` (the paper's claim is "above the threshold")."""
+    d = np.asarray(a["values"][metric]) - np.asarray(b["values"][metric]) - threshold
+    return evidence.interval(d, _reps(a, metric) - _reps(b, metric) - threshold)
+
+
+def findings(table: dict[str, dict]) -> list[dict]:
+    """table[arm] = {"values": {metric: [per seed]}, "reps": {metric: [per seed [R]]}} (same seed order for every
+    arm). The findings are one family: their verdicts are corrected together (Holm, family-wise 5%)."""
+    best = max(LAMBDAS, key=lambda lam: np.mean(table[f"softbalance_{lam}"]["values"]["AP"]))
     cs1 = "concurrent-softmax paper Table 3"
     rows = [
         (
@@ -373,14 +376,23 @@ def findings(table: dict[str, dict[str, list[float]]]) -> list[dict]:
         )
         for m in ("AP", "APr")
     ]
+    shifted = [paired(table[arm], table[base], metric, thr) for _, arm, base, metric, thr, _ in rows]
+    words = evidence.verdicts(shifted)  # "better" = above the paper's threshold
     out = []
-    for name, arm, base, metric, thr, paper in rows:
+    for (name, _, _, metric, thr, paper), iv, v in zip(rows, shifted, words):
         out.append(
             {
                 "name": name,
                 "metric": metric,
-                **paired(table[arm][metric], table[base][metric], thr),
+                "effect": _num(iv.estimate + thr),
+                "ci_low": _num(iv.low + thr),
+                "ci_high": _num(iv.high + thr),
+                "p_value": _num(v.p),
+                "p_holm": _num(v.p_holm),
+                "verdict": VERDICT_WORDS[v.word],
+                "why": v.reason,
                 "threshold": thr,
+                "method": f"{iv.method}, {iv.n_seeds} seeds, {iv.replicates} image draws",
                 "paper": paper,
             }
         )
@@ -451,27 +463,48 @@ def main() -> None:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    table = {a: {m: [done[(a, s)]["metrics"][m] for s in seeds] for m in METRICS} for a in arms()}
-    print(f"\nfidelity, {len(seeds)} seeds {seeds}, {(time.perf_counter() - t0) / 60:.1f} min; mean [95% CI]")
+    table = {
+        a: {
+            "values": {m: [done[(a, s)]["metrics"][m] for s in seeds] for m in METRICS},
+            "reps": {m: [done[(a, s)]["replicates"][m] for s in seeds] for m in METRICS},
+        }
+        for a in arms()
+        if a != "stage1"
+    }
+    print(f"\nfidelity, {len(seeds)} seeds {seeds}, {(time.perf_counter() - t0) / 60:.1f} min; mean [95% interval]")
     print(f"{'arm':<20}" + "".join(f"{m:>24}" for m in METRICS))
     for a, row in table.items():
-        cells = []
-        for m in METRICS:
-            mean, lo, hi = arm_stat(row[m])
-            cells.append(f"{mean:.3f} [{_fmt(lo)}, {_fmt(hi)}]")
-        print(f"{a:<20}" + "".join(f"{c:>24}" for c in cells))
+        print(f"{a:<20}" + "".join(f"{arm_stat(row, m).text():>24}" for m in METRICS))
     result = findings(table)
-    print(f"\n{'finding':<66}{'metric':>6}{'effect':>9}{'95% CI':>20}{'p':>8}  holds")
+    print(f"\n{'finding':<66}{'metric':>6}{'effect':>9}{'95% interval':>20}{'p':>8}{'Holm p':>8}  verdict")
     for f in result:
         ci = f"[{_fmt(f['ci_low'], '+')}, {_fmt(f['ci_high'], '+')}]"
         print(
-            f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}  "
-            f"{'yes' if f['paper_direction_holds'] else 'no'}"
+            f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}"
+            f"{_fmt(f['p_holm']):>8}  {f['verdict']}"
         )
-    payload = {"benchmark": "fidelity", "seeds": len(seeds), "findings": result}
+    print(f"intervals: {result[0]['method'] if result else '-'}; verdicts: {CORRECTION}")
+    payload = {
+        "benchmark": "fidelity",
+        "commit": _commit(),
+        "seeds": seeds,
+        "intervals": "seeds x images (pipelines.analysis.evidence)",
+        "correction": CORRECTION,
+        "findings": result,
+        "ablations": [],
+    }
     if out is not None:
         write_json_atomic(out, payload, indent=1)
     print(json.dumps(payload))
+
+
+def _commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 if __name__ == "__main__":

@@ -166,9 +166,7 @@ def _ignored_before(wc: np.ndarray, ignored) -> np.ndarray:
     return np.where(same, i_cum[:, last0], 0.0)
 
 
-def weighted_ap(
-    m: Matches, weights: np.ndarray, batch: int | None = None, threads: int = 2
-) -> dict[str, np.ndarray]:
+def weighted_ap(m: Matches, weights: np.ndarray, batch: int | None = None, threads: int = 2) -> dict[str, np.ndarray]:
     """AP, AP50, APr, APc and APf [R] of the evaluation ``m`` with image weights [I, R] (column r: replicate r).
 
     A category counts in a replicate when it has ground truth there (as in LVIS: no box, no AP); a mean over no
