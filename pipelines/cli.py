@@ -377,12 +377,17 @@ def _add_confirm(sub) -> None:
     """`ltsweep confirm`."""
     f = sub.add_parser(
         "confirm",
-        help="rerun the best configurations of a finished sweep with several seeds and "
-        "say whether the winner's lead is larger than the noise",
+        help="rerun the best configurations of a finished sweep with fresh seeds on held-out images (data.holdout "
+        "or data.test): the independent estimate, the winner's curse and the verdicts",
     )
     f.add_argument("sweep", help="the sweep's name (its YAML `name:`)")
     f.add_argument("--top", type=int, default=3, help="how many of its best configurations to rerun (default 3)")
-    f.add_argument("--seeds", type=int, default=3, help="training seeds per configuration (default 3, at least 2)")
+    f.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="fresh training seeds per configuration, never the sweep's (default 3, at least 2)",
+    )
     f.add_argument(
         "--storage-path",
         type=as_location,
