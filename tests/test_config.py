@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -494,3 +495,21 @@ def test_trials_keep_their_best_checkpoints_by_the_sweep_metric(tmp_path, base):
     )
     ckpt = tuner._local_tuner._run_config.checkpoint_config
     assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == (1, "APr", "max")
+
+
+def test_data_seeds_give_every_seed_its_own_draw_of_the_synthetic_benchmark(tmp_path, base):
+    from pipelines.config.spec import train_spec
+
+    base["search"] = {"seeds": [0, 1], "data_seeds": True}
+    with pytest.raises(ConfigError, match="data_seeds .* needs data.synthetic"):
+        load_experiment_config(_write(tmp_path, base))
+    base["data"]["synthetic"] = "demo"
+    cfg = load_experiment_config(_write(tmp_path, base))
+    root = Path(base["data"]["train"]).parent
+    one = cfg.with_seed(1)
+    assert one.data.train == root.parent / f"{root.name}-data1" / "train.json" and one.data.synthetic_seed == 1
+    assert one.data.val.parent == one.data.train.parent and not one.search.data_seeds
+    assert one.with_seed(1).data == one.data  # seeding the seeded copy again moves nothing
+    spec = train_spec(cfg, "stage2", {"seed": 1})
+    assert spec.train_ann == str(one.data.train) and spec.val_ann == str(one.data.val) and spec.seed == 1
+    assert cfg.data_for(0).train.parent.name == f"{root.name}-data0" and cfg.data.train.parent == root

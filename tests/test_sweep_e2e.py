@@ -625,3 +625,37 @@ def test_bad_annotations_inside_a_ray_task_are_one_line_and_exit_2(ray_session, 
     assert err.count("\n") == 0 and err.startswith("ltsweep: error: ") and "bad_train.json" in err
     assert f"annotation id {data['annotations'][0]['id']}" in err and "--skip-invalid" in err
     assert cfg.name == "badann"
+
+
+def test_data_seeds_train_every_seed_on_its_own_draw_of_the_data(ray_session, workdir, monkeypatch):
+    """search.data_seeds: each training seed generates, trains and evaluates on its own draw of the synthetic
+    benchmark, so the spread over seeds holds the data draw; the intervals stay defined."""
+    from lt_models.data.synthetic import layout
+
+    monkeypatch.setitem(layout.PRESETS, "tiny", TINY)  # the driver generates the draws (one-stage: no Ray task does)
+    root = workdir / "drawn"
+    data = {"train": str(root / "train.json"), "val": str(root / "val.json"), "synthetic": "tiny"}
+    cfg = make_cfg(
+        workdir,
+        "drawn",
+        data=data,
+        stage1=None,
+        stage2={"epochs": 1, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": 16},
+        space={},
+        scheduler={"type": "fifo"},
+        search={"num_samples": 1, "seeds": [0, 1], "data_seeds": True},
+    )
+    summary = sweep.run_sweep(cfg, verbose=0, progress=False, register=False)
+    assert summary.errored == 0 and sorted(t.config["seed"] for t in summary.trials) == [0, 1]
+    assert not root.exists()  # no undrawn copy: only the seeds' draws
+    for t in summary.trials:
+        seed = t.config["seed"]
+        draw = workdir / f"drawn-data{seed}"
+        assert (draw / "train.json").is_file()
+        spec = json.loads(max(Path(t.path).glob("checkpoint_*/spec.json")).read_text())
+        assert spec["train_ann"] == str(draw / "train.json") and spec["val_ann"] == str(draw / "val.json")
+    draws = [json.loads((workdir / f"drawn-data{s}" / "train.json").read_text()) for s in (0, 1)]
+    assert draws[0]["annotations"] != draws[1]["annotations"]  # two draws of the data, not one
+    (config,) = summary.configs
+    assert config.n == 2 and config.stats["AP"].method == "seeds x images"
+    assert config.stats["AP"].ci_low <= config.stats["AP"].mean <= config.stats["AP"].ci_high

@@ -30,10 +30,13 @@ from pipelines.names import TRAIN_SUMMARY_METRICS
 from pipelines.storage.location import node_local_dir  # object storage: `ltsweep train` writes to a node-local dir
 from pipelines.storage.stage1_cache import local_stage1
 from pipelines.tune.stage1 import ensure_stage1
+from pipelines.tune.sweep import ensure_dataset
 
 
 def run_train(cfg: ExperimentConfig, out_dir: os.PathLike | None = None) -> dict[str, Any]:
     """Run the training `cfg.train.stage` asks for; return {stage, out_dir, checkpoint, metrics, ...}."""
+    cfg = cfg.with_seed(cfg.seed)  # search.data_seeds: the seed's own draw of the data
+    ensure_dataset(cfg)
     out = Path(out_dir) if out_dir is not None else node_local_dir(cfg.run.storage_path) / "train" / cfg.name
     out.mkdir(parents=True, exist_ok=True)
     # one process: the whole machine; several workers: each worker's share (its device comes from Ray Train)

@@ -33,6 +33,7 @@ import difflib
 import hashlib
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError, model_validator
@@ -99,6 +100,11 @@ class ExperimentConfig(StrictModel):
                     f"e.g. {{loss: softmax, sampler: nonbalance}}"
                 )
             self._check_stage2({key: value}, f"report.baseline.{key} = {value!r}")
+        if self.search.data_seeds and self.data.synthetic is None:
+            raise ValueError(
+                "search.data_seeds redraws the synthetic benchmark for every seed: it needs data.synthetic (a preset "
+                "to generate); with real data, repeat the sweep on other data instead"
+            )
         return self
 
     def _check_stage2(self, values: dict[str, Any], where: str) -> None:
@@ -186,8 +192,28 @@ class ExperimentConfig(StrictModel):
         return list(self.search.seeds) if self.search.seeds else [self.seed]
 
     def with_seed(self, seed: int) -> ExperimentConfig:
-        """This experiment trained with another seed (its stage 1 is that seed's own checkpoint)."""
-        return self.model_copy(update={"seed": int(seed)})
+        """This experiment trained with another seed (its stage 1 is that seed's own checkpoint). With
+        ``search.data_seeds`` its data is that seed's draw of the synthetic benchmark (:meth:`data_for`), and the
+        copy no longer redraws (``search.data_seeds`` off): seeding it again changes the seed only."""
+        if not self.search.data_seeds:
+            return self.model_copy(update={"seed": int(seed)})
+        search = self.search.model_copy(update={"data_seeds": False})
+        return self.model_copy(update={"seed": int(seed), "data": self.data_for(seed), "search": search})
+
+    def data_for(self, seed: int) -> DataConfig:
+        """The data of training seed ``seed``: with ``search.data_seeds``, the synthetic benchmark drawn with data
+        seed ``seed`` in ``<data dir>-data<seed>/`` (every path below the data dir moves there), else the data."""
+        d = self.data
+        if not self.search.data_seeds:
+            return d
+        root = d.train.parent
+        moved = root.parent / f"{root.name}-data{int(seed)}"
+
+        def move(p: Path | None) -> Path | None:
+            return p if p is None or not p.is_relative_to(root) else moved / p.relative_to(root)
+
+        fields = ("train", "val", "hierarchy", "image_dir", "val_image_dir", "test", "test_image_dir")
+        return d.model_copy(update={"synthetic_seed": int(seed), **{f: move(getattr(d, f)) for f in fields}})
 
     def searched_keys(self) -> list[str]:
         """The keys of a trial's config: the searched stage-2 fields, then `seed`."""
@@ -222,6 +248,10 @@ class ExperimentConfig(StrictModel):
             space = tune_param_space(self.space)
         space["seed"] = tune.grid_search(self.seeds)  # every configuration once per training seed
         return space
+
+    def for_trial(self, trial_config: dict[str, Any] | None) -> ExperimentConfig:
+        """The experiment as a trial of it trains: with ``search.data_seeds``, on its seed's data draw."""
+        return self.with_seed(self.trial_seed(trial_config)) if self.search.data_seeds else self
 
     def stage2_for_trial(self, trial_config: dict[str, Any]) -> Stage2Config:
         """Stage-2 values with a trial's sampled values (a Tune trial config, see space.trial_values) applied and

@@ -283,6 +283,12 @@ class SearchConfig(StrictModel):
         min_length=1,
         description="run exactly these configurations (stage-2 values each) instead of a space; confirm writes them",
     )
+    data_seeds: bool = Field(
+        default=False,
+        description="redraw the synthetic benchmark (data.synthetic) for every training seed: seed s trains and "
+        "evaluates on the draw with data seed s, in <data dir>-data<s>/, so the spread over seeds counts the data "
+        "draw too",
+    )
 
     @field_validator("seeds")
     @classmethod

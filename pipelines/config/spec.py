@@ -49,6 +49,7 @@ def train_spec(
     progress: tqdm bars (None = only on a terminal; False in trials, whose output goes to Ray's logs)."""
     s: ScheduleConfig
     decoupled: bool | Literal["cls", "box_head"]
+    cfg = cfg.for_trial(trial_config)  # search.data_seeds: the trial's seed's data draw
     if stage == "stage1":
         if cfg.stage1 is None:
             raise ConfigError("stage1 is null in this config; there is no stage-1 schedule to train")

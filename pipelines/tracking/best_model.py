@@ -236,7 +236,8 @@ def log_best_model_safely(cfg, summary, results, *, register: bool, name: str | 
         seed = None if trial is None else trial.config.get("seed", cfg.seed)
         sha = (summary.stage1 or {}).get(int(seed)) if seed is not None else None
         sha = sha.sha256 if sha is not None else None
-        tags = {FINGERPRINT_TAG: dataset_fingerprint(cfg), **({PRETRAIN_SHA_TAG: sha} if sha else {})}
+        data_cfg = cfg.with_seed(int(seed)) if seed is not None else cfg  # search.data_seeds: its seed's data
+        tags = {FINGERPRINT_TAG: dataset_fingerprint(data_cfg), **({PRETRAIN_SHA_TAG: sha} if sha else {})}
         return log_best_model(client, summary, results, register=register, name=name, tags=tags)
     except Exception as exc:
         logger.exception("logging the best model of sweep %s failed", summary.name)

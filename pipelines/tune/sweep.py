@@ -65,7 +65,12 @@ RESERVED_NAMES = {"pretrain", "train", "mlartifacts", "mlruns"}
 
 
 def ensure_dataset(cfg: ExperimentConfig) -> None:
-    """Generate the synthetic benchmark where the config expects it (data.synthetic) if it is not there yet."""
+    """Generate the synthetic benchmark where the config expects it (data.synthetic) if it is not there yet; with
+    ``search.data_seeds``, each seed's draw."""
+    if cfg.search.data_seeds:
+        for seed in cfg.seeds:
+            ensure_dataset(cfg.with_seed(seed))
+        return
     d = cfg.data
     if d.synthetic is not None and not (d.train.is_file() and d.val.is_file()):
         from lt_models.data.synthetic.generate import generate_benchmark

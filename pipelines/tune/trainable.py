@@ -93,8 +93,8 @@ def train_trial(
     """Tune function trainable. `config`: the trial's sampled stage-2 values and its training `seed` (a Tune trial
     config); the rest comes through `tune.with_parameters`: `experiment` (the validated config), `stage1`
     ({seed: {"sha256", "checkpoint_dir"}}: the shared stage-1 checkpoint of each seed, or None for one-stage
-    trials) and `shared` (the engine's
-    `shared_loss_inputs`, computed once by the driver and put in Ray's object store)."""
+    trials) and `shared` ({seed: the engine's `shared_loss_inputs` of that seed's data}, computed once by the
+    driver and put in Ray's object store)."""
     from lt_models.engine import loop as engine
 
     # one "Checkpoint successfully created" INFO line per report is noise next to the driver's progress lines
@@ -113,6 +113,7 @@ def train_trial(
     annotation_stores.fetch(experiment.run.storage_path, spec)  # object storage: this node's copy of the stores
     seed = experiment.trial_seed(config)
     mine = stage1[str(seed)] if stage1 is not None else None  # this seed's own stage 1
+    shared = (shared or {}).get(str(seed))  # its data's shared loss inputs (computed here if absent)
     sha = mine["sha256"] if mine is not None else ""
 
     def report(metrics: dict[str, Any], checkpoint: tune.Checkpoint) -> None:

@@ -3,6 +3,7 @@ the scheduler (ASHA, asha_configs or FIFO), the search algorithm, the callbacks 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from ray import tune
 
 from lt_models.errors import ConfigError
-from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.experiment import ExperimentConfig, canonical_json
 from pipelines.config.identity import dataset_fingerprint, frequency_source
 from pipelines.config.sections import TIME_ATTRS
 from pipelines.storage import location as storage
@@ -88,11 +89,19 @@ def _search_alg(cfg: ExperimentConfig, limit: int | None):
     return BasicVariantGenerator(random_state=cfg.search.seed, max_concurrent=limit)
 
 
-def _shared_objects(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Read-only objects every trial needs (the engine's shared loss inputs: r_ij when some trial may use
-    concurrent softmax or eq 5 scores), computed once here and shipped through Ray's object store
-    (tune.with_parameters). The training and validation annotation stores (`lt_models.data.store`) are built here
-    first, once (and published to object storage), so trials only map them (`pipelines.storage.annotation_stores`)."""
+def _shared_objects(cfg: ExperimentConfig) -> dict[str, dict[str, Any]]:
+    """Read-only objects the trials of each seed need ({seed: the engine's shared loss inputs}: r_ij when some
+    trial may use concurrent softmax or eq 5 scores), computed once per distinct dataset here and shipped through
+    Ray's object store (tune.with_parameters). The training and validation annotation stores (`lt_models.data.store`)
+    are built here first, once (and published to object storage), so trials only map them
+    (`pipelines.storage.annotation_stores`)."""
+    if not cfg.search.data_seeds:
+        inputs = _shared_inputs(cfg)
+        return {str(seed): inputs for seed in cfg.seeds}  # one object: every seed trains on the same data
+    return {str(seed): _shared_inputs(cfg.with_seed(seed)) for seed in cfg.seeds}
+
+
+def _shared_inputs(cfg: ExperimentConfig) -> dict[str, Any]:
     from lt_models.engine.build import shared_loss_inputs
     from pipelines.storage.annotation_stores import build_and_publish
 
@@ -119,8 +128,14 @@ def sweep_params(cfg: ExperimentConfig, stage1: Stage1Set) -> dict[str, Any]:
     """The sweep's config as logged on the MLflow parent run."""
     d = cfg.model_dump(mode="json", exclude={"space", "train"})
     d["space"] = {k: {p.kind: list(p.args)} for k, p in cfg.space.items()}
-    d["dataset_fingerprint"] = dataset_fingerprint(cfg)
-    d["frequency_source"] = frequency_source(cfg)
+    if cfg.search.data_seeds:  # every seed its own draw of the data: one fingerprint of them all, and each
+        each = {str(s): dataset_fingerprint(cfg.with_seed(s)) for s in cfg.seeds}
+        d["dataset_fingerprint"] = hashlib.sha256(canonical_json(each).encode()).hexdigest()
+        d["dataset_fingerprints"] = each
+        d["frequency_source"] = frequency_source(cfg.with_seed(cfg.seeds[0]))
+    else:
+        d["dataset_fingerprint"] = dataset_fingerprint(cfg)
+        d["frequency_source"] = frequency_source(cfg)
     d["pretrain_sha256"] = stage1_shas(stage1) or ""
     d["metric"], d["mode"] = cfg.scheduler.metric, cfg.scheduler.mode
     d["max_evaluations"] = cfg.evals_per_trial  # a full-length trial's evaluations (max_t may count images)
@@ -179,7 +194,7 @@ def build_tuner(
         cfg.name,
         sweep_params(cfg, stage1),
         cfg.searched_keys(),
-        val_annotations=str(cfg.data.val),
+        val_annotations=str(cfg.data_for(cfg.seeds[0]).val),  # search.data_seeds: the first seed's draw
     )
     return tune.Tuner(
         trainable,
