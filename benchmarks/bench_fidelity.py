@@ -43,12 +43,16 @@ With a GPU (device auto picks CUDA) the same benchmark runs in minutes. Each fin
 under --cache (one JSON per run name and seed, written atomically), so a rerun after a crash skips them; only the
 stage-1 checkpoints stay on disk.
 
-    python benchmarks/bench_fidelity.py [--seeds 0 1 2] [--data data/study] [--workers 2] [--cache DIR]
-                                        [--out benchmarks/results/fidelity.json] [--quick]
+    python benchmarks/bench_fidelity.py [--seeds 0 1 2] [--data data/study] [--data-seeds] [--workers 2]
+                                        [--cache DIR] [--out benchmarks/results/fidelity.json] [--quick]
+--data-seeds: seed s trains and evaluates on its own draw of the benchmark (<data>-data<s>, generated with data
+seed s), so the spread over seeds counts the data draw as well as the training seed; without it every seed shares
+the draw in --data (data seed 0), and the intervals count training seeds and validation images only.
 --quick: a tiny preset and a 1-epoch schedule in a temp dir (unless --data), to test the script in minutes; it
 writes no JSON file unless --out is given.
 Progress lines (run, minutes, AP) go to stderr. Last stdout line:
-  {"benchmark": "fidelity", "commit", "seeds": [...], "intervals", "correction", "findings": [{"name", "metric",
+  {"benchmark": "fidelity", "commit" (the code that trained the runs), "report_commit", "seeds": [...],
+   "data_seeds": [...], "intervals", "correction", "findings": [{"name", "metric",
    "effect", "ci_low", "ci_high", "p_value", "p_holm", "verdict", "why", "threshold", "method", "paper"}, ...],
    "ablations": []}
 """
@@ -133,6 +137,11 @@ def arms() -> dict[str, tuple[str, SamplerSpec, LossSpec, str | bool]]:
     return out
 
 
+def data_dir(data: Path, seed: int, data_seeds: bool) -> Path:
+    """The benchmark a seed trains on: the shared draw, or with --data-seeds its own draw ``<data>-data<seed>``."""
+    return data.with_name(f"{data.name}-data{seed}") if data_seeds else data
+
+
 def make_spec(name: str, seed: int, data: Path, sched: dict, device: str) -> TrainSpec:
     stage, sampler, loss, decoupled = arms()[name]
     if stage == "one_stage":  # same total epochs as the hybrid, stage 1's learning rate, one LR drop before the end
@@ -183,6 +192,7 @@ def run_one(job: dict) -> dict:
     record = {
         "name": job["name"],
         "seed": job["seed"],
+        "commit": job["commit"],
         "spec": job["spec"],
         "minutes": (time.perf_counter() - t0) / 60,
         "metrics": {k: metrics[k] for k in KEEP if k in metrics},
@@ -206,19 +216,23 @@ def _cached(path: Path, spec: dict) -> dict | None:
     return record if record.get("spec") == spec else None
 
 
-def run_all(seeds: list[int], data: Path, cache: Path, sched: dict, workers: int, device: str) -> dict:
+def run_all(
+    seeds: list[int], data: Path, data_seeds: bool, cache: Path, sched: dict, workers: int, device: str
+) -> dict:
     """(name, seed) -> cache record for every run; stage 1 first, then the longest runs first."""
     order = list(arms())
     priority = {n: (0 if n == "stage1" else 1 if n == "one_stage" else 3 if n.startswith("cls_") else 2) for n in order}
     jobs, done = {}, {}
+    commit = _commit()
     for seed in seeds:
         for name in order:
-            spec = make_spec(name, seed, data, sched, device).to_dict()
+            spec = make_spec(name, seed, data_dir(data, seed, data_seeds), sched, device).to_dict()
             key = (name, seed)
-            stem = f"{name}__seed{seed}"
+            stem = f"{name}__seed{seed}" + ("__dataseed" if data_seeds else "")
             jobs[key] = {
                 "name": name,
                 "seed": seed,
+                "commit": commit,
                 "spec": spec,
                 "out_dir": str(cache / stem),
                 "cache_file": str(cache / f"{stem}.json"),
@@ -387,8 +401,8 @@ def findings(table: dict[str, dict]) -> list[dict]:
                 "effect": _num(iv.estimate + thr),
                 "ci_low": _num(iv.low + thr),
                 "ci_high": _num(iv.high + thr),
-                "p_value": _num(v.p),
-                "p_holm": _num(v.p_holm),
+                "p_value": _sig(v.p),
+                "p_holm": _sig(v.p_holm),
                 "verdict": VERDICT_WORDS[v.word],
                 "why": v.reason,
                 "threshold": thr,
@@ -399,8 +413,18 @@ def findings(table: dict[str, dict]) -> list[dict]:
     return out
 
 
+def _sig(x: float) -> float | None:
+    """A p-value to 4 significant digits: a small one stays positive (the computed floor is 1e-12), never 0."""
+    return float(f"{x:.4g}") if math.isfinite(x) else None
+
+
 def _fmt(x: float | None, sign: str = "") -> str:
     return "-" if x is None else f"{x:{sign}.3f}"
+
+
+def _p(p: float | None) -> str:
+    """A p-value as printed: never 0.000, which would read as certainty."""
+    return "-" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def val_instances(data: Path) -> dict[str, list[int]]:
@@ -412,6 +436,24 @@ def val_instances(data: Path) -> dict[str, list[int]]:
     for c in train["categories"]:
         out[c["frequency"]].append(n[c["id"]])
     return out
+
+
+def ensure_benchmark(data: Path, preset, seed: int) -> None:
+    """Generate the benchmark in ``data`` with data seed ``seed`` unless it is there; print its validation counts."""
+    if not (data / "train.json").is_file():
+        s = generate_benchmark(data, preset=preset, seed=seed)
+        print(
+            f"generated {s['preset']} (data seed {seed}) in {data}: {s['train_images']} train / {s['val_images']} "
+            f"val images, {s['categories']} classes, buckets {s['buckets']}",
+            file=sys.stderr,
+            flush=True,
+        )
+    inst = val_instances(data)
+    print(
+        f"{data}: validation instances per class (min / mean / max): "
+        + ", ".join(f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())),
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -426,6 +468,12 @@ def main() -> None:
         default=None,
         help="JSON copy (default benchmarks/results/fidelity.json; --quick: none unless given)",
     )
+    ap.add_argument(
+        "--data-seeds",
+        action="store_true",
+        help="seed s trains on its own draw of the benchmark, <data>-data<s> (generated with data seed s), so the "
+        "intervals count the data draw too",
+    )
     ap.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda")
     ap.add_argument("--quick", action="store_true", help="tiny preset and schedule: a smoke test of the script")
     args = ap.parse_args()
@@ -436,30 +484,16 @@ def main() -> None:
     tmp = None
     if args.data is None and args.quick:
         tmp = Path(tempfile.mkdtemp(prefix="fidelity_quick_"))
-    data = args.data or tmp or Path("data/study")
+    data = args.data or (tmp / "study" if tmp else Path("data/study"))
     cache = args.cache or data / "fidelity_runs"
     out = args.out or (None if args.quick else Path("benchmarks/results/fidelity.json"))
     sched = QUICK if args.quick else FULL
     seeds = sorted(set(args.seeds))
     t0 = time.perf_counter()
     try:
-        if not (data / "train.json").is_file():
-            s = generate_benchmark(data, preset=QUICK_PRESET if args.quick else "study", seed=0)
-            print(
-                f"generated {s['preset']} in {data}: {s['train_images']} train / {s['val_images']} val images, "
-                f"{s['categories']} classes, buckets {s['buckets']}",
-                file=sys.stderr,
-                flush=True,
-            )
-        inst = val_instances(data)
-        print(
-            "validation instances per class (min / mean / max): "
-            + ", ".join(
-                f"{b} ({len(v)} classes) {min(v)} / {np.mean(v):.1f} / {max(v)}" for b, v in sorted(inst.items())
-            ),
-            flush=True,
-        )
-        done = run_all(seeds, data, cache, sched, args.workers, args.device)
+        for d, data_seed in sorted({(data_dir(data, s, args.data_seeds), s if args.data_seeds else 0) for s in seeds}):
+            ensure_benchmark(d, QUICK_PRESET if args.quick else "study", data_seed)
+        done = run_all(seeds, data, args.data_seeds, cache, sched, args.workers, args.device)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -480,14 +514,17 @@ def main() -> None:
     for f in result:
         ci = f"[{_fmt(f['ci_low'], '+')}, {_fmt(f['ci_high'], '+')}]"
         print(
-            f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_fmt(f['p_value']):>8}"
-            f"{_fmt(f['p_holm']):>8}  {f['verdict']}"
+            f"{f['name']:<66}{f['metric']:>6}{f['effect']:>+9.3f}{ci:>20}{_p(f['p_value']):>8}"
+            f"{_p(f['p_holm']):>8}  {f['verdict']}"
         )
     print(f"intervals: {result[0]['method'] if result else '-'}; verdicts: {CORRECTION}")
+    commits = sorted({str(done[(a, s)].get("commit")) for a in arms() for s in seeds})
     payload = {
         "benchmark": "fidelity",
-        "commit": _commit(),
+        "commit": commits[0] if len(commits) == 1 else commits,  # the code that trained the runs
+        "report_commit": _commit(),  # the code that computed the statistics
         "seeds": seeds,
+        "data_seeds": seeds if args.data_seeds else [0],
         "intervals": "seeds x images (pipelines.analysis.evidence)",
         "correction": CORRECTION,
         "findings": result,

@@ -90,6 +90,8 @@ def test_no_false_certainty():
     one = interval([0.05], np.array([[0.04, 0.05, 0.06]]))  # one seed: images only, no verdict
     assert one.method == IMAGES_ONLY and one.defined and math.isnan(one.p_value())
     assert verdicts([one])[0].word == "cannot tell"
+    huge = Interval(0.5, 0.49, 0.51, 1e-14, 1e-14, 3, "seeds x images", 100)  # far beyond the computed range
+    assert huge.p_value() == 1e-12 and "p < 1e-12" in verdicts([huge])[0].text()
     alone = interval([0.05])
     assert alone.method == SEEDS_ONLY and not alone.defined
     assert "noise is unknown" in verdicts([alone])[0].reason

@@ -45,6 +45,7 @@ ALPHA = 1 - CONFIDENCE
 SEEDS_X_IMAGES = "seeds x images"
 SEEDS_ONLY = "seeds only"
 IMAGES_ONLY = "images only (one seed)"
+P_FLOOR = 1e-12  # the smallest p-value computed; a smaller one is reported as this bound ("p < 1e-12")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,11 +82,11 @@ class Interval:
         if not (self.se > 0) or self.method == IMAGES_ONLY:
             return math.nan
         gap = abs(self.estimate)
-        if gap >= self.half_width(1 - 1e-12):
-            return 0.0 if gap > 0 else 1.0
+        if gap >= self.half_width(1 - P_FLOOR):
+            return P_FLOOR  # beyond what is computed: p < 1e-12, never 0
         if gap <= self.half_width(1e-12):
             return 1.0
-        return float(brentq(lambda p: self.half_width(1 - p) - gap, 1e-12, 1 - 1e-12, xtol=1e-12))
+        return float(brentq(lambda p: self.half_width(1 - p) - gap, P_FLOOR, 1 - 1e-12, xtol=1e-12))
 
     def text(self, digits: int = 3, signed: bool = False) -> str:
         f = f"{{:{'+' if signed else ''}.{digits}f}}"
@@ -154,7 +155,11 @@ class Verdict:
     def text(self) -> str:
         if not math.isfinite(self.p):
             return f"{self.word} ({self.reason})"
-        return f"{self.word} (p = {self.p:.3g}; Holm-adjusted over {self.family}: {self.p_holm:.3g})"
+        return f"{self.word} ({_p_text(self.p)}; Holm-adjusted over {self.family}: {_p_text(self.p_holm)})"
+
+
+def _p_text(p: float) -> str:
+    return f"p < {P_FLOOR:.0e}" if p <= P_FLOOR else f"p = {p:.3g}"
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
