@@ -25,8 +25,9 @@ Without matched detections (the training loss, Open Images AP, or runs written b
 counts the seeds only (Student's t over them) and says so. With one seed the seed noise is unknown: the interval
 counts the images only, says so, and a comparison on one seed gets no verdict.
 
-Verdicts: a comparison's two-sided p-value comes from the same t (no p-value without spread: a difference with no
-variation at all gets none, rather than p = 0). The verdicts of comparisons shown together (a family: the sweep
+Verdicts: a comparison's two-sided p-value inverts the same interval: the p at which the (1 - p) interval's edge
+reaches 0 (no p-value without spread: a difference with no variation at all gets none, rather than p = 0; one beyond
+the computed range is reported as p < 1e-12, never 0). The verdicts of comparisons shown together (a family: the sweep
 summary's, ``ltsweep confirm``'s, the papers' findings of bench_fidelity) are corrected with Holm's step-down
 procedure at family-wise 5%: "better" or "worse" when the corrected test rejects "no difference", else "cannot
 tell". The words printed follow the corrected verdict.
