@@ -333,7 +333,14 @@ def test_reported_ap_equals_a_single_process_evaluation_of_the_checkpoint(two_wo
     reported = trial_results(trial.path)[-1]
     ckpt = max(Path(trial.path).glob("checkpoint_*"))  # Tune's latest checkpoint of the trial: the last evaluation
     assert json.loads((ckpt / "metrics.json").read_text())["epoch"] == reported["epoch"] == EPOCHS
-    assert sorted(os.listdir(ckpt)) == ["checkpoint.pt", "matches.npz", "metrics.json", "run.json", "spec.json"]
+    assert sorted(os.listdir(ckpt)) == [
+        "checkpoint.pt",
+        "matches.npz",
+        "metrics.json",
+        "replicates.npz",
+        "run.json",
+        "spec.json",
+    ]
     spec = TrainSpec.from_dict(json.loads(Path(ckpt, "spec.json").read_text()))
     train_ds = LVISDetection(spec.train_ann, hierarchy_file=spec.hierarchy_file, train=True)
     val_ds = LVISDetection(spec.val_ann, hierarchy_file=spec.hierarchy_file, train=False)
