@@ -17,9 +17,16 @@ needed: a run that starts from a stage-1 checkpoint (``init_checkpoint``, never 
 Alternatives measured on the demo study (seeds 0 and 1, ACSL ξ = 0.7, all layers; softmax 0.219 / 0.250 AP): no
 conversion 0.124 / 0.095; this conversion 0.204 / 0.224; a fresh sigmoid classifier with the prior-probability
 bias of "Focal Loss for Dense Object Detection" (Lin et al., ICCV 2017, §4.1: b = −log((1 − π)/π), π = 0.01, weights
-N(0, 0.01²)), which the official ACSL code uses to initialise its sigmoid classifier, 0.145 / 0.175 (it discards the
-stage-1 classifier); the decoupled classifier-only stage 2 of the ACSL paper (§4.2) without conversion 0.160 (seed
-0). The decoupled mode stays a choice of the run (``decoupled``); the conversion applies to it as well.
+N(0, 0.01²)), discarding the stage-1 classifier, 0.145 / 0.175; the decoupled classifier-only stage 2 of the ACSL
+paper (§4.2) without conversion 0.160 (seed 0). The decoupled mode stays a choice of the run (``decoupled``); the
+conversion applies to it as well.
+
+What the official ACSL code does (CASIA-IVA-Lab/ACSL, ``configs/acsl/faster_rcnn_r50_fpn_1x_lvis_tunefc_acsl.py``
+and ``tools/train.py``): its box head writes the focal-loss prior bias into ``fc_cls`` when it is built, but the
+config's ``load_from`` then loads the whole softmax baseline checkpoint, ``fc_cls`` included (same shape, 1,231
+outputs), so the prior is overwritten and the stage-1 softmax classifier is kept as is, without a conversion.
+``selectp = 1`` freezes every parameter but ``fc_cls``, which trains for 12 epochs at lr 0.02 (steps at 8 and 11,
+500 warm-up iterations). The conversion here is ltsweep's own addition, not the official recipe.
 """
 
 from __future__ import annotations
