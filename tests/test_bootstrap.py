@@ -88,3 +88,22 @@ def test_matches_round_trip_and_refuse_other_images(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(AnnotationError, match="not a matches file"):
         Matches.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("seed", [8, 9])
+def test_a_label_set_scores_the_mean_of_its_classes_ap(seed):
+    """Matches.select(subset): AP (and APr/APc/APf) over a subset of the classes is the mean of their per-class AP in
+    the full evaluation (the same detections, the same per-image cap), bucket by bucket."""
+    gt, dets = make_case(seed=seed, n_img=30, score_decimals=9)
+    res = evaluate_lvis(gt, dets, keep_matches=True)
+    m = res["matches"]
+    subset = [int(c) for c in m.cat_ids[::2]]  # every other class
+    got = weighted_ap(m.select(subset), np.ones((m.n_images, 1)))
+    bucket = {int(c): f for c, f in zip(m.cat_ids, m.frequency)}
+    for key, members in [("AP", subset)] + [(f"AP{b}", [c for c in subset if bucket[c] == b]) for b in "rcf"]:
+        aps = [res["per_class"][c] for c in members if res["per_class"][c] > -1]
+        expected = float(np.mean(aps)) if aps else float("nan")
+        assert _close(got[key][0], expected if aps else -1.0), (key, got[key][0], expected)
+    assert m.select(m.cat_ids).n_categories == m.n_categories
+    with pytest.raises(AnnotationError, match="not scored"):
+        m.select([10**6])

@@ -402,3 +402,23 @@ def test_spec_validation_names_the_field():
         spec, sampler=SamplerSpec("softbalance", lam=0.7, num_samples=8), loss=LossSpec("acsl", xi=0.3)
     )
     assert TrainSpec.from_dict(json.loads(json.dumps(typed.to_dict()))) == typed
+
+
+def test_evaluate_checkpoint_reproduces_the_run_and_rescores_without_retraining(bench, tmp_path):
+    """evaluate_checkpoint: the run's own scores give its reported AP (same images, training buckets); another
+    scores rule (Table 2 of the concurrent-softmax paper) changes the detections' scores but not the weights; the
+    Open Images AP@0.5 comes from the same single prediction pass."""
+    from lt_models.engine.reevaluate import evaluate_checkpoint
+
+    spec = small_spec(bench, epochs=1, loss=LossSpec("concurrent_softmax"), hierarchy_file=bench["hierarchy"])
+    run = train(spec, tmp_path / "cs")
+    again = evaluate_checkpoint(run["checkpoint_dir"], metrics=("lvis", "openimages"))
+    for key in ("AP", "AP50", "APr", "APc", "APf"):
+        assert again["lvis"][key] == run[key], key
+    assert again["lvis"]["matches"].n_images == 4 and 0 <= again["openimages"]["AP"] <= 1
+    softmax = evaluate_checkpoint(run["checkpoint_dir"], scores="softmax")["lvis"]
+    assert softmax["per_class"] != again["lvis"]["per_class"]  # eq 5 vs softmax: other scores, other ranking
+    with pytest.raises(ConfigError, match="metrics"):
+        evaluate_checkpoint(run["checkpoint_dir"], metrics=("coco",))
+    with pytest.raises(ConfigError, match="scores"):
+        evaluate_checkpoint(run["checkpoint_dir"], scores="argmax")

@@ -28,9 +28,7 @@ def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tup
     """The detector of ``checkpoint_dir`` in eval mode, on the CPU, and ``label_to_cat_id`` (contiguous label l ->
     the dataset's category id; index 0 is the background). ``shared``: the engine's shared loss inputs, if at hand."""
     d = Path(checkpoint_dir)
-    if not (d / "spec.json").is_file():
-        raise ConfigError(f"{str(d)!r} is not an ltsweep checkpoint directory (no spec.json beside checkpoint.pt)")
-    spec = TrainSpec.from_dict(json.loads((d / "spec.json").read_text()))
+    spec = checkpoint_spec(d)
     train_ds = LVISDetection(
         spec.train_ann,
         spec.train_image_dir,
@@ -39,6 +37,20 @@ def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tup
         train=True,
         skip_invalid=spec.skip_invalid,
     )
+    return detector_from(d, spec, train_ds, shared).eval(), list(train_ds.label_to_cat_id)
+
+
+def checkpoint_spec(checkpoint_dir: str | Path) -> TrainSpec:
+    """The ``TrainSpec`` of the run that wrote ``checkpoint_dir`` (its ``spec.json``)."""
+    d = Path(checkpoint_dir)
+    if not (d / "spec.json").is_file():
+        raise ConfigError(f"{str(d)!r} is not an ltsweep checkpoint directory (no spec.json beside checkpoint.pt)")
+    return TrainSpec.from_dict(json.loads((d / "spec.json").read_text()))
+
+
+def detector_from(checkpoint_dir: str | Path, spec: TrainSpec, train_ds, shared: dict | None = None) -> torch.nn.Module:
+    """The detector ``spec`` describes (its loss's ``scores`` score the detections), with ``checkpoint_dir``'s
+    weights; ``train_ds``: the run's training set (class count, r_ij and frequencies of the loss)."""
     norm = "frozen_bn" if (spec.weights is not None and spec.backbone != "tiny") else "bn"
     model = build_detector(
         train_ds.num_classes,
@@ -48,8 +60,8 @@ def load_detector(checkpoint_dir: str | Path, shared: dict | None = None) -> tup
         norm=norm,
         box_reg_labels=spec.box_reg_labels,
     )
-    load_model_weights(d, model)
-    return model.eval(), list(train_ds.label_to_cat_id)
+    load_model_weights(Path(checkpoint_dir), model)
+    return model
 
 
 def image_tensor(image: np.ndarray) -> torch.Tensor:

@@ -75,7 +75,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection, str]:
+def build_datasets(spec: TrainSpec) -> tuple[LVISDetection, LVISDetection, str]:
+    """The run's training and validation datasets and the annotation file it evaluates on."""
     common: dict[str, Any] = dict(
         hierarchy_file=spec.hierarchy_file,
         expand_parents=spec.expand_parents,
@@ -122,7 +123,7 @@ def build_run(
     """Seeds, datasets, the detector (from ``init_checkpoint``'s weights when given), sampler, loaders and
     optimizer, in the order that fixes every random draw of the run."""
     _seed_all(spec.seed)
-    train_ds, val_ds, val_ann = _datasets(spec)
+    train_ds, val_ds, val_ann = build_datasets(spec)
     model = build_detector(
         train_ds.num_classes,
         spec.backbone,

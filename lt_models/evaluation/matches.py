@@ -57,6 +57,32 @@ class Matches:
         """Non-ignored ground-truth boxes per category [K]."""
         return np.bincount(self.gt_cat, weights=self.gt_n, minlength=self.n_categories).astype(np.int64)
 
+    def select(self, cat_ids) -> Matches:
+        """The matching restricted to the categories ``cat_ids`` (every image kept): the AP of a label set, e.g. the
+        leaf classes only, so that losses trained on different label sets are scored on the same classes. Raises
+        AnnotationError for an id this evaluation did not score."""
+        wanted = np.asarray(sorted(set(int(c) for c in cat_ids)), dtype=self.cat_ids.dtype)
+        missing = np.setdiff1d(wanted, self.cat_ids)
+        if len(missing):
+            raise AnnotationError(
+                f"categories {missing[:5].tolist()} were not scored by this evaluation; select among its cat_ids"
+            )
+        keep = np.isin(self.cat_ids, wanted)
+        new_index = np.cumsum(keep) - 1  # old category index -> new one (where kept)
+        d, g = keep[self.det_cat], keep[self.gt_cat]
+        return dataclasses.replace(
+            self,
+            cat_ids=self.cat_ids[keep],
+            frequency=self.frequency[keep],
+            det_cat=new_index[self.det_cat[d]].astype(self.det_cat.dtype),
+            det_img=self.det_img[d],
+            tp=self.tp[d],
+            fp=self.fp[d],
+            gt_cat=new_index[self.gt_cat[g]].astype(self.gt_cat.dtype),
+            gt_img=self.gt_img[g],
+            gt_n=self.gt_n[g],
+        )
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the arrays as one .npz file, atomically."""
         buf = io.BytesIO()
