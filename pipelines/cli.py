@@ -1,6 +1,6 @@
 """The `ltsweep` command.
 
-Subcommands: demo, data synth, data stats, data convert-openimages, train, sweep, confirm, eval, compare.
+Subcommands: demo, data synth, data stats, data convert-openimages, stage0, train, sweep, confirm, eval, compare.
 Each handler is a thin wrapper: parse arguments, call one library function, print its result. Heavy imports
 (torch, Ray, MLflow) happen inside the handlers so `ltsweep --help` stays instant.
 """
@@ -14,56 +14,10 @@ from pathlib import Path
 
 from lt_models.data.synthetic.layout import PRESETS
 from lt_models.errors import LtsweepInputError
+from pipelines.cli_data import UserError, add_data
 from pipelines.storage.location import as_location
 
 DEFAULT_DEMO_DATA = Path("data/demo")
-
-
-class UserError(LtsweepInputError):
-    """A problem with the command line itself."""
-
-
-def _cmd_data_synth(args: argparse.Namespace) -> int:
-    from lt_models.data.synthetic.generate import generate_benchmark
-
-    summary = generate_benchmark(args.out, preset=args.preset, seed=args.seed)
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from lt_models.data.stats import dataset_stats, format_stats
-
-    stats = dataset_stats(
-        args.annotations,
-        lam=args.lam,
-        hierarchy_file=args.hierarchy,
-        plot_dir=None if args.no_plots else Path(args.annotations).parent,
-        image_dir=args.images,
-        skip_invalid=args.skip_invalid,
-    )
-    print(format_stats(stats))
-    return 0
-
-
-def _cmd_convert_openimages(args: argparse.Namespace) -> int:
-    if args.store is None and args.out is None:
-        raise UserError("convert-openimages needs --store DIR (the annotation store) and/or --out JSON")
-    kw = dict(
-        skip_invalid=args.skip_invalid, train_ann=args.train_ann, image_dir=args.images, image_sizes=args.image_sizes
-    )
-    if args.store is not None:
-        from lt_models.data.openimages.streaming import convert_openimages_store
-
-        summary = convert_openimages_store(
-            args.boxes, args.labels, args.classes, args.hierarchy, args.store, out_json=args.out, **kw
-        )
-    else:
-        from lt_models.data.openimages.convert import convert_openimages
-
-        summary = convert_openimages(args.boxes, args.labels, args.classes, args.hierarchy, args.out, **kw)
-    print(json.dumps(summary, indent=2))
-    return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -166,12 +120,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(data_dir=args.data, seed=args.seed)
 
 
+def _cmd_stage0(args: argparse.Namespace) -> int:
+    import logging
+
+    from pipelines.commands.stage0 import run_stage0
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_stage0(
+        args.preset,
+        args.storage_path,
+        epochs=args.epochs,
+        images_per_class=args.images_per_class,
+        seed=args.seed,
+        force=args.force,
+        as_json=args.json,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ltsweep", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"ltsweep {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     _add_demo(sub)
-    _add_data(sub)
+    add_data(sub)
+    _add_stage0(sub)
     _add_train(sub)
     _add_sweep(sub)
     _add_eval(sub)
@@ -188,99 +160,29 @@ def _add_demo(sub) -> None:
     d.set_defaults(func=_cmd_demo)
 
 
-def _add_data(sub) -> None:
-    """`ltsweep data synth|stats|convert-openimages`."""
-    data = sub.add_parser("data", help="generate, inspect and convert datasets").add_subparsers(
-        dest="data_command", required=True
-    )
-    s = data.add_parser("synth", help="write the synthetic long-tail multi-label benchmark")
-    s.add_argument(
-        "--preset", choices=sorted(PRESETS), default="demo", help="which synthetic benchmark to write (default demo)"
+def _add_stage0(sub) -> None:
+    """`ltsweep stage0`."""
+    s = sub.add_parser(
+        "stage0",
+        help="pretrain the tiny backbone on a balanced synthetic classification task (cached); use it as model.weights",
     )
     s.add_argument(
-        "--out", type=Path, required=True, help="output folder (train.json, val.json, hierarchy.json, images/)"
-    )
-    s.add_argument("--seed", type=int, default=0, help="random seed of the generated data (default 0)")
-    s.set_defaults(func=_cmd_data_synth)
-    _add_data_stats(data)
-    _add_convert_openimages(data)
-
-
-def _add_data_stats(data) -> None:
-    """`ltsweep data stats`."""
-    s = data.add_parser("stats", help="long-tail and multi-label statistics of an LVIS-format file")
-    s.add_argument("annotations", type=Path, help="LVIS-format annotation JSON")
-    s.add_argument(
-        "--lam",
-        type=float,
-        default=None,
-        help="also report expected views per image of head/tail classes under soft-balance λ",
+        "--preset", choices=sorted(PRESETS), default="demo", help="whose leaf classes to classify (default demo)"
     )
     s.add_argument(
-        "--hierarchy",
-        type=Path,
-        default=None,
-        help="class hierarchy JSON (names or Open Images MIDs); default hierarchy.json beside the file",
+        "--storage-path",
+        type=as_location,
+        default=Path("results"),
+        help="where the cache <storage>/stage0/<sha256>/ lives (a local or shared directory; default results)",
     )
-    s.add_argument("--no-plots", action="store_true", help="do not write PNG plots beside the file")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default: Stage0Spec's, 12)")
     s.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        help="image folder checked for missing files (default: <annotations dir>/images if it exists)",
+        "--images-per-class", type=int, default=None, help="crops per class, 8 of them held out (default 48)"
     )
-    s.add_argument("--skip-invalid", action="store_true", help="skip invalid records and report a count")
-    s.set_defaults(func=_cmd_data_stats)
-
-
-def _add_convert_openimages(data) -> None:
-    """`ltsweep data convert-openimages`."""
-    s = data.add_parser("convert-openimages", help="Open Images challenge CSVs -> LVIS-format JSON")
-    s.add_argument(
-        "--boxes", type=Path, required=True, help="boxes CSV (ImageID, LabelName, XMin, XMax, YMin, YMax, ...)"
-    )
-    s.add_argument("--labels", type=Path, required=True, help="image-level labels CSV (Confidence 0/1)")
-    s.add_argument("--classes", type=Path, required=True, help="class descriptions CSV (LabelName,DisplayName)")
-    s.add_argument(
-        "--hierarchy", type=Path, required=True, help="class hierarchy JSON (bbox_labels_600_hierarchy.json layout)"
-    )
-    s.add_argument("--out", type=Path, default=None, help="output LVIS-format JSON (with --store: also write it)")
-    s.add_argument(
-        "--store",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="write the annotation store (memory-mapped columns, streaming conversion; give it as "
-        "data.train / LVISDetection's file); the JSON is written only when --out is given too",
-    )
-    s.add_argument("--skip-invalid", action="store_true", help="skip bad rows and report a count")
-    s.add_argument(
-        "--train-ann",
-        type=Path,
-        default=None,
-        metavar="TRAIN.json",
-        help="the already converted training JSON: take each category's frequency bucket (r/c/f) from "
-        "its training image counts (matched by MID). Pass it when converting validation/test "
-        "splits (LVIS buckets come from training; a training --store DIR works too); without it "
-        "the buckets come from this file's own counts, right for the training split only",
-    )
-    s.add_argument(
-        "--images",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="folder of the split's images (<ImageID>.jpg): sizes the CSVs lack are read from the image "
-        "headers (no decoding, in parallel); default <dir of --store, else of --out>/images",
-    )
-    s.add_argument(
-        "--image-sizes",
-        type=Path,
-        default=None,
-        metavar="CSV",
-        help="CSV with columns ImageID,ImageWidth,ImageHeight (pixels) giving image sizes instead of "
-        "reading the images; rows of other images are ignored",
-    )
-    s.set_defaults(func=_cmd_convert_openimages)
+    s.add_argument("--seed", type=int, default=0, help="seed of the crops and of the training (default 0)")
+    s.add_argument("--force", action="store_true", help="train it again and replace the cache entry")
+    s.add_argument("--json", action="store_true", help="print one JSON document instead of the text")
+    s.set_defaults(func=_cmd_stage0)
 
 
 def _add_train(sub) -> None:

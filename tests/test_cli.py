@@ -19,7 +19,7 @@ def _subcommands(parser):
 
 def test_pinned_subcommands_exist():
     top = _subcommands(cli.build_parser())
-    assert set(top) == {"demo", "data", "train", "sweep", "confirm", "eval", "compare"}
+    assert set(top) == {"demo", "data", "stage0", "train", "sweep", "confirm", "eval", "compare"}
     assert set(_subcommands(top["data"])) == {"synth", "stats", "convert-openimages"}
 
 

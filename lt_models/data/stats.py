@@ -35,6 +35,31 @@ from lt_models.data.lvis_json import load_lvis_json
 from lt_models.data.merge import merged_objects
 from lt_models.data.samplers import soft_balance_probabilities
 
+# LVIS v1 train, for `format_stats(..., vs_lvis=True)`. Computed from the category records of the LVIS v1 train
+# annotation file (lvis_v1_train.json "categories": image_count, instance_count, frequency) as redistributed by
+# Detic's datasets/metadata/lvis_v1_train_cat_info.json (copy read: github.com/empMEMORY/vision-language-fsod,
+# commit 0065478d). The stored copy ends inside record 1117 of 1203, so:
+# - categories, buckets, imbalance: image_count of ids 1-1116 from that file, of ids 1117-1203 from detectron2's
+#   lvis_v1_category_image_count.py (also generated from lvis_v1_train.json; it agrees on the 30 overlapping ids).
+#   Buckets by the LVIS rule (rare <= 10 < common <= 100 < frequent images) give 337 / 461 / 405, the published
+#   split, and match every record's `frequency`. Imbalance = max image_count (tennis_racket, 1977) / min (1).
+# - instances per rare class: mean and median of instance_count over the 320 of the 337 rare categories whose
+#   record is readable (ids <= 1117); the 17 rare categories among ids 1118-1203 are missing.
+# - objects per image = annotations / images of the LVIS website (1,270,141 / 100,170). The instance_count sum over
+#   ids 1-1117 is 1,192,832, which leaves 77,309 for the 86 unread records (3.1 per image_count, 3.5 elsewhere):
+#   consistent, but the full sum could not be checked.
+# - labels per object: LVIS gives every instance exactly one category, so 1.0 by construction.
+LVIS_V1_TRAIN: dict = {
+    "images": 100_170,
+    "annotations": 1_270_141,
+    "categories": 1203,
+    "buckets": {"r": 337, "c": 461, "f": 405},
+    "imbalance": 1977.0,
+    "labels_per_object": 1.0,
+    "rare_instances": {"mean": 15.73, "median": 7.0, "of": 320},
+    "objects_per_image": 12.68,
+}
+
 
 def _class_views(
     counts: np.ndarray, pairs: tuple[np.ndarray, np.ndarray], num_images: int, lam: float
@@ -141,6 +166,19 @@ def _sampling_rows(
     return rows
 
 
+def _per_object_figures(n_images: int, n_annotations: int, n_objects: int, rare_instances: list[int]) -> dict:
+    """Labels per merged object, objects per image, and training instances per rare category (mean, median)."""
+    return {
+        "labels_per_object": n_annotations / n_objects if n_objects else 0.0,
+        "objects_per_image": n_objects / n_images if n_images else 0.0,
+        "rare_instances": {
+            "mean": float(np.mean(rare_instances)) if rare_instances else 0.0,
+            "median": float(np.median(rare_instances)) if rare_instances else 0.0,
+            "of": len(rare_instances),
+        },
+    }
+
+
 def dataset_stats(
     ann_file: str | os.PathLike,
     lam: float | None = None,
@@ -185,11 +223,13 @@ def dataset_stats(
     objects = merged_objects(data, ancestors, expand_parents=False)
     labels = _label_statistics(objects, ancestors, names, top_k)
 
+    rare_inst = [inst_counts[c["id"]] for c, f in zip(cats, freq) if f == "r"]
     stats: dict = {
         "file": str(ann_file),
         "images": len(data["images"]),
         "annotations": len(data["annotations"]),
         "objects": labels["objects"],
+        **_per_object_figures(len(data["images"]), len(data["annotations"]), labels["objects"], rare_inst),
         "multi_label_objects": labels["multi_label_objects"],
         "categories": len(cats),
         "empty_categories": int((counts == 0).sum()),
@@ -303,8 +343,44 @@ def _plot_stats(
     return written
 
 
-def format_stats(stats: dict) -> str:
-    """Human-readable table of `dataset_stats` output."""
+def format_vs_lvis(stats: dict) -> list[str]:
+    """Lines of a table: the file's long-tail figures beside LVIS v1 train's (`LVIS_V1_TRAIN`)."""
+    lv = LVIS_V1_TRAIN
+
+    def buckets(b: dict, n: int) -> tuple[str, str]:
+        """("r / c / f" counts, "r% / c% / f%" shares of all categories)."""
+        return " / ".join(str(b[k]) for k in "rcf"), " / ".join(f"{b[k] / max(n, 1):.0%}" for k in "rcf")
+
+    ours_b, ours_share = buckets(stats["buckets"], stats["categories"])
+    lv_b, lv_share = buckets(lv["buckets"], lv["categories"])
+    ri, lri = stats["rare_instances"], lv["rare_instances"]
+    rows = [
+        ("images", f"{stats['images']}", f"{lv['images']}"),
+        ("annotations", f"{stats['annotations']}", f"{lv['annotations']}"),
+        ("categories", f"{stats['categories']}", f"{lv['categories']}"),
+        ("buckets rare / common / frequent", ours_b, lv_b),
+        ("  share of categories", ours_share, lv_share),
+        ("imbalance (max / min images per category)", f"{stats['imbalance']:.0f}", f"{lv['imbalance']:.0f}"),
+        ("labels per object (annotations / object)", f"{stats['labels_per_object']:.2f}", "1.00 (one per instance)"),
+        (
+            "instances per rare class (mean / median)",
+            f"{ri['mean']:.1f} / {ri['median']:g}",
+            f"{lri['mean']:.1f} / {lri['median']:g} ({lri['of']} of {lv['buckets']['r']} rare)",
+        ),
+        ("objects per image", f"{stats['objects_per_image']:.2f}", f"{lv['objects_per_image']:.2f}"),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows + [("", "this file", "")])
+    lines = [
+        "beside LVIS v1 train (lt_models.data.stats.LVIS_V1_TRAIN):",
+        f"  {'':<{w0}}  {'this file':>{w1}}  LVIS v1",
+    ]
+    lines += [f"  {name:<{w0}}  {ours:>{w1}}  {ref}" for name, ours, ref in rows]
+    return lines
+
+
+def format_stats(stats: dict, vs_lvis: bool = False) -> str:
+    """Human-readable table of `dataset_stats` output; `vs_lvis` adds the file's figures beside LVIS v1 train's."""
     lines = [
         f"{stats['file']}: {stats['images']} images, {stats['annotations']} annotations, "
         f"{stats['objects']} objects after merging duplicate boxes ({stats['multi_label_objects']} multi-label), "
@@ -364,6 +440,9 @@ def format_stats(stats: dict) -> str:
                 f"  {name:<30} {r['head_views']:>10.3f} {r['head_unseen']:>11.1%} "
                 f"{r['tail_views']:>10.2f} {r['tail_unseen']:>11.1%}"
             )
+    if vs_lvis:
+        lines.append("")
+        lines.extend(format_vs_lvis(stats))
     if stats.get("plots"):
         lines.append("")
         lines.append("plots: " + ", ".join(stats["plots"]))

@@ -31,13 +31,16 @@ def evaluate_checkpoint(
     *,
     scores: str | None = None,
     metrics: tuple[str, ...] = ("lvis",),
+    expand_detections: bool = False,
     progress: bool | None = None,
 ) -> dict[str, dict]:
     """{metric: result} of ``checkpoint_dir``'s detector on its run's validation data, on the CPU.
 
     ``scores``: None (the run's own) or a rule of ``lt_models.losses.registry.SCORES`` (``softmax``,
     ``concurrent``: eq 5 with r_ij of the training data, ``sigmoid``, ``loss``). ``metrics``: any of ``lvis``
-    (evaluate_lvis's result with ``matches``) and ``openimages`` (needs the run's hierarchy file)."""
+    (evaluate_lvis's result with ``matches``) and ``openimages`` (needs the run's hierarchy file; with
+    ``expand_detections`` every detection also counts for each ancestor class, so that the hierarchy is expanded
+    alike for a loss that predicts one label per box and for one that also predicts the parents)."""
     unknown = [m for m in metrics if m not in EVAL_METRICS]
     if unknown or not metrics:
         raise ConfigError(f"metrics = {list(metrics)!r}: choose among {', '.join(EVAL_METRICS)}")
@@ -57,5 +60,7 @@ def evaluate_checkpoint(
         if metric == "lvis":
             out[metric] = evaluate_lvis(val_ann, detections, frequency=buckets, keep_matches=True)
         else:
-            out[metric] = evaluate_openimages(val_ann, detections, str(spec.hierarchy_file), frequency=buckets)
+            out[metric] = evaluate_openimages(
+                val_ann, detections, str(spec.hierarchy_file), expand_detections=expand_detections, frequency=buckets
+            )
     return out

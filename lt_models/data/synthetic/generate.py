@@ -38,8 +38,9 @@ Output is deterministic per (preset, seed), byte for byte. Each image is rendere
 so the output does not depend on how many worker processes render it.
 
 Modules: the class layout (shapes, colours, presets, leaf frequencies) is ``lt_models.data.synthetic.layout``, the
-pixels ``lt_models.data.synthetic.render``; this one draws each split's objects and labels, writes the LVIS JSON and
-runs `generate_benchmark`.
+pixels ``lt_models.data.synthetic.render``, the scenes and occluding boxes of presets that ask for them (``lvislike``:
+also a third hierarchy level, see docs/data.md) ``lt_models.data.synthetic.scenes``; this one draws each split's
+objects and labels, writes the LVIS JSON and runs `generate_benchmark`.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ from lt_models.data.synthetic.layout import (
     zipf_targets,
 )
 from lt_models.data.synthetic.render import render_chunk, render_image, shape_mask
+from lt_models.data.synthetic.scenes import place_boxes_occluding, scene_image_slots
 
 # ---------------------------------------------------------------------------------------------------------
 # Split specification: which objects go where and which labels they get (no pixels yet)
@@ -103,6 +105,57 @@ def _place_boxes(rng: random.Random, n: int, p: Preset) -> list[list[int]]:
     return boxes
 
 
+def _image_slots(layout: Layout, per_leaf: np.ndarray, rng: random.Random) -> list[list[int]]:
+    """The leaf of every object of a split, grouped into images (scene-based when the preset has scenes)."""
+    p = layout.preset
+    if p.scenes:
+        return scene_image_slots(rng, per_leaf, layout)
+    slots = np.repeat(np.arange(len(layout.leaves)), per_leaf).tolist()
+    rng.shuffle(slots)
+    sizes = []
+    total = 0
+    while total < len(slots):
+        k = rng.choices(range(1, len(p.objects_per_image) + 1), weights=p.objects_per_image)[0]
+        sizes.append(min(k, len(slots) - total))
+        total += sizes[-1]
+    groups, pos = [], 0
+    for k in sizes:
+        groups.append(slots[pos : pos + k])
+        pos += k
+    return groups
+
+
+def _object_labels(layout: Layout, leaf_idx: int, clean: bool, rng: random.Random, twin_rates: dict) -> tuple:
+    """(drawn leaves, annotated category ids) of one object of leaf `leaf_idx`; `clean` keeps its leaf label."""
+    p = layout.preset
+    leaf = layout.leaves[leaf_idx]
+    u_two, u_swap, u_parent = rng.random(), rng.random(), rng.random()
+    tones = [leaf_idx]
+    if leaf.two_leaf_with is not None and u_two < p.two_leaf_rate:
+        tones.append(leaf.two_leaf_with)  # explicit: a two-tone object is both leaves ("car toy")
+    labels = [layout.leaf_cat_id(x) for x in tones]
+    if leaf_idx in twin_rates and not clean:
+        partner, p_swap, p_both = twin_rates[leaf_idx]
+        if u_swap < p_swap:  # implicit: annotator used the twin's name
+            labels = [layout.leaf_cat_id(partner)]
+        elif u_swap < p_swap + p_both:  # annotators disagreed; both boxes kept
+            labels = [layout.leaf_cat_id(leaf_idx), layout.leaf_cat_id(partner)]
+    parent = layout.parent_cat_id(leaf.family)
+    po = p.parent_only_rates[leaf.family % len(p.parent_only_rates)]
+    if u_parent < po and not clean:
+        labels = [parent]  # implicit: parent-only (apple -> fruit)
+    elif u_parent < po + p.leaf_parent_rate:
+        labels = labels + [parent]  # explicit: leaf + parent, identical box
+    if layout.super_names:  # third level (drawn only then, so two-level presets keep their random stream)
+        u_super = rng.random()
+        sup = layout.super_cat_id(leaf.family)
+        if u_super < p.super_only_rate and not clean:
+            labels = [sup]  # super-category only (apple -> food)
+        elif u_super < p.super_only_rate + p.leaf_super_rate:
+            labels = labels + [sup]
+    return tones, labels
+
+
 def _split_spec(layout: Layout, split: str, seed: int) -> list[dict]:
     """Images of one split: boxes, drawn leaves ("tones") and annotated category ids per object."""
     p = layout.preset
@@ -112,54 +165,32 @@ def _split_spec(layout: Layout, split: str, seed: int) -> list[dict]:
     if split == "val":
         per_leaf = np.maximum(p.val_min, np.round(per_leaf * p.val_ratio)).astype(np.int64)
     rng = random.Random(f"ltsweep-synthetic/{seed}/{split}")  # str seeds are hashed with sha512: stable
-    slots = np.repeat(np.arange(L), per_leaf).tolist()
-    rng.shuffle(slots)
-    sizes = []
-    total = 0
-    while total < len(slots):
-        k = rng.choices(range(1, len(p.objects_per_image) + 1), weights=p.objects_per_image)[0]
-        sizes.append(min(k, len(slots) - total))
-        total += sizes[-1]
+    groups = _image_slots(layout, per_leaf, rng)
     twin_rates = {}
     for base, twin, (p_tb, p_bt, p_both) in layout.confusable:
         twin_rates[twin] = (base, p_tb, p_both)
         twin_rates[base] = (twin, p_bt, p_both)
-    seen: set[int] = set()
+    n_clean = p.val_clean if split == "val" else 1  # the first objects of a leaf keep their own label
+    seen = np.zeros(L, dtype=np.int64)
+    place = place_boxes_occluding if p.max_occlusion > 0 else _place_boxes
     images = []
-    pos = 0
-    for idx, k in enumerate(sizes):
-        boxes = _place_boxes(random.Random(f"ltsweep-synthetic/{seed}/{split}/{idx}"), k, p)
+    for idx, group in enumerate(groups):
+        boxes = place(random.Random(f"ltsweep-synthetic/{seed}/{split}/{idx}"), len(group), p)
         objects = []
-        for leaf_idx, box in zip(slots[pos : pos + k], boxes):
-            leaf = layout.leaves[leaf_idx]
-            clean = leaf_idx not in seen  # first object of a leaf keeps its own label
-            seen.add(leaf_idx)
-            u_two, u_swap, u_parent = rng.random(), rng.random(), rng.random()
-            tones = [leaf_idx]
-            if leaf.two_leaf_with is not None and u_two < p.two_leaf_rate:
-                tones.append(leaf.two_leaf_with)  # explicit: a two-tone object is both leaves ("car toy")
-            labels = [layout.leaf_cat_id(x) for x in tones]
-            if leaf_idx in twin_rates and not clean:
-                partner, p_swap, p_both = twin_rates[leaf_idx]
-                if u_swap < p_swap:  # implicit: annotator used the twin's name
-                    labels = [layout.leaf_cat_id(partner)]
-                elif u_swap < p_swap + p_both:  # annotators disagreed; both boxes kept
-                    labels = [layout.leaf_cat_id(leaf_idx), layout.leaf_cat_id(partner)]
-            parent = layout.parent_cat_id(leaf.family)
-            po = p.parent_only_rates[leaf.family % len(p.parent_only_rates)]
-            if u_parent < po and not clean:
-                labels = [parent]  # implicit: parent-only (apple -> fruit)
-            elif u_parent < po + p.leaf_parent_rate:
-                labels = labels + [parent]  # explicit: leaf + parent, identical box
-            objects.append({"box": box, "family": leaf.family, "tones": tones, "labels": labels})
-        pos += k
+        for leaf_idx, box in zip(group, boxes):
+            clean = bool(seen[leaf_idx] < n_clean)
+            seen[leaf_idx] += 1
+            tones, labels = _object_labels(layout, leaf_idx, clean, rng, twin_rates)
+            objects.append({"box": box, "family": layout.leaves[leaf_idx].family, "tones": tones, "labels": labels})
         images.append({"index": idx, "objects": objects})
     return images
 
 
 def _plausible(layout: Layout, obj: dict) -> set[int]:
-    """Category ids an annotator could truthfully give this object (drawn leaves, their twins, the family)."""
+    """Category ids an annotator could truthfully give this object (drawn leaves, their twins, family, super)."""
     out = {layout.parent_cat_id(obj["family"])}
+    if layout.super_names:
+        out.add(layout.super_cat_id(obj["family"]))
     for leaf_idx in obj["tones"]:
         out.add(layout.leaf_cat_id(leaf_idx))
         twin = layout.leaves[leaf_idx].twin_of
@@ -169,6 +200,7 @@ def _plausible(layout: Layout, obj: dict) -> set[int]:
 
 
 def _categories(layout: Layout) -> list[dict]:
+    """LVIS category records: leaves, then families (parents), then super-categories."""
     cats = []
     for leaf in layout.leaves:
         tex = "" if leaf.texture == "solid" else f" {leaf.texture}"
@@ -181,6 +213,10 @@ def _categories(layout: Layout) -> list[dict]:
         )
     for f, fam in enumerate(layout.family_names):
         cats.append({"id": layout.parent_cat_id(f), "name": fam, "def": f"any {fam} shape (parent class)"})
+    for s, name in enumerate(layout.super_names):
+        fams = [fam for f, fam in enumerate(layout.family_names) if layout.super_of_family[f] == s]
+        first = layout.super_of_family.index(s)
+        cats.append({"id": layout.super_cat_id(first), "name": name, "def": f"any {', '.join(fams)} (super-category)"})
     return cats
 
 
@@ -254,13 +290,18 @@ def _fill_category_counts(train: dict, *others: dict) -> None:
 
 
 def _hierarchy(layout: Layout) -> dict:
-    return {
-        "LabelName": "root",
-        "Subcategory": [
-            {"LabelName": fam, "Subcategory": [{"LabelName": leaf.name} for leaf in layout.leaves if leaf.family == f]}
-            for f, fam in enumerate(layout.family_names)
-        ],
-    }
+    """Open Images hierarchy: root -> family -> leaves, or root -> super-category -> family -> leaves."""
+    families = [
+        {"LabelName": fam, "Subcategory": [{"LabelName": leaf.name} for leaf in layout.leaves if leaf.family == f]}
+        for f, fam in enumerate(layout.family_names)
+    ]
+    if not layout.super_names:
+        return {"LabelName": "root", "Subcategory": families}
+    supers = [
+        {"LabelName": name, "Subcategory": [n for f, n in enumerate(families) if layout.super_of_family[f] == s]}
+        for s, name in enumerate(layout.super_names)
+    ]
+    return {"LabelName": "root", "Subcategory": supers}
 
 
 def benchmark_spec(preset: str | Preset = "demo", seed: int = 0) -> dict:
@@ -307,6 +348,7 @@ def summarize(train: dict, val: dict, layout: Layout) -> dict:
         "categories": len(train["categories"]),
         "leaf_classes": len(layout.leaves),
         "parent_classes": len(layout.family_names),
+        **({"super_classes": len(layout.super_names)} if layout.super_names else {}),
         "buckets": {b: freq.count(b) for b in "rcf"},
         "imbalance": float(nz.max() / nz.min()) if len(nz) else 0.0,
         "leaf_image_count_range": [int(leaf_counts.min()), int(leaf_counts.max())],

@@ -93,6 +93,9 @@ TWINS: dict[str, tuple[str, tuple[int, int, int]]] = {
 }
 COLOUR_ORDER = list(COLOURS)
 TEXTURES = ("solid", "striped", "dotted")
+# Appearances of presets with `appearance_combos`: every (colour, texture) pair, colour-major, so neighbouring
+# appearances of a family differ only in texture (red, striped_red, dotted_red, blue, ...).
+APPEARANCE_COMBOS: list[tuple[str, str]] = [(c, t) for c in COLOUR_ORDER for t in TEXTURES]
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,15 @@ class Preset:
     parent_only_rates: tuple[float, ...] = (0.05, 0.12, 0.2, 0.3)  # P(parent label only), cycled per family
     noise_std: float = 6.0
     workers: int = 1  # default render processes, 0 = one per CPU (at most 8); output does not depend on it
+    # Fields below default to "off": a preset that leaves them alone gets exactly the output it had before them.
+    appearance_combos: bool = False  # appearances are (colour, texture) pairs (up to 30) instead of one colour each
+    super_categories: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (name, family indices): a third level
+    leaf_super_rate: float = 0.0  # P(an object also carries its super-category label)
+    super_only_rate: float = 0.0  # P(an object carries its super-category label only)
+    scenes: tuple[tuple[int, ...], ...] = ()  # family indices per scene; () = objects of an image independent
+    scene_share: float = 0.8  # P(an object of an image comes from the image's scene)
+    max_occlusion: float = 0.0  # > 0: boxes may overlap; later boxes cover at most this share of an earlier box
+    val_clean: int = 1  # the first N val objects of each leaf keep their own leaf label (train: the first one)
 
     @property
     def num_leaves(self) -> int:
@@ -172,6 +184,38 @@ PRESETS: dict[str, Preset] = {
         objects_per_image=(0.25, 0.30, 0.25, 0.20),
         workers=0,
     ),
+    # LVIS-like: 12 families x 26 appearances = 312 leaves (153 r / 125 c / 34 f) + 12 families + 3 super-categories;
+    # ~1.4k train / ~380 val images of 128 px with 3-12 small, partly occluding objects mostly from one "scene" of
+    # related families; every leaf has >= 10 val objects that keep their leaf label. See docs/data.md, "lvislike".
+    "lvislike": Preset(
+        "lvislike",
+        image_size=128,
+        families=12,
+        appearances=26,
+        t_max=240,
+        t_min=1,
+        q=640,  # large q: nearly exponential, so few objects sit in the head (fits the image budget)
+        val_ratio=0.08,
+        val_min=10,
+        objects_per_image=(0.0, 0.0, 0.04, 0.05, 0.07, 0.09, 0.10, 0.12, 0.13, 0.13, 0.14, 0.13),  # 3-12, mean 8.4
+        min_size=14,
+        max_size=44,
+        n_confusable=6,
+        n_two_leaf=4,
+        leaf_parent_rate=0.15,
+        parent_only_rates=(0.02, 0.04, 0.07),
+        workers=0,
+        appearance_combos=True,
+        # circle 0, square 1, triangle 2, star 3, ring 4, cross 5, diamond 6, hexagon 7, arrow 8, trapezoid 9,
+        # chevron 10, pentagon 11
+        super_categories=(("rounded", (0, 4, 7, 11)), ("angular", (1, 5, 6, 9)), ("pointed", (2, 3, 8, 10))),
+        leaf_super_rate=0.1,
+        super_only_rate=0.02,
+        scenes=((0, 4, 8), (1, 5, 9), (2, 6, 10), (3, 7, 11)),
+        scene_share=0.8,
+        max_occlusion=0.4,
+        val_clean=10,
+    ),
 }
 
 
@@ -204,21 +248,29 @@ class Leaf:
 
 @dataclass
 class Layout:
+    """Leaves, families (parents) and super-categories of a preset; category ids: leaves, then families, then supers."""
+
     preset: Preset
     leaves: list[Leaf]
     family_names: list[str]
     confusable: list[tuple[int, int, tuple[float, float, float]]] = field(default_factory=list)  # (base, twin, rates)
     two_leaf: list[tuple[int, int]] = field(default_factory=list)
+    super_names: list[str] = field(default_factory=list)  # empty: a two-level hierarchy (root -> family -> leaf)
+    super_of_family: list[int] = field(default_factory=list)  # family index -> super-category index
 
     @property
     def num_categories(self) -> int:
-        return len(self.leaves) + len(self.family_names)
+        return len(self.leaves) + len(self.family_names) + len(self.super_names)
 
     def leaf_cat_id(self, leaf: int) -> int:
         return leaf + 1
 
     def parent_cat_id(self, family: int) -> int:
         return len(self.leaves) + family + 1
+
+    def super_cat_id(self, family: int) -> int:
+        """Category id of the super-category that family `family` belongs to (needs super-categories)."""
+        return len(self.leaves) + len(self.family_names) + self.super_of_family[family] + 1
 
 
 def zipf_targets(num: int, t_max: int, t_min: int, q: float) -> np.ndarray:
@@ -228,10 +280,32 @@ def zipf_targets(num: int, t_max: int, t_min: int, q: float) -> np.ndarray:
     return np.maximum(1, np.round(t_max * ((1 + q) / (r + q)) ** s)).astype(np.int64)
 
 
+def _appearance(p: Preset, f: int, a: int) -> tuple[str, str]:
+    """(colour, texture) of appearance `a` in family `f`."""
+    if p.appearance_combos:  # 26 of 30 pairs per family, starting at the family's own colour
+        return APPEARANCE_COMBOS[(a + 3 * f) % len(APPEARANCE_COMBOS)]
+    return COLOUR_ORDER[(a + 3 * f) % len(COLOUR_ORDER)], TEXTURES[(a + f) % len(TEXTURES)]
+
+
+def _super_of_family(p: Preset) -> list[int]:
+    """Family index -> super-category index of `p.super_categories` (ValueError unless each family is in one)."""
+    owner: dict[int, int] = {}
+    for s, (_name, fams) in enumerate(p.super_categories):
+        for f in fams:
+            if f in owner or not 0 <= f < p.families:
+                raise ValueError(f"preset {p.name}: family {f} is out of range or in two super-categories")
+            owner[f] = s
+    if len(owner) != p.families:
+        raise ValueError(f"preset {p.name}: every family needs a super-category")
+    return [owner[f] for f in range(p.families)]
+
+
 def build_layout(preset: str | Preset) -> Layout:
+    """The class layout of a preset: leaves with family, frequency rank and appearance, twin and two-tone pairs."""
     p = get_preset(preset)
-    if p.families > len(FAMILY_ORDER) or p.appearances > len(COLOUR_ORDER):
-        raise ValueError(f"preset {p.name}: at most {len(FAMILY_ORDER)} families and {len(COLOUR_ORDER)} appearances")
+    max_app = len(APPEARANCE_COMBOS) if p.appearance_combos else len(COLOUR_ORDER)
+    if p.families > len(FAMILY_ORDER) or p.appearances > max_app:
+        raise ValueError(f"preset {p.name}: at most {len(FAMILY_ORDER)} families and {max_app} appearances")
     F, A = p.families, p.appearances
     leaves: list[Leaf] = []
     level_of: dict[tuple[int, int], int] = {}
@@ -239,8 +313,7 @@ def build_layout(preset: str | Preset) -> Layout:
         for a in range(A):
             j = (a - f) % A  # frequency level inside the family (0 = head)
             level_of[(f, j)] = f * A + a
-            colour = COLOUR_ORDER[(a + 3 * f) % len(COLOUR_ORDER)]
-            texture = TEXTURES[(a + f) % len(TEXTURES)]
+            colour, texture = _appearance(p, f, a)
             leaves.append(
                 Leaf(
                     index=f * A + a,
@@ -276,4 +349,10 @@ def build_layout(preset: str | Preset) -> Layout:
     for leaf in leaves:
         tex = "" if leaf.texture == "solid" else leaf.texture + "_"
         leaf.name = f"{tex}{leaf.colour}_{layout.family_names[leaf.family]}"
+    if p.super_categories:
+        layout.super_names = [name for name, _fams in p.super_categories]
+        layout.super_of_family = _super_of_family(p)
+    names = [leaf.name for leaf in leaves] + layout.family_names + layout.super_names
+    if len(set(names)) != len(names):
+        raise ValueError(f"preset {p.name}: category names are not unique")
     return layout

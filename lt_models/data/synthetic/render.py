@@ -44,11 +44,10 @@ def _texture(rgb: np.ndarray, texture: str, w: int, h: int, phase: int) -> np.nd
     return fill
 
 
-def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarray:
-    """uint8 [S, S, 3] picture of one image spec: light noisy background, clutter lines, the objects."""
-    p = layout.preset
-    S = p.image_size
-    rng = np.random.default_rng([seed, SPLIT_CODE[split], image["index"], 1])
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """float32 [size, size, 3] backdrop of the benchmark, drawn from ``rng``: a light base colour with soft 16 x 16 px
+    blotches and 0-3 grey distractor lines (not objects)."""
+    S = size
     base = rng.uniform(175, 235) + rng.uniform(-12, 12, size=3)
     cell = 16  # soft colour blotches of 16 x 16 px
     low = rng.normal(0, 6, (S // cell + 1, S // cell + 1, 3)).repeat(cell, 0).repeat(cell, 1)[:S, :S]
@@ -59,24 +58,45 @@ def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarr
         draw.line(
             [tuple(rng.uniform(0, S, 2)), tuple(rng.uniform(0, S, 2))], fill=(g, g, g), width=int(rng.integers(1, 3))
         )
-    arr = np.asarray(canvas).astype(np.float32)
-    for obj in image["objects"]:
-        x, y, w, h = obj["box"]
-        mask = shape_mask(layout.family_names[obj["family"]], w, h)
-        jitter = rng.uniform(-10, 10, size=3)
-        phase = int(rng.integers(0, 6))
-        fills = [
-            _texture(np.clip(np.array(layout.leaves[t].rgb) + jitter, 0, 255), layout.leaves[t].texture, w, h, phase)
-            for t in obj["tones"]
-        ]
-        fill = fills[0]
-        if len(fills) == 2:  # two-tone: right half in the second leaf's appearance
-            fill[:, w // 2 :] = fills[1][:, w // 2 :]
-        region = arr[y : y + h, x : x + w]
-        region[mask] = fill[mask]
-    arr += rng.standard_normal((S, S, 1), dtype=np.float32) * np.float32(p.noise_std)  # luminance noise
+    return np.asarray(canvas).astype(np.float32)
+
+
+def paint_object(
+    arr: np.ndarray, rng: np.random.Generator, layout: Layout, family: int, tones: list[int], box: list[int]
+) -> None:
+    """Draw one object into ``arr`` (float32, in place): the shape of ``family`` filling ``box`` = [x, y, w, h],
+    in the appearance of leaf ``tones[0]`` (two tones: the right half in leaf ``tones[1]``'s), colour-jittered."""
+    x, y, w, h = box
+    mask = shape_mask(layout.family_names[family], w, h)
+    jitter = rng.uniform(-10, 10, size=3)
+    phase = int(rng.integers(0, 6))
+    fills = [
+        _texture(np.clip(np.array(layout.leaves[t].rgb) + jitter, 0, 255), layout.leaves[t].texture, w, h, phase)
+        for t in tones
+    ]
+    fill = fills[0]
+    if len(fills) == 2:  # two-tone: right half in the second leaf's appearance
+        fill[:, w // 2 :] = fills[1][:, w // 2 :]
+    region = arr[y : y + h, x : x + w]
+    region[mask] = fill[mask]
+
+
+def finish_image(arr: np.ndarray, rng: np.random.Generator, noise_std: float) -> np.ndarray:
+    """Luminance noise on ``arr`` (float32 [S, S, 3], in place), clipped: the uint8 picture."""
+    S = arr.shape[0]
+    arr += rng.standard_normal((S, S, 1), dtype=np.float32) * np.float32(noise_std)  # luminance noise
     np.clip(arr, 0, 255, out=arr)
     return arr.astype(np.uint8)
+
+
+def render_image(layout: Layout, split: str, image: dict, seed: int) -> np.ndarray:
+    """uint8 [S, S, 3] picture of one image spec: light noisy background, clutter lines, the objects."""
+    p = layout.preset
+    rng = np.random.default_rng([seed, SPLIT_CODE[split], image["index"], 1])
+    arr = background(rng, p.image_size)
+    for obj in image["objects"]:
+        paint_object(arr, rng, layout, obj["family"], obj["tones"], obj["box"])
+    return finish_image(arr, rng, p.noise_std)
 
 
 def _save_png_atomic(arr: np.ndarray, path: Path) -> None:
