@@ -20,13 +20,28 @@ from collections.abc import Mapping
 from typing import Any
 
 # ---- metric names ------------------------------------------------------------------------------------------------
+#: AP-fixed (top 10,000 detections per class, no per-image cap) and AP-pool (one curve per pool of classes), overall
+#: and per frequency bucket (lt_models.evaluation.large_vocab); LVIS evaluation only
+LARGE_VOCAB_METRICS = ("AP_fixed", "APr_fixed", "APc_fixed", "APf_fixed", "AP_pool", "APr_pool", "APc_pool", "APf_pool")
+#: expected calibration error of the detection scores, overall and per bucket (lt_models.evaluation.calibration)
+CALIBRATION_METRICS = ("ECE", "ECEr", "ECEc", "ECEf")
+#: TIDE's error breakdown: the AP50 gained by fixing each error type, for every class and per bucket
+#: (lt_models.evaluation.tide: Cls, Loc, Both, Dupe, Bkg, Miss)
+TIDE_ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")  # lt_models.evaluation.tide.ERROR_TYPES
+TIDE_METRICS = tuple(f"dAP_{kind}{bucket}" for bucket in ("", "_r", "_c", "_f") for kind in TIDE_ERROR_TYPES)
 #: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune
-RESULT_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss")
+RESULT_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss") + (
+    LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS
+)
 #: the metrics ``scheduler.metric`` may name (ASHA and the best-trial rule rank trials by it); the sweep summary
 #: keeps their last values per trial
-SCHEDULER_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss")
+SCHEDULER_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "AP_fixed", "APr_fixed", "AP_pool", "APr_pool")
+#: scheduler metrics only an LVIS evaluation (``eval.metric: lvis``) reports
+LVIS_ONLY_METRICS = tuple(m for m in SCHEDULER_METRICS if m in LARGE_VOCAB_METRICS)
 #: logged on each trial's MLflow run at every report (step = training_iteration), and read back by the report
-MLFLOW_TRIAL_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "epoch")
+MLFLOW_TRIAL_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "epoch") + (
+    LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS
+)
 #: what the stage-1 (pretrain) MLflow run gets; ``per_class`` becomes its per-class artifacts (the evaluation also
 #: returns keys such as "AR@300", which are not valid MLflow metric names)
 PRETRAIN_METRICS = (
@@ -47,7 +62,7 @@ PRETRAIN_METRICS = (
 #: the metrics `ltsweep train` prints and writes to result.json
 TRAIN_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "images")
 #: the columns of the HTML sweep report's trial table and of `ltsweep compare`'s table
-REPORT_TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+REPORT_TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf", "AP_fixed", "AP_pool", "ECE")
 #: AP overall and per frequency bucket (rare / common / frequent): the console summary and demo tables, the
 #: progress lines and `ltsweep compare`'s bar chart
 BUCKET_METRICS = ("AP", "APr", "APc", "APf")
@@ -104,6 +119,9 @@ PER_CLASS_CSV = "per_class_ap.csv"
 AP_BY_FREQUENCY_PNG = "ap_by_frequency.png"
 REPORT_HTML = "sweep_report.html"  # on the parent run
 CONFIG_AGGREGATES_JSON = "config_aggregates.json"  # on the parent run: n, mean, sd, 95% CI per configuration
+#: on a trial run: the reliability diagram per bucket of its last evaluation ({"all"|"r"|"c"|"f": {"edges", "count",
+#: "confidence", "precision"}}, lt_models.evaluation.calibration.reliability); the report plots the best trial's
+CALIBRATION_JSON = "calibration.json"
 
 
 # ---- values in results and runs ----------------------------------------------------------------------------------

@@ -170,6 +170,9 @@ def test_other_config_errors(tmp_path, base):
     assert "grace_period" in _error(tmp_path, bad)
     bad = dict(base, scheduler={"metric": "mAP"})
     assert "scheduler.metric" in _error(tmp_path, bad)
+    oi = dict(base["data"], hierarchy=base["data"]["train"])
+    bad = dict(base, data=oi, eval={"metric": "openimages"}, scheduler={"metric": "AP_fixed"})
+    assert "scheduler.metric AP_fixed (AP-fixed / AP-pool) comes from an LVIS evaluation" in _error(tmp_path, bad)
     bad = dict(base, stage1=None, stage2={"epochs": 4, "decoupled": True})
     assert "decoupled" in _error(tmp_path, bad)
     p = tmp_path / "broken.yaml"

@@ -21,8 +21,9 @@ from lt_models.engine.build import build_lr_scheduler, build_optimizer
 from lt_models.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from lt_models.engine.loop import NonFiniteLossError, train, train_one_epoch
 from lt_models.engine.spec import STAGE1_LOSS, STAGE1_SAMPLER, TrainSpec
-from lt_models.engine.validation import predict
+from lt_models.engine.validation import evaluate, predict
 from lt_models.errors import ConfigError
+from lt_models.evaluation import evaluate_lvis
 from lt_models.losses.registry import LossSpec, build_loss
 from lt_models.modeling.detector import build_detector
 
@@ -278,6 +279,27 @@ def test_predict_returns_coco_results_in_image_coordinates(bench):
     for d in dets:
         per_image[d["image_id"]] = per_image.get(d["image_id"], 0) + 1
     assert max(per_image.values()) <= 300
+
+
+def test_the_wider_validation_pass_leaves_lvis_ap_unchanged_and_feeds_ap_fixed(bench):
+    # An untrained detector scores every class of every proposal above 1e-4, so 300 per image binds. LVIS AP of the
+    # 1000-per-image pass (what evaluate() predicts) keeps the best 300 per image: the detector's own 300.
+    ds = LVISDetection(bench["val"], train=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_detection)
+    torch.manual_seed(0)
+    model = build_detector(ds.num_classes, image_size=64)
+    own = predict(model, loader, CPU, ds.label_to_cat_id, progress=False)
+    wide = predict(model, loader, CPU, ds.label_to_cat_id, progress=False, dets_per_image=1000)
+    assert model.roi_heads.detections_per_img == 300  # restored after the pass
+    per_image = np.bincount([d["image_id"] for d in wide])
+    assert per_image.max() > 300 and len(wide) > len(own)
+    a, b = evaluate_lvis(bench["val"], own), evaluate_lvis(bench["val"], wide)
+    assert a["per_class"] == b["per_class"] and a["AP"] == b["AP"]
+    res = evaluate(model, loader, ds, bench["val"], CPU, progress=False, keep_matches=True)
+    assert res["AP"] == b["AP"] and "matches" in res
+    for key in ("AP_fixed", "APr_fixed", "AP_pool", "APf_pool", "ECE", "ECEr", "dAP_Cls", "dAP_Miss_r"):
+        assert isinstance(res[key], float), key
+    assert set(res["reliability"]) == {"all", "r", "c", "f"}
 
 
 def test_train_resume_matches_the_uninterrupted_run(bench, tmp_path):

@@ -74,6 +74,25 @@ def test_report_has_every_figure_and_marks_the_best_trial():
     assert "No stage-1 per-class AP" not in page
 
 
+def test_report_explains_the_errors_and_shows_the_calibration():
+    rows = [dict(r) for r in ROWS]
+    for k, r in enumerate(rows[:3]):  # t1 (best AP) loses most to background errors, t0 to missed boxes
+        r.update({f"dAP_{t}": 0.01 * k for t in ("Cls", "Loc", "Both", "Dupe")})
+        r.update(dAP_Bkg=0.2 if k == 1 else 0.05, dAP_Miss=0.3 if k == 0 else 0.1, dAP_Bkg_r=0.4, dAP_Miss_r=-1.0)
+    bins = {"edges": [0.0, 0.5, 1.0], "count": [3, 1], "confidence": [0.2, 0.9], "precision": [0.1, None]}
+    calibration = {"reliability": {b: bins for b in ("all", "r", "c", "f")}, "ECE": 0.123, "ECEr": -1.0}
+    page = build_sweep_report(
+        "s", rows, searched_keys=["lam"], best_per_class={}, max_t=4, best_calibration=calibration
+    )
+    table = page.split("Where the AP goes")[1].split("</table>")[0]
+    assert table.index(">t1<") < table.index(">t0<") < table.index(">t2<")  # by AP, best first; t3 has none
+    assert "t3" not in table and "0.200 / 0.400" in table and "0.300 / n/a" in table
+    assert re.search(r"<tr class='best'><td class='l'>t1</td>", table)
+    assert 'alt="reliability diagram"' in page and "Calibration of the best trial" in page
+    page = build_sweep_report("s", ROWS, searched_keys=["lam"], best_per_class={}, max_t=4)
+    assert "No trial logged TIDE's breakdown" in page and "logged no reliability diagram" in page
+
+
 def test_report_says_what_was_not_searched():
     page = build_sweep_report("s", ROWS[:2], searched_keys=["loss"], best_per_class={}, max_t=4)
     assert "λ was not searched in this sweep" in page and "ξ was not searched in this sweep" in page

@@ -181,7 +181,7 @@ def test_metrics_reported_at_every_evaluation(interrupted_and_resumed):
         assert len(results) == t.evaluations >= 1
         assert [r["training_iteration"] for r in results] == list(range(1, len(results) + 1))
         for r in results:
-            for key in ("AP", "AP50", "APr", "APc", "APf", "loss"):
+            for key in ("AP", "AP50", "APr", "APc", "APf", "loss", "AP_fixed", "AP_pool", "APr_pool", "ECE"):
                 assert isinstance(r[key], float), (key, r)
             assert 0.0 <= r["AP"] <= 1.0 and r["iteration"] > 0 and r["per_class"]
         assert list(Path(t.path).glob("events.out.tfevents.*")), "no TensorBoard log"
@@ -317,6 +317,7 @@ def test_seeded_sweep_aggregates_reach_mlflow_and_the_report(seeded_and_confirme
     assert parent.data.tags["ltsweep.intervals"].startswith("95% intervals: seeds x images")
     page = Path(client.download_artifacts(parent.info.run_id, "sweep_report.html", str(tmp_path))).read_text()
     assert "Per configuration over its seeds" in page and "p = " in page and "seeds x images" in page
+    assert "Calibration of the best trial's scores" in page and 'alt="reliability diagram"' in page
 
 
 def test_confirm_reruns_the_best_configuration_and_the_baseline_with_more_seeds(seeded_and_confirmed):
@@ -421,9 +422,9 @@ def test_asha_over_configurations_pauses_promotes_and_keeps_one_run_per_trial(se
         workdir,
         "asha-configs",
         space={"lam": {"grid": [0.0, 0.5, 1.0]}},
-        scheduler={"type": "asha_configs", "grace_period": 1, "reduction_factor": 2},
+        scheduler={"type": "asha_configs", "grace_period": 1, "reduction_factor": 2, "metric": "AP_fixed"},
         search={"num_samples": 1, "max_concurrent_trials": 2, "seed": 0, "seeds": [0, 1]},
-    )
+    )  # ranked by AP-fixed (top 10,000 detections per class, no per-image cap)
     s = sweep.run_sweep(cfg, verbose=0)
     assert s.exit_code() == 0 and s.errored == 0 and len(s.trials) == 6
     evals = {(t.config["lam"], t.config["seed"]): t.evaluations for t in s.trials}
@@ -438,6 +439,12 @@ def test_asha_over_configurations_pauses_promotes_and_keeps_one_run_per_trial(se
     runs = client.search_runs([exp.experiment_id], "tags.`ltsweep.role` = 'trial'")
     assert sorted(r.data.tags["ltsweep.trial_id"] for r in runs) == sorted(t.trial_id for t in s.trials)
     assert {r.info.status for r in runs} == {"FINISHED"}
+
+    def at_rung1(run) -> float:  # AP-fixed of the first evaluation, which rung 1 compares
+        return next(m.value for m in client.get_metric_history(run.info.run_id, "AP_fixed") if m.step == 1)
+
+    rung1 = {lam: sum(at_rung1(r) for r in runs if r.data.params["lam"] == str(lam)) / 2 for lam in (0.0, 0.5, 1.0)}
+    assert max(rung1, key=rung1.__getitem__) == full[0]  # ASHA promoted the best mean AP-fixed
 
 
 def test_openimages_metric_is_what_trials_report_to_tune_and_mlflow(interrupted_and_resumed, workdir):
@@ -504,6 +511,9 @@ def test_mlflow_has_one_pretrain_run_and_a_run_per_trial(interrupted_and_resumed
     trial_runs = role("trial")
     assert sorted(r.data.tags["ltsweep.trial_id"] for r in trial_runs) == sorted(t.trial_id for t in resumed.trials)
     assert all(r.data.params["pretrain_sha256"] == resumed.stage1[0].sha256 for r in trial_runs)
+    for run in trial_runs:  # AP-fixed, AP-pool and calibration beside AP, and the reliability diagram
+        assert {"AP_fixed", "APr_fixed", "AP_pool", "APr_pool", "ECE", "ECEr"} <= set(run.data.metrics)
+        assert "calibration.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
     # lineage: the stage-1 run and the runs that start from it name each other; every run lists its datasets
     pretrain, sweep_run = role("pretrain")[0], role("sweep")[0]
     assert json.loads(sweep_run.data.tags["ltsweep.pretrain_runs"]) == {"0": pretrain.info.run_id}

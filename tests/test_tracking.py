@@ -28,7 +28,7 @@ from ray.tune.schedulers import ASHAScheduler
 from pipelines import cli
 from pipelines.mlflow_io.client import default_tracking_uri
 from pipelines.mlflow_io.reads import search_tagged
-from pipelines.names import MLFLOW_TRIAL_METRICS
+from pipelines.names import CALIBRATION_METRICS, LARGE_VOCAB_METRICS, MLFLOW_TRIAL_METRICS, TIDE_METRICS
 from pipelines.tracking.callback import MLflowSweepCallback
 from pipelines.tracking.stage1_run import log_pretrain_run
 
@@ -48,6 +48,9 @@ def expected_metrics(config: dict, it: int) -> dict:
         "APf": ap * 1.2,
         "loss": 1.0 / it,
         "epoch": float(it),
+        **{k: round(ap * (0.8 + 0.01 * i), 9) for i, k in enumerate(LARGE_VOCAB_METRICS)},
+        **{k: round(0.3 - 0.01 * it - 0.001 * i, 9) for i, k in enumerate(CALIBRATION_METRICS)},
+        **{k: round(0.001 * (i % 7) + 0.0001 * it, 9) for i, k in enumerate(TIDE_METRICS)},
     }
 
 

@@ -249,11 +249,11 @@ def _lvis_precision_recall(
     matches = None
     if keep_matches:
         gpair_all = gpair[~g_ign[:, 0]]
-        matches = _area_all_matches(g, tp_bits, fp_bits, ccat, dpair[acc] % nI, gpair_all)
+        matches = _area_all_matches(g, tp_bits, fp_bits, ccat, dpair[acc] % nI, gpair_all, dscore[acc])
     return precision, recall, g, matches
 
 
-def _area_all_matches(g: GroundTruth, tp_bits, fp_bits, ccat, cimg, gpair_all) -> Matches:
+def _area_all_matches(g: GroundTruth, tp_bits, fp_bits, ccat, cimg, gpair_all, cscore) -> Matches:
     """The matching of area "all" (bit t of a 10-bit mask: IoU threshold t), without the detections that are
     ignored at every threshold."""
     tp = np.zeros(len(tp_bits), np.uint16)
@@ -272,6 +272,7 @@ def _area_all_matches(g: GroundTruth, tp_bits, fp_bits, ccat, cimg, gpair_all) -
         det_img=cimg[counts].astype(np.int32),
         tp=tp[counts],
         fp=fp[counts],
+        det_score=cscore[counts].astype(np.float64),
         gt_cat=(pairs // g.n_img).astype(np.int32),
         gt_img=(pairs % g.n_img).astype(np.int32),
         gt_n=n.astype(np.int32),

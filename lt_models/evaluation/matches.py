@@ -22,6 +22,7 @@ from lt_models.errors import AnnotationError
 
 MATCHES_FILE = "matches.npz"
 _ARRAYS = ("img_ids", "cat_ids", "frequency", "det_cat", "det_img", "tp", "fp", "gt_cat", "gt_img", "gt_n")
+_OPTIONAL = ("det_score",)  # absent from files written before scores were kept
 
 
 @dataclasses.dataclass
@@ -32,7 +33,9 @@ class Matches:
     r/c/f bucket of each category. Detections [D], in the evaluator's accumulate order (category, score
     descending, image, input order), only those that count at some threshold: ``det_cat``, ``det_img`` (indices),
     ``tp`` / ``fp`` (bit t set: TP / FP at IoU threshold t; neither: ignored at t). Ground truth: ``gt_n`` [P]
-    non-ignored boxes of category ``gt_cat`` in image ``gt_img`` (one entry per pair with at least one)."""
+    non-ignored boxes of category ``gt_cat`` in image ``gt_img`` (one entry per pair with at least one).
+    ``det_score`` [D]: each detection's score (what pooled AP and calibration rank by); None in files written
+    before it was kept."""
 
     img_ids: np.ndarray
     cat_ids: np.ndarray
@@ -44,6 +47,7 @@ class Matches:
     gt_cat: np.ndarray
     gt_img: np.ndarray
     gt_n: np.ndarray
+    det_score: np.ndarray | None = None
 
     @property
     def n_images(self) -> int:
@@ -52,6 +56,15 @@ class Matches:
     @property
     def n_categories(self) -> int:
         return len(self.cat_ids)
+
+    def scores(self) -> np.ndarray:
+        """``det_score``, or an AnnotationError naming the fix when this matching was saved without scores."""
+        if self.det_score is None:
+            raise AnnotationError(
+                "this matching holds no detection scores (written before ltsweep kept them); evaluate the "
+                "checkpoint again (ltsweep eval) to write a matches.npz with scores"
+            )
+        return self.det_score
 
     def num_gt(self) -> np.ndarray:
         """Non-ignored ground-truth boxes per category [K]."""
@@ -78,6 +91,7 @@ class Matches:
             det_img=self.det_img[d],
             tp=self.tp[d],
             fp=self.fp[d],
+            det_score=None if self.det_score is None else self.det_score[d],
             gt_cat=new_index[self.gt_cat[g]].astype(self.gt_cat.dtype),
             gt_img=self.gt_img[g],
             gt_n=self.gt_n[g],
@@ -86,7 +100,8 @@ class Matches:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the arrays as one .npz file, atomically."""
         buf = io.BytesIO()
-        np.savez_compressed(buf, **{k: getattr(self, k) for k in _ARRAYS})
+        arrays = {k: getattr(self, k) for k in _ARRAYS + _OPTIONAL if getattr(self, k) is not None}
+        np.savez_compressed(buf, **arrays)
         path = Path(path)
         write_bytes_atomic(path, buf.getvalue())
         return path
@@ -96,6 +111,7 @@ class Matches:
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: z[k] for k in _ARRAYS}
+                arrays.update({k: z[k] for k in _OPTIONAL if k in z.files})
         except (OSError, KeyError, ValueError) as exc:
             raise AnnotationError(
                 f"{path}: not a matches file written by ltsweep ({exc}); rerun the evaluation that wrote it"

@@ -173,3 +173,31 @@ def plot_rank(best_label: str, best_pc, base_pc, val_annotations) -> bytes:
         xlabel="category id (no annotations given to rank by frequency)",
         title="per-class AP: best trial vs stage 1",
     )
+
+
+def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], ece: Mapping[str, Any]) -> bytes:
+    """Reliability diagram per frequency bucket: precision (share of true positives at IoU 0.5) against the mean
+    score of each score bin, one panel per bucket (all / r / c / f), the diagonal = perfectly calibrated; the bar
+    under each point is the share of the bucket's detections in that bin."""
+    names = [b for b in ("all", "r", "c", "f") if b in reliability]
+    fig = new_figure(3.0 * max(1, len(names)), 3.2)
+    for i, name in enumerate(names):
+        r = reliability[name]
+        ax = fig.add_subplot(1, max(1, len(names)), i + 1)
+        pts = [(c, p) for c, p in zip(r["confidence"], r["precision"]) if c is not None and p is not None]
+        total = sum(r["count"]) or 1
+        edges = r["edges"]
+        ax.bar(edges[:-1], [n / total for n in r["count"]], width=edges[1] - edges[0], align="edge", color="0.85")
+        ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
+        if pts:
+            ax.plot([c for c, _ in pts], [p for _, p in pts], marker="o", color="tab:blue")
+        key = "ECE" if name == "all" else f"ECE{name}"
+        value = metric_or_none(ece.get(key))
+        label = {"all": "all classes", "r": "rare", "c": "common", "f": "frequent"}[name]
+        ax.set_title(f"{label}: ECE {'n/a' if value is None else f'{value:.3f}'}", fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("score", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("precision (IoU 0.5)", fontsize=8)
+    return png_bytes(fig)

@@ -25,9 +25,16 @@ from typing import Any
 
 from pipelines.analysis import aggregate
 from pipelines.analysis.aggregate import best_trial
-from pipelines.analysis.plots import fmt_metric, plot_buckets, plot_iterations, plot_rank, plot_vs_param
+from pipelines.analysis.plots import (
+    fmt_metric,
+    plot_buckets,
+    plot_iterations,
+    plot_rank,
+    plot_reliability,
+    plot_vs_param,
+)
 from pipelines.analysis.replicates import metric_of
-from pipelines.mlflow_io.reads import download_per_class, stage1_per_class, trial_rows
+from pipelines.mlflow_io.reads import download_calibration, download_per_class, stage1_per_class, trial_rows
 from pipelines.names import (
     CONFIG_AGGREGATES_JSON,
     INTERVALS_TAG,
@@ -35,6 +42,7 @@ from pipelines.names import (
     REPORT_HTML,
     REPORT_TABLE_METRICS,
     SEED_PARAM,
+    TIDE_ERROR_TYPES,
     finite_number,
     per_class_dict,
 )
@@ -150,8 +158,10 @@ def build_sweep_report(
     val_annotations: str | None = None,
     max_t: int | None = None,
     baseline: Mapping[str, Any] | None = None,
+    best_calibration: Mapping[str, Any] | None = None,
 ) -> str:
-    """The sweep report as one self-contained HTML page (figures embedded as base64 PNGs)."""
+    """The sweep report as one self-contained HTML page (figures embedded as base64 PNGs). ``best_calibration``:
+    the best trial's ``calibration.json`` (reliability diagram per bucket and ECEs)."""
     e = html.escape
     max_t = max_t or max((r["iterations"] for r in rows), default=0)  # full length: ASHA's max_t
     best = best_row(rows, metric, mode, max_t)
@@ -176,6 +186,8 @@ def build_sweep_report(
     parts.extend(_config_section(rows, keys, metric, mode, max_t, baseline))
     parts.extend(_search_figures(rows, keys, max_t))
     parts.extend(_rank_figure(best, best_per_class, stage1_per_class, val_annotations))
+    parts.extend(_errors_table(rows, keys, metric, mode, best))
+    parts.extend(_calibration_figure(best, best_calibration))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -258,6 +270,53 @@ def _rank_figure(best, best_per_class, stage1_per_class, val_annotations) -> lis
     return parts
 
 
+def _errors_table(rows, keys: Sequence[str], metric: str, mode: str, best, top: int = 8) -> list[str]:
+    """TIDE's dAP per error type (every class / rare classes) of the best trials, so that the difference between
+    two configurations is explained by where their AP goes."""
+    e = html.escape
+    parts = ["<h2>Where the AP goes: TIDE's error breakdown (dAP50, every class / rare)</h2>"]
+    shown = [r for r in rows if r.get("dAP_Cls") is not None]
+    if not shown:
+        return [*parts, "<p class='note'>No trial logged TIDE's breakdown (an LVIS evaluation logs it).</p>"]
+    sign = -1.0 if mode == "max" else 1.0
+    shown.sort(key=lambda r: (r.get(metric) is None, sign * float(r.get(metric) or 0.0)))
+    head = "".join(f"<th>{e(k)}</th>" for k in keys) + "".join(f"<th>{t}</th>" for t in TIDE_ERROR_TYPES)
+    parts.append(f"<table><tr><th class='l'>trial</th>{head}<th>{e(metric)}</th></tr>")
+    for r in shown[:top]:
+        cls = " class='best'" if best is not None and r["run_id"] == best["run_id"] else ""
+        cells = "".join(
+            f"<td>{fmt_metric(r.get(f'dAP_{t}'))} / {fmt_metric(r.get(f'dAP_{t}_r'))}</td>" for t in TIDE_ERROR_TYPES
+        )
+        params = "".join(f"<td>{e(str(r['params'].get(k, '—')))}</td>" for k in keys)
+        parts.append(
+            f"<tr{cls}><td class='l'>{e(r['trial_id'])}</td>{params}{cells}<td>{fmt_metric(r.get(metric))}</td></tr>"
+        )
+    parts.append(
+        "</table><p class='note'>The AP50 a trial would gain if every error of that type were fixed (TIDE: Cls "
+        "wrong class, Loc poorly localised, Both, Dupe duplicate, Bkg background, Miss missed box), over every "
+        "class / over the rare classes; the larger, the more AP that error type costs. Per bucket in MLflow: "
+        "dAP_&lt;type&gt;_r, _c, _f.</p>"
+    )
+    return parts
+
+
+def _calibration_figure(best, calibration: Mapping[str, Any] | None) -> list[str]:
+    """The best trial's reliability diagram per frequency bucket, with its ECEs."""
+    parts = ["<h2>Calibration of the best trial's scores, per frequency bucket</h2>"]
+    if best is None or not calibration or not isinstance(calibration.get("reliability"), Mapping):
+        return [
+            *parts,
+            "<p class='note'>The best trial logged no reliability diagram (an LVIS evaluation logs it).</p>",
+        ]
+    parts.append(_img(plot_reliability(calibration["reliability"], calibration), "reliability diagram"))
+    parts.append(
+        "<p class='note'>Precision (true positives at IoU 0.5) against the mean score per score bin; the diagonal "
+        "is a perfectly calibrated detector, ECE the count-weighted gap. AP-pool ranks every class's detections "
+        "together, so it rewards scores that are calibrated across classes; per-class AP never sees it.</p>"
+    )
+    return parts
+
+
 def _log_aggregates(client, parent_run_id: str, rows, searched_keys, metric: str, mode: str, max_t: int) -> None:
     import time
 
@@ -326,11 +385,18 @@ def log_sweep_report(
     best = best_row(rows, metric, mode, max_t or max((r["iterations"] for r in rows), default=0))
     best_pc: dict[int, float] = {}
     base_pc: dict[int, float] = {}
+    best_cal: Mapping[str, Any] = {}
     if best is not None:
         best_pc = per_class_dict((last_results or {}).get(best["trial_id"], {}).get("per_class")) or download_per_class(
             client, best["run_id"]
         )
         base_pc, _ = stage1_per_class(client, experiment_id, best["params"].get(PRETRAIN_SHA_PARAM))
+        last = (last_results or {}).get(best["trial_id"], {})
+        best_cal = (
+            {"reliability": last["reliability"], **last}
+            if isinstance(last.get("reliability"), Mapping)
+            else download_calibration(client, best["run_id"])
+        )
     page = build_sweep_report(
         sweep_name,
         rows,
@@ -342,6 +408,7 @@ def log_sweep_report(
         val_annotations=val_annotations,
         max_t=max_t,
         baseline=baseline,
+        best_calibration=best_cal,
     )
     with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
         p = Path(tmp) / REPORT_HTML

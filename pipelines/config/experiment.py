@@ -64,6 +64,7 @@ from pipelines.config.space import (
     trial_values,
     tune_param_space,
 )
+from pipelines.names import LVIS_ONLY_METRICS
 
 # stage-2 fields a search space may vary (epochs would break ASHA's max_t; workers is not a hyperparameter)
 SEARCHABLE = tuple(f for f in Stage2Config.model_fields if f not in ("epochs", "workers", "samples_per_epoch"))
@@ -146,6 +147,11 @@ class ExperimentConfig(StrictModel):
             raise ValueError(
                 "eval.metric openimages expands labels up the class hierarchy: set data.hierarchy (the "
                 "Open Images hierarchy JSON)"
+            )
+        if self.eval.metric != "lvis" and self.scheduler.metric in LVIS_ONLY_METRICS:
+            raise ValueError(
+                f"scheduler.metric {self.scheduler.metric} (AP-fixed / AP-pool) comes from an LVIS evaluation: set "
+                "eval.metric: lvis, or rank by AP"
             )
         return self
 

@@ -1,5 +1,6 @@
 """Reading sweeps back from MLflow: runs by their tags (`pipelines.names`), the newest sweep run of an experiment,
-a sweep's trial rows, the per-class AP of a trial or of the stage-1 run, and a trial's image-bootstrap replicates."""
+a sweep's trial rows, the per-class AP of a trial or of the stage-1 run, a trial's reliability diagram
+(`calibration.json`) and its image-bootstrap replicates."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 
 from lt_models.evaluation.bootstrap import REPLICATES_FILE
 from pipelines.names import (
+    CALIBRATION_JSON,
     ITERATIONS_TAG,
     MLFLOW_TRIAL_METRICS,
     PARENT_TAG,
@@ -86,6 +88,16 @@ def download_per_class(client, run_id: str) -> dict[int, float]:
         with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
             p = client.download_artifacts(run_id, PER_CLASS_JSON, tmp)
             return per_class_dict(json.loads(Path(p).read_text()))
+    except Exception:
+        return {}
+
+
+def download_calibration(client, run_id: str) -> dict[str, Any]:
+    """A trial run's ``calibration.json`` ({"reliability": per bucket, "ECE": …}), or {} when it has none."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
+            data = json.loads(Path(client.download_artifacts(run_id, CALIBRATION_JSON, tmp)).read_text())
+            return data if isinstance(data, dict) else {}
     except Exception:
         return {}
 

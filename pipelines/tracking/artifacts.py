@@ -1,6 +1,6 @@
 """The artifacts of an MLflow run: the per-class ones of a trial or stage-1 run (`per_class_ap.csv`,
-`per_class_ap.json` and `ap_by_frequency.png`, written to a temp folder and logged), and a trial's image-bootstrap
-replicates (`replicates.npz`)."""
+`per_class_ap.json` and `ap_by_frequency.png`, written to a temp folder and logged), a trial's reliability diagram
+(`calibration.json`) and its image-bootstrap replicates (`replicates.npz`)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from pipelines.analysis.plots import plot_ap_by_rank
 from pipelines.mlflow_io.client import log_bytes_artifact
 from pipelines.names import (
     AP_BY_FREQUENCY_PNG,
+    CALIBRATION_JSON,
+    CALIBRATION_METRICS,
     PER_CLASS_CSV,
     PER_CLASS_JSON,
 )
@@ -56,6 +58,12 @@ def log_per_class_artifacts(
     with tempfile.TemporaryDirectory(prefix="ltsweep-mlflow-") as tmp:
         for p in write_per_class_artifacts(per_class, res, val_annotations, Path(tmp), label=label):
             client.log_artifact(run_id, str(p))
+
+
+def log_calibration(client, run_id: str, res: Mapping[str, Any]) -> None:
+    """Log ``calibration.json``: the reliability diagram per bucket and the ECEs of a trial's last evaluation."""
+    payload = {"reliability": res["reliability"], **{k: res[k] for k in CALIBRATION_METRICS if k in res}}
+    log_bytes_artifact(client, run_id, CALIBRATION_JSON, json.dumps(payload).encode())
 
 
 def log_replicates(client, run_id: str, checkpoint) -> dict[str, Any] | None:

@@ -66,7 +66,7 @@ from pipelines.names import (
     WORKERS_PARAM,
     per_class_dict,
 )
-from pipelines.tracking.artifacts import log_per_class_artifacts, log_replicates
+from pipelines.tracking.artifacts import log_calibration, log_per_class_artifacts, log_replicates
 from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
 
 logger = logging.getLogger(__name__)
@@ -372,6 +372,8 @@ class SweepWriter:
         try:
             if per_class:
                 log_per_class_artifacts(self.client, run_id, per_class, res, self.val_annotations, trial.name)
+            if isinstance(res.get("reliability"), dict):
+                log_calibration(self.client, run_id, res)
             reps = log_replicates(self.client, run_id, trial.checkpoint)
             if reps is not None:
                 self.replicates[trial.trial_id] = reps

@@ -13,7 +13,8 @@ from pipelines.names import BUCKET_METRICS
 
 
 def _without_per_class(result: dict) -> dict:
-    return {k: v for k, v in result.items() if k != "per_class"}
+    """The result minus its per-class AP and reliability diagram (MLflow artifacts, not scalars)."""
+    return {k: v for k, v in result.items() if k not in ("per_class", "reliability")}
 
 
 class TBXLogger(TBXLoggerCallback):

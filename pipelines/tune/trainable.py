@@ -51,6 +51,8 @@ def build_result(metrics: dict[str, Any], pretrain_sha256: str, seed: int) -> di
     result["seed"] = int(seed)
     if isinstance(metrics.get("per_class"), dict):  # consumed by pipelines.tracking.callback for per-class artifacts
         result["per_class"] = {str(c): float(ap) for c, ap in metrics["per_class"].items()}
+    if isinstance(metrics.get("reliability"), dict):  # the reliability diagram: a trial run's calibration.json
+        result["reliability"] = metrics["reliability"]
     return result
 
 
