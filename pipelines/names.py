@@ -61,8 +61,10 @@ PRETRAIN_METRICS = (
 )
 #: the metrics `ltsweep train` prints and writes to result.json
 TRAIN_SUMMARY_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "loss", "epoch", "iteration", "images")
-#: the columns of the HTML sweep report's trial table and of `ltsweep compare`'s table
-REPORT_TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf", "AP_fixed", "AP_pool", "ECE")
+#: the metrics with an interval per configuration in the HTML sweep report and `ltsweep compare`'s table
+REPORT_TABLE_METRICS = ("AP", "AP50", "APr", "APc", "APf")
+#: the columns of the report's table of trials (final values)
+TRIAL_TABLE_METRICS = REPORT_TABLE_METRICS + ("AP_fixed", "AP_pool", "ECE")
 #: AP overall and per frequency bucket (rare / common / frequent): the console summary and demo tables, the
 #: progress lines and `ltsweep compare`'s bar chart
 BUCKET_METRICS = ("AP", "APr", "APc", "APf")

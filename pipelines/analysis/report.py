@@ -43,6 +43,7 @@ from pipelines.names import (
     REPORT_TABLE_METRICS,
     SEED_PARAM,
     TIDE_ERROR_TYPES,
+    TRIAL_TABLE_METRICS,
     finite_number,
     per_class_dict,
 )
@@ -198,7 +199,7 @@ def _trial_table(rows, keys: Sequence[str], best) -> list[str]:
     head = "".join(f"<th>{e(k)}</th>" for k in keys)
     parts = [
         f"<table><tr><th class='l'>trial</th><th class='l'>status</th><th>evals</th>{head}"
-        + "".join(f"<th>{m}</th>" for m in REPORT_TABLE_METRICS)
+        + "".join(f"<th>{m}</th>" for m in TRIAL_TABLE_METRICS)
         + "</tr>"
     ]
     for r in rows:
@@ -207,7 +208,7 @@ def _trial_table(rows, keys: Sequence[str], best) -> list[str]:
             f"<tr{cls}><td class='l'>{e(r['trial_id'])}</td><td class='l'>{e(r['status'])}</td>"
             f"<td>{r['iterations']}</td>"
             + "".join(f"<td>{e(str(r['params'].get(k, '—')))}</td>" for k in keys)
-            + "".join(f"<td>{fmt_metric(r.get(m))}</td>" for m in REPORT_TABLE_METRICS)
+            + "".join(f"<td>{fmt_metric(r.get(m))}</td>" for m in TRIAL_TABLE_METRICS)
             + "</tr>"
         )
     parts.append(
