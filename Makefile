@@ -41,7 +41,11 @@ lint: $(VENV)/.installed-lint
 	$(BIN)/mypy
 
 bench: $(VENV)/.installed-test
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do \
+		echo "== $$b"; smoke=""; \
+		if [ $$b = benchmarks/bench_gpu.py ] && ! command -v nvidia-smi >/dev/null; then smoke=--cpu-smoke; fi; \
+		$(BIN)/python $$b $$smoke || exit 1; \
+	done
 
 clean:
 	rm -rf data results runs .pytest_cache

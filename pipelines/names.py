@@ -29,9 +29,15 @@ CALIBRATION_METRICS = ("ECE", "ECEr", "ECEc", "ECEf")
 #: (lt_models.evaluation.tide: Cls, Loc, Both, Dupe, Bkg, Miss)
 TIDE_ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")  # lt_models.evaluation.tide.ERROR_TYPES
 TIDE_METRICS = tuple(f"dAP_{kind}{bucket}" for bucket in ("", "_r", "_c", "_f") for kind in TIDE_ERROR_TYPES)
-#: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune
-RESULT_METRICS = ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss") + (
-    LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS
+#: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune (with the epoch's
+#: training throughput and the share of step time spent waiting on the data loader)
+RESULT_METRICS = (
+    ("AP", "AP50", "AP75", "APr", "APc", "APf", "APs", "APm", "APl", "loss")
+    + (
+        "train_img_per_s",
+        "loader_wait_fraction",
+    )
+    + (LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS)
 )
 #: the metrics ``scheduler.metric`` may name (ASHA and the best-trial rule rank trials by it); the sweep summary
 #: keeps their last values per trial
