@@ -156,6 +156,16 @@ def test_top_detections_per_image_cap():
     assert ours["AP"] != evaluate_lvis(gt, dets)["AP"]  # the cap changes the result
 
 
+def test_zero_area_boxes_and_more_than_300_detections_per_image_at_the_default_cap():
+    gt, dets = make_case(seed=7, n_img=8, dets_per_img=(320, 420), score_decimals=3)
+    for a in gt["annotations"][::6]:  # ground-truth boxes of zero area (area field and box)
+        a["area"], a["bbox"] = 0.0, a["bbox"][:2] + [0.0, a["bbox"][3]]
+    per_image = np.bincount([d["image_id"] for d in dets])
+    assert per_image.max() > 300
+    ours, _ = _assert_same_as_lvis(gt, dets)
+    assert ours["AP"] > 0
+
+
 def test_empty_frequency_buckets_are_minus_one():
     gt, dets = make_case(seed=6, n_cat=8, freq=["f"] * 8)
     ours, ref = _assert_same_as_lvis(gt, dets)
