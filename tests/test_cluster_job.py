@@ -19,10 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -32,116 +29,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from local_cluster import RAY, cluster_env, free_port, node_ports, stop_cluster  # the nodes of a local cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 SKIP = os.environ.get("LTSWEEP_SKIP_CLUSTER") == "1" and os.environ.get("CI") != "true"
-
-
-_TAKEN: set[int] = set()  # ports handed out by this test: never twice, and never inside a worker-port range
-
-
-def _free_port() -> int:
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _TAKEN:
-            _TAKEN.add(port)
-            return port
-
-
-def _free_port_range(n: int) -> int:
-    """The first of n consecutive ports that are all free now: a node's worker-port range. It lies below the kernel's
-    ephemeral range (where `_free_port` and every outgoing connection get their ports), so nothing else on the host
-    is handed a port inside it while the cluster runs."""
-    import random
-
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    for _ in range(200):
-        base = random.randrange(10000, low - n)
-        if _TAKEN & set(range(base, base + n)):
-            continue
-        try:
-            socks = []
-            for port in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-            _TAKEN.update(range(base, base + n))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError(f"no {n} consecutive free ports")
-
-
-def _cluster_env() -> dict:
-    """The environment a user has after `source .venv/bin/activate`, without any Ray address of another cluster."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
-    env["VIRTUAL_ENV"] = str(VENV_BIN.parent)
-    return env
 
 
 def _run(cmd: list[str], env: dict, timeout: float, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True, **kw)
-
-
-def _stop_cluster(temp_dir: str) -> None:
-    """SIGTERM (then SIGKILL) the processes of this cluster only: those naming temp_dir, and their descendants."""
-    import psutil
-    import ray  # noqa: F401  (puts Ray's bundled psutil, the one `ray stop` uses, on sys.path)
-
-    me = os.getpid()
-    procs = {}
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        try:
-            if p.pid != me and any(temp_dir in arg for arg in (p.info["cmdline"] or [])):
-                procs[p.pid] = p
-                for child in p.children(recursive=True):
-                    procs[child.pid] = child
-        except psutil.Error:
-            continue
-    for p in procs.values():
-        try:
-            p.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=5)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-
-
-def _node_ports() -> list[str]:
-    """Explicit ports for one node's processes, so two nodes on one host (and other users' Ray) never clash."""
-    workers = _free_port_range(100)
-    return [
-        "--node-manager-port",
-        str(_free_port()),
-        "--object-manager-port",
-        str(_free_port()),
-        "--min-worker-port",
-        str(workers),
-        "--max-worker-port",
-        str(workers + 99),
-        "--dashboard-agent-listen-port",
-        str(_free_port()),
-        "--dashboard-agent-grpc-port",
-        str(_free_port()),
-        "--runtime-env-agent-port",
-        str(_free_port()),
-        "--metrics-export-port",
-        str(_free_port()),
-    ]
 
 
 def _get(address: str, token: str, path: str, timeout: float = 30):
@@ -160,8 +57,8 @@ def _alive_nodes(address: str, token: str) -> list[dict]:
 def cluster():
     if SKIP:
         pytest.skip("LTSWEEP_SKIP_CLUSTER=1: the `ray job submit` cluster test is skipped locally (never in CI)")
-    env = _cluster_env()
-    ray = str(VENV_BIN / "ray")
+    env = cluster_env()
+    ray = RAY
     # 1. a token (kept in ~/.ray/auth_token; an existing one is reused)
     out = _run([ray, "get-auth-token", "--generate"], env, 120)
     assert out.returncode == 0, out.stderr
@@ -171,7 +68,7 @@ def cluster():
     #    own short temp dir (unix socket paths must stay < 108 bytes) that identifies its processes for the teardown.
     temp_dir = tempfile.mkdtemp(prefix="ltsray-", dir="/tmp")
     temp_dir2 = tempfile.mkdtemp(prefix="ltsray2-", dir="/tmp")
-    dash, gcs = _free_port(), _free_port()
+    dash, gcs = free_port(), free_port()
     start = [
         ray,
         "start",
@@ -187,8 +84,8 @@ def cluster():
         "--temp-dir",
         temp_dir,
         "--ray-client-server-port",
-        str(_free_port()),
-        *_node_ports(),
+        str(free_port()),
+        *node_ports(),
         "--disable-usage-stats",
     ]
     # 3. the second node on this host: 2 CPUs and the custom resource `node2` that the sweep's trials request
@@ -203,7 +100,7 @@ def cluster():
         '{"node2": 1}',
         "--temp-dir",
         temp_dir2,
-        *_node_ports(),
+        *node_ports(),
         "--disable-usage-stats",
     ]
     env_token = {**env, "RAY_AUTH_MODE": "token"}
@@ -235,8 +132,8 @@ def cluster():
             "node2": node2[0],
         }
     finally:
-        _stop_cluster(temp_dir2)
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir2)
+        stop_cluster(temp_dir)
         if os.environ.get("CI") == "true":
             _run([ray, "stop", "--force"], env, 120)
         shutil.rmtree(temp_dir2, ignore_errors=True)

@@ -1,0 +1,203 @@
+"""The sweep driver at a thousand trials: its CPU and memory per report, and the summary, report and compare.
+
+A multi-node Ray cluster is started on this machine (``ray start --head`` plus ``--nodes - 1`` worker nodes, each a
+raylet of its own), and this process drives one sweep on it through the product's path (``pipelines.tune.sweep
+.run_sweep``: Tune, ``scheduler.type: asha_configs`` over configurations with 3 seeds each, the MLflow callback and
+writer on a local sqlite store, the progress printer, the summary and the HTML report). Only the trainable is a
+stand-in: no training; each evaluation reports a closed-form metric of (λ, seed, evaluation) with the real
+``tune.report(..., checkpoint=...)`` call and a small checkpoint directory, as the real trainable does. The stand-in
+has no model, so the best-model step is left out. Afterwards ``ltsweep compare`` runs on the sweep.
+
+Measured (this process is the driver):
+  driver_cpu_s_per_report  the driver process's CPU time (user + system, ``resource.getrusage``) during the sweep,
+                           over the reports Tune delivered; ``driver_ms_per_report`` is the same in ms
+  mlflow_ms_per_report     wall time inside the MLflow callback's ``on_trial_result`` per report
+  driver_peak_mb           the driver's peak resident memory (``ru_maxrss``)
+  summary_s / report_s     the sweep summary (``summarize``) and the HTML report with its aggregates
+                           (``log_sweep_report``) of all the trials, as the sweep's end runs them
+  compare_s                ``compare_sweeps`` on the sweep (reading every trial run back from MLflow)
+  trials_per_min           trials over the sweep's wall time
+Goals: the driver adds at most 20 ms per report, stays under 2 GB, and the summary, report and compare each take at
+most 10 s at 1,000 trials.
+
+Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4] [--nodes 3] [--cpus-per-node 4]
+           [--out DIR]   (--configs 334 x --seeds 3 = 1,002 trials)
+Last stdout line: {"benchmark": "driver", "trials", "reports", "nodes", "driver_cpu_s_per_report",
+"driver_ms_per_report", "mlflow_ms_per_report", "driver_peak_mb", "summary_s", "report_s", "compare_s",
+"trials_per_min", "sweep_s", "goals_met"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from local_cluster import RAY, cluster_env, free_port, new_temp_dir, node_ports, start_worker_node, stop_cluster
+
+from lt_models.data.synthetic.generate import generate_benchmark
+
+GOALS = {"driver_ms_per_report": 20.0, "driver_peak_mb": 2048.0, "summary_s": 10.0, "report_s": 10.0, "compare_s": 10.0}
+
+
+def stand_in_trial(config, experiment, stage1=None, shared=None):
+    """The trainable's stand-in: per evaluation a closed-form AP of (λ, seed, evaluation), reported with a checkpoint
+    directory as the real trainable reports, resumable from its last checkpoint."""
+    import tempfile as tf
+
+    from ray import tune
+
+    start = 0
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads(Path(d, "state.json").read_text())["evaluation"]
+    lam, seed = float(config["lam"]), experiment.trial_seed(config)
+    for it in range(start + 1, experiment.evals_per_trial + 1):
+        ap = 0.3 - 0.1 * (lam - 0.7) ** 2 + 0.02 * np.sin(7.0 * seed + lam) + 0.01 * it
+        metrics = {"AP": ap, "AP50": ap + 0.2, "APr": ap * 0.5, "APc": ap * 0.9, "APf": ap * 1.1, "loss": 1.0 / it}
+        metrics.update(epoch=it, iteration=10 * it, images=80 * it, seed=seed, pretrain_sha256="")
+        with tf.TemporaryDirectory() as d:
+            Path(d, "state.json").write_text(json.dumps({"evaluation": it}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def start_cluster(nodes: int, cpus: int) -> tuple[str, dict, list[str]]:
+    """``ray start --head`` and ``nodes - 1`` worker nodes on 127.0.0.1 (``local_cluster``); the head's address,
+    the environment of every ``ray`` command on it and the nodes' temp dirs (what stops them)."""
+    env = {**cluster_env(), "RAY_AUTH_MODE": "disabled"}
+    temps = [new_temp_dir("ltsd-") for _ in range(nodes)]
+    gcs = f"127.0.0.1:{free_port()}"
+    head = [RAY, "start", "--head", "--port", gcs.split(":")[1], "--num-cpus", str(cpus), "--temp-dir", temps[0],
+            "--include-dashboard", "false", "--ray-client-server-port", str(free_port()), *node_ports(),
+            "--disable-usage-stats"]  # fmt: skip
+    out = subprocess.run(head, env=env, timeout=300, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray start --head failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    for temp in temps[1:]:
+        start_worker_node(gcs, cpus, temp, env)
+    return gcs, env, temps
+
+
+def timed(owner, name: str, log: list) -> None:
+    """Wrap ``owner.name`` so that each call's wall time is appended to ``log``."""
+    fn = getattr(owner, name)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kw):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kw)
+        finally:
+            log.append(time.perf_counter() - t0)
+
+    setattr(owner, name, wrapper)
+
+
+def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int) -> Path:
+    """``configs`` λ values x ``seeds`` seeds, one-stage (the stand-in trains nothing), asha_configs over them."""
+    raw = {
+        "name": "driver",
+        "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
+        "model": {"backbone": "tiny", "image_size": 64},
+        "stage1": None,
+        "stage2": {"epochs": max_t},
+        "resources": {"cpus_per_trial": 1},
+        "scheduler": {"type": "asha_configs", "grace_period": 1, "reduction_factor": 3, "max_t": max_t},
+        "search": {"seeds": list(range(seeds))},
+        "space": {"lam": {"grid": [round(float(x), 6) for x in np.linspace(0.0, 1.5, configs)]}},
+        "report": {"replicates": 0},
+        "run": {"storage_path": str(root / "results"), "max_failures": 0, "checkpoints_to_keep": 1},
+    }
+    path = root / "driver.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def drive(cfg_path: Path) -> dict:
+    """Run the sweep in this process with the timers in place; the measured figures."""
+    import ray
+
+    from pipelines.config.load import load_experiment_config
+    from pipelines.tracking import best_model, callback, writer
+    from pipelines.tune import sweep
+
+    times: dict[str, list] = {"mlflow": [], "summary": [], "report": []}
+    timed(callback.MLflowSweepCallback, "on_trial_result", times["mlflow"])
+    timed(sweep, "summarize", times["summary"])
+    timed(writer, "log_sweep_report", times["report"])
+    best_model.log_best_model_safely = lambda *a, **k: None  # the stand-in has no model to log
+    cfg = load_experiment_config(cfg_path)
+    cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    summary = sweep.run_sweep(cfg, trainable_fn=stand_in_trial, verbose=0, progress=False, register=False)
+    cpu1, sweep_s = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    reports = len(times["mlflow"])
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    from mlflow import MlflowClient
+
+    from pipelines.analysis.compare import compare_sweeps
+
+    t1 = time.perf_counter()
+    compare_sweeps(MlflowClient(summary.tracking_uri), ["driver"], cfg_path.parent / "compare.png", quiet=True)
+    compare_s = time.perf_counter() - t1
+    ray.shutdown()
+    return {
+        "trials": len(summary.trials),
+        "finished": sum(t.error is None for t in summary.trials),
+        "reports": reports,
+        "driver_cpu_s_per_report": round(cpu_s / max(reports, 1), 5),
+        "driver_ms_per_report": round(1000 * cpu_s / max(reports, 1), 2),
+        "mlflow_ms_per_report": round(1000 * sum(times["mlflow"]) / max(reports, 1), 2),
+        "driver_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "summary_s": round(sum(times["summary"]), 2),
+        "report_s": round(sum(times["report"]), 2),
+        "compare_s": round(compare_s, 2),
+        "trials_per_min": round(len(summary.trials) / (sweep_s / 60), 1),
+        "sweep_s": round(sweep_s, 1),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", type=int, default=334, help="λ values (x --seeds = trials)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--max-t", type=int, default=4, help="evaluations of a full-length trial")
+    ap.add_argument("--nodes", type=int, default=3, help="Ray nodes started on this machine (1 head + workers)")
+    ap.add_argument("--cpus-per-node", type=int, default=4, help="logical CPUs each node offers (trials in flight)")
+    ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir, removed)")
+    args = ap.parse_args()
+    root = args.out or Path(tempfile.mkdtemp(prefix="bench_driver_"))
+    temps: list[str] = []
+    try:
+        generate_benchmark(root / "data", preset="demo", seed=0)
+        cfg_path = sweep_config(root, root / "data", args.configs, args.seeds, args.max_t)
+        address, env, temps = start_cluster(args.nodes, args.cpus_per_node)
+        os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
+        res = drive(cfg_path)
+    finally:
+        for temp in reversed(temps):  # this cluster's nodes only, never other Ray sessions on the machine
+            stop_cluster(temp)
+            shutil.rmtree(temp, ignore_errors=True)
+        if args.out is None:
+            shutil.rmtree(root, ignore_errors=True)
+    met = {k: res[k] <= goal for k, goal in GOALS.items()}
+    payload = {"benchmark": "driver", "nodes": args.nodes, **res, "goals_met": met}
+    print(json.dumps(payload))
+    return 0 if res["finished"] == res["trials"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
