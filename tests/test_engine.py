@@ -262,11 +262,16 @@ def test_load_rejects_foreign_files(tmp_path):
         load_checkpoint(tmp_path / "nope", build_detector(2))
 
 
-def test_predict_returns_coco_results_in_image_coordinates(bench):
+def _untrained_on_val(bench):
+    """The validation set, its loader and an untrained detector (seeded)."""
     ds = LVISDetection(bench["val"], train=False)
     loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_detection)
     torch.manual_seed(0)
-    model = build_detector(ds.num_classes, image_size=64)
+    return ds, loader, build_detector(ds.num_classes, image_size=64)
+
+
+def test_predict_returns_coco_results_in_image_coordinates(bench):
+    ds, loader, model = _untrained_on_val(bench)
     dets = predict(model, loader, CPU, ds.label_to_cat_id, progress=False)
     assert dets, "an untrained detector with a 1e-4 threshold still returns detections"
     assert set(dets[0]) == {"image_id", "category_id", "bbox", "score"}
@@ -284,10 +289,7 @@ def test_predict_returns_coco_results_in_image_coordinates(bench):
 def test_the_wider_validation_pass_leaves_lvis_ap_unchanged_and_feeds_ap_fixed(bench):
     # An untrained detector scores every class of every proposal above 1e-4, so 300 per image binds. LVIS AP of the
     # 1000-per-image pass (what evaluate() predicts) keeps the best 300 per image: the detector's own 300.
-    ds = LVISDetection(bench["val"], train=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate_detection)
-    torch.manual_seed(0)
-    model = build_detector(ds.num_classes, image_size=64)
+    ds, loader, model = _untrained_on_val(bench)
     own = predict(model, loader, CPU, ds.label_to_cat_id, progress=False)
     wide = predict(model, loader, CPU, ds.label_to_cat_id, progress=False, dets_per_image=1000)
     assert model.roi_heads.detections_per_img == 300  # restored after the pass
