@@ -143,30 +143,11 @@ def cluster():
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """A 2-trial hybrid sweep (1 stage-1 epoch, 2 stage-2 epochs) on a ~50-image synthetic benchmark at 64 px."""
+    from faults.common import TINY
     from lt_models.data.synthetic.generate import generate_benchmark
-    from lt_models.data.synthetic.layout import Preset
 
     root = tmp_path_factory.mktemp("cluster_job")
-    preset = Preset(
-        "tiny",
-        image_size=64,
-        families=2,
-        appearances=3,
-        t_max=40,
-        t_min=2,
-        q=5,
-        val_ratio=0.25,
-        val_min=2,
-        objects_per_image=(0.5, 0.5),
-        min_size=14,
-        max_size=30,
-        n_confusable=1,
-        n_two_leaf=1,
-        swap_rates=((0.3, 0.1, 0.2),),
-        parent_only_rates=(0.1,),
-        workers=1,
-    )
-    generate_benchmark(root / "data", preset=preset, seed=0)
+    generate_benchmark(root / "data", preset=TINY, seed=0)
     name = f"cluster-job-{uuid.uuid4().hex[:6]}"
     cfg = {
         "name": name,

@@ -17,9 +17,9 @@ import ray.cloudpickle
 import yaml
 from ray import tune
 
+from faults.common import TINY  # the tiny synthetic benchmark (64 px, ~50 training images)
 from faults.stand_ins import InterruptAfterFirstTrial  # Ctrl+C once the first trial completes
 from lt_models.data.synthetic.generate import generate_benchmark
-from lt_models.data.synthetic.layout import Preset
 from pipelines.config.load import load_experiment_config
 from pipelines.tune import stage1 as pretrain
 from pipelines.tune import sweep, trainable
@@ -29,25 +29,6 @@ pytestmark = pytest.mark.slow
 # Ray workers cannot import this test module by name: ship its functions/classes by value.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
-TINY = Preset(
-    "tiny",
-    image_size=64,
-    families=2,
-    appearances=3,
-    t_max=40,
-    t_min=2,
-    q=5,
-    val_ratio=0.25,
-    val_min=2,
-    objects_per_image=(0.5, 0.5),
-    min_size=14,
-    max_size=30,
-    n_confusable=1,
-    n_two_leaf=1,
-    swap_rates=((0.3, 0.1, 0.2),),
-    parent_only_rates=(0.1,),
-    workers=1,
-)
 STAGE2_EPOCHS = 3
 
 
