@@ -29,6 +29,9 @@ CALIBRATION_METRICS = ("ECE", "ECEr", "ECEc", "ECEf")
 #: (lt_models.evaluation.tide: Cls, Loc, Both, Dupe, Bkg, Miss)
 TIDE_ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")  # lt_models.evaluation.tide.ERROR_TYPES
 TIDE_METRICS = tuple(f"dAP_{kind}{bucket}" for bucket in ("", "_r", "_c", "_f") for kind in TIDE_ERROR_TYPES)
+#: the hyperparameters the last epoch trained with (soft-balance λ, ACSL ξ), reported with every evaluation: a λ
+#: schedule or a PBT sweep changes them during a trial, so MLflow keeps them as metric series
+HYPERPARAMETER_METRICS = ("lam", "xi")
 #: scalar evaluation metrics a trial copies from the engine into every result it reports to Tune (with the epoch's
 #: training throughput and the share of step time spent waiting on the data loader)
 RESULT_METRICS = (
@@ -37,7 +40,7 @@ RESULT_METRICS = (
         "train_img_per_s",
         "loader_wait_fraction",
     )
-    + (LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS)
+    + (LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS + HYPERPARAMETER_METRICS)
 )
 #: the metrics ``scheduler.metric`` may name (ASHA and the best-trial rule rank trials by it); the sweep summary
 #: keeps their last values per trial
@@ -46,7 +49,7 @@ SCHEDULER_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "AP_fixed", "APr
 LVIS_ONLY_METRICS = tuple(m for m in SCHEDULER_METRICS if m in LARGE_VOCAB_METRICS)
 #: logged on each trial's MLflow run at every report (step = training_iteration), and read back by the report
 MLFLOW_TRIAL_METRICS = ("AP", "AP50", "APr", "APc", "APf", "loss", "epoch") + (
-    LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS
+    LARGE_VOCAB_METRICS + CALIBRATION_METRICS + TIDE_METRICS + HYPERPARAMETER_METRICS
 )
 #: what the stage-1 (pretrain) MLflow run gets; ``per_class`` becomes its per-class artifacts (the evaluation also
 #: returns keys such as "AR@300", which are not valid MLflow metric names)

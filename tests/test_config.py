@@ -516,3 +516,18 @@ def test_data_seeds_give_every_seed_its_own_draw_of_the_synthetic_benchmark(tmp_
     spec = train_spec(cfg, "stage2", {"seed": 1})
     assert spec.train_ann == str(one.data.train) and spec.val_ann == str(one.data.val) and spec.seed == 1
     assert cfg.data_for(0).train.parent.name == f"{root.name}-data0" and cfg.data.train.parent == root
+
+
+def test_a_lam_schedule_replaces_lam_and_is_never_mixed_with_it(tmp_path, base):
+    sched = [[0, 0.0], [2, 0.7]]
+    cfg = load_experiment_config(_write(tmp_path, dict(base, space={}, stage2={"epochs": 4, "lam_schedule": sched})))
+    spec = cfg.stage2.sampler_spec()
+    assert spec.lam is None and spec.lam_schedule == ((0, 0.0), (2, 0.7)) and spec.lam_at(3) == 0.7
+    both = dict(base, space={}, stage2={"epochs": 4, "lam": 0.5, "lam_schedule": sched})
+    assert "stage2.lam_schedule sets λ per epoch: remove stage2.lam" in _error(tmp_path, both)
+    searched = dict(base, stage2={"epochs": 4, "lam_schedule": sched})  # base searches space.lam
+    assert "remove space.lam / search.configs" in _error(tmp_path, searched)
+    other = dict(base, space={}, stage2={"epochs": 4, "sampler": "nonbalance", "lam_schedule": sched})
+    assert "stage2.lam_schedule is ignored" in _error(tmp_path, other)
+    bad = dict(base, space={}, stage2={"epochs": 4, "lam_schedule": [[1, 0.5]]})
+    assert "first at epoch 0" in _error(tmp_path, bad)

@@ -332,6 +332,23 @@ def test_train_resume_matches_the_uninterrupted_run(bench, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_lam_schedule_equals_a_resume_with_the_new_lam_and_reports_lam(bench, tmp_path):
+    """λ = 0 for the first epoch, then 1: the schedule's run equals a 1-epoch λ = 0 run resumed with λ = 1 (what a
+    PBT exploit does: the donor's checkpoint, the new value), bit for bit; both report the λ each epoch used."""
+    seen = []
+    sched = SamplerSpec("softbalance", lam_schedule=[[0, 0.0], [1, 1.0]])
+    kw = dict(stage="one_stage", loss=LossSpec("softmax"))
+    full = train(small_spec(bench, sampler=sched, **kw), tmp_path / "sched", on_eval=lambda m, _: seen.append(m))
+    assert [m["lam"] for m in seen] == [0.0, 1.0] and "xi" not in seen[-1]
+    first = train(small_spec(bench, epochs=1, sampler=SamplerSpec("softbalance", lam=0.0), **kw), tmp_path / "a")
+    spec = small_spec(bench, sampler=SamplerSpec("softbalance", lam=1.0), **kw)
+    resumed = train(spec, tmp_path / "b", resume_checkpoint=first["checkpoint_dir"])
+    assert resumed["loss"] == full["loss"] and resumed["lam"] == 1.0
+    a = torch.load(os.path.join(full["checkpoint_dir"], "checkpoint.pt"), weights_only=True)["model"]
+    b = torch.load(os.path.join(resumed["checkpoint_dir"], "checkpoint.pt"), weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp_path):
     trial = small_spec(
         bench,

@@ -326,3 +326,35 @@ def test_works_with_dataloader():
     s = SoftBalanceSampler(indptr, labels, C, lam=0.7, seed=0, rank=1, world_size=2)
     got = torch.cat([b[0] for b in torch.utils.data.DataLoader(ds, batch_size=8, sampler=s)]).tolist()
     assert got == s.rank_indices().tolist() and len(got) == 32
+
+
+def test_a_lam_schedule_draws_each_epoch_with_its_own_lam():
+    """Epoch e of a schedule draws exactly what a fixed-λ sampler with λ(e) draws at epoch e (same seed)."""
+    ip, lb = csr([[0], [0], [0], [0], [1], [1], [2]])
+    sched = SoftBalanceSampler(ip, lb, 3, lam_schedule=[[0, 0.0], [2, 1.0]], seed=5)
+    for epoch, lam in ((0, 0.0), (1, 0.0), (2, 1.0), (7, 1.0)):
+        fixed = SoftBalanceSampler(ip, lb, 3, lam=lam, seed=5)
+        assert sched.lam_at(epoch) == lam
+        np.testing.assert_array_equal(sched.epoch_indices(epoch), fixed.epoch_indices(epoch))
+    spec = SamplerSpec("softbalance", lam_schedule=[[0, 0.0], [2, 1.0]])
+    assert spec.lam_schedule == ((0, 0.0), (2, 1.0)) and spec.lam_at(1) == 0.0 and spec.lam_at(3) == 1.0
+    assert SamplerSpec("softbalance", lam=0.7).lam_at(4) == 0.7 and SamplerSpec("nonbalance").lam_at(0) is None
+    built = build_sampler(spec, ip, lb, 3, seed=5)
+    np.testing.assert_array_equal(built.epoch_indices(2), sched.epoch_indices(2))
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [[[1, 0.5]], [[0, 0.5], [0, 0.7]], [[0, 0.5], [3, 0.7], [2, 0.1]], [[0, -1.0]], [], [[0.5, 0.1]], "0.7"],
+    ids=["starts-late", "repeated", "decreasing", "negative-lam", "empty", "fractional-epoch", "not-a-list"],
+)
+def test_bad_lam_schedules_are_named(bad):
+    with pytest.raises(ConfigError, match="lam"):
+        SamplerSpec("softbalance", lam_schedule=bad)
+
+
+def test_lam_and_a_schedule_are_one_or_the_other():
+    with pytest.raises(ConfigError, match="not both"):
+        SamplerSpec("softbalance", lam=0.7, lam_schedule=[[0, 0.7]])
+    with pytest.raises(ConfigError, match="lam_schedule is ignored by sampler 'classaware'"):
+        SamplerSpec("classaware", lam_schedule=[[0, 0.7]])

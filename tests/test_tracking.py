@@ -51,6 +51,8 @@ def expected_metrics(config: dict, it: int) -> dict:
         **{k: round(ap * (0.8 + 0.01 * i), 9) for i, k in enumerate(LARGE_VOCAB_METRICS)},
         **{k: round(0.3 - 0.01 * it - 0.001 * i, 9) for i, k in enumerate(CALIBRATION_METRICS)},
         **{k: round(0.001 * (i % 7) + 0.0001 * it, 9) for i, k in enumerate(TIDE_METRICS)},
+        "lam": float(config["lam"]),
+        "xi": float(config["xi"]),
     }
 
 

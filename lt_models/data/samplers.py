@@ -108,6 +108,31 @@ def soft_balance_probabilities(image_counts, lam: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # Label-table helpers
 # ----------------------------------------------------------------------------------------------------------------
+def check_lam_schedule(schedule) -> tuple[tuple[int, float], ...]:
+    """The one check of a soft-balance λ schedule: ``[[epoch, λ], ...]``, λ from that epoch on (epochs count from 0,
+    the number of epochs already trained); the first entry at epoch 0, epochs strictly increasing, each λ checked by
+    :func:`check_lam`."""
+    fix = "a λ schedule is [[epoch, λ], ...] with the first at epoch 0 and epochs increasing, e.g. [[0, 0.0], [2, 0.7]]"
+    try:
+        pairs = [(e, check_lam(v)) for e, v in schedule]
+    except (TypeError, ValueError):
+        raise ConfigError(f"lam_schedule = {schedule!r}: {fix}") from None
+    epochs = [e for e, _ in pairs]
+    if (
+        not pairs
+        or any(isinstance(e, bool) or not isinstance(e, (int, np.integer)) for e in epochs)
+        or epochs[0] != 0
+        or any(b <= a for a, b in zip(epochs, epochs[1:]))
+    ):
+        raise ConfigError(f"lam_schedule = {schedule!r}: {fix}")
+    return tuple((int(e), lam) for e, lam in pairs)
+
+
+def lam_at(schedule: tuple[tuple[int, float], ...], epoch: int) -> float:
+    """λ of ``schedule`` (checked by :func:`check_lam_schedule`) for the epoch with index ``epoch``."""
+    return next(v for e, v in reversed(schedule) if e <= epoch)
+
+
 def check_lam(lam) -> float:
     """The one range check of soft-balance λ (eq 8): a finite number >= 0."""
     fix = "the soft-balance λ must be a finite number >= 0 (0 = P_n, 1 = class-aware, > 1 favours the tail further)"
@@ -323,7 +348,8 @@ class SoftBalanceSampler(_EpochSampler):
 
     Draws are with replacement. ``num_samples`` (the epoch length, over all ranks) defaults to the number of
     images. Images without labels and classes without images are never drawn. λ = 1 is class-aware sampling
-    (``ClassAwareSampler``); λ > 1 is allowed.
+    (``ClassAwareSampler``); λ > 1 is allowed. λ is one number (``lam``) or a schedule over epochs
+    (``lam_schedule``, :func:`check_lam_schedule`): each epoch draws with its own λ.
     """
 
     def __init__(
@@ -331,32 +357,49 @@ class SoftBalanceSampler(_EpochSampler):
         indptr,
         labels,
         num_classes: int,
-        lam: float,
+        lam: float | None = None,
         num_samples: int | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        lam_schedule=None,
     ):
         super().__init__(seed, rank, world_size)
-        self.lam = check_lam(lam)
+        if (lam is None) == (lam_schedule is None):
+            raise ConfigError("soft-balance sampling needs lam (λ >= 0) or lam_schedule ([[epoch, λ], ...]), not both")
+        self.lam_schedule = check_lam_schedule(lam_schedule) if lam_schedule is not None else ((0, check_lam(lam)),)
         self.class_indptr, self.class_images = class_to_images(indptr, labels, num_classes)
         self.num_classes = int(num_classes)
         self.num_images = len(indptr) - 1
         self.class_counts = np.diff(self.class_indptr)
-        self.probabilities = soft_balance_probabilities(self.class_counts, self.lam)
+        self._probabilities: dict[float, np.ndarray] = {}
+        self.lam = self.lam_at(0)
+        self.probabilities = self.probabilities_at(0)
         if num_samples is None:
             num_samples = self.num_images
         self.num_samples = check_num_samples(num_samples)
 
+    def lam_at(self, epoch: int) -> float:
+        """λ of the epoch with index ``epoch``."""
+        return lam_at(self.lam_schedule, epoch)
+
+    def probabilities_at(self, epoch: int) -> np.ndarray:
+        """P*_s (eq 8) of the epoch with index ``epoch``, computed once per λ."""
+        lam = self.lam_at(epoch)
+        if lam not in self._probabilities:
+            self._probabilities[lam] = soft_balance_probabilities(self.class_counts, lam)
+        return self._probabilities[lam]
+
     def draw(self, epoch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """One epoch's draws over all ranks: ``(classes int64 [num_samples], images int32 [num_samples])``, where
         ``classes[k]`` is the class drawn from P*_s and ``images[k]`` the image drawn uniformly within it."""
-        rng = self._rng(self.epoch if epoch is None else epoch)
+        epoch = self.epoch if epoch is None else epoch
+        rng = self._rng(epoch)
         n = self.num_samples
         # Class: n i.i.d. draws from P*_s, generated as multinomial counts in a uniformly random order (the same
         # distribution as n categorical draws, ~3x faster than inverse-CDF search). Zero-probability classes
         # get count 0.
-        counts = rng.multinomial(n, self.probabilities)
+        counts = rng.multinomial(n, self.probabilities_at(epoch))
         classes = rng.permutation(np.repeat(np.arange(self.num_classes), counts))
         # Image: uniform offset within the class's CSR segment.
         start = self.class_indptr[classes]

@@ -284,6 +284,12 @@ def _evaluate_and_checkpoint(run: Run, done: int, stats: dict, on_eval: OnEval |
         train_img_per_s=stats["img_per_s"],
         loader_wait_fraction=stats["loader_wait_fraction"],
     )
+    # the hyperparameters the last epoch trained with: a λ schedule or a PBT sweep changes them between epochs
+    lam = spec.sampler.lam_at(done - 1)
+    if lam is not None:
+        metrics["lam"] = lam
+    if spec.loss.xi is not None:
+        metrics["xi"] = spec.loss.xi
     extra = {
         "num_classes": run.train_ds.num_classes,
         "cat_ids": [int(c) for c in run.train_ds.cat_ids],

@@ -67,7 +67,9 @@ from pipelines.config.space import (
 from pipelines.names import LVIS_ONLY_METRICS
 
 # stage-2 fields a search space may vary (epochs would break ASHA's max_t; workers is not a hyperparameter)
-SEARCHABLE = tuple(f for f in Stage2Config.model_fields if f not in ("epochs", "workers", "samples_per_epoch"))
+SEARCHABLE = tuple(
+    f for f in Stage2Config.model_fields if f not in ("epochs", "workers", "samples_per_epoch", "lam_schedule")
+)
 
 
 class ExperimentConfig(StrictModel):
@@ -139,6 +141,16 @@ class ExperimentConfig(StrictModel):
                 )
             for i, value in enumerate(param.values_to_check()):
                 self._check_stage2({key: value}, f"space.{key}.{param.kind}[{i}] = {value!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _one_lam(self):
+        if self.stage2.lam_schedule is None:
+            return self
+        varied = "lam" in self.space or any("lam" in c for c in self.search.configs or [])
+        if "lam" in self.stage2.model_fields_set or varied:
+            where = "space.lam / search.configs" if varied else "stage2.lam"
+            raise ValueError(f"stage2.lam_schedule sets λ per epoch: remove {where}, or remove stage2.lam_schedule")
         return self
 
     @model_validator(mode="after")

@@ -160,6 +160,11 @@ class Stage2Config(ScheduleConfig):
     lr: float = Field(default=0.01, gt=0.0)
     sampler: str = "softbalance"
     lam: float = Field(default=0.7, description="soft-balance λ >= 0 (sampler softbalance)")
+    lam_schedule: tuple[tuple[int, float], ...] | None = Field(
+        default=None,
+        description="soft-balance λ per epoch instead of lam: [[epoch, λ], ...], λ from that epoch on (epochs count "
+        "from 0; the first entry at 0), e.g. a PBT sweep's best schedule (sampler softbalance)",
+    )
     samples_per_epoch: int | None = Field(
         default=None, description="images drawn per epoch by softbalance/classaware (default: the training set size)"
     )
@@ -195,7 +200,7 @@ class Stage2Config(ScheduleConfig):
     _loss_name = field_validator("loss")(lambda v: one_of(v, LOSSES, "loss"))
     _scores_name = field_validator("scores")(lambda v: one_of(v, SCORES, "scores"))
 
-    @field_validator("lam", "samples_per_epoch", "rfs_threshold")
+    @field_validator("lam", "samples_per_epoch", "rfs_threshold", "lam_schedule")
     @classmethod
     def _sampler_option(cls, v, info):
         return v if v is None else check_sampler_option(SAMPLER_FIELDS[info.field_name], v)
@@ -211,8 +216,11 @@ class Stage2Config(ScheduleConfig):
         return "cls" if v is True else v
 
     def sampler_spec(self) -> SamplerSpec:
-        """The typed sampler of these values: only the options the chosen sampler reads."""
-        return SamplerSpec(self.sampler, **_read_by(self, SAMPLER_FIELDS, SAMPLER_OPTIONS[self.sampler]))
+        """The typed sampler of these values: only the options the chosen sampler reads (a λ schedule replaces λ)."""
+        options = _read_by(self, SAMPLER_FIELDS, SAMPLER_OPTIONS[self.sampler])
+        if "lam_schedule" in options:
+            options.pop("lam", None)
+        return SamplerSpec(self.sampler, **options)
 
     def loss_spec(self) -> LossSpec:
         """The typed loss of these values: only the hyperparameters the chosen loss reads."""

@@ -35,7 +35,12 @@ SPACE_PRIMITIVES: dict[str, tuple[str, bool]] = {
 }
 
 # Stage-2 fields owned by the sampler or the loss: YAML field -> the SamplerSpec / LossSpec field it sets.
-SAMPLER_FIELDS = {"lam": "lam", "samples_per_epoch": "num_samples", "rfs_threshold": "threshold"}
+SAMPLER_FIELDS = {
+    "lam": "lam",
+    "samples_per_epoch": "num_samples",
+    "rfs_threshold": "threshold",
+    "lam_schedule": "lam_schedule",
+}
 LOSS_FIELDS = {
     k: k
     for k in ("xi", "eql_lambda", "seesaw_p", "seesaw_q", "eqlv2_gamma", "eqlv2_mu", "eqlv2_alpha", "fed_num_classes")
