@@ -201,3 +201,20 @@ def plot_reliability(reliability: Mapping[str, Mapping[str, Any]], ece: Mapping[
         if i == 0:
             ax.set_ylabel("precision (IoU 0.5)", fontsize=8)
     return png_bytes(fig)
+
+
+def plot_schedules(series: Mapping[str, Sequence[tuple[int, float]]], best: str | None) -> bytes:
+    """λ against the evaluation, one line per trial (``series``: trial id -> [(step, λ)]), the best trial bold."""
+    fig = new_figure(6.4, 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    for trial_id, points in sorted(series.items()):
+        steps, lams = zip(*sorted(points)) if points else ((), ())
+        is_best = trial_id == best
+        ax.step(steps, lams, where="post", linewidth=2.5 if is_best else 1.0, alpha=1.0 if is_best else 0.5,
+                label=f"{_short(trial_id)} (best)" if is_best else None)  # fmt: skip
+    ax.set_xlabel("evaluation (Tune training_iteration)")
+    ax.set_ylabel("λ of the epochs before it")
+    ax.set_title("soft-balance λ over each trial (PBT)")
+    if best is not None:
+        ax.legend(fontsize=7)
+    return png_bytes(fig)

@@ -31,6 +31,7 @@ from pipelines.analysis.plots import (
     plot_iterations,
     plot_rank,
     plot_reliability,
+    plot_schedules,
     plot_vs_param,
 )
 from pipelines.analysis.replicates import metric_of
@@ -160,6 +161,7 @@ def build_sweep_report(
     max_t: int | None = None,
     baseline: Mapping[str, Any] | None = None,
     best_calibration: Mapping[str, Any] | None = None,
+    schedules: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> str:
     """The sweep report as one self-contained HTML page (figures embedded as base64 PNGs). ``best_calibration``:
     the best trial's ``calibration.json`` (reliability diagram per bucket and ECEs)."""
@@ -185,6 +187,9 @@ def build_sweep_report(
     ]
     parts.extend(_trial_table(rows, keys, best))
     parts.extend(_config_section(rows, keys, metric, mode, max_t, baseline))
+    if schedules:
+        png = plot_schedules(schedules, None if best is None else best["trial_id"])
+        parts.append("<h2>λ over each trial (population-based training)</h2>" + _img(png, "lambda schedules"))
     parts.extend(_search_figures(rows, keys, max_t))
     parts.extend(_rank_figure(best, best_per_class, stage1_per_class, val_annotations))
     parts.extend(_errors_table(rows, keys, metric, mode, best))
@@ -301,6 +306,10 @@ def _errors_table(rows, keys: Sequence[str], metric: str, mode: str, best, top: 
     return parts
 
 
+def _lam_series(client, run_id: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, "lam")]
+
+
 def _calibration_figure(best, calibration: Mapping[str, Any] | None) -> list[str]:
     """The best trial's reliability diagram per frequency bucket, with its ECEs."""
     parts = ["<h2>Calibration of the best trial's scores, per frequency bucket</h2>"]
@@ -363,6 +372,7 @@ def log_sweep_report(
     max_t: int | None = None,
     baseline: Mapping[str, Any] | None = None,
     replicates: Mapping[str, Mapping[str, Any]] | None = None,
+    schedules: bool = False,
 ) -> str:
     """Build the sweep report from MLflow (plus Tune's last results, for per-class AP) and log it as
     ``sweep_report.html`` on the parent run, with ``config_aggregates.json`` (n, mean, sd, 95% CI per configuration)
@@ -370,7 +380,8 @@ def log_sweep_report(
     ``APc``, ``APf``) with ``<metric>_ci_low`` / ``_ci_high`` and ``best_n`` (its runs), and ``trials``,
     ``stopped_early``, ``errored``, ``trial_epochs``, so sweeps sort and compare in the MLflow runs table.
     ``max_t``: evaluations of a full-length trial (default: the longest trial's). ``replicates``: each trial's
-    image-bootstrap replicates by trial id, for the seeds x images intervals. Returns the HTML."""
+    image-bootstrap replicates by trial id, for the seeds x images intervals. ``schedules``: plot each trial's λ series
+    (a PBT sweep). Returns the HTML."""
     rows = trial_rows(client, experiment_id, parent_run_id)
     for r in rows:
         r["replicates"] = (replicates or {}).get(r["trial_id"])
@@ -410,6 +421,7 @@ def log_sweep_report(
         max_t=max_t,
         baseline=baseline,
         best_calibration=best_cal,
+        schedules={r["trial_id"]: _lam_series(client, r["run_id"]) for r in rows} if schedules else None,
     )
     with tempfile.TemporaryDirectory(prefix="ltsweep-report-") as tmp:
         p = Path(tmp) / REPORT_HTML

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.analysis import aggregate
 from pipelines.analysis.aggregate import best_trial
 from pipelines.analysis.replicates import from_checkpoint, metric_of
+from pipelines.analysis.schedule import trial_lam_schedule
 from pipelines.config.space import trial_values
 from pipelines.names import BUCKET_METRICS, SCHEDULER_METRICS
 
@@ -68,6 +69,7 @@ class SweepSummary:
     interrupted: bool = False  # Ctrl+C (SIGINT) ended the sweep before every trial finished
     model: Any = None  # pipelines.tracking.best_model.RegisteredModel, once logged
     experiment_id: str | None = None  # the sweep's MLflow experiment
+    eval_every: int = 1  # epochs per evaluation (a trial's λ schedule is read from its evaluations)
 
     @functools.cached_property
     def configs(self) -> list[aggregate.ConfigResult]:
@@ -269,6 +271,7 @@ def summarize(
         resumed=resumed,
         baseline=cfg.report.baseline,
         interrupted=interrupted,
+        eval_every=cfg.eval.every,
     )
 
 
@@ -309,6 +312,9 @@ def print_summary(summary: SweepSummary, file=None) -> None:
             + ", ".join(f"{k} {b.metrics[k]:.4f}" for k in BUCKET_METRICS if k in b.metrics),
             file=file,
         )
+        schedule = trial_lam_schedule(summary.tracking_uri, summary.name, b.trial_id, summary.eval_every)
+        if schedule is not None and len(schedule) > 1:
+            print(f"its λ schedule: {schedule} (replay it with stage2.lam_schedule)", file=file)
     if summary.model is not None:
         m = summary.model
         print(

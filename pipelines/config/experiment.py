@@ -168,6 +168,18 @@ class ExperimentConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _pbt_fits(self):
+        if self.scheduler.type != "pbt":
+            return self
+        bad = sorted(set(self.space) - {"lam", "xi"})
+        if self.search.algorithm != "basic" or self.search.configs is not None or not self.space or bad:
+            raise ValueError(
+                "scheduler.type pbt perturbs the searched λ / ξ of a population: search.algorithm basic, a space "
+                f"of lam and / or xi (got {sorted(self.space) or 'none'}), no search.configs"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _scheduler_fits(self):
         sch = self.scheduler
         if sch.type == "asha_configs" and self.search.algorithm != "basic":
@@ -175,7 +187,7 @@ class ExperimentConfig(StrictModel):
                 "scheduler.type asha_configs pauses trials at rungs until the whole grid has reported "
                 "there, which needs search.algorithm: basic; with optuna use scheduler.type: asha"
             )
-        if sch.type != "fifo" and sch.time_attr != "evaluations":
+        if sch.type not in ("fifo", "pbt") and sch.time_attr != "evaluations":
             if sch.max_t is None:
                 raise ValueError(
                     f"scheduler.max_t is required with time_attr {sch.time_attr}: the {sch.time_attr} "
@@ -188,7 +200,7 @@ class ExperimentConfig(StrictModel):
                     f"({sch.time_attr}); lower grace_period"
                 )
             return self
-        if sch.type != "fifo" and sch.grace_period > self.evals_per_trial:
+        if sch.type not in ("fifo", "pbt") and sch.grace_period > self.evals_per_trial:
             raise ValueError(
                 f"scheduler.grace_period = {self.scheduler.grace_period} exceeds the evaluations per "
                 f"trial ({self.evals_per_trial} = scheduler.max_t or stage2.epochs / eval.every); "

@@ -249,10 +249,11 @@ TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "i
 
 
 class SchedulerConfig(StrictModel):
-    type: Literal["asha", "asha_configs", "fifo"] = Field(
+    type: Literal["asha", "asha_configs", "fifo", "pbt"] = Field(
         default="asha",
         description="asha = Tune's ASHA (trials judged alone); asha_configs = halving over configurations on "
-        "their mean over seeds (pipelines.tune.asha); fifo = none",
+        "their mean over seeds (pipelines.tune.asha); pbt = population-based training of the searched λ / ξ, "
+        "seed-aware with search.seeds (pipelines.tune.pbt); fifo = none",
     )
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
@@ -268,6 +269,16 @@ class SchedulerConfig(StrictModel):
         ge=1,
         description="a full trial's budget in time_attr units; default "
         "stage2.epochs / eval.every evaluations (required for iterations / images)",
+    )
+
+    perturbation_interval: int = Field(
+        default=1, ge=1, description="pbt: exploit / explore every N units of time_attr (default every evaluation)"
+    )
+    quantile_fraction: float = Field(
+        default=0.25, gt=0.0, le=0.5, description="pbt: the bottom / top share of the population (copier / copied)"
+    )
+    resample_probability: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="pbt: chance that an explored value is drawn again, not perturbed"
     )
 
     _metric_name = field_validator("metric")(lambda v: one_of(v, SCHEDULER_METRICS, "metric (what trials report)"))

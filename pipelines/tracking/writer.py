@@ -431,6 +431,7 @@ class SweepWriter:
                 last_results={t.trial_id: self._last_result(t) for t in trials},
                 baseline=(self.sweep_params.get("report") or {}).get("baseline"),
                 replicates=self.replicates,
+                schedules=self._sweep_setting("type", "") == "pbt",
             )
         except Exception as exc:
             logger.exception("MLflow: writing the sweep report failed")

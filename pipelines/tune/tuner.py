@@ -1,5 +1,5 @@
 """The Tuner of a sweep: the trainable bound to the experiment, its stage-1 checkpoints and the shared objects;
-the scheduler (ASHA, asha_configs or FIFO), the search algorithm, the callbacks and the run config."""
+the scheduler (ASHA, asha_configs, PBT or FIFO), the search algorithm, the callbacks and the run config."""
 
 from __future__ import annotations
 
@@ -41,6 +41,10 @@ def _scheduler(cfg: ExperimentConfig, limit: int | None):
     if cfg.scheduler.type == "fifo":
         return None
     s = cfg.scheduler
+    if s.type == "pbt":
+        from pipelines.tune.pbt import pbt_scheduler
+
+        return pbt_scheduler(cfg)
     if s.type == "asha_configs":
         from pipelines.tune.asha import ConfigASHA
 
@@ -218,7 +222,8 @@ def build_tuner(
             # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
             # retry resumes from), so the best epoch survives num_to_keep
             checkpoint_config=tune.CheckpointConfig(
-                num_to_keep=cfg.run.checkpoints_to_keep,
+                # PBT copies other trials' checkpoints, which must still exist then: at least 3 per trial
+                num_to_keep=max(cfg.run.checkpoints_to_keep, 3 if cfg.scheduler.type == "pbt" else 1),
                 checkpoint_score_attribute=cfg.scheduler.metric,
                 checkpoint_score_order=cfg.scheduler.mode,
             ),

@@ -1,0 +1,115 @@
+"""Population-based training over the searched stage-2 hyperparameters (``scheduler.type: pbt``), seed-aware.
+
+Tune's ``PopulationBasedTraining`` runs the trials of ``space`` as the population. Every ``perturbation_interval``
+(in ``scheduler.time_attr`` units) a member in the bottom ``quantile_fraction`` of the population copies the
+checkpoint of a member in the top fraction (exploit) and perturbs the copied values (explore): a value of a grid or
+choice moves to a neighbouring value (or is drawn again with ``resample_probability``), a value of a range is
+multiplied by 0.8 or 1.2 (or drawn again). The trial then goes on from that checkpoint with its new values: the
+engine restores the weights, optimizer, schedule and RNG states and builds the sampler and the loss from the new
+values, so the next epoch draws with the new λ (``lt_models.engine.loop``; a resume with a new λ equals a
+``stage2.lam_schedule`` run bit for bit). Every evaluation reports the λ and ξ it trained with, so each trial's
+schedule is a metric series in MLflow, and the best trial's schedule replays as ``stage2.lam_schedule``.
+
+With ``search.seeds`` the population is configurations x seeds, and one noisy number never decides an exploit:
+
+- the population is ranked by configuration (the members that hold the same values), on the mean of the members'
+  last scores; the bottom and top ``quantile_fraction`` of the configurations are the candidates;
+- a member of a bottom configuration copies the member **of its own seed** in the best top configuration that has
+  one, and only when the verdict rule says its configuration is worse: the paired differences over the seeds that
+  both configurations hold (their last scores) give a Student-t 95% interval entirely below zero
+  (``pipelines.analysis.evidence``, seeds only). Otherwise it keeps training as it is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import PopulationBasedTraining
+
+from pipelines.analysis import evidence
+from pipelines.config.experiment import ExperimentConfig
+from pipelines.config.sections import TIME_ATTRS
+
+MUTABLE = ("lam", "xi")  # what a perturbation may change: the sampler's λ and ACSL's ξ
+
+
+def hyperparam_mutations(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Each searched key's domain: the list of a grid / choice, the Tune range of the others."""
+    return {k: list(p.args) if p.is_list else p.to_tune() for k, p in cfg.space.items()}
+
+
+class SeedAwarePBT(PopulationBasedTraining):
+    """Tune's PBT, ranking configurations over their seeds and exploiting only on a verdict (module docstring)."""
+
+    def __init__(self, *, seeds: list[int], default_seed: int, **kw):
+        super().__init__(**kw)
+        self._seeds, self._default_seed = list(seeds), default_seed
+
+    def _seed_of(self, trial: Trial) -> int:
+        return int(trial.config.get("seed", self._default_seed))
+
+    def _config_of(self, trial: Trial) -> tuple:
+        return tuple((k, trial.config.get(k)) for k in sorted(self._hyperparam_mutations))
+
+    def _groups(self) -> dict[tuple, list[Trial]]:
+        """The running members with a score, by configuration."""
+        groups: dict[tuple, list[Trial]] = {}
+        for trial, state in self._trial_state.items():
+            if state.last_score is not None and not np.isnan(state.last_score) and not trial.is_finished():
+                groups.setdefault(self._config_of(trial), []).append(trial)
+        return groups
+
+    def _group_score(self, members: list[Trial]) -> float:
+        return float(np.mean([self._trial_state[t].last_score for t in members]))
+
+    def _quantiles(self) -> tuple[list[Trial], list[Trial]]:
+        if len(self._seeds) < 2:
+            return super()._quantiles()
+        groups = sorted(self._groups().values(), key=self._group_score)
+        if len(groups) <= 1:
+            return [], []
+        n = min(int(np.ceil(len(groups) * self._quantile_fraction)), len(groups) // 2)
+        lower = [t for g in groups[:n] for t in g]
+        upper = [t for g in groups[len(groups) - n :] for t in g]
+        return lower, upper
+
+    def donor(self, trial: Trial, upper: list[Trial]) -> Trial | None:
+        """The member of ``trial``'s seed in the best top configuration that the verdict rule says is better."""
+        groups = self._groups()
+        score = {t: float(self._trial_state[t].last_score or 0.0) for g in groups.values() for t in g}
+        mine = {self._seed_of(t): score[t] for t in groups.get(self._config_of(trial), [])}
+        candidates = {self._config_of(t) for t in upper}
+        for config in sorted(candidates, key=lambda c: -self._group_score(groups[c])):
+            theirs = {self._seed_of(t): t for t in groups[config]}
+            shared = sorted(set(mine) & set(theirs))
+            if self._seed_of(trial) not in theirs or len(shared) < 2:
+                continue
+            diff = [score[theirs[s]] - mine[s] for s in shared]  # PBT's scores are "higher is better"
+            if evidence.verdicts([evidence.interval(diff)])[0].word == "better":
+                return theirs[self._seed_of(trial)]
+        return None
+
+    def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        if len(self._seeds) < 2 or trial not in lower_quantile:
+            return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+        donor = self.donor(trial, upper_quantile)
+        if donor is None:  # not worse by the verdict rule: it keeps training as it is
+            return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, [])
+        return super()._checkpoint_or_exploit(trial, tune_controller, [donor], [trial])
+
+
+def pbt_scheduler(cfg: ExperimentConfig) -> PopulationBasedTraining:
+    """The PBT scheduler of ``cfg`` (seed-aware with two or more ``search.seeds``)."""
+    s = cfg.scheduler
+    return SeedAwarePBT(
+        seeds=cfg.seeds,
+        default_seed=cfg.seed,
+        time_attr=TIME_ATTRS[s.time_attr],
+        perturbation_interval=s.perturbation_interval,
+        hyperparam_mutations=hyperparam_mutations(cfg),
+        quantile_fraction=s.quantile_fraction,
+        resample_probability=s.resample_probability,
+        synch=False,
+    )
