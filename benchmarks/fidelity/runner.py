@@ -128,13 +128,21 @@ def run_one(job: dict) -> dict:
     return record
 
 
+def _set_fields(d):
+    """A spec dict without its unset (None) fields, at every level: a field added to the spec later, unset, leaves
+    a record written before it valid."""
+    if isinstance(d, dict):
+        return {k: _set_fields(v) for k, v in d.items() if v is not None}
+    return d
+
+
 def cached(path: Path, spec: dict) -> dict | None:
     """The cache record at ``path`` if it was written for this very spec."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("spec") != spec:
+    if _set_fields(record.get("spec")) != _set_fields(spec):
         return None
     return record
 
