@@ -140,7 +140,9 @@ def run_scenario(root: Path) -> dict:
     ray.init(num_cpus=3, include_dashboard=True, dashboard_port=port, log_to_driver=False)
     try:
         summary = sweep.run_sweep(cfg, verbose=0, register=False)
-        controllers = [a.state for a in list_actors(filters=[("class_name", "=", "TrainController")], limit=1000)]
+        # this session's own dashboard (other Ray sessions on the machine must not make the lookup ambiguous)
+        here = f"http://127.0.0.1:{port}"
+        controllers = [a.state for a in list_actors(here, filters=[("class_name", "=", "TrainController")], limit=1000)]
     finally:
         ray.shutdown()
     return {
