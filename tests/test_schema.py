@@ -112,6 +112,7 @@ def test_summarize_uses_the_rule():
         scheduler=SimpleNamespace(metric="AP", mode="max"),
         run=SimpleNamespace(storage_path="/st"),
         report=SimpleNamespace(baseline=None),
+        eval=SimpleNamespace(every=1),
     )
     results = [result("a", 0.9, 1), result("b", 0.5, 3), result("c", 0.99, 3, error=RuntimeError("boom\nlast line"))]
     summary = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="sqlite:////st/mlflow.db")
@@ -153,6 +154,7 @@ def test_a_trial_failing_on_bad_input_is_one_line_and_exit_2():
         scheduler=SimpleNamespace(metric="AP", mode="max"),
         run=SimpleNamespace(storage_path="/st"),
         report=SimpleNamespace(baseline=None),
+        eval=SimpleNamespace(every=1),
     )
     bad = Wrapped(AnnotationError("train.json: annotation id 7: field 'bbox' has w <= 0; fix it"))
     s = summarize(cfg, [result("a"), result("b", bad)], None, False, experiment_path="/st/s", tracking_uri="x")

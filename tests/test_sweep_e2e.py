@@ -177,7 +177,13 @@ def test_one_stage1_training_shared_by_every_trial(interrupted_and_resumed):
         assert {r["pretrain_sha256"] for r in trial_results(t.path)} == {sha}
         spec = json.loads(next(Path(t.path).glob("checkpoint_*/spec.json")).read_text())
         assert spec["stage"] == "stage2" and spec["loss"]["name"] == t.config["loss"]
-        assert spec["sampler"] == {"name": "softbalance", "lam": t.config["lam"], "num_samples": 24, "threshold": None}
+        assert spec["sampler"] == {
+            "name": "softbalance",
+            "lam": t.config["lam"],
+            "num_samples": 24,
+            "threshold": None,
+            "lam_schedule": None,
+        }
     # another sweep with the same stage-1 settings and data reuses the checkpoint instead of training again
     other = make_cfg(Path(cfg.run.storage_path).parent, "other", space={"lam": {"grid": [0.7]}})
     again = pretrain.ensure_stage1(other)
