@@ -8,14 +8,13 @@ import pytest
 import torch
 from scipy.stats import binomtest, chisquare
 
+from lt_models.data.repeat_factor import RepeatFactorSampler, repeat_factors
 from lt_models.data.sampler_spec import SAMPLERS, SamplerSpec, build_sampler
 from lt_models.data.samplers import (
     ClassAwareSampler,
     NonBalanceSampler,
-    RepeatFactorSampler,
     SoftBalanceSampler,
     class_to_images,
-    repeat_factors,
     shard,
     soft_balance_probabilities,
 )

@@ -7,16 +7,15 @@ import dataclasses
 
 import torch.utils.data
 
+from lt_models.data.repeat_factor import RepeatFactorSampler, check_threshold
 from lt_models.data.samplers import (
     ClassAwareSampler,
     NonBalanceSampler,
-    RepeatFactorSampler,
     SoftBalanceSampler,
     check_csr,
     check_lam,
     check_lam_schedule,
     check_num_samples,
-    check_threshold,
     lam_at,
 )
 from lt_models.errors import ConfigError, check_spec_options

@@ -1,4 +1,5 @@
-"""Image samplers for long-tail detection training: non-balance, soft-balance(λ), class-aware, repeat-factor.
+"""Image samplers for long-tail detection training: non-balance, soft-balance(λ), class-aware (repeat-factor, the
+LVIS baseline, is in ``lt_models.data.repeat_factor``).
 
 Every sampler is a ``torch.utils.data.Sampler`` that yields dataset indices (0-based image positions). They are
 built from the flat label table ``LVISDetection.label_csr()`` returns:
@@ -35,12 +36,10 @@ from lt_models.errors import AnnotationError, ConfigError
 __all__ = [
     "soft_balance_probabilities",
     "class_to_images",
-    "repeat_factors",
     "shard",
     "NonBalanceSampler",
     "SoftBalanceSampler",
     "ClassAwareSampler",
-    "RepeatFactorSampler",
 ]
 
 _CSR_FIX = "build them with LVISDetection.label_csr() (indptr [n_images+1], labels = 0-based class indices)"
@@ -217,52 +216,12 @@ def class_to_images(indptr, labels, num_classes: int) -> tuple[np.ndarray, np.nd
     return class_indptr, class_images
 
 
-def repeat_factors(indptr, labels, num_classes: int, threshold: float = 0.001) -> np.ndarray:
-    """Per-image repeat factors of repeat-factor sampling (LVIS paper, Gupta et al. CVPR 2019, §5 / detectron2's
-    ``RepeatFactorTrainingSampler.repeat_factors_from_category_frequency``).
-
-    f(c) = fraction of the n_images images that contain class c, r(c) = max(1, sqrt(t / f(c))), and an image's
-    factor is the max of r(c) over its classes. Images without labels get 1 (detectron2: ``max(..., default=1)``);
-    classes without images never enter an image's max. ``threshold`` t = 0 gives factor 1 everywhere.
-
-    Returns float64 [n_images].
-    """
-    t = check_threshold(threshold)
-    indptr, labels, num_classes = check_csr(indptr, labels, num_classes)
-    num_images = indptr.size - 1
-    class_indptr, _ = class_to_images(indptr, labels, num_classes)
-    freq = np.diff(class_indptr) / max(num_images, 1)
-    with np.errstate(divide="ignore"):
-        class_rep = np.where(freq > 0, np.maximum(1.0, np.sqrt(t / np.where(freq > 0, freq, 1.0))), 1.0)
-    factors = np.ones(num_images, dtype=np.float64)
-    nonempty = np.diff(indptr) > 0
-    if nonempty.any():
-        # Empty images own no labels, so the segments between consecutive non-empty starts are exactly the
-        # labels of each non-empty image.
-        factors[nonempty] = np.maximum.reduceat(class_rep[labels], indptr[:-1][nonempty])
-    return factors
-
-
 def check_num_samples(num_samples) -> int:
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ConfigError(
             f"num_samples = {num_samples!r}: the epoch length must be an int >= 1 (default: the number of images)"
         )
     return int(num_samples)
-
-
-def check_threshold(threshold) -> float:
-    try:
-        t = float(threshold)
-    except (TypeError, ValueError):
-        raise ConfigError(
-            f"threshold = {threshold!r}: the repeat-factor threshold t must be a number >= 0 (LVIS uses 0.001)"
-        ) from None
-    if not math.isfinite(t) or t < 0:
-        raise ConfigError(
-            f"threshold = {threshold!r}: the repeat-factor threshold t must be a finite number >= 0 (LVIS uses 0.001)"
-        )
-    return t
 
 
 def shard(draws: np.ndarray, rank: int, world_size: int) -> np.ndarray:
@@ -431,42 +390,3 @@ class ClassAwareSampler(SoftBalanceSampler):
         super().__init__(
             indptr, labels, num_classes, lam=1.0, num_samples=num_samples, seed=seed, rank=rank, world_size=world_size
         )
-
-
-class RepeatFactorSampler(_EpochSampler):
-    """Repeat-factor sampling (LVIS / detectron2 ``RepeatFactorTrainingSampler``), a baseline.
-
-    Image i has factor r_i (``repeat_factors``); each epoch it appears floor(r_i) times plus once more with
-    probability frac(r_i) (stochastic rounding, drawn per epoch), and the epoch is shuffled. The epoch length
-    therefore varies around Σ r_i from epoch to epoch; ``len()`` is that of the current epoch.
-    """
-
-    def __init__(
-        self,
-        indptr,
-        labels,
-        num_classes: int,
-        threshold: float = 0.001,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        super().__init__(seed, rank, world_size)
-        self.threshold = check_threshold(threshold)
-        self.factors = repeat_factors(indptr, labels, num_classes, self.threshold)
-        self._int_part = np.floor(self.factors).astype(np.int64)
-        self._frac_part = self.factors - self._int_part
-        self._cache: tuple[int, np.ndarray] | None = None
-
-    def epoch_indices(self, epoch: int | None = None) -> np.ndarray:
-        epoch = self.epoch if epoch is None else int(epoch)
-        if self._cache is not None and self._cache[0] == epoch:
-            return self._cache[1]
-        rng = self._rng(epoch)
-        reps = self._int_part + (rng.random(len(self.factors)) < self._frac_part)
-        indices = rng.permutation(np.repeat(np.arange(len(self.factors)), reps))
-        self._cache = (epoch, indices)
-        return indices
-
-    def __len__(self) -> int:
-        return -(-len(self.epoch_indices()) // self.world_size)
