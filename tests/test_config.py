@@ -531,3 +531,12 @@ def test_a_lam_schedule_replaces_lam_and_is_never_mixed_with_it(tmp_path, base):
     assert "stage2.lam_schedule is ignored" in _error(tmp_path, other)
     bad = dict(base, space={}, stage2={"epochs": 4, "lam_schedule": [[1, 0.5]]})
     assert "first at epoch 0" in _error(tmp_path, bad)
+
+
+def test_pbt_perturbs_lam_xi_or_lr_of_a_population(tmp_path, base):
+    pbt = {"type": "pbt", "perturbation_interval": 2, "quantile_fraction": 0.5}
+    cfg = load_experiment_config(_write(tmp_path, dict(base, scheduler=pbt, space={"lr": {"loguniform": [1e-3, 0.1]}})))
+    assert cfg.scheduler.type == "pbt" and cfg.scheduler.perturbation_interval == 2
+    bad = dict(base, scheduler=pbt, space={"loss": {"grid": ["acsl", "concurrent_softmax"]}})
+    assert "space of lam, xi and / or lr (got ['loss'])" in _error(tmp_path, bad)
+    assert "quantile_fraction" in _error(tmp_path, dict(base, scheduler={"type": "pbt", "quantile_fraction": 0.8}))

@@ -349,6 +349,17 @@ def test_a_lam_schedule_equals_a_resume_with_the_new_lam_and_reports_lam(bench, 
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_resume_with_a_new_lr_goes_on_at_the_same_point_of_the_schedule(bench, tmp_path):
+    """What a PBT exploit that perturbed the learning rate does: the donor's checkpoint, the new base lr, the same
+    point of the warm-up / step schedule (small_spec: warm-up 2 iterations, x0.1 after epoch 1 = iteration 2)."""
+    first = train(small_spec(bench, epochs=1), tmp_path / "a")
+    resumed = train(small_spec(bench, lr=0.05), tmp_path / "b", resume_checkpoint=first["checkpoint_dir"])
+    state = torch.load(os.path.join(resumed["checkpoint_dir"], "checkpoint.pt"), weights_only=False)
+    group = state["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 0.05 and group["lr"] == pytest.approx(0.05 * 0.1)  # 4 iterations: after the step
+    assert state["scheduler"]["base_lrs"] == [0.05]
+
+
 def test_hybrid_stage2_restores_stage1_and_trains_only_the_classifier(bench, tmp_path):
     trial = small_spec(
         bench,

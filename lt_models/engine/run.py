@@ -170,11 +170,24 @@ def build_run(
     )
 
 
+def _apply_base_lr(run: Run) -> None:
+    """A resume with a new ``spec.lr`` (a PBT exploit that perturbed the learning rate) goes on at the same point of
+    the schedule with the new base lr; with the checkpoint's own lr nothing changes."""
+    sched, lr = run.scheduler, float(run.spec.lr)
+    if all(b == lr for b in sched.base_lrs):
+        return
+    sched.base_lrs = [lr] * len(sched.base_lrs)
+    for group, factor in zip(run.optimizer.param_groups, sched.lr_lambdas):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor(sched.last_epoch)
+
+
 def resume_run(run: Run, resume_checkpoint: str | Path) -> dict | None:
     """Restore model, optimizer, schedule, RNGs and counters from ``resume_checkpoint``; the checkpoint's own
     evaluation when nothing is left to train, else None."""
     state = load_checkpoint(resume_checkpoint, run.model, run.optimizer, run.scheduler, run.scaler)
     run.start_epoch, run.iteration = state["epoch"], state["iteration"]
+    _apply_base_lr(run)
     run.images = int(state["extra"].get("images", 0))
     run.run_id = state["extra"].get("run_id") or run.run_id
     rank_rng = state["extra"].get("rank_rng")

@@ -43,6 +43,7 @@ from lt_models.losses.registry import loss_inputs
 from pipelines.config.resources import ResourcesConfig
 from pipelines.config.run_settings import RunSettings
 from pipelines.config.sections import (
+    PBT_KEYS,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -171,11 +172,11 @@ class ExperimentConfig(StrictModel):
     def _pbt_fits(self):
         if self.scheduler.type != "pbt":
             return self
-        bad = sorted(set(self.space) - {"lam", "xi"})
+        bad = sorted(set(self.space) - set(PBT_KEYS))
         if self.search.algorithm != "basic" or self.search.configs is not None or not self.space or bad:
             raise ValueError(
-                "scheduler.type pbt perturbs the searched λ / ξ of a population: search.algorithm basic, a space "
-                f"of lam and / or xi (got {sorted(self.space) or 'none'}), no search.configs"
+                "scheduler.type pbt perturbs the searched λ / ξ / lr of a population: search.algorithm basic, a "
+                f"space of lam, xi and / or lr (got {sorted(self.space) or 'none'}), no search.configs"
             )
         return self
 

@@ -244,6 +244,9 @@ class EvalConfig(StrictModel):
     )
 
 
+# what a PBT perturbation may change (scheduler.type pbt): the sampler's λ, ACSL's ξ, the learning rate
+PBT_KEYS = ("lam", "xi", "lr")
+
 # scheduler.time_attr -> the result key ASHA counts a trial's budget in
 TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "images": "images"}
 
@@ -252,7 +255,7 @@ class SchedulerConfig(StrictModel):
     type: Literal["asha", "asha_configs", "fifo", "pbt"] = Field(
         default="asha",
         description="asha = Tune's ASHA (trials judged alone); asha_configs = halving over configurations on "
-        "their mean over seeds (pipelines.tune.asha); pbt = population-based training of the searched λ / ξ, "
+        "their mean over seeds (pipelines.tune.asha); pbt = population-based training of the searched λ / ξ / lr, "
         "seed-aware with search.seeds (pipelines.tune.pbt); fifo = none",
     )
     metric: str = "AP"

@@ -32,8 +32,6 @@ from pipelines.analysis import evidence
 from pipelines.config.experiment import ExperimentConfig
 from pipelines.config.sections import TIME_ATTRS
 
-MUTABLE = ("lam", "xi")  # what a perturbation may change: the sampler's λ and ACSL's ξ
-
 
 def hyperparam_mutations(cfg: ExperimentConfig) -> dict[str, Any]:
     """Each searched key's domain: the list of a grid / choice, the Tune range of the others."""
