@@ -11,8 +11,14 @@ median of 3 calls of evaluate_lvis. peak_rss_mb is the process's peak resident m
 ran and before lvis-api starts. It includes the generated case (1.5 M result dicts, most of it). The
 "ltsweep evaluate_lvis" line gives the evaluator's own increment. lvis-api's peak is printed too.
 
-Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis]
-Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...}
+Other exact LVIS evaluators, when installed (``pip install hotcoco ultrafast-pycocotools``), run on the same case,
+each in a child process of its own (``--backends``): the time of the evaluation from the loaded case (their own
+ground-truth object and result list), the peak memory above the loaded case, and the largest difference from
+lvis-api over the summary metrics (``backends`` in the JSON line).
+
+Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis] [--backends hotcoco ultrafast]
+Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...,
+"backends": {name: {"seconds", "peak_above_case_mb", "max_abs_diff_vs_lvis_api"} or {"missing": why}}}
 """
 
 from __future__ import annotations
@@ -168,11 +174,78 @@ def run_lvis_api(gt: dict, dets: list[dict]) -> tuple[dict, float]:
     return {k: float(v) for k, v in ev.get_results().items()}, dt
 
 
+SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+def _backend_run(name: str, gt_path: str, dets_path: str, out) -> None:
+    """Child process: load the case, evaluate it with backend ``name``, send (seconds, peak above the case, results)."""
+    import contextlib
+    import io
+
+    dets = json.loads(Path(dets_path).read_text())
+    with contextlib.redirect_stdout(io.StringIO()):
+        if name == "hotcoco":
+            import hotcoco
+
+            gt = hotcoco.COCO(gt_path)
+            base = _current_rss_mb()
+            t0 = time.perf_counter()
+            ev = hotcoco.LVISEval(gt, hotcoco.LVISResults(gt, dets, max_dets=300), "bbox")
+            ev.run()
+            res = dict(ev.get_results())
+        else:
+            import ultrafast_pycocotools as uf
+
+            gt = uf.COCO(gt_path)
+            base = _current_rss_mb()
+            t0 = time.perf_counter()
+            ev = uf.COCOeval(gt, gt.loadRes(dets), "bbox", lvis_style=True)
+            ev.evaluate()
+            ev.accumulate()
+            ev.summarize()
+            res = dict(ev.stats_as_dict)
+    seconds = time.perf_counter() - t0
+    out.put((seconds, _peak_rss_mb() - base, {k: float(res[k]) for k in SUMMARY_KEYS if k in res}))
+
+
+def run_backends(names: list[str], gt: dict, dets: list[dict], ref: dict | None) -> dict:
+    """Each installed backend on the case, in a child process of its own; why a backend is missing otherwise."""
+    import importlib.util
+    import multiprocessing as mp
+    import tempfile
+
+    modules = {"hotcoco": "hotcoco", "ultrafast": "ultrafast_pycocotools"}
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        gt_path, dets_path = Path(tmp) / "gt.json", Path(tmp) / "dets.json"
+        gt_path.write_text(json.dumps(gt))
+        dets_path.write_text(json.dumps(dets))
+        for name in names:
+            if importlib.util.find_spec(modules[name]) is None:
+                out[name] = {"missing": f"pip install {modules[name].replace('_', '-')}"}
+                continue
+            ctx = mp.get_context("spawn")
+            q = ctx.Queue()
+            proc = ctx.Process(target=_backend_run, args=(name, str(gt_path), str(dets_path), q))
+            proc.start()
+            seconds, peak, res = q.get()
+            proc.join()
+            diff = None if ref is None else max(abs(res[k] - ref[k]) for k in res if k in ref)
+            out[name] = {
+                "seconds": round(seconds, 2),
+                "peak_above_case_mb": round(peak, 1),
+                "max_abs_diff_vs_lvis_api": diff,
+            }
+            print(f"{name}: {out[name]}", flush=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-lvis", action="store_true", help="time only our evaluator (no speedup figure)")
+    ap.add_argument("--backends", nargs="*", default=["hotcoco", "ultrafast"], choices=["hotcoco", "ultrafast"])
     args = ap.parse_args(argv)
     logging.getLogger("lvis").setLevel(logging.ERROR)
 
@@ -200,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("ours: " + json.dumps({k: round(v, 5) for k, v in ours.items() if k != "per_class"}), flush=True)
     if args.skip_lvis:
+        backends = run_backends(args.backends, gt, dets, None)
         print(
             json.dumps(
                 {
@@ -207,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
                     "speedup_vs_lvis_api": None,
                     "max_abs_diff": None,
                     "peak_rss_mb": round(peak_ours, 1),
+                    "backends": backends,
                 }
             )
         )
@@ -219,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     max_diff = max(abs(ours[k] - ref[k]) for k in keys)
     all_diff = max(abs(ours[k] - ref[k]) for k in ref)
     print(f"max |diff| over AP/APr/APc/APf: {max_diff:.3g}; over all {len(ref)} summary metrics: {all_diff:.3g}")
+    backends = run_backends(args.backends, gt, dets, ref)
     print(
         json.dumps(
             {
@@ -226,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                 "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
                 "max_abs_diff": max_diff,
                 "peak_rss_mb": round(peak_ours, 1),
+                "backends": backends,
             }
         )
     )
