@@ -45,7 +45,6 @@ objects and labels, writes the LVIS JSON and runs `generate_benchmark`.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
@@ -70,7 +69,7 @@ from lt_models.data.synthetic.layout import (
     zipf_targets,
 )
 from lt_models.data.synthetic.render import render_chunk, render_image, shape_mask
-from lt_models.data.synthetic.scenes import place_boxes_occluding, scene_image_slots
+from lt_models.data.synthetic.scenes import candidate_boxes, place_boxes_occluding, scene_image_slots
 
 # ---------------------------------------------------------------------------------------------------------
 # Split specification: which objects go where and which labels they get (no pixels yet)
@@ -88,16 +87,10 @@ def _place_boxes(rng: random.Random, n: int, p: Preset) -> list[list[int]]:
         )
 
     for _ in range(n):
-        size = rng.uniform(p.min_size, p.max_size)
-        for _attempt in range(60):
-            aspect = math.exp(rng.uniform(-0.3, 0.3))
-            w = min(max(round(size * math.sqrt(aspect)), 12), S - 2)
-            h = min(max(round(size / math.sqrt(aspect)), 12), S - 2)
-            x, y = rng.randrange(1, S - w), rng.randrange(1, S - h)
+        for x, y, w, h in candidate_boxes(rng, p):
             if free(x, y, w, h):
                 boxes.append([x, y, w, h])
                 break
-            size = max(12.0, size * 0.93)
         else:
             # crowded image: a small box in the first free spot of a coarse grid (always exists for n <= 4)
             spot = next((gx, gy) for gy in range(1, S - 14, 7) for gx in range(1, S - 14, 7) if free(gx, gy, 12, 12))

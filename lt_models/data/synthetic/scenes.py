@@ -87,6 +87,19 @@ def _cover(boxes: list[list[int]], covered: list[np.ndarray], cand: tuple[int, i
     return out
 
 
+def candidate_boxes(rng: random.Random, p: Preset, attempts: int = 60):
+    """Up to ``attempts`` candidate boxes (x, y, w, h) for one object: a size from the preset, a random aspect and
+    position, the size shrunk by 7% after each candidate the caller rejects (it stops asking once one fits)."""
+    S = p.image_size
+    size = rng.uniform(p.min_size, p.max_size)
+    for _ in range(attempts):
+        aspect = math.exp(rng.uniform(-0.3, 0.3))
+        w = min(max(round(size * math.sqrt(aspect)), 12), S - 2)
+        h = min(max(round(size / math.sqrt(aspect)), 12), S - 2)
+        yield rng.randrange(1, S - w), rng.randrange(1, S - h), w, h
+        size = max(12.0, size * 0.93)
+
+
 def place_boxes_occluding(rng: random.Random, n: int, p: Preset) -> list[list[int]]:
     """n integer boxes [x, y, w, h] inside the image, drawn in order; later boxes cover <= p.max_occlusion of any."""
     S = p.image_size
@@ -104,14 +117,9 @@ def place_boxes_occluding(rng: random.Random, n: int, p: Preset) -> list[list[in
         return True
 
     for _ in range(n):
-        size = rng.uniform(p.min_size, p.max_size)
-        for _attempt in range(60):
-            aspect = math.exp(rng.uniform(-0.3, 0.3))
-            w = min(max(round(size * math.sqrt(aspect)), 12), S - 2)
-            h = min(max(round(size / math.sqrt(aspect)), 12), S - 2)
-            if accept((rng.randrange(1, S - w), rng.randrange(1, S - h), w, h)):
+        for cand in candidate_boxes(rng, p):
+            if accept(cand):
                 break
-            size = max(12.0, size * 0.93)
         else:  # crowded image: the first 12 x 12 spot of a coarse grid that keeps every cap
             spots = ((gx, gy, 12, 12) for gy in range(1, S - 13, 5) for gx in range(1, S - 13, 5))
             if not any(accept(spot) for spot in spots):
