@@ -540,3 +540,16 @@ def test_pbt_perturbs_lam_xi_or_lr_of_a_population(tmp_path, base):
     bad = dict(base, scheduler=pbt, space={"loss": {"grid": ["acsl", "concurrent_softmax"]}})
     assert "space of lam, xi and / or lr (got ['loss'])" in _error(tmp_path, bad)
     assert "quantile_fraction" in _error(tmp_path, dict(base, scheduler={"type": "pbt", "quantile_fraction": 0.8}))
+
+
+def test_pb2_explores_between_the_grid_bounds(tmp_path, base):
+    from pipelines.tune.pbt import SeedAwarePB2, pbt_scheduler
+
+    raw = dict(
+        base, scheduler={"type": "pb2"}, space={"lam": {"grid": [0.0, 0.5, 1.0]}, "lr": {"uniform": [0.01, 0.04]}}
+    )
+    scheduler = pbt_scheduler(load_experiment_config(_write(tmp_path, raw)))
+    assert isinstance(scheduler, SeedAwarePB2)
+    assert scheduler._hyperparam_bounds == {"lam": [0.0, 1.0], "lr": [0.01, 0.04]}
+    bad = dict(raw, space={"sampler": {"grid": ["softbalance", "nonbalance"]}})
+    assert "scheduler.type pb2 perturbs the searched λ / ξ / lr" in _error(tmp_path, bad)

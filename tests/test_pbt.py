@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 import yaml
+from ray.tune.schedulers.pbt import _PBTTrialState
 
 from faults.common import TINY, Workspace, config_dict
 from lt_models.data.synthetic.generate import generate_benchmark
@@ -15,7 +16,7 @@ from pipelines.analysis.schedule import lam_schedule, trial_lam_schedule
 from pipelines.analysis.summary import print_summary
 from pipelines.config.load import load_experiment_config
 from pipelines.tune import sweep
-from pipelines.tune.pbt import SeedAwarePBT
+from pipelines.tune.pbt import SeedAwarePB2, SeedAwarePBT, pbt_scheduler
 
 
 class Member:
@@ -23,6 +24,7 @@ class Member:
 
     def __init__(self, lam, seed):
         self.config = {"lam": lam, "seed": seed}
+        self.experiment_tag = f"lam={lam},seed={seed}"
 
     def is_finished(self):
         return False
@@ -56,6 +58,37 @@ def test_no_exploit_when_the_configurations_cannot_be_told_apart():
     lower, upper = pbt._quantiles()
     assert {t.config["lam"] for t in lower} == {0.0} and {t.config["lam"] for t in upper} == {1.0}
     assert pbt.donor(m[(0.0, 0)], upper) is None
+
+
+def test_the_seeds_of_a_configuration_take_the_same_explored_values():
+    # each (configuration, donor configuration, time) is explored once: without that, seed 0 and seed 1 of lam 0
+    # would perturb lam 1 independently (to 0.5, 1.0 or a fresh draw) and the configuration would split up
+    pbt, m = population({0.0: [0.10, 0.12, 0.11], 0.5: [0.20, 0.21, 0.19], 1.0: [0.30, 0.32, 0.31]})
+    drawn = []
+    for time in range(1, 21):
+        for t in m.values():
+            pbt._trial_state[t].last_train_time = time
+        news = [pbt._get_new_config(m[(0.0, s)], m[(1.0, s)])[0] for s in range(3)]
+        assert [n["seed"] for n in news] == [0, 1, 2] and len({n["lam"] for n in news}) == 1
+        drawn.append(news[0]["lam"])
+    assert len(set(drawn)) > 1  # a new time draws again
+
+
+def test_pb2_explores_within_the_searched_bounds_and_moves_a_configuration_together(tmp_path):
+    pb2 = SeedAwarePB2(seeds=[0, 1, 2], default_seed=0, time_attr="training_iteration", perturbation_interval=1,
+                       hyperparam_bounds={"lam": [0.0, 1.0]}, quantile_fraction=0.34, metric="AP",
+                       mode="max")  # fmt: skip
+    members = [Member(lam, seed) for lam in (0.0, 0.5, 1.0) for seed in range(3)]
+    for t in members:
+        pb2._trial_state[t] = _PBTTrialState(t)
+        for time in (1, 2):  # the score grows with λ: the bandit's data
+            state = pb2._trial_state[t]
+            pb2._save_trial_state(
+                state, time, {"training_iteration": time, "AP": 0.1 + 0.2 * t.config["lam"] * time}, t
+            )
+    news = [pb2._get_new_config(m, d)[0] for m, d in zip(members[:3], members[6:])]
+    assert len({n["lam"] for n in news}) == 1 and 0.0 <= news[0]["lam"] <= 1.0
+    assert [n["seed"] for n in news] == [0, 1, 2]
 
 
 def test_lam_schedule_from_the_reports():

@@ -44,6 +44,7 @@ from pipelines.config.resources import ResourcesConfig
 from pipelines.config.run_settings import RunSettings
 from pipelines.config.sections import (
     PBT_KEYS,
+    POPULATION_SCHEDULERS,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -170,13 +171,14 @@ class ExperimentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _pbt_fits(self):
-        if self.scheduler.type != "pbt":
+        kind = self.scheduler.type
+        if kind not in POPULATION_SCHEDULERS:
             return self
         bad = sorted(set(self.space) - set(PBT_KEYS))
         if self.search.algorithm != "basic" or self.search.configs is not None or not self.space or bad:
             raise ValueError(
-                "scheduler.type pbt perturbs the searched λ / ξ / lr of a population: search.algorithm basic, a "
-                f"space of lam, xi and / or lr (got {sorted(self.space) or 'none'}), no search.configs"
+                f"scheduler.type {kind} perturbs the searched λ / ξ / lr of a population: search.algorithm basic, "
+                f"a space of lam, xi and / or lr (got {sorted(self.space) or 'none'}), no search.configs"
             )
         return self
 
@@ -188,7 +190,7 @@ class ExperimentConfig(StrictModel):
                 "scheduler.type asha_configs pauses trials at rungs until the whole grid has reported "
                 "there, which needs search.algorithm: basic; with optuna use scheduler.type: asha"
             )
-        if sch.type not in ("fifo", "pbt") and sch.time_attr != "evaluations":
+        if sch.type not in ("fifo", *POPULATION_SCHEDULERS) and sch.time_attr != "evaluations":
             if sch.max_t is None:
                 raise ValueError(
                     f"scheduler.max_t is required with time_attr {sch.time_attr}: the {sch.time_attr} "
@@ -201,7 +203,7 @@ class ExperimentConfig(StrictModel):
                     f"({sch.time_attr}); lower grace_period"
                 )
             return self
-        if sch.type not in ("fifo", "pbt") and sch.grace_period > self.evals_per_trial:
+        if sch.type not in ("fifo", *POPULATION_SCHEDULERS) and sch.grace_period > self.evals_per_trial:
             raise ValueError(
                 f"scheduler.grace_period = {self.scheduler.grace_period} exceeds the evaluations per "
                 f"trial ({self.evals_per_trial} = scheduler.max_t or stage2.epochs / eval.every); "

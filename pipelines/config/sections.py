@@ -244,19 +244,22 @@ class EvalConfig(StrictModel):
     )
 
 
-# what a PBT perturbation may change (scheduler.type pbt): the sampler's λ, ACSL's ξ, the learning rate
+# what a PBT / PB2 perturbation may change (scheduler.type pbt / pb2): the sampler's λ, ACSL's ξ, the learning rate
 PBT_KEYS = ("lam", "xi", "lr")
+# the schedulers that evolve a population (pipelines.tune.pbt)
+POPULATION_SCHEDULERS = ("pbt", "pb2")
 
 # scheduler.time_attr -> the result key ASHA counts a trial's budget in
 TIME_ATTRS = {"evaluations": "training_iteration", "iterations": "iteration", "images": "images"}
 
 
 class SchedulerConfig(StrictModel):
-    type: Literal["asha", "asha_configs", "fifo", "pbt"] = Field(
+    type: Literal["asha", "asha_configs", "fifo", "pbt", "pb2"] = Field(
         default="asha",
         description="asha = Tune's ASHA (trials judged alone); asha_configs = halving over configurations on "
         "their mean over seeds (pipelines.tune.asha); pbt = population-based training of the searched λ / ξ / lr, "
-        "seed-aware with search.seeds (pipelines.tune.pbt); fifo = none",
+        "seed-aware with search.seeds (pipelines.tune.pbt); pb2 = the same population, explored by a Gaussian-"
+        "process bandit within the searched bounds (Tune's PB2, needs scikit-learn); fifo = none",
     )
     metric: str = "AP"
     mode: Literal["max", "min"] = "max"
@@ -275,13 +278,13 @@ class SchedulerConfig(StrictModel):
     )
 
     perturbation_interval: int = Field(
-        default=1, ge=1, description="pbt: exploit / explore every N units of time_attr (default every evaluation)"
+        default=1, ge=1, description="pbt / pb2: exploit / explore every N units of time_attr (default 1)"
     )
     quantile_fraction: float = Field(
-        default=0.25, gt=0.0, le=0.5, description="pbt: the bottom / top share of the population (copier / copied)"
+        default=0.25, gt=0.0, le=0.5, description="pbt / pb2: the population's bottom / top share (copier / copied)"
     )
     resample_probability: float = Field(
-        default=0.25, ge=0.0, le=1.0, description="pbt: chance that an explored value is drawn again, not perturbed"
+        default=0.25, ge=0.0, le=1.0, description="pbt: chance that an explored value is drawn anew (pb2: unused)"
     )
 
     _metric_name = field_validator("metric")(lambda v: one_of(v, SCHEDULER_METRICS, "metric (what trials report)"))

@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines.analysis import replicates
 from pipelines.analysis.report import log_sweep_report
+from pipelines.config.sections import POPULATION_SCHEDULERS
 from pipelines.mlflow_io.client import (
     MAX_TAG_LEN,
     code_version,
@@ -431,7 +432,7 @@ class SweepWriter:
                 last_results={t.trial_id: self._last_result(t) for t in trials},
                 baseline=(self.sweep_params.get("report") or {}).get("baseline"),
                 replicates=self.replicates,
-                schedules=self._sweep_setting("type", "") == "pbt",
+                schedules=self._sweep_setting("type", "") in POPULATION_SCHEDULERS,
             )
         except Exception as exc:
             logger.exception("MLflow: writing the sweep report failed")

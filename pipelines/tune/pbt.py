@@ -1,4 +1,5 @@
-"""Population-based training over the searched stage-2 hyperparameters (``scheduler.type: pbt``), seed-aware.
+"""Population-based training over the searched stage-2 hyperparameters (``scheduler.type: pbt`` / ``pb2``),
+seed-aware.
 
 Tune's ``PopulationBasedTraining`` runs the trials of ``space`` as the population. Every ``perturbation_interval``
 (in ``scheduler.time_attr`` units) a member in the bottom ``quantile_fraction`` of the population copies the
@@ -10,6 +11,10 @@ values, so the next epoch draws with the new λ (``lt_models.engine.loop``; a re
 ``stage2.lam_schedule`` run bit for bit). Every evaluation reports the λ and ξ it trained with, so each trial's
 schedule is a metric series in MLflow, and the best trial's schedule replays as ``stage2.lam_schedule``.
 
+``pb2`` is Tune's PB2: the same exploit step, but the explored values come from a Gaussian-process bandit fitted to
+the population's score changes, within bounds (the min and max of a grid / choice, the bounds of a range), so λ and
+ξ take values between the grid's points.
+
 With ``search.seeds`` the population is configurations x seeds, and one noisy number never decides an exploit:
 
 - the population is ranked by configuration (the members that hold the same values), on the mean of the members'
@@ -17,20 +22,26 @@ With ``search.seeds`` the population is configurations x seeds, and one noisy nu
 - a member of a bottom configuration copies the member **of its own seed** in the best top configuration that has
   one, and only when the verdict rule says its configuration is worse: the paired differences over the seeds that
   both configurations hold (their last scores) give a Student-t 95% interval entirely below zero
-  (``pipelines.analysis.evidence``, seeds only). Otherwise it keeps training as it is.
+  (``pipelines.analysis.evidence``, seeds only). Otherwise it keeps training as it is;
+- the members of one configuration that copy the same better configuration at the same time take the same explored
+  values (drawn once, for the first of them), so a configuration's seeds move together and stay one group.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import PopulationBasedTraining
+from ray.tune.schedulers.pb2 import PB2
 
+from lt_models.errors import ConfigError
 from pipelines.analysis import evidence
 from pipelines.config.experiment import ExperimentConfig
 from pipelines.config.sections import TIME_ATTRS
+from pipelines.config.space import SpaceParam
 
 
 def hyperparam_mutations(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -38,12 +49,28 @@ def hyperparam_mutations(cfg: ExperimentConfig) -> dict[str, Any]:
     return {k: list(p.args) if p.is_list else p.to_tune() for k, p in cfg.space.items()}
 
 
-class SeedAwarePBT(PopulationBasedTraining):
-    """Tune's PBT, ranking configurations over their seeds and exploiting only on a verdict (module docstring)."""
+def hyperparam_bounds(cfg: ExperimentConfig) -> dict[str, list[float]]:
+    """PB2's bounds of each searched key: [min, max] of a grid / choice, the bounds of a range."""
+    return {k: _bounds(p) for k, p in cfg.space.items()}
+
+
+def _bounds(p: SpaceParam) -> list[float]:
+    values = [float(v) for v in p.values_to_check()]
+    return [min(values), max(values)]
+
+
+class _SeedAware:
+    """Ranks configurations over their seeds and exploits only on a verdict (module docstring); mixed into Tune's
+    ``PopulationBasedTraining`` and ``PB2``."""
+
+    _trial_state: dict
+    _hyperparam_mutations: dict
+    _quantile_fraction: float
 
     def __init__(self, *, seeds: list[int], default_seed: int, **kw):
         super().__init__(**kw)
         self._seeds, self._default_seed = list(seeds), default_seed
+        self._explored: dict[tuple, tuple[dict, dict]] = {}
 
     def _seed_of(self, trial: Trial) -> int:
         return int(trial.config.get("seed", self._default_seed))
@@ -64,7 +91,7 @@ class SeedAwarePBT(PopulationBasedTraining):
 
     def _quantiles(self) -> tuple[list[Trial], list[Trial]]:
         if len(self._seeds) < 2:
-            return super()._quantiles()
+            return super()._quantiles()  # type: ignore[misc]
         groups = sorted(self._groups().values(), key=self._group_score)
         if len(groups) <= 1:
             return [], []
@@ -90,24 +117,51 @@ class SeedAwarePBT(PopulationBasedTraining):
         return None
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
+        parent = super()._checkpoint_or_exploit  # type: ignore[misc]
         if len(self._seeds) < 2 or trial not in lower_quantile:
-            return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, lower_quantile)
+            return parent(trial, tune_controller, upper_quantile, lower_quantile)
         donor = self.donor(trial, upper_quantile)
         if donor is None:  # not worse by the verdict rule: it keeps training as it is
-            return super()._checkpoint_or_exploit(trial, tune_controller, upper_quantile, [])
-        return super()._checkpoint_or_exploit(trial, tune_controller, [donor], [trial])
+            return parent(trial, tune_controller, upper_quantile, [])
+        return parent(trial, tune_controller, [donor], [trial])
+
+    def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict, dict]:
+        """The explored values, drawn once per (configuration, donor configuration, time) for all their seeds."""
+        if len(self._seeds) < 2:
+            return super()._get_new_config(trial, trial_to_clone)  # type: ignore[misc]
+        key = (self._config_of(trial), self._config_of(trial_to_clone), self._trial_state[trial].last_train_time)
+        if key not in self._explored:
+            self._explored[key] = super()._get_new_config(trial, trial_to_clone)  # type: ignore[misc]
+        new, operations = self._explored[key]
+        return {**new, "seed": trial_to_clone.config.get("seed", self._default_seed)}, operations
+
+
+class SeedAwarePBT(_SeedAware, PopulationBasedTraining):
+    """Tune's PBT, seed-aware (module docstring)."""
+
+
+class SeedAwarePB2(_SeedAware, PB2):
+    """Tune's PB2, seed-aware (module docstring)."""
 
 
 def pbt_scheduler(cfg: ExperimentConfig) -> PopulationBasedTraining:
-    """The PBT scheduler of ``cfg`` (seed-aware with two or more ``search.seeds``)."""
+    """The PBT or PB2 scheduler of ``cfg`` (seed-aware with two or more ``search.seeds``)."""
     s = cfg.scheduler
-    return SeedAwarePBT(
+    common = dict(
         seeds=cfg.seeds,
         default_seed=cfg.seed,
         time_attr=TIME_ATTRS[s.time_attr],
         perturbation_interval=s.perturbation_interval,
-        hyperparam_mutations=hyperparam_mutations(cfg),
         quantile_fraction=s.quantile_fraction,
-        resample_probability=s.resample_probability,
         synch=False,
+    )
+    if s.type == "pb2":
+        if importlib.util.find_spec("sklearn") is None:
+            raise ConfigError(
+                "scheduler.type pb2 fits its Gaussian-process bandit with scikit-learn, which is not installed: "
+                "pip install -e '.[pb2]' (or use scheduler.type: pbt)"
+            )
+        return SeedAwarePB2(hyperparam_bounds=hyperparam_bounds(cfg), **common)
+    return SeedAwarePBT(
+        hyperparam_mutations=hyperparam_mutations(cfg), resample_probability=s.resample_probability, **common
     )

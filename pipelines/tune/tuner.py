@@ -13,7 +13,7 @@ from ray import tune
 from lt_models.errors import ConfigError
 from pipelines.config.experiment import ExperimentConfig, canonical_json
 from pipelines.config.identity import dataset_fingerprint, frequency_source
-from pipelines.config.sections import TIME_ATTRS
+from pipelines.config.sections import POPULATION_SCHEDULERS, TIME_ATTRS
 from pipelines.storage import location as storage
 from pipelines.storage.stage1_cache import Stage1Checkpoint
 from pipelines.tune.callbacks import tune_callbacks
@@ -41,7 +41,7 @@ def _scheduler(cfg: ExperimentConfig, limit: int | None):
     if cfg.scheduler.type == "fifo":
         return None
     s = cfg.scheduler
-    if s.type == "pbt":
+    if s.type in POPULATION_SCHEDULERS:
         from pipelines.tune.pbt import pbt_scheduler
 
         return pbt_scheduler(cfg)
@@ -223,7 +223,7 @@ def build_tuner(
             # retry resumes from), so the best epoch survives num_to_keep
             checkpoint_config=tune.CheckpointConfig(
                 # PBT copies other trials' checkpoints, which must still exist then: at least 3 per trial
-                num_to_keep=max(cfg.run.checkpoints_to_keep, 3 if cfg.scheduler.type == "pbt" else 1),
+                num_to_keep=max(cfg.run.checkpoints_to_keep, 3 if cfg.scheduler.type in POPULATION_SCHEDULERS else 1),
                 checkpoint_score_attribute=cfg.scheduler.metric,
                 checkpoint_score_order=cfg.scheduler.mode,
             ),
