@@ -15,6 +15,7 @@ Stage-1 runs keep their checkpoint for their stage-2 arms and record their own `
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -24,12 +25,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lt_models.atomic import write_json_atomic
 from lt_models.engine.spec import TrainSpec
 from lt_models.evaluation.bootstrap import REPLICATES_FILE, read_replicates, replicate_weights, weighted_ap
 from lt_models.evaluation.matches import MATCHES_FILE, Matches
-from pipelines.storage.stage0_cache import file_sha256
 
 METRICS = ("AP", "AP50", "APr", "APc", "APf")
 
@@ -140,12 +141,19 @@ def _set_fields(d):
 
 @functools.cache
 def _content(path: str) -> str:
-    """The sha256 of a weights file (its identity: the stage-0 cache key also hashes the generator's source, so a
-    refactor that leaves the weights byte-identical moves them to a new path)."""
+    """The sha256 of a weights file's tensors (names, dtypes, shapes, values): its identity. The stage-0 cache key
+    also hashes the generator's source, so a refactor that leaves the weights identical moves them to a new path,
+    and two torch.save files of the same tensors need not be byte-identical."""
     try:
-        return "sha256:" + file_sha256(Path(path))
-    except OSError:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError):
         return "missing:" + path
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].contiguous()
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.numpy().tobytes())
+    return "tensors-sha256:" + h.hexdigest()
 
 
 def _identity(spec: dict | None) -> dict | None:
