@@ -39,7 +39,9 @@ def _error(tmp_path, cfg, overrides=None) -> str:
     return msg
 
 
-@pytest.mark.parametrize("name", ["demo", "soft_balance", "acsl_xi", "joint", "lvis_r50", "openimages_r50"])
+@pytest.mark.parametrize(
+    "name", ["demo", "soft_balance", "acsl_xi", "joint", "lvis_r50", "openimages_r50", "pbt_lambda"]
+)
 def test_packaged_search_spaces_load(name):
     from ray import tune
 
