@@ -110,3 +110,17 @@ def test_ltsweep_train_killed_while_deleting_a_rotated_checkpoint(ws):
     assert o.details["after_kill"]["visible"] == ["checkpoint_epoch0002"]
     assert [name.endswith(".del") for name in o.details["after_kill"]["hidden"]] == [True]
     assert o.details["after_rerun"] == {"visible": ["checkpoint_epoch0002"], "hidden": []}
+
+
+def test_pbt_driver_kill9_then_resume_keeps_its_population(ws):
+    """The same kill -9 and `--resume` of a PBT sweep (3 members, perturbed after every evaluation): the resume exits
+    0 with the same 3 trials (the population), each TERMINATED with its last reported epoch E (a member that copied
+    another goes on from the donor's epoch), one FINISHED MLflow run per trial and none RUNNING."""
+    pbt = {"type": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.34}
+    o = fs.driver_kill(ws, epochs=3, scheduler=pbt)
+    assert o.problems == []
+    assert o.counts() == NO_COUNTS
+    assert o.details["exit_codes"] == {"killed driver": -9, "resume": 0}
+    assert o.details["leaked_processes"] == []
+    assert len(o.details["trials"]) == 3 and all(t["epochs"][-1] == 3 for t in o.details["trials"].values())
+    assert o.details["mlflow_runs"]["driver-kill"] == {"sweep": 1, "pretrain": 1, "trial": 3}

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import ray
 import yaml
+from ray.tune.schedulers import PopulationBasedTraining
 from ray.tune.schedulers.pbt import _PBTTrialState
 
 from faults.common import TINY, Workspace, config_dict
@@ -16,7 +17,7 @@ from pipelines.analysis.schedule import lam_schedule, trial_lam_schedule
 from pipelines.analysis.summary import print_summary
 from pipelines.config.load import load_experiment_config
 from pipelines.tune import sweep
-from pipelines.tune.pbt import SeedAwarePB2, SeedAwarePBT, pbt_scheduler
+from pipelines.tune.pbt import SeedAwarePB2, SeedAwarePBT
 
 
 class Member:
@@ -33,15 +34,15 @@ class Member:
         return f"Member(lam={self.config['lam']}, seed={self.config['seed']})"
 
 
-def population(scores: dict[float, list[float]]) -> tuple[SeedAwarePBT, dict]:
-    """A SeedAwarePBT over configurations lam -> the last scores of seeds 0, 1, 2."""
+def population(scores: dict[float, list[float]], max_t: int | None = None) -> tuple[SeedAwarePBT, dict]:
+    """A SeedAwarePBT over configurations lam -> the last scores of seeds 0, 1, 2 (all at time 1)."""
     pbt = SeedAwarePBT(seeds=[0, 1, 2], default_seed=0, time_attr="training_iteration", perturbation_interval=1,
-                       hyperparam_mutations={"lam": [0.0, 0.5, 1.0]}, quantile_fraction=0.34)  # fmt: skip
+                       hyperparam_mutations={"lam": [0.0, 0.5, 1.0]}, quantile_fraction=0.34, max_t=max_t)  # fmt: skip
     members = {}
     for lam, per_seed in scores.items():
         for seed, s in enumerate(per_seed):
             members[(lam, seed)] = m = Member(lam, seed)
-            pbt._trial_state[m] = SimpleNamespace(last_score=s)
+            pbt._trial_state[m] = SimpleNamespace(last_score=s, last_train_time=1, last_perturbation_time=1)
     return pbt, members
 
 
@@ -58,6 +59,26 @@ def test_no_exploit_when_the_configurations_cannot_be_told_apart():
     lower, upper = pbt._quantiles()
     assert {t.config["lam"] for t in lower} == {0.0} and {t.config["lam"] for t in upper} == {1.0}
     assert pbt.donor(m[(0.0, 0)], upper) is None
+
+
+def test_no_member_copies_or_is_copied_at_the_end_of_its_budget(monkeypatch):
+    calls = []
+    record = lambda self, trial, controller, upper, lower: calls.append((list(upper), list(lower)))  # noqa: E731
+    monkeypatch.setattr(PopulationBasedTraining, "_checkpoint_or_exploit", record)
+    pbt, m = population({0.0: [0.10, 0.12, 0.11], 0.5: [0.20, 0.21, 0.19], 1.0: [0.30, 0.32, 0.31]}, max_t=3)
+    lower, upper = pbt._quantiles()
+    me = m[(0.0, 0)]
+    pbt._checkpoint_or_exploit(me, None, upper, lower)
+    assert calls[-1] == ([m[(1.0, 0)]], [me])  # copies its own seed of the better configuration
+    for s in range(3):  # the donors' checkpoints are at the end of their budget
+        pbt._trial_state[m[(1.0, s)]].last_perturbation_time = 3
+    pbt._checkpoint_or_exploit(me, None, upper, lower)
+    assert calls[-1][1] == []
+    for s in range(3):
+        pbt._trial_state[m[(1.0, s)]].last_perturbation_time = 2
+    pbt._trial_state[me].last_train_time = 3  # its own budget is spent
+    pbt._checkpoint_or_exploit(me, None, upper, lower)
+    assert calls[-1][1] == []
 
 
 def test_the_seeds_of_a_configuration_take_the_same_explored_values():

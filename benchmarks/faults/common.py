@@ -124,8 +124,10 @@ def config_dict(
     epochs: int = 2,
     max_concurrent: int = 2,
     max_failures: int = 1,
+    scheduler: dict | None = None,
 ) -> dict[str, Any]:
-    """A hybrid sweep over stage-2 λ (FIFO: every trial runs its whole schedule, one evaluation per epoch)."""
+    """A hybrid sweep over stage-2 λ (FIFO unless ``scheduler``: every trial runs its whole schedule, one evaluation
+    per epoch)."""
     d = ws.data
     return {
         "name": name,
@@ -136,7 +138,7 @@ def config_dict(
         "stage2": {"epochs": epochs, "batch_size": 4, "lr": 0.01, "warmup": 2, "samples_per_epoch": SAMPLES_PER_EPOCH},
         "eval": {"every": 1},
         "resources": {"cpus_per_trial": 1},
-        "scheduler": {"type": "fifo"},
+        "scheduler": scheduler or {"type": "fifo"},
         "search": {"num_samples": 1, "max_concurrent_trials": max_concurrent, "seed": 0},
         "space": {"lam": {"grid": list(lams)}},
         "run": {"storage_path": str(store), "max_failures": max_failures, "checkpoints_to_keep": 1, "ray_num_cpus": 2},
@@ -260,6 +262,31 @@ def results(trial_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _check_population(o: Outcome, uri: str, trials: dict, runs: list, expected: int, epochs: int) -> None:
+    from mlflow import MlflowClient
+
+    from pipelines.names import TRIAL_ID_TAG
+
+    client = MlflowClient(uri)
+    history = {
+        r.data.tags.get(TRIAL_ID_TAG): [
+            int(m.value)
+            for m in sorted(client.get_metric_history(r.info.run_id, "epoch"), key=lambda m: (m.timestamp, m.step))
+        ]
+        for r in runs
+    }
+    info = {}
+    for tid, t in trials.items():
+        ep = history.get(tid, [])
+        info[tid] = {"lam": float(t["config"]["lam"]), "status": t["status"], "epochs": ep}
+        ok = t["status"] == "TERMINATED" and ep and ep[-1] == epochs and all(1 <= e <= epochs for e in ep)
+        if not ok:
+            o.lost_trials += 1
+            o.fail(f"trial {tid}: status {t['status']}, MLflow epochs {ep} (expected within 1..{epochs}, ending there)")
+    o.details.setdefault("trials", {}).update(info)
+    o.check(len(trials) == expected, f"{len(trials)} Tune trials, expected the population's {expected}")
+
+
 def reported_epochs(trial_dir: Path) -> list[int]:
     return [int(r["epoch"]) for r in results(trial_dir)]
 
@@ -364,13 +391,23 @@ def check_sweep(
 ) -> dict[str, dict]:
     """The common checks of a recovered sweep: every grid configuration has a trial that ran epochs 1..E exactly once
     each (TERMINATED), or ended in ERROR without a report when its λ is in `diverging`; MLflow as in check_mlflow;
-    every kept checkpoint loads; the exit code follows the rule. Returns Tune's trials."""
+    every kept checkpoint loads; the exit code follows the rule. Returns Tune's trials.
+
+    A population (scheduler pbt / pb2) changes a trial's λ, and Tune restarts the result.json of a trial that copies
+    another's checkpoint: there, as many trials as the grid x seeds, each TERMINATED, and each trial's MLflow run
+    holds the epochs it reported, within 1..E and ending at E (a copy goes on from the donor's epoch, which may be
+    ahead of or behind its own: epochs may skip or repeat)."""
     from pipelines.tune.tuner import experiment_path, tracking_uri_for
 
     if expected_exit is not None:
         o.exit_code(label, exit_code, expected_exit)
     trials = tune_trials(experiment_path(cfg))
     grid = [float(x) for x in cfg.space["lam"].args]
+    if cfg.scheduler.type in ("pbt", "pb2"):
+        runs = check_mlflow(o, tracking_uri_for(cfg), cfg.name, trials, {tid: "FINISHED" for tid in trials})
+        _check_population(o, tracking_uri_for(cfg), trials, runs.get("trial", []), len(grid) * len(cfg.seeds), epochs)
+        check_checkpoints(o, [t["path"] for t in trials.values()])
+        return trials
     by_lam: dict[float, list[str]] = {}
     expect_status = {}
     info = {}

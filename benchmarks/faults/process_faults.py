@@ -43,31 +43,36 @@ def _trial_progress(exp_dir: Path, epochs: int) -> tuple[list[Path], list[Path]]
 
 
 @_timed
-def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
+def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, scheduler: dict | None = None) -> Outcome:
     """kill -9 of the sweep driver's whole process group (the driver and its own local Ray) once at least one trial
-    finished and another is mid-training (3 trials, 2 at a time), then `--resume` in a new process.
+    finished and another is mid-training (3 trials, 2 at a time), then `--resume` in a new process. ``scheduler``:
+    e.g. PBT (a population that changes its λ; see check_sweep).
 
     Asserts: no process of the killed driver's Ray outlives a bounded wait; the resume exits 0; the finished trials'
     result.json are byte-identical; stage 1 was not trained again (same cache, same meta.json, "reused"); every
     trial reports epochs 1..E once; one MLflow run per trial, FINISHED, none RUNNING; every kept checkpoint loads."""
     from pipelines.tune.tuner import experiment_path
 
-    o = Outcome("driver_kill")
-    store = ws.store(f"driver-kill-{run}")
+    kind = (scheduler or {}).get("type", "fifo")
+    o = Outcome("driver_kill" if kind == "fifo" else f"driver_kill_{kind}")
+    store = ws.store(f"driver-kill-{run}" if kind == "fifo" else f"driver-kill-{kind}-{run}")
     sha_dir = seed_stage1(ws, store)
-    path, cfg = write_config(ws, store, "driver-kill", lams=(0.0, 0.5, 1.0), epochs=epochs)
+    path, cfg = write_config(ws, store, "driver-kill", lams=(0.0, 0.5, 1.0), epochs=epochs, scheduler=scheduler)
     exp_dir = experiment_path(cfg)
     driver = Driver([str(path), "--no-register"], store / "driver-1.log")
     try:
 
         def one_finished_one_running():
             finished, partial = _trial_progress(exp_dir, epochs)
+            if kind != "fifo":  # a population: once a member finished or copied another, with one mid-training
+                copied = (exp_dir / "pbt_global.txt").is_file()
+                return (finished, partial) if partial and (finished or copied) else None
             return (finished, partial) if finished and partial else None
 
         finished, partial = wait_for(
             one_finished_one_running,
             DRIVER_TIMEOUT_S,
-            "a finished and a mid-training trial",
+            "a finished (or copied) and a mid-training trial",
             poll=0.1,
             alive=driver.check_alive,
         )

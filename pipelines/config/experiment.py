@@ -190,7 +190,7 @@ class ExperimentConfig(StrictModel):
                 "scheduler.type asha_configs pauses trials at rungs until the whole grid has reported "
                 "there, which needs search.algorithm: basic; with optuna use scheduler.type: asha"
             )
-        if sch.type not in ("fifo", *POPULATION_SCHEDULERS) and sch.time_attr != "evaluations":
+        if sch.type != "fifo" and sch.time_attr != "evaluations":
             if sch.max_t is None:
                 raise ValueError(
                     f"scheduler.max_t is required with time_attr {sch.time_attr}: the {sch.time_attr} "

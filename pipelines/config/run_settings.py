@@ -26,5 +26,7 @@ class RunSettings(BaseModel):
     )
     tracking_uri: str | None = Field(default=None, description="MLflow URI; default sqlite:///<storage_path>/mlflow.db")
     max_failures: int = Field(default=2, ge=0, description="retries of a failed trial (from its last checkpoint)")
-    checkpoints_to_keep: int = Field(default=2, ge=1)
+    checkpoints_to_keep: int = Field(
+        default=2, ge=1, description="per trial: the best by scheduler.metric and the latest (pbt / pb2: every one)"
+    )
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of a local Ray instance (default: all)")

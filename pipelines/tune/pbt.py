@@ -25,6 +25,10 @@ With ``search.seeds`` the population is configurations x seeds, and one noisy nu
   (``pipelines.analysis.evidence``, seeds only). Otherwise it keeps training as it is;
 - the members of one configuration that copy the same better configuration at the same time take the same explored
   values (drawn once, for the first of them), so a configuration's seeds move together and stay one group.
+
+With or without seeds, a member that has used its budget (``scheduler.max_t``, default the evaluations per trial)
+copies nothing, and a member whose checkpoint is at the end of its budget is not copied: Tune's PBT would otherwise
+let a member end with another's weights after its own last report, or train an epoch a second time.
 """
 
 from __future__ import annotations
@@ -67,9 +71,9 @@ class _SeedAware:
     _hyperparam_mutations: dict
     _quantile_fraction: float
 
-    def __init__(self, *, seeds: list[int], default_seed: int, **kw):
+    def __init__(self, *, seeds: list[int], default_seed: int, max_t: int | None = None, **kw):
         super().__init__(**kw)
-        self._seeds, self._default_seed = list(seeds), default_seed
+        self._seeds, self._default_seed, self._max_t = list(seeds), default_seed, max_t
         self._explored: dict[tuple, tuple[dict, dict]] = {}
 
     def _seed_of(self, trial: Trial) -> int:
@@ -116,14 +120,24 @@ class _SeedAware:
                 return theirs[self._seed_of(trial)]
         return None
 
+    def _spent(self, trial: Trial, when: str) -> bool:
+        """Has ``trial`` used its whole budget (``max_t``) at its last result / its last perturbation point?"""
+        state = self._trial_state[trial]
+        return self._max_t is not None and getattr(state, when) >= self._max_t
+
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
         parent = super()._checkpoint_or_exploit  # type: ignore[misc]
-        if len(self._seeds) < 2 or trial not in lower_quantile:
+        if trial not in lower_quantile:
             return parent(trial, tune_controller, upper_quantile, lower_quantile)
-        donor = self.donor(trial, upper_quantile)
-        if donor is None:  # not worse by the verdict rule: it keeps training as it is
+        # a member at the end of its budget copies nothing (it would train again, or end with another's weights
+        # after its own last report), nor is a donor whose checkpoint is at the end of its budget copied
+        donors = [t for t in upper_quantile if not self._spent(t, "last_perturbation_time")]
+        if len(self._seeds) >= 2:
+            donor = self.donor(trial, donors)
+            donors = [donor] if donor is not None else []  # none: not worse by the verdict rule
+        if not donors or self._spent(trial, "last_train_time"):
             return parent(trial, tune_controller, upper_quantile, [])
-        return parent(trial, tune_controller, [donor], [trial])
+        return parent(trial, tune_controller, donors, [trial])
 
     def _get_new_config(self, trial: Trial, trial_to_clone: Trial) -> tuple[dict, dict]:
         """The explored values, drawn once per (configuration, donor configuration, time) for all their seeds."""
@@ -150,6 +164,7 @@ def pbt_scheduler(cfg: ExperimentConfig) -> PopulationBasedTraining:
     common = dict(
         seeds=cfg.seeds,
         default_seed=cfg.seed,
+        max_t=s.max_t or cfg.evals_per_trial,  # evaluations unless time_attr says otherwise (then max_t is required)
         time_attr=TIME_ATTRS[s.time_attr],
         perturbation_interval=s.perturbation_interval,
         quantile_fraction=s.quantile_fraction,

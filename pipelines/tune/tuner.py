@@ -222,8 +222,9 @@ def build_tuner(
             # keep each trial's best evaluations by the sweep's metric (Tune also always keeps the latest, which a
             # retry resumes from), so the best epoch survives num_to_keep
             checkpoint_config=tune.CheckpointConfig(
-                # PBT copies other trials' checkpoints, which must still exist then: at least 3 per trial
-                num_to_keep=max(cfg.run.checkpoints_to_keep, 3 if cfg.scheduler.type in POPULATION_SCHEDULERS else 1),
+                # PBT / PB2: every checkpoint. A member copies the checkpoint another had at the exploit, and may wait
+                # for a free slot while the donor trains on; any rotation (by score or by age) can delete it first
+                num_to_keep=None if cfg.scheduler.type in POPULATION_SCHEDULERS else cfg.run.checkpoints_to_keep,
                 checkpoint_score_attribute=cfg.scheduler.metric,
                 checkpoint_score_order=cfg.scheduler.mode,
             ),
