@@ -23,6 +23,8 @@ from lt_models.data.annotations import FREQ_LABELS, frequency_buckets, read_json
 from lt_models.errors import AnnotationError
 
 Frequency = Mapping[Any, str] | Sequence[str] | None
+# COCO results: a list of {image_id, category_id, bbox, score}, or the path of such a JSON file (streamed)
+Detections = Sequence[Mapping[str, Any]] | str | Path
 
 
 def _load_gt(gt: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
@@ -168,8 +170,59 @@ class GroundTruth:
                 ) from exc
 
 
-def detection_arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, source: str):
-    """(image index, category index, score, xywh box) arrays of COCO-results detections, validated."""
+# detections streamed from a file are converted this many at a time: a COCO-results file of any size is never one
+# list of dicts in memory (~50 MB of dicts per chunk, the arrays of the whole file)
+STREAM_CHUNK = 100_000
+
+
+def detection_arrays(dets: Detections, g: GroundTruth | None, source: str):
+    """(image index, category index, score, xywh box) arrays of COCO-results detections, validated. ``dets``: a
+    list of dicts, or the path of a COCO-results JSON, streamed (:func:`stream_detection_arrays`)."""
+    if isinstance(dets, (str, Path)):
+        return stream_detection_arrays(dets, g)
+    return _arrays(dets, g, source)
+
+
+def stream_detection_arrays(path: str | Path, g: GroundTruth | None):
+    """:func:`detection_arrays` of a COCO-results JSON file: a list is parsed incrementally (ijson's C parser) and
+    converted ``STREAM_CHUNK`` detections at a time; an object with ``annotations`` is read whole."""
+    import ijson
+
+    parts, start = [], 0
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4096).lstrip()[:1] != b"[":
+                return _arrays(_results_list(read_json(path, "detections"), path), g, str(path))
+            fh.seek(0)
+            items = ijson.items(fh, "item", use_float=True)
+            while chunk := list(itertools.islice(items, STREAM_CHUNK)):
+                parts.append(_arrays(chunk, g, str(path), start))
+                start += len(chunk)
+    except OSError as exc:
+        raise AnnotationError(f"{path}: cannot read the detections ({exc.strerror or exc}); fix: the path") from exc
+    except ijson.JSONError as exc:
+        raise AnnotationError(
+            f"{path}: invalid JSON after detection #{start} ({exc}); fix: write the file again (truncated?)"
+        ) from exc
+    if not parts:
+        return _arrays([], g, str(path))
+    cols = [np.concatenate([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)]
+    return tuple(cols)
+
+
+def _results_list(data: Any, path: str | Path) -> list:
+    """The detections of a COCO-results file's content: the list itself, or an object's ``annotations``."""
+    if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
+        data = data["annotations"]
+    if not isinstance(data, list):
+        raise AnnotationError(
+            f"{path}: top level is a {type(data).__name__}; fix: COCO results are a JSON list "
+            f"of {{image_id, category_id, bbox, score}}"
+        )
+    return data
+
+
+def _arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, source: str, start: int = 0):
     n = len(dets)
     if n == 0:
         z = np.zeros(0, np.int64)
@@ -191,16 +244,17 @@ def detection_arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, s
             raise ValueError("bbox length")
         box = np.fromiter(itertools.chain.from_iterable(bbs), np.float64, 4 * n).reshape(n, 4)
     except (KeyError, TypeError, ValueError, AttributeError):
-        _diagnose_dets(dets, g, source)
+        _diagnose_dets(dets, g, source, start)
         raise
     if not (np.isfinite(score).all() and np.isfinite(box).all()):
-        _diagnose_dets(dets, g, source)
+        _diagnose_dets(dets, g, source, start)
     return img, cat, score, box
 
 
-def _diagnose_dets(dets: Sequence[Any], g: GroundTruth | None, source: str) -> None:
-    """Find the first bad detection and raise an AnnotationError naming it (slow path, only on bad input)."""
-    for i, d in enumerate(dets):
+def _diagnose_dets(dets: Sequence[Any], g: GroundTruth | None, source: str, start: int = 0) -> None:
+    """Find the first bad detection and raise an AnnotationError naming it (slow path, only on bad input);
+    ``start``: the number of the first of ``dets`` in its file."""
+    for i, d in enumerate(dets, start):
         where = f"{source}: detection #{i}"
         if not isinstance(d, Mapping):
             raise AnnotationError(
@@ -245,14 +299,7 @@ def load_detections(path: str | Path, gt: str | Path | Mapping[str, Any] | None 
     With ``gt``, image and category ids must exist in the ground truth. Raises AnnotationError naming the file,
     the detection and the fix.
     """
-    data = read_json(path, "detections")
-    if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
-        data = data["annotations"]
-    if not isinstance(data, list):
-        raise AnnotationError(
-            f"{path}: top level is a {type(data).__name__}; fix: COCO results are a JSON list "
-            f"of {{image_id, category_id, bbox, score}}"
-        )
+    data = _results_list(read_json(path, "detections"), path)
     g = GroundTruth(gt, require_frequency=False) if gt is not None else None
     detection_arrays(data, g, str(path))
     return data

@@ -26,14 +26,14 @@ bucketed by their number of gts, each bucket padded), with the 10 IoU thresholds
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lt_models.data.annotations import FREQ_LABELS
-from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
+from lt_models.evaluation.inputs import Detections, Frequency, GroundTruth, detection_arrays
 from lt_models.evaluation.matches import Matches
 
 # Exactly lvis.eval.Params (np.linspace, not np.arange: the values must compare equal to lvis-api's).
@@ -175,7 +175,7 @@ def _unpack_bits(bits: np.ndarray) -> np.ndarray:
 
 def _lvis_precision_recall(
     gt: str | Path | Mapping[str, Any] | GroundTruth,
-    detections: Sequence[Mapping[str, Any]],
+    detections: Detections,
     frequency: Frequency = None,
     max_dets: int = MAX_DETS,
     source: str = "detections",
@@ -359,7 +359,7 @@ def _summarize(
 
 def evaluate_lvis(
     gt: str | Path | Mapping[str, Any],
-    detections: Sequence[Mapping[str, Any]],
+    detections: Detections,
     frequency: Frequency = None,
     max_dets: int = MAX_DETS,
     *,
@@ -367,7 +367,8 @@ def evaluate_lvis(
 ) -> dict[str, Any]:
     """LVIS box AP, identical to lvis-api's LVISEval(iou_type="bbox") on the same input.
 
-    gt: LVIS-format JSON path or dict. detections: COCO results (image_id, category_id, bbox xywh, score).
+    gt: LVIS-format JSON path or dict. detections: COCO results (image_id, category_id, bbox xywh, score), or the
+    path of a COCO-results JSON, which is streamed (never one list of dicts in memory).
     frequency: 'r'/'c'/'f' buckets overriding the categories' `frequency` field, as {category_id: bucket} or a
     list aligned with the sorted category ids (e.g. ``frequency_buckets(training image counts)`` for datasets
     without the field). Without both, a category `image_count` field is bucketed (<=10 r, <=100 c, else f).

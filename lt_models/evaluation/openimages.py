@@ -12,7 +12,7 @@ dataset also evaluates it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ from lt_models.data.annotations import (
     name_to_cat_id,
 )
 from lt_models.errors import AnnotationError
-from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
+from lt_models.evaluation.inputs import Detections, Frequency, GroundTruth, detection_arrays
 
 
 def _closures(hierarchy: str | Path | Mapping, g: GroundTruth) -> tuple[dict[int, set], dict[int, set]]:
@@ -188,7 +188,7 @@ def _summary(
 
 def evaluate_openimages(
     gt: str | Path | Mapping[str, Any],
-    detections: Sequence[Mapping[str, Any]],
+    detections: Detections,
     hierarchy: str | Path | Mapping,
     expand_detections: bool = False,
     frequency: Frequency = None,

@@ -25,14 +25,14 @@ class counts in its own bucket), and the error counts by the class of the detect
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from lt_models.data.annotations import FREQ_LABELS
-from lt_models.evaluation.inputs import Frequency, GroundTruth, detection_arrays
+from lt_models.evaluation.inputs import Detections, Frequency, GroundTruth, detection_arrays
 from lt_models.evaluation.lvis import MAX_DETS, _iou_xywh
 
 ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
@@ -185,7 +185,7 @@ def _mean_ap(points, gt_pos: np.ndarray, classes: np.ndarray) -> float:
 
 def tide_errors(
     gt: str | Path | Mapping[str, Any],
-    detections: Sequence[Mapping[str, Any]],
+    detections: Detections,
     frequency: Frequency = None,
     max_dets: int = MAX_DETS,
 ) -> dict[str, dict[str, float]]:
