@@ -57,7 +57,7 @@ def preset(args) -> dict:
     raw["run"]["storage_path"] = str(args.root / "results")
     raw["search"]["seeds"] = list(args.seeds)
     if args.quick:
-        raw["stage2"].update(epochs=2, lr_steps=[], warmup=5)
+        raw["stage2"].update(epochs=2, lr_steps=[], warmup=5, samples_per_epoch=96)
         raw["space"]["lam"] = {"grid": [0.0, 1.0]}
     return raw
 
@@ -86,7 +86,7 @@ def confirmation_configs(args, base: dict, schedule: list, lam: float) -> dict:
     one["space"] = {}
     epochs, steps = one["stage2"]["epochs"], one["stage2"]["lr_steps"]
     arms = {
-        "pbt_schedule": {"lam_schedule": schedule, "lam": schedule[0][1]},
+        "pbt_schedule": {"lam_schedule": schedule},
         "fixed": {"lam": lam},
         # the one-stage lr steps, counted from the start of stage 2
         "hybrid": {
@@ -97,6 +97,8 @@ def confirmation_configs(args, base: dict, schedule: list, lam: float) -> dict:
     }
     for name, stage2 in arms.items():
         raw = copy.deepcopy(one)
+        if "lam_schedule" in stage2:
+            del raw["stage2"]["lam"]  # the schedule sets λ per epoch
         raw["stage2"].update(stage2)
         if name == "hybrid":
             s2 = raw["stage2"]
@@ -168,11 +170,11 @@ def run(cfgs: dict) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'comparison':<28} {'metric':<6} {'difference [95% CI]':<28} {'Holm p':<8} verdict   method")
+    print(f"{'comparison':<28} {'metric':<6} {'difference [95% CI]':<28} {'Holm p':<8} {'verdict':<11} method")
     for r in rows:
         diff = f"{r['effect']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]"
         print(f"{r['arm'] + ' - ' + r['baseline']:<28} {r['metric']:<6} {diff:<28} {r['p_holm']!s:<8} "
-              f"{r['verdict']:<9} {r['method']}")  # fmt: skip
+              f"{r['verdict']:<11} {r['method']}")  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -211,11 +213,16 @@ def main(argv=None) -> int:
     for s in (*chosen.values(), *arms.values()):
         sweep.print_summary(s)
     rows = comparisons(arms)
+    constant = len({lam for _, lam in schedule}) == 1
+    if constant:
+        same = " (the same runs as `fixed`)" if schedule[0][1] == lam else ""
+        print(f"PBT's best trial kept one λ, {schedule[0][1]}, for its whole schedule{same}")
     print("\nconfirmation (fresh seeds, held-out images):")
     print_table(rows)
     payload = {
         "benchmark": "pbt",
         "schedule": schedule,
+        "schedule_is_constant": constant,
         "fixed_lam": lam,
         "hybrid": {"lam": HYBRID_LAM, "stage1_epochs": args.s1},
         "selection_means": {k: means(v) for k, v in chosen.items()},
