@@ -255,18 +255,24 @@ def test_bad_detections_are_named(tmp_path):
 def test_detections_streamed_from_a_file_in_chunks(tmp_path, monkeypatch):
     from lt_models.evaluation import inputs
 
-    monkeypatch.setattr(inputs, "STREAM_CHUNK", 7)  # many chunks, the last one short
+    monkeypatch.setattr(inputs, "STREAM_BLOCK", 300)  # many pieces of a few detections each
     gt, dets = make_case(seed=12)
     p = tmp_path / "dets.json"
     p.write_text(json.dumps(dets))
     assert evaluate_lvis(gt, p) == evaluate_lvis(gt, dets)
     p.write_text(json.dumps({"annotations": dets}))  # the object form is read whole
     assert evaluate_lvis(gt, p) == evaluate_lvis(gt, dets)
-    bad = [*dets[:9], dict(dets[9], score="high"), *dets[10:]]  # in the second chunk: named by its place in the file
+    masks = [dict(d, segmentation={"size": [9, 9], "counts": "x}, y"}) for d in dets]  # "}," inside an element
+    p.write_text(json.dumps(masks))
+    assert evaluate_lvis(gt, p) == evaluate_lvis(gt, dets)
+    bad = [*dets[:9], dict(dets[9], score="high"), *dets[10:]]  # in a later piece: named by its place in the file
     p.write_text(json.dumps(bad))
     with pytest.raises(AnnotationError, match=r"dets.json: detection #9 has score 'high'"):
         evaluate_lvis(gt, p)
-    p.write_text(json.dumps(dets)[:-200])  # truncated: the chunks before it parsed, then the error
+    p.write_text(json.dumps(dets)[:-200])  # truncated: the pieces before it parsed, then the error
+    with pytest.raises(AnnotationError, match=r"dets.json: the JSON list is not closed; fix: .*truncated"):
+        evaluate_lvis(gt, p)
+    p.write_text(json.dumps(dets).replace('"score"', '"score" 0', 1))  # malformed inside the list
     with pytest.raises(AnnotationError, match=r"dets.json: invalid JSON after detection #\d+"):
         evaluate_lvis(gt, p)
     with pytest.raises(AnnotationError, match="missing.json: cannot read the detections"):

@@ -13,10 +13,11 @@ import itertools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from operator import itemgetter, methodcaller
+from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from lt_models.data.annotations import FREQ_LABELS, frequency_buckets, read_json
@@ -170,11 +171,6 @@ class GroundTruth:
                 ) from exc
 
 
-# detections streamed from a file are converted this many at a time: a COCO-results file of any size is never one
-# list of dicts in memory (~50 MB of dicts per chunk, the arrays of the whole file)
-STREAM_CHUNK = 100_000
-
-
 def detection_arrays(dets: Detections, g: GroundTruth | None, source: str):
     """(image index, category index, score, xywh box) arrays of COCO-results detections, validated. ``dets``: a
     list of dicts, or the path of a COCO-results JSON, streamed (:func:`stream_detection_arrays`)."""
@@ -184,30 +180,110 @@ def detection_arrays(dets: Detections, g: GroundTruth | None, source: str):
 
 
 def stream_detection_arrays(path: str | Path, g: GroundTruth | None):
-    """:func:`detection_arrays` of a COCO-results JSON file: a list is parsed incrementally (ijson's C parser) and
-    converted ``STREAM_CHUNK`` detections at a time; an object with ``annotations`` is read whole."""
-    import ijson
-
-    parts, start = [], 0
+    """:func:`detection_arrays` of a COCO-results JSON file. A JSON list is read ``STREAM_BLOCK`` bytes at a time and
+    cut after its last complete detection; msgspec decodes each piece into typed records (no dicts), which become
+    arrays. An object with ``annotations`` is read whole."""
+    parts, start, source = [], 0, str(path)
     try:
         with open(path, "rb") as fh:
             if fh.read(4096).lstrip()[:1] != b"[":
-                return _arrays(_results_list(read_json(path, "detections"), path), g, str(path))
+                return _arrays(_results_list(read_json(path, "detections"), path), g, source)
             fh.seek(0)
-            items = ijson.items(fh, "item", use_float=True)
-            while chunk := list(itertools.islice(items, STREAM_CHUNK)):
-                parts.append(_arrays(chunk, g, str(path), start))
-                start += len(chunk)
+            for piece, decoded in _list_pieces(fh, source):
+                records = decoded if decoded is not None else _decode_piece(piece, g, source, start)
+                parts.append(_record_arrays(records, g, source, start))
+                start += len(records)
     except OSError as exc:
         raise AnnotationError(f"{path}: cannot read the detections ({exc.strerror or exc}); fix: the path") from exc
-    except ijson.JSONError as exc:
-        raise AnnotationError(
-            f"{path}: invalid JSON after detection #{start} ({exc}); fix: write the file again (truncated?)"
-        ) from exc
     if not parts:
-        return _arrays([], g, str(path))
+        return _arrays([], g, source)
     cols = [np.concatenate([p[i] for p in parts]) if parts[0][i] is not None else None for i in range(4)]
     return tuple(cols)
+
+
+STREAM_BLOCK = 16 << 20  # bytes of a results file read at a time
+
+
+class _Det(msgspec.Struct):
+    """One COCO-results detection as msgspec decodes it (other fields are skipped)."""
+
+    image_id: Any
+    category_id: Any
+    bbox: tuple[float, float, float, float]
+    score: float
+
+
+_DECODER = msgspec.json.Decoder(list[_Det])
+
+
+def _list_pieces(fh, source: str):
+    """The text of a JSON list's elements in pieces (``e1, e2, ..., ek``), each cut after a complete element, with
+    its records when they decoded.
+
+    A cut is a ``},`` that ends an element: one inside an element (after a nested object, e.g. an RLE mask) leaves
+    the piece's last element unclosed, which msgspec rejects as malformed, so the cut moves to an earlier ``},``
+    (a few tries, then the piece waits for more text). A type error is a real error: the piece goes on as it is."""
+    buf = fh.read(STREAM_BLOCK).lstrip()[1:]  # after "["
+    while more := fh.read(STREAM_BLOCK):
+        buf += more
+        cut = buf.rfind(b"},")
+        decoded: list | bool | None = False
+        for _ in range(8):
+            if cut <= 0 or (decoded := _try_decode(buf[: cut + 1])) is not False:
+                break
+            cut = buf.rfind(b"},", 0, cut)
+        if cut > 0 and decoded is not False:
+            yield buf[: cut + 1], decoded
+            buf = buf[cut + 2 :]
+    tail = buf.rstrip()
+    if not tail.endswith(b"]"):
+        raise AnnotationError(f"{source}: the JSON list is not closed; fix: write the file again (truncated?)")
+    if tail[:-1].strip():
+        yield tail[:-1], None
+
+
+def _try_decode(piece: bytes) -> list | None | bool:
+    """The records of ``piece``; None when it holds complete JSON values of a wrong type (reported by the caller);
+    False when it is no sequence of complete values (a cut inside an element)."""
+    try:
+        return _DECODER.decode(b"[" + piece + b"]")
+    except msgspec.ValidationError:
+        return None
+    except msgspec.DecodeError:
+        return False
+
+
+def _decode_piece(piece: bytes, g: GroundTruth | None, source: str, start: int) -> list:
+    try:
+        return _DECODER.decode(b"[" + piece + b"]")
+    except msgspec.ValidationError as exc:
+        try:  # a wrong field: the dict path names the detection and the fix
+            _diagnose_dets(msgspec.json.decode(b"[" + piece + b"]"), g, source, start)
+        except msgspec.DecodeError:
+            pass
+        raise AnnotationError(f"{source}: after detection #{start}: {exc}; fix: COCO results fields") from exc
+    except msgspec.DecodeError as exc:
+        raise AnnotationError(
+            f"{source}: invalid JSON after detection #{start} ({exc}); fix: write the file again (truncated?)"
+        ) from exc
+
+
+def _record_arrays(records: list, g: GroundTruth | None, source: str, start: int):
+    n = len(records)
+    img: np.ndarray | None
+    cat: np.ndarray | None
+    try:
+        if g is not None:
+            img = np.fromiter(map(g.img_index.__getitem__, map(attrgetter("image_id"), records)), np.int64, n)
+            cat = np.fromiter(map(g.cat_index.__getitem__, map(attrgetter("category_id"), records)), np.int64, n)
+        else:
+            img = cat = None
+    except (KeyError, TypeError):
+        _diagnose_dets([msgspec.structs.asdict(r) for r in records], g, source, start)
+        raise
+    score = np.fromiter(map(attrgetter("score"), records), np.float64, n)
+    box = np.fromiter(itertools.chain.from_iterable(map(attrgetter("bbox"), records)), np.float64, 4 * n)
+    return img, cat, score, box.reshape(n, 4)
 
 
 def _results_list(data: Any, path: str | Path) -> list:
