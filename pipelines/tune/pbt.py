@@ -126,7 +126,7 @@ class _SeedAware:
         return self._max_t is not None and getattr(state, when) >= self._max_t
 
     def _checkpoint_or_exploit(self, trial, tune_controller, upper_quantile, lower_quantile):
-        parent = super()._checkpoint_or_exploit  # type: ignore[misc]
+        parent = super()._checkpoint_or_exploit
         if trial not in lower_quantile:
             return parent(trial, tune_controller, upper_quantile, lower_quantile)
         # a member at the end of its budget copies nothing (it would train again, or end with another's weights
@@ -161,7 +161,7 @@ class SeedAwarePB2(_SeedAware, PB2):
 def pbt_scheduler(cfg: ExperimentConfig) -> PopulationBasedTraining:
     """The PBT or PB2 scheduler of ``cfg`` (seed-aware with two or more ``search.seeds``)."""
     s = cfg.scheduler
-    common = dict(
+    common: dict[str, Any] = dict(
         seeds=cfg.seeds,
         default_seed=cfg.seed,
         max_t=s.max_t or cfg.evals_per_trial,  # evaluations unless time_attr says otherwise (then max_t is required)
