@@ -64,15 +64,17 @@ def driver_kill(ws: Workspace, run: int = 0, *, epochs: int = 2, scheduler: dict
 
         def one_finished_one_running():
             finished, partial = _trial_progress(exp_dir, epochs)
-            if kind != "fifo":  # a population: once a member finished or copied another, with one mid-training
-                copied = (exp_dir / "pbt_global.txt").is_file()
-                return (finished, partial) if partial and (finished or copied) else None
+            if kind != "fifo":  # a population: mid-sweep, by the checkpoints on storage (Tune rewrites the
+                # result.json of a member that copies another, and writes it in bursts)
+                counts = [len(list(d.glob("checkpoint_*"))) for d in exp_dir.glob("train_trial_*")]
+                mid = any(0 < c < epochs for c in counts) and sum(counts) >= 2
+                return (finished, partial) if mid else None
             return (finished, partial) if finished and partial else None
 
         finished, partial = wait_for(
             one_finished_one_running,
             DRIVER_TIMEOUT_S,
-            "a finished (or copied) and a mid-training trial",
+            "a finished and a mid-training trial" if kind == "fifo" else "two reporting trials, one mid-training",
             poll=0.1,
             alive=driver.check_alive,
         )
