@@ -12,7 +12,7 @@ import collections
 import itertools
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from operator import attrgetter, itemgetter, methodcaller
 from pathlib import Path
 from typing import Any
@@ -191,7 +191,7 @@ def stream_detection_arrays(path: str | Path, g: GroundTruth | None):
             fh.seek(0)
             for piece, decoded in _list_pieces(fh, source):
                 records = decoded if decoded is not None else _decode_piece(piece, g, source, start)
-                parts.append(_record_arrays(records, g, source, start))
+                parts.append(_arrays(records, g, source, start, get=attrgetter))
                 start += len(records)
     except OSError as exc:
         raise AnnotationError(f"{path}: cannot read the detections ({exc.strerror or exc}); fix: the path") from exc
@@ -268,24 +268,6 @@ def _decode_piece(piece: bytes, g: GroundTruth | None, source: str, start: int) 
         ) from exc
 
 
-def _record_arrays(records: list, g: GroundTruth | None, source: str, start: int):
-    n = len(records)
-    img: np.ndarray | None
-    cat: np.ndarray | None
-    try:
-        if g is not None:
-            img = np.fromiter(map(g.img_index.__getitem__, map(attrgetter("image_id"), records)), np.int64, n)
-            cat = np.fromiter(map(g.cat_index.__getitem__, map(attrgetter("category_id"), records)), np.int64, n)
-        else:
-            img = cat = None
-    except (KeyError, TypeError):
-        _diagnose_dets([msgspec.structs.asdict(r) for r in records], g, source, start)
-        raise
-    score = np.fromiter(map(attrgetter("score"), records), np.float64, n)
-    box = np.fromiter(itertools.chain.from_iterable(map(attrgetter("bbox"), records)), np.float64, 4 * n)
-    return img, cat, score, box.reshape(n, 4)
-
-
 def _results_list(data: Any, path: str | Path) -> list:
     """The detections of a COCO-results file's content: the list itself, or an object's ``annotations``."""
     if isinstance(data, Mapping) and isinstance(data.get("annotations"), list):
@@ -298,14 +280,16 @@ def _results_list(data: Any, path: str | Path) -> list:
     return data
 
 
-def _arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, source: str, start: int = 0):
+def _arrays(dets: Sequence[Any], g: GroundTruth | None, source: str, start: int = 0, get: Any = itemgetter):
+    """The arrays of ``dets``: dicts (``get`` itemgetter) or msgspec records (``get`` attrgetter); ``start``: the
+    number of the first of them in its file."""
     n = len(dets)
     if n == 0:
         z = np.zeros(0, np.int64)
         return z, z.copy(), np.zeros(0), np.zeros((0, 4))
     try:  # C-level iteration (map/itemgetter): ~1.5 M detections in about a second
-        ids = map(itemgetter("image_id"), dets)
-        cids = map(itemgetter("category_id"), dets)
+        ids = map(get("image_id"), dets)
+        cids = map(get("category_id"), dets)
         img: np.ndarray | None
         cat: np.ndarray | None
         if g is not None:
@@ -314,20 +298,25 @@ def _arrays(dets: Sequence[Mapping[str, Any]], g: GroundTruth | None, source: st
         else:
             img = cat = None
             collections.deque(zip(ids, cids), maxlen=0)  # presence check
-        score = np.fromiter(map(itemgetter("score"), dets), np.float64, n)
-        bbs = list(map(itemgetter("bbox"), dets))
+        score = np.fromiter(map(get("score"), dets), np.float64, n)
+        bbs = list(map(get("bbox"), dets))
         if not (np.fromiter(map(len, bbs), np.int64, n) == 4).all():
             raise ValueError("bbox length")
         box = np.fromiter(itertools.chain.from_iterable(bbs), np.float64, 4 * n).reshape(n, 4)
     except (KeyError, TypeError, ValueError, AttributeError):
-        _diagnose_dets(dets, g, source, start)
+        _diagnose_dets(_plain(dets), g, source, start)
         raise
     if not (np.isfinite(score).all() and np.isfinite(box).all()):
-        _diagnose_dets(dets, g, source, start)
+        _diagnose_dets(_plain(dets), g, source, start)
     return img, cat, score, box
 
 
-def _diagnose_dets(dets: Sequence[Any], g: GroundTruth | None, source: str, start: int = 0) -> None:
+def _plain(dets: Sequence[Any]) -> Iterable[Any]:
+    """``dets`` as dicts (msgspec records converted), for the diagnosis."""
+    return (msgspec.structs.asdict(d) if isinstance(d, msgspec.Struct) else d for d in dets)
+
+
+def _diagnose_dets(dets: Iterable[Any], g: GroundTruth | None, source: str, start: int = 0) -> None:
     """Find the first bad detection and raise an AnnotationError naming it (slow path, only on bad input);
     ``start``: the number of the first of ``dets`` in its file."""
     for i, d in enumerate(dets, start):
