@@ -17,9 +17,10 @@ ground-truth object and result list) and the peak memory above it, the time from
 parsing included: ours streams it) and the peak above the start, and the largest difference from lvis-api over the
 summary metrics (``backends`` in the JSON line).
 
-Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis] [--backends hotcoco ultrafast]
+Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis] [--backends ltsweep hotcoco ultrafast]
 Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...,
-"backends": {name: {"seconds", "peak_above_case_mb", "max_abs_diff_vs_lvis_api"} or {"missing": why}}}
+"backends": {name: {"seconds", "peak_above_case_mb", "max_abs_diff_vs_lvis_api", "from_file_seconds",
+"from_file_peak_above_start_mb"} or {"missing": why}}}
 """
 
 from __future__ import annotations
@@ -194,6 +195,37 @@ def run_lvis_api(gt: dict, dets: list[dict]) -> tuple[dict, float]:
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
 
+def _ltsweep(gt_path: str):
+    return json.loads(Path(gt_path).read_text()), evaluate_lvis
+
+
+def _hotcoco(gt_path: str):
+    import hotcoco
+
+    def run(gt, dets) -> dict:
+        ev = hotcoco.LVISEval(gt, hotcoco.LVISResults(gt, dets, max_dets=300), "bbox")
+        ev.run()
+        return dict(ev.get_results())
+
+    return hotcoco.COCO(gt_path), run
+
+
+def _ultrafast(gt_path: str):
+    import ultrafast_pycocotools as uf
+
+    def run(gt, dets) -> dict:
+        ev = uf.COCOeval(gt, gt.loadRes(dets), "bbox", lvis_style=True)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+        return dict(ev.stats_as_dict)
+
+    return uf.COCO(gt_path), run
+
+
+BACKENDS = {"ltsweep": _ltsweep, "hotcoco": _hotcoco, "ultrafast": _ultrafast}  # name -> (its gt object, evaluate)
+
+
 def _backend_run(name: str, mode: str, gt_path: str, dets_path: str, out) -> None:
     """Child process: evaluate the case with backend ``name`` and send (seconds, peak above the start, results).
     ``mode`` "list": from the loaded case (the backend's ground-truth object and the result list, loaded before the
@@ -203,34 +235,11 @@ def _backend_run(name: str, mode: str, gt_path: str, dets_path: str, out) -> Non
 
     dets: Any = dets_path if mode == "file" else json.loads(Path(dets_path).read_text())
     with contextlib.redirect_stdout(io.StringIO()):
-        if name == "ltsweep":
-            gt: Any = json.loads(Path(gt_path).read_text())
-            base = _current_rss_mb()
-            _reset_peak()
-            t0 = time.perf_counter()
-            res = evaluate_lvis(gt, dets)
-        elif name == "hotcoco":
-            import hotcoco
-
-            gt = hotcoco.COCO(gt_path)
-            base = _current_rss_mb()
-            _reset_peak()
-            t0 = time.perf_counter()
-            ev = hotcoco.LVISEval(gt, hotcoco.LVISResults(gt, dets, max_dets=300), "bbox")
-            ev.run()
-            res = dict(ev.get_results())
-        else:
-            import ultrafast_pycocotools as uf
-
-            gt = uf.COCO(gt_path)
-            base = _current_rss_mb()
-            _reset_peak()
-            t0 = time.perf_counter()
-            ev = uf.COCOeval(gt, gt.loadRes(dets), "bbox", lvis_style=True)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-            res = dict(ev.stats_as_dict)
+        gt, evaluate = BACKENDS[name](gt_path)
+        base = _current_rss_mb()
+        _reset_peak()
+        t0 = time.perf_counter()
+        res = evaluate(gt, dets)
     seconds = time.perf_counter() - t0
     out.put((seconds, _hwm_mb() - base, {k: float(res[k]) for k in SUMMARY_KEYS if k in res}))
 
@@ -279,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--backends",
         nargs="*",
-        default=["ltsweep", "hotcoco", "ultrafast"],
-        choices=["ltsweep", "hotcoco", "ultrafast"],
+        default=list(BACKENDS),
+        choices=list(BACKENDS),
         help="evaluators run in child processes of their own (ltsweep: ours, for the same conditions)",
     )
     args = ap.parse_args(argv)
