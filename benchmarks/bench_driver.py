@@ -49,6 +49,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from local_cluster import RAY, cluster_env, free_port, new_temp_dir, node_ports, start_worker_node, stop_cluster
+from local_mlflow import start_server, stop_process_group, wait_healthy
 
 from lt_models.data.synthetic.generate import generate_benchmark
 
@@ -112,8 +113,9 @@ def timed(owner, name: str, log: list, cpu: list | None = None) -> None:
     setattr(owner, name, wrapper)
 
 
-def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int) -> Path:
-    """``configs`` λ values x ``seeds`` seeds, one-stage (the stand-in trains nothing), asha_configs over them."""
+def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None) -> Path:
+    """``configs`` λ values x ``seeds`` seeds, one-stage (the stand-in trains nothing), asha_configs over them,
+    tracked to ``tracking_uri`` (None: the default sqlite file beside the results)."""
     raw = {
         "name": "driver",
         "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
@@ -125,8 +127,10 @@ def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int) -
         "search": {"seeds": list(range(seeds))},
         "space": {"lam": {"grid": [round(float(x), 6) for x in np.linspace(0.0, 1.5, configs)]}},
         "report": {"replicates": 0},
-        "run": {"storage_path": str(root / "results"), "max_failures": 0, "checkpoints_to_keep": 1},
+        "run": {"storage_path": str(root / "results"), "max_failures": 0},  # checkpoints_to_keep: the default
     }
+    if tracking_uri:
+        raw["run"]["tracking_uri"] = tracking_uri
     path = root / "driver.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -184,24 +188,35 @@ def main() -> int:
     ap.add_argument("--max-t", type=int, default=4, help="evaluations of a full-length trial")
     ap.add_argument("--nodes", type=int, default=3, help="Ray nodes started on this machine (1 head + workers)")
     ap.add_argument("--cpus-per-node", type=int, default=4, help="logical CPUs each node offers (trials in flight)")
+    ap.add_argument("--tracking", choices=("server", "sqlite"), default="server",
+                    help="server: an `mlflow server` (sqlite backend) as a team runs it; sqlite: the driver writes "
+                         "the default sqlite file itself")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir, removed)")
     args = ap.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_driver_"))
     temps: list[str] = []
+    server = None
     try:
         generate_benchmark(root / "data", preset="demo", seed=0)
-        cfg_path = sweep_config(root, root / "data", args.configs, args.seeds, args.max_t)
+        if args.tracking == "server":
+            server = start_server(root / "mlflow_server", workers=1)
+        uri = server.url if server else None
+        cfg_path = sweep_config(root, root / "data", args.configs, args.seeds, args.max_t, uri)
         address, env, temps = start_cluster(args.nodes, args.cpus_per_node)
+        if server:
+            wait_healthy(server)
         os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
         res = drive(cfg_path)
     finally:
         for temp in reversed(temps):  # this cluster's nodes only, never other Ray sessions on the machine
             stop_cluster(temp)
             shutil.rmtree(temp, ignore_errors=True)
+        if server:
+            stop_process_group(server.proc)
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     met = {k: res[k] <= goal for k, goal in GOALS.items()}
-    payload = {"benchmark": "driver", "nodes": args.nodes, **res, "goals_met": met}
+    payload = {"benchmark": "driver", "nodes": args.nodes, "tracking": args.tracking, **res, "goals_met": met}
     print(json.dumps(payload))
     return 0 if res["finished"] == res["trials"] else 1
 

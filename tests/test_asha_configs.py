@@ -186,7 +186,7 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
         sched.on_trial_add(ctl, t)
     assert sched._held == ["b0", "c0"]  # may run: past its rungs / not started
     assert [t.status for t in trials[:2]] == [Trial.PAUSED, Trial.PAUSED]  # waiting at rung 1 for a decision
-    assert sched._promoted[0] == [config_key({"c": 1})] == sched._promoted[1]
+    assert list(sched._promoted[0]) == [config_key({"c": 1})] == list(sched._promoted[1])
     sched._decide(ctl)  # (the errored trials are read from the controller's statuses when a rung is decided)
     assert sched._rung_mean(0, config_key({"c": 1})) == 0.9  # the errored seed is left out of the mean
     assert sched._rung_mean(0, config_key({"c": 0})) == pytest.approx(0.4)
@@ -222,7 +222,7 @@ def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_
         assert sched.on_trial_result(ctl, t, {"training_iteration": 1, "AP": ap}) == "PAUSE"
         t.status = Trial.PAUSED
     chosen = sched.choose_trial_to_run(ctl)  # nothing runs: the rung's best goes on to max_t
-    assert chosen.trial_id == "t1" and sched._promoted[0] == [config_key({"c": 1})]
+    assert chosen.trial_id == "t1" and list(sched._promoted[0]) == [config_key({"c": 1})]
     chosen.status = Trial.RUNNING
     assert sched.on_trial_result(ctl, chosen, {"training_iteration": 2, "AP": 0.7}) == "CONTINUE"
     assert sched.on_trial_result(ctl, chosen, {"training_iteration": 4, "AP": 0.8}) == "STOP"

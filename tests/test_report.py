@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from lt_models.errors import ConfigError
 from pipelines.analysis.compare import compare_sweeps, format_compare_table
-from pipelines.analysis.plots import plot_ap_by_rank
+from pipelines.analysis.plots import PER_TRIAL_BARS, plot_ap_by_rank, plot_buckets, plot_iterations
 from pipelines.analysis.report import build_sweep_report
 from pipelines.mlflow_io.client import default_tracking_uri, open_store
 from pipelines.mlflow_io.reads import search_tagged
@@ -107,6 +107,21 @@ def test_plot_ap_by_rank_writes_png_atomically(tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["rank.png"]
 
 
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == PNG_MAGIC
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # the IHDR chunk's width, height
+
+
+def test_per_trial_figures_stay_readable_at_a_thousand_trials():
+    many = [row(f"t{i}", i / 2000, 0.1, 0.2, 0.3, 1 + i % 4, lam=i / 1000) for i in range(1000)]
+    few_w, few_h = png_size(plot_buckets(ROWS))
+    w, h = png_size(plot_buckets(many))  # the 40 best trials by AP, not 1,000 bars
+    assert w <= 0.55 * PER_TRIAL_BARS * 100 + 300 and h == few_h and w > few_w
+    w, h = png_size(plot_iterations(many, 4))  # trials per number of evaluations, not 1,000 rows
+    assert w <= 700 and h <= 400
+    assert png_size(plot_iterations(ROWS, 4))[1] >= 240  # few trials: one row each
+
+
 # ---------------------------------------------------------------------------------------------------------------
 class FakeTrial:
     """What the callback reads from a Tune Trial (status, config, last_result, error_file)."""
@@ -168,6 +183,19 @@ def fake_sweep(
             t.status = "TERMINATED"
     cb.on_experiment_end(trials)
     return cb
+
+
+def test_params_reach_the_runs_of_trials_that_never_reported(store):
+    """A trial's params go out with its first result; one that fails, or is left running, before any result gets
+    them at its end."""
+    cb = fake_sweep(store["uri"], "no-report", [[0.2], [], []], fail=(1,), leave_running=(2,))
+    runs = search_tagged(MlflowClient(store["uri"]), cb.experiment_id, {"ltsweep.role": "trial"})
+    got = {r.data.tags["ltsweep.trial_id"]: (r.info.status, r.data.params.get("lam")) for r in runs}
+    assert got == {
+        "no-report_00000": ("FINISHED", "0.0"),
+        "no-report_00001": ("FAILED", "0.5"),
+        "no-report_00002": ("KILLED", "1.0"),
+    }
 
 
 def test_run_statuses_report_and_stage1_baseline_from_another_experiment(store):

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
+from local_mlflow import start_server, stop_process_group, wait_healthy
 from mlflow import MlflowClient
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler
@@ -163,42 +161,9 @@ def _free_port() -> int:
 def mlflow_server_proc(tmp_path_factory):
     """Start `mlflow server` (sqlite backend, proxied artifacts) on 127.0.0.1; readiness is awaited separately so
     that it boots while Ray starts."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    log = open(root / "server.log", "w")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{root / 'server.db'}",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
-    # no background job runner (MLflow 3's GenAI jobs: 8 extra Python processes we do not need on 2 cores)
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    yield {"proc": proc, "url": f"http://127.0.0.1:{port}", "root": root, "log": root / "server.log"}
-    stop_process_group(proc)
-    log.close()
-
-
-def stop_process_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the process group a server was started in (start_new_session=True), SIGKILL it after 30 s."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    server = start_server(tmp_path_factory.mktemp("mlflow_server"))
+    yield {"proc": server.proc, "url": server.url, "root": server.root, "log": server.log, "server": server}
+    stop_process_group(server.proc)
 
 
 @pytest.fixture(scope="module")
@@ -213,20 +178,11 @@ def ray_session(mlflow_server_proc):
 @pytest.fixture(scope="module")
 def mlflow_server(mlflow_server_proc, ray_session):
     """The server's URL once GET /health answers OK (bounded wait; the server's log is shown if it never does)."""
-    s = mlflow_server_proc
-    deadline = time.monotonic() + 180
-    while True:
-        if s["proc"].poll() is not None:
-            pytest.fail(f"mlflow server exited with {s['proc'].returncode}:\n{s['log'].read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(s["url"] + "/health", timeout=2) as r:
-                if r.status == 200 and r.read().strip() == b"OK":
-                    return s
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"mlflow server not healthy after 180 s:\n{s['log'].read_text()[-3000:]}")
-        time.sleep(0.2)
+    try:
+        wait_healthy(mlflow_server_proc["server"])
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    return mlflow_server_proc
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,17 @@ def plot_vs_param(rows, key: str, others: Sequence[str], title: str, xlabel: str
     return png_bytes(fig)
 
 
+PER_TRIAL_BARS = 40  # above this many trials the per-trial figures summarise (one bar per trial stops being readable)
+
+
 def plot_buckets(rows) -> bytes:
+    """APr / APc / APf of each trial; with more than ``PER_TRIAL_BARS`` trials, of the ones with the best final AP."""
     import numpy as np
 
+    title = "AP per frequency bucket, per trial (rare / common / frequent)"
+    if len(rows) > PER_TRIAL_BARS:
+        ranked = sorted(rows, key=lambda r: -(metric_or_none(r.get("AP")) or -1.0))
+        rows, title = ranked[:PER_TRIAL_BARS], f"{title}: the {PER_TRIAL_BARS} best of {len(rows)} trials by AP"
     fig = new_figure(max(6.4, 0.55 * len(rows) + 2), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(rows))
@@ -127,29 +135,51 @@ def plot_buckets(rows) -> bytes:
     ax.set_xticks(x)
     ax.set_xticklabels([_short(r["trial_id"]) for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("final AP")
-    ax.set_title("AP per frequency bucket, per trial (rare / common / frequent)")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return png_bytes(fig)
 
 
+def _ran(r, max_t: int) -> str:
+    return "failed" if r["status"] == "FAILED" else "stopped early" if r["iterations"] < max_t else "full schedule"
+
+
+_RAN_COLORS = {"full schedule": "tab:blue", "stopped early": "tab:orange", "failed": "tab:red"}
+
+
 def plot_iterations(rows, max_t: int) -> bytes:
+    """How many evaluations each trial reported (orange: stopped early, red: failed); with more than
+    ``PER_TRIAL_BARS`` trials, how many trials stopped after each number of evaluations."""
+    if len(rows) > PER_TRIAL_BARS:
+        return _plot_iteration_counts(rows, max_t)
     fig = new_figure(6.4, max(2.4, 0.28 * len(rows) + 1.2))
     ax = fig.add_subplot(1, 1, 1)
-    colors = []
-    for r in rows:
-        if r["status"] == "FAILED":
-            colors.append("tab:red")
-        elif r["iterations"] < max_t:
-            colors.append("tab:orange")
-        else:
-            colors.append("tab:blue")
-    ax.barh(range(len(rows)), [r["iterations"] for r in rows], color=colors)
+    ax.barh(range(len(rows)), [r["iterations"] for r in rows], color=[_RAN_COLORS[_ran(r, max_t)] for r in rows])
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([_short(r["trial_id"]) for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.axvline(max_t, color="gray", linestyle="--", linewidth=1)
     ax.set_xlabel("evaluations reported (Tune training_iteration)")
     ax.set_title("how long each trial ran (orange: stopped early, red: failed)")
+    return png_bytes(fig)
+
+
+def _plot_iteration_counts(rows, max_t: int) -> bytes:
+    fig = new_figure(6.4, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    ticks = sorted({int(r["iterations"]) for r in rows})
+    bottom = [0] * len(ticks)
+    for kind, color in _RAN_COLORS.items():
+        counts = [sum(1 for r in rows if int(r["iterations"]) == t and _ran(r, max_t) == kind) for t in ticks]
+        if any(counts):
+            ax.bar(range(len(ticks)), counts, bottom=bottom, color=color, label=kind)
+            bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    ax.set_xticks(range(len(ticks)))
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.set_xlabel("evaluations reported (Tune training_iteration)")
+    ax.set_ylabel("trials")
+    ax.set_title(f"how long the {len(rows)} trials ran")
+    ax.legend(fontsize=8)
     return png_bytes(fig)
 
 

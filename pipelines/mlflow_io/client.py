@@ -47,7 +47,7 @@ DEFAULT_STORAGE_PATH = Path("results")
 MAX_PARAM_LEN = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LEN = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_KEY_LEN = 250  # mlflow.utils.validation.MAX_ENTITY_KEY_LENGTH
-_BATCH = 100  # params/tags per log_batch (MAX_PARAMS_TAGS_PER_BATCH)
+PARAMS_PER_BATCH = 100  # params/tags per log_batch (MAX_PARAMS_TAGS_PER_BATCH)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -133,7 +133,9 @@ def _client(tracking_uri: str, reader: bool = False):
 def make_client(tracking_uri: str):
     """An MlflowClient for ``tracking_uri``; for a sqlite store the directory is created first, and the schema is
     created (when the store is new) under a file lock, so processes opening one new store at once do not collide
-    (:func:`_client`)."""
+    (:func:`_client`). Over HTTP, MLflow's "View run … at" line per ended run is not printed (a sweep ends a run per
+    trial, and each line costs a ``get_run``) unless ``MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT`` is set otherwise."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     db = sqlite_path(tracking_uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -262,8 +264,9 @@ def code_version() -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # logging
-def log_params(client, run_id: str, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> None:
-    """Log params in batches; keys already on the run are left alone (MLflow params are immutable)."""
+def new_params(run_id: str, params: Mapping[str, Any], existing: Mapping[str, str] | None = None) -> list:
+    """``params`` as MLflow Params (values as strings), less the keys the run has already (MLflow params are
+    immutable: a different value there is kept, with a warning)."""
     from mlflow.entities import Param
 
     existing = existing or {}
@@ -278,17 +281,31 @@ def log_params(client, run_id: str, params: Mapping[str, Any], existing: Mapping
                 )
             continue
         items.append(Param(key, s))
-    for i in range(0, len(items), _BATCH):
-        client.log_batch(run_id, params=items[i : i + _BATCH])
+    return items
+
+
+def log_params(
+    client, run_id: str, params: Mapping[str, Any], existing: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """Log the params the run does not have yet (:func:`new_params`) in batches. Returns them, as strings."""
+    items = new_params(run_id, params, existing)
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, params=items[i : i + PARAMS_PER_BATCH])
+    return {p.key: p.value for p in items}
+
+
+def tag_entities(tags: Mapping[str, Any]) -> list:
+    """``tags`` as MLflow RunTags (keys and values cut to MLflow's limits); a None value is left out."""
+    from mlflow.entities import RunTag
+
+    return [RunTag(str(k)[:MAX_KEY_LEN], to_str(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
 
 
 def log_tags(client, run_id: str, tags: Mapping[str, Any]) -> None:
     """Set tags in batches; a None value sets nothing."""
-    from mlflow.entities import RunTag
-
-    items = [RunTag(str(k)[:MAX_KEY_LEN], to_str(v, MAX_TAG_LEN)) for k, v in tags.items() if v is not None]
-    for i in range(0, len(items), _BATCH):
-        client.log_batch(run_id, tags=items[i : i + _BATCH])
+    items = tag_entities(tags)
+    for i in range(0, len(items), PARAMS_PER_BATCH):
+        client.log_batch(run_id, tags=items[i : i + PARAMS_PER_BATCH])
 
 
 def log_bytes_artifact(client, run_id: str, name: str, data: bytes) -> None:

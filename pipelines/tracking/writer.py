@@ -8,6 +8,11 @@ never sees two writers; :func:`log_pretrain_run` records the stage-1 training. W
 Runs are found again by their tags, which makes the writer idempotent after ``Tuner.restore``: the parent run is
 found by sweep name + role (+ the sweep's uid, which Tune pickles with the callback in ``tuner.pkl``) and each trial's
 run by ``ltsweep.trial_id``; found runs are continued, never duplicated.
+
+Calls per trial are few, since the driver pays for each (a thousand-trial sweep: ``benchmarks/bench_driver.py``): the
+parent's trial runs are read back in one search; a new trial run costs ``create_run`` and ``log_inputs``, its params
+go with its first result's ``log_batch`` (or its end, if it reports none), and its end is one ``log_batch`` of tags
+plus ``set_terminated``.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pipelines.analysis.report import log_sweep_report
 from pipelines.config.sections import POPULATION_SCHEDULERS
 from pipelines.mlflow_io.client import (
     MAX_TAG_LEN,
+    PARAMS_PER_BATCH,
     code_version,
     find_key,
     flatten,
@@ -33,6 +39,8 @@ from pipelines.mlflow_io.client import (
     log_params,
     log_tags,
     make_client,
+    new_params,
+    tag_entities,
     to_str,
 )
 from pipelines.mlflow_io.reads import search_tagged
@@ -68,7 +76,14 @@ from pipelines.names import (
     per_class_dict,
 )
 from pipelines.tracking.artifacts import log_calibration, log_per_class_artifacts, log_replicates
-from pipelines.tracking.lineage import PRETRAIN_RUN_TAG, link_stage1, log_datasets, pretrain_runs, source_tags
+from pipelines.tracking.lineage import (
+    PRETRAIN_RUN_TAG,
+    dataset_inputs,
+    link_stage1,
+    log_datasets,
+    pretrain_runs,
+    source_tags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +144,11 @@ class SweepWriter:
         "_experiment_id",
         "_parent_run_id",
         "_trial_runs",
+        "_trial_runs_loaded",
+        "_run_params",
+        "_resumed_status",
+        "_inputs",
+        "_pending_params",
         "_open_runs",
         "_last_results",
         "_sha_logged",
@@ -142,6 +162,11 @@ class SweepWriter:
         self._experiment_id: str | None = None
         self._parent_run_id: str | None = None
         self._trial_runs: dict[str, str] = {}
+        self._trial_runs_loaded = False  # the parent's trial runs were read once; the others this writer created
+        self._run_params: dict[str, dict[str, str]] = {}  # trial id -> the params its run has (as logged or read)
+        self._resumed_status: set[str] = set()  # trial ids whose run carries a TRIAL_STATUS_TAG from an interruption
+        self._inputs: list | None = None  # the dataset inputs every trial run logs (built once)
+        self._pending_params: dict[str, list] = {}  # trial id -> params of its new run, not sent yet
         self._open_runs: dict[str, str] = {}  # trial id -> run id of runs this process has (re)opened
         self._last_results: dict[str, dict] = {}
         self._sha_logged: set[str] = set()
@@ -176,20 +201,21 @@ class SweepWriter:
         return self._parent_run_id
 
     def trial_run_id(self, trial_id: str) -> str | None:
-        """The MLflow run id of a Tune trial, looked up by its ``ltsweep.trial_id`` tag (None if not logged)."""
-        if trial_id in self._trial_runs:
-            return self._trial_runs[trial_id]
-        runs = search_tagged(
-            self.client,
-            self.experiment_id,
-            {ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial_id, PARENT_TAG: self.parent_run_id},
-        )
-        if len(runs) > 1:
-            logger.warning("MLflow: %d runs tagged %s=%s; continuing the oldest", len(runs), TRIAL_ID_TAG, trial_id)
-        if runs:
-            self._trial_runs[trial_id] = runs[0].info.run_id
-            return runs[0].info.run_id
-        return None
+        """The MLflow run id of a Tune trial (None if not logged). The parent run's trial runs are found by their
+        ``ltsweep.trial_id`` tag in one search, the first time one is asked for; the runs created after that are
+        this writer's own."""
+        if not self._trial_runs_loaded:
+            tags = {ROLE_TAG: ROLE_TRIAL, PARENT_TAG: self.parent_run_id}
+            runs = search_tagged(self.client, self.experiment_id, tags)
+            by_trial: dict[str, list[str]] = {}
+            for run in runs:  # oldest first
+                by_trial.setdefault(run.data.tags.get(TRIAL_ID_TAG, ""), []).append(run.info.run_id)
+            for tid, ids in by_trial.items():
+                if len(ids) > 1:
+                    logger.warning("MLflow: %d runs tagged %s=%s; continuing the oldest", len(ids), TRIAL_ID_TAG, tid)
+                self._trial_runs.setdefault(tid, ids[0])
+            self._trial_runs_loaded = True
+        return self._trial_runs.get(trial_id)
 
     # ------------------------------------------------------------------ parent run
     def _sweep_setting(self, name: str, default: Any) -> Any:
@@ -282,35 +308,45 @@ class SweepWriter:
         run_id = self.trial_run_id(trial.trial_id)
         client = self.client
         if run_id is None:
+            tags = {ROLE_TAG: ROLE_TRIAL, TRIAL_ID_TAG: trial.trial_id, PARENT_TAG: self.parent_run_id}
             run = client.create_run(
-                self.experiment_id,
-                run_name=trial.name,
-                tags={
-                    ROLE_TAG: ROLE_TRIAL,
-                    TRIAL_ID_TAG: trial.trial_id,
-                    PARENT_TAG: self.parent_run_id,
-                    SWEEP_TAG: self.sweep_name,
-                    **source_tags(),
-                },
+                self.experiment_id, run_name=trial.name, tags={**tags, SWEEP_TAG: self.sweep_name, **source_tags()}
             )
             run_id = run.info.run_id
             self._trial_runs[trial.trial_id] = run_id
-            existing = {}
-            log_datasets(client, run_id, *self._datasets())
+            existing: dict[str, str] = {}
+            if self._inputs is None:
+                self._inputs = dataset_inputs(*self._datasets())
+            if self._inputs:
+                client.log_inputs(run_id, datasets=self._inputs)
         else:
             run = client.get_run(run_id)
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
-            existing = run.data.params
+            existing = dict(run.data.params)
+            if TRIAL_STATUS_TAG in run.data.tags:
+                self._resumed_status.add(trial.trial_id)
+            log_datasets(client, run_id, *self._datasets())
         workers = int((self.sweep_params.get("resources") or {}).get("workers_per_trial", 1))  # Ray Train workers
-        log_params(client, run_id, {**self._searched_params(trial), WORKERS_PARAM: workers}, existing)
+        params = new_params(run_id, {**self._searched_params(trial), WORKERS_PARAM: workers}, existing)
+        self._run_params[trial.trial_id] = {**existing, **{p.key: p.value for p in params}}
+        self._pending_params[trial.trial_id] = params  # sent with the run's first batch (a result, or its end)
         self._open_runs[trial.trial_id] = run_id
         return run_id
+
+    def _take_params(self, trial_id: str, run_id: str, room: int) -> list:
+        """The trial's params not sent yet, to go into a batch with ``room`` params left; the rest are logged now."""
+        params = self._pending_params.pop(trial_id, [])
+        if len(params) > room:
+            for i in range(0, len(params), PARAMS_PER_BATCH):
+                self.client.log_batch(run_id, params=params[i : i + PARAMS_PER_BATCH])
+            return []
+        return params
 
     def log_result(self, trial: TrialInfo, result: Mapping[str, Any]) -> None:
         """One reported result: its metrics at step ``training_iteration``, the trial's stage-1 sha256 (once), and
         the dataset fingerprint on the parent run (once)."""
-        from mlflow.entities import Metric, Param
+        from mlflow.entities import Metric, Param, RunTag
 
         run_id = self.open_trial(trial)
         step = int(result.get("training_iteration") or 0)
@@ -325,19 +361,21 @@ class SweepWriter:
             except (TypeError, ValueError):
                 continue
             metrics.append(Metric(key, value, ts, step))
-        params = []
+        params, tags = [], []
         if trial.trial_id not in self._sha_logged:  # once per trial: its stage-1 sha256 and its training seed
-            logged = self.client.get_run(run_id).data.params
+            logged = self._run_params.setdefault(trial.trial_id, {})
             for key in (PRETRAIN_SHA_PARAM, SEED_PARAM):
                 v = result.get(key)
                 if v is not None and v != "" and key not in logged:
                     params.append(Param(key, str(v)))
+                    logged[key] = str(v)
             stage1_run = self._stage1_run_of(result.get(PRETRAIN_SHA_PARAM))
             if stage1_run:
-                self.client.set_tag(run_id, PRETRAIN_RUN_TAG, stage1_run)
+                tags.append(RunTag(PRETRAIN_RUN_TAG, stage1_run))
             self._sha_logged.add(trial.trial_id)
-        if metrics or params:
-            self.client.log_batch(run_id, metrics=metrics, params=params)
+        params += self._take_params(trial.trial_id, run_id, PARAMS_PER_BATCH - len(params) - len(tags))
+        if metrics or params or tags:
+            self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
         self._last_results[trial.trial_id] = dict(result)
         fp = result.get("dataset_fingerprint")
         if fp and not self._fingerprint_tagged:
@@ -366,9 +404,11 @@ class SweepWriter:
         tags: dict[str, int | str] = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
         if error:
             tags[ERROR_TAG] = error[-MAX_TAG_LEN:]
-        log_tags(self.client, run_id, tags)
-        if TRIAL_STATUS_TAG in self.client.get_run(run_id).data.tags:  # an interrupted trial that --resume finished
+        params = self._take_params(trial.trial_id, run_id, PARAMS_PER_BATCH - len(tags))
+        self.client.log_batch(run_id, params=params, tags=tag_entities(tags))
+        if trial.trial_id in self._resumed_status:  # an interrupted trial that --resume finished
             self.client.delete_tag(run_id, TRIAL_STATUS_TAG)
+            self._resumed_status.discard(trial.trial_id)
         per_class = per_class_dict(res.get("per_class"))
         try:
             if per_class:
@@ -402,14 +442,12 @@ class SweepWriter:
                 continue
             run = client.get_run(run_id)
             if run.info.status not in _TERMINAL:
-                log_tags(
-                    client,
-                    run_id,
-                    {
-                        TRIAL_STATUS_TAG: trial.status,
-                        ITERATIONS_TAG: int(self._last_result(trial).get("training_iteration") or 0),
-                    },
-                )
+                tags = {
+                    TRIAL_STATUS_TAG: trial.status,
+                    ITERATIONS_TAG: int(self._last_result(trial).get("training_iteration") or 0),
+                }
+                params = self._take_params(trial.trial_id, run_id, PARAMS_PER_BATCH - len(tags))
+                client.log_batch(run_id, params=params, tags=tag_entities(tags))
                 client.set_terminated(run_id, status="KILLED")
                 self._open_runs.pop(trial.trial_id, None)
                 n_killed += 1

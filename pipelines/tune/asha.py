@@ -57,6 +57,9 @@ def config_key(config: dict[str, Any]) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
+_LIVE = (Trial.RUNNING, Trial.PENDING, Trial.PAUSED)
+
+
 class ConfigASHA(FIFOScheduler):
     """See the module docstring. ``seeds``: every configuration's training seeds (``ExperimentConfig.seeds``);
     ``max_running``: at most this many trials run at once (None: as many as the resources allow)."""
@@ -85,7 +88,8 @@ class ConfigASHA(FIFOScheduler):
         self._by_seed: dict[str, dict[int, str]] = {}  # configuration -> {seed: trial id}
         self._dead: set[str] = set()  # errored trials (left out of their configuration's mean)
         self._values: list[dict[str, float]] = [{} for _ in self.milestones]  # per rung: trial id -> metric
-        self._promoted: list[list[str]] = [[] for _ in self.milestones]  # per rung: configurations, in order
+        self._promoted: list[dict[str, None]] = [{} for _ in self.milestones]  # per rung: configurations, in order
+        self._reached: dict[str, int] = {}  # trial id -> rungs it reached (its values are in _values[:n])
         self._held: list[str] = []  # trials added but not started yet
         self._full: set[str] = set()  # configurations with a trial that reached max_t
 
@@ -123,8 +127,9 @@ class ConfigASHA(FIFOScheduler):
         for k, m in enumerate(self.milestones):
             if t >= m and trial_id not in self._values[k]:
                 self._values[k][trial_id] = float(value)
+                self._reached[trial_id] = k + 1
             if restored and t > m and key not in self._promoted[k]:
-                self._promoted[k].append(key)  # it ran past rung k before the sweep stopped
+                self._promoted[k][key] = None  # it ran past rung k before the sweep stopped
 
     def on_trial_remove(self, tune_controller, trial: Trial):
         if trial.trial_id in self._held:
@@ -150,7 +155,7 @@ class ConfigASHA(FIFOScheduler):
         return sorted(means, key=lambda km: km[1], reverse=self._mode == "max")
 
     def _promote(self, k: int, key: str, mean: float, n: int) -> None:
-        self._promoted[k].append(key)
+        self._promoted[k][key] = None
         if self.verbose:
             name = " ".join(f"{f}={v}" for f, v in json.loads(key).items())
             print(
@@ -161,7 +166,8 @@ class ConfigASHA(FIFOScheduler):
             )
 
     def _next_rung(self, trial_id: str) -> int:
-        return sum(trial_id in values for values in self._values)
+        """How many rungs the trial reached (rungs are reached in order: the next one's index)."""
+        return self._reached.get(trial_id, 0)
 
     def _decide(self, tune_controller) -> None:
         """Promote, at every rung that no live trial is still on its way to, the configurations in the top ⌊n/η⌋
@@ -170,16 +176,14 @@ class ConfigASHA(FIFOScheduler):
         trials = tune_controller.get_trials()
         # errored for good (Tune also calls on_trial_error before a retry, so the status is what tells)
         self._dead = {t.trial_id for t in trials if t.status == Trial.ERROR}
-        waiting = {
-            self._next_rung(t.trial_id)
-            for t in trials
-            if t.status in (Trial.RUNNING, Trial.PENDING, Trial.PAUSED)
-            and t.trial_id in self._key
-            and self._cleared(t.trial_id)
-        }
-        if not tune_controller.search_alg.is_finished():
-            waiting.add(0)
-        for k in range(len(self.milestones)):
+        rungs = len(self.milestones)
+        waiting = set() if tune_controller.search_alg.is_finished() else {0}
+        for t in trials:
+            if len(waiting) >= rungs:  # every rung has a trial on its way: nothing to promote (runs every step)
+                break
+            if t.status in _LIVE and t.trial_id in self._key and self._cleared(t.trial_id):
+                waiting.add(self._next_rung(t.trial_id))
+        for k in range(rungs):
             if k in waiting:
                 continue
             ranked = self._ranked(k)
@@ -190,7 +194,7 @@ class ConfigASHA(FIFOScheduler):
     def _cleared(self, trial_id: str) -> bool:
         """May the trial go on: is its configuration promoted at every rung it reached?"""
         key = self._key[trial_id]
-        return all(key in self._promoted[k] for k in range(len(self.milestones)) if trial_id in self._values[k])
+        return all(key in self._promoted[k] for k in range(self._next_rung(trial_id)))
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         if self._time_attr not in result:
