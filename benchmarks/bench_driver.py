@@ -2,8 +2,11 @@
 
 A multi-node Ray cluster is started on this machine (``ray start --head`` plus ``--nodes - 1`` worker nodes, each a
 raylet of its own), and this process drives one sweep on it through the product's path (``pipelines.tune.sweep
-.run_sweep``: Tune, ``scheduler.type: asha_configs`` over configurations with 3 seeds each, the MLflow callback and
-writer on a local sqlite store, the progress printer, the summary and the HTML report). Only the trainable is a
+.run_sweep``: Tune, ``scheduler.type: asha_configs`` over configurations with 3 seeds each, the product's default
+``run.checkpoints_to_keep``, the MLflow callback and writer, the TensorBoard and CSV loggers, the summary and the
+HTML report). MLflow is an ``mlflow server`` on 127.0.0.1 (sqlite backend, started here), as a team runs it for a
+sweep of this size (docs/clusters.md); ``--tracking sqlite`` has the driver write the default sqlite file itself,
+so that the store's own work (SQLAlchemy, sqlite) is the driver's too. Only the trainable is a
 stand-in: no training; each evaluation reports a closed-form metric of (λ, seed, evaluation) with the real
 ``tune.report(..., checkpoint=...)`` call and a small checkpoint directory, as the real trainable does. The stand-in
 has no model, so the best-model step is left out. Afterwards ``ltsweep compare`` runs on the sweep.
@@ -23,10 +26,10 @@ Goals: the driver adds at most 20 ms per report, stays under 2 GB, and the summa
 most 10 s at 1,000 trials.
 
 Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4] [--nodes 3] [--cpus-per-node 4]
-           [--out DIR]   (--configs 334 x --seeds 3 = 1,002 trials)
-Last stdout line: {"benchmark": "driver", "trials", "reports", "nodes", "driver_cpu_s_per_report",
-"driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb", "summary_s", "report_s", "compare_s",
-"trials_per_min", "sweep_s", "goals_met"}
+           [--tracking server|sqlite] [--out DIR]   (--configs 334 x --seeds 3 = 1,002 trials)
+Last stdout line: {"benchmark": "driver", "nodes", "tracking", "trials", "finished", "reports",
+"driver_cpu_s_per_report", "driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb",
+"summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "goals_met"}
 """
 
 from __future__ import annotations

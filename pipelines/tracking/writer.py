@@ -10,9 +10,9 @@ found by sweep name + role (+ the sweep's uid, which Tune pickles with the callb
 run by ``ltsweep.trial_id``; found runs are continued, never duplicated.
 
 Calls per trial are few, since the driver pays for each (a thousand-trial sweep: ``benchmarks/bench_driver.py``): the
-parent's trial runs are read back in one search; a new trial run costs ``create_run`` and ``log_inputs``, its params
-go with its first result's ``log_batch`` (or its end, if it reports none), and its end is one ``log_batch`` of tags
-plus ``set_terminated``.
+parent's trial runs are read back in one search; a new trial run costs ``create_run`` and ``log_inputs``, each result
+one ``log_batch`` (its params ride with the first, the evaluation count with each), and its end ``set_terminated``
+(plus a batch for an error, or for a trial that reported nothing).
 """
 
 from __future__ import annotations
@@ -373,6 +373,7 @@ class SweepWriter:
             if stage1_run:
                 tags.append(RunTag(PRETRAIN_RUN_TAG, stage1_run))
             self._sha_logged.add(trial.trial_id)
+        tags.append(RunTag(ITERATIONS_TAG, str(step)))  # evaluations so far: with the result, not a call at the end
         params += self._take_params(trial.trial_id, run_id, PARAMS_PER_BATCH - len(params) - len(tags))
         if metrics or params or tags:
             self.client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
@@ -401,11 +402,14 @@ class SweepWriter:
             run_id = self.open_trial(trial)
         elif trial.trial_id not in self._open_runs and self.client.get_run(run_id).info.status == status:
             return  # restored as already finished by --resume: keep its run (and its end time) as it was
-        tags: dict[str, int | str] = {ITERATIONS_TAG: int(res.get("training_iteration") or 0)}
+        tags: dict[str, int | str] = {}
+        if trial.trial_id not in self._last_results:  # no result logged by this writer: its count, 0 if none
+            tags[ITERATIONS_TAG] = int(res.get("training_iteration") or 0)
         if error:
             tags[ERROR_TAG] = error[-MAX_TAG_LEN:]
         params = self._take_params(trial.trial_id, run_id, PARAMS_PER_BATCH - len(tags))
-        self.client.log_batch(run_id, params=params, tags=tag_entities(tags))
+        if tags or params:
+            self.client.log_batch(run_id, params=params, tags=tag_entities(tags))
         if trial.trial_id in self._resumed_status:  # an interrupted trial that --resume finished
             self.client.delete_tag(run_id, TRIAL_STATUS_TAG)
             self._resumed_status.discard(trial.trial_id)
