@@ -17,10 +17,17 @@ ground-truth object and result list) and the peak memory above it, the time from
 parsing included: ours streams it) and the peak above the start, and the largest difference from lvis-api over the
 summary metrics (``backends`` in the JSON line).
 
+All of them equal lvis-api on that case, so each installed backend is also checked on the edge cases of
+``make_case`` in lvis_oracle (seeds 0-2, 40 images, 10 classes: zero-area detections, gt ``ignore`` flags, score
+ties, non-contiguous ids, federated fields), in this process, against lvis-api: the largest |difference| over the
+summary metrics and seeds (``edge_case_max_abs_diff``). ``chosen_backend`` is the fastest one from the loaded case
+among those within 1e-12 of lvis-api both on the big case and on the edge cases. With --skip-lvis there is no
+oracle, so both are null.
+
 Usage: python benchmarks/bench_eval.py [--images 5000] [--seed 0] [--skip-lvis] [--backends ltsweep hotcoco ultrafast]
 Last stdout line: {"benchmark": "eval", "speedup_vs_lvis_api": ..., "max_abs_diff": ..., "peak_rss_mb": ...,
 "backends": {name: {"seconds", "peak_above_case_mb", "max_abs_diff_vs_lvis_api", "from_file_seconds",
-"from_file_peak_above_start_mb"} or {"missing": why}}}
+"from_file_peak_above_start_mb", "edge_case_max_abs_diff"} or {"missing": why}}, "chosen_backend": name or null}
 """
 
 from __future__ import annotations
@@ -280,6 +287,93 @@ def run_backends(names: list[str], gt: dict, dets: list[dict], ref: dict | None)
     return out
 
 
+EDGE_SEEDS = (0, 1, 2)
+IDENTICAL = 1e-12  # the largest |difference| from lvis-api that still counts as identical
+
+
+def edge_case_diffs(names: list[str]) -> dict[str, list[float]]:
+    """Each named backend and lvis-api on ``make_case`` of lvis_oracle (seeds EDGE_SEEDS, 40 images, 10 classes:
+    zero-area detections, gt ``ignore`` flags, score ties, non-contiguous ids, federated fields), in this process
+    (the cases are small): per seed, the largest |difference| from lvis-api over SUMMARY_KEYS (inf for a key the
+    backend does not report). hotcoco and ultrafast read the case's ground truth from a temporary file."""
+    import contextlib
+    import copy
+    import io
+    import math
+    import tempfile
+
+    from lvis_oracle import lvis_api_evaluate, make_case
+
+    diffs: dict[str, list[float]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="bench_eval_edge_") as tmp:
+        for seed in EDGE_SEEDS:
+            gt, dets = make_case(seed=seed, n_img=40, n_cat=10)
+            ref = lvis_api_evaluate(gt, dets)
+            gt_path = Path(tmp) / f"gt_{seed}.json"
+            gt_path.write_text(json.dumps(gt))
+            for name in names:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    backend_gt, evaluate = BACKENDS[name](str(gt_path))
+                    res = evaluate(backend_gt, copy.deepcopy(dets))
+                diffs[name].append(max(abs(float(res[k]) - ref[k]) if k in res else math.inf for k in SUMMARY_KEYS))
+    return diffs
+
+
+def add_edge_cases(backends: dict, have_oracle: bool) -> None:
+    """``edge_case_max_abs_diff`` in each installed backend's row (max over EDGE_SEEDS; None without the oracle),
+    with one line per backend."""
+    names = [name for name, row in backends.items() if "missing" not in row]
+    if not have_oracle:
+        for name in names:
+            backends[name]["edge_case_max_abs_diff"] = None
+        print("edge cases: not checked (--skip-lvis: no lvis-api oracle)", flush=True)
+        return
+    for name, per_seed in edge_case_diffs(names).items():
+        backends[name]["edge_case_max_abs_diff"] = max(per_seed)
+        print(
+            f"edge cases ({name} vs lvis-api, make_case seeds {EDGE_SEEDS[0]}-{EDGE_SEEDS[-1]}, 40 images, "
+            f"10 classes): max |diff| {max(per_seed):.3g} (per seed: {', '.join(f'{d:.3g}' for d in per_seed)})",
+            flush=True,
+        )
+
+
+def choose_backend(backends: dict) -> tuple[str | None, str]:
+    """The fastest backend (``seconds`` from the loaded case) among those whose |difference| from lvis-api is at
+    most IDENTICAL both on the big case and on the edge cases, and why."""
+    rows = {name: row for name, row in backends.items() if "missing" not in row}
+    if not rows:
+        return None, "no backend ran (none named with --backends is installed)"
+    if any(r["max_abs_diff_vs_lvis_api"] is None or r["edge_case_max_abs_diff"] is None for r in rows.values()):
+        return None, "no lvis-api oracle (--skip-lvis), so no backend can be shown identical to it"
+    identical = {
+        name: row
+        for name, row in rows.items()
+        if row["max_abs_diff_vs_lvis_api"] <= IDENTICAL and row["edge_case_max_abs_diff"] <= IDENTICAL
+    }
+    others = ", ".join(
+        f"{name} ({row['seconds']} s; max |diff| {row['max_abs_diff_vs_lvis_api']:.3g} on the big case, "
+        f"{row['edge_case_max_abs_diff']:.3g} on the edge cases)"
+        for name, row in rows.items()
+        if name not in identical
+    )
+    if not identical:
+        return None, f"none is identical to lvis-api (|diff| <= {IDENTICAL:g}): {others}"
+    chosen = min(identical, key=lambda name: identical[name]["seconds"])
+    why = (
+        f"the fastest of those identical to lvis-api (|diff| <= {IDENTICAL:g} on the big case and the edge cases): "
+        + ", ".join(f"{name} {row['seconds']} s" for name, row in identical.items())
+    )
+    return chosen, why + (f"; not identical: {others}" if others else "")
+
+
+def finish(backends: dict, summary: dict, have_oracle: bool) -> None:
+    """The edge cases, the choice and the last line (``summary``'s keys, ``backends`` and ``chosen_backend``)."""
+    add_edge_cases(backends, have_oracle)
+    chosen, why = choose_backend(backends)
+    print(f"chosen backend: {chosen or 'none'}: {why}", flush=True)
+    print(json.dumps({"benchmark": "eval", **summary, "backends": backends, "chosen_backend": chosen}))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=5000)
@@ -320,17 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     print("ours: " + json.dumps({k: round(v, 5) for k, v in ours.items() if k != "per_class"}), flush=True)
     if args.skip_lvis:
         backends = run_backends(args.backends, gt, dets, None)
-        print(
-            json.dumps(
-                {
-                    "benchmark": "eval",
-                    "speedup_vs_lvis_api": None,
-                    "max_abs_diff": None,
-                    "peak_rss_mb": round(peak_ours, 1),
-                    "backends": backends,
-                }
-            )
-        )
+        summary = {"speedup_vs_lvis_api": None, "max_abs_diff": None, "peak_rss_mb": round(peak_ours, 1)}
+        finish(backends, summary, have_oracle=False)
         return 0
 
     ref, t_ref = run_lvis_api(gt, dets)
@@ -341,17 +426,12 @@ def main(argv: list[str] | None = None) -> int:
     all_diff = max(abs(ours[k] - ref[k]) for k in ref)
     print(f"max |diff| over AP/APr/APc/APf: {max_diff:.3g}; over all {len(ref)} summary metrics: {all_diff:.3g}")
     backends = run_backends(args.backends, gt, dets, ref)
-    print(
-        json.dumps(
-            {
-                "benchmark": "eval",
-                "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
-                "max_abs_diff": max_diff,
-                "peak_rss_mb": round(peak_ours, 1),
-                "backends": backends,
-            }
-        )
-    )
+    summary = {
+        "speedup_vs_lvis_api": round(t_ref / t_ours, 2),
+        "max_abs_diff": max_diff,
+        "peak_rss_mb": round(peak_ours, 1),
+    }
+    finish(backends, summary, have_oracle=True)
     return 0
 
 
