@@ -22,14 +22,24 @@ Measured (this process is the driver):
                            (``log_sweep_report``) of all the trials, as the sweep's end runs them
   compare_s                ``compare_sweeps`` on the sweep (reading every trial run back from MLflow)
   trials_per_min           trials over the sweep's wall time
+  driver_ms_per_report_by_part
+                           the same steady-state CPU by part (the driver's main thread, ``time.thread_time``):
+                           Tune's own step, Tune's experiment snapshots (``save_to_dir``; ``num_to_keep`` forces
+                           one whenever a trial has checkpointed that often since the last), the MLflow callback,
+                           the TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
+                           process's other threads
+  anchor_plain_tune        the anchor, in the same run and cluster: plain Tune on the same trials (its per-trial
+                           ASHA, the same num_to_keep and actor reuse, no callbacks or loggers), its driver CPU per
+                           report measured the same way (``--no-anchor`` skips it)
 Goals: the driver adds at most 20 ms per report, stays under 2 GB, and the summary, report and compare each take at
 most 10 s at 1,000 trials.
 
 Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4] [--nodes 3] [--cpus-per-node 4]
-           [--tracking server|sqlite] [--out DIR]   (--configs 334 x --seeds 3 = 1,002 trials)
+           [--tracking server|sqlite] [--out DIR] [--no-anchor]   (--configs 334 x --seeds 3 = 1,002 trials)
 Last stdout line: {"benchmark": "driver", "nodes", "tracking", "trials", "finished", "reports",
 "driver_cpu_s_per_report", "driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb",
-"summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "goals_met"}
+"summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "driver_ms_per_report_by_part",
+"anchor_plain_tune": {"trials", "reports", "driver_ms_per_report", "trials_per_min", "sweep_s"}, "goals_met"}
 """
 
 from __future__ import annotations
@@ -37,12 +47,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import resource
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +93,15 @@ def stand_in_trial(config, experiment, stage1=None, shared=None):
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
+def anchor_trial(config):
+    """The stand-in for plain Tune (the anchor): the same reports and checkpoints, its λ, seed and length in the
+    config."""
+    import types
+
+    experiment = types.SimpleNamespace(evals_per_trial=config["max_t"], trial_seed=lambda c: c["seed"])
+    stand_in_trial(config, experiment)
+
+
 def start_cluster(nodes: int, cpus: int) -> tuple[str, dict, list[str]]:
     """``ray start --head`` and ``nodes - 1`` worker nodes on 127.0.0.1 (``local_cluster``); the head's address,
     the environment of every ``ray`` command on it and the nodes' temp dirs (what stops them)."""
@@ -98,9 +119,9 @@ def start_cluster(nodes: int, cpus: int) -> tuple[str, dict, list[str]]:
     return gcs, env, temps
 
 
-def timed(owner, name: str, log: list, cpu: list | None = None) -> None:
+def timed(owner, name: str, log: list, cpu: list | None = None, snaps: list | None = None, snap=None) -> None:
     """Wrap ``owner.name`` so that each call's wall time is appended to ``log`` (and, with ``cpu``, the process's
-    CPU time when the call returns)."""
+    CPU time when the call returns; with ``snaps``, ``snap()`` then)."""
     fn = getattr(owner, name)
 
     @functools.wraps(fn)
@@ -112,8 +133,93 @@ def timed(owner, name: str, log: list, cpu: list | None = None) -> None:
             log.append(time.perf_counter() - t0)
             if cpu is not None:
                 cpu.append(time.process_time())
+            if snaps is not None:
+                snaps.append(snap())
 
     setattr(owner, name, wrapper)
+
+
+class MainThreadCPU:
+    """Where the driver's main thread spends its CPU (``time.thread_time``): each part is a set of wrapped methods.
+    Calls nested inside another measured call count only for the innermost part, so the parts add up; what is left
+    of Tune's ``step`` is Tune's own work."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = {}
+        self._stack: list[float] = []  # the CPU the calls under way spent in measured calls nested in them
+
+    def wrap(self, owner, name: str, part: str) -> None:
+        fn = getattr(owner, name)
+        self.total.setdefault(part, 0.0)
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            t0 = time.thread_time()
+            self._stack.append(0.0)
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent, nested = time.thread_time() - t0, self._stack.pop()
+                self.total[part] += spent - nested
+                if self._stack:
+                    self._stack[-1] += spent
+
+        setattr(owner, name, wrapper)
+
+    def wrap_background(self, owner, name: str, part: str) -> None:
+        """A function that runs on another thread: its own thread's CPU, kept apart from the main thread's."""
+        fn = getattr(owner, name)
+        self.background = {part: 0.0}
+        lock = threading.Lock()
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kw):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kw)
+            finally:
+                with lock:
+                    self.background[part] += time.thread_time() - t0
+
+        setattr(owner, name, wrapper)
+
+    def snapshot(self) -> dict[str, float]:
+        background = {f"background:{k}": v for k, v in getattr(self, "background", {}).items()}
+        return {**self.total, **background, "main_thread": time.thread_time(), "process": time.process_time()}
+
+
+def measure_parts(parts: MainThreadCPU) -> None:
+    """Tune's step (with its experiment snapshots apart), the product's callbacks and asha_configs."""
+    from ray.train._internal import storage
+    from ray.tune.execution.tune_controller import TuneController
+
+    from pipelines.tracking import callback
+    from pipelines.tune import asha, callbacks
+
+    parts.wrap(TuneController, "step", "tune_own")
+    # the snapshot's upload of the driver's staging directory to the storage path, on Tune's syncer thread
+    parts.wrap_background(storage, "_upload_to_fs_path", "tune_snapshot_upload_thread")
+    parts.wrap(TuneController, "save_to_dir", "tune_experiment_snapshots")
+    for name in ("on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete", "on_trial_error"):
+        parts.wrap(callback.MLflowSweepCallback, name, "mlflow_callback")
+    for klass in (callbacks.TBXLogger, callbacks.CSVLogger):
+        for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
+            parts.wrap(klass, name, "tensorboard_csv_loggers")
+    for name in ("on_trial_result", "choose_trial_to_run", "on_trial_complete", "on_trial_add"):
+        parts.wrap(asha.ConfigASHA, name, "asha_configs")
+
+
+def steady_breakdown(first: dict[str, float], last: dict[str, float], reports: int) -> dict[str, float]:
+    """ms of driver CPU per report between the first and the last report, by part; tune_snapshot_upload_thread:
+    Tune's syncer thread copying the snapshot to the storage path; other_threads: the rest of the process's CPU
+    outside its main thread (Ray's core threads, TensorBoard's writer threads)."""
+    d = {k: last[k] - first[k] for k in last}
+    out = {k: d[k] for k in first if k not in ("main_thread", "process") and not k.startswith("background:")}
+    out["main_thread_other"] = d["main_thread"] - sum(out.values())
+    background = {k.split(":", 1)[1]: d[k] for k in first if k.startswith("background:")}
+    out.update(background)
+    out["other_threads"] = d["process"] - d["main_thread"] - sum(background.values())
+    return {k: round(1000 * v / max(reports - 1, 1), 2) for k, v in out.items()}
 
 
 def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None) -> Path:
@@ -148,7 +254,10 @@ def drive(cfg_path: Path) -> dict:
     from pipelines.tune import sweep
 
     times: dict[str, list] = {"mlflow": [], "summary": [], "report": [], "cpu": []}
-    timed(callback.MLflowSweepCallback, "on_trial_result", times["mlflow"], times["cpu"])
+    parts = MainThreadCPU()
+    measure_parts(parts)
+    snaps: list[dict[str, float]] = []
+    timed(callback.MLflowSweepCallback, "on_trial_result", times["mlflow"], times["cpu"], snaps, parts.snapshot)
     timed(sweep, "summarize", times["summary"])
     timed(writer, "log_sweep_report", times["report"])
     best_model.log_best_model_safely = lambda *a, **k: None  # the stand-in has no model to log
@@ -180,6 +289,58 @@ def drive(cfg_path: Path) -> dict:
         "report_s": round(sum(times["report"]), 2),
         "compare_s": round(compare_s, 2),
         "trials_per_min": round(len(summary.trials) / (sweep_s / 60), 1),
+        "driver_ms_per_report_by_part": steady_breakdown(snaps[0], snaps[-1], reports) if snaps else {},
+        "sweep_s": round(sweep_s, 1),
+    }
+
+
+def drive_anchor(root: Path, configs: int, seeds: int, max_t: int) -> dict:
+    """The anchor, on the same cluster: plain Tune with the same trials (λ grid x seeds, 1 CPU each), its own
+    per-trial ASHA (same grace period, η and max_t), the same ``CheckpointConfig(num_to_keep)`` and actor reuse, and
+    no callbacks or loggers. The driver's CPU per report between the first report and the last, as above."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipelines.config.run_settings import RunSettings
+
+    cpu: list[float] = []
+
+    class Clock(tune.Callback):
+        def on_trial_result(self, *args, **kw):
+            cpu.append(time.process_time())
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    ray.init(address=os.environ["RAY_ADDRESS"])
+    grid = [round(float(x), 6) for x in np.linspace(0.0, 1.5, configs)]
+    tuner = tune.Tuner(
+        tune.with_resources(anchor_trial, {"cpu": 1}),
+        param_space={"lam": tune.grid_search(grid), "seed": tune.grid_search(list(range(seeds))), "max_t": max_t},
+        tune_config=tune.TuneConfig(
+            metric="AP",
+            mode="max",
+            scheduler=ASHAScheduler(max_t=max_t, grace_period=1, reduction_factor=3),
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name="anchor",
+            storage_path=str(root / "anchor"),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=RunSettings().checkpoints_to_keep),
+            callbacks=[Clock()],
+            verbose=0,
+        ),
+    )
+    logging.getLogger("ray.tune").setLevel(logging.ERROR)  # no loggers: "result.json not found" per trial
+    t0 = time.perf_counter()
+    results = tuner.fit()
+    sweep_s = time.perf_counter() - t0
+    ray.shutdown()
+    steady = (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else float("nan")
+    return {
+        "trials": len(results),
+        "reports": len(cpu),
+        "driver_ms_per_report": round(1000 * steady, 2),
+        "trials_per_min": round(len(results) / (sweep_s / 60), 1),
         "sweep_s": round(sweep_s, 1),
     }
 
@@ -195,6 +356,8 @@ def main() -> int:
                     help="server: an `mlflow server` (sqlite backend) as a team runs it; sqlite: the driver writes "
                          "the default sqlite file itself")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir, removed)")
+    ap.add_argument("--no-anchor", dest="anchor", action="store_false",
+                    help="skip the anchor (plain Tune on the same trials, no callbacks) after the sweep")  # fmt: skip
     args = ap.parse_args()
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_driver_"))
     temps: list[str] = []
@@ -210,6 +373,8 @@ def main() -> int:
             wait_healthy(server)
         os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
         res = drive(cfg_path)
+        if args.anchor:
+            res["anchor_plain_tune"] = drive_anchor(root, args.configs, args.seeds, args.max_t)
     finally:
         for temp in reversed(temps):  # this cluster's nodes only, never other Ray sessions on the machine
             stop_cluster(temp)

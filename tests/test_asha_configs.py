@@ -230,6 +230,39 @@ def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_
     assert sched.choose_trial_to_run(ctl) is None and ctl.stopped == ["t0"]
 
 
+def test_a_none_answer_is_kept_until_an_event_or_a_status_change():
+    """Tune asks at every step; the answer "none" is reused while nothing happened, and recomputed when a trial
+    that Tune paused after its checkpoint (no scheduler event) freed a slot."""
+    from ray.tune.experiment import Trial
+
+    sched = ConfigASHA(
+        metric="AP",
+        mode="max",
+        time_attr="training_iteration",
+        max_t=4,
+        grace_period=1,
+        reduction_factor=2,
+        seeds=[0],
+        max_running=1,
+        verbose=False,
+    )
+    trials = [FakeTrial(f"t{c}", c, 0, Trial.PENDING) for c in range(3)]
+    ctl = FakeController(trials)
+    for t in trials:
+        sched.on_trial_add(ctl, t)
+    first = sched.choose_trial_to_run(ctl)
+    first.status = Trial.RUNNING
+    calls = []
+    choose = sched._choose
+    sched._choose = lambda c: calls.append(1) or choose(c)  # count the full looks at the trials
+    assert sched.choose_trial_to_run(ctl) is None and sched.choose_trial_to_run(ctl) is None
+    assert len(calls) == 1  # the second "none" came from the cache
+    assert sched.on_trial_result(ctl, first, {"training_iteration": 1, "AP": 0.9}) == "PAUSE"  # alone at rung 1
+    assert sched.choose_trial_to_run(ctl) is None and len(calls) == 2  # an event: looked again, still running
+    first.status = Trial.PAUSED  # Tune pauses it once its checkpoint is saved: no event, one slot free
+    assert sched.choose_trial_to_run(ctl).trial_id == "t1" and len(calls) == 3
+
+
 @pytest.mark.slow
 def test_a_failed_trial_is_retried_under_asha_configs(tmp_path):
     """Tune retries a failed trial (run.max_failures): it re-adds it to the scheduler and calls on_trial_error

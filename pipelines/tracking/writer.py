@@ -150,6 +150,7 @@ class SweepWriter:
         "_inputs",
         "_pending_params",
         "_open_runs",
+        "_run_status",
         "_last_results",
         "_sha_logged",
         "_fingerprint_tagged",
@@ -168,6 +169,7 @@ class SweepWriter:
         self._inputs: list | None = None  # the dataset inputs every trial run logs (built once)
         self._pending_params: dict[str, list] = {}  # trial id -> params of its new run, not sent yet
         self._open_runs: dict[str, str] = {}  # trial id -> run id of runs this process has (re)opened
+        self._run_status: dict[str, str] = {}  # trial id -> its run's status as read from the store or set here
         self._last_results: dict[str, dict] = {}
         self._sha_logged: set[str] = set()
         self._stage1_runs: dict[str, str] = {}
@@ -214,6 +216,9 @@ class SweepWriter:
                 if len(ids) > 1:
                     logger.warning("MLflow: %d runs tagged %s=%s; continuing the oldest", len(ids), TRIAL_ID_TAG, tid)
                 self._trial_runs.setdefault(tid, ids[0])
+            for run in runs:
+                if run.info.run_id == self._trial_runs.get(run.data.tags.get(TRIAL_ID_TAG, "")):
+                    self._run_status[run.data.tags[TRIAL_ID_TAG]] = run.info.status
             self._trial_runs_loaded = True
         return self._trial_runs.get(trial_id)
 
@@ -427,6 +432,7 @@ class SweepWriter:
             self.client.set_tag(run_id, ARTIFACT_ERROR_TAG, to_str(repr(exc), MAX_TAG_LEN))
         self.client.set_terminated(run_id, status=status)
         self._open_runs.pop(trial.trial_id, None)
+        self._run_status[trial.trial_id] = status
 
     def tag_retry(self, trial_id: str, retries: Any) -> None:
         """Record how often Tune retried a trial (if it has a run)."""
@@ -435,6 +441,11 @@ class SweepWriter:
             self.client.set_tag(run_id, RETRIES_TAG, str(retries))
 
     # ------------------------------------------------------------------ end of the sweep
+    def _may_be_open(self, trial_id: str) -> bool:
+        """Whether the trial's run may still be unfinished: open in this process, or not known to be ended (read
+        from the store once, or ended here). Only those are read again at the end, not every trial's run."""
+        return trial_id in self._open_runs or self._run_status.get(trial_id) not in _TERMINAL
+
     def end_sweep(self, trials: Sequence[TrialInfo], errored: int) -> None:
         """Close the sweep: trials Tune left unfinished become KILLED runs, the report is logged, and the parent run
         ends FAILED if ``errored`` trials errored, KILLED if some were unfinished, else FINISHED."""
@@ -442,7 +453,7 @@ class SweepWriter:
         n_killed = 0
         for trial in trials:
             run_id = self.trial_run_id(trial.trial_id)
-            if run_id is None:
+            if run_id is None or not self._may_be_open(trial.trial_id):
                 continue
             run = client.get_run(run_id)
             if run.info.status not in _TERMINAL:
@@ -454,6 +465,7 @@ class SweepWriter:
                 client.log_batch(run_id, params=params, tags=tag_entities(tags))
                 client.set_terminated(run_id, status="KILLED")
                 self._open_runs.pop(trial.trial_id, None)
+                self._run_status[trial.trial_id] = "KILLED"
                 n_killed += 1
         for trial in trials:  # a trial finished before a --resume: its replicates are beside its checkpoint
             if trial.trial_id not in self.replicates:

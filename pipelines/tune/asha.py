@@ -57,12 +57,24 @@ def config_key(config: dict[str, Any]) -> str:
     return json.dumps(values, sort_keys=True, default=str)
 
 
-_LIVE = (Trial.RUNNING, Trial.PENDING, Trial.PAUSED)
+_ACTIVE = (Trial.RUNNING, Trial.PENDING)
+_LIVE = (*_ACTIVE, Trial.PAUSED)
 
 
 class ConfigASHA(FIFOScheduler):
     """See the module docstring. ``seeds``: every configuration's training seeds (``ExperimentConfig.seeds``);
-    ``max_running``: at most this many trials run at once (None: as many as the resources allow)."""
+    ``max_running``: at most this many trials run at once (None: as many as the resources allow).
+
+    Tune asks ``choose_trial_to_run`` at every step of its loop; with a thousand trials a full look at them each
+    time cost the driver more than Tune's own step. What can change the answer is an event this scheduler sees (a
+    trial added, reported, ended, errored or removed, a promotion) or the search running out of trials, so an
+    answer of "none" is kept until one of those happens; and a rung's ranking is kept until a value is recorded
+    there or the set of errored trials changes."""
+
+    # defaults for a scheduler pickled (tuner.pkl) before these caches existed
+    _events = 0  # events seen so far
+    _idle_at: tuple[int, bool, int, int] | None = None  # (events, search finished, active, trials) at the last "none"
+    _rank_cache: dict[int, list[tuple[str, float]]] | None = None  # rung -> _ranked(rung)
 
     def __init__(
         self,
@@ -98,7 +110,17 @@ class ConfigASHA(FIFOScheduler):
         return metric in (None, self._metric) and mode in (None, self._mode)
 
     # ---- bookkeeping -------------------------------------------------------------------------------------------
+    def _changed(self, rung: int | None = None) -> None:
+        """An event: the cached "none" answer is stale; with ``rung``, so is that rung's ranking (-1: every rung)."""
+        self._events += 1
+        if self._rank_cache is not None and rung is not None:
+            if rung < 0:
+                self._rank_cache.clear()
+            else:
+                self._rank_cache.pop(rung, None)
+
     def on_trial_add(self, tune_controller, trial: Trial):
+        self._changed()
         if trial.trial_id in self._key:
             return  # Tune re-adds a failed trial that it retries: it restarts from its checkpoint, as it is
         key, seed = config_key(trial.config), int(trial_values(trial.config).get("seed", self.default_seed))
@@ -128,10 +150,18 @@ class ConfigASHA(FIFOScheduler):
             if t >= m and trial_id not in self._values[k]:
                 self._values[k][trial_id] = float(value)
                 self._reached[trial_id] = k + 1
+                self._changed(k)
             if restored and t > m and key not in self._promoted[k]:
                 self._promoted[k][key] = None  # it ran past rung k before the sweep stopped
 
+    def on_trial_complete(self, tune_controller, trial: Trial, result: dict):
+        self._changed()
+
+    def on_trial_error(self, tune_controller, trial: Trial):
+        self._changed()
+
     def on_trial_remove(self, tune_controller, trial: Trial):
+        self._changed()
         if trial.trial_id in self._held:
             self._held.remove(trial.trial_id)
 
@@ -151,10 +181,15 @@ class ConfigASHA(FIFOScheduler):
 
     def _ranked(self, k: int) -> list[tuple[str, float]]:
         """The configurations complete at rung k, best first."""
-        means = [(key, m) for key in self._by_seed if (m := self._rung_mean(k, key)) is not None]
-        return sorted(means, key=lambda km: km[1], reverse=self._mode == "max")
+        if self._rank_cache is None:
+            self._rank_cache = {}
+        if k not in self._rank_cache:
+            means = [(key, m) for key in self._by_seed if (m := self._rung_mean(k, key)) is not None]
+            self._rank_cache[k] = sorted(means, key=lambda km: km[1], reverse=self._mode == "max")
+        return self._rank_cache[k]
 
     def _promote(self, k: int, key: str, mean: float, n: int) -> None:
+        self._changed()
         self._promoted[k][key] = None
         if self.verbose:
             name = " ".join(f"{f}={v}" for f, v in json.loads(key).items())
@@ -175,7 +210,10 @@ class ConfigASHA(FIFOScheduler):
         their way to the first rung, and so are the trials the search has not created yet)."""
         trials = tune_controller.get_trials()
         # errored for good (Tune also calls on_trial_error before a retry, so the status is what tells)
-        self._dead = {t.trial_id for t in trials if t.status == Trial.ERROR}
+        dead = {t.trial_id for t in trials if t.status == Trial.ERROR}
+        if dead != self._dead:
+            self._dead = dead
+            self._changed(-1)
         rungs = len(self.milestones)
         waiting = set() if tune_controller.search_alg.is_finished() else {0}
         for t in trials:
@@ -208,8 +246,20 @@ class ConfigASHA(FIFOScheduler):
         return TrialScheduler.CONTINUE if self._cleared(trial.trial_id) else TrialScheduler.PAUSE
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        trials = tune_controller.get_trials()
+        # Tune marks a trial PAUSED only once its checkpoint is saved, after on_trial_result: no event tells, so the
+        # number of running and pending trials is part of the state
+        active = sum(1 for t in trials if t.status in _ACTIVE)
+        state = (self._events, bool(tune_controller.search_alg.is_finished()), active, len(trials))
+        if state == self._idle_at:
+            return None  # nothing happened since the last "none"
+        chosen = self._choose(tune_controller)
+        self._idle_at = state if chosen is None and state[0] == self._events else None
+        return chosen
+
+    def _choose(self, tune_controller) -> Trial | None:
         trials = {t.trial_id: t for t in tune_controller.get_trials()}
-        active = [t for t in trials.values() if t.status in (Trial.RUNNING, Trial.PENDING)]
+        active = [t for t in trials.values() if t.status in _ACTIVE]
         if self.max_running is not None and len(active) >= self.max_running:
             return None
         if self._held:  # start every trial of the grid before the promoted ones go on
@@ -227,7 +277,7 @@ class ConfigASHA(FIFOScheduler):
                 ranked = [(key, m) for key, m in self._ranked(k) if key not in self._promoted[k]]
                 if ranked:
                     self._promote(k, *ranked[0], len(self._ranked(k)))
-                    return self.choose_trial_to_run(tune_controller)
+                    return self._choose(tune_controller)
         for t in paused:
             tune_controller.stop_trial(t)
         return None
