@@ -28,6 +28,9 @@ Measured (this process is the driver):
                            one whenever a trial has checkpointed that often since the last), the MLflow callback,
                            the TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
                            process's other threads
+  ended_threads_cpu_s      the whole sweep's CPU of the Python threads that ended, by kind (the six largest)
+  live_threads_cpu_s       the CPU of the threads alive after compare, by OS thread name ("python": the main
+                           thread and unnamed ones), from /proc (the six largest)
   anchor_plain_tune        the anchor, in the same run and cluster: plain Tune on the same trials (its per-trial
                            ASHA, the same num_to_keep and actor reuse, no callbacks or loggers), its driver CPU per
                            report measured the same way (``--no-anchor`` skips it)
@@ -39,7 +42,8 @@ Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4]
 Last stdout line: {"benchmark": "driver", "nodes", "tracking", "trials", "finished", "reports",
 "driver_cpu_s_per_report", "driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb",
 "summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "driver_ms_per_report_by_part",
-"anchor_plain_tune": {"trials", "reports", "driver_ms_per_report", "trials_per_min", "sweep_s"}, "goals_met"}
+"ended_threads_cpu_s", "live_threads_cpu_s", "anchor_plain_tune": {"trials", "reports", "driver_ms_per_report",
+"trials_per_min", "sweep_s"}, "goals_met"}
 """
 
 from __future__ import annotations
@@ -188,6 +192,46 @@ class MainThreadCPU:
         return {**self.total, **background, "main_thread": time.thread_time(), "process": time.process_time()}
 
 
+def count_thread_cpu() -> dict[str, float]:
+    """From now on, every Python thread that ends adds its CPU time (``time.thread_time`` over its run) under its
+    kind (its class, or its target's name), and every thread started is named after its kind in the OS, so that
+    ``live_threads_cpu_s`` can tell the threads still alive apart."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    by_kind: dict[str, float] = {}
+    lock = threading.Lock()
+    run = threading.Thread.run
+
+    def counted_run(thread):
+        target = getattr(thread, "_target", None)
+        kind = type(thread).__name__ if target is None else getattr(target, "__qualname__", "?")
+        libc.prctl(15, kind.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+        t0 = time.thread_time()
+        try:
+            return run(thread)
+        finally:
+            with lock:
+                by_kind[kind] = by_kind.get(kind, 0.0) + time.thread_time() - t0
+
+    threading.Thread.run = counted_run  # type: ignore[method-assign]
+    return by_kind
+
+
+def live_threads_cpu_s() -> dict[str, float]:
+    """CPU seconds of this process's threads alive now, summed by OS thread name (the six largest)."""
+    by_name: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            name = Path(f"/proc/self/task/{tid}/comm").read_text().strip()
+        except OSError:
+            continue
+        by_name[name] = by_name.get(name, 0.0) + (int(stat[11]) + int(stat[12])) / tick
+    return {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:6]}
+
+
 def measure_parts(parts: MainThreadCPU) -> None:
     """Tune's step (with its experiment snapshots apart), the product's callbacks and asha_configs."""
     from ray.train._internal import storage
@@ -256,6 +300,7 @@ def drive(cfg_path: Path) -> dict:
     times: dict[str, list] = {"mlflow": [], "summary": [], "report": [], "cpu": []}
     parts = MainThreadCPU()
     measure_parts(parts)
+    threads = count_thread_cpu()
     snaps: list[dict[str, float]] = []
     timed(callback.MLflowSweepCallback, "on_trial_result", times["mlflow"], times["cpu"], snaps, parts.snapshot)
     timed(sweep, "summarize", times["summary"])
@@ -275,6 +320,7 @@ def drive(cfg_path: Path) -> dict:
     t1 = time.perf_counter()
     compare_sweeps(MlflowClient(summary.tracking_uri), ["driver"], cfg_path.parent / "compare.png", quiet=True)
     compare_s = time.perf_counter() - t1
+    live = live_threads_cpu_s()
     ray.shutdown()
     return {
         "trials": len(summary.trials),
@@ -291,6 +337,8 @@ def drive(cfg_path: Path) -> dict:
         "trials_per_min": round(len(summary.trials) / (sweep_s / 60), 1),
         "driver_ms_per_report_by_part": steady_breakdown(snaps[0], snaps[-1], reports) if snaps else {},
         "sweep_s": round(sweep_s, 1),
+        "ended_threads_cpu_s": {k: round(v, 1) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])[:6]},
+        "live_threads_cpu_s": live,
     }
 
 
