@@ -30,7 +30,8 @@ statistics; ``--table`` rewrites README.md's and docs/evidence.md's fidelity tab
 Progress lines go to stderr. Last stdout line: {"benchmark": "fidelity", "commit", "report_commit", "seeds",
 "data_seeds", "preset", "schedule", "stage0", "intervals", "correction", "findings": [{"study", "name", "arm",
 "arm_view", "baseline", "baseline_view", "metric", "effect", "ci_low", "ci_high", "p_value", "p_holm", "verdict",
-"why", "threshold", "method", "paper"}, ...], "ablations": [... + "tests", "cause"], "minutes"}
+"why", "threshold", "method", "paper", and where it does not hold "stated_cause", "tested_by"}, ...], "ablations":
+[... + "tests", "cause", "cause_key"], "minutes", "untested_causes"}
 """
 
 from __future__ import annotations
@@ -264,12 +265,17 @@ def main() -> int:
             )
             return 0
         rows, ablation_rows = fd.evaluate(tab, fd.all_findings()), fd.evaluate(tab, fd.ablations())
+        untested = fd.link_causes(rows, ablation_rows)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     minutes = (time.perf_counter() - t0) / 60
     print_tables(tab, rows, ablation_rows, minutes, args.seeds)
+    print(f"\nfindings that do not hold whose stated cause no ablation tests: {len(untested)}")
+    for name in untested:
+        print(f"  {name}")
     payload = make_payload(args, preset, sched, s0, done, rows, ablation_rows, minutes)
+    payload["untested_causes"] = untested
     if out is not None:
         write_json_atomic(out, payload, indent=1)
     print(json.dumps(payload))

@@ -32,9 +32,11 @@ def _view(row: dict) -> str:
 
 def summary_line(payload: dict) -> str:
     count = Counter(r["verdict"] for r in payload["findings"])
-    commit = str(payload["commit"])[:10]
+    commits = payload["commit"] if isinstance(payload["commit"], list) else [payload["commit"]]
+    trained = ", ".join(str(c)[:7] for c in commits)
     return (
-        f"{len(payload['findings'])} findings from {len(payload['seeds'])} seeds (commit {commit}): "
+        f"{len(payload['findings'])} findings from {len(payload['seeds'])} seeds (runs trained at {trained}; "
+        f"statistics at {str(payload.get('report_commit'))[:7]}): "
         f"**{count['holds']} hold, {count['cannot tell']} cannot tell, {count['contradicts']} contradict** "
         f"({payload['correction']})."
     )
