@@ -18,7 +18,6 @@ one ``log_batch`` (its params ride with the first, the evaluation count with eac
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import uuid
@@ -32,7 +31,6 @@ from pipelines.config.sections import POPULATION_SCHEDULERS
 from pipelines.mlflow_io.client import (
     MAX_TAG_LEN,
     PARAMS_PER_BATCH,
-    code_version,
     find_key,
     flatten,
     get_or_create_experiment,
@@ -46,16 +44,11 @@ from pipelines.mlflow_io.client import (
 from pipelines.mlflow_io.reads import search_tagged
 from pipelines.names import (
     ARTIFACT_ERROR_TAG,
-    CODE_VERSION_TAG,
     ERROR_TAG,
     ERRORED_TRIALS_TAG,
     FINGERPRINT_TAG,
-    FREQUENCY_SOURCE_TAG,
     ITERATIONS_TAG,
-    MAX_T_TAG,
-    METRIC_TAG,
     MLFLOW_TRIAL_METRICS,
-    MODE_TAG,
     PARENT_TAG,
     PRETRAIN_SHA_PARAM,
     REPORT_ERROR_TAG,
@@ -63,8 +56,6 @@ from pipelines.names import (
     ROLE_SWEEP,
     ROLE_TAG,
     ROLE_TRIAL,
-    SEARCH_SPACE_TAG,
-    SEARCHED_KEYS_TAG,
     SEED_PARAM,
     SWEEP_TAG,
     SWEEP_UID_TAG,
@@ -84,6 +75,7 @@ from pipelines.tracking.lineage import (
     pretrain_runs,
     source_tags,
 )
+from pipelines.tracking.sweep_settings import max_evaluations, parent_tags, sweep_setting
 
 logger = logging.getLogger(__name__)
 
@@ -223,41 +215,6 @@ class SweepWriter:
         return self._trial_runs.get(trial_id)
 
     # ------------------------------------------------------------------ parent run
-    def _sweep_setting(self, name: str, default: Any) -> Any:
-        flat = flatten(self.sweep_params)
-        for key in (name, f"scheduler.{name}", f"tune.{name}", f"sweep.{name}"):
-            if flat.get(key) not in (None, ""):
-                return flat[key]
-        return default
-
-    def _max_t(self) -> int | None:
-        """Evaluations of a full-length trial: the sweep's ``max_evaluations``, else ``scheduler.max_t``, else
-        ceil(stage2.epochs / eval.every)."""
-        flat = flatten(self.sweep_params)
-        v = self.sweep_params.get("max_evaluations")
-        if v in (None, ""):
-            v = self._sweep_setting("max_t", None)
-        if v in (None, "") and flat.get("stage2.epochs") is not None:
-            v = math.ceil(float(flat["stage2.epochs"]) / float(flat.get("eval.every") or 1))
-        try:
-            return int(v) if v not in (None, "") else None
-        except (TypeError, ValueError):
-            return None
-
-    def _parent_tags(self) -> dict[str, Any]:
-        flat = flatten(self.sweep_params)
-        space = next((self.sweep_params[k] for k in ("space", "search_space") if self.sweep_params.get(k)), None)
-        return {
-            SEARCH_SPACE_TAG: space if space is not None else self.searched_keys,
-            SEARCHED_KEYS_TAG: self.searched_keys,
-            FINGERPRINT_TAG: find_key(flat, "dataset_fingerprint"),
-            FREQUENCY_SOURCE_TAG: find_key(flat, "frequency_source"),
-            CODE_VERSION_TAG: code_version(),
-            METRIC_TAG: self._sweep_setting("metric", "AP"),
-            MODE_TAG: self._sweep_setting("mode", "max"),
-            MAX_T_TAG: self._max_t(),
-        }
-
     def _get_or_create_parent(self) -> str:
         client = self.client
         tags = {ROLE_TAG: ROLE_SWEEP, SWEEP_TAG: self.sweep_name, SWEEP_UID_TAG: self.sweep_uid}
@@ -275,7 +232,7 @@ class SweepWriter:
             existing = {}
             logger.info("MLflow: sweep run %s in experiment %r (%s)", run_id, self.sweep_name, self.tracking_uri)
         log_params(client, run_id, flatten(self.sweep_params), existing)
-        log_tags(client, run_id, self._parent_tags())
+        log_tags(client, run_id, parent_tags(self.sweep_params, self.searched_keys))
         log_datasets(client, run_id, *self._datasets())
         self._stage1_runs = pretrain_runs(client, self.experiment_id, self._stage1_shas())
         link_stage1(client, run_id, self._stage1_runs)
@@ -480,13 +437,13 @@ class SweepWriter:
                 sweep_name=self.sweep_name,
                 searched_keys=self.searched_keys,
                 val_annotations=self.val_annotations,
-                metric=str(self._sweep_setting("metric", "AP")),
-                mode=str(self._sweep_setting("mode", "max")),
-                max_t=self._max_t(),
+                metric=str(sweep_setting(self.sweep_params, "metric", "AP")),
+                mode=str(sweep_setting(self.sweep_params, "mode", "max")),
+                max_t=max_evaluations(self.sweep_params),
                 last_results={t.trial_id: self._last_result(t) for t in trials},
                 baseline=(self.sweep_params.get("report") or {}).get("baseline"),
                 replicates=self.replicates,
-                schedules=self._sweep_setting("type", "") in POPULATION_SCHEDULERS,
+                schedules=sweep_setting(self.sweep_params, "type", "") in POPULATION_SCHEDULERS,
             )
         except Exception as exc:
             logger.exception("MLflow: writing the sweep report failed")
