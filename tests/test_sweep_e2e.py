@@ -98,6 +98,7 @@ def interrupted_and_resumed(ray_session, workdir):
         "meta": (first.stage1[0].path / "meta.json").read_text(),
         "end_time": run.info.end_time,
         "run_id": run.info.run_id,
+        "interrupted": {t.trial_id: trial_results(t.path) for t in first.trials if t.interrupted},
     }
     resumed = sweep.run_sweep(cfg, resume=True, verbose=0)
     return cfg, first, resumed, finished_id, snapshot
@@ -130,6 +131,16 @@ def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
         assert epochs == list(range(1, len(epochs) + 1)), (t.trial_id, epochs)
     assert not resumed.stage1[0].trained and resumed.stage1[0].sha256 == first.stage1[0].sha256
     assert (resumed.stage1[0].path / "meta.json").read_text() == snapshot["meta"]
+
+
+def test_a_resumed_trial_keeps_its_results_and_appends(interrupted_and_resumed):
+    # result.json is written straight to the storage path; Tune's restore puts a copy into its staging directory,
+    # and a snapshot of that stale copy would overwrite what the resumed trial appended
+    _, _, resumed, _, snapshot = interrupted_and_resumed
+    assert snapshot["interrupted"]
+    for trial_id, before in snapshot["interrupted"].items():
+        after = trial_results(next(t.path for t in resumed.trials if t.trial_id == trial_id))
+        assert after[: len(before)] == before and len(after) > len(before)
 
 
 def test_restart_and_resume_guards(interrupted_and_resumed, workdir):
