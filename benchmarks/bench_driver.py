@@ -26,14 +26,16 @@ Measured (this process is the driver):
                            the same steady-state CPU by part (the driver's main thread, ``time.thread_time``):
                            Tune's own step, Tune's experiment snapshots (``save_to_dir``; ``num_to_keep`` forces
                            one whenever a trial has checkpointed that often since the last), the MLflow callback,
-                           the TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
+                           the JSON, TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
                            process's other threads
+  driver_gc_s              the sweep's time in Python's cyclic garbage collector (every thread of the driver), and
+  driver_gc_longest_s      its longest single collection
   ended_threads_cpu_s      the whole sweep's CPU of the Python threads that ended, by kind (the six largest)
   live_threads_cpu_s       the CPU of the threads alive after compare, by OS thread name ("python": the main
                            thread and unnamed ones), from /proc (the six largest)
   anchor_plain_tune        the anchor, in the same run and cluster: plain Tune on the same trials (its per-trial
                            ASHA, the same num_to_keep and actor reuse, no callbacks or loggers), its driver CPU per
-                           report measured the same way (``--no-anchor`` skips it)
+                           report and its time in the garbage collector measured the same way (``--no-anchor`` skips it)
 Goals: the driver adds at most 20 ms per report, stays under 2 GB, and the summary, report and compare each take at
 most 10 s at 1,000 trials.
 
@@ -42,14 +44,15 @@ Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4]
 Last stdout line: {"benchmark": "driver", "nodes", "tracking", "trials", "finished", "reports",
 "driver_cpu_s_per_report", "driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb",
 "summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "driver_ms_per_report_by_part",
-"ended_threads_cpu_s", "live_threads_cpu_s", "anchor_plain_tune": {"trials", "reports", "driver_ms_per_report",
-"trials_per_min", "sweep_s"}, "goals_met"}
+"driver_gc_s", "driver_gc_longest_s", "ended_threads_cpu_s", "live_threads_cpu_s", "anchor_plain_tune": {"trials",
+"reports", "driver_ms_per_report", "driver_gc_s", "driver_gc_longest_s", "trials_per_min", "sweep_s"}, "goals_met"}
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import logging
 import os
@@ -232,6 +235,35 @@ def live_threads_cpu_s() -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:6]}
 
 
+class GCTime:
+    """Seconds this process spends in the cyclic garbage collector (any thread) while in the ``with`` block, and its
+    longest single collection."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.longest = 0.0
+        self._started: dict[int, float] = {}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._started[threading.get_ident()] = now
+            return
+        took = now - self._started.pop(threading.get_ident(), now)
+        self.total += took
+        self.longest = max(self.longest, took)
+
+    def __enter__(self) -> GCTime:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+    def figures(self) -> dict[str, float]:
+        return {"driver_gc_s": round(self.total, 2), "driver_gc_longest_s": round(self.longest, 3)}
+
+
 def measure_parts(parts: MainThreadCPU) -> None:
     """Tune's step (with its experiment snapshots apart), the product's callbacks and asha_configs."""
     from ray.train._internal import storage
@@ -246,9 +278,9 @@ def measure_parts(parts: MainThreadCPU) -> None:
     parts.wrap(TuneController, "save_to_dir", "tune_experiment_snapshots")
     for name in ("on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete", "on_trial_error"):
         parts.wrap(callback.MLflowSweepCallback, name, "mlflow_callback")
-    for klass in (callbacks.TBXLogger, callbacks.CSVLogger):
+    for klass in (callbacks.JsonLogger, callbacks.TBXLogger, callbacks.CSVLogger):
         for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
-            parts.wrap(klass, name, "tensorboard_csv_loggers")
+            parts.wrap(klass, name, "loggers")
     for name in ("on_trial_result", "choose_trial_to_run", "on_trial_complete", "on_trial_add"):
         parts.wrap(asha.ConfigASHA, name, "asha_configs")
 
@@ -308,7 +340,8 @@ def drive(cfg_path: Path) -> dict:
     best_model.log_best_model_safely = lambda *a, **k: None  # the stand-in has no model to log
     cfg = load_experiment_config(cfg_path)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-    summary = sweep.run_sweep(cfg, trainable_fn=stand_in_trial, verbose=0, progress=False, register=False)
+    with GCTime() as gc_time:
+        summary = sweep.run_sweep(cfg, trainable_fn=stand_in_trial, verbose=0, progress=False, register=False)
     cpu1, sweep_s = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
     reports = len(times["mlflow"])
     cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
@@ -337,6 +370,7 @@ def drive(cfg_path: Path) -> dict:
         "trials_per_min": round(len(summary.trials) / (sweep_s / 60), 1),
         "driver_ms_per_report_by_part": steady_breakdown(snaps[0], snaps[-1], reports) if snaps else {},
         "sweep_s": round(sweep_s, 1),
+        **gc_time.figures(),
         "ended_threads_cpu_s": {k: round(v, 1) for k, v in sorted(threads.items(), key=lambda kv: -kv[1])[:6]},
         "live_threads_cpu_s": live,
     }
@@ -380,7 +414,8 @@ def drive_anchor(root: Path, configs: int, seeds: int, max_t: int) -> dict:
     )
     logging.getLogger("ray.tune").setLevel(logging.ERROR)  # no loggers: "result.json not found" per trial
     t0 = time.perf_counter()
-    results = tuner.fit()
+    with GCTime() as gc_time:
+        results = tuner.fit()
     sweep_s = time.perf_counter() - t0
     ray.shutdown()
     steady = (cpu[-1] - cpu[0]) / (len(cpu) - 1) if len(cpu) > 1 else float("nan")
@@ -388,6 +423,7 @@ def drive_anchor(root: Path, configs: int, seeds: int, max_t: int) -> dict:
         "trials": len(results),
         "reports": len(cpu),
         "driver_ms_per_report": round(1000 * steady, 2),
+        **gc_time.figures(),
         "trials_per_min": round(len(results) / (sweep_s / 60), 1),
         "sweep_s": round(sweep_s, 1),
     }

@@ -26,6 +26,7 @@ are, unfinished ones continue from their last checkpoints, errored ones stay err
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -154,7 +155,7 @@ def run_sweep(
         progress=progress,
     )
     handler_before = signal.getsignal(signal.SIGINT)
-    results = tuner.fit()
+    results = _fit_with_startup_heap_frozen(tuner)
     interrupted = _tune_was_interrupted(handler_before)
     summary = summarize(
         cfg,
@@ -217,6 +218,20 @@ def _experiment_id(summary: SweepSummary) -> str | None:
     except Exception:
         return None
     return None if exp is None else exp.experiment_id
+
+
+def _fit_with_startup_heap_frozen(tuner: tune.Tuner):
+    """``tuner.fit()`` with the objects made so far (Ray's, MLflow's, torch's modules and the config) moved out of
+    the cyclic garbage collector's view for the sweep (``gc.freeze``) and given back after it: they stay alive
+    throughout, yet each full collection walked them again. Measured inside ``fit`` on the driver of a 300-trial
+    ``benchmarks/bench_driver.py`` sweep: 0.64 s of collections with one of 0.38 s, against 0.33 s and at most
+    0.05 s frozen."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return tuner.fit()
+    finally:
+        gc.unfreeze()
 
 
 def _tune_was_interrupted(handler_before) -> bool:
