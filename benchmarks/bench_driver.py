@@ -26,7 +26,7 @@ Measured (this process is the driver):
                            the same steady-state CPU by part (the driver's main thread, ``time.thread_time``):
                            Tune's own step, Tune's experiment snapshots (``save_to_dir``; ``num_to_keep`` forces
                            one whenever a trial has checkpointed that often since the last), the MLflow callback,
-                           the JSON, TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
+                           the TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
                            process's other threads
   driver_gc_s              the sweep's time in Python's cyclic garbage collector (every thread of the driver), and
   driver_gc_longest_s      its longest single collection
@@ -278,7 +278,7 @@ def measure_parts(parts: MainThreadCPU) -> None:
     parts.wrap(TuneController, "save_to_dir", "tune_experiment_snapshots")
     for name in ("on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete", "on_trial_error"):
         parts.wrap(callback.MLflowSweepCallback, name, "mlflow_callback")
-    for klass in (callbacks.JsonLogger, callbacks.TBXLogger, callbacks.CSVLogger):
+    for klass in (callbacks.TBXLogger, callbacks.CSVLogger):
         for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
             parts.wrap(klass, name, "loggers")
     for name in ("on_trial_result", "choose_trial_to_run", "on_trial_complete", "on_trial_add"):

@@ -134,8 +134,8 @@ def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
 
 
 def test_a_resumed_trial_keeps_its_results_and_appends(interrupted_and_resumed):
-    # result.json is written straight to the storage path; Tune's restore puts a copy into its staging directory,
-    # and a snapshot of that stale copy would overwrite what the resumed trial appended
+    # after --resume Tune's JSON logger copies a trial's stored result.json back into its staging directory and
+    # appends there; nothing reported before the interruption may be lost or rewritten
     _, _, resumed, _, snapshot = interrupted_and_resumed
     assert snapshot["interrupted"]
     for trial_id, before in snapshot["interrupted"].items():

@@ -1,19 +1,15 @@
-"""The sweep's Tune callbacks besides MLflow: JSON, TensorBoard and CSV loggers, and one progress line per
-evaluation."""
+"""The sweep's Tune callbacks besides MLflow: TensorBoard and CSV loggers, and one progress line per evaluation."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow.fs
-import ray.cloudpickle as cloudpickle
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
-from ray.tune.result import EXPR_PARAM_FILE, EXPR_PARAM_PICKLE_FILE, EXPR_PROGRESS_FILE, EXPR_RESULT_FILE
-from ray.tune.utils.util import SafeFallbackEncoder
+from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+from ray.tune.result import EXPR_PROGRESS_FILE
 
 from pipelines.analysis.summary import format_value
 from pipelines.config.space import trial_values
@@ -31,8 +27,12 @@ def direct_log_dir(trial) -> str | None:
 
     Tune's loggers write into the driver's staging copy of the experiment, and Tune copies the whole staging tree
     (every trial's log files) to the storage path at each experiment snapshot: at a thousand trials that copying
-    was the driver's largest cost. On a local storage path the JSON, TensorBoard and CSV logs go straight to the
-    trial's directory instead (TensorBoard sees them at once, and the snapshot copies only Tune's own state)."""
+    was the driver's largest cost. On a local storage path the TensorBoard and CSV logs go straight to the trial's
+    directory instead (TensorBoard sees them at once, and the snapshot copies less). Tune's restore downloads only
+    the experiment's top-level ``*.json`` and ``*.pkl`` into the staging copy, so no stale copy of these logs is
+    synced back over them. Tune's ``result.json`` stays in the staging copy: it reaches the storage path in the same
+    copy as the experiment state, so after a driver killed between two snapshots a trial's ``result.json`` is not
+    ahead of what ``--resume`` restores, which would repeat its last epochs (tests/test_faults.py)."""
     storage = trial.storage
     if not isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem):
         return None
@@ -41,33 +41,6 @@ def direct_log_dir(trial) -> str | None:
         return None
     os.makedirs(storage.trial_fs_path, exist_ok=True)
     return storage.trial_fs_path
-
-
-class JsonLogger(JsonLoggerCallback):
-    """Tune's result.json, params.json and params.pkl, written to the trial's directory on a local storage path
-    (``direct_log_dir``; a resumed trial appends to its result.json).
-
-    Tune's restore downloads only the experiment's top-level ``*.json`` and ``*.pkl`` (its own state) into the
-    staging copy, so no stale copy of these files can be synced back over them."""
-
-    def log_trial_start(self, trial):
-        path = direct_log_dir(trial)
-        if path is None:
-            return super().log_trial_start(trial)
-        if trial in self._trial_files:
-            self._trial_files[trial].close()
-        self.update_config(trial, trial.config)
-        self._trial_files[trial] = Path(path, EXPR_RESULT_FILE).open("at")
-
-    def update_config(self, trial, config):
-        path = direct_log_dir(trial)
-        if path is None:
-            return super().update_config(trial, config)
-        self._trial_configs[trial] = config
-        with Path(path, EXPR_PARAM_FILE).open("w") as f:
-            json.dump(config, f, indent=2, sort_keys=True, cls=SafeFallbackEncoder)
-        with Path(path, EXPR_PARAM_PICKLE_FILE).open("wb") as f:
-            cloudpickle.dump(config, f)
 
 
 class TBXLogger(TBXLoggerCallback):
@@ -164,8 +137,8 @@ def completed_trials(experiment: str) -> set[str]:
 
 
 def tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
-    """JSON, TensorBoard and CSV loggers (the last two without the per-class dict), the completion record and
-    (optionally) one progress line per report."""
-    return [JsonLogger(), TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
+    """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
+    line per report."""
+    return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
         [ProgressPrinter(max_evals, searched_keys)] if progress else []
     )
