@@ -164,3 +164,35 @@ def test_a_trial_failing_on_bad_input_is_one_line_and_exit_2():
     s = summarize(cfg, [result("a"), result("b", crash)], None, False, experiment_path="/st/s", tracking_uri="x")
     assert s.trials[1].error == "RuntimeError: CUDA out of memory" and s.exit_code() == 1
     assert summarize(cfg, [result("a")], None, False, experiment_path="/st/s", tracking_uri="x").exit_code() == 0
+
+
+def test_ctrl_c_before_the_last_checkpoint_is_registered_leaves_the_trial_interrupted():
+    """A trial that reported its last evaluation but whose checkpoint Tune had not registered when Ctrl+C came is
+    restored one evaluation back by --resume: the summary calls it interrupted, neither finished nor stopped early."""
+
+    def result(tid, n, kept):
+        return SimpleNamespace(
+            metrics={"trial_id": tid, "training_iteration": n, "epoch": n, "AP": 0.2},
+            config={"lam": 0.5},
+            error=None,
+            path=f"/x/{tid}",
+            best_checkpoints=[(object(), {"training_iteration": k}) for k in kept],
+        )
+
+    cfg = SimpleNamespace(
+        name="s",
+        evals_per_trial=3,
+        scheduler=SimpleNamespace(metric="AP", mode="max"),
+        run=SimpleNamespace(storage_path="/st"),
+        report=SimpleNamespace(baseline=None),
+        eval=SimpleNamespace(every=1),
+    )
+    results = [result("behind", 3, [1, 2]), result("done", 3, [2, 3]), result("none-kept", 3, [])]
+    s = summarize(
+        cfg, results, None, False, experiment_path="/st/s", tracking_uri="x", interrupted=True, completed=set()
+    )
+    assert [t.interrupted for t in s.trials] == [True, False, False]
+    assert s.unfinished == 1 and s.stopped_early == 0 and s.exit_code() == 1
+    # not interrupted: the same results are a finished sweep
+    s = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="x")
+    assert s.unfinished == 0 and s.stopped_early == 0

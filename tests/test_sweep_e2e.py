@@ -1,9 +1,10 @@
 """End-to-end Ray Tune sweeps on CPU with the real engine, on a tiny synthetic benchmark (64 px, ~50 images).
 
-One local Ray session serves the whole module. The main sweep (6 stage-2 trials under ASHA) is interrupted
-after its first trial finishes (SIGINT, as Ctrl+C would) and resumed with `resume=True`; its assertions are
-split over several tests. A second one-trial sweep injects a fault from the test (a wrapper around the
-production trainable) to check the retry from the last checkpoint.
+One local Ray session serves the whole module. The main sweep (6 stage-2 trials under ASHA) is interrupted at the
+first report after its first trial finishes (SIGINT, as Ctrl+C would, before Tune registers that report's
+checkpoint) and resumed with `resume=True`; its assertions are split over several tests. A second one-trial sweep
+injects a fault from the test (a wrapper around the production trainable) to check the retry from the last
+checkpoint.
 """
 
 import json
@@ -18,7 +19,7 @@ import yaml
 from ray import tune
 
 from faults.common import TINY  # the tiny synthetic benchmark (64 px, ~50 training images)
-from faults.stand_ins import InterruptAfterFirstTrial  # Ctrl+C once the first trial completes
+from faults.stand_ins import InterruptAfterFirstTrial  # Ctrl+C at the first report after a trial completes
 from lt_models.data.synthetic.generate import generate_benchmark
 from pipelines.config.load import load_experiment_config
 from pipelines.tune import stage1 as pretrain

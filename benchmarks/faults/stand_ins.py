@@ -125,11 +125,12 @@ class WorkerKiller(threading.Thread):
 
 
 class InterruptAfterFirstTrial(tune.Callback):
-    """Sends SIGINT to the driver (as Ctrl+C would) once the first trial has completed and another trial is running,
-    so the interrupted sweep always holds a trial short of its schedule: at the first completion when another trial
-    runs then, else when the next trial starts. Once per flag file: ``flag`` holds the completed trial's id, and
-    ``flag`` + ".sent" marks the signal sent (Tune pickles its callbacks with the sweep, so a resumed sweep runs this
-    callback again and must find both)."""
+    """Sends SIGINT to the driver (as Ctrl+C would) at the first report after the first trial has completed. The
+    signal lands in the widest window a real Ctrl+C can hit: the reporting trial's result is in, its checkpoint not
+    yet registered (Tune registers it when the trial's ``save`` comes back), so ``--resume`` restores that trial
+    one report back, and the interrupted sweep always holds a trial short of its schedule. Once per flag file:
+    ``flag`` holds the completed trial's id, and ``flag`` + ".sent" marks the signal sent (Tune pickles its callbacks
+    with the sweep, so a resumed sweep runs this callback again and must find both)."""
 
     def __init__(self, flag: Path):
         self.flag = flag
@@ -138,14 +139,8 @@ class InterruptAfterFirstTrial(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         if not self.flag.exists():
             self.flag.write_text(trial.trial_id)
-            if any(t is not trial and t.status == "RUNNING" for t in trials):
-                self._interrupt()
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        if self.flag.exists():
-            self._interrupt()
-
-    def _interrupt(self) -> None:
-        if not self.sent.exists():
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.flag.exists() and not self.sent.exists():
             self.sent.write_text("")
             os.kill(os.getpid(), signal.SIGINT)

@@ -209,6 +209,14 @@ def _error_line(error: BaseException | None) -> tuple[str | None, bool]:
     return f"{type(cause).__name__}: {text[:300]}", isinstance(cause, LtsweepInputError)
 
 
+def _checkpointed(result, evaluations: int) -> int:
+    """The evaluations a Tune result's latest registered checkpoint covers (``evaluations`` when it kept none).
+    Ctrl+C between a trial's last report and the registration of that report's checkpoint leaves the trial one
+    report ahead of what ``--resume`` restores: it is interrupted, not finished."""
+    kept = [int(m.get("training_iteration") or 0) for _, m in getattr(result, "best_checkpoints", None) or ()]
+    return max(kept) if kept else evaluations
+
+
 def summarize(
     cfg: ExperimentConfig,
     results,
@@ -222,8 +230,9 @@ def summarize(
 ) -> SweepSummary:
     """The summary of a finished ``tuner.fit()``. ``experiment_path`` (the Tune experiment directory) and
     ``tracking_uri`` (the MLflow store) are where the sweep wrote; the summary prints them. ``interrupted``: the
-    fit ended on Ctrl+C; then a trial short of its schedule that Tune did not complete (``completed``: the trial ids
-    it did, :func:`pipelines.tune.callbacks.completed_trials`) is "interrupted", never "stopped early"."""
+    fit ended on Ctrl+C; then a trial short of its schedule (or with a report past its last registered checkpoint)
+    that Tune did not complete (``completed``: the trial ids it did, :func:`pipelines.tune.callbacks.completed_trials`)
+    is "interrupted", never "stopped early"."""
     max_evals = cfg.evals_per_trial
     trials = []
     for r in results:
@@ -231,7 +240,8 @@ def summarize(
         evaluations = int(m.get("training_iteration") or 0)
         err, bad_input = _error_line(r.error)
         trial_id = str(m.get("trial_id") or Path(r.path).name)
-        unfinished = interrupted and err is None and evaluations < max_evals and trial_id not in (completed or ())
+        short = evaluations < max_evals or _checkpointed(r, evaluations) < evaluations
+        unfinished = interrupted and err is None and short and trial_id not in (completed or ())
         trials.append(
             TrialSummary(
                 trial_id=trial_id,

@@ -4,6 +4,10 @@ Tune calls :class:`MLflowSweepCallback` on the driver; the callback only transla
 reported, ended, was retried; the experiment ended) into a call of :class:`pipelines.tracking.writer.SweepWriter`,
 which does all MLflow work and, at the end, has :mod:`pipelines.analysis.report` log the sweep report. The chain
 is one-way: callback -> writer -> analysis.report -> names.
+
+:class:`CheckpointedResults` is the rule every sweep logger follows (MLflow here; result.json, progress.csv,
+TensorBoard and the progress lines in :mod:`pipelines.tune.callbacks`): a report is logged once its checkpoint
+is Tune's, so nothing logged is ahead of what ``--resume`` restores.
 """
 
 from __future__ import annotations
@@ -12,11 +16,12 @@ import os
 from pathlib import Path
 
 from ray.tune import Callback
+from ray.tune.result import SHOULD_CHECKPOINT
 
 from pipelines.config.space import trial_values
 from pipelines.tracking.writer import SweepWriter, TrialInfo
 
-__all__ = ["MLflowSweepCallback"]
+__all__ = ["CheckpointedResults", "MLflowSweepCallback"]
 
 
 def _info(trial) -> TrialInfo:
@@ -42,7 +47,54 @@ def _error_text(trial) -> str | None:
     return None
 
 
-class MLflowSweepCallback(Callback):
+class CheckpointedResults:
+    """Mixin for a Tune callback, listed first among the bases of a subclass of the callback (whose own hooks it
+    wraps): a result reported with a checkpoint reaches the callback's ``on_trial_result`` only when Tune has
+    registered that checkpoint (``on_trial_save``).
+
+    Tune hands a report to its callbacks first and registers the report's checkpoint later, when the trial's
+    ``save`` comes back. A sweep interrupted in between (Ctrl+C, a killed driver) stores the trial with its previous
+    checkpoint, and ``--resume`` trains the last epoch again: a logger that had written the report would then hold
+    that epoch twice. Holding the report until its checkpoint is registered keeps every log in step with what a
+    resume restores (tests/test_sweep_e2e.py). A report without a checkpoint is passed on at once; a held report
+    whose save never comes (the trial was stopped or failed first) is dropped, as Tune drops its checkpoint."""
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if result.get(SHOULD_CHECKPOINT):
+            self._held()[trial.trial_id] = (iteration, dict(result), info)
+            return
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_save(self, iteration, trials, trial, **info):
+        held = self._held().pop(trial.trial_id, None)
+        if held is not None:
+            at, result, result_info = held
+            super().on_trial_result(at, trials, trial, result, **result_info)
+        super().on_trial_save(iteration, trials, trial, **info)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self._held().pop(trial.trial_id, None)  # the retry reports again from the last registered checkpoint
+        super().on_trial_recover(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._held().pop(trial.trial_id, None)
+        super().on_trial_error(iteration, trials, trial, **info)
+
+    def _held(self) -> dict:
+        """trial id -> the report waiting for its checkpoint (made on first use: a callback unpickled from an
+        older tuner.pkl has none)."""
+        held = self.__dict__.get("_held_results")
+        if held is None:
+            held = self.__dict__["_held_results"] = {}
+        return held
+
+    def __getstate__(self) -> dict:  # tuner.pkl: a report held in this process means nothing to a resumed one
+        state = dict(self.__dict__)
+        state.pop("_held_results", None)
+        return state
+
+
+class _MLflowEvents(Callback):
     """Ray Tune callback that logs a whole sweep to MLflow through one :class:`~pipelines.tracking.writer.SweepWriter`.
 
     The arguments are the writer's (see there): ``tracking_uri`` (``sqlite:///...`` or ``http://host:port``),
@@ -114,3 +166,8 @@ class MLflowSweepCallback(Callback):
 
     def on_experiment_end(self, trials, **info):
         self.writer.end_sweep([_info(t) for t in trials], errored=sum(1 for t in trials if t.status == "ERROR"))
+
+
+class MLflowSweepCallback(CheckpointedResults, _MLflowEvents):
+    """The sweep's MLflow callback (arguments and behaviour: :class:`_MLflowEvents`); each report is logged once its
+    checkpoint is Tune's (:class:`CheckpointedResults`)."""

@@ -1,4 +1,6 @@
-"""The sweep's Tune callbacks besides MLflow: TensorBoard and CSV loggers, and one progress line per evaluation."""
+"""The sweep's Tune callbacks besides MLflow: result.json, TensorBoard and CSV loggers, and one progress line per
+evaluation. Each sees a report once its checkpoint is Tune's (:class:`pipelines.tracking.callback.CheckpointedResults`),
+so no log is ahead of what ``--resume`` restores."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ from pathlib import Path
 
 import pyarrow.fs
 from ray import tune
-from ray.tune.logger import CSVLoggerCallback, TBXLoggerCallback
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
 from ray.tune.result import EXPR_PROGRESS_FILE
 
 from pipelines.analysis.summary import format_value
 from pipelines.config.space import trial_values
 from pipelines.names import BUCKET_METRICS
+from pipelines.tracking.callback import CheckpointedResults
 
 
 def _without_per_class(result: dict) -> dict:
@@ -43,7 +46,11 @@ def direct_log_dir(trial) -> str | None:
     return storage.trial_fs_path
 
 
-class TBXLogger(TBXLoggerCallback):
+class JsonLogger(CheckpointedResults, JsonLoggerCallback):
+    """Tune's result.json (one JSON object per report; Tune's own is not added when the sweep passes this one)."""
+
+
+class TBXLogger(CheckpointedResults, TBXLoggerCallback):
     """Tune's TensorBoard logger minus `per_class` (LVIS: 1203 scalars per evaluation; MLflow keeps it), writing
     to the trial's directory on a local storage path (``direct_log_dir``)."""
 
@@ -60,7 +67,7 @@ class TBXLogger(TBXLoggerCallback):
         super().log_trial_result(iteration, trial, _without_per_class(result))
 
 
-class CSVLogger(CSVLoggerCallback):
+class CSVLogger(CheckpointedResults, CSVLoggerCallback):
     """Tune's progress.csv minus `per_class` (result.json keeps it), written to the trial's directory on a local
     storage path (``direct_log_dir``; a resumed trial appends to it)."""
 
@@ -79,7 +86,7 @@ class CSVLogger(CSVLoggerCallback):
         super().log_trial_result(iteration, trial, _without_per_class(result))
 
 
-class ProgressPrinter(tune.Callback):
+class _ProgressLines(tune.Callback):
     """One line per evaluation / trial end on the driver's stdout (instead of Tune's verbose result boxes)."""
 
     def __init__(self, max_evals: int, searched_keys: Sequence[str]):
@@ -115,6 +122,10 @@ class ProgressPrinter(tune.Callback):
         print(f"{self._tag(trial)} ERROR, no retries left: see {trial.error_file}", flush=True)
 
 
+class ProgressPrinter(CheckpointedResults, _ProgressLines):
+    """:class:`_ProgressLines`, one line per report once its checkpoint is Tune's."""
+
+
 # experiment name -> trials Tune completed (ran their schedule, or stopped by the scheduler) in this driver process
 _COMPLETED: dict[str, set[str]] = {}
 
@@ -137,8 +148,8 @@ def completed_trials(experiment: str) -> set[str]:
 
 
 def tune_callbacks(max_evals: int, searched_keys: Sequence[str], progress: bool, experiment: str) -> list:
-    """TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally) one progress
-    line per report."""
-    return [TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
+    """result.json, TensorBoard + CSV loggers without the per-class dict, the completion record and (optionally)
+    one progress line per report."""
+    return [JsonLogger(), TBXLogger(), CSVLogger(), CompletionRecorder(experiment)] + (
         [ProgressPrinter(max_evals, searched_keys)] if progress else []
     )
