@@ -108,6 +108,13 @@ def test_every_sweep_logger_holds_reports_and_tune_adds_no_json_logger(tmp_path,
     assert all(isinstance(c, CheckpointedResults) for c in loggers if isinstance(c, kinds))
     made = _create_default_callbacks(list(loggers), metric="AP", mode="max")
     assert [c for c in made if isinstance(c, JsonLoggerCallback)] == [c for c in loggers if isinstance(c, JsonLogger)]
+    # straight to the storage path and cut back on restart, except in PBT / PB2 sweeps (a member goes on from its
+    # donor's iteration): there Tune's staging copy, as Tune does it
+    assert [c.direct for c in loggers if isinstance(c, JsonLogger)] == [True]
+    assert [c.cut_back for c in loggers if isinstance(c, CSVLogger)] == [True]
+    population = tune_callbacks(3, ["lam"], progress=False, experiment="x", population=True)
+    assert [c.direct for c in population if isinstance(c, JsonLogger)] == [False]
+    assert [c.cut_back for c in population if isinstance(c, CSVLogger)] == [False]
 
     class Trial:  # what Tune's JSON logger and the progress line read of a trial (hashable, as Tune's is)
         trial_id, config, local_path, checkpoint = "t1", {"lam": 0.5}, str(tmp_path), None
@@ -116,7 +123,7 @@ def test_every_sweep_logger_holds_reports_and_tune_adds_no_json_logger(tmp_path,
             pass
 
     trial = Trial()
-    printer, json_logger = ProgressPrinter(3, ["lam"]), JsonLogger()
+    printer, json_logger = ProgressPrinter(3, ["lam"]), JsonLogger(direct=False)  # into trial.local_path
     for cb in (printer, json_logger):
         cb.on_trial_result(1, [], trial, {**report(1), "epoch": 1, "AP": 0.25})
     assert "evaluation 1/3" not in capsys.readouterr().out

@@ -230,7 +230,13 @@ def build_tuner(
             ),
             callbacks=[
                 mlflow_cb,
-                *tune_callbacks(cfg.evals_per_trial, cfg.searched_keys(), progress, cfg.name),
+                *tune_callbacks(
+                    cfg.evals_per_trial,
+                    cfg.searched_keys(),
+                    progress,
+                    cfg.name,
+                    population=cfg.scheduler.type in POPULATION_SCHEDULERS,
+                ),
                 *callbacks,
             ],
             verbose=verbose,
