@@ -16,7 +16,8 @@ Measured (this process is the driver):
                            Tune delivered to the last, over the reports in between: what each report costs the
                            driver once the sweep runs (its start-up and end are timed separately);
                            ``driver_ms_per_report`` is the same in ms, ``driver_cpu_s`` the whole sweep's
-  mlflow_ms_per_report     wall time inside the MLflow callback's ``on_trial_result`` per report
+  mlflow_ms_per_report     wall time of the MLflow callback logging a report (its ``on_trial_result``, called
+                           once Tune registered the report's checkpoint), per report
   driver_peak_mb           the driver's peak resident memory (``ru_maxrss``)
   summary_s / report_s     the sweep summary (``summarize``) and the HTML report with its aggregates
                            (``log_sweep_report``) of all the trials, as the sweep's end runs them
@@ -26,7 +27,7 @@ Measured (this process is the driver):
                            the same steady-state CPU by part (the driver's main thread, ``time.thread_time``):
                            Tune's own step, Tune's experiment snapshots (``save_to_dir``; ``num_to_keep`` forces
                            one whenever a trial has checkpointed that often since the last), the MLflow callback,
-                           the TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
+                           the JSON, TensorBoard and CSV loggers, asha_configs, the rest of the main thread, and the
                            process's other threads
   driver_gc_s              the sweep's time in Python's cyclic garbage collector (every thread of the driver), and
   driver_gc_longest_s      its longest single collection
@@ -276,9 +277,11 @@ def measure_parts(parts: MainThreadCPU) -> None:
     # the snapshot's upload of the driver's staging directory to the storage path, on Tune's syncer thread
     parts.wrap_background(storage, "_upload_to_fs_path", "tune_snapshot_upload_thread")
     parts.wrap(TuneController, "save_to_dir", "tune_experiment_snapshots")
+    # the MLflow callback's own hooks (MLflowSweepCallback holds each report until Tune registers its checkpoint,
+    # then hands it to these)
     for name in ("on_trial_start", "on_trial_restore", "on_trial_result", "on_trial_complete", "on_trial_error"):
-        parts.wrap(callback.MLflowSweepCallback, name, "mlflow_callback")
-    for klass in (callbacks.TBXLogger, callbacks.CSVLogger):
+        parts.wrap(callback._MLflowEvents, name, "mlflow_callback")
+    for klass in (callbacks.JsonLogger, callbacks.TBXLogger, callbacks.CSVLogger):
         for name in ("log_trial_start", "log_trial_result", "log_trial_end"):
             parts.wrap(klass, name, "loggers")
     for name in ("on_trial_result", "choose_trial_to_run", "on_trial_complete", "on_trial_add"):
@@ -334,7 +337,7 @@ def drive(cfg_path: Path) -> dict:
     measure_parts(parts)
     threads = count_thread_cpu()
     snaps: list[dict[str, float]] = []
-    timed(callback.MLflowSweepCallback, "on_trial_result", times["mlflow"], times["cpu"], snaps, parts.snapshot)
+    timed(callback._MLflowEvents, "on_trial_result", times["mlflow"], times["cpu"], snaps, parts.snapshot)
     timed(sweep, "summarize", times["summary"])
     timed(writer, "log_sweep_report", times["report"])
     best_model.log_best_model_safely = lambda *a, **k: None  # the stand-in has no model to log
