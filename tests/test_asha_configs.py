@@ -254,7 +254,7 @@ def test_a_none_answer_is_kept_until_an_event_or_a_status_change():
     first.status = Trial.RUNNING
     calls = []
     choose = sched._choose
-    sched._choose = lambda c: calls.append(1) or choose(c)  # count the full looks at the trials
+    sched._choose = lambda *a: calls.append(1) or choose(*a)  # count the full looks at the trials
     assert sched.choose_trial_to_run(ctl) is None and sched.choose_trial_to_run(ctl) is None
     assert len(calls) == 1  # the second "none" came from the cache
     assert sched.on_trial_result(ctl, first, {"training_iteration": 1, "AP": 0.9}) == "PAUSE"  # alone at rung 1
@@ -272,3 +272,32 @@ def test_a_failed_trial_is_retried_under_asha_configs(tmp_path):
     iters = {(r.config["c"], r.config["seed"]): r.metrics["training_iteration"] for r in results}
     assert not results.errors and len(list(log_dir.glob("failed-3-*"))) == 2  # both c3 trials failed once
     assert iters == {(0, 0): 1, (0, 1): 1, (3, 0): MAX_T, (3, 1): MAX_T}
+
+
+def test_the_one_pass_clearance_agrees_with_the_rule_for_every_trial():
+    """_clearance (one pass over a thousand trials per step) answers as _cleared (promoted at every rung reached)."""
+    import random
+
+    sched = ConfigASHA(
+        metric="AP",
+        mode="max",
+        time_attr="training_iteration",
+        max_t=16,
+        grace_period=1,
+        reduction_factor=2,
+        seeds=[0, 1],
+        verbose=False,
+    )
+    rng = random.Random(0)
+    keys = [config_key({"c": c}) for c in range(40)]
+    for k in range(len(sched.milestones)):  # rungs 1, 2, 4, 8: each promotes a random part of the configurations
+        sched._promoted[k] = {key: None for key in keys if rng.random() < 0.6}
+    for i in range(400):
+        tid = f"t{i}"
+        sched._key[tid] = keys[i % len(keys)]
+        if i % 5:  # a fifth never reached a rung
+            sched._reached[tid] = rng.randint(1, len(sched.milestones))
+    cleared = sched._clearance()
+    answers = [(tid, sched._cleared(tid)) for tid in sched._key]
+    assert [(tid, cleared(tid)) for tid in sched._key] == answers
+    assert 0 < sum(ok for _, ok in answers) < len(answers)  # both answers occur

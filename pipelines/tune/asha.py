@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune.experiment import Trial
@@ -216,10 +217,11 @@ class ConfigASHA(FIFOScheduler):
             self._changed(-1)
         rungs = len(self.milestones)
         waiting = set() if tune_controller.search_alg.is_finished() else {0}
+        cleared, known = self._clearance(), self._key
         for t in trials:
             if len(waiting) >= rungs:  # every rung has a trial on its way: nothing to promote (runs every step)
                 break
-            if t.status in _LIVE and t.trial_id in self._key and self._cleared(t.trial_id):
+            if t.status in _LIVE and t.trial_id in known and cleared(t.trial_id):
                 waiting.add(self._next_rung(t.trial_id))
         for k in range(rungs):
             if k in waiting:
@@ -233,6 +235,20 @@ class ConfigASHA(FIFOScheduler):
         """May the trial go on: is its configuration promoted at every rung it reached?"""
         key = self._key[trial_id]
         return all(key in self._promoted[k] for k in range(self._next_rung(trial_id)))
+
+    def _clearance(self) -> Callable[[str], bool]:
+        """:meth:`_cleared` for one pass over many trials (a thousand at every step of Tune's loop), while the
+        promotions stay as they are: the configurations promoted at every rung below each rung, intersected once."""
+        below: list[set[str]] = []
+        for k in range(len(self.milestones)):
+            below.append(set(self._promoted[k]) if k == 0 else below[-1].intersection(self._promoted[k]))
+        key_of, reached = self._key, self._reached
+
+        def cleared(trial_id: str) -> bool:
+            n = reached.get(trial_id, 0)
+            return n == 0 or key_of[trial_id] in below[n - 1]
+
+        return cleared
 
     def on_trial_result(self, tune_controller, trial: Trial, result: dict) -> str:
         if self._time_attr not in result:
@@ -253,20 +269,20 @@ class ConfigASHA(FIFOScheduler):
         state = (self._events, bool(tune_controller.search_alg.is_finished()), active, len(trials))
         if state == self._idle_at:
             return None  # nothing happened since the last "none"
-        chosen = self._choose(tune_controller)
+        chosen = self._choose(tune_controller, trials, active)
         self._idle_at = state if chosen is None and state[0] == self._events else None
         return chosen
 
-    def _choose(self, tune_controller) -> Trial | None:
-        trials = {t.trial_id: t for t in tune_controller.get_trials()}
-        active = [t for t in trials.values() if t.status in _ACTIVE]
-        if self.max_running is not None and len(active) >= self.max_running:
+    def _choose(self, tune_controller, trials: list[Trial], active: int) -> Trial | None:
+        """The trial to start or resume, given Tune's ``trials`` and how many of them are ``active``."""
+        if self.max_running is not None and active >= self.max_running:
             return None
         if self._held:  # start every trial of the grid before the promoted ones go on
-            return trials[self._held.pop(0)]
+            return {t.trial_id: t for t in trials}[self._held.pop(0)]
         self._decide(tune_controller)
-        paused = [t for t in trials.values() if t.status == Trial.PAUSED]
-        ready = [t for t in paused if self._cleared(t.trial_id)]
+        paused = [t for t in trials if t.status == Trial.PAUSED]
+        cleared = self._clearance()  # after _decide: its promotions count
+        ready = [t for t in paused if cleared(t.trial_id)]
         if ready:  # the furthest along first
             return max(ready, key=lambda t: float((t.last_result or {}).get(self._time_attr, 0)))
         if active or not paused or not tune_controller.search_alg.is_finished():
@@ -277,7 +293,7 @@ class ConfigASHA(FIFOScheduler):
                 ranked = [(key, m) for key, m in self._ranked(k) if key not in self._promoted[k]]
                 if ranked:
                     self._promote(k, *ranked[0], len(self._ranked(k)))
-                    return self._choose(tune_controller)
+                    return self._choose(tune_controller, trials, active)
         for t in paused:
             tune_controller.stop_trial(t)
         return None
