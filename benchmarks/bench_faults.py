@@ -3,7 +3,7 @@
 Scenarios (each on a fresh store, tiny synthetic data, 1-3 trials of 1-3 stage-2 epochs):
   worker_kill      kill -9 of a trial worker half-way through an epoch; Tune retries it from its last checkpoint
   driver_kill      kill -9 of the sweep driver's process group (with its own local Ray), then `--resume`
-  sigint_resume    Ctrl+C (SIGINT) when the first trial completes, then resume
+  sigint_resume    Ctrl+C (SIGINT) at the first report after the first trial completes, then resume
   diverged_resume  a trial diverges; resumed with --resume-errored in a fresh Ray session
   two_drivers      two drivers start together on a fresh store (no mlflow.db, no stage-1 cache)
   corrupt_stage1   the stage-1 cache's checkpoint.pt truncated / a byte flipped / emptied / deleted (by run)

@@ -135,8 +135,8 @@ def test_resume_does_not_rerun_finished_trials(interrupted_and_resumed):
 
 
 def test_a_resumed_trial_keeps_its_results_and_appends(interrupted_and_resumed):
-    # after --resume the JSON logger cuts a trial's result.json back to the checkpoint it restarts from (here:
-    # nothing to cut, every logged report's checkpoint is Tune's) and appends; nothing before it is lost or rewritten
+    # after --resume Tune's JSON logger copies a trial's stored result.json back into its staging directory and
+    # appends there; nothing reported before the interruption may be lost or rewritten
     _, _, resumed, _, snapshot = interrupted_and_resumed
     assert snapshot["interrupted"]
     for trial_id, before in snapshot["interrupted"].items():

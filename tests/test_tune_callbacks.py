@@ -108,12 +108,9 @@ def test_every_sweep_logger_holds_reports_and_tune_adds_no_json_logger(tmp_path,
     assert all(isinstance(c, CheckpointedResults) for c in loggers if isinstance(c, kinds))
     made = _create_default_callbacks(list(loggers), metric="AP", mode="max")
     assert [c for c in made if isinstance(c, JsonLoggerCallback)] == [c for c in loggers if isinstance(c, JsonLogger)]
-    # straight to the storage path and cut back on restart, except in PBT / PB2 sweeps (a member goes on from its
-    # donor's iteration): there Tune's staging copy, as Tune does it
-    assert [c.direct for c in loggers if isinstance(c, JsonLogger)] == [True]
+    # progress.csv is cut back on restart, except in PBT / PB2 sweeps (a member goes on from its donor's iteration)
     assert [c.cut_back for c in loggers if isinstance(c, CSVLogger)] == [True]
     population = tune_callbacks(3, ["lam"], progress=False, experiment="x", population=True)
-    assert [c.direct for c in population if isinstance(c, JsonLogger)] == [False]
     assert [c.cut_back for c in population if isinstance(c, CSVLogger)] == [False]
 
     class Trial:  # what Tune's JSON logger and the progress line read of a trial (hashable, as Tune's is)
@@ -123,7 +120,7 @@ def test_every_sweep_logger_holds_reports_and_tune_adds_no_json_logger(tmp_path,
             pass
 
     trial = Trial()
-    printer, json_logger = ProgressPrinter(3, ["lam"]), JsonLogger(direct=False)  # into trial.local_path
+    printer, json_logger = ProgressPrinter(3, ["lam"]), JsonLogger()  # into trial.local_path (Tune's staging copy)
     for cb in (printer, json_logger):
         cb.on_trial_result(1, [], trial, {**report(1), "epoch": 1, "AP": 0.25})
     assert "evaluation 1/3" not in capsys.readouterr().out
@@ -135,28 +132,22 @@ def test_every_sweep_logger_holds_reports_and_tune_adds_no_json_logger(tmp_path,
     assert [json.loads(line)["training_iteration"] for line in lines] == [1]
 
 
-def test_a_restarting_trial_cuts_its_logs_back_to_its_checkpoint(tmp_path):
-    """result.json / progress.csv written straight to the storage path can be ahead of the state a killed driver
-    stored; the trial restarts from its stored checkpoint and cuts them back to it (a half-written line goes too)."""
+def test_a_restarting_trial_cuts_its_progress_csv_back_to_its_checkpoint(tmp_path):
+    """progress.csv, written straight to the storage path, can be ahead of the state a killed driver stored; the
+    trial restarts from its stored checkpoint and cuts it back to it (a row cut short goes too)."""
     from pipelines.tune.callbacks import drop_reports_after
 
-    result = tmp_path / "result.json"
-    reports = [json.dumps({"training_iteration": n, "AP": n / 10}) + "\n" for n in (1, 2, 3)]
-    result.write_text("".join(reports) + '{"training_iteration": 4, "A')
-    drop_reports_after(result, 2)
-    assert result.read_text() == "".join(reports[:2])
-    before = result.stat().st_mtime_ns
-    drop_reports_after(result, 2)  # nothing past it: the file is not rewritten
-    assert result.stat().st_mtime_ns == before
-    drop_reports_after(tmp_path / "missing.json", 1)  # a trial that never wrote one
-    assert not (tmp_path / "missing.json").exists()
-
     progress = tmp_path / "progress.csv"
-    progress.write_text("AP,training_iteration,trial_id\n0.1,1,a\n0.2,2,a\n0.3,3,a\n")
-    drop_reports_after(progress, 1)
-    assert progress.read_text() == "AP,training_iteration,trial_id\n0.1,1,a\n"
+    progress.write_text("AP,training_iteration,trial_id\r\n0.1,1,a\r\n0.2,2,a\r\n0.3,3,a\r\n0.4,")
+    drop_reports_after(progress, 2)
+    assert progress.read_bytes() == b"AP,training_iteration,trial_id\r\n0.1,1,a\r\n0.2,2,a\r\n"  # as written
+    before = progress.stat().st_mtime_ns
+    drop_reports_after(progress, 2)  # nothing past it: the file is not rewritten
+    assert progress.stat().st_mtime_ns == before
     drop_reports_after(progress, 0)  # no checkpoint: the trial starts over, the header stays
-    assert progress.read_text() == "AP,training_iteration,trial_id\n"
+    assert progress.read_bytes() == b"AP,training_iteration,trial_id\r\n"
+    drop_reports_after(tmp_path / "missing.csv", 1)  # a trial that never wrote one
+    assert not (tmp_path / "missing.csv").exists()
 
 
 def test_the_restart_iteration_is_the_latest_registered_checkpoints():

@@ -156,7 +156,8 @@ def diverged_resume(ws: Workspace, local_ray: LocalRay, run: int = 0, *, epochs:
 
 @_timed
 def sigint_resume(ws: Workspace, run: int = 0, *, epochs: int = 2) -> Outcome:
-    """Ctrl+C (SIGINT to the driver) when the first of 3 trials completes (2 run at a time), then --resume.
+    """Ctrl+C (SIGINT to the driver) at the first report after the first of 3 trials completes (2 run at a time),
+    then --resume.
 
     Asserts: the interrupted run exits 1 and reports unfinished trials as interrupted; the resume exits 0; the trial
     finished before the interrupt keeps its result.json byte for byte and its MLflow run and end time; every trial
