@@ -137,6 +137,11 @@ def test_max_running_counts_running_trials_not_paused_ones(swept):
     assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
 
 
+def asha_on_ap(**kw) -> ConfigASHA:
+    """asha_configs ranking AP (max) at each training_iteration, quiet; the rest as given."""
+    return ConfigASHA(metric="AP", mode="max", time_attr="training_iteration", verbose=False, **kw)
+
+
 class FakeTrial:
     def __init__(self, trial_id, c, seed, status, last_result=None):
         self.trial_id, self.config, self.status = trial_id, {"c": c, "seed": seed}, status
@@ -164,16 +169,7 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
     keeps waiting, one that ran past a rung counts as promoted there, an errored one is left out."""
     from ray.tune.experiment import Trial
 
-    sched = ConfigASHA(
-        metric="AP",
-        mode="max",
-        time_attr="training_iteration",
-        max_t=4,
-        grace_period=1,
-        reduction_factor=2,
-        seeds=[0, 1],
-        verbose=False,
-    )
+    sched = asha_on_ap(max_t=4, grace_period=1, reduction_factor=2, seeds=[0, 1])
     trials = [
         FakeTrial("a0", 0, 0, Trial.PAUSED, {"training_iteration": 1, "AP": 0.5}),
         FakeTrial("a1", 0, 1, Trial.PENDING, {"training_iteration": 1, "AP": 0.3}),
@@ -201,16 +197,7 @@ def test_resumed_sweep_rebuilds_the_rungs_from_each_trials_last_result():
 def test_when_nothing_can_run_the_best_of_the_highest_rung_goes_on_and_the_rest_stop():
     from ray.tune.experiment import Trial
 
-    sched = ConfigASHA(
-        metric="AP",
-        mode="max",
-        time_attr="training_iteration",
-        max_t=4,
-        grace_period=1,
-        reduction_factor=3,
-        seeds=[0],
-        verbose=False,
-    )
+    sched = asha_on_ap(max_t=4, grace_period=1, reduction_factor=3, seeds=[0])
     trials = [FakeTrial(f"t{c}", c, 0, Trial.PENDING) for c in range(2)]
     ctl = FakeController(trials)
     for t in trials:
@@ -235,17 +222,7 @@ def test_a_none_answer_is_kept_until_an_event_or_a_status_change():
     that Tune paused after its checkpoint (no scheduler event) freed a slot."""
     from ray.tune.experiment import Trial
 
-    sched = ConfigASHA(
-        metric="AP",
-        mode="max",
-        time_attr="training_iteration",
-        max_t=4,
-        grace_period=1,
-        reduction_factor=2,
-        seeds=[0],
-        max_running=1,
-        verbose=False,
-    )
+    sched = asha_on_ap(max_t=4, grace_period=1, reduction_factor=2, seeds=[0], max_running=1)
     trials = [FakeTrial(f"t{c}", c, 0, Trial.PENDING) for c in range(3)]
     ctl = FakeController(trials)
     for t in trials:
@@ -278,16 +255,7 @@ def test_the_one_pass_clearance_agrees_with_the_rule_for_every_trial():
     """_clearance (one pass over a thousand trials per step) answers as _cleared (promoted at every rung reached)."""
     import random
 
-    sched = ConfigASHA(
-        metric="AP",
-        mode="max",
-        time_attr="training_iteration",
-        max_t=16,
-        grace_period=1,
-        reduction_factor=2,
-        seeds=[0, 1],
-        verbose=False,
-    )
+    sched = asha_on_ap(max_t=16, grace_period=1, reduction_factor=2, seeds=[0, 1])
     rng = random.Random(0)
     keys = [config_key({"c": c}) for c in range(40)]
     for k in range(len(sched.milestones)):  # rungs 1, 2, 4, 8: each promotes a random part of the configurations

@@ -95,6 +95,18 @@ def test_best_trial_is_the_same_on_summaries_and_mlflow_rows(trials, kw, expecte
     assert best_summary(list(reversed(trials)), **kw) == expected
 
 
+def summary_cfg() -> SimpleNamespace:
+    """What summarize reads of an ExperimentConfig: 3 evaluations per trial, AP / max."""
+    return SimpleNamespace(
+        name="s",
+        evals_per_trial=3,
+        scheduler=SimpleNamespace(metric="AP", mode="max"),
+        run=SimpleNamespace(storage_path="/st"),
+        report=SimpleNamespace(baseline=None),
+        eval=SimpleNamespace(every=1),
+    )
+
+
 def test_summarize_uses_the_rule():
     """summarize picks the best trial of a Tune ResultGrid by the rule (stand-ins for Tune's results and the config)."""
 
@@ -106,14 +118,7 @@ def test_summarize_uses_the_rule():
             path=f"/x/{tid}",
         )
 
-    cfg = SimpleNamespace(
-        name="s",
-        evals_per_trial=3,
-        scheduler=SimpleNamespace(metric="AP", mode="max"),
-        run=SimpleNamespace(storage_path="/st"),
-        report=SimpleNamespace(baseline=None),
-        eval=SimpleNamespace(every=1),
-    )
+    cfg = summary_cfg()
     results = [result("a", 0.9, 1), result("b", 0.5, 3), result("c", 0.99, 3, error=RuntimeError("boom\nlast line"))]
     summary = summarize(cfg, results, None, False, experiment_path="/st/s", tracking_uri="sqlite:////st/mlflow.db")
     assert summary.best.trial_id == "b"
@@ -148,14 +153,7 @@ def test_a_trial_failing_on_bad_input_is_one_line_and_exit_2():
             path=f"/x/{tid}",
         )
 
-    cfg = SimpleNamespace(
-        name="s",
-        evals_per_trial=3,
-        scheduler=SimpleNamespace(metric="AP", mode="max"),
-        run=SimpleNamespace(storage_path="/st"),
-        report=SimpleNamespace(baseline=None),
-        eval=SimpleNamespace(every=1),
-    )
+    cfg = summary_cfg()
     bad = Wrapped(AnnotationError("train.json: annotation id 7: field 'bbox' has w <= 0; fix it"))
     s = summarize(cfg, [result("a"), result("b", bad)], None, False, experiment_path="/st/s", tracking_uri="x")
     assert s.trials[1].error == "AnnotationError: train.json: annotation id 7: field 'bbox' has w <= 0; fix it"
@@ -179,14 +177,7 @@ def test_ctrl_c_before_the_last_checkpoint_is_registered_leaves_the_trial_interr
             best_checkpoints=[(object(), {"training_iteration": k}) for k in kept],
         )
 
-    cfg = SimpleNamespace(
-        name="s",
-        evals_per_trial=3,
-        scheduler=SimpleNamespace(metric="AP", mode="max"),
-        run=SimpleNamespace(storage_path="/st"),
-        report=SimpleNamespace(baseline=None),
-        eval=SimpleNamespace(every=1),
-    )
+    cfg = summary_cfg()
     results = [result("behind", 3, [1, 2]), result("done", 3, [2, 3]), result("none-kept", 3, [])]
     s = summarize(
         cfg, results, None, False, experiment_path="/st/s", tracking_uri="x", interrupted=True, completed=set()

@@ -130,25 +130,9 @@ class SweepWriter:
         self.sweep_uid = uuid.uuid4().hex
         self._reset()
 
-    # state that must not be pickled (Tune pickles the callback, and this writer with it, into tuner.pkl)
-    _UNPICKLED = (
-        "_client",
-        "_experiment_id",
-        "_parent_run_id",
-        "_trial_runs",
-        "_trial_runs_loaded",
-        "_run_params",
-        "_resumed_status",
-        "_inputs",
-        "_pending_params",
-        "_open_runs",
-        "_run_status",
-        "_last_results",
-        "_sha_logged",
-        "_fingerprint_tagged",
-        "_stage1_runs",
-        "replicates",
-    )
+    # what is pickled (Tune pickles the callback, and this writer with it, into tuner.pkl): the arguments and the
+    # sweep's uid; the rest is state of this process, made again by _reset
+    _PICKLED = ("tracking_uri", "sweep_name", "sweep_params", "searched_keys", "val_annotations", "sweep_uid")
 
     def _reset(self) -> None:
         self._client = None
@@ -169,7 +153,7 @@ class SweepWriter:
         self._fingerprint_tagged = find_key(flatten(self.sweep_params), "dataset_fingerprint") is not None
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
+        return {k: v for k, v in self.__dict__.items() if k in self._PICKLED}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
