@@ -4,6 +4,11 @@ Measures, with the real data path (synthetic demo benchmark -> LVISDetection -> 
 -> lt_models.engine.loop.train_one_epoch):
   * ``tiny`` at 128 px (batch 8, the demo schedule's batch), plus the anchor: the same network with torchvision's
     stock single-label ``RoIHeads`` (softmax CE), so the cost of the multi-hot RoI heads shows as a ratio;
+  * ``tiny`` with torchvision's ``MultiScaleRoIAlign`` instead of ours (``GridRoIAlign``, the same numbers through
+    ``grid_sample``): the ratio is what the pooler's backward saves;
+  * inference of ``tiny`` (eval mode, score threshold 1e-4, 1,000 detections per image as the evaluation keeps)
+    with the detector's ``batched_nms_top`` and with torchvision's ``batched_nms`` then the top ones (the anchor),
+    the same detections required;
   * ``resnet50_fpn`` at 800 px (batch 2, a few iterations: the papers' setting, for scale).
   * multi-worker training (issue 15): ``tiny`` at 128 px, batch 8 per worker, as a Ray Train ``TorchTrainer`` (the
     path of ``resources.workers_per_trial``: DDP over gloo, each worker its own shard of the epoch, one torch thread
@@ -14,8 +19,10 @@ Measures, with the real data path (synthetic demo benchmark -> LVISDetection -> 
 Goal (issue 5): tiny >= 14 img/s on 2 cores with loader wait < 10% of step time.
 
 Usage: python benchmarks/bench_train.py [--threads 2] [--workers 0] [--tiny-iters 30] [--r50-iters 2]
-           [--ddp-iters 20] [--data DIR]
-Last stdout line: {"benchmark": "train", "tiny_img_per_s": ..., "r50_img_per_s": ..., "loader_wait_fraction": ...,
+           [--ddp-iters 20] [--infer-images 16] [--data DIR]
+Last stdout line: {"benchmark": "train", "tiny_img_per_s": ..., "tiny_tv_roialign_img_per_s": ...,
+                   "roialign_speedup": ..., "infer_s_per_img": ..., "infer_tv_nms_s_per_img": ..., "nms_speedup": ...,
+                   "r50_img_per_s": ..., "loader_wait_fraction": ...,
                    "ddp1_img_per_s": ..., "ddp2_img_per_s": ..., "ddp2_speedup": ..., "ddp2_comm_share": ...,
                    "ddp2_comm_exposed_share": ...}
 """
@@ -31,6 +38,8 @@ from pathlib import Path
 
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import MultiScaleRoIAlign
+from torchvision.ops import boxes as box_ops
 
 from lt_models.data.datasets import LVISDetection, collate_detection
 from lt_models.data.samplers import NonBalanceSampler
@@ -38,6 +47,7 @@ from lt_models.data.synthetic.generate import generate_benchmark
 from lt_models.data.transforms import RandomHorizontalFlip
 from lt_models.engine.build import build_optimizer
 from lt_models.engine.loop import train_one_epoch
+from lt_models.modeling import detector as detector_module
 from lt_models.modeling.detector import build_detector
 
 
@@ -58,6 +68,41 @@ def stock_roi_heads(model):
         h.detections_per_img,
     )
     return model
+
+
+def torchvision_pooler(model):
+    """The same detector with torchvision's MultiScaleRoIAlign (same levels, output and sampling ratio)."""
+    p = model.roi_heads.box_roi_pool
+    model.roi_heads.box_roi_pool = MultiScaleRoIAlign(
+        p.featmap_names, p.output_size, p.sampling_ratio, canonical_scale=p.canonical_scale
+    )
+    return model
+
+
+def torchvision_top(boxes, scores, labels, iou: float, top: int):
+    """The anchor of ``batched_nms_top``: torchvision's batched_nms over every candidate, then the ``top`` best."""
+    return box_ops.batched_nms(boxes, scores, labels, iou)[:top]
+
+
+def inference_s_per_img(model, ds, n_images: int, torchvision_nms: bool):
+    """Seconds per image of eval-mode inference (1,000 detections per image kept, as the evaluation pass does) and
+    the detections; ``torchvision_nms``: torchvision's batched_nms over every candidate, then the top ones."""
+    fast = detector_module.batched_nms_top
+    if torchvision_nms:
+        detector_module.batched_nms_top = torchvision_top
+    cap = model.roi_heads.detections_per_img
+    model.eval()
+    model.roi_heads.detections_per_img = 1000
+    images = [ds[i][0] for i in range(n_images)]
+    try:
+        t = time.perf_counter()
+        with torch.no_grad():
+            out = [model([img])[0] for img in images]
+        return (time.perf_counter() - t) / n_images, out
+    finally:
+        detector_module.batched_nms_top = fast
+        model.roi_heads.detections_per_img = cap
+        model.train()
 
 
 def measure(model, ds, batch_size, iters, warmup, workers, seed=0):
@@ -183,6 +228,7 @@ def main() -> None:
     ap.add_argument("--tiny-batch", type=int, default=8)
     ap.add_argument("--r50-iters", type=int, default=2)
     ap.add_argument("--ddp-iters", type=int, default=20, help="timed iterations per worker of the Ray Train runs")
+    ap.add_argument("--infer-images", type=int, default=16, help="images of the inference timing")
     ap.add_argument("--data", type=str, default=None, help="an existing synthetic benchmark dir (default: generate)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -205,6 +251,25 @@ def main() -> None:
         print(
             f"anchor (same net, torchvision RoIHeads, softmax CE): {anchor_ips:.1f} img/s, loader wait "
             f"{anchor_wait:.1%}; multi-hot heads run at {tiny_ips / anchor_ips:.2f}x the anchor"
+        )
+
+        torch.manual_seed(0)
+        tv_pool = torchvision_pooler(build_detector(ds.num_classes, "tiny"))
+        tv_ips, _, _ = measure(tv_pool, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
+        print(
+            f"same net with torchvision's MultiScaleRoIAlign: {tv_ips:.1f} img/s; GridRoIAlign runs at "
+            f"{tiny_ips / tv_ips:.2f}x"
+        )
+
+        infer_s, dets = inference_s_per_img(tiny, ds, args.infer_images, torchvision_nms=False)
+        infer_tv_s, dets_tv = inference_s_per_img(tiny, ds, args.infer_images, torchvision_nms=True)
+        same = all(all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(dets, dets_tv))
+        if not same:
+            raise SystemExit("batched_nms_top and torchvision's batched_nms gave different detections")
+        print(
+            f"inference ({args.infer_images} images, {sum(len(d['scores']) for d in dets)} detections, identical): "
+            f"{infer_s * 1000:.0f} ms/img with batched_nms_top, {infer_tv_s * 1000:.0f} ms/img with torchvision's "
+            f"batched_nms ({infer_tv_s / infer_s:.2f}x)"
         )
 
         small_ips, _, _ = measure(tiny, ds, 2, args.tiny_iters, 2, args.workers)
@@ -242,6 +307,11 @@ def main() -> None:
             {
                 "benchmark": "train",
                 "tiny_img_per_s": round(tiny_ips, 2),
+                "tiny_tv_roialign_img_per_s": round(tv_ips, 2),
+                "roialign_speedup": round(tiny_ips / tv_ips, 3),
+                "infer_s_per_img": round(infer_s, 4),
+                "infer_tv_nms_s_per_img": round(infer_tv_s, 4),
+                "nms_speedup": round(infer_tv_s / infer_s, 3),
                 "r50_img_per_s": round(r50_ips, 3),
                 "loader_wait_fraction": round(wait, 4),
                 "ddp1_img_per_s": round(one["img_per_s"], 2),

@@ -22,7 +22,7 @@ BACKBONES = ("tiny", "resnet18_fpn", "resnet50_fpn")
 # Per-backbone defaults: input size and the knobs that make `tiny` fast on a CPU.
 PRESETS = {
     # ~3.8M parameters; 64-channel FPN and 1 RoIAlign sample per bin keep the CPU step cheap
-    # (torchvision's CPU RoIAlign backward is a serial loop: its cost scales with channels x samples x RoIs).
+    # (the RoIAlign backward, grid_sample's in lt_models/modeling/roi_pool.py, scales with channels x samples x RoIs).
     "tiny": dict(
         image_size=128,
         fpn_channels=64,
