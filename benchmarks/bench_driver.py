@@ -41,8 +41,9 @@ Goals: the driver adds at most 20 ms per report, stays under 2 GB, and the summa
 most 10 s at 1,000 trials.
 
 Usage: python benchmarks/bench_driver.py [--configs 334] [--seeds 3] [--max-t 4] [--nodes 3] [--cpus-per-node 4]
-           [--tracking server|sqlite] [--out DIR] [--no-anchor]   (--configs 334 x --seeds 3 = 1,002 trials)
-Last stdout line: {"benchmark": "driver", "nodes", "tracking", "trials", "finished", "reports",
+           [--tracking server|sqlite] [--checkpoints-to-keep N] [--out DIR] [--no-anchor]
+           (--configs 334 x --seeds 3 = 1,002 trials)
+Last stdout line: {"benchmark": "driver", "nodes", "tracking", "checkpoints_to_keep", "trials", "finished", "reports",
 "driver_cpu_s_per_report", "driver_ms_per_report", "driver_cpu_s", "mlflow_ms_per_report", "driver_peak_mb",
 "summary_s", "report_s", "compare_s", "trials_per_min", "sweep_s", "driver_ms_per_report_by_part",
 "driver_gc_s", "driver_gc_longest_s", "ended_threads_cpu_s", "live_threads_cpu_s", "anchor_plain_tune": {"trials",
@@ -75,6 +76,7 @@ from local_cluster import RAY, cluster_env, free_port, new_temp_dir, node_ports,
 from local_mlflow import start_server, stop_process_group, wait_healthy
 
 from lt_models.data.synthetic.generate import generate_benchmark
+from pipelines.config.run_settings import RunSettings
 
 GOALS = {"driver_ms_per_report": 20.0, "driver_peak_mb": 2048.0, "summary_s": 10.0, "report_s": 10.0, "compare_s": 10.0}
 
@@ -301,9 +303,12 @@ def steady_breakdown(first: dict[str, float], last: dict[str, float], reports: i
     return {k: round(1000 * v / max(reports - 1, 1), 2) for k, v in out.items()}
 
 
-def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None) -> Path:
+def sweep_config(
+    root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None, keep: int | None = None
+) -> Path:
     """``configs`` λ values x ``seeds`` seeds, one-stage (the stand-in trains nothing), asha_configs over them,
-    tracked to ``tracking_uri`` (None: the default sqlite file beside the results)."""
+    tracked to ``tracking_uri`` (None: the default sqlite file beside the results); ``keep``: run.checkpoints_to_keep
+    (None: the product's default)."""
     raw = {
         "name": "driver",
         "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
@@ -319,6 +324,8 @@ def sweep_config(root: Path, data: Path, configs: int, seeds: int, max_t: int, t
     }
     if tracking_uri:
         raw["run"]["tracking_uri"] = tracking_uri
+    if keep is not None:
+        raw["run"]["checkpoints_to_keep"] = keep
     path = root / "driver.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -379,15 +386,13 @@ def drive(cfg_path: Path) -> dict:
     }
 
 
-def drive_anchor(root: Path, configs: int, seeds: int, max_t: int) -> dict:
+def drive_anchor(root: Path, configs: int, seeds: int, max_t: int, keep: int | None = None) -> dict:
     """The anchor, on the same cluster: plain Tune with the same trials (λ grid x seeds, 1 CPU each), its own
     per-trial ASHA (same grace period, η and max_t), the same ``CheckpointConfig(num_to_keep)`` and actor reuse, and
     no callbacks or loggers. The driver's CPU per report between the first report and the last, as above."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
-
-    from pipelines.config.run_settings import RunSettings
 
     cpu: list[float] = []
 
@@ -410,7 +415,7 @@ def drive_anchor(root: Path, configs: int, seeds: int, max_t: int) -> dict:
         run_config=tune.RunConfig(
             name="anchor",
             storage_path=str(root / "anchor"),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=RunSettings().checkpoints_to_keep),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep or RunSettings().checkpoints_to_keep),
             callbacks=[Clock()],
             verbose=0,
         ),
@@ -443,6 +448,9 @@ def main() -> int:
                     help="server: an `mlflow server` (sqlite backend) as a team runs it; sqlite: the driver writes "
                          "the default sqlite file itself")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="work dir (default: a temp dir, removed)")
+    ap.add_argument("--checkpoints-to-keep", type=int, default=None,
+                    help="run.checkpoints_to_keep of the sweep and the anchor (default: the product's); above --max-t "
+                         "no trial checkpoints that often, so Tune never forces a snapshot")  # fmt: skip
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="skip the anchor (plain Tune on the same trials, no callbacks) after the sweep")  # fmt: skip
     args = ap.parse_args()
@@ -454,14 +462,18 @@ def main() -> int:
         if args.tracking == "server":
             server = start_server(root / "mlflow_server", workers=1)
         uri = server.url if server else None
-        cfg_path = sweep_config(root, root / "data", args.configs, args.seeds, args.max_t, uri)
+        cfg_path = sweep_config(
+            root, root / "data", args.configs, args.seeds, args.max_t, uri, args.checkpoints_to_keep
+        )
         address, env, temps = start_cluster(args.nodes, args.cpus_per_node)
         if server:
             wait_healthy(server)
         os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
         res = drive(cfg_path)
         if args.anchor:
-            res["anchor_plain_tune"] = drive_anchor(root, args.configs, args.seeds, args.max_t)
+            res["anchor_plain_tune"] = drive_anchor(
+                root, args.configs, args.seeds, args.max_t, args.checkpoints_to_keep
+            )
     finally:
         for temp in reversed(temps):  # this cluster's nodes only, never other Ray sessions on the machine
             stop_cluster(temp)
@@ -471,7 +483,9 @@ def main() -> int:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     met = {k: res[k] <= goal for k, goal in GOALS.items()}
-    payload = {"benchmark": "driver", "nodes": args.nodes, "tracking": args.tracking, **res, "goals_met": met}
+    keep = args.checkpoints_to_keep or RunSettings().checkpoints_to_keep
+    payload = {"benchmark": "driver", "nodes": args.nodes, "tracking": args.tracking, "checkpoints_to_keep": keep}
+    payload.update({**res, "goals_met": met})
     print(json.dumps(payload))
     return 0 if res["finished"] == res["trials"] else 1
 

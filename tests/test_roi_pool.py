@@ -90,3 +90,20 @@ def test_prefix_nms_equals_batched_nms(n, classes, top):
     want = box_ops.batched_nms(boxes, scores, labels, 0.5)[:top]
     got = batched_nms_top(boxes, scores, labels, 0.5, top)
     assert torch.equal(got, want)
+
+
+def test_prefix_nms_takes_the_per_class_path_that_torchvision_takes_for_the_full_set():
+    """Over 4,000 coordinates torchvision runs NMS class by class; below, it offsets each class's boxes by
+    class x (largest coordinate + 1), which rounds in float32. Two boxes of class 300 with IoU 0.50025 (one
+    suppresses the other at 0.5) become IoU 0.5 once offset (both kept): a 40-box prefix must still decide as the
+    1,100-box set does."""
+    boxes, scores, labels = _candidates(1100, 30, seed=7)
+    boxes[0] = torch.tensor([1000.0, 1000.0, 1001.0, 1001.0])  # the largest coordinate: offsets of 300 x 1002
+    boxes[1], boxes[2] = torch.tensor([0.0, 0.0, 10.0, 10.0]), torch.tensor([0.0, 0.0, 10.0, 19.99])
+    labels[1] = labels[2] = 300
+    scores[0], scores[1], scores[2] = 2.0, 1.9, 1.8  # all three among the best 40
+    want = box_ops.batched_nms(boxes, scores, labels, 0.5)[:10]
+    assert 1 in want and 2 not in want  # the per-class path suppresses the second box
+    best = scores.argsort(descending=True)[:40]
+    assert 2 in best[box_ops.batched_nms(boxes[best], scores[best], labels[best], 0.5)]  # the offset path keeps it
+    assert torch.equal(batched_nms_top(boxes, scores, labels, 0.5, 10), want)
