@@ -107,6 +107,13 @@ def inference_s_per_img(model, images: list, torchvision_nms: bool):
         model.train()
 
 
+def tiny_variant(ds, args, change) -> tuple[float, float, int]:
+    """``measure`` of ``tiny`` as ``change`` (a function of the model) alters it, from the same initial weights."""
+    torch.manual_seed(0)
+    model = change(build_detector(ds.num_classes, "tiny"))
+    return measure(model, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
+
+
 def compare_nms(model, ds, n_images: int, what: str) -> tuple[float, float]:
     """Inference seconds per image with ``batched_nms_top`` and with the anchor on the same ``n_images`` images of
     ``ds`` (drawn once: the dataset flips at random); exits unless the detections are identical."""
@@ -275,17 +282,13 @@ def main() -> None:
         tiny_ips, wait, n = measure(tiny, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
         print(f"tiny 128px batch {args.tiny_batch}: {tiny_ips:.1f} img/s over {n} it, loader wait {wait:.1%}")
 
-        torch.manual_seed(0)
-        anchor = stock_roi_heads(build_detector(ds.num_classes, "tiny"))
-        anchor_ips, anchor_wait, _ = measure(anchor, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
+        anchor_ips, anchor_wait, _ = tiny_variant(ds, args, stock_roi_heads)
         print(
             f"anchor (same net, torchvision RoIHeads, softmax CE): {anchor_ips:.1f} img/s, loader wait "
             f"{anchor_wait:.1%}; multi-hot heads run at {tiny_ips / anchor_ips:.2f}x the anchor"
         )
 
-        torch.manual_seed(0)
-        tv_pool = torchvision_pooler(build_detector(ds.num_classes, "tiny"))
-        tv_ips, _, _ = measure(tv_pool, ds, args.tiny_batch, args.tiny_iters, 3, args.workers)
+        tv_ips, _, _ = tiny_variant(ds, args, torchvision_pooler)
         print(
             f"same net with torchvision's MultiScaleRoIAlign: {tv_ips:.1f} img/s; GridRoIAlign runs at "
             f"{tiny_ips / tv_ips:.2f}x"
