@@ -304,11 +304,11 @@ def steady_breakdown(first: dict[str, float], last: dict[str, float], reports: i
 
 
 def sweep_config(
-    root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None, keep: int | None = None
+    root: Path, data: Path, configs: int, seeds: int, max_t: int, tracking_uri: str | None, keep: int
 ) -> Path:
     """``configs`` λ values x ``seeds`` seeds, one-stage (the stand-in trains nothing), asha_configs over them,
-    tracked to ``tracking_uri`` (None: the default sqlite file beside the results); ``keep``: run.checkpoints_to_keep
-    (None: the product's default)."""
+    tracked to ``tracking_uri`` (None: the default sqlite file beside the results); ``keep``:
+    run.checkpoints_to_keep."""
     raw = {
         "name": "driver",
         "data": {"train": str(data / "train.json"), "val": str(data / "val.json")},
@@ -320,12 +320,10 @@ def sweep_config(
         "search": {"seeds": list(range(seeds))},
         "space": {"lam": {"grid": [round(float(x), 6) for x in np.linspace(0.0, 1.5, configs)]}},
         "report": {"replicates": 0},
-        "run": {"storage_path": str(root / "results"), "max_failures": 0},  # checkpoints_to_keep: the default
+        "run": {"storage_path": str(root / "results"), "max_failures": 0, "checkpoints_to_keep": keep},
     }
     if tracking_uri:
         raw["run"]["tracking_uri"] = tracking_uri
-    if keep is not None:
-        raw["run"]["checkpoints_to_keep"] = keep
     path = root / "driver.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -386,7 +384,7 @@ def drive(cfg_path: Path) -> dict:
     }
 
 
-def drive_anchor(root: Path, configs: int, seeds: int, max_t: int, keep: int | None = None) -> dict:
+def drive_anchor(root: Path, configs: int, seeds: int, max_t: int, keep: int) -> dict:
     """The anchor, on the same cluster: plain Tune with the same trials (λ grid x seeds, 1 CPU each), its own
     per-trial ASHA (same grace period, η and max_t), the same ``CheckpointConfig(num_to_keep)`` and actor reuse, and
     no callbacks or loggers. The driver's CPU per report between the first report and the last, as above."""
@@ -415,7 +413,7 @@ def drive_anchor(root: Path, configs: int, seeds: int, max_t: int, keep: int | N
         run_config=tune.RunConfig(
             name="anchor",
             storage_path=str(root / "anchor"),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep or RunSettings().checkpoints_to_keep),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=keep),
             callbacks=[Clock()],
             verbose=0,
         ),
@@ -454,6 +452,7 @@ def main() -> int:
     ap.add_argument("--no-anchor", dest="anchor", action="store_false",
                     help="skip the anchor (plain Tune on the same trials, no callbacks) after the sweep")  # fmt: skip
     args = ap.parse_args()
+    keep = args.checkpoints_to_keep or RunSettings().checkpoints_to_keep
     root = args.out or Path(tempfile.mkdtemp(prefix="bench_driver_"))
     temps: list[str] = []
     server = None
@@ -462,18 +461,14 @@ def main() -> int:
         if args.tracking == "server":
             server = start_server(root / "mlflow_server", workers=1)
         uri = server.url if server else None
-        cfg_path = sweep_config(
-            root, root / "data", args.configs, args.seeds, args.max_t, uri, args.checkpoints_to_keep
-        )
+        cfg_path = sweep_config(root, root / "data", args.configs, args.seeds, args.max_t, uri, keep)
         address, env, temps = start_cluster(args.nodes, args.cpus_per_node)
         if server:
             wait_healthy(server)
         os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "disabled"})
         res = drive(cfg_path)
         if args.anchor:
-            res["anchor_plain_tune"] = drive_anchor(
-                root, args.configs, args.seeds, args.max_t, args.checkpoints_to_keep
-            )
+            res["anchor_plain_tune"] = drive_anchor(root, args.configs, args.seeds, args.max_t, keep)
     finally:
         for temp in reversed(temps):  # this cluster's nodes only, never other Ray sessions on the machine
             stop_cluster(temp)
@@ -483,7 +478,6 @@ def main() -> int:
         if args.out is None:
             shutil.rmtree(root, ignore_errors=True)
     met = {k: res[k] <= goal for k, goal in GOALS.items()}
-    keep = args.checkpoints_to_keep or RunSettings().checkpoints_to_keep
     payload = {"benchmark": "driver", "nodes": args.nodes, "tracking": args.tracking, "checkpoints_to_keep": keep}
     payload.update({**res, "goals_met": met})
     print(json.dumps(payload))
